@@ -1,0 +1,1 @@
+"""TenSafe Python SDK."""

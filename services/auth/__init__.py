@@ -1,0 +1,1 @@
+"""The auth service: tenants, principals, API keys, access tokens, the audit chain."""

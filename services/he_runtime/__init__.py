@@ -1,0 +1,1 @@
+"""The HE runtime: HE-LoRA on CKKS-encrypted activations (Microsoft SEAL)."""

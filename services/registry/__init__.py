@@ -1,0 +1,1 @@
+"""The registry service: signed, encrypted TGSP adapter packages and their versions."""

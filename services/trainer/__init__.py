@@ -1,0 +1,1 @@
+"""TenSafe trainer service: Tinker-style LoRA training with DP-SGD and honest accounting."""
