@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Install TenSafe into .venv and run the main job: the local stack (`tensafe up`) and
+# the demo against it, then stop everything.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+python3 -m venv .venv
+. .venv/bin/activate
+python -m pip install -q --disable-pip-version-check ".[all]"
+(cd clients/node && npm ci --no-audit --no-fund --loglevel=error)
+
+data_dir="${TENSAFE_DEMO_DATA_DIR:-.tensafe}"
+tensafe up --data-dir "$data_dir" &
+up_pid=$!
+trap 'kill -TERM $up_pid 2>/dev/null; wait $up_pid 2>/dev/null' EXIT
+for _ in $(seq 1 600); do
+  [ -f "$data_dir/connection.json" ] && break
+  kill -0 $up_pid 2>/dev/null || { echo "tensafe up failed" >&2; exit 1; }
+  sleep 0.2
+done
+export TENSAFE_CONNECTION_FILE="$data_dir/connection.json"
+
+echo "== health, from Python =="
+tensafe status
+echo "== health, from the Node client =="
+node clients/node/bin/health.mjs

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Install TenSafe with its dev tools into .venv (a real, non-editable install) and run
+# every check: generated code fresh, buf lint, ruff, mypy --strict, then pytest.
+# Needs: python3.11, node + npm, PostgreSQL at 127.0.0.1:5432 (tests create and drop
+# their own database). NATS servers are started by the tests themselves.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+python3 -m venv .venv
+. .venv/bin/activate
+python -m pip install -q --disable-pip-version-check ".[dev]"
+(cd clients/node && npm ci --no-audit --no-fund --loglevel=error)
+
+python scripts/gen_protos.py --check
+(cd protos && buf lint)
+ruff check .
+python scripts/typecheck.py
+
+# Tests import the installed wheel, not the source folders.
+python -m pytest -ra "$@"

@@ -1,0 +1,121 @@
+"""`tensafe up` runs the whole stack, a non-Python client sees every service SERVING,
+and SIGTERM ends every process it started within 10 s."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+NODE_CLIENT = ROOT / "clients" / "node"
+
+
+def _descendants(pid: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    found: set[int] = set()
+    stack = [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.add(child)
+            stack.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _wait_for(path: Path, process: subprocess.Popen[bytes], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert process.poll() is None, process.stdout.read().decode() if process.stdout else ""
+        assert time.monotonic() < deadline, f"{path} not written in {timeout}s"
+        time.sleep(0.1)
+
+
+@pytest.mark.slow
+def test_up_serves_everything_and_stops_cleanly(tmp_path: Path) -> None:
+    node = shutil.which("node")
+    assert node, "node is required for the non-Python client check"
+    assert (NODE_CLIENT / "node_modules").exists(), "run `npm ci` in clients/node first"
+    data_dir = tmp_path / "state"
+    up = subprocess.Popen(
+        [sys.executable, "-m", "tensafe.client.cli", "up", "--data-dir", str(data_dir)],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        connection_file = data_dir / "connection.json"
+        _wait_for(connection_file, up, timeout=120)
+        services = json.loads(connection_file.read_text())["services"]
+        assert set(services) == {"auth", "registry", "he_runtime", "trainer"}
+
+        check = subprocess.run(
+            [
+                node,
+                str(NODE_CLIENT / "bin" / "health.mjs"),
+                "--connection-file",
+                str(connection_file),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert check.returncode == 0, check.stdout + check.stderr
+        lines = check.stdout.strip().splitlines()
+        assert len(lines) == 4
+        assert all(line.endswith(" SERVING") for line in lines), lines
+
+        status = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "tensafe.client.cli",
+                "status",
+                "--connection-file",
+                str(connection_file),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert status.returncode == 0, status.stdout + status.stderr
+
+        started = _descendants(up.pid)
+        assert len(started) >= 5  # four services and nats-server
+        t0 = time.monotonic()
+        up.send_signal(signal.SIGTERM)
+        assert up.wait(timeout=10) == 0
+        assert time.monotonic() - t0 < 10
+        deadline = time.monotonic() + 2
+        while any(_alive(p) for p in started) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not [p for p in started if _alive(p)], "orphaned processes"
+        assert not connection_file.exists()
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
