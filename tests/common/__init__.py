@@ -1,0 +1,1 @@
+"""Tests of tensafe.common (a package so test module names stay unique across tests/)."""

@@ -1,0 +1,1 @@
+"""Alembic script directory of the sample service (versions/ holds the revisions)."""
