@@ -1,0 +1,1 @@
+"""Training engine: models, DP-SGD, privacy accounting and sampling."""
