@@ -1,0 +1,803 @@
+"""The HE-LoRA plan compiler.
+
+A :class:`Plan` says exactly how the LoRA delta ``(alpha/r) * x @ A @ B`` of one adapted
+layer is evaluated on CKKS-encrypted activations ``x`` ([tokens, d]) with the adapter
+weights ``A`` ([d, r]) and ``B`` ([r, d_out]) in plaintext: how activations are packed
+into slots, which rotations (hence which Galois keys) are needed, at which levels the
+work happens, how many of each SEAL operation it performs, and what that should cost.
+:func:`compile_plan` is a pure, deterministic function of its inputs; the SDK and the HE
+runtime each compile (or receive and re-verify, :meth:`Plan.from_dict`) the same plan,
+so the client encrypts exactly as the runtime evaluates. The runtime's executor counts
+the operations it really performs and the tests check they equal :attr:`Plan.counts`.
+
+Two packings:
+
+``PER_TOKEN``
+    One token's activation vector per ciphertext (two with ``complex_packing``: token
+    2j in the real and 2j+1 in the imaginary part of the slots; the weights are real, so
+    every step is complex-linear and both tokens ride along for free). The vector is
+    zero-padded to ``L`` = next power of two >= d and tiled across all N/2 slots, so
+    rotations act cyclically on each L-block. ``x·A`` uses the rank-aware diagonal
+    method for an r x L matrix (Halevi & Shoup, "Algorithms in HElib", CRYPTO 2014,
+    hybrid diagonals): r extended diagonals, evaluated baby-step/giant-step (n1 * n2 =
+    r; the n1 - 1 baby-step rotations of the input are computed once and reused by every
+    giant step, the sharing that hoisting exploits, cf. Halevi & Shoup, "Faster
+    homomorphic linear transformations in HElib", CRYPTO 2018; SEAL's public API has no
+    hoisted key switch, so each rotation is one full key switch), then log2(L/r)
+    rotate-and-add steps fold the L/r partial sums. Because the input is tiled, the
+    result ``u = x·A`` comes out replicated with period r across *all* slots, so ``u·B``
+    needs only r more diagonals (again BSGS) and no replication step. Rotations per
+    ciphertext: 2(n1 + n2 - 2) + log2(L/r), e.g. 20 for d = 4096, r = 16 (vs. ~d for
+    the plain diagonal method). Depth 2: two rescales.
+
+``BATCH_FIRST``
+    Column packing: ciphertext (g, i) holds feature i of up to N/2 tokens (N with
+    complex packing) of token group g, so ``x·A`` and ``·B`` are scalar
+    multiply-accumulates across ciphertexts and need **no rotations and no Galois
+    keys**. Activations are encrypted directly at the level with two data primes. For
+    each of the r outputs of ``x·A``, d products with A encoded at the exact value of
+    the prime being dropped are accumulated and rescaled **once** (not once per
+    product); ``·B`` then runs at the lowest level (one prime) with B in fixed point,
+    its scale chosen by the executor from the weights and :attr:`Plan.activation_bound`
+    so that no slot can overflow. Costs r(d + d_out) multiply_plain per token group,
+    independent of how many of the group's slots are used, so it wins for large batches.
+
+Multiplicative depth counts ciphertext-by-plaintext products on the critical path;
+``levels_used`` counts the rescales (primes consumed) along it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import hashlib
+import json
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from tensafe.common.errors import InvalidArgument
+from tensafe.helora.params import CkksParams
+
+#: Bumped whenever the compiler's output for the same inputs changes.
+COMPILER_VERSION = 1
+
+#: Default bound on |activation| the client promises (and checks) before encrypting.
+#: Hidden states entering attention/MLP projections after RMSNorm are typically well
+#: inside this; a larger bound costs fixed-point precision in BATCH_FIRST plans.
+DEFAULT_ACTIVATION_BOUND = 64.0
+
+#: Bits taken off half the first prime for the BATCH_FIRST activation scale (see
+#: _batch_input_scale_bits).
+_BATCH_SCALE_RESERVE_BITS = 2
+#: Smallest activation scale (bits) a BATCH_FIRST plan accepts; below it the rescale
+#: rounding noise (a few units) is no longer far below the 1e-3 accuracy target.
+_MIN_BATCH_SCALE_BITS = 16
+
+
+class Packing(enum.StrEnum):
+    """How activations are laid out in CKKS slots."""
+
+    PER_TOKEN = "PER_TOKEN"  # noqa: S105 (a packing name, not a credential)
+    """One (or two, complex) token vectors per ciphertext; BSGS diagonals; rotations."""
+    BATCH_FIRST = "BATCH_FIRST"
+    """Tokens in slots, one ciphertext per feature; no rotations."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OpCounts:
+    """Counts of SEAL operations, as planned or as performed.
+
+    Attributes:
+        rotations: ``rotate_vector`` calls.
+        key_switches: Key-switching operations (each rotation is exactly one, because
+            a Galois key exists for every planned step; there is no relinearisation).
+        multiply_plain: Ciphertext-by-plaintext products.
+        rescales: ``rescale_to_next`` calls.
+        additions: Ciphertext additions.
+        plaintext_encodes: Plaintexts encoded during evaluation (BATCH_FIRST encodes its
+            scalar weights on the fly; PER_TOKEN plaintexts are cached per adapter).
+    """
+
+    rotations: int = 0
+    key_switches: int = 0
+    multiply_plain: int = 0
+    rescales: int = 0
+    additions: int = 0
+    plaintext_encodes: int = 0
+
+    def __add__(self, other: OpCounts) -> OpCounts:
+        return OpCounts(
+            **{
+                field.name: getattr(self, field.name) + getattr(other, field.name)
+                for field in dataclasses.fields(self)
+            }
+        )
+
+    def times(self, factor: int) -> OpCounts:
+        """Return every count multiplied by ``factor``."""
+        return OpCounts(
+            **{field.name: getattr(self, field.name) * factor for field in dataclasses.fields(self)}
+        )
+
+    def to_dict(self) -> dict[str, int]:
+        """Return a JSON-able dict."""
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CostModel:
+    """Milliseconds per SEAL operation, used to estimate and compare plans.
+
+    The defaults were measured with SEAL on this project's 2-core reference machine at
+    N = 8192 with 3 data primes (docs: DESIGN.md section 7). An operation at a level
+    with k data primes costs k/3 of that (all of them are linear in the number of RNS
+    primes; measured: rotation 2.1 / 1.3 / 0.66 ms at 3 / 2 / 1 primes), and another
+    ring degree scales by N log N.
+
+    Attributes:
+        rotate_ms: One rotation (key switch) at the reference level.
+        multiply_plain_ms: One ciphertext-by-plaintext product.
+        add_ms: One ciphertext addition.
+        rescale_ms: One rescale.
+        encrypt_ms: Encode and encrypt one ciphertext (client side).
+        decrypt_ms: Decrypt and decode one ciphertext (client side).
+        encode_scalar_ms: Encode one scalar plaintext and switch it to its level.
+        reference_poly_modulus_degree: N the figures were measured at.
+        reference_primes: Data primes the figures were measured at.
+    """
+
+    rotate_ms: float = 2.5
+    multiply_plain_ms: float = 0.2
+    add_ms: float = 0.05
+    rescale_ms: float = 0.6
+    encrypt_ms: float = 3.5
+    decrypt_ms: float = 0.5
+    encode_scalar_ms: float = 0.015
+    reference_poly_modulus_degree: int = 8192
+    reference_primes: int = 3
+
+    def level_factor(self, poly_modulus_degree: int, primes: int) -> float:
+        """Return the cost of an op at (N, primes) relative to the reference level."""
+        reference = self.reference_poly_modulus_degree
+        ring = (poly_modulus_degree * math.log2(poly_modulus_degree)) / (
+            reference * math.log2(reference)
+        )
+        return ring * primes / self.reference_primes
+
+    def server_ms(self, counts: OpCounts, *, poly_modulus_degree: int, primes: int) -> float:
+        """Estimate the server time of ``counts`` performed at a level with ``primes``."""
+        per_reference = (
+            counts.rotations * self.rotate_ms
+            + counts.multiply_plain * self.multiply_plain_ms
+            + counts.additions * self.add_ms
+            + counts.rescales * self.rescale_ms
+            + counts.plaintext_encodes * self.encode_scalar_ms
+        )
+        return per_reference * self.level_factor(poly_modulus_degree, primes)
+
+    def to_dict(self) -> dict[str, float | int]:
+        """Return a JSON-able dict."""
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Plan:
+    """A compiled HE-LoRA evaluation plan. Build with :func:`compile_plan`.
+
+    Attributes:
+        compiler_version: :data:`COMPILER_VERSION` that produced it.
+        packing: The slot layout.
+        hidden_size: d, the width of x and the rows of A.
+        output_size: d_out, the columns of B.
+        rank: r, the LoRA rank.
+        alpha: LoRA alpha; the delta is scaled by alpha / rank.
+        tokens: Tokens in the request.
+        params: The CKKS parameter set.
+        activation_bound: The client guarantees max |x| <= this (checked before
+            encryption); the executor sizes fixed-point scales from it so nothing
+            overflows.
+        complex_packing: Use the imaginary part of the slots for a second token set.
+        cost_model: The cost model the estimates were computed with.
+        slot_count: N / 2.
+        padded_rank: PER_TOKEN: r rounded up to a power of two (A gets zero columns,
+            B zero rows). BATCH_FIRST: r.
+        block_length: PER_TOKEN: L, d rounded up to a power of two. BATCH_FIRST: 0.
+        baby_steps: PER_TOKEN: n1 of the BSGS split of the r diagonals. BATCH_FIRST: 0.
+        giant_steps: PER_TOKEN: n2 = padded_rank / n1. BATCH_FIRST: 0.
+        tokens_per_unit: Tokens per ciphertext (PER_TOKEN) or per ciphertext group
+            (BATCH_FIRST).
+        units: Ciphertexts (PER_TOKEN) or token groups (BATCH_FIRST) in the request.
+        input_ciphertexts: Ciphertexts the client uploads.
+        output_ciphertexts: Ciphertexts the runtime returns.
+        input_primes: Data primes at the level the client encrypts at.
+        output_primes: Data primes left on the results.
+        input_scale_bits: log2 of the scale the client encodes activations at.
+        depth: Multiplicative (ciphertext-by-plaintext) depth.
+        levels_used: Rescales along the critical path.
+        rotation_steps: Sorted distinct rotation steps = the Galois keys needed.
+        counts_per_unit: Operations per unit.
+        counts: Operations for the whole request.
+        estimated_server_ms: Cost-model estimate of the runtime's evaluation.
+        estimated_client_ms: Cost-model estimate of client encryption + decryption.
+    """
+
+    compiler_version: int
+    packing: Packing
+    hidden_size: int
+    output_size: int
+    rank: int
+    alpha: float
+    tokens: int
+    params: CkksParams
+    activation_bound: float
+    complex_packing: bool
+    cost_model: CostModel
+    slot_count: int
+    padded_rank: int
+    block_length: int
+    baby_steps: int
+    giant_steps: int
+    tokens_per_unit: int
+    units: int
+    input_ciphertexts: int
+    output_ciphertexts: int
+    input_primes: int
+    output_primes: int
+    input_scale_bits: int
+    depth: int
+    levels_used: int
+    rotation_steps: tuple[int, ...]
+    counts_per_unit: OpCounts
+    counts: OpCounts
+    estimated_server_ms: float
+    estimated_client_ms: float
+
+    @property
+    def lora_scaling(self) -> float:
+        """Alpha / rank, folded into B's plaintexts by the executor."""
+        return self.alpha / self.rank
+
+    @property
+    def estimated_total_ms(self) -> float:
+        """Server plus client estimate (what :func:`choose_plan` minimises)."""
+        return self.estimated_server_ms + self.estimated_client_ms
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-able dict; :meth:`from_dict` re-verifies it."""
+        out: dict[str, Any] = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, CkksParams | OpCounts | CostModel):
+                out[field.name] = value.to_dict()
+            elif isinstance(value, enum.Enum):
+                out[field.name] = value.value
+            elif isinstance(value, tuple):
+                out[field.name] = list(value)
+            else:
+                out[field.name] = value
+        return out
+
+    def to_json(self) -> str:
+        """Return the canonical JSON text (sorted keys, no whitespace)."""
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    def fingerprint(self) -> str:
+        """Return the SHA-256 hex digest of :meth:`to_json`."""
+        return hashlib.sha256(self.to_json().encode()).hexdigest()
+
+    def encoding_key(self) -> str:
+        """Return a digest of everything that determines the adapter's plaintexts.
+
+        Plans that differ only in token count (or cost model) share encoded weights.
+        """
+        relevant = {
+            "compiler_version": self.compiler_version,
+            "packing": self.packing.value,
+            "hidden_size": self.hidden_size,
+            "output_size": self.output_size,
+            "rank": self.rank,
+            "alpha": self.alpha,
+            "params": self.params.to_dict(),
+            "activation_bound": self.activation_bound,
+            "padded_rank": self.padded_rank,
+            "block_length": self.block_length,
+            "baby_steps": self.baby_steps,
+            "giant_steps": self.giant_steps,
+            "input_primes": self.input_primes,
+            "input_scale_bits": self.input_scale_bits,
+        }
+        return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Plan:
+        """Rebuild a plan from :meth:`to_dict` output and verify it.
+
+        The inputs are recompiled and every derived field must match, so a plan that
+        was edited, or made by another compiler version, is refused rather than run.
+
+        Raises:
+            InvalidArgument: A field is missing or malformed, or the plan does not match
+                what this compiler produces for its inputs.
+        """
+        if not isinstance(data, Mapping):
+            raise InvalidArgument("plan", "must be an object")
+        try:
+            version = data["compiler_version"]
+            if version != COMPILER_VERSION:
+                raise InvalidArgument(
+                    "plan.compiler_version",
+                    f"plan was compiled by version {version}; this runtime compiles "
+                    f"version {COMPILER_VERSION}",
+                )
+            try:
+                packing = Packing(data["packing"])
+            except ValueError:
+                raise InvalidArgument(
+                    "plan.packing", f"unknown packing {data['packing']!r}"
+                ) from None
+            cost = data["cost_model"]
+            if not isinstance(cost, Mapping):
+                raise InvalidArgument("plan.cost_model", "must be an object")
+            try:
+                cost_model = CostModel(**cost)
+            except TypeError as error:
+                raise InvalidArgument("plan.cost_model", str(error)) from None
+            plan = compile_plan(
+                hidden_size=data["hidden_size"],
+                output_size=data["output_size"],
+                rank=data["rank"],
+                alpha=data["alpha"],
+                tokens=data["tokens"],
+                params=CkksParams.from_dict(data["params"], field_prefix="plan.params."),
+                packing=packing,
+                complex_packing=data["complex_packing"],
+                activation_bound=data["activation_bound"],
+                cost_model=cost_model,
+            )
+        except KeyError as missing:
+            raise InvalidArgument(f"plan.{missing.args[0]}", "is required") from None
+        except InvalidArgument as error:
+            if error.field.startswith("plan."):
+                raise
+            raise InvalidArgument(f"plan.{error.field}", error.description) from None
+        recompiled = plan.to_dict()
+        for key, value in data.items():
+            if key not in recompiled:
+                raise InvalidArgument(f"plan.{key}", "is not a plan field")
+            if recompiled[key] != value:
+                raise InvalidArgument(
+                    f"plan.{key}",
+                    f"does not match the compiler's output for the plan's inputs "
+                    f"({value!r} != {recompiled[key]!r})",
+                )
+        if set(recompiled) != set(data):
+            missing_fields = sorted(set(recompiled) - set(data))
+            raise InvalidArgument(f"plan.{missing_fields[0]}", "is required")
+        return plan
+
+
+def _next_power_of_two(value: int) -> int:
+    return 1 << (value - 1).bit_length()
+
+
+def _positive_int(value: object, field: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidArgument(field, f"must be a positive integer, got {value!r}")
+    return value
+
+
+def _positive_float(value: object, field: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidArgument(field, f"must be a number, got {type(value).__name__}")
+    number = float(value)
+    if not math.isfinite(number) or number <= 0:
+        raise InvalidArgument(field, f"must be finite and positive, got {value!r}")
+    return number
+
+
+def _bsgs_split(padded_rank: int) -> tuple[int, int]:
+    # n1 * n2 = padded_rank with n1 = 2^ceil(log2(r)/2) minimises n1 + n2 - 2 rotations
+    # for powers of two (ties go to the larger baby step, whose rotations are shared).
+    log_rank = padded_rank.bit_length() - 1
+    baby = 1 << ((log_rank + 1) // 2)
+    return baby, padded_rank // baby
+
+
+def _batch_input_scale_bits(params: CkksParams) -> int:
+    # After x·A is rescaled, the first prime q0 must hold scale(x) * scale(B) * |y|.
+    # Half of q0 (minus a reserve) goes to the activation scale, the rest to B's
+    # fixed-point scale and the output range. Two error sources trade off here: the
+    # rescale's rounding noise (~2^10 units, so relative 2^(10 - scale bits)) and B's
+    # quantisation. Measured with SEAL, q0 = 60 bits, d = d_out = 256, r = 16, |x| ~ 3:
+    # max relative error 7e-5 / 2e-5 / 7e-6 / 2.5e-5 at 2^24 / 2^26 / 2^28 / 2^30, so
+    # the scale is q0/2 - 2 bits (2^28).
+    return params.data_prime_bits[0] // 2 - _BATCH_SCALE_RESERVE_BITS
+
+
+def compile_plan(
+    *,
+    hidden_size: int,
+    output_size: int,
+    rank: int,
+    alpha: float,
+    tokens: int,
+    params: CkksParams,
+    packing: Packing,
+    complex_packing: bool = True,
+    activation_bound: float = DEFAULT_ACTIVATION_BOUND,
+    cost_model: CostModel | None = None,
+) -> Plan:
+    """Compile the plan for one adapted layer and one request.
+
+    Args:
+        hidden_size: d, width of the activations and rows of A.
+        output_size: d_out, columns of B.
+        rank: LoRA rank r.
+        alpha: LoRA alpha (the delta is scaled by alpha / rank).
+        tokens: Tokens in the request.
+        params: CKKS parameter set (already validated for 128-bit security).
+        packing: Which packing to compile.
+        complex_packing: Pack a second set of tokens into the imaginary parts.
+        activation_bound: Bound on |x| the client checks before encrypting.
+        cost_model: Per-operation costs; :class:`CostModel` defaults if None.
+
+    Returns:
+        The plan. Same inputs, same plan, always.
+
+    Raises:
+        InvalidArgument: An input is out of range, or the packing cannot serve these
+            shapes with these parameters (the field says which input to change).
+    """
+    hidden_size = _positive_int(hidden_size, "hidden_size")
+    output_size = _positive_int(output_size, "output_size")
+    rank = _positive_int(rank, "rank")
+    tokens = _positive_int(tokens, "tokens")
+    alpha = _positive_float(alpha, "alpha")
+    activation_bound = _positive_float(activation_bound, "activation_bound")
+    if not isinstance(params, CkksParams):
+        raise InvalidArgument("params", "must be a CkksParams")
+    if not isinstance(complex_packing, bool):
+        raise InvalidArgument("complex_packing", "must be a boolean")
+    if not isinstance(packing, Packing):
+        raise InvalidArgument("packing", f"must be one of {[p.value for p in Packing]}")
+    if rank > hidden_size:
+        raise InvalidArgument("rank", f"rank {rank} exceeds hidden_size {hidden_size}")
+    cost_model = cost_model if cost_model is not None else CostModel()
+    if packing is Packing.PER_TOKEN:
+        return _compile_per_token(
+            hidden_size=hidden_size,
+            output_size=output_size,
+            rank=rank,
+            alpha=alpha,
+            tokens=tokens,
+            params=params,
+            complex_packing=complex_packing,
+            activation_bound=activation_bound,
+            cost_model=cost_model,
+        )
+    return _compile_batch_first(
+        hidden_size=hidden_size,
+        output_size=output_size,
+        rank=rank,
+        alpha=alpha,
+        tokens=tokens,
+        params=params,
+        complex_packing=complex_packing,
+        activation_bound=activation_bound,
+        cost_model=cost_model,
+    )
+
+
+def _compile_per_token(
+    *,
+    hidden_size: int,
+    output_size: int,
+    rank: int,
+    alpha: float,
+    tokens: int,
+    params: CkksParams,
+    complex_packing: bool,
+    activation_bound: float,
+    cost_model: CostModel,
+) -> Plan:
+    slots = params.slot_count
+    if hidden_size > slots:
+        raise InvalidArgument(
+            "hidden_size",
+            f"PER_TOKEN packing needs hidden_size <= slot count {slots}, got {hidden_size}; "
+            "use a larger poly_modulus_degree or BATCH_FIRST",
+        )
+    if output_size > slots:
+        raise InvalidArgument(
+            "output_size",
+            f"PER_TOKEN packing needs output_size <= slot count {slots}, got {output_size}",
+        )
+    depth = 2
+    if params.max_depth < depth:
+        raise InvalidArgument(
+            "params.coeff_modulus_bits",
+            f"PER_TOKEN packing needs {depth} rescales ({depth + 1} data primes), the "
+            f"parameter set has {params.max_depth}",
+        )
+    block = _next_power_of_two(hidden_size)
+    padded_rank = _next_power_of_two(rank)
+    if padded_rank > block:
+        raise InvalidArgument(
+            "rank", f"rank {rank} rounded up to {padded_rank} exceeds the block length {block}"
+        )
+    baby, giant = _bsgs_split(padded_rank)
+    fold_rotations = (block // padded_rank).bit_length() - 1
+    steps = set(range(1, baby))
+    steps.update(baby * g for g in range(1, giant))
+    steps.update(padded_rank << i for i in range(fold_rotations))
+    input_primes = depth + 1
+    bsgs_rotations = (baby - 1) + (giant - 1)
+    # x·A at the input level: baby and giant rotations, r products, r - 1 additions,
+    # one rescale. Then, one prime lower, the fold and u·B.
+    top = OpCounts(
+        rotations=bsgs_rotations,
+        key_switches=bsgs_rotations,
+        multiply_plain=padded_rank,
+        additions=padded_rank - 1,
+        rescales=1,
+    )
+    middle_rotations = fold_rotations + bsgs_rotations
+    middle = OpCounts(
+        rotations=middle_rotations,
+        key_switches=middle_rotations,
+        multiply_plain=padded_rank,
+        additions=fold_rotations + padded_rank - 1,
+        rescales=1,
+    )
+    tokens_per_unit = 2 if complex_packing else 1
+    units = -(-tokens // tokens_per_unit)
+    degree = params.poly_modulus_degree
+    server_ms = units * (
+        cost_model.server_ms(top, poly_modulus_degree=degree, primes=input_primes)
+        + cost_model.server_ms(middle, poly_modulus_degree=degree, primes=input_primes - 1)
+    )
+    client_ms = units * (
+        cost_model.encrypt_ms * cost_model.level_factor(degree, input_primes)
+        + cost_model.decrypt_ms * cost_model.level_factor(degree, input_primes - depth)
+    )
+    per_unit = top + middle
+    return Plan(
+        compiler_version=COMPILER_VERSION,
+        packing=Packing.PER_TOKEN,
+        hidden_size=hidden_size,
+        output_size=output_size,
+        rank=rank,
+        alpha=alpha,
+        tokens=tokens,
+        params=params,
+        activation_bound=activation_bound,
+        complex_packing=complex_packing,
+        cost_model=cost_model,
+        slot_count=slots,
+        padded_rank=padded_rank,
+        block_length=block,
+        baby_steps=baby,
+        giant_steps=giant,
+        tokens_per_unit=tokens_per_unit,
+        units=units,
+        input_ciphertexts=units,
+        output_ciphertexts=units,
+        input_primes=input_primes,
+        output_primes=input_primes - depth,
+        input_scale_bits=params.scale_bits,
+        depth=depth,
+        levels_used=depth,
+        rotation_steps=tuple(sorted(steps)),
+        counts_per_unit=per_unit,
+        counts=per_unit.times(units),
+        estimated_server_ms=server_ms,
+        estimated_client_ms=client_ms,
+    )
+
+
+def _compile_batch_first(
+    *,
+    hidden_size: int,
+    output_size: int,
+    rank: int,
+    alpha: float,
+    tokens: int,
+    params: CkksParams,
+    complex_packing: bool,
+    activation_bound: float,
+    cost_model: CostModel,
+) -> Plan:
+    if params.max_depth < 1:
+        raise InvalidArgument(
+            "params.coeff_modulus_bits",
+            "BATCH_FIRST packing needs one rescale (two data primes)",
+        )
+    scale_bits = _batch_input_scale_bits(params)
+    if scale_bits < _MIN_BATCH_SCALE_BITS:
+        raise InvalidArgument(
+            "params.coeff_modulus_bits",
+            f"the first prime ({params.data_prime_bits[0]} bits) is too small for "
+            f"BATCH_FIRST packing, which needs an activation scale of at least "
+            f"2^{_MIN_BATCH_SCALE_BITS}",
+        )
+    slots = params.slot_count
+    tokens_per_unit = 2 * slots if complex_packing else slots
+    units = -(-tokens // tokens_per_unit)
+    # x·A at two primes: per output j, d products, d - 1 additions, one rescale.
+    upper = OpCounts(
+        multiply_plain=hidden_size * rank,
+        additions=(hidden_size - 1) * rank,
+        rescales=rank,
+        plaintext_encodes=hidden_size * rank,
+    )
+    # u·B at one prime: per output o, r products and r - 1 additions.
+    lower = OpCounts(
+        multiply_plain=rank * output_size,
+        additions=(rank - 1) * output_size,
+        plaintext_encodes=rank * output_size,
+    )
+    degree = params.poly_modulus_degree
+    input_primes = 2
+    server_ms = units * (
+        cost_model.server_ms(upper, poly_modulus_degree=degree, primes=input_primes)
+        + cost_model.server_ms(lower, poly_modulus_degree=degree, primes=1)
+    )
+    client_ms = units * (
+        hidden_size * cost_model.encrypt_ms * cost_model.level_factor(degree, input_primes)
+        + output_size * cost_model.decrypt_ms * cost_model.level_factor(degree, 1)
+    )
+    per_unit = upper + lower
+    return Plan(
+        compiler_version=COMPILER_VERSION,
+        packing=Packing.BATCH_FIRST,
+        hidden_size=hidden_size,
+        output_size=output_size,
+        rank=rank,
+        alpha=alpha,
+        tokens=tokens,
+        params=params,
+        activation_bound=activation_bound,
+        complex_packing=complex_packing,
+        cost_model=cost_model,
+        slot_count=slots,
+        padded_rank=rank,
+        block_length=0,
+        baby_steps=0,
+        giant_steps=0,
+        tokens_per_unit=tokens_per_unit,
+        units=units,
+        input_ciphertexts=units * hidden_size,
+        output_ciphertexts=units * output_size,
+        input_primes=input_primes,
+        output_primes=1,
+        input_scale_bits=scale_bits,
+        depth=2,
+        levels_used=1,
+        rotation_steps=(),
+        counts_per_unit=per_unit,
+        counts=per_unit.times(units),
+        estimated_server_ms=server_ms,
+        estimated_client_ms=client_ms,
+    )
+
+
+def choose_plan(
+    *,
+    hidden_size: int,
+    output_size: int,
+    rank: int,
+    alpha: float,
+    tokens: int,
+    params: CkksParams,
+    complex_packing: bool = True,
+    activation_bound: float = DEFAULT_ACTIVATION_BOUND,
+    cost_model: CostModel | None = None,
+) -> tuple[Plan, str]:
+    """Compile every packing that fits and return the cheapest, with the reason.
+
+    The criterion is :attr:`Plan.estimated_total_ms` (runtime evaluation plus client
+    encryption and decryption); ties go to PER_TOKEN, which uploads fewer ciphertexts.
+
+    Returns:
+        ``(plan, reason)``; the reason names both estimates, or why a packing was not
+        possible.
+
+    Raises:
+        InvalidArgument: No packing can serve the request (the first packing's error).
+    """
+    candidates: list[Plan] = []
+    refusals: list[str] = []
+    errors: list[InvalidArgument] = []
+    for packing in (Packing.PER_TOKEN, Packing.BATCH_FIRST):
+        try:
+            candidates.append(
+                compile_plan(
+                    hidden_size=hidden_size,
+                    output_size=output_size,
+                    rank=rank,
+                    alpha=alpha,
+                    tokens=tokens,
+                    params=params,
+                    packing=packing,
+                    complex_packing=complex_packing,
+                    activation_bound=activation_bound,
+                    cost_model=cost_model,
+                )
+            )
+        except InvalidArgument as error:
+            errors.append(error)
+            refusals.append(f"{packing.value} not possible ({error.message})")
+    if not candidates:
+        raise errors[0]
+    best = min(candidates, key=lambda plan: plan.estimated_total_ms)
+    others = [plan for plan in candidates if plan is not best]
+    parts = [f"{best.packing.value}: {_describe(best)}"]
+    parts.extend(f"vs {plan.packing.value}: {_describe(plan)}" for plan in others)
+    parts.extend(refusals)
+    return best, "; ".join(parts)
+
+
+def _describe(plan: Plan) -> str:
+    per_token = plan.estimated_total_ms / plan.tokens
+    return (
+        f"est. {plan.estimated_total_ms:.1f} ms for {plan.tokens} tokens "
+        f"({per_token:.2f} ms/token, {plan.counts.rotations} rotations, "
+        f"{len(plan.rotation_steps)} Galois keys)"
+    )
+
+
+def break_even_tokens(
+    *,
+    hidden_size: int,
+    output_size: int,
+    rank: int,
+    alpha: float,
+    params: CkksParams,
+    complex_packing: bool = True,
+    cost_model: CostModel | None = None,
+) -> int | None:
+    """Return the smallest token count at which BATCH_FIRST is estimated cheaper.
+
+    Within one token group the batch cost is constant and the per-token cost grows with
+    the tokens, so the first crossing is found by bisection over one group.
+
+    Returns:
+        The token count, or None if PER_TOKEN stays cheaper for a full group (or is not
+        possible, in which case BATCH_FIRST is the only choice and None is returned
+        too).
+    """
+
+    def totals(tokens: int) -> tuple[float, float]:
+        plans = [
+            compile_plan(
+                hidden_size=hidden_size,
+                output_size=output_size,
+                rank=rank,
+                alpha=alpha,
+                tokens=tokens,
+                params=params,
+                packing=packing,
+                complex_packing=complex_packing,
+                cost_model=cost_model,
+            )
+            for packing in (Packing.PER_TOKEN, Packing.BATCH_FIRST)
+        ]
+        return plans[0].estimated_total_ms, plans[1].estimated_total_ms
+
+    try:
+        group = 2 * params.slot_count if complex_packing else params.slot_count
+        per_token, batch = totals(group)
+    except InvalidArgument:
+        return None
+    if batch >= per_token:
+        return None
+    low, high = 1, group
+    while low < high:
+        middle = (low + high) // 2
+        per_token, batch = totals(middle)
+        if batch < per_token:
+            high = middle
+        else:
+            low = middle + 1
+    return low

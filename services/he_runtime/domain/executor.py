@@ -1,0 +1,573 @@
+"""HE-LoRA executor: applies a compiled plan to encrypted activations (server side).
+
+An executor is one client session: the client's CKKS parameters and the Galois keys it
+uploaded, both as wire bytes. It never holds a secret key and cannot decrypt. For each
+adapter it pre-encodes the plaintexts a plan layout needs once (bounded LRU cache keyed
+by adapter and :meth:`~tensafe.helora.plan.Plan.encoding_key`), then evaluates requests:
+validates the ciphertexts, applies the plan through a :class:`CountingEvaluator` that
+counts every SEAL operation it performs, and returns the framed results with the
+counts, which must equal the plan's.
+
+Overflow safety. CKKS wraps silently modulo q when a value outgrows its modulus, so
+the executor bounds every intermediate from the weights and the plan's activation
+bound (which the client checks before encrypting) and refuses an adapter whose worst
+case does not fit (FailedPrecondition), instead of returning garbage.
+
+Zero weights. SEAL refuses to produce a *transparent* ciphertext (one whose second
+polynomial is zero), which a product with an all-zero plaintext is. A weight (or a
+whole diagonal) that encodes to zero is therefore encoded as the smallest non-zero
+plaintext, one unit at the plaintext's scale: an error of at most 1/scale, the same
+order as the encoding's own rounding, and the operation counts stay independent of the
+weights.
+
+Concurrency. seal-python keeps the GIL during every SEAL call, so threads give no
+parallel speed-up; run one executor per worker process to use more cores.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import seal
+
+from tensafe.common.errors import FailedPrecondition, InvalidArgument
+from tensafe.helora import packing
+from tensafe.helora.ckks import CkksContext, ParmsId
+from tensafe.helora.params import CkksParams
+from tensafe.helora.plan import OpCounts, Packing, Plan
+from tensafe.helora.wire import WireKind, pack, unpack
+
+#: Fewest bits of fixed-point precision (relative to the largest entry of B) a
+#: BATCH_FIRST adapter may be encoded with; below this the 1e-3 accuracy target fails.
+MIN_FIXED_POINT_BITS = 12
+#: Headroom bits kept free at the top of every modulus: one for the sign, one for noise
+#: and rounding on top of the worst-case value bound.
+_HEADROOM_BITS = 2
+
+FloatArray = npt.NDArray[np.float64]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoraWeights:
+    """The adapter weights of one layer, in the delta's orientation.
+
+    Attributes:
+        lora_a: A, shape [d, r].
+        lora_b: B, shape [r, d_out].
+    """
+
+    lora_a: FloatArray
+    lora_b: FloatArray
+
+    @classmethod
+    def from_peft(
+        cls, *, lora_a_weight: npt.ArrayLike, lora_b_weight: npt.ArrayLike
+    ) -> LoraWeights:
+        """Build from PEFT tensors: ``lora_A.weight`` is [r, d], ``lora_B.weight`` [d_out, r]."""
+        return cls(
+            lora_a=np.asarray(lora_a_weight, dtype=np.float64).T.copy(),
+            lora_b=np.asarray(lora_b_weight, dtype=np.float64).T.copy(),
+        )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
+class EncodedAdapter:
+    """An adapter's plaintexts for one plan layout (see ``Plan.encoding_key``).
+
+    Attributes:
+        encoding_key: The plan layout the plaintexts were made for.
+        input_diagonals: PER_TOKEN x·A plaintexts ``[giant][baby]`` (empty for batch).
+        output_diagonals: PER_TOKEN u·B plaintexts ``[giant][baby]`` (empty for batch).
+        lora_a_values: BATCH_FIRST A entries as they will be encoded (zero-free).
+        lora_a_scale: Scale of the A plaintexts (the exact prime a rescale drops).
+        lora_b_values: BATCH_FIRST (alpha/r)·B entries as they will be encoded.
+        lora_b_scale: Fixed-point scale of the B plaintexts.
+        output_bound: Worst-case |delta| given the plan's activation bound.
+        fixed_point_bits: BATCH_FIRST: log2(scale · max|B|), the precision B keeps.
+    """
+
+    encoding_key: str
+    input_diagonals: tuple[tuple[Any, ...], ...] = ()
+    output_diagonals: tuple[tuple[Any, ...], ...] = ()
+    lora_a_values: FloatArray | None = None
+    lora_a_scale: float = 0.0
+    lora_b_values: FloatArray | None = None
+    lora_b_scale: float = 0.0
+    output_bound: float = 0.0
+    fixed_point_bits: float = math.inf
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ExecutionResult:
+    """The framed result ciphertexts of one request and what producing them took.
+
+    Attributes:
+        ciphertexts: ``plan.output_ciphertexts`` framed ciphertexts, in plan order.
+        counts: The SEAL operations actually performed.
+    """
+
+    ciphertexts: tuple[bytes, ...]
+    counts: OpCounts
+
+
+class CountingEvaluator:
+    """A SEAL evaluator that counts each operation it performs.
+
+    Every homomorphic operation of the executor goes through here, so the counts are
+    what ran, not what was planned.
+    """
+
+    def __init__(self, context: CkksContext, galois_keys: Any) -> None:
+        self._context = context
+        self._evaluator = seal.Evaluator(context.seal_context)
+        self._galois_keys = galois_keys
+        self._counts: collections.Counter[str] = collections.Counter()
+
+    def counts(self) -> OpCounts:
+        """Return the operations performed so far."""
+        return OpCounts(**{name: self._counts[name] for name in OpCounts.__dataclass_fields__})
+
+    def rotate(self, ciphertext: Any, step: int) -> Any:
+        """Rotate left by ``step`` slots (one key switch: the key for ``step`` exists)."""
+        self._counts["rotations"] += 1
+        self._counts["key_switches"] += 1
+        return self._evaluator.rotate_vector(ciphertext, step, self._galois_keys)
+
+    def multiply_plain(self, ciphertext: Any, plaintext: Any) -> Any:
+        """Return ciphertext * plaintext."""
+        self._counts["multiply_plain"] += 1
+        return self._evaluator.multiply_plain(ciphertext, plaintext)
+
+    def add_inplace(self, target: Any, other: Any) -> None:
+        """Add ``other`` into ``target``."""
+        self._counts["additions"] += 1
+        self._evaluator.add_inplace(target, other)
+
+    def rescale_inplace(self, ciphertext: Any) -> None:
+        """Rescale, dropping the last data prime."""
+        self._counts["rescales"] += 1
+        self._evaluator.rescale_to_next_inplace(ciphertext)
+
+    def encode_scalar(self, value: float, scale: float, level: ParmsId) -> Any:
+        """Encode a scalar plaintext and switch it to ``level``."""
+        self._counts["plaintext_encodes"] += 1
+        plain = self._context.encoder.encode(value, scale)
+        self._evaluator.mod_switch_to_inplace(plain, list(level))
+        return plain
+
+
+class HeLoraExecutor:
+    """Evaluates HE-LoRA plans for one client session, with public material only.
+
+    Args:
+        parameters: Framed :data:`WireKind.PARAMETERS` from the client.
+        galois_keys: Framed :data:`WireKind.GALOIS_KEYS`, or None (enough for plans that
+            need no rotation).
+        max_cached_adapters: Encoded adapters kept (least recently used evicted).
+
+    Raises:
+        InvalidArgument: A blob is malformed, the parameters are insecure or
+            inconsistent with their fingerprint, or the keys do not parse.
+        FailedPrecondition: The Galois keys belong to another parameter set.
+    """
+
+    def __init__(
+        self,
+        *,
+        parameters: bytes,
+        galois_keys: bytes | None,
+        max_cached_adapters: int = 8,
+    ) -> None:
+        if max_cached_adapters < 1:
+            raise InvalidArgument("max_cached_adapters", "must be at least 1")
+        frame = unpack(parameters, field="parameters", expected=WireKind.PARAMETERS)
+        try:
+            decoded = json.loads(frame.payload)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise InvalidArgument("parameters", "payload is not JSON") from None
+        params = CkksParams.from_dict(decoded, field_prefix="parameters.")
+        self._context = CkksContext(params)
+        if frame.fingerprint != self._context.fingerprint:
+            raise InvalidArgument(
+                "parameters",
+                "fingerprint does not match the SEAL parameters this runtime derives from "
+                "the parameter set (client and runtime SEAL builds differ)",
+            )
+        self._galois_keys: Any = None
+        if galois_keys is not None:
+            keys_frame = unpack(galois_keys, field="galois_keys", expected=WireKind.GALOIS_KEYS)
+            self._check_fingerprint(keys_frame.fingerprint, "galois_keys")
+            try:
+                self._galois_keys = self._context.seal_context.from_galois_str(keys_frame.payload)
+            except (ValueError, RuntimeError) as error:
+                raise InvalidArgument("galois_keys", f"not valid Galois keys: {error}") from None
+        self._max_cached_adapters = max_cached_adapters
+        self._adapters: collections.OrderedDict[tuple[str, str], EncodedAdapter] = (
+            collections.OrderedDict()
+        )
+
+    @property
+    def params(self) -> CkksParams:
+        """The session's parameter set."""
+        return self._context.params
+
+    def check_plan(self, plan: Plan) -> None:
+        """Check that this session can run ``plan``.
+
+        Raises:
+            FailedPrecondition: The plan is for another parameter set, or a Galois key
+                for one of its rotation steps was not uploaded.
+        """
+        if plan.params != self._context.params:
+            raise FailedPrecondition(
+                "the plan was compiled for another CKKS parameter set than the session's",
+                reason="PARAMETER_SET_MISMATCH",
+            )
+        for step in plan.rotation_steps:
+            element = self._context.galois_element(step)
+            if self._galois_keys is None or not self._galois_keys.has_key(element):
+                raise FailedPrecondition(
+                    f"no Galois key for rotation step {step}; upload the keys for the plan's "
+                    f"rotation_steps",
+                    reason="GALOIS_KEY_MISSING",
+                    metadata={"step": str(step)},
+                )
+
+    def adapter(
+        self, plan: Plan, adapter_key: str, load_weights: Callable[[], LoraWeights]
+    ) -> EncodedAdapter:
+        """Return the adapter's plaintexts for ``plan``, encoding them on first use.
+
+        Args:
+            plan: The plan (only its layout matters, not its token count).
+            adapter_key: Identifies the weights (e.g. adapter id and version digest).
+            load_weights: Called only when the encoding is not cached.
+        """
+        key = (adapter_key, plan.encoding_key())
+        cached = self._adapters.get(key)
+        if cached is not None:
+            self._adapters.move_to_end(key)
+            return cached
+        encoded = self.encode_adapter(plan, load_weights())
+        self._adapters[key] = encoded
+        while len(self._adapters) > self._max_cached_adapters:
+            self._adapters.popitem(last=False)
+        return encoded
+
+    def encode_adapter(self, plan: Plan, weights: LoraWeights) -> EncodedAdapter:
+        """Pre-encode an adapter's plaintexts for a plan layout.
+
+        Raises:
+            InvalidArgument: The weights do not have the plan's shapes or are not finite.
+            FailedPrecondition: With the plan's activation bound the delta could
+                overflow the modulus, or B would keep too little fixed-point precision.
+        """
+        self.check_plan(plan)
+        lora_a, scaled_b = _checked_weights(plan, weights)
+        if plan.packing is Packing.PER_TOKEN:
+            return self._encode_per_token(plan, lora_a, scaled_b)
+        return self._encode_batch_first(plan, lora_a, scaled_b)
+
+    def apply(
+        self, plan: Plan, adapter: EncodedAdapter, ciphertexts: Sequence[bytes]
+    ) -> ExecutionResult:
+        """Evaluate the LoRA delta on the client's ciphertexts.
+
+        Raises:
+            InvalidArgument: Wrong number of ciphertexts, or one is malformed, at the
+                wrong level or scale, or transparent.
+            FailedPrecondition: Plan/session/adapter mismatch, a missing Galois key, or
+                a ciphertext made under another parameter set.
+        """
+        self.check_plan(plan)
+        if adapter.encoding_key != plan.encoding_key():
+            raise FailedPrecondition(
+                "the adapter was encoded for another plan layout", reason="PLAN_MISMATCH"
+            )
+        inputs = self._load_inputs(plan, ciphertexts)
+        evaluator = CountingEvaluator(self._context, self._galois_keys)
+        if plan.packing is Packing.PER_TOKEN:
+            outputs = [self._per_token_unit(plan, adapter, evaluator, ct) for ct in inputs]
+        else:
+            outputs = []
+            for group in range(plan.units):
+                group_inputs = inputs[group * plan.hidden_size : (group + 1) * plan.hidden_size]
+                outputs.extend(self._batch_group(plan, adapter, evaluator, group_inputs))
+        blobs = tuple(
+            pack(WireKind.CIPHERTEXT, self._context.fingerprint, ct.to_string()) for ct in outputs
+        )
+        return ExecutionResult(ciphertexts=blobs, counts=evaluator.counts())
+
+    # -- validation ----------------------------------------------------------------
+
+    def _check_fingerprint(self, fingerprint: bytes, field: str) -> None:
+        if fingerprint != self._context.fingerprint:
+            raise FailedPrecondition(
+                f"{field} was made under another CKKS parameter set than the session's",
+                reason="PARAMETER_SET_MISMATCH",
+                metadata={"field": field},
+            )
+
+    def _load_inputs(self, plan: Plan, ciphertexts: Sequence[bytes]) -> list[Any]:
+        if len(ciphertexts) != plan.input_ciphertexts:
+            raise InvalidArgument(
+                "ciphertexts",
+                f"got {len(ciphertexts)} ciphertexts, the plan takes {plan.input_ciphertexts}",
+            )
+        level = self._context.parms_id_for_primes(plan.input_primes)
+        scale = 2.0**plan.input_scale_bits
+        loaded: list[Any] = []
+        for index, blob in enumerate(ciphertexts):
+            field = f"ciphertexts[{index}]"
+            frame = unpack(blob, field=field, expected=WireKind.CIPHERTEXT)
+            self._check_fingerprint(frame.fingerprint, field)
+            ciphertext = seal.Ciphertext()
+            try:
+                ciphertext.load_bytes(self._context.seal_context, frame.payload)
+            except (ValueError, RuntimeError) as error:
+                raise InvalidArgument(field, f"not a valid ciphertext: {error}") from None
+            primes = self._context.primes_at(ciphertext.parms_id())
+            if primes != plan.input_primes or tuple(ciphertext.parms_id()) != level:
+                raise InvalidArgument(
+                    field,
+                    f"encrypted at a level with {primes} primes, plan expects {plan.input_primes}",
+                )
+            if ciphertext.size() != 2 or not ciphertext.is_ntt_form():
+                raise InvalidArgument(
+                    field, f"has {ciphertext.size()} polynomials (expected 2, in NTT form)"
+                )
+            if ciphertext.scale() != scale:
+                raise InvalidArgument(
+                    field,
+                    f"scale {ciphertext.scale()!r}, the plan's is 2^{plan.input_scale_bits}",
+                )
+            if ciphertext.is_transparent():
+                raise InvalidArgument(field, "is transparent (not encrypted)")
+            loaded.append(ciphertext)
+        return loaded
+
+    # -- PER_TOKEN -----------------------------------------------------------------
+
+    def _encode_per_token(
+        self, plan: Plan, lora_a: FloatArray, scaled_b: FloatArray
+    ) -> EncodedAdapter:
+        context = self._context
+        top, middle = plan.input_primes, plan.input_primes - 1
+        # Each product is encoded at the exact prime its rescale drops, so the scale
+        # returns to 2^input_scale_bits with no drift after both rescales.
+        input_scale, output_scale = context.rescale_prime(top), context.rescale_prime(middle)
+        activation = plan.activation_bound * (math.sqrt(2.0) if plan.complex_packing else 1.0)
+        inner_bound = activation * float(np.max(np.sum(np.abs(lora_a), axis=0)))
+        output_bound = _output_bound(activation, lora_a, scaled_b)
+        scale = 2.0**plan.input_scale_bits
+        self._require_fits(inner_bound * scale * input_scale, top, "x·A before its rescale")
+        self._require_fits(inner_bound * scale, middle, "x·A")
+        self._require_fits(
+            output_bound * scale * output_scale, middle, "the delta before its rescale"
+        )
+        self._require_fits(output_bound * scale, middle - 1, "the delta")
+        return EncodedAdapter(
+            encoding_key=plan.encoding_key(),
+            input_diagonals=self._encode_vectors(
+                packing.input_diagonals(plan, lora_a), input_scale, top
+            ),
+            output_diagonals=self._encode_vectors(
+                packing.output_diagonals(plan, scaled_b), output_scale, middle
+            ),
+            output_bound=output_bound,
+        )
+
+    def _encode_vectors(
+        self, vectors: list[list[FloatArray]], scale: float, primes: int
+    ) -> tuple[tuple[Any, ...], ...]:
+        encoder = self._context.encoder
+        evaluator = seal.Evaluator(self._context.seal_context)
+        level = list(self._context.parms_id_for_primes(primes))
+        encoded: list[tuple[Any, ...]] = []
+        for row in vectors:
+            plains = []
+            for vector in row:
+                plain = encoder.encode(np.ascontiguousarray(vector), scale)
+                if plain.is_zero():
+                    # An all-zero diagonal: the smallest non-zero plaintext instead (see
+                    # the module docstring, "Zero weights").
+                    plain = encoder.encode(np.full(self._context.slot_count, 1.0 / scale), scale)
+                evaluator.mod_switch_to_inplace(plain, level)
+                plains.append(plain)
+            encoded.append(tuple(plains))
+        return tuple(encoded)
+
+    def _per_token_unit(
+        self, plan: Plan, adapter: EncodedAdapter, evaluator: CountingEvaluator, ciphertext: Any
+    ) -> Any:
+        inner = _bsgs(plan, evaluator, ciphertext, adapter.input_diagonals)
+        evaluator.rescale_inplace(inner)
+        # Fold the L / r partial sums; afterwards slot i holds u[i mod r] everywhere.
+        step = plan.padded_rank
+        while step < plan.block_length:
+            evaluator.add_inplace(inner, evaluator.rotate(inner, step))
+            step *= 2
+        result = _bsgs(plan, evaluator, inner, adapter.output_diagonals)
+        evaluator.rescale_inplace(result)
+        return result
+
+    # -- BATCH_FIRST ---------------------------------------------------------------
+
+    def _encode_batch_first(
+        self, plan: Plan, lora_a: FloatArray, scaled_b: FloatArray
+    ) -> EncodedAdapter:
+        context = self._context
+        activation = plan.activation_bound * (math.sqrt(2.0) if plan.complex_packing else 1.0)
+        input_scale = 2.0**plan.input_scale_bits
+        a_scale = float(context.rescale_prime(plan.input_primes))
+        inner_bound = activation * float(np.max(np.sum(np.abs(lora_a), axis=0)))
+        output_bound = _output_bound(activation, lora_a, scaled_b)
+        self._require_fits(
+            inner_bound * input_scale * a_scale, plan.input_primes, "x·A before its rescale"
+        )
+        self._require_fits(inner_bound * input_scale, plan.output_primes, "x·A")
+        # B's fixed-point scale: the largest power of two for which scale(x) * scale(B)
+        # * |delta| still fits the last prime with headroom, capped so that the product
+        # scale itself stays well inside the prime when B is (near) zero.
+        budget_bits = context.params.data_prime_bits[0] - _HEADROOM_BITS
+        cap_bits = budget_bits - 2 - plan.input_scale_bits
+        if output_bound > 0:
+            b_scale_bits = min(
+                cap_bits, math.floor(budget_bits - plan.input_scale_bits - math.log2(output_bound))
+            )
+        else:
+            b_scale_bits = cap_bits
+        b_scale = 2.0**b_scale_bits
+        b_peak = float(np.max(np.abs(scaled_b)))
+        fixed_point_bits = b_scale_bits + math.log2(b_peak) if b_peak > 0 else math.inf
+        if fixed_point_bits < MIN_FIXED_POINT_BITS:
+            raise FailedPrecondition(
+                f"with activation_bound {plan.activation_bound:g} the adapter's worst-case delta "
+                f"({output_bound:.4g}) leaves B only {fixed_point_bits:.1f} bits of fixed-point "
+                f"precision (< {MIN_FIXED_POINT_BITS}); compile with a tighter activation bound "
+                f"or use PER_TOKEN",
+                reason="ADAPTER_OUT_OF_RANGE",
+            )
+        return EncodedAdapter(
+            encoding_key=plan.encoding_key(),
+            lora_a_values=_quantize_nonzero(lora_a, a_scale),
+            lora_a_scale=a_scale,
+            lora_b_values=_quantize_nonzero(scaled_b, b_scale),
+            lora_b_scale=b_scale,
+            output_bound=output_bound,
+            fixed_point_bits=fixed_point_bits,
+        )
+
+    def _batch_group(
+        self,
+        plan: Plan,
+        adapter: EncodedAdapter,
+        evaluator: CountingEvaluator,
+        inputs: Sequence[Any],
+    ) -> list[Any]:
+        lora_a, lora_b = adapter.lora_a_values, adapter.lora_b_values
+        if lora_a is None or lora_b is None:
+            raise FailedPrecondition(
+                "the adapter was not encoded for a BATCH_FIRST plan", reason="PLAN_MISMATCH"
+            )
+        upper = self._context.parms_id_for_primes(plan.input_primes)
+        lower = self._context.parms_id_for_primes(plan.output_primes)
+        inner: list[Any] = []
+        for column in range(plan.rank):
+            accumulator = None
+            for feature, ciphertext in enumerate(inputs):
+                weight = evaluator.encode_scalar(
+                    float(lora_a[feature, column]), adapter.lora_a_scale, upper
+                )
+                product = evaluator.multiply_plain(ciphertext, weight)
+                if accumulator is None:
+                    accumulator = product
+                else:
+                    evaluator.add_inplace(accumulator, product)
+            # One rescale per accumulated output, not per product.
+            evaluator.rescale_inplace(accumulator)
+            inner.append(accumulator)
+        outputs: list[Any] = []
+        for feature in range(plan.output_size):
+            accumulator = None
+            for column, ciphertext in enumerate(inner):
+                weight = evaluator.encode_scalar(
+                    float(lora_b[column, feature]), adapter.lora_b_scale, lower
+                )
+                product = evaluator.multiply_plain(ciphertext, weight)
+                if accumulator is None:
+                    accumulator = product
+                else:
+                    evaluator.add_inplace(accumulator, product)
+            outputs.append(accumulator)
+        return outputs
+
+    def _require_fits(self, bound: float, primes: int, what: str) -> None:
+        bits = sum(self._context.params.data_prime_bits[:primes]) - _HEADROOM_BITS
+        if bound >= 2.0**bits:
+            raise FailedPrecondition(
+                f"with the plan's activation_bound, {what} can reach 2^{math.log2(bound):.1f} "
+                f"in the modulus, over the 2^{bits} available at that level; compile with a "
+                f"tighter activation bound or larger primes",
+                reason="ADAPTER_OUT_OF_RANGE",
+            )
+
+
+def _bsgs(
+    plan: Plan,
+    evaluator: CountingEvaluator,
+    ciphertext: Any,
+    diagonals: tuple[tuple[Any, ...], ...],
+) -> Any:
+    """Baby-step giant-step diagonal product: sum_g rot(sum_b D'_{g,b} * rot(x, b), g*n1)."""
+    baby = plan.baby_steps
+    rotated = [ciphertext] + [evaluator.rotate(ciphertext, step) for step in range(1, baby)]
+    total = None
+    for giant, row in enumerate(diagonals):
+        partial = evaluator.multiply_plain(rotated[0], row[0])
+        for step in range(1, baby):
+            evaluator.add_inplace(partial, evaluator.multiply_plain(rotated[step], row[step]))
+        if giant:
+            partial = evaluator.rotate(partial, giant * baby)
+        if total is None:
+            total = partial
+        else:
+            evaluator.add_inplace(total, partial)
+    return total
+
+
+def _checked_weights(plan: Plan, weights: LoraWeights) -> tuple[FloatArray, FloatArray]:
+    lora_a = np.asarray(weights.lora_a, dtype=np.float64)
+    lora_b = np.asarray(weights.lora_b, dtype=np.float64)
+    if lora_a.shape != (plan.hidden_size, plan.rank):
+        raise InvalidArgument(
+            "lora_a", f"shape {lora_a.shape} != ({plan.hidden_size}, {plan.rank})"
+        )
+    if lora_b.shape != (plan.rank, plan.output_size):
+        raise InvalidArgument(
+            "lora_b", f"shape {lora_b.shape} != ({plan.rank}, {plan.output_size})"
+        )
+    for name, array in (("lora_a", lora_a), ("lora_b", lora_b)):
+        if not np.all(np.isfinite(array)):
+            raise InvalidArgument(name, "contains NaN or infinity")
+    return lora_a, lora_b * plan.lora_scaling
+
+
+def _output_bound(activation: float, lora_a: FloatArray, scaled_b: FloatArray) -> float:
+    """Worst case of max |(x·A)·B'| over |x| <= activation, via per-column L1 norms."""
+    inner = activation * np.sum(np.abs(lora_a), axis=0)
+    return float(np.max(inner @ np.abs(scaled_b)))
+
+
+def _quantize_nonzero(values: FloatArray, scale: float) -> FloatArray:
+    """Round to the plaintext grid, moving exact zeros to one unit (see "Zero weights")."""
+    units = np.rint(values * scale)
+    units[units == 0] = 1.0
+    return np.asarray(units / scale, dtype=np.float64)

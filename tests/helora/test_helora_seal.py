@@ -1,0 +1,386 @@
+"""HE-LoRA end to end on real SEAL: client encrypts, executor evaluates, client decrypts."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import seal
+
+from tensafe.common.errors import FailedPrecondition, InvalidArgument
+from tensafe.he_runtime.domain.executor import HeLoraExecutor, LoraWeights
+from tensafe.helora import CkksParams, Packing, Plan, compile_plan, default_params
+from tensafe.helora.client import HeLoraClient
+from tensafe.helora.packing import reference_delta
+from tensafe.helora.wire import WireKind, pack, unpack, wire_kind
+
+DEFAULT = default_params()
+# Same ring, other primes: a different parameter set with a different fingerprint.
+OTHER = CkksParams(poly_modulus_degree=8192, coeff_modulus_bits=(50, 40, 40, 50), scale_bits=40)
+
+
+@pytest.fixture(scope="module")
+def client() -> HeLoraClient:
+    return HeLoraClient(DEFAULT)
+
+
+@pytest.fixture(scope="module")
+def other_client() -> HeLoraClient:
+    return HeLoraClient(OTHER)
+
+
+def make_plan(
+    packing: Packing,
+    *,
+    hidden_size: int,
+    rank: int,
+    tokens: int,
+    output_size: int | None = None,
+    params: CkksParams = DEFAULT,
+    complex_packing: bool = True,
+) -> Plan:
+    return compile_plan(
+        hidden_size=hidden_size,
+        output_size=output_size or hidden_size,
+        rank=rank,
+        alpha=2.0 * rank,
+        tokens=tokens,
+        params=params,
+        packing=packing,
+        complex_packing=complex_packing,
+    )
+
+
+def lora_case(plan: Plan, seed: int) -> tuple[np.ndarray, LoraWeights]:
+    """Activations and weights of LoRA-like magnitude (kaiming-uniform A, small B)."""
+    rng = np.random.default_rng(seed)
+    d = plan.hidden_size
+    x = rng.normal(0.0, 2.0, (plan.tokens, d)).clip(-plan.activation_bound, plan.activation_bound)
+    lora_a = rng.uniform(-1 / np.sqrt(d), 1 / np.sqrt(d), (d, plan.rank))
+    lora_b = rng.normal(0.0, 0.02, (plan.rank, plan.output_size))
+    return x, LoraWeights(lora_a=lora_a, lora_b=lora_b)
+
+
+def session(client: HeLoraClient, plan: Plan) -> HeLoraExecutor:
+    material = client.public_material(plan)
+    return HeLoraExecutor(parameters=material.parameters, galois_keys=material.galois_keys)
+
+
+def run_and_check(client: HeLoraClient, plan: Plan, seed: int = 0) -> None:
+    x, weights = lora_case(plan, seed)
+    executor = session(client, plan)
+    adapter = executor.encode_adapter(plan, weights)
+    result = executor.apply(plan, adapter, client.encrypt_activations(plan, x))
+    delta = client.decrypt_delta(plan, result.ciphertexts)
+    expected = reference_delta(x, weights.lora_a, weights.lora_b, scaling=plan.lora_scaling)
+    assert delta.shape == (plan.tokens, plan.output_size)
+    assert np.max(np.abs(delta - expected)) <= 1e-3 * np.max(np.abs(expected))
+    assert result.counts == plan.counts
+    assert len(result.ciphertexts) == plan.output_ciphertexts
+
+
+# -- correctness and operation counts ---------------------------------------------------
+
+
+@pytest.mark.parametrize("rank", [4, 8, 16])
+@pytest.mark.parametrize(
+    "hidden_size",
+    [256, 1024, pytest.param(4096, marks=pytest.mark.slow)],
+)
+def test_per_token_delta_matches_numpy(client: HeLoraClient, hidden_size: int, rank: int) -> None:
+    plan = make_plan(Packing.PER_TOKEN, hidden_size=hidden_size, rank=rank, tokens=3)
+    run_and_check(client, plan, seed=hidden_size + rank)
+
+
+def test_per_token_rectangular_real_packing(client: HeLoraClient) -> None:
+    plan = make_plan(
+        Packing.PER_TOKEN,
+        hidden_size=1024,
+        output_size=256,
+        rank=8,
+        tokens=2,
+        complex_packing=False,
+    )
+    run_and_check(client, plan, seed=5)
+
+
+def test_per_token_odd_shapes(client: HeLoraClient) -> None:
+    plan = make_plan(Packing.PER_TOKEN, hidden_size=300, output_size=200, rank=5, tokens=3)
+    run_and_check(client, plan, seed=6)
+
+
+def test_per_token_at_n16384_encrypts_below_the_top_level() -> None:
+    params = CkksParams(
+        poly_modulus_degree=16384, coeff_modulus_bits=(60, 40, 40, 40, 40, 60), scale_bits=40
+    )
+    plan = make_plan(Packing.PER_TOKEN, hidden_size=4096, rank=16, tokens=2, params=params)
+    assert plan.input_primes == 3 and plan.block_length == 4096 and plan.slot_count == 8192
+    run_and_check(HeLoraClient(params), plan, seed=7)
+
+
+@pytest.mark.parametrize(
+    ("hidden_size", "rank"),
+    [(256, 4), (256, 8), (256, 16), (1024, 4)],
+)
+def test_batch_first_delta_matches_numpy(client: HeLoraClient, hidden_size: int, rank: int) -> None:
+    # Batch work is r * (d + d_out) products plus d encryptions whatever the token
+    # count, so d_out is kept small to keep the test fast.
+    plan = make_plan(
+        Packing.BATCH_FIRST, hidden_size=hidden_size, output_size=64, rank=rank, tokens=300
+    )
+    run_and_check(client, plan, seed=hidden_size * rank)
+
+
+def test_batch_first_spans_several_token_groups(client: HeLoraClient) -> None:
+    plan = make_plan(Packing.BATCH_FIRST, hidden_size=4, output_size=3, rank=2, tokens=8192 + 7)
+    assert plan.units == 2
+    run_and_check(client, plan, seed=11)
+    real_only = make_plan(
+        Packing.BATCH_FIRST,
+        hidden_size=4,
+        output_size=3,
+        rank=2,
+        tokens=4097,
+        complex_packing=False,
+    )
+    assert real_only.units == 2
+    run_and_check(client, real_only, seed=12)
+
+
+@pytest.mark.slow
+def test_batch_first_at_hidden_size_4096(client: HeLoraClient) -> None:
+    plan = make_plan(Packing.BATCH_FIRST, hidden_size=4096, output_size=16, rank=4, tokens=100)
+    run_and_check(client, plan, seed=13)
+
+
+@pytest.mark.parametrize("packing", [Packing.PER_TOKEN, Packing.BATCH_FIRST])
+def test_zero_lora_b_gives_a_zero_delta(client: HeLoraClient, packing: Packing) -> None:
+    # A fresh LoRA has B = 0: every product with B's plaintexts would be transparent.
+    plan = make_plan(packing, hidden_size=64, rank=4, tokens=3)
+    x, weights = lora_case(plan, 3)
+    zero_b = LoraWeights(lora_a=weights.lora_a, lora_b=np.zeros_like(weights.lora_b))
+    executor = session(client, plan)
+    result = executor.apply(
+        plan, executor.encode_adapter(plan, zero_b), client.encrypt_activations(plan, x)
+    )
+    assert np.max(np.abs(client.decrypt_delta(plan, result.ciphertexts))) < 1e-4
+    assert result.counts == plan.counts
+
+
+def test_plan_from_json_drives_the_runtime(client: HeLoraClient) -> None:
+    plan = make_plan(Packing.PER_TOKEN, hidden_size=128, rank=4, tokens=2)
+    received = Plan.from_dict(json.loads(plan.to_json()))
+    x, weights = lora_case(plan, 4)
+    executor = session(client, received)
+    result = executor.apply(
+        received, executor.encode_adapter(received, weights), client.encrypt_activations(plan, x)
+    )
+    expected = reference_delta(x, weights.lora_a, weights.lora_b, scaling=plan.lora_scaling)
+    delta = client.decrypt_delta(plan, result.ciphertexts)
+    assert np.max(np.abs(delta - expected)) <= 1e-3 * np.max(np.abs(expected))
+
+
+def test_peft_orientation() -> None:
+    rng = np.random.default_rng(0)
+    peft_a, peft_b = rng.normal(size=(4, 10)), rng.normal(size=(7, 4))
+    weights = LoraWeights.from_peft(lora_a_weight=peft_a, lora_b_weight=peft_b)
+    x = rng.normal(size=(2, 10))
+    # PEFT's delta is scaling * B(A(x)) = scaling * x @ A^T @ B^T.
+    np.testing.assert_allclose(
+        reference_delta(x, weights.lora_a, weights.lora_b, scaling=2.0),
+        2.0 * x @ peft_a.T @ peft_b.T,
+    )
+
+
+def test_adapter_encoding_is_cached_per_layout(client: HeLoraClient) -> None:
+    plan = make_plan(Packing.PER_TOKEN, hidden_size=64, rank=4, tokens=1)
+    _, weights = lora_case(plan, 0)
+    executor = session(client, plan)
+    loads: list[int] = []
+
+    def load() -> LoraWeights:
+        loads.append(1)
+        return weights
+
+    first = executor.adapter(plan, "adapter-1@v1", load)
+    longer = make_plan(Packing.PER_TOKEN, hidden_size=64, rank=4, tokens=9)
+    assert executor.adapter(longer, "adapter-1@v1", load) is first
+    assert len(loads) == 1
+    executor.adapter(plan, "adapter-2@v1", load)
+    assert len(loads) == 2
+
+
+# -- refusals ---------------------------------------------------------------------------
+
+
+def test_insecure_parameters_are_refused_by_the_runtime(client: HeLoraClient) -> None:
+    # A client (or attacker) hand-crafts a 200-bit modulus at N=4096 (~60-bit security).
+    insecure = {
+        "poly_modulus_degree": 4096,
+        "coeff_modulus_bits": [60, 40, 40, 60],
+        "scale_bits": 40,
+    }
+    blob = pack(WireKind.PARAMETERS, client.fingerprint, json.dumps(insecure).encode())
+    with pytest.raises(InvalidArgument) as caught:
+        HeLoraExecutor(parameters=blob, galois_keys=None)
+    assert caught.value.field == "parameters.coeff_modulus_bits"
+
+
+def test_missing_galois_key_is_refused(client: HeLoraClient) -> None:
+    small = make_plan(Packing.PER_TOKEN, hidden_size=256, rank=4, tokens=1)
+    large = make_plan(Packing.PER_TOKEN, hidden_size=256, rank=16, tokens=1)
+    assert set(large.rotation_steps) - set(small.rotation_steps) == {3, 12}
+    executor = session(client, small)
+    _, weights = lora_case(large, 0)
+    with pytest.raises(FailedPrecondition) as caught:
+        executor.encode_adapter(large, weights)
+    assert caught.value.reason == "GALOIS_KEY_MISSING" and caught.value.metadata["step"] == "3"
+    without_keys = HeLoraExecutor(parameters=client.parameters_blob(), galois_keys=None)
+    with pytest.raises(FailedPrecondition):
+        without_keys.check_plan(small)
+
+
+def test_malformed_ciphertexts_are_refused(client: HeLoraClient) -> None:
+    plan = make_plan(Packing.PER_TOKEN, hidden_size=64, rank=4, tokens=2)
+    x, weights = lora_case(plan, 0)
+    executor = session(client, plan)
+    adapter = executor.encode_adapter(plan, weights)
+    good = client.encrypt_activations(plan, x)
+    payload = unpack(good[0], field="c", expected=WireKind.CIPHERTEXT).payload
+    fingerprint = client.fingerprint
+    bad_inputs = {
+        "random bytes": b"\x00" * 100,
+        "garbage payload": pack(WireKind.CIPHERTEXT, fingerprint, b"\x5e\xa1" + b"\x01" * 500),
+        "truncated": pack(WireKind.CIPHERTEXT, fingerprint, payload[: len(payload) // 2]),
+        "zeroed body": pack(
+            WireKind.CIPHERTEXT, fingerprint, payload[:16] + bytes(len(payload) - 16)
+        ),
+        "wrong kind": client.public_material(plan).galois_keys,
+    }
+    for name, blob in bad_inputs.items():
+        with pytest.raises(InvalidArgument) as caught:
+            executor.apply(plan, adapter, [blob])
+        assert caught.value.field == "ciphertexts[0]", name
+    with pytest.raises(InvalidArgument) as caught:
+        executor.apply(plan, adapter, good + good)
+    assert caught.value.field == "ciphertexts"
+
+
+def test_ciphertext_at_the_wrong_level_or_scale_is_refused(client: HeLoraClient) -> None:
+    per_token = make_plan(Packing.PER_TOKEN, hidden_size=64, rank=4, tokens=1)
+    batch = make_plan(Packing.BATCH_FIRST, hidden_size=1, output_size=64, rank=1, tokens=1)
+    executor = session(client, per_token)
+    adapter = executor.encode_adapter(per_token, lora_case(per_token, 0)[1])
+    # One batch ciphertext: right count, but two primes and scale 2^28.
+    wrong_level = client.encrypt_activations(batch, np.ones((1, 1)))
+    with pytest.raises(InvalidArgument, match="level with 2 primes"):
+        executor.apply(per_token, adapter, wrong_level)
+    # Right level (the top one, three primes) but encoded at 2^30 instead of 2^40.
+    encryptor = seal.Encryptor(client._context.seal_context, client._keygen.secret_key())
+    ciphertext = encryptor.encrypt_symmetric(client._context.encoder.encode(np.ones(4096), 2.0**30))
+    wrong_scale = [pack(WireKind.CIPHERTEXT, client.fingerprint, ciphertext.to_string())]
+    with pytest.raises(InvalidArgument, match="scale"):
+        executor.apply(per_token, adapter, wrong_scale)
+
+
+def test_ciphertext_under_other_parameters_is_refused(
+    client: HeLoraClient, other_client: HeLoraClient
+) -> None:
+    plan = make_plan(Packing.PER_TOKEN, hidden_size=64, rank=4, tokens=1)
+    other_plan = make_plan(Packing.PER_TOKEN, hidden_size=64, rank=4, tokens=1, params=OTHER)
+    x, weights = lora_case(plan, 0)
+    executor = session(client, plan)
+    adapter = executor.encode_adapter(plan, weights)
+    foreign = other_client.encrypt_activations(other_plan, x)
+    with pytest.raises(FailedPrecondition) as caught:
+        executor.apply(plan, adapter, foreign)
+    assert caught.value.reason == "PARAMETER_SET_MISMATCH"
+    # The same foreign ciphertext under a forged fingerprint: SEAL's own check refuses it.
+    forged = [
+        pack(
+            WireKind.CIPHERTEXT,
+            client.fingerprint,
+            unpack(foreign[0], field="c", expected=WireKind.CIPHERTEXT).payload,
+        )
+    ]
+    with pytest.raises(InvalidArgument):
+        executor.apply(plan, adapter, forged)
+    with pytest.raises(FailedPrecondition):
+        executor.check_plan(other_plan)
+    with pytest.raises(FailedPrecondition):
+        HeLoraExecutor(
+            parameters=client.parameters_blob(),
+            galois_keys=other_client.public_material(other_plan).galois_keys,
+        )
+
+
+def test_adapter_for_another_layout_is_refused(client: HeLoraClient) -> None:
+    plan = make_plan(Packing.PER_TOKEN, hidden_size=64, rank=4, tokens=1)
+    wider = make_plan(Packing.PER_TOKEN, hidden_size=64, output_size=32, rank=4, tokens=1)
+    executor = session(client, plan)
+    adapter = executor.encode_adapter(wider, lora_case(wider, 0)[1])
+    with pytest.raises(FailedPrecondition) as caught:
+        executor.apply(plan, adapter, client.encrypt_activations(plan, lora_case(plan, 0)[0]))
+    assert caught.value.reason == "PLAN_MISMATCH"
+
+
+@pytest.mark.parametrize("packing", [Packing.PER_TOKEN, Packing.BATCH_FIRST])
+def test_adapter_that_could_overflow_is_refused(client: HeLoraClient, packing: Packing) -> None:
+    plan = make_plan(packing, hidden_size=64, rank=4, tokens=1)
+    _, weights = lora_case(plan, 0)
+    huge = LoraWeights(lora_a=weights.lora_a * 1e4, lora_b=weights.lora_b * 1e4)
+    with pytest.raises(FailedPrecondition) as caught:
+        session(client, plan).encode_adapter(plan, huge)
+    assert caught.value.reason == "ADAPTER_OUT_OF_RANGE"
+
+
+def test_client_refuses_activations_beyond_the_plan_bound(client: HeLoraClient) -> None:
+    plan = make_plan(Packing.PER_TOKEN, hidden_size=8, rank=2, tokens=1)
+    x = np.zeros((1, 8))
+    x[0, 3] = plan.activation_bound * 1.01
+    with pytest.raises(InvalidArgument) as caught:
+        client.encrypt_activations(plan, x)
+    assert caught.value.field == "activations"
+    with pytest.raises(InvalidArgument):
+        client.encrypt_activations(plan, np.zeros((2, 8)))
+
+
+# -- what crosses the wire ----------------------------------------------------------------
+
+
+def test_wire_carries_only_public_material_and_ciphertexts(client: HeLoraClient) -> None:
+    plan = make_plan(Packing.PER_TOKEN, hidden_size=256, rank=8, tokens=2)
+    batch = make_plan(Packing.BATCH_FIRST, hidden_size=4, rank=2, tokens=2)
+    x, weights = lora_case(plan, 0)
+    material = client.public_material(plan)
+    uploads = client.encrypt_activations(plan, x)
+    executor = session(client, plan)
+    downloads = list(
+        executor.apply(plan, executor.encode_adapter(plan, weights), uploads).ciphertexts
+    )
+    batch_material = client.public_material(batch)
+    assert batch_material.galois_keys is None  # no rotations, no Galois keys
+    blobs = material.blobs() + batch_material.blobs() + uploads + downloads
+
+    kinds = {wire_kind(blob) for blob in blobs}
+    assert kinds == {WireKind.PARAMETERS, WireKind.GALOIS_KEYS, WireKind.CIPHERTEXT}
+    context = client._context.seal_context
+    for blob in blobs:
+        kind = wire_kind(blob)
+        payload = unpack(blob, field="blob", expected=kind).payload
+        if kind is WireKind.PARAMETERS:
+            assert CkksParams.from_dict(json.loads(payload)) == DEFAULT
+        elif kind is WireKind.GALOIS_KEYS:
+            keys = context.from_galois_str(payload)
+            assert keys.size() == len(plan.rotation_steps)
+        else:
+            seal.Ciphertext().load_bytes(context, payload)
+
+    # No blob contains any 64-byte window of the secret key's serialised polynomial.
+    secret = client._keygen.secret_key().to_string()
+    body = secret[64:]
+    windows = {body[i : i + 64] for i in range(0, len(body) - 64, 4096)}
+    assert len(windows) > 50
+    for blob in blobs:
+        assert not any(window in blob for window in windows)
