@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 python3 -m venv .venv
 . .venv/bin/activate
-python -m pip install -q --disable-pip-version-check ".[all]"
+python -m pip install -q --disable-pip-version-check ".[all]" 2>&1 | { grep -v "is ignored: it is neither" || true; }
 (cd clients/node && npm ci --no-audit --no-fund --loglevel=error)
 
 data_dir="${TENSAFE_DEMO_DATA_DIR:-.tensafe}"

@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 
 python3 -m venv .venv
 . .venv/bin/activate
-python -m pip install -q --disable-pip-version-check ".[dev]"
+python -m pip install -q --disable-pip-version-check ".[dev]" 2>&1 | { grep -v "is ignored: it is neither" || true; }
 (cd clients/node && npm ci --no-audit --no-fund --loglevel=error)
 
 python scripts/gen_protos.py --check

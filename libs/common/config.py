@@ -71,6 +71,23 @@ class ServiceConfig:
         "Trace exporter: none, console or otlp (OTLP/gRPC to otel_endpoint).", default="none"
     )
     otel_endpoint: str = setting("OTLP collector endpoint (host:port).", default="")
+    auth_url: str = setting(
+        "host:port of the auth service. Every other service fetches the token-verification "
+        "keys (JWKS) and the revocation list from it; required by all but auth itself.",
+        default="",
+    )
+    service_api_key: str = setting(
+        "API key of this service's service account (`tensafe admin bootstrap "
+        "--service-account NAME`); authenticates the service to auth. Required by all but "
+        "auth itself.",
+        default="",
+        secret=True,
+    )
+    nats_url: str = setting(
+        "NATS server with JetStream, e.g. nats://127.0.0.1:4222. Services publish security "
+        "audit events to it and auth consumes them into its hash chain.",
+        default="",
+    )
     ready_file: str = setting(
         'If set, the process writes {"port": N} here once it serves (used by `tensafe up`).',
         default="",
@@ -96,6 +113,8 @@ class ServiceConfig:
             raise ConfigError(env_name("log_format"), "must be json or text")
         if self.otel_exporter not in {"none", "console", "otlp"}:
             raise ConfigError(env_name("otel_exporter"), "must be none, console or otlp")
+        if self.nats_url and not self.nats_url.startswith(("nats://", "tls://")):
+            raise ConfigError(env_name("nats_url"), "must start with nats:// or tls://")
         if self.otel_exporter == "otlp" and not self.otel_endpoint:
             raise ConfigError(env_name("otel_endpoint"), "required when otel_exporter=otlp")
 

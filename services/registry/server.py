@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from tensafe.common.auth import connect_authentication
 from tensafe.common.grpc_server import Assembly, ServiceRegistration, run_service
 from tensafe.proto.registry.v1 import registry_service_pb2_grpc
 from tensafe.registry.config import RegistryConfig
@@ -10,6 +11,7 @@ from tensafe.registry.servicer import RegistryServiceServicer
 
 async def build(config: RegistryConfig) -> Assembly:
     """Build the registry service's gRPC services from its config."""
+    authentication = await connect_authentication(config, service="registry")
     return Assembly(
         services=[
             ServiceRegistration(
@@ -17,7 +19,9 @@ async def build(config: RegistryConfig) -> Assembly:
                 registry_service_pb2_grpc.add_RegistryServiceServicer_to_server,
                 RegistryServiceServicer(),
             )
-        ]
+        ],
+        interceptors=[authentication.interceptor],
+        close=authentication.close,
     )
 
 

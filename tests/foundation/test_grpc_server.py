@@ -14,12 +14,10 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from tensafe.auth.servicer import AuthServiceServicer
 from tensafe.common import errors
 from tensafe.common.config import ServiceConfig
 from tensafe.common.grpc_errors import from_rpc_error
 from tensafe.common.grpc_server import GrpcServer, ServiceRegistration
-from tensafe.proto.auth.v1 import auth_service_pb2, auth_service_pb2_grpc
 from tensafe.proto.common.v1 import common_pb2, common_pb2_grpc
 from tensafe.proto.registry.v1 import registry_service_pb2, registry_service_pb2_grpc
 from tensafe.registry.servicer import RegistryServiceServicer
@@ -75,11 +73,6 @@ async def served(tmp_path: Path) -> AsyncIterator[tuple[GrpcServer, ProbeFutureS
                 registry_service_pb2_grpc.add_RegistryServiceServicer_to_server,
                 RegistryServiceServicer(),
             ),
-            ServiceRegistration(
-                "tensafe.auth.v1.AuthService",
-                auth_service_pb2_grpc.add_AuthServiceServicer_to_server,
-                AuthServiceServicer(),
-            ),
         ],
     )
     port = await server.start()
@@ -101,7 +94,7 @@ async def test_health_and_reflection(served: tuple[GrpcServer, ProbeFutureServic
     _, _, address = served
     async with grpc.aio.insecure_channel(address) as channel:
         health = health_pb2_grpc.HealthStub(channel)
-        for name in ("", "tensafe.auth.v1.AuthService", "tensafe.common.v1.FutureService"):
+        for name in ("", "tensafe.registry.v1.RegistryService", "tensafe.common.v1.FutureService"):
             response = await health.Check(health_pb2.HealthCheckRequest(service=name))
             assert response.status == health_pb2.HealthCheckResponse.SERVING
         with pytest.raises(grpc.aio.AioRpcError) as unknown:
@@ -113,7 +106,7 @@ async def test_health_and_reflection(served: tuple[GrpcServer, ProbeFutureServic
         names = set()
         async for response in reflect.ServerReflectionInfo(iter([request])):
             names |= {s.name for s in response.list_services_response.service}
-        assert {"tensafe.auth.v1.AuthService", "grpc.health.v1.Health"} <= names
+        assert {"tensafe.registry.v1.RegistryService", "grpc.health.v1.Health"} <= names
 
 
 @pytest.mark.parametrize(
@@ -180,11 +173,11 @@ async def test_unserved_rpc_is_unimplemented(
     served: tuple[GrpcServer, ProbeFutureService, str],
 ) -> None:
     async with grpc.aio.insecure_channel(served[2]) as channel:
-        stub = auth_service_pb2_grpc.AuthServiceStub(channel)
+        stub = registry_service_pb2_grpc.RegistryServiceStub(channel)
         with pytest.raises(grpc.aio.AioRpcError) as info:
-            await stub.CreateTenant(auth_service_pb2.CreateTenantRequest(display_name="a"))
+            await stub.GetAdapter(registry_service_pb2.GetAdapterRequest(adapter_name="a"))
     assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert "CreateTenant" in (info.value.details() or "")
+    assert "GetAdapter" in (info.value.details() or "")
 
 
 async def test_oversized_message_is_resource_exhausted(

@@ -30,6 +30,7 @@ SERVICES: tuple[str, ...] = ("auth", "registry", "he_runtime", "trainer")
 """Service modules, in start order."""
 
 CONNECTION_FILE = "connection.json"
+_ALREADY_BOOTSTRAPPED = 3  # exit code of tensafe.auth.bootstrap when an admin exists
 
 
 class StackError(RuntimeError):
@@ -83,45 +84,61 @@ class LocalStack:
         return self._options.data_dir / CONNECTION_FILE
 
     def start(self) -> dict[str, object]:
-        """Start NATS (unless external) and every service; write the connection file.
+        """Start NATS (unless external), bootstrap auth, start every service.
+
+        Auth is bootstrapped once per data dir (``python -m tensafe.auth.bootstrap``):
+        a platform tenant, an admin API key and one service account per other
+        service. The keys go to ``credentials.json`` (mode 0600) in the data dir; the
+        admin key is also put into the connection file (mode 0600) so the SDK and CLI
+        find it. That is a dev-mode convenience and the stack says so.
 
         Returns:
             The connection description that was written.
 
         Raises:
-            StackError: A service exited or did not become ready in time.
+            StackError: Bootstrap failed, or a service exited or did not become ready.
         """
         opts = self._options
         data = opts.data_dir.resolve()
-        for sub in ("db", "objects", "logs", "run"):
+        for sub in ("db", "objects", "logs", "run", "models"):
             (data / sub).mkdir(parents=True, exist_ok=True)
         nats_url = opts.nats_url
         if nats_url is None:
             self._nats = NatsServer.start(NatsServerConfig(data_dir=data / "nats"))
             nats_url = self._nats.url
-        for name in SERVICES:
-            self._children.append(self._spawn(name, data, nats_url))
+        credentials = self._bootstrap(data, nats_url)
         deadline = time.monotonic() + opts.start_timeout
-        for child in self._children:
+        auth = self._spawn("auth", data, nats_url, {})
+        self._children.append(auth)
+        auth.port = self._await_ready(auth, deadline)
+        service_keys = credentials["service_api_keys"]
+        assert isinstance(service_keys, dict)
+        for name in SERVICES:
+            if name == "auth":
+                continue
+            extra = {
+                "TENSAFE_AUTH_URL": f"{opts.host}:{auth.port}",
+                "TENSAFE_SERVICE_API_KEY": str(service_keys[name]),
+                "TENSAFE_BASE_MODELS_DIR": str(data / "models"),
+            }
+            self._children.append(self._spawn(name, data, nats_url, extra))
+        for child in self._children[1:]:
             child.port = self._await_ready(child, deadline)
         connection: dict[str, object] = {
             "services": {c.name: f"{opts.host}:{c.port}" for c in self._children},
             "nats_url": nats_url,
             "data_dir": str(data),
             "dev_mode": True,
+            "api_key": credentials["api_key"],
             "pid": os.getpid(),
         }
-        tmp = self.connection_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(connection, indent=2))
-        os.replace(tmp, self.connection_file)
+        _write_private(self.connection_file, json.dumps(connection, indent=2))
         return connection
 
-    def _spawn(self, name: str, data: Path, nats_url: str) -> _Child:
+    def _env(self, name: str, data: Path, nats_url: str) -> dict[str, str]:
         opts = self._options
-        ready = data / "run" / f"{name}.ready"
-        ready.unlink(missing_ok=True)
         database_url = opts.database_url or f"sqlite+aiosqlite:///{data / 'db' / name}.db"
-        env = {
+        return {
             **os.environ,
             "TENSAFE_HOST": opts.host,
             "TENSAFE_PORT": "0",
@@ -129,8 +146,39 @@ class LocalStack:
             "TENSAFE_NATS_URL": nats_url,
             "TENSAFE_DATA_DIR": str(data / "objects" / name),
             "TENSAFE_DEV_MODE": "1",
-            "TENSAFE_READY_FILE": str(ready),
         }
+
+    def _bootstrap(self, data: Path, nats_url: str) -> dict[str, object]:
+        path = data / "credentials.json"
+        accounts = [a for name in SERVICES if name != "auth" for a in ("--service-account", name)]
+        result = subprocess.run(  # noqa: S603 - our own interpreter and module
+            [
+                sys.executable,
+                "-m",
+                "tensafe.auth.bootstrap",
+                "--credentials-file",
+                str(path),
+                *accounts,
+            ],
+            env=self._env("auth", data, nats_url),
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if result.returncode == _ALREADY_BOOTSTRAPPED and not path.exists():
+            raise StackError(
+                f"auth in {data} is bootstrapped but {path} is missing: "
+                "use a fresh --data-dir or restore the credentials file"
+            )
+        if result.returncode not in (0, _ALREADY_BOOTSTRAPPED):
+            raise StackError(f"auth bootstrap failed:\n{result.stdout}{result.stderr}")
+        loaded: dict[str, object] = json.loads(path.read_text())
+        return loaded
+
+    def _spawn(self, name: str, data: Path, nats_url: str, extra: dict[str, str]) -> _Child:
+        ready = data / "run" / f"{name}.ready"
+        ready.unlink(missing_ok=True)
+        env = {**self._env(name, data, nats_url), **extra, "TENSAFE_READY_FILE": str(ready)}
         log_path = data / "logs" / f"{name}.log"
         log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
         process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
@@ -203,6 +251,16 @@ class LocalStack:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically, readable by the owner only."""
+    tmp = path.with_suffix(".tmp")
+    tmp.unlink(missing_ok=True)
+    descriptor = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as file:
+        file.write(text)
+    os.replace(tmp, path)
 
 
 def _tail(path: Path, chars: int = 3000) -> str:

@@ -1,0 +1,1 @@
+"""Storage of the auth service (SQLAlchemy Core on SQLite and PostgreSQL)."""
