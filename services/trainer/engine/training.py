@@ -1,0 +1,652 @@
+"""The LoRA training engine: Tinker's forward_backward / optim_step with exact DP-SGD.
+
+Plain Python and torch, no gRPC: the trainer worker drives one engine per resident
+training client and checkpoints it with :meth:`LoraTrainingEngine.state_dict` after
+every ForwardBackward and OptimStep (DESIGN §8, "Exactly-once with small state").
+
+What one DP step protects (DESIGN §8). Every ``forward_backward`` call clips each
+datum's gradient over all LoRA parameters to ``max_grad_norm`` and adds the clipped
+gradients to an accumulator. ``optim_step`` adds Gaussian noise with standard deviation
+``noise_multiplier * max_grad_norm`` to every coordinate of the accumulated sum once,
+divides by the normalisation below and applies AdamW. The guarantee is per datum per
+step; a datum given twice within one step has twice the sensitivity.
+
+Normalisation. The noised sum is divided by ``expected_batch_size`` when the caller
+passes it, and otherwise by the number of data accumulated in the step:
+
+- Server-drawn Poisson batches must pass ``expected_batch_size = q · N``. The actual
+  batch size is private under Poisson sampling, so dividing by it would leak it; Opacus
+  divides by the expected batch size for the same reason (``DPOptimizer``,
+  ``expected_batch_size``). An empty Poisson batch is a valid step: ``optim_step``
+  applies the noise-only update ``noise / expected_batch_size`` without running the
+  model (a batch of zero sequences is not a model input).
+- Client-supplied batches default to the number of data in the step, which the client
+  chose and already knows; the accountant composes one full Gaussian mechanism per
+  step for them (no amplification).
+
+Non-DP mode (``dp=None``) is explicit: plain backward of the summed loss and AdamW on
+the same normalised sum, so a DP step with zero noise and a clipping bound no example
+reaches equals the non-DP step.
+
+Noise randomness. Opacus's ``secure_mode`` draws noise from ``torchcsprng``, which is
+not available for this torch version. Instead every step seeds a fresh
+``torch.Generator`` with 64 bits from ``os.urandom`` (via :mod:`secrets`), so noise is
+unpredictable and never repeats across steps, restarts or workers. The generator itself
+(Mersenne Twister) and floating-point sampling are not a cryptographic construction;
+the known floating-point attacks on the Gaussian/Laplace mechanism (Mironov, 2012) are
+not mitigated.
+
+Thread safety: an engine is used by one thread at a time.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+import math
+import secrets
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, get_peft_model, get_peft_model_state_dict
+from torch import nn
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from tensafe.common.errors import FailedPrecondition, InvalidArgument, NotFound
+
+from .clipping import LoraActivationTap, clip_per_example, lora_linear_layers
+from .config import AdamConfig, DpConfig, EngineOptions, LoraConfig, LossConfig
+from .losses import (
+    LossFn,
+    PaddedBatch,
+    PerTokenValues,
+    TokenSequence,
+    per_token_loss,
+    token_logprobs,
+    validate_batch,
+    validate_token_sequences,
+)
+from .state import decode_state, encode_state
+
+# peft's name for the single adapter an engine trains.
+ADAPTER_NAME = "default"
+
+_LORA_PREFIX = "lora/"
+_EXP_AVG_PREFIX = "adam_exp_avg/"
+_EXP_AVG_SQ_PREFIX = "adam_exp_avg_sq/"
+_ACCUMULATOR_PREFIX = "accumulator/"
+
+
+@dataclass(frozen=True)
+class DatumOutput:
+    """Per-datum output of ``forward_backward`` (Tinker's ``loss_fn_outputs``)."""
+
+    logprobs: list[float]
+    """Learner log-probability of each target token (length N)."""
+    loss: float
+    """The datum's loss, summed over its tokens."""
+
+
+@dataclass(frozen=True)
+class ForwardBackwardResult:
+    """Result of one ``forward_backward`` call."""
+
+    outputs: list[DatumOutput]
+    """One entry per datum, in request order."""
+    metrics: dict[str, float]
+    """``loss:sum`` (over data) and ``tokens:sum`` (positions in the batch)."""
+
+
+@dataclass(frozen=True)
+class OptimStepResult:
+    """Result of one ``optim_step``."""
+
+    step: int
+    """Number of optimizer steps applied so far, including this one."""
+    metrics: dict[str, float]
+    """``learning_rate``, ``divisor`` (the normalisation) and ``noise_std`` (standard
+    deviation of the noise in the normalised gradient; 0 without DP)."""
+
+
+class LoraTrainingEngine:
+    """A base model with one trainable LoRA adapter, AdamW and optional DP-SGD.
+
+    Args:
+        base_model_dir: A local Hugging Face model directory (``from_pretrained``).
+        lora: The adapter.
+        dp: DP-SGD parameters, or ``None`` for explicit non-private training.
+        seed: Seeds the adapter's initialisation and its dropout masks (derived per
+            step and call, so a resumed engine draws the same masks). It does not seed
+            the DP noise.
+        loss: PPO clip range.
+        options: Engine settings (per-example norm method, inference chunk size).
+
+    Raises:
+        NotFound: ``base_model_dir`` is not a model directory.
+        FailedPrecondition: The model cannot be loaded.
+        InvalidArgument: ``lora.target_modules`` names no layer of the model.
+    """
+
+    def __init__(
+        self,
+        base_model_dir: Path | str,
+        *,
+        lora: LoraConfig,
+        dp: DpConfig | None,
+        seed: int,
+        loss: LossConfig | None = None,
+        options: EngineOptions | None = None,
+    ) -> None:
+        self._base_model_dir = Path(base_model_dir)
+        self._lora = lora
+        self._dp = dp
+        self._seed = seed
+        self._loss_config = loss if loss is not None else LossConfig()
+        self._options = options if options is not None else EngineOptions()
+
+        base_model = _load_base_model(self._base_model_dir)
+        _check_target_modules(base_model, lora)
+        peft_config = PeftLoraConfig(
+            r=lora.rank,
+            # peft annotates lora_alpha as int but only divides by it; a float alpha is
+            # what the TenSafe contract allows.
+            lora_alpha=lora.alpha,  # type: ignore[arg-type]
+            lora_dropout=lora.dropout,
+            target_modules=list(lora.target_modules),
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        # fork_rng: the seeded initialisation leaves the process's RNG state alone.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = get_peft_model(base_model, peft_config, adapter_name=ADAPTER_NAME)
+        self._model: PeftModel = model
+
+        layers = lora_linear_layers(model, ADAPTER_NAME)
+        self._parameters: dict[str, nn.Parameter] = {
+            name: parameter
+            for name, parameter in model.named_parameters()
+            if parameter.requires_grad
+        }
+        if set(self._parameters) != set(layers.values()):
+            # Per-example clipping covers exactly the lora_A/lora_B weights; any other
+            # trainable parameter would escape clipping.
+            raise RuntimeError("trainable parameters are not exactly the LoRA factors")
+        self._tap = LoraActivationTap(layers)
+
+        config = base_model.config
+        self._vocab_size = int(config.vocab_size)
+        self._max_length = int(getattr(config, "max_position_embeddings", 0) or 0)
+        if self._max_length <= 0:
+            raise FailedPrecondition("base model config has no max_position_embeddings")
+
+        # Hyper-parameters are written into the parameter group from each step's
+        # AdamConfig; the value given here is never used for an update.
+        self._optimizer = torch.optim.AdamW(list(self._parameters.values()), lr=1.0)
+        self._accumulator = {
+            name: torch.zeros_like(parameter) for name, parameter in self._parameters.items()
+        }
+        self._accumulated_examples = 0
+        self._micro_batches = 0
+        self._step = 0
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps applied so far."""
+        return self._step
+
+    @property
+    def dp(self) -> DpConfig | None:
+        """DP-SGD parameters, ``None`` in non-DP mode."""
+        return self._dp
+
+    @property
+    def lora(self) -> LoraConfig:
+        """The adapter configuration."""
+        return self._lora
+
+    @property
+    def model(self) -> PeftModel:
+        """The peft-wrapped model (for sampling; train it only through this engine)."""
+        return self._model
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids must be below this."""
+        return self._vocab_size
+
+    @property
+    def max_sequence_length(self) -> int:
+        """Longest sequence the model accepts."""
+        return self._max_length
+
+    @property
+    def accumulated_examples(self) -> int:
+        """Data accumulated since the last optimizer step."""
+        return self._accumulated_examples
+
+    @property
+    def parameter_names(self) -> list[str]:
+        """Names of the trainable LoRA weights in ``model.named_parameters()``."""
+        return list(self._parameters)
+
+    # ------------------------------------------------------------------ training
+
+    def forward_backward(
+        self,
+        batch: Sequence[TokenSequence],
+        loss_fn: str | LossFn,
+        loss_fn_inputs: Sequence[Mapping[str, PerTokenValues]],
+    ) -> ForwardBackwardResult:
+        """Compute the loss and add this batch's gradient to the step's accumulator.
+
+        With DP every datum's gradient is clipped to ``max_grad_norm`` first (exactly,
+        from one backward pass; see :mod:`.clipping`). Several calls before one
+        ``optim_step`` belong to the same step.
+
+        Args:
+            batch: One ``model_input`` token sequence per datum (variable lengths).
+            loss_fn: ``cross_entropy``, ``importance_sampling`` or ``ppo``.
+            loss_fn_inputs: One mapping per datum: ``target_tokens`` and ``weights``
+                for cross-entropy; ``target_tokens``, ``logprobs`` (sampler) and
+                ``advantages`` for the RL losses; each of the datum's length.
+
+        Returns:
+            Per-datum target log-probabilities and losses, and batch metrics. These are
+            functions of each datum alone, fit to return to the client that sent the
+            data; for server-held datasets they are private and must stay server-side.
+
+        Raises:
+            InvalidArgument: A malformed request, or inputs that make a datum's loss
+                non-finite; the field names the culprit. The engine is unchanged.
+        """
+        loss_kind = LossFn.parse(loss_fn)
+        padded = validate_batch(
+            batch,
+            loss_kind,
+            loss_fn_inputs,
+            vocab_size=self._vocab_size,
+            max_length=self._max_length,
+        )
+        self._model.train()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self._dropout_seed())
+            if self._dp is None:
+                target_logprobs, example_losses = self._forward(padded, loss_kind)
+                _check_finite_losses(example_losses)
+                grads = torch.autograd.grad(example_losses.sum(), list(self._parameters.values()))
+                update = dict(zip(self._parameters, grads, strict=True))
+            else:
+                with self._tap.capture(self._options.norm_method) as record:
+                    target_logprobs, example_losses = self._forward(padded, loss_kind)
+                _check_finite_losses(example_losses)
+                clipped = clip_per_example(
+                    example_losses.sum(), record, max_grad_norm=self._dp.max_grad_norm
+                )
+                update = clipped.clipped_sum
+        for value in update.values():
+            if not bool(torch.isfinite(value).all()):
+                raise InvalidArgument("loss_fn_inputs", "the batch gives a non-finite gradient")
+
+        # Everything is validated and computed: only now does the engine change.
+        with torch.no_grad():
+            for name, value in update.items():
+                self._accumulator[name].add_(value)
+        self._accumulated_examples += len(padded.lengths)
+        self._micro_batches += 1
+
+        return _result(padded, target_logprobs, example_losses)
+
+    def forward(
+        self,
+        batch: Sequence[TokenSequence],
+        loss_fn: str | LossFn,
+        loss_fn_inputs: Sequence[Mapping[str, PerTokenValues]],
+    ) -> ForwardBackwardResult:
+        """Compute per-datum log-probabilities and losses without any gradient.
+
+        Tinker's ``forward``: the same request and result as :meth:`forward_backward`,
+        evaluated with dropout off; the engine's state does not change.
+
+        Args:
+            batch: As for :meth:`forward_backward`.
+            loss_fn: As for :meth:`forward_backward`.
+            loss_fn_inputs: As for :meth:`forward_backward`.
+
+        Returns:
+            Per-datum target log-probabilities and losses, and batch metrics.
+
+        Raises:
+            InvalidArgument: As for :meth:`forward_backward`.
+        """
+        loss_kind = LossFn.parse(loss_fn)
+        padded = validate_batch(
+            batch,
+            loss_kind,
+            loss_fn_inputs,
+            vocab_size=self._vocab_size,
+            max_length=self._max_length,
+        )
+        self._model.eval()
+        with torch.no_grad():
+            target_logprobs, example_losses = self._forward(padded, loss_kind)
+        _check_finite_losses(example_losses)
+        return _result(padded, target_logprobs, example_losses)
+
+    def optim_step(
+        self, adam: AdamConfig, *, expected_batch_size: float | None = None
+    ) -> OptimStepResult:
+        """Apply one AdamW step to the accumulated gradient (noised once under DP).
+
+        Args:
+            adam: This step's AdamW hyper-parameters.
+            expected_batch_size: The divisor of the (noised) gradient sum. Required for
+                server-drawn Poisson batches (``q · N``) and for a step with no data;
+                ``None`` divides by the number of data accumulated in the step.
+
+        Returns:
+            The new step number and metrics.
+
+        Raises:
+            InvalidArgument: ``expected_batch_size`` is not positive and finite.
+            FailedPrecondition: No data was accumulated and no
+                ``expected_batch_size`` was given.
+        """
+        if expected_batch_size is not None and (
+            isinstance(expected_batch_size, bool)
+            or not isinstance(expected_batch_size, int | float)
+            or not math.isfinite(expected_batch_size)
+            or expected_batch_size <= 0
+        ):
+            raise InvalidArgument("expected_batch_size", "must be positive and finite")
+        if expected_batch_size is None and self._accumulated_examples == 0:
+            raise FailedPrecondition(
+                "no data was accumulated since the last step; pass expected_batch_size "
+                "to apply an empty sampled batch"
+            )
+        divisor = float(
+            expected_batch_size if expected_batch_size is not None else self._accumulated_examples
+        )
+
+        gradients = {name: total.clone() for name, total in self._accumulator.items()}
+        noise_std = 0.0
+        if self._dp is not None and self._dp.noise_std > 0:
+            noise_std = self._dp.noise_std
+            generator = torch.Generator(device="cpu")
+            generator.manual_seed(secrets.randbits(64))
+            for gradient in gradients.values():
+                gradient.add_(
+                    torch.randn(gradient.shape, generator=generator, dtype=gradient.dtype),
+                    alpha=noise_std,
+                )
+
+        beta1, beta2 = adam.betas
+        for group in self._optimizer.param_groups:
+            group["lr"] = adam.learning_rate
+            group["betas"] = (beta1, beta2)
+            group["eps"] = adam.eps
+            group["weight_decay"] = adam.weight_decay
+        for name, parameter in self._parameters.items():
+            parameter.grad = gradients[name].div_(divisor)
+        self._optimizer.step()
+        for parameter in self._parameters.values():
+            parameter.grad = None
+
+        for total in self._accumulator.values():
+            total.zero_()
+        self._accumulated_examples = 0
+        self._micro_batches = 0
+        self._step += 1
+        return OptimStepResult(
+            step=self._step,
+            metrics={
+                "learning_rate": adam.learning_rate,
+                "divisor": divisor,
+                "noise_std": noise_std / divisor,
+            },
+        )
+
+    # ------------------------------------------------------------------ inference
+
+    def compute_logprobs(self, sequences: Sequence[TokenSequence]) -> list[list[float]]:
+        """Per-token log-probabilities of sequences under the current adapter.
+
+        Temperature 1, dropout off, no gradient.
+
+        Args:
+            sequences: Token sequences of length >= 1.
+
+        Returns:
+            For a sequence ``s`` of length n, a list of n - 1 floats whose entry
+            ``t - 1`` is ``log p(s[t] | s[:t])``; aligned with Tinker's
+            ``target_tokens = s[1:]``.
+
+        Raises:
+            InvalidArgument: Empty list, empty or too long sequences, ids outside the
+                vocabulary; the field is ``sequences[i]``.
+        """
+        tensors = validate_token_sequences(
+            sequences, field="sequences", vocab_size=self._vocab_size, max_length=self._max_length
+        )
+        self._model.eval()
+        results: list[list[float]] = []
+        chunk = self._options.logprob_batch_size
+        with torch.no_grad():
+            for start in range(0, len(tensors), chunk):
+                part = tensors[start : start + chunk]
+                input_ids = nn.utils.rnn.pad_sequence(part, batch_first=True, padding_value=0)
+                attention_mask = nn.utils.rnn.pad_sequence(
+                    [torch.ones_like(t) for t in part], batch_first=True, padding_value=0
+                )
+                logits = self._model(
+                    input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+                ).logits
+                targets = torch.roll(input_ids, shifts=-1, dims=1)
+                logprobs = token_logprobs(logits, targets)
+                results.extend(
+                    logprobs[row, : tokens.numel() - 1].tolist() for row, tokens in enumerate(part)
+                )
+        return results
+
+    # ------------------------------------------------------------------ state
+
+    def pending_gradient_sum(self) -> dict[str, torch.Tensor]:
+        """A copy of the accumulated (clipped, un-noised) gradient sum of this step.
+
+        Private data under DP: for checkpoints and tests, never for a client.
+
+        Returns:
+            Parameter name to tensor.
+        """
+        return {name: total.clone() for name, total in self._accumulator.items()}
+
+    def state_dict(self) -> bytes:
+        """Serialise everything needed to resume exactly: adapter, AdamW moments, step
+        counters and the accumulated gradient sum of the step in progress.
+
+        Returns:
+            safetensors bytes (see :mod:`.state`); under 1 MB for an r=8 adapter of the
+            tiny model. Under DP the accumulator is private: store it like training data.
+        """
+        tensors: dict[str, torch.Tensor] = {}
+        adam_steps = 0
+        for name, parameter in self._parameters.items():
+            tensors[_LORA_PREFIX + name] = parameter.detach()
+            tensors[_ACCUMULATOR_PREFIX + name] = self._accumulator[name]
+            moments = self._optimizer.state.get(parameter)
+            if moments:
+                tensors[_EXP_AVG_PREFIX + name] = moments["exp_avg"]
+                tensors[_EXP_AVG_SQ_PREFIX + name] = moments["exp_avg_sq"]
+                adam_steps = int(moments["step"])
+        metadata = {
+            "step": str(self._step),
+            "adam_steps": str(adam_steps),
+            "accumulated_examples": str(self._accumulated_examples),
+            "micro_batches": str(self._micro_batches),
+            "lora": json.dumps(asdict(self._lora), sort_keys=True),
+            "dp": json.dumps(asdict(self._dp) if self._dp is not None else None, sort_keys=True),
+        }
+        return encode_state(tensors, metadata)
+
+    def load_state(self, data: bytes) -> None:
+        """Restore a checkpoint written by :meth:`state_dict` of a like-configured engine.
+
+        Args:
+            data: The checkpoint bytes.
+
+        Raises:
+            InvalidArgument: ``state`` is corrupt, or was written for another adapter
+                configuration, DP mode or model; the engine is unchanged.
+        """
+        tensors, metadata = decode_state(data)
+        if metadata.get("lora") != json.dumps(asdict(self._lora), sort_keys=True):
+            raise InvalidArgument("state", "written for a different LoRA configuration")
+        dp_json = json.dumps(asdict(self._dp) if self._dp is not None else None, sort_keys=True)
+        if metadata.get("dp") != dp_json:
+            raise InvalidArgument("state", "written for a different DP configuration")
+        try:
+            step = int(metadata["step"])
+            adam_steps = int(metadata["adam_steps"])
+            accumulated = int(metadata["accumulated_examples"])
+            micro_batches = int(metadata["micro_batches"])
+        except (KeyError, ValueError) as error:
+            raise InvalidArgument("state", f"missing or bad counter ({error})") from error
+        if min(step, adam_steps, accumulated, micro_batches) < 0:
+            raise InvalidArgument("state", "negative counter")
+
+        expected = {_LORA_PREFIX + n for n in self._parameters} | {
+            _ACCUMULATOR_PREFIX + n for n in self._parameters
+        }
+        if adam_steps > 0:
+            expected |= {_EXP_AVG_PREFIX + n for n in self._parameters}
+            expected |= {_EXP_AVG_SQ_PREFIX + n for n in self._parameters}
+        if set(tensors) != expected:
+            raise InvalidArgument("state", "tensor names do not match this engine's adapter")
+        for key, tensor in tensors.items():
+            name = key.split("/", 1)[1]
+            reference = self._parameters[name]
+            if tensor.shape != reference.shape or tensor.dtype != reference.dtype:
+                raise InvalidArgument("state", f"{key} has shape {tuple(tensor.shape)}")
+            if not bool(torch.isfinite(tensor).all()):
+                raise InvalidArgument("state", f"{key} holds non-finite values")
+
+        # Validated: apply.
+        with torch.no_grad():
+            for name, parameter in self._parameters.items():
+                parameter.copy_(tensors[_LORA_PREFIX + name])
+                self._accumulator[name].copy_(tensors[_ACCUMULATOR_PREFIX + name])
+        optimizer_state = self._optimizer.state_dict()
+        restored: dict[int, dict[str, torch.Tensor]] = {}
+        if adam_steps > 0:
+            for index, name in enumerate(self._parameters):
+                restored[index] = {
+                    "step": torch.tensor(float(adam_steps)),
+                    "exp_avg": tensors[_EXP_AVG_PREFIX + name].clone(),
+                    "exp_avg_sq": tensors[_EXP_AVG_SQ_PREFIX + name].clone(),
+                }
+        optimizer_state["state"] = restored
+        self._optimizer.load_state_dict(optimizer_state)
+        self._step = step
+        self._accumulated_examples = accumulated
+        self._micro_batches = micro_batches
+
+    def adapter_tensors(self) -> dict[str, torch.Tensor]:
+        """The adapter weights as ``peft`` saves them (``adapter_model.safetensors``).
+
+        Returns:
+            Names like ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``
+            mapped to detached, contiguous CPU copies.
+        """
+        state = get_peft_model_state_dict(self._model, adapter_name=ADAPTER_NAME)
+        return {name: tensor.detach().cpu().contiguous().clone() for name, tensor in state.items()}
+
+    def adapter_config(self) -> dict[str, object]:
+        """The adapter's peft configuration as JSON-compatible data
+        (``adapter_config.json``), for packaging next to :meth:`adapter_tensors`.
+
+        Returns:
+            The peft ``LoraConfig`` as a dictionary.
+        """
+        config = self._model.peft_config[ADAPTER_NAME].to_dict()
+        encoded = json.dumps(config, default=_json_default, sort_keys=True)
+        decoded: dict[str, object] = json.loads(encoded)
+        return decoded
+
+    def close(self) -> None:
+        """Remove the engine's hooks; the engine must not be used afterwards."""
+        self._tap.close()
+
+    # ------------------------------------------------------------------ internals
+
+    def _forward(self, padded: PaddedBatch, loss_fn: LossFn) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self._model(
+            input_ids=padded.input_ids, attention_mask=padded.attention_mask, use_cache=False
+        ).logits
+        target_logprobs = token_logprobs(logits, padded.target_tokens)
+        losses = per_token_loss(loss_fn, target_logprobs, padded, self._loss_config)
+        return target_logprobs, losses.sum(dim=1)
+
+    def _dropout_seed(self) -> int:
+        material = f"{self._seed}:{self._step}:{self._micro_batches}".encode()
+        return int.from_bytes(hashlib.sha256(material).digest()[:8], "little")
+
+
+def _result(
+    padded: PaddedBatch, target_logprobs: torch.Tensor, example_losses: torch.Tensor
+) -> ForwardBackwardResult:
+    logprobs = target_logprobs.detach()
+    losses = example_losses.detach()
+    outputs = [
+        DatumOutput(logprobs=logprobs[index, :length].tolist(), loss=float(losses[index]))
+        for index, length in enumerate(padded.lengths)
+    ]
+    metrics = {"loss:sum": float(losses.sum()), "tokens:sum": float(sum(padded.lengths))}
+    return ForwardBackwardResult(outputs=outputs, metrics=metrics)
+
+
+def _check_finite_losses(example_losses: torch.Tensor) -> None:
+    finite = torch.isfinite(example_losses.detach())
+    if not bool(finite.all()):
+        index = int((~finite).nonzero()[0, 0])
+        raise InvalidArgument(f"loss_fn_inputs[{index}]", "the datum's loss is not finite")
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, set | frozenset):
+        return sorted(value)
+    if isinstance(value, enum.Enum):
+        return value.value
+    return str(value)
+
+
+def _load_base_model(model_dir: Path) -> PreTrainedModel:
+    if not (model_dir / "config.json").is_file():
+        raise NotFound(f"base model directory {model_dir} has no config.json")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir, attn_implementation="eager", dtype=torch.float32
+        )
+    except (OSError, ValueError) as error:
+        raise FailedPrecondition(f"cannot load base model from {model_dir}: {error}") from error
+    if not isinstance(model, PreTrainedModel):
+        raise FailedPrecondition(f"{model_dir} did not load as a transformers model")
+    return model
+
+
+def _check_target_modules(model: nn.Module, lora: LoraConfig) -> None:
+    leaf_names = {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear)
+    }
+    missing = [name for name in lora.target_modules if name not in leaf_names]
+    if missing:
+        raise InvalidArgument(
+            "lora.target_modules", f"no linear layer named {', '.join(missing)} in the model"
+        )

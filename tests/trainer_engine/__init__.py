@@ -1,0 +1,1 @@
+"""Tests of the LoRA training engine and the tiny model builder."""
