@@ -4,9 +4,60 @@ from __future__ import annotations
 
 import dataclasses
 
-from tensafe.common.config import ServiceConfig
+from tensafe.common.config import ServiceConfig, env_name, setting
+from tensafe.common.errors import ConfigError
+
+_MIB = 1024 * 1024
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class HeRuntimeConfig(ServiceConfig):
-    """Settings of the HE runtime service."""
+    """Settings of the HE runtime service.
+
+    Sessions (their Galois keys and encoded adapters) live in this process's memory;
+    these limits bound what one session and one tenant may hold.
+    """
+
+    max_session_key_bytes: int = setting(
+        "Largest total of Galois-key bytes one session may upload. A per-token plan at "
+        "d=4096, r=16, N=8192 needs 14 keys (~21 MiB); 256 MiB leaves room for N=16384.",
+        default=256 * _MIB,
+    )
+    max_sessions_per_tenant: int = setting(
+        "Most open HE sessions one tenant may hold at once.", default=8
+    )
+    max_key_bytes_per_tenant: int = setting(
+        "Most Galois-key bytes all of one tenant's open sessions may hold together.",
+        default=1024 * _MIB,
+    )
+    session_idle_ttl_seconds: float = setting(
+        "A session not used for this long expires and its keys are deleted.", default=900.0
+    )
+    max_apply_bytes: int = setting(
+        "Largest total of ciphertext bytes one ApplyLora request may stream in.",
+        default=512 * _MIB,
+    )
+    evaluation_threads: int = setting(
+        "Threads that run SEAL work off the event loop. seal-python holds the GIL during "
+        "each SEAL call, so more threads add concurrency between sessions, not speed.",
+        default=2,
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in (
+            "max_session_key_bytes",
+            "max_sessions_per_tenant",
+            "max_key_bytes_per_tenant",
+            "max_apply_bytes",
+            "evaluation_threads",
+        ):
+            if getattr(self, name) < 1:
+                raise ConfigError(env_name(name), "must be at least 1")
+        if self.max_key_bytes_per_tenant < self.max_session_key_bytes:
+            raise ConfigError(
+                env_name("max_key_bytes_per_tenant"),
+                "must be at least max_session_key_bytes (else no session of maximal size fits)",
+            )
+        if self.session_idle_ttl_seconds <= 0:
+            raise ConfigError(env_name("session_idle_ttl_seconds"), "must be positive")

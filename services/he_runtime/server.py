@@ -2,23 +2,130 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from tensafe.common.auth import connect_authentication
+from tensafe.common.grpc_errors import ServerInterceptorBase
 from tensafe.common.grpc_server import Assembly, ServiceRegistration, run_service
 from tensafe.he_runtime.config import HeRuntimeConfig
+from tensafe.he_runtime.domain.adapters import AdapterSource, LocalPeftAdapterSource
+from tensafe.he_runtime.domain.sessions import HeSessions, SessionLimits
 from tensafe.he_runtime.servicer import HeRuntimeServiceServicer
 from tensafe.proto.he.v1 import he_service_pb2_grpc
 
+log = logging.getLogger(__name__)
 
-async def build(config: HeRuntimeConfig) -> Assembly:
-    """Build the HE runtime's gRPC services from its config."""
-    return Assembly(
+#: Longest pause between two sweeps for expired sessions.
+MAX_REAP_INTERVAL_SECONDS = 30.0
+
+
+def local_adapters_dir(config: HeRuntimeConfig) -> Path:
+    """The dev-mode adapter folder: ``<data_dir>/adapters/<adapter_name>/``."""
+    return Path(config.data_dir) / "adapters"
+
+
+def adapter_source(config: HeRuntimeConfig) -> AdapterSource | None:
+    """The adapter source this configuration allows.
+
+    Only explicit dev mode reads unverified PEFT directories from the data folder.
+    Otherwise there is none until the registry source exists, and CreateSession fails
+    with FAILED_PRECONDITION: weights never come from anywhere weaker.
+    """
+    if config.dev_mode:
+        return LocalPeftAdapterSource(local_adapters_dir(config))
+    return None
+
+
+async def build_service(
+    config: HeRuntimeConfig,
+    *,
+    interceptors: Sequence[ServerInterceptorBase],
+    clock: Callable[[], float] = time.time,
+) -> tuple[Assembly, HeSessions]:
+    """Build the HE runtime's services with the given authentication interceptors.
+
+    Args:
+        config: The configuration.
+        interceptors: The authentication interceptor(s) (from ``connect_authentication``
+            in production; tests pass one built on their own key source).
+        clock: Wall clock of session expiry (tests advance it by hand).
+
+    Returns:
+        The assembly to serve and the sessions domain.
+    """
+    pool = ThreadPoolExecutor(
+        max_workers=config.evaluation_threads, thread_name_prefix="he-evaluation"
+    )
+    sessions = HeSessions(
+        limits=SessionLimits(
+            max_session_key_bytes=config.max_session_key_bytes,
+            max_sessions_per_tenant=config.max_sessions_per_tenant,
+            max_key_bytes_per_tenant=config.max_key_bytes_per_tenant,
+            idle_ttl_seconds=config.session_idle_ttl_seconds,
+            max_apply_bytes=config.max_apply_bytes,
+        ),
+        adapter_source=adapter_source(config),
+        pool=pool,
+        clock=clock,
+    )
+    if not config.dev_mode:
+        log.warning(
+            "no adapter source: the registry source is not configured, so CreateSession "
+            "fails with FAILED_PRECONDITION (dev mode reads %s)",
+            local_adapters_dir(config),
+        )
+    stop = asyncio.Event()
+    reaper = asyncio.create_task(
+        sessions.run_reaper(
+            stop,
+            interval_seconds=min(MAX_REAP_INTERVAL_SECONDS, config.session_idle_ttl_seconds / 4),
+        )
+    )
+
+    async def close() -> None:
+        stop.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reaper
+        sessions.close_all()
+        pool.shutdown(wait=True, cancel_futures=True)
+
+    assembly = Assembly(
         services=[
             ServiceRegistration(
                 "tensafe.he.v1.HeRuntimeService",
                 he_service_pb2_grpc.add_HeRuntimeServiceServicer_to_server,
-                HeRuntimeServiceServicer(),
+                HeRuntimeServiceServicer(sessions),
             )
-        ]
+        ],
+        interceptors=list(interceptors),
+        close=close,
     )
+    return assembly, sessions
+
+
+async def build(config: HeRuntimeConfig) -> Assembly:
+    """Build the HE runtime's gRPC services from its config."""
+    authentication = await connect_authentication(config, service="he_runtime")
+    try:
+        assembly, _ = await build_service(config, interceptors=[authentication.interceptor])
+    except BaseException:
+        await authentication.close()
+        raise
+    close_service = assembly.close
+
+    async def close() -> None:
+        if close_service is not None:
+            await close_service()
+        await authentication.close()
+
+    assembly.close = close
+    return assembly
 
 
 def main() -> int:

@@ -1,55 +1,170 @@
-"""Thin gRPC layer of the he runtime service: validate, call the domain, convert.
+"""Thin gRPC layer of the HE runtime: identify the caller, reassemble streams, convert.
 
-Every RPC of the contract is listed here. Those this deployment does not serve yet
-raise :class:`~tensafe.common.errors.Unimplemented` (status UNIMPLEMENTED); none
-returns a made-up answer.
+The domain (:mod:`tensafe.he_runtime.domain.sessions`) does the work and raises typed
+errors, which the shared interceptor maps to status codes. The caller's tenant comes
+from :func:`caller_tenant`, the one place that reads the identity. Streams are bounded
+here: Galois keys by the header's declared size (itself bounded by the session key
+limit), ciphertexts by ``max_apply_bytes``; results go back in chunks of at most
+:data:`RESPONSE_CHUNK_BYTES`.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any, NoReturn
+from typing import Any
 
 import grpc.aio
 
-from tensafe.common.errors import Unimplemented
+from tensafe.common.auth import SCOPE_READ, SCOPE_TRAIN, require_scope
+from tensafe.common.errors import InvalidArgument, ResourceExhausted
+from tensafe.he_runtime import serde
+from tensafe.he_runtime.domain.plans import compile_for
+from tensafe.he_runtime.domain.sessions import HeSessions
 from tensafe.proto.he.v1 import he_service_pb2 as pb
 from tensafe.proto.he.v1 import he_service_pb2_grpc
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
+RESPONSE_CHUNK_BYTES = 1024 * 1024
+"""Largest ciphertext chunk sent back (1 MiB), well under any message limit."""
 
-def _unimplemented(method: str) -> NoReturn:
-    raise Unimplemented(
-        f"tensafe.he.v1.HeRuntimeService/{method} is not served by this deployment yet"
-    )
+
+def caller_tenant(*scopes: str) -> str:
+    """The tenant of the authenticated caller, checked for ``scopes``.
+
+    Raises:
+        Unauthenticated: No identity (the auth interceptor is not installed).
+        PermissionDenied: A scope is missing.
+    """
+    return require_scope(*scopes).tenant_id
 
 
 class HeRuntimeServiceServicer(he_service_pb2_grpc.HeRuntimeServiceServicer):
-    """``tensafe.he.v1.HeRuntimeService``."""
+    """``tensafe.he.v1.HeRuntimeService``.
+
+    Args:
+        sessions: The HE sessions domain.
+    """
+
+    def __init__(self, sessions: HeSessions) -> None:
+        self._sessions = sessions
 
     async def CompilePlan(
         self, request: pb.CompilePlanRequest, context: Context
     ) -> pb.CompilePlanResponse:
-        _unimplemented("CompilePlan")
+        """Compile a plan for a spec, without a session."""
+        caller_tenant(SCOPE_READ)
+        if not request.HasField("spec"):
+            raise InvalidArgument("spec", "is required")
+        plan, reason = compile_for(serde.spec_from_proto(request.spec, field="spec"))
+        return pb.CompilePlanResponse(plan=serde.plan_to_proto(plan, reason))
 
     async def CreateSession(
-        self, request_iterator: Any, context: Context
+        self, request_iterator: AsyncIterator[pb.CreateSessionRequest], context: Context
     ) -> pb.CreateSessionResponse:
-        _unimplemented("CreateSession")
+        """Open a session: a header, then the Galois keys in chunks."""
+        tenant = caller_tenant(SCOPE_TRAIN)
+        messages = aiter(request_iterator)
+        first = await anext(messages, None)
+        if first is None or first.WhichOneof("part") != "header":
+            raise InvalidArgument("header", "the first message must be the header")
+        header = serde.header_from_proto(first.header)
+
+        async def key_chunks() -> AsyncIterator[bytes]:
+            async for message in messages:
+                if message.WhichOneof("part") != "galois_keys_chunk":
+                    raise InvalidArgument("header", "only the first message may be a header")
+                yield message.galois_keys_chunk
+
+        session = await self._sessions.create(tenant, header, key_chunks())
+        return pb.CreateSessionResponse(
+            session=serde.session_to_proto(session, expire_time=self._sessions.expire_time(session))
+        )
 
     async def GetSession(
         self, request: pb.GetSessionRequest, context: Context
     ) -> pb.GetSessionResponse:
-        _unimplemented("GetSession")
+        """Return one of the caller's sessions (and keep it alive)."""
+        session = self._sessions.get(caller_tenant(SCOPE_READ), request.session_id)
+        return pb.GetSessionResponse(
+            session=serde.session_to_proto(session, expire_time=self._sessions.expire_time(session))
+        )
 
     async def ApplyLora(
-        self, request_iterator: Any, context: Context
+        self, request_iterator: AsyncIterator[pb.ApplyLoraRequest], context: Context
     ) -> AsyncIterator[pb.ApplyLoraResponse]:
-        _unimplemented("ApplyLora")
-        yield pb.ApplyLoraResponse()
+        """Receive a batch of ciphertexts, apply the layer's delta, stream the results."""
+        tenant = caller_tenant(SCOPE_TRAIN)
+        messages = aiter(request_iterator)
+        first = await anext(messages, None)
+        if first is None or first.WhichOneof("part") != "header":
+            raise InvalidArgument("header", "the first message must be the header")
+        header = first.header
+        if not header.session_id:
+            raise InvalidArgument("header.session_id", "is required")
+        if not header.layer:
+            raise InvalidArgument("header.layer", "is required")
+        if header.ciphertexts < 1:
+            raise InvalidArgument("header.ciphertexts", "must be at least 1")
+        # Fail fast on an unknown or expired session before reading the payload.
+        self._sessions.get(tenant, header.session_id)
+        ciphertexts = await _assemble(
+            messages, count=int(header.ciphertexts), max_bytes=self._sessions.limits.max_apply_bytes
+        )
+        result = await self._sessions.apply(tenant, header.session_id, header.layer, ciphertexts)
+        for index, blob in enumerate(result.ciphertexts):
+            for start in range(0, len(blob), RESPONSE_CHUNK_BYTES):
+                end = start + RESPONSE_CHUNK_BYTES
+                yield pb.ApplyLoraResponse(
+                    chunk=pb.CiphertextChunk(
+                        index=index, data=blob[start:end], last=end >= len(blob)
+                    )
+                )
+        yield pb.ApplyLoraResponse(
+            summary=pb.ApplyLoraSummary(
+                counts=serde.counts_to_proto(result.counts), server_ms=result.server_ms
+            )
+        )
 
     async def CloseSession(
         self, request: pb.CloseSessionRequest, context: Context
     ) -> pb.CloseSessionResponse:
-        _unimplemented("CloseSession")
+        """Close one of the caller's sessions and delete its keys."""
+        self._sessions.close(caller_tenant(SCOPE_TRAIN), request.session_id)
+        return pb.CloseSessionResponse()
+
+
+async def _assemble(
+    messages: AsyncIterator[pb.ApplyLoraRequest], *, count: int, max_bytes: int
+) -> list[bytes]:
+    """Reassemble ``count`` ciphertexts sent in order, each as chunks ending ``last``."""
+    blobs: list[bytes] = []
+    current = bytearray()
+    total = 0
+    async for message in messages:
+        if message.WhichOneof("part") != "chunk":
+            raise InvalidArgument("header", "only the first message may be a header")
+        chunk = message.chunk
+        if chunk.index != len(blobs) or len(blobs) >= count:
+            raise InvalidArgument(
+                "chunk.index",
+                f"got {chunk.index}, expected {len(blobs)} (ciphertexts are sent in order, "
+                f"{count} of them)",
+            )
+        total += len(chunk.data)
+        if total > max_bytes:
+            raise ResourceExhausted(
+                f"the request carries more than max_apply_bytes={max_bytes} ciphertext bytes; "
+                "split the batch",
+                metadata={"limit": "max_apply_bytes"},
+            )
+        current += chunk.data
+        if chunk.last:
+            blobs.append(bytes(current))
+            current = bytearray()
+    if current or len(blobs) != count:
+        raise InvalidArgument(
+            "chunk",
+            f"received {len(blobs)} complete ciphertexts, header.ciphertexts={count}",
+        )
+    return blobs

@@ -1,0 +1,568 @@
+"""HE-LoRA from the SDK: the adapter's delta on encrypted activations, computed remotely.
+
+Three layers, each usable on its own:
+
+- :class:`HeRuntimeRpc`: the ``tensafe.he.v1.HeRuntimeService`` calls with typed errors,
+  and the chunked streams of CreateSession (Galois keys) and ApplyLora (ciphertexts).
+- :class:`HeLoraSession`: creates the CKKS keys **locally**
+  (:class:`tensafe.helora.client.HeLoraClient` keeps the secret key), compiles the plan
+  with the same compiler as the runtime, uploads only public material (the framed
+  parameter set and the Galois keys for exactly the plan's rotation steps), checks that
+  the runtime's plan is the one it compiled, then per call encrypts activations, calls
+  ApplyLora and decrypts the delta.
+- :class:`HeLoraModel`: wraps a local transformers model (the base model runs in
+  plaintext on the client) with forward hooks on the base ``nn.Linear`` modules the
+  adapter adapts, so each adapted layer's output gets ``(alpha/r)·x·A·B`` computed by
+  the runtime on encrypted ``x`` and added after decryption. ``generate`` works as on
+  the plain model.
+
+What crosses the wire is framed by :mod:`tensafe.helora.wire`: PARAMETERS, GALOIS_KEYS
+and CIPHERTEXT blobs, nothing else (there is no frame for a secret key).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import grpc
+import numpy as np
+import numpy.typing as npt
+import torch
+from torch import nn
+
+from tensafe.client.auth import TokenProvider, authenticated_channel, find_api_key
+from tensafe.client.connection import load_connection
+from tensafe.client.training import ChannelOptions, make_channel
+from tensafe.common import errors
+from tensafe.common.grpc_errors import from_rpc_error
+from tensafe.helora.client import HeLoraClient
+from tensafe.helora.params import CkksParams, default_params
+from tensafe.helora.plan import OpCounts, Packing, Plan, choose_plan, compile_plan
+from tensafe.proto.he.v1 import he_service_pb2 as pb
+from tensafe.proto.he.v1 import he_service_pb2_grpc
+
+CHUNK_BYTES = 1024 * 1024
+"""Bytes per streamed chunk of keys or ciphertexts (1 MiB, far under message limits)."""
+
+_PACKING_TO_PROTO = {
+    Packing.PER_TOKEN: pb.PACKING_PER_TOKEN,
+    Packing.BATCH_FIRST: pb.PACKING_BATCH_FIRST,
+}
+
+
+class HeRuntimeRpc:
+    """The HE runtime's RPCs on one channel, raising typed errors.
+
+    Args:
+        channel: An (authenticated) channel to the HE runtime.
+        options: Deadlines of unary calls.
+        also_close: Other channels to close with this one (e.g. to auth).
+    """
+
+    def __init__(
+        self,
+        channel: grpc.Channel,
+        *,
+        options: ChannelOptions | None = None,
+        also_close: Sequence[grpc.Channel] = (),
+    ) -> None:
+        self._channel = channel
+        self._options = options or ChannelOptions()
+        self._also_close = tuple(also_close)
+        self._stub = he_service_pb2_grpc.HeRuntimeServiceStub(channel)
+
+    def close(self) -> None:
+        """Close the channel(s)."""
+        self._channel.close()
+        for channel in self._also_close:
+            channel.close()
+
+    def __enter__(self) -> HeRuntimeRpc:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def compile_plan(self, spec: pb.PlanSpec) -> pb.Plan:
+        """``CompilePlan``."""
+        try:
+            response = self._stub.CompilePlan(
+                pb.CompilePlanRequest(spec=spec), timeout=self._options.call_timeout_seconds
+            )
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        return response.plan
+
+    def create_session(
+        self,
+        header: pb.CreateSessionHeader,
+        galois_keys: bytes | None,
+        *,
+        chunk_bytes: int = CHUNK_BYTES,
+    ) -> pb.Session:
+        """``CreateSession``: the header, then ``galois_keys`` in chunks.
+
+        ``header.galois_keys_size`` must be the length of ``galois_keys``.
+        """
+        keys = galois_keys or b""
+
+        def requests() -> Iterator[pb.CreateSessionRequest]:
+            yield pb.CreateSessionRequest(header=header)
+            for start in range(0, len(keys), chunk_bytes):
+                yield pb.CreateSessionRequest(galois_keys_chunk=keys[start : start + chunk_bytes])
+
+        try:
+            response = self._stub.CreateSession(requests())
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        return response.session
+
+    def get_session(self, session_id: str) -> pb.Session:
+        """``GetSession``."""
+        try:
+            response = self._stub.GetSession(
+                pb.GetSessionRequest(session_id=session_id),
+                timeout=self._options.call_timeout_seconds,
+            )
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        return response.session
+
+    def apply_lora(
+        self,
+        session_id: str,
+        layer: str,
+        ciphertexts: Sequence[bytes],
+        *,
+        chunk_bytes: int = CHUNK_BYTES,
+    ) -> tuple[list[bytes], pb.ApplyLoraSummary]:
+        """``ApplyLora``: stream ciphertexts in, collect the result chunks and the summary.
+
+        Raises:
+            TenSafeError: The status the runtime returned.
+            IntegrityError: The response stream is out of order or has no summary.
+        """
+
+        def requests() -> Iterator[pb.ApplyLoraRequest]:
+            yield pb.ApplyLoraRequest(
+                header=pb.ApplyLoraHeader(
+                    session_id=session_id, layer=layer, ciphertexts=len(ciphertexts)
+                )
+            )
+            for index, blob in enumerate(ciphertexts):
+                for start in range(0, len(blob), chunk_bytes):
+                    end = start + chunk_bytes
+                    yield pb.ApplyLoraRequest(
+                        chunk=pb.CiphertextChunk(
+                            index=index, data=blob[start:end], last=end >= len(blob)
+                        )
+                    )
+
+        results: list[bytes] = []
+        current = bytearray()
+        summary: pb.ApplyLoraSummary | None = None
+        try:
+            for response in self._stub.ApplyLora(requests()):
+                if response.WhichOneof("part") == "summary":
+                    summary = response.summary
+                    continue
+                chunk = response.chunk
+                if summary is not None or chunk.index != len(results):
+                    raise errors.IntegrityError("ApplyLora response chunks out of order")
+                current += chunk.data
+                if chunk.last:
+                    results.append(bytes(current))
+                    current = bytearray()
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        if summary is None or current:
+            raise errors.IntegrityError("ApplyLora response ended without a summary")
+        return results, summary
+
+    def close_session(self, session_id: str) -> None:
+        """``CloseSession``."""
+        try:
+            self._stub.CloseSession(
+                pb.CloseSessionRequest(session_id=session_id),
+                timeout=self._options.call_timeout_seconds,
+            )
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+
+
+def open_he_runtime(
+    *,
+    base_url: str | None = None,
+    api_key: str | None = None,
+    auth_url: str | None = None,
+    connection_file: str | os.PathLike[str] | None = None,
+    options: ChannelOptions | None = None,
+) -> HeRuntimeRpc:
+    """Connect to the HE runtime with an authenticated channel.
+
+    Endpoints: ``base_url`` (else the connection file's ``he_runtime``) and ``auth_url``
+    (else the connection file's ``auth``); the API key as in
+    :func:`tensafe.client.auth.find_api_key`.
+
+    Raises:
+        FailedPrecondition: An endpoint is neither given nor in a connection file.
+        Unauthenticated: No API key was found.
+    """
+    options = options or ChannelOptions()
+    if base_url is None or auth_url is None:
+        try:
+            connection = load_connection(connection_file)
+            base_url = base_url or connection.address("he_runtime")
+            auth_url = auth_url or connection.address("auth")
+        except (FileNotFoundError, KeyError) as exc:
+            raise errors.FailedPrecondition(
+                f"pass base_url= and auth_url= or run `tensafe up`: {exc}", reason="NO_ENDPOINT"
+            ) from None
+    key = find_api_key(api_key, connection_file=connection_file)
+    auth_channel = make_channel(auth_url, options=options)
+    provider = TokenProvider(auth_channel, key)
+    channel = authenticated_channel(make_channel(base_url, options=options), provider)
+    return HeRuntimeRpc(channel, options=options, also_close=(auth_channel,))
+
+
+@dataclasses.dataclass
+class LayerStats:
+    """What the HE calls of one layer cost so far.
+
+    Attributes:
+        calls: ApplyLora calls.
+        tokens: Tokens sent.
+        counts: SEAL operations the runtime performed.
+        server_ms: Runtime evaluation time, summed.
+        round_trip_ms: Wall time of the calls including encryption and decryption.
+    """
+
+    calls: int = 0
+    tokens: int = 0
+    counts: OpCounts = dataclasses.field(default_factory=OpCounts)
+    server_ms: float = 0.0
+    round_trip_ms: float = 0.0
+
+
+def plan_spec(
+    *,
+    hidden_size: int,
+    output_size: int,
+    rank: int,
+    alpha: float,
+    tokens: int,
+    params: CkksParams,
+    packing: Packing | None,
+) -> pb.PlanSpec:
+    """The contract's PlanSpec."""
+    return pb.PlanSpec(
+        hidden_size=hidden_size,
+        output_size=output_size,
+        rank=rank,
+        alpha=alpha,
+        tokens=tokens,
+        parameters=pb.CkksParameters(
+            poly_modulus_degree=params.poly_modulus_degree,
+            coeff_modulus_bits=list(params.coeff_modulus_bits),
+            scale_bits=params.scale_bits,
+        ),
+        packing=_PACKING_TO_PROTO[packing] if packing is not None else pb.PACKING_UNSPECIFIED,
+    )
+
+
+class HeLoraSession:
+    """Local CKKS keys plus an HE runtime session for one adapter.
+
+    Build with :meth:`create`. The secret key never leaves this object.
+
+    Args:
+        rpc: The runtime connection.
+        crypto: Holds the keys.
+        session: The runtime's session.
+        plan: The session plan (equal to the runtime's).
+    """
+
+    def __init__(
+        self, rpc: HeRuntimeRpc, crypto: HeLoraClient, session: pb.Session, plan: Plan
+    ) -> None:
+        self._rpc = rpc
+        self._crypto = crypto
+        self.session = session
+        self.plan = plan
+        self.stats: dict[str, LayerStats] = {}
+        """Per-layer cost so far."""
+
+    @classmethod
+    def create(
+        cls,
+        rpc: HeRuntimeRpc,
+        *,
+        adapter_name: str,
+        rank: int,
+        alpha: float,
+        hidden_size: int,
+        output_size: int,
+        tokens: int = 1,
+        params: CkksParams | None = None,
+        packing: Packing | None = None,
+        adapter_version: int = 0,
+        request_id: str | None = None,
+    ) -> HeLoraSession:
+        """Make keys, compile the plan, upload the public material, open the session.
+
+        Args:
+            rpc: The runtime connection.
+            adapter_name: The adapter the runtime applies.
+            rank: The adapter's LoRA rank.
+            alpha: The adapter's LoRA alpha.
+            hidden_size: Largest input size of the adapted layers (the Galois keys of
+                that plan cover every smaller layer).
+            output_size: Largest output size of the adapted layers.
+            tokens: Typical tokens per call; decides the packing when ``packing`` is None.
+            params: CKKS parameters (:func:`~tensafe.helora.params.default_params`).
+            packing: Force a packing.
+            adapter_version: The adapter's version (0: latest).
+            request_id: Idempotency key (a fresh one by default).
+
+        Raises:
+            TenSafeError: The runtime refused (the status the runtime returned).
+            FailedPrecondition: The runtime's plan differs from the local one.
+        """
+        params = params or default_params()
+        crypto = HeLoraClient(params)
+        shapes: dict[str, Any] = {
+            "hidden_size": hidden_size,
+            "output_size": output_size,
+            "rank": rank,
+            "alpha": float(alpha),
+            "tokens": tokens,
+            "params": params,
+        }
+        if packing is None:
+            plan, _ = choose_plan(**shapes)
+        else:
+            plan = compile_plan(packing=packing, **shapes)
+        material = crypto.public_material(plan)
+        header = pb.CreateSessionHeader(
+            adapter_name=adapter_name,
+            adapter_version=adapter_version,
+            spec=plan_spec(packing=packing, **shapes),
+            seal_parameters=material.parameters,
+            galois_keys_size=len(material.galois_keys or b""),
+            request_id=request_id or uuid.uuid4().hex,
+        )
+        session = rpc.create_session(header, material.galois_keys)
+        runtime_plan = Plan.from_dict(json.loads(session.plan.plan_json))
+        if runtime_plan != plan:
+            rpc.close_session(session.id)
+            raise errors.FailedPrecondition(
+                "the runtime compiled another plan than this client", reason="PLAN_MISMATCH"
+            )
+        return cls(rpc, crypto, session, plan)
+
+    @property
+    def layers(self) -> list[str]:
+        """Adapted module names the runtime serves for this session."""
+        return list(self.session.layers)
+
+    def apply(self, layer: str, activations: npt.ArrayLike, *, output_size: int) -> np.ndarray:
+        """Compute ``layer``'s LoRA delta for activations, encrypted end to end.
+
+        Args:
+            layer: An adapted module name (one of :attr:`layers`).
+            activations: x, shape [tokens, d].
+            output_size: The layer's output size d_out.
+
+        Returns:
+            The decrypted delta, shape [tokens, d_out], float64.
+
+        Raises:
+            TenSafeError: The runtime refused.
+            IntegrityError: The runtime reports other operations than the plan's.
+        """
+        started = time.perf_counter()
+        values = np.asarray(activations, dtype=np.float64)
+        if values.ndim != 2:
+            raise errors.InvalidArgument("activations", "must be a [tokens, d] matrix")
+        plan = compile_plan(
+            hidden_size=values.shape[1],
+            output_size=output_size,
+            rank=self.plan.rank,
+            alpha=self.plan.alpha,
+            tokens=values.shape[0],
+            params=self.plan.params,
+            packing=self.plan.packing,
+        )
+        ciphertexts = self._crypto.encrypt_activations(plan, values)
+        results, summary = self._rpc.apply_lora(self.session.id, layer, ciphertexts)
+        counts = OpCounts(
+            rotations=summary.counts.rotations,
+            key_switches=summary.counts.key_switches,
+            multiply_plain=summary.counts.plaintext_multiplies,
+            rescales=summary.counts.rescales,
+            additions=summary.counts.additions,
+        )
+        planned = dataclasses.replace(plan.counts, plaintext_encodes=0)
+        if counts != planned:
+            raise errors.IntegrityError(
+                f"the runtime reports {counts} for {layer!r}, the plan has {planned}"
+            )
+        delta = self._crypto.decrypt_delta(plan, results)
+        stats = self.stats.setdefault(layer, LayerStats())
+        stats.calls += 1
+        stats.tokens += plan.tokens
+        stats.counts = stats.counts + counts
+        stats.server_ms += summary.server_ms
+        stats.round_trip_ms += (time.perf_counter() - started) * 1000.0
+        return delta
+
+    def refresh(self) -> pb.Session:
+        """``GetSession``: the session as the runtime holds it (keeps it alive)."""
+        self.session = self._rpc.get_session(self.session.id)
+        return self.session
+
+    def close(self) -> None:
+        """Close the runtime session; its keys are deleted there."""
+        self._rpc.close_session(self.session.id)
+
+    def __enter__(self) -> HeLoraSession:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def linear_layers(model: nn.Module, target_modules: Sequence[str]) -> dict[str, nn.Linear]:
+    """The model's ``nn.Linear`` modules whose last name component is a target (as PEFT)."""
+    targets = set(target_modules)
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in targets
+    }
+
+
+class HeLoraModel:
+    """A local transformers model whose adapted layers get their LoRA delta from HE.
+
+    Args:
+        model: The base model (plaintext, on the client).
+        session: An open session whose adapter adapts modules of ``model``.
+
+    Raises:
+        FailedPrecondition: A layer the session adapts is not an ``nn.Linear`` of
+            ``model``.
+    """
+
+    def __init__(self, model: nn.Module, session: HeLoraSession) -> None:
+        self.model = model
+        self.session = session
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        modules = dict(model.named_modules())
+        for layer in session.layers:
+            module = modules.get(layer)
+            if not isinstance(module, nn.Linear):
+                self.remove_hooks()
+                raise errors.FailedPrecondition(
+                    f"the adapter adapts {layer!r}, which is not a linear layer of this model",
+                    reason="ADAPTER_MISMATCH",
+                )
+            self._handles.append(module.register_forward_hook(self._hook(layer, module)))
+
+    @classmethod
+    def create(
+        cls,
+        model: nn.Module,
+        rpc: HeRuntimeRpc,
+        *,
+        adapter_name: str,
+        rank: int,
+        alpha: float,
+        target_modules: Sequence[str],
+        tokens: int = 1,
+        params: CkksParams | None = None,
+        packing: Packing | None = None,
+        adapter_version: int = 0,
+    ) -> HeLoraModel:
+        """Open a session for ``model``'s adapted layers and install the hooks.
+
+        Args:
+            model: The base model.
+            rpc: The runtime connection.
+            adapter_name: The adapter.
+            rank: Its LoRA rank.
+            alpha: Its LoRA alpha.
+            target_modules: Its target module names (PEFT ``target_modules``).
+            tokens: Typical tokens per call (1 for generation steps).
+            params: CKKS parameters.
+            packing: Force a packing.
+            adapter_version: The adapter's version.
+
+        Raises:
+            InvalidArgument: No linear layer matches ``target_modules``.
+        """
+        layers = linear_layers(model, target_modules)
+        if not layers:
+            raise errors.InvalidArgument("target_modules", "match no linear layer of the model")
+        session = HeLoraSession.create(
+            rpc,
+            adapter_name=adapter_name,
+            rank=rank,
+            alpha=alpha,
+            hidden_size=max(module.in_features for module in layers.values()),
+            output_size=max(module.out_features for module in layers.values()),
+            tokens=tokens,
+            params=params,
+            packing=packing,
+            adapter_version=adapter_version,
+        )
+        try:
+            return cls(model, session)
+        except BaseException:
+            session.close()
+            raise
+
+    def _hook(self, layer: str, module: nn.Linear) -> Any:
+        session = self.session
+
+        def add_delta(_: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> Any:
+            x = inputs[0].detach()
+            flat = x.reshape(-1, x.shape[-1]).to(torch.float64).cpu().numpy()
+            delta = session.apply(layer, flat, output_size=module.out_features)
+            addend = torch.from_numpy(delta).to(dtype=output.dtype, device=output.device)
+            return output + addend.reshape(output.shape)
+
+        return add_delta
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """``model.generate`` with HE-LoRA (no gradients)."""
+        with torch.no_grad():
+            return self.model.generate(*args, **kwargs)  # type: ignore[operator]
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Forward pass with HE-LoRA (no gradients)."""
+        with torch.no_grad():
+            return self.model(*args, **kwargs)
+
+    def remove_hooks(self) -> None:
+        """Detach the hooks; the model is the plain base model again."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def close(self) -> None:
+        """Detach the hooks and close the session."""
+        self.remove_hooks()
+        self.session.close()
+
+    def __enter__(self) -> HeLoraModel:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

@@ -1,0 +1,350 @@
+"""HE sessions through the real gRPC service and the SDK: lifecycle, tenancy, expiry,
+limits, idempotency, what crosses the wire, and the no-adapter-source refusal."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tensafe.client.he import HeLoraSession, open_he_runtime, plan_spec
+from tensafe.common.auth import SCOPE_READ
+from tensafe.common.errors import (
+    Aborted,
+    FailedPrecondition,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    TenSafeError,
+)
+from tensafe.helora import Packing, Plan, choose_plan, default_params
+from tensafe.helora.client import HeLoraClient
+from tensafe.helora.wire import WireKind, wire_kind
+from tensafe.proto.he.v1 import he_service_pb2 as pb
+from tensafe.proto.he.v1 import he_service_pb2_grpc
+
+from .conftest import (
+    ADAPTER,
+    ALPHA,
+    MIB,
+    RANK,
+    TTL_SECONDS,
+    Recorder,
+    Runtime,
+    new_tenant,
+    runtime_config,
+)
+from .helpers import activations, adapter_layers, raises, reference
+
+LAYERS = [
+    f"model.layers.{index}.self_attn.{name}"
+    for index in range(2)
+    for name in ("k_proj", "o_proj", "q_proj", "v_proj")
+]
+
+
+def open_session(runtime: Runtime, tenant: str, **options: object) -> HeLoraSession:
+    return HeLoraSession.create(
+        runtime.rpc(tenant),
+        adapter_name=ADAPTER,
+        rank=RANK,
+        alpha=ALPHA,
+        hidden_size=64,
+        output_size=64,
+        **options,  # type: ignore[arg-type]
+    )
+
+
+def test_lifecycle_applies_the_adapters_delta_and_closes(runtime: Runtime, data_dir: Path) -> None:
+    tenant = new_tenant()
+    session = open_session(runtime, tenant)
+    assert session.layers == LAYERS == sorted(adapter_layers(data_dir))
+    assert session.plan.packing is Packing.PER_TOKEN
+    assert session.session.key_bytes > 5 * MIB  # 7 Galois keys at N = 8192
+    assert session.session.expire_time.seconds == int(runtime.clock.now + TTL_SECONDS)
+    for layer, width in (("model.layers.1.self_attn.k_proj", 32), (LAYERS[1], 64)):
+        x = activations(5, seed=3)
+        delta = session.apply(layer, x, output_size=width)
+        expected = reference(data_dir, layer, x)
+        assert delta.shape == (5, width)
+        assert np.max(np.abs(delta - expected)) <= 1e-3 * np.max(np.abs(expected))
+    stats = session.stats["model.layers.1.self_attn.k_proj"]
+    # Three ciphertexts (two tokens each, complex packing) x 11 rotations.
+    assert (stats.calls, stats.tokens, stats.counts.rotations) == (1, 5, 33)
+    assert runtime.sessions.usage(tenant) == (1, session.session.key_bytes)
+    session.close()
+    assert runtime.sessions.usage(tenant) == (0, 0)
+    raises(NotFound, session.refresh)
+    raises(NotFound, session.close)
+    raises(NotFound, session.apply, LAYERS[0], activations(1, seed=0), output_size=32)
+
+
+def test_another_tenants_session_is_not_found(runtime: Runtime) -> None:
+    session = open_session(runtime, new_tenant())
+    intruder = runtime.rpc(new_tenant())
+    raises(NotFound, intruder.get_session, session.session.id)
+    raises(NotFound, intruder.apply_lora, session.session.id, LAYERS[0], [b"x"])
+    raises(NotFound, intruder.close_session, session.session.id)
+    assert session.refresh().id == session.session.id
+    session.close()
+
+
+def test_idle_sessions_expire_and_their_keys_are_deleted(runtime: Runtime) -> None:
+    tenant = new_tenant()
+    session = open_session(runtime, tenant)
+    held = runtime.sessions.get(tenant, session.session.id)
+    runtime.clock.advance(0.75 * TTL_SECONDS)
+    session.apply(LAYERS[0], activations(1, seed=1), output_size=32)  # use keeps it alive
+    runtime.clock.advance(0.75 * TTL_SECONDS)
+    assert session.refresh().key_bytes == held.key_bytes
+    runtime.clock.advance(TTL_SECONDS + 1)
+    raises(NotFound, session.refresh)
+    assert runtime.sessions.usage(tenant) == (0, 0)
+    raises(NotFound, held.executor)  # the keys are gone, not just unlisted
+
+
+def test_session_and_key_limits_per_tenant(runtime: Runtime) -> None:
+    tenant = new_tenant()
+    first, second = open_session(runtime, tenant), open_session(runtime, tenant)
+    error = raises(ResourceExhausted, open_session, runtime, tenant)
+    assert "max_sessions_per_tenant=2" in error.message
+    other = open_session(runtime, new_tenant())  # another tenant is not affected
+    other.close()
+    second.close()
+    # One session of ~10 MiB held: declaring 64 MiB more passes the per-session limit
+    # but not the tenant's 65 MiB; refused before a single key byte is sent.
+    rpc = runtime.rpc(tenant)
+    client = HeLoraClient(default_params())
+    header = pb.CreateSessionHeader(
+        adapter_name=ADAPTER,
+        spec=plan_spec(
+            hidden_size=64,
+            output_size=64,
+            rank=RANK,
+            alpha=ALPHA,
+            tokens=1,
+            params=default_params(),
+            packing=None,
+        ),
+        seal_parameters=client.parameters_blob(),
+        galois_keys_size=64 * MIB,
+    )
+    error = raises(ResourceExhausted, rpc.create_session, header, None)
+    assert "max_key_bytes_per_tenant" in error.message
+    header.galois_keys_size = 64 * MIB + 1
+    error = raises(ResourceExhausted, rpc.create_session, header, None)
+    assert "max_session_key_bytes" in error.message
+    first.close()
+    open_session(runtime, tenant).close()  # room again
+
+
+def test_a_repeated_request_id_returns_the_same_session(runtime: Runtime) -> None:
+    rpc = runtime.rpc(new_tenant())
+    client = HeLoraClient(default_params())
+    plan, _ = choose_plan(
+        hidden_size=64, output_size=64, rank=RANK, alpha=ALPHA, tokens=1, params=default_params()
+    )
+    material = client.public_material(plan)
+    header = pb.CreateSessionHeader(
+        adapter_name=ADAPTER,
+        spec=plan_spec(
+            hidden_size=64,
+            output_size=64,
+            rank=RANK,
+            alpha=ALPHA,
+            tokens=1,
+            params=default_params(),
+            packing=None,
+        ),
+        seal_parameters=material.parameters,
+        galois_keys_size=len(material.galois_keys or b""),
+        request_id="create-1",
+    )
+    one = rpc.create_session(header, material.galois_keys)
+    two = rpc.create_session(header, material.galois_keys)
+    assert one.id == two.id
+    rpc.close_session(one.id)
+
+
+def test_a_request_id_in_progress_is_aborted_not_duplicated(runtime: Runtime) -> None:
+    tenant = new_tenant()
+    client = HeLoraClient(default_params())
+    plan, _ = choose_plan(
+        hidden_size=64, output_size=64, rank=RANK, alpha=ALPHA, tokens=1, params=default_params()
+    )
+    keys = client.public_material(plan).galois_keys
+    assert keys is not None
+    header = pb.CreateSessionHeader(
+        adapter_name=ADAPTER,
+        spec=plan_spec(
+            hidden_size=64,
+            output_size=64,
+            rank=RANK,
+            alpha=ALPHA,
+            tokens=1,
+            params=default_params(),
+            packing=None,
+        ),
+        seal_parameters=client.parameters_blob(),
+        galois_keys_size=len(keys),
+        request_id="create-slowly",
+    )
+    release = threading.Event()
+
+    def slow_requests() -> Iterator[pb.CreateSessionRequest]:
+        yield pb.CreateSessionRequest(header=header)
+        release.wait(30)
+        for start in range(0, len(keys), MIB):
+            yield pb.CreateSessionRequest(galois_keys_chunk=keys[start : start + MIB])
+
+    stub = he_service_pb2_grpc.HeRuntimeServiceStub(runtime.channel(tenant))
+    first = stub.CreateSession.future(slow_requests())
+    deadline = time.monotonic() + 30
+    while runtime.sessions.usage(tenant) != (1, len(keys)):  # the first one reserved
+        assert time.monotonic() < deadline
+        release.wait(0.001)
+    error = raises(Aborted, runtime.rpc(tenant).create_session, header, keys)
+    assert error.reason == "REQUEST_IN_PROGRESS"
+    release.set()
+    session = first.result(timeout=60).session
+    assert runtime.rpc(tenant).create_session(header, keys).id == session.id
+    runtime.rpc(tenant).close_session(session.id)
+
+
+def test_only_public_material_and_ciphertexts_cross_the_wire(runtime: Runtime) -> None:
+    recorder = Recorder()
+    session = HeLoraSession.create(
+        runtime.rpc(new_tenant(), recorder=recorder),
+        adapter_name=ADAPTER,
+        rank=RANK,
+        alpha=ALPHA,
+        hidden_size=64,
+        output_size=64,
+    )
+    session.apply(LAYERS[2], activations(3, seed=5), output_size=64)
+    session.close()
+    blobs: list[bytes] = []
+    keys = bytearray()
+    pending = bytearray()
+    methods = set()
+    for method, message in recorder.sent:
+        methods.add(method.rsplit("/", 1)[-1])
+        if isinstance(message, pb.CreateSessionRequest):
+            if message.HasField("header"):
+                blobs.append(message.header.seal_parameters)
+            else:
+                keys += message.galois_keys_chunk
+        elif isinstance(message, pb.ApplyLoraRequest) and message.HasField("chunk"):
+            pending += message.chunk.data
+            if message.chunk.last:
+                blobs.append(bytes(pending))
+                pending = bytearray()
+    blobs.append(bytes(keys))
+    assert methods == {"CreateSession", "ApplyLora", "CloseSession"}
+    kinds = [wire_kind(blob) for blob in blobs]
+    assert sorted(set(kinds)) == [WireKind.PARAMETERS, WireKind.GALOIS_KEYS, WireKind.CIPHERTEXT]
+    assert kinds.count(WireKind.CIPHERTEXT) == 2  # three tokens, two per ciphertext
+    # The secret key's bytes appear nowhere in what was sent.
+    secret = session._crypto._keygen.secret_key().to_string()
+    wire = b"".join(blobs)
+    for offset in range(64, len(secret) - 64, len(secret) // 8):
+        assert secret[offset : offset + 32] not in wire
+    plan = Plan.from_dict(json.loads(session.session.plan.plan_json))
+    assert list(session.session.plan.rotation_steps) == list(plan.rotation_steps)
+
+
+def test_batch_first_sessions_upload_no_keys(runtime: Runtime, data_dir: Path) -> None:
+    session = open_session(runtime, new_tenant(), packing=Packing.BATCH_FIRST, tokens=3)
+    assert session.session.key_bytes == 0
+    x = activations(3, seed=9)
+    delta = session.apply(LAYERS[3], x, output_size=32)
+    expected = reference(data_dir, LAYERS[3], x)
+    assert np.max(np.abs(delta - expected)) <= 1e-3 * np.max(np.abs(expected))
+    assert session.stats[LAYERS[3]].counts.rotations == 0
+    session.close()
+
+
+def test_sessions_need_the_train_scope(runtime: Runtime) -> None:
+    reader = runtime.rpc(new_tenant(), scopes=(SCOPE_READ,))
+    error = raises(
+        PermissionDenied,
+        HeLoraSession.create,
+        reader,
+        adapter_name=ADAPTER,
+        rank=RANK,
+        alpha=ALPHA,
+        hidden_size=64,
+        output_size=64,
+    )
+    assert "train" in error.message
+    assert any(r.kind == "permission.denied" for r in runtime.audit.records)
+
+
+def test_health_answers_while_seal_work_runs(runtime: Runtime, data_dir: Path) -> None:
+    tenant = new_tenant()
+    session = open_session(runtime, tenant)
+    held = runtime.sessions.get(tenant, session.session.id)
+    x = activations(2, seed=12)
+    outcome: dict[str, np.ndarray] = {}
+
+    def apply() -> None:
+        outcome["delta"] = session.apply(LAYERS[2], x, output_size=64)
+
+    worker = threading.Thread(target=apply)
+    # Hold the session's SEAL lock: the evaluation blocks inside the worker pool. Were it
+    # run on the event loop, the loop would block too and nothing else would answer.
+    with held._lock:
+        worker.start()
+        deadline = time.monotonic() + 30
+        while held.in_flight == 0:
+            assert time.monotonic() < deadline, "ApplyLora never reached evaluation"
+            worker.join(0.001)
+        health = health_pb2_grpc.HealthStub(runtime.channel(None)).Check(
+            health_pb2.HealthCheckRequest(), timeout=10
+        )
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+        assert session.refresh().id == session.session.id
+        assert "delta" not in outcome
+    worker.join(60)
+    expected = reference(data_dir, LAYERS[2], x)
+    assert np.max(np.abs(outcome["delta"] - expected)) <= 1e-3 * np.max(np.abs(expected))
+    session.close()
+
+
+def test_without_dev_mode_no_adapter_is_loaded(data_dir: Path) -> None:
+    served = Runtime(runtime_config(data_dir, dev_mode=False))
+    try:
+        error = raises(FailedPrecondition, open_session, served, new_tenant())
+        assert error.message == "registry adapter source not configured"
+    finally:
+        served.stop()
+
+
+@pytest.mark.parametrize("name", ["missing-adapter", "../adapters"])
+def test_unknown_or_escaping_adapter_names_are_refused(runtime: Runtime, name: str) -> None:
+    with pytest.raises(TenSafeError) as info:
+        HeLoraSession.create(
+            runtime.rpc(new_tenant()),
+            adapter_name=name,
+            rank=RANK,
+            alpha=ALPHA,
+            hidden_size=64,
+            output_size=64,
+        )
+    expected = "NOT_FOUND" if name == "missing-adapter" else "INVALID_ARGUMENT"
+    assert info.value.code.value == expected
+
+
+def test_open_he_runtime_needs_endpoints_and_a_key(tmp_path: Path) -> None:
+    error = raises(FailedPrecondition, open_he_runtime, connection_file=tmp_path / "none.json")
+    assert error.reason == "NO_ENDPOINT"
+    connection = tmp_path / "connection.json"
+    connection.write_text(json.dumps({"services": {"auth": "127.0.0.1:1"}}))
+    error = raises(FailedPrecondition, open_he_runtime, connection_file=connection)
+    assert "he_runtime" in error.message
