@@ -191,6 +191,9 @@ class _ErrorGuard(BehaviorWrapper):
                 await abort_with(context, exc)
             except grpc.aio.AbortError:
                 raise
+            except NotImplementedError:
+                # What generated base servicers raise for an RPC nobody overrode.
+                await abort_with(context, errors.Unimplemented(f"{method} is not implemented"))
             except Exception as exc:  # the boundary: nothing escapes unmapped
                 await abort_with(context, _internal(method, exc))
 
@@ -209,6 +212,9 @@ class _ErrorGuard(BehaviorWrapper):
                 await abort_with(context, exc)
             except grpc.aio.AbortError:
                 raise
+            except NotImplementedError:
+                # What generated base servicers raise for an RPC nobody overrode.
+                await abort_with(context, errors.Unimplemented(f"{method} is not implemented"))
             except Exception as exc:
                 await abort_with(context, _internal(method, exc))
 

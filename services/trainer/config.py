@@ -1,8 +1,9 @@
-"""Configuration of the trainer API and its workers."""
+"""Configuration of the trainer API and its workers (one dataclass, both processes)."""
 
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 from tensafe.common.config import ServiceConfig, env_name, setting
 from tensafe.common.errors import ConfigError
@@ -10,12 +11,80 @@ from tensafe.common.errors import ConfigError
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainerConfig(ServiceConfig):
-    """Settings of the trainer API and workers."""
+    """Settings of the trainer API (``python -m tensafe.trainer``) and its workers
+    (``python -m tensafe.trainer.worker``)."""
 
     nats_url: str = setting("NATS server with JetStream, e.g. nats://127.0.0.1:4222.")
     jobs_stream: str = setting("JetStream stream of training jobs.", default="TENSAFE_TRAINER")
+    jobs_subject_prefix: str = setting(
+        "Subject prefix of training jobs; a job of client C is published on <prefix>.C.",
+        default="tensafe.trainer.jobs",
+    )
+    jobs_durable: str = setting(
+        "Durable consumer name shared by every trainer worker.", default="trainer-workers"
+    )
+    base_models_dir: Path | None = setting(
+        "Folder of base models: each sub-folder holding a config.json is a base model "
+        "named after the folder (loaded with from_pretrained). Unset: <data_dir>/base_models.",
+        default=None,
+    )
+    job_ack_wait_seconds: float = setting(
+        "Seconds without an ack or progress signal before JetStream redelivers a job to "
+        "another worker (a killed worker's job is retried after this).",
+        default=30.0,
+    )
+    lease_seconds: float = setting(
+        "How long a worker's lease on a training client lasts without renewal; another "
+        "worker may take the client after it expires.",
+        default=30.0,
+    )
+    resident_clients: int = setting(
+        "Training clients a worker keeps loaded in memory (least recently used evicted).",
+        default=4,
+    )
+    outbox_interval_seconds: float = setting(
+        "Period of the API's re-publisher of accepted jobs whose publish failed.",
+        default=10.0,
+    )
+    outbox_grace_seconds: float = setting(
+        "Age a still-queued job must reach before the re-publisher sends it again.",
+        default=5.0,
+    )
+    retry_delay_seconds: float = setting(
+        "Delay before a job that waits for an earlier job of its client is redelivered.",
+        default=0.05,
+    )
+    torch_threads: int = setting(
+        "Threads torch uses in a worker; 0 keeps torch's default.", default=0
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not self.nats_url.startswith(("nats://", "tls://")):
             raise ConfigError(env_name("nats_url"), "must start with nats:// or tls://")
+        if not self.base_models_path.is_dir():
+            raise ConfigError(
+                env_name("base_models_dir"), f"{self.base_models_path} is not a directory"
+            )
+        positive = {
+            "job_ack_wait_seconds": self.job_ack_wait_seconds,
+            "lease_seconds": self.lease_seconds,
+            "outbox_interval_seconds": self.outbox_interval_seconds,
+            "retry_delay_seconds": self.retry_delay_seconds,
+        }
+        for name, value in positive.items():
+            if not value > 0:
+                raise ConfigError(env_name(name), "must be positive")
+        if self.outbox_grace_seconds < 0:
+            raise ConfigError(env_name("outbox_grace_seconds"), "must be >= 0")
+        if self.resident_clients < 1:
+            raise ConfigError(env_name("resident_clients"), "must be at least 1")
+        if self.torch_threads < 0:
+            raise ConfigError(env_name("torch_threads"), "must be >= 0")
+
+    @property
+    def base_models_path(self) -> Path:
+        """The base models folder: the setting, or ``<data_dir>/base_models``."""
+        if self.base_models_dir is not None:
+            return self.base_models_dir
+        return Path(self.data_dir) / "base_models"

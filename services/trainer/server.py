@@ -2,23 +2,128 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import Sequence
+from pathlib import Path
+
+from tensafe.common.auth import connect_authentication
+from tensafe.common.db import Database, migrate
+from tensafe.common.futures import SqlFutureStore
+from tensafe.common.grpc_errors import ServerInterceptorBase
 from tensafe.common.grpc_server import Assembly, ServiceRegistration, run_service
+from tensafe.common.jetstream import JetStream
+from tensafe.proto.common.v1 import common_pb2_grpc
 from tensafe.proto.trainer.v1 import trainer_service_pb2_grpc
+from tensafe.trainer.api import TrainerApi
+from tensafe.trainer.base_models import BaseModelRegistry
 from tensafe.trainer.config import TrainerConfig
-from tensafe.trainer.servicer import TrainerServiceServicer
+from tensafe.trainer.objects import ObjectFolder
+from tensafe.trainer.servicer import TrainerFutureServicer, TrainerServiceServicer
+from tensafe.trainer.store.models import FUTURES, MIGRATIONS, VERSION_TABLE
+from tensafe.trainer.worker import jobs_stream_config
+
+# WaitFuture re-reads the future with backoff between these bounds. A training step
+# takes tens to hundreds of milliseconds, so the 250 ms default ceiling of the futures
+# store would add up to a quarter of a second of latency to every awaited step; one
+# indexed primary-key read per waiting call every 10 ms is cheap for the database.
+FUTURE_POLL_INITIAL_SECONDS = 0.002
+FUTURE_POLL_MAX_SECONDS = 0.01
 
 
-async def build(config: TrainerConfig) -> Assembly:
-    """Build the trainer API's gRPC services from its config."""
-    return Assembly(
+async def build_api(
+    config: TrainerConfig, *, interceptors: Sequence[ServerInterceptorBase]
+) -> tuple[Assembly, TrainerApi]:
+    """Build the trainer API's services with the given authentication interceptors.
+
+    Migrates the database, connects to JetStream (publish only), ensures the job stream
+    and starts the outbox re-publisher.
+
+    Args:
+        config: The trainer configuration.
+        interceptors: The authentication interceptor(s) (from ``connect_authentication``
+            in production; tests pass one built on their own key source).
+
+    Returns:
+        The assembly to serve and the domain object.
+    """
+    database = Database.from_url(config.database_url)
+    try:
+        await migrate(database, script_location=MIGRATIONS, version_table=VERSION_TABLE)
+        jetstream = await JetStream.connect(
+            jobs_stream_config(config, durable=None), client_name="tensafe-trainer-api"
+        )
+    except BaseException:
+        await database.dispose()
+        raise
+    try:
+        await jetstream.ensure_stream()
+    except BaseException:
+        await jetstream.close()
+        await database.dispose()
+        raise
+    api = TrainerApi(
+        database=database,
+        futures=SqlFutureStore(
+            database,
+            FUTURES,
+            poll_initial=FUTURE_POLL_INITIAL_SECONDS,
+            poll_max=FUTURE_POLL_MAX_SECONDS,
+        ),
+        jetstream=jetstream,
+        base_models=BaseModelRegistry(config.base_models_path),
+        objects=ObjectFolder(Path(config.data_dir) / "trainer"),
+        subject_prefix=config.jobs_subject_prefix,
+        outbox_grace_seconds=config.outbox_grace_seconds,
+    )
+    stop_outbox = asyncio.Event()
+    outbox = asyncio.create_task(
+        api.run_outbox(interval=config.outbox_interval_seconds, stop=stop_outbox)
+    )
+
+    async def close() -> None:
+        stop_outbox.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await outbox
+        await jetstream.close()
+        await database.dispose()
+
+    assembly = Assembly(
         services=[
             ServiceRegistration(
                 "tensafe.trainer.v1.TrainerService",
                 trainer_service_pb2_grpc.add_TrainerServiceServicer_to_server,
-                TrainerServiceServicer(),
-            )
-        ]
+                TrainerServiceServicer(api),
+            ),
+            ServiceRegistration(
+                "tensafe.common.v1.FutureService",
+                common_pb2_grpc.add_FutureServiceServicer_to_server,
+                TrainerFutureServicer(api),
+            ),
+        ],
+        interceptors=list(interceptors),
+        close=close,
     )
+    return assembly, api
+
+
+async def build(config: TrainerConfig) -> Assembly:
+    """Build the trainer API's gRPC services from its config."""
+    authentication = await connect_authentication(config, service="trainer")
+    try:
+        assembly, _ = await build_api(config, interceptors=[authentication.interceptor])
+    except BaseException:
+        await authentication.close()
+        raise
+    inner_close = assembly.close
+
+    async def close() -> None:
+        if inner_close is not None:
+            await inner_close()
+        await authentication.close()
+
+    assembly.close = close
+    return assembly
 
 
 def main() -> int:

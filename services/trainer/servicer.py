@@ -1,8 +1,9 @@
-"""Thin gRPC layer of the trainer service: validate, call the domain, convert.
+"""Thin gRPC layer of the trainer service: identify the caller, call the domain, convert.
 
-Every RPC of the contract is listed here. Those this deployment does not serve yet
-raise :class:`~tensafe.common.errors.Unimplemented` (status UNIMPLEMENTED); none
-returns a made-up answer.
+Errors are typed domain errors; the shared interceptor maps them to status codes. The
+caller's identity comes from :func:`caller`, the one place that reads it. RPCs this
+deployment does not serve yet raise :class:`~tensafe.common.errors.Unimplemented`
+(status UNIMPLEMENTED); none returns a made-up answer.
 """
 
 from __future__ import annotations
@@ -11,11 +12,30 @@ from typing import Any, NoReturn
 
 import grpc.aio
 
-from tensafe.common.errors import Unimplemented
+from tensafe.common.auth import SCOPE_READ, SCOPE_TRAIN, require_scope
+from tensafe.common.errors import InvalidArgument, Unimplemented
+from tensafe.proto.common.v1 import common_pb2, common_pb2_grpc
 from tensafe.proto.trainer.v1 import trainer_service_pb2 as pb
 from tensafe.proto.trainer.v1 import trainer_service_pb2_grpc
+from tensafe.trainer import serde
+from tensafe.trainer.api import Caller, TrainerApi, client_dp
+from tensafe.trainer.store.models import TrainingClientRow
 
 Context = grpc.aio.ServicerContext[Any, Any]
+
+MAX_WAIT_SECONDS = 60.0
+"""Longest WaitFuture wait, whatever the request asks; clients wait in a loop."""
+
+
+def caller(*scopes: str) -> Caller:
+    """The authenticated caller of the current RPC, checked for ``scopes``.
+
+    Raises:
+        Unauthenticated: No identity (the auth interceptor is not installed).
+        PermissionDenied: A scope is missing.
+    """
+    identity = require_scope(*scopes)
+    return Caller(tenant=identity.tenant_id, principal=identity.principal_id)
 
 
 def _unimplemented(method: str) -> NoReturn:
@@ -24,106 +44,246 @@ def _unimplemented(method: str) -> NoReturn:
     )
 
 
+def client_to_proto(row: TrainingClientRow) -> pb.TrainingClient:
+    """The contract's TrainingClient of a stored client."""
+    lora, seed = serde.lora_from_json(row.lora_json)
+    message = pb.TrainingClient(
+        id=row.id,
+        base_model=row.base_model,
+        lora=serde.lora_to_proto(lora, seed),
+        private=row.private,
+        step=int(row.step),
+        state=(
+            pb.TRAINING_CLIENT_STATE_ACTIVE
+            if row.state == "ACTIVE"
+            else pb.TRAINING_CLIENT_STATE_DELETED
+        ),
+    )
+    dp = client_dp(row)
+    if dp is not None:
+        message.dp.CopyFrom(dp.to_proto())
+    created = serde.timestamp(row.created_at)
+    if created is not None:
+        message.create_time.CopyFrom(created)
+    return message
+
+
 class TrainerServiceServicer(trainer_service_pb2_grpc.TrainerServiceServicer):
-    """``tensafe.trainer.v1.TrainerService``."""
+    """``tensafe.trainer.v1.TrainerService``.
+
+    Args:
+        api: The trainer's domain.
+    """
+
+    def __init__(self, api: TrainerApi) -> None:
+        self._api = api
 
     async def ListBaseModels(
         self, request: pb.ListBaseModelsRequest, context: Context
     ) -> pb.ListBaseModelsResponse:
-        _unimplemented("ListBaseModels")
+        """List the registered base models."""
+        caller(SCOPE_READ)
+        models = await self._api.list_base_models()
+        return pb.ListBaseModelsResponse(
+            base_models=[
+                pb.BaseModel(
+                    name=info.name,
+                    weights_sha256=info.weights_sha256,
+                    vocab_size=info.vocab_size,
+                    max_context_length=info.max_context_length,
+                    lora_target_modules=list(info.lora_target_modules),
+                )
+                for info in models
+            ]
+        )
 
     async def CreateTrainingClient(
         self, request: pb.CreateTrainingClientRequest, context: Context
     ) -> pb.CreateTrainingClientResponse:
-        _unimplemented("CreateTrainingClient")
+        """Create a LoRA training client."""
+        row = await self._api.create_client(caller(SCOPE_TRAIN), request)
+        return pb.CreateTrainingClientResponse(training_client=client_to_proto(row))
 
     async def GetTrainingClient(
         self, request: pb.GetTrainingClientRequest, context: Context
     ) -> pb.GetTrainingClientResponse:
-        _unimplemented("GetTrainingClient")
+        """Return a training client."""
+        row = await self._api.get_client(caller(SCOPE_READ), request.training_client_id)
+        return pb.GetTrainingClientResponse(training_client=client_to_proto(row))
 
     async def ListTrainingClients(
         self, request: pb.ListTrainingClientsRequest, context: Context
     ) -> pb.ListTrainingClientsResponse:
-        _unimplemented("ListTrainingClients")
+        """List the caller's training clients."""
+        page = await self._api.list_clients(
+            caller(SCOPE_READ), page_size=request.page_size, page_token=request.page_token
+        )
+        return pb.ListTrainingClientsResponse(
+            training_clients=[client_to_proto(row) for row in page.clients],
+            next_page_token=page.next_page_token,
+        )
 
     async def DeleteTrainingClient(
         self, request: pb.DeleteTrainingClientRequest, context: Context
     ) -> pb.DeleteTrainingClientResponse:
-        _unimplemented("DeleteTrainingClient")
+        """Delete a training client and its checkpoints."""
+        await self._api.delete_client(caller(SCOPE_TRAIN), request.training_client_id)
+        return pb.DeleteTrainingClientResponse()
 
     async def ForwardBackward(
         self, request: pb.ForwardBackwardRequest, context: Context
     ) -> pb.ForwardBackwardResponse:
-        _unimplemented("ForwardBackward")
+        """Queue a forward-backward pass."""
+        future = await self._api.forward_backward(caller(SCOPE_TRAIN), request)
+        return pb.ForwardBackwardResponse(future=serde.future_to_proto(future))
 
     async def Forward(self, request: pb.ForwardRequest, context: Context) -> pb.ForwardResponse:
-        _unimplemented("Forward")
+        """Queue a forward pass."""
+        future = await self._api.forward_backward(caller(SCOPE_TRAIN), request)
+        return pb.ForwardResponse(future=serde.future_to_proto(future))
 
     async def OptimStep(
         self, request: pb.OptimStepRequest, context: Context
     ) -> pb.OptimStepResponse:
-        _unimplemented("OptimStep")
+        """Queue an optimizer step (refused when over the privacy budget)."""
+        future = await self._api.optim_step(caller(SCOPE_TRAIN), request)
+        return pb.OptimStepResponse(future=serde.future_to_proto(future))
 
     async def Sample(self, request: pb.SampleRequest, context: Context) -> pb.SampleResponse:
-        _unimplemented("Sample")
+        """Queue sampling."""
+        future = await self._api.sample(caller(SCOPE_TRAIN), request)
+        return pb.SampleResponse(future=serde.future_to_proto(future))
 
     async def ComputeLogprobs(
         self, request: pb.ComputeLogprobsRequest, context: Context
     ) -> pb.ComputeLogprobsResponse:
-        _unimplemented("ComputeLogprobs")
+        """Queue a log-probability computation."""
+        future = await self._api.compute_logprobs(caller(SCOPE_TRAIN), request)
+        return pb.ComputeLogprobsResponse(future=serde.future_to_proto(future))
 
     async def SaveState(
         self, request: pb.SaveStateRequest, context: Context
     ) -> pb.SaveStateResponse:
-        _unimplemented("SaveState")
+        """Queue a checkpoint."""
+        future = await self._api.save_state(caller(SCOPE_TRAIN), request)
+        return pb.SaveStateResponse(future=serde.future_to_proto(future))
 
     async def LoadState(
         self, request: pb.LoadStateRequest, context: Context
     ) -> pb.LoadStateResponse:
-        _unimplemented("LoadState")
+        """Queue a checkpoint restore."""
+        future = await self._api.load_state(caller(SCOPE_TRAIN), request)
+        return pb.LoadStateResponse(future=serde.future_to_proto(future))
 
     async def SaveWeightsForSampler(
         self, request: pb.SaveWeightsForSamplerRequest, context: Context
     ) -> pb.SaveWeightsForSamplerResponse:
-        _unimplemented("SaveWeightsForSampler")
+        """Queue freezing the weights for sampling."""
+        future = await self._api.save_weights_for_sampler(caller(SCOPE_TRAIN), request)
+        return pb.SaveWeightsForSamplerResponse(future=serde.future_to_proto(future))
 
     async def GetPrivacySpent(
         self, request: pb.GetPrivacySpentRequest, context: Context
     ) -> pb.GetPrivacySpentResponse:
-        _unimplemented("GetPrivacySpent")
+        """Report the privacy spent by a client."""
+        spent = await self._api.privacy_spent(caller(SCOPE_READ), request.training_client_id)
+        return pb.GetPrivacySpentResponse(privacy_spent=spent)
 
     async def SaveAdapter(
         self, request: pb.SaveAdapterRequest, context: Context
     ) -> pb.SaveAdapterResponse:
+        """Not served yet."""
         _unimplemented("SaveAdapter")
 
     async def UploadDataset(
         self, request_iterator: Any, context: Context
     ) -> pb.UploadDatasetResponse:
+        """Not served yet."""
         _unimplemented("UploadDataset")
 
     async def GetDataset(
         self, request: pb.GetDatasetRequest, context: Context
     ) -> pb.GetDatasetResponse:
+        """Not served yet."""
         _unimplemented("GetDataset")
 
     async def ListDatasets(
         self, request: pb.ListDatasetsRequest, context: Context
     ) -> pb.ListDatasetsResponse:
+        """Not served yet."""
         _unimplemented("ListDatasets")
 
     async def DeleteDataset(
         self, request: pb.DeleteDatasetRequest, context: Context
     ) -> pb.DeleteDatasetResponse:
+        """Not served yet."""
         _unimplemented("DeleteDataset")
 
     async def TrainOnDataset(
         self, request: pb.TrainOnDatasetRequest, context: Context
     ) -> pb.TrainOnDatasetResponse:
+        """Not served yet."""
         _unimplemented("TrainOnDataset")
 
     async def AuditPrivacy(
         self, request: pb.AuditPrivacyRequest, context: Context
     ) -> pb.AuditPrivacyResponse:
+        """Not served yet."""
         _unimplemented("AuditPrivacy")
+
+
+class TrainerFutureServicer(common_pb2_grpc.FutureServiceServicer):
+    """``tensafe.common.v1.FutureService`` over the trainer's futures.
+
+    Args:
+        api: The trainer's domain.
+    """
+
+    def __init__(self, api: TrainerApi) -> None:
+        self._api = api
+
+    async def GetFuture(
+        self, request: common_pb2.GetFutureRequest, context: Context
+    ) -> common_pb2.GetFutureResponse:
+        """Return a future."""
+        future = await self._api.get_future(caller(SCOPE_READ), request.future_id)
+        return common_pb2.GetFutureResponse(future=serde.future_to_proto(future))
+
+    async def WaitFuture(
+        self, request: common_pb2.WaitFutureRequest, context: Context
+    ) -> common_pb2.WaitFutureResponse:
+        """Wait for a future, bounded by the request, the deadline and a maximum."""
+        who = caller(SCOPE_READ)
+        timeout = request.timeout.ToTimedelta().total_seconds()
+        if timeout < 0:
+            raise InvalidArgument("timeout", "must not be negative")
+        remaining = context.time_remaining()
+        if remaining is not None:
+            # Answer a little before the deadline so the client gets the snapshot.
+            timeout = min(timeout, max(0.0, remaining - 0.05))
+        future = await self._api.wait_future(
+            who, request.future_id, timeout=min(timeout, MAX_WAIT_SECONDS)
+        )
+        return common_pb2.WaitFutureResponse(future=serde.future_to_proto(future))
+
+    async def CancelFuture(
+        self, request: common_pb2.CancelFutureRequest, context: Context
+    ) -> common_pb2.CancelFutureResponse:
+        """Cancel a future that has not finished."""
+        future = await self._api.cancel_future(caller(SCOPE_TRAIN), request.future_id)
+        return common_pb2.CancelFutureResponse(future=serde.future_to_proto(future))
+
+    async def ListFutures(
+        self, request: common_pb2.ListFuturesRequest, context: Context
+    ) -> common_pb2.ListFuturesResponse:
+        """List the caller's futures, newest first."""
+        page = await self._api.list_futures(
+            caller(SCOPE_READ),
+            page_size=request.page_size,
+            page_token=request.page_token,
+            kind=request.kind or None,
+        )
+        return common_pb2.ListFuturesResponse(
+            futures=[serde.future_to_proto(future) for future in page.futures],
+            next_page_token=page.next_page_token,
+        )

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tensafe.common.nats_server import NatsServer, NatsServerConfig
+
 ROOT = Path(__file__).resolve().parents[2]
 NODE_CLIENT = ROOT / "clients" / "node"
 
@@ -51,6 +53,60 @@ def _wait_for(path: Path, process: subprocess.Popen[bytes], timeout: float) -> N
         assert process.poll() is None, process.stdout.read().decode() if process.stdout else ""
         assert time.monotonic() < deadline, f"{path} not written in {timeout}s"
         time.sleep(0.1)
+
+
+def _status(connection_file: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tensafe.client.cli",
+            "status",
+            "--connection-file",
+            str(connection_file),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.mark.slow
+def test_up_with_postgres_and_an_external_nats(tmp_path: Path, fresh_postgres_url: str) -> None:
+    with NatsServer(NatsServerConfig(data_dir=tmp_path / "nats")) as nats:
+        up = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tensafe.client.cli",
+                "up",
+                "--data-dir",
+                str(tmp_path / "state"),
+                "--database-url",
+                fresh_postgres_url,
+                "--nats-url",
+                nats.url,
+            ],
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            connection_file = tmp_path / "state" / "connection.json"
+            _wait_for(connection_file, up, timeout=120)
+            assert json.loads(connection_file.read_text())["nats_url"] == nats.url
+            status = _status(connection_file)
+            assert status.returncode == 0, status.stdout + status.stderr
+            assert status.stdout.count("SERVING") == 4
+            up.send_signal(signal.SIGTERM)
+            assert up.wait(timeout=10) == 0
+            assert nats.running, "an external NATS is not the stack's to stop"
+        finally:
+            if up.poll() is None:
+                up.kill()
+                up.wait()
+    assert not list((tmp_path / "state" / "db").glob("*.db")), "SQLite used despite the URL"
 
 
 @pytest.mark.slow

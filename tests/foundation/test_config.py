@@ -92,7 +92,11 @@ def test_describe_documents_every_setting() -> None:
     [
         ("tensafe.auth", {"TENSAFE_DATA_DIR": "/tmp"}, "TENSAFE_DATABASE_URL"),
         ("tensafe.auth", BASE, "TENSAFE_SIGNING_KEY_ENCRYPTION_KEY"),
-        ("tensafe.trainer", {**BASE, "TENSAFE_NATS_URL": "http://x"}, "TENSAFE_NATS_URL"),
+        (
+            "tensafe.trainer",
+            {**BASE, "TENSAFE_BASE_MODELS_DIR": "/tmp", "TENSAFE_NATS_URL": "http://x"},
+            "TENSAFE_NATS_URL",
+        ),
         ("tensafe.registry", {**BASE, "TENSAFE_PORT": "-1"}, "TENSAFE_PORT"),
     ],
 )

@@ -20,7 +20,6 @@ from tensafe.common.grpc_errors import from_rpc_error
 from tensafe.common.grpc_server import GrpcServer, ServiceRegistration
 from tensafe.proto.common.v1 import common_pb2, common_pb2_grpc
 from tensafe.proto.registry.v1 import registry_service_pb2, registry_service_pb2_grpc
-from tensafe.registry.servicer import RegistryServiceServicer
 
 RAISES: dict[str, Exception] = {
     "invalid": errors.InvalidArgument("future_id", "must be a UUID"),
@@ -71,7 +70,9 @@ async def served(tmp_path: Path) -> AsyncIterator[tuple[GrpcServer, ProbeFutureS
             ServiceRegistration(
                 "tensafe.registry.v1.RegistryService",
                 registry_service_pb2_grpc.add_RegistryServiceServicer_to_server,
-                RegistryServiceServicer(),
+                # The generated base: every RPC unimplemented, as a servicer that does
+                # not override a method.
+                registry_service_pb2_grpc.RegistryServiceServicer(),
             ),
         ],
     )

@@ -2,7 +2,9 @@
 
 ``tensafe up`` runs the local stack, ``tensafe status`` checks each service's health,
 ``tensafe serve <service>`` runs one service in the foreground (the container
-entry point does the same).
+entry point does the same). ``tensafe admin bootstrap`` creates the first admin of a
+fresh deployment (run beside the auth service's database, like ``serve``);
+``tensafe audit verify`` asks the auth service to verify its audit hash chain.
 """
 
 from __future__ import annotations
@@ -10,16 +12,21 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tensafe.client import registry_cli, train_cli
 from tensafe.client.connection import DEFAULT_DATA_DIR, load_connection
-from tensafe.client.stack import SERVICES, LocalStack, StackError, StackOptions
+from tensafe.client.stack import SERVICES, WORKER_MODULE, LocalStack, StackError, StackOptions
 
-SERVE_TARGETS = {name.replace("_", "-"): name for name in SERVICES}
+SERVE_TARGETS = {
+    **{name.replace("_", "-"): f"tensafe.{name}" for name in SERVICES},
+    "trainer-worker": WORKER_MODULE,
+}
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
@@ -42,6 +49,11 @@ def _cmd_up(args: argparse.Namespace) -> int:
         print(f"  {name:<11} {address}")
     print(f"  {'nats':<11} {connection['nats_url']}")
     print(f"connection file: {stack.connection_file}", flush=True)
+    print(
+        "DEV MODE: the admin API key is stored in the connection file (mode 0600); "
+        f"service credentials in {options.data_dir / 'credentials.json'}",
+        flush=True,
+    )
     print(f"logs: {options.data_dir / 'logs'}", flush=True)
     print("ready; Ctrl-C or SIGTERM stops everything", flush=True)
     try:
@@ -73,8 +85,145 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    module = f"tensafe.{SERVE_TARGETS[args.service]}"
+    module = SERVE_TARGETS[args.service]
     os.execv(sys.executable, [sys.executable, "-m", module])  # noqa: S606 - replaces this process
+
+
+def _cmd_admin_bootstrap(args: argparse.Namespace) -> int:
+    # Server-side work: the auth package does it, in its own process, as `serve` does.
+    argv = [
+        sys.executable,
+        "-m",
+        "tensafe.auth.bootstrap",
+        "--tenant-name",
+        args.tenant_name,
+        "--admin-name",
+        args.admin_name,
+    ]
+    for name in args.service_account:
+        argv += ["--service-account", name]
+    if args.json:
+        argv.append("--json")
+    if args.credentials_file:
+        argv += ["--credentials-file", args.credentials_file]
+    os.execv(sys.executable, argv)  # noqa: S606 - replaces this process
+
+
+def _with_auth(args: argparse.Namespace, command: str, call: Callable[[Any], int]) -> int:
+    """Run ``call(stub)`` against the auth service with the SDK's API-key credentials.
+
+    Exit codes: what ``call`` returns; 2 when the call fails (the message says why).
+    """
+    from tensafe.client.auth import TokenProvider, authenticated_channel, find_api_key
+    from tensafe.common.errors import TenSafeError
+    from tensafe.common.grpc_errors import from_rpc_error
+    from tensafe.proto.auth.v1 import auth_service_pb2_grpc
+
+    try:
+        connection = load_connection(args.connection_file)
+        address = connection.address("auth")
+        api_key = find_api_key(connection_file=connection.path)
+    except (FileNotFoundError, KeyError, TenSafeError) as exc:
+        print(f"tensafe {command}: {exc}", file=sys.stderr)
+        return 2
+    with grpc.insecure_channel(address) as channel:
+        provider = TokenProvider(channel, api_key)
+        stub = auth_service_pb2_grpc.AuthServiceStub(authenticated_channel(channel, provider))
+        try:
+            return call(stub)
+        except grpc.RpcError as exc:
+            print(f"tensafe {command}: {from_rpc_error(exc).message}", file=sys.stderr)
+        except TenSafeError as exc:
+            print(f"tensafe {command}: {exc.message}", file=sys.stderr)
+    return 2
+
+
+def _cmd_audit_verify(args: argparse.Namespace) -> int:
+    from tensafe.proto.auth.v1 import auth_service_pb2 as pb
+
+    def call(stub: Any) -> int:
+        verdict = stub.VerifyAuditLog(pb.VerifyAuditLogRequest(), timeout=args.timeout)
+        if verdict.ok:
+            print(f"audit log OK: {verdict.entries_checked} entries verified")
+            return 0
+        print(
+            f"audit log BROKEN at entry {verdict.first_bad_seq}: {verdict.reason} "
+            f"({verdict.entries_checked} entries checked)"
+        )
+        return 1
+
+    return _with_auth(args, "audit verify", call)
+
+
+_ROLES = ("admin", "trainer", "reader")
+
+
+def _cmd_admin_create_tenant(args: argparse.Namespace) -> int:
+    from tensafe.proto.auth.v1 import auth_service_pb2 as pb
+
+    def call(stub: Any) -> int:
+        request = pb.CreateTenantRequest(display_name=args.name, request_id=args.request_id)
+        tenant = stub.CreateTenant(request).tenant
+        print(f"tenant {tenant.id} ({tenant.display_name})")
+        return 0
+
+    return _with_auth(args, "admin create-tenant", call)
+
+
+def _cmd_admin_create_principal(args: argparse.Namespace) -> int:
+    from tensafe.proto.auth.v1 import auth_service_pb2 as pb
+
+    def call(stub: Any) -> int:
+        kind = pb.PRINCIPAL_KIND_SERVICE_ACCOUNT if args.service_account else pb.PRINCIPAL_KIND_USER
+        roles = [pb.Role.Value(f"ROLE_{role.upper()}") for role in args.role]
+        request = pb.CreatePrincipalRequest(
+            kind=kind, name=args.name, roles=roles, tenant_id=args.tenant_id or ""
+        )
+        principal = stub.CreatePrincipal(request).principal
+        print(f"principal {principal.id} ({principal.name}) in tenant {principal.tenant_id}")
+        return 0
+
+    return _with_auth(args, "admin create-principal", call)
+
+
+def _cmd_admin_create_api_key(args: argparse.Namespace) -> int:
+    from google.protobuf import duration_pb2
+
+    from tensafe.proto.auth.v1 import auth_service_pb2 as pb
+
+    def call(stub: Any) -> int:
+        request = pb.CreateApiKeyRequest(
+            principal_id=args.principal_id, description=args.description
+        )
+        if args.ttl_days:
+            request.ttl.CopyFrom(duration_pb2.Duration(seconds=int(args.ttl_days * 86400)))
+        response = stub.CreateApiKey(request)
+        print(f"API key {response.api_key.id} (prefix {response.api_key.prefix})")
+        print(f"secret (shown once, store it now): {response.secret}")
+        return 0
+
+    return _with_auth(args, "admin create-api-key", call)
+
+
+def _cmd_admin_revoke_api_key(args: argparse.Namespace) -> int:
+    from tensafe.proto.auth.v1 import auth_service_pb2 as pb
+
+    def call(stub: Any) -> int:
+        key = stub.RevokeApiKey(pb.RevokeApiKeyRequest(api_key_id=args.api_key_id)).api_key
+        print(f"API key {key.id} revoked")
+        return 0
+
+    return _with_auth(args, "admin revoke-api-key", call)
+
+
+def _cmd_admin_rotate_signing_key(args: argparse.Namespace) -> int:
+    from tensafe.proto.auth.v1 import auth_service_pb2 as pb
+
+    def call(stub: Any) -> int:
+        print(f"new signing key {stub.RotateSigningKey(pb.RotateSigningKeyRequest()).kid}")
+        return 0
+
+    return _with_auth(args, "admin rotate-signing-key", call)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,6 +245,77 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run one service in the foreground")
     serve.add_argument("service", choices=sorted(SERVE_TARGETS))
     serve.set_defaults(func=_cmd_serve)
+
+    admin = sub.add_parser("admin", help="deployment administration")
+    admin_sub = admin.add_subparsers(dest="admin_command", required=True)
+    bootstrap = admin_sub.add_parser(
+        "bootstrap",
+        help="create the first admin and API key of a fresh deployment (prints the key once)",
+        description="Runs `python -m tensafe.auth.bootstrap` with the auth service's "
+        "TENSAFE_* settings (database, data dir, key-encryption key or dev mode). "
+        "Exit code 3: already bootstrapped.",
+    )
+    bootstrap.add_argument("--tenant-name", default="platform", help="platform tenant's name")
+    bootstrap.add_argument("--admin-name", default="admin", help="first admin user's name")
+    bootstrap.add_argument(
+        "--service-account",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also create a service account (reader) with a key; repeatable",
+    )
+    bootstrap.add_argument("--json", action="store_true", help="print the result as JSON")
+    bootstrap.add_argument(
+        "--credentials-file", help="write the result to this new file (mode 0600)"
+    )
+    bootstrap.set_defaults(func=_cmd_admin_bootstrap)
+
+    def with_connection(command: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        command.add_argument("--connection-file", help="default: .tensafe/connection.json")
+        return command
+
+    tenant = with_connection(admin_sub.add_parser("create-tenant", help="create a tenant"))
+    tenant.add_argument("name", help="unique display name")
+    tenant.add_argument("--request-id", default="", help="idempotency key")
+    tenant.set_defaults(func=_cmd_admin_create_tenant)
+
+    principal = with_connection(
+        admin_sub.add_parser("create-principal", help="create a user or service account")
+    )
+    principal.add_argument("name", help="unique within the tenant")
+    principal.add_argument(
+        "--role", action="append", choices=_ROLES, required=True, help="repeatable"
+    )
+    principal.add_argument("--tenant-id", help="default: the caller's tenant")
+    principal.add_argument("--service-account", action="store_true", help="not a person")
+    principal.set_defaults(func=_cmd_admin_create_principal)
+
+    api_key = with_connection(
+        admin_sub.add_parser("create-api-key", help="create an API key (secret shown once)")
+    )
+    api_key.add_argument("principal_id")
+    api_key.add_argument("--description", default="")
+    api_key.add_argument("--ttl-days", type=float, default=0.0, help="0: no expiry")
+    api_key.set_defaults(func=_cmd_admin_create_api_key)
+
+    revoke = with_connection(admin_sub.add_parser("revoke-api-key", help="revoke an API key"))
+    revoke.add_argument("api_key_id")
+    revoke.set_defaults(func=_cmd_admin_revoke_api_key)
+
+    rotate = with_connection(
+        admin_sub.add_parser("rotate-signing-key", help="start signing tokens with a new key")
+    )
+    rotate.set_defaults(func=_cmd_admin_rotate_signing_key)
+
+    audit = sub.add_parser("audit", help="the security audit log")
+    audit_sub = audit.add_subparsers(dest="audit_command", required=True)
+    verify = audit_sub.add_parser("verify", help="verify the audit hash chain")
+    verify.add_argument("--connection-file", help="default: .tensafe/connection.json")
+    verify.add_argument("--timeout", type=float, default=60.0, help="seconds")
+    verify.set_defaults(func=_cmd_audit_verify)
+
+    train_cli.register(sub)
+    registry_cli.register(sub)
     return parser
 
 

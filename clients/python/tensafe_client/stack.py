@@ -30,6 +30,8 @@ SERVICES: tuple[str, ...] = ("auth", "registry", "he_runtime", "trainer")
 """Service modules, in start order."""
 
 CONNECTION_FILE = "connection.json"
+WORKER_MODULE = "tensafe.trainer.worker"
+"""The trainer's job consumer: a process of its own, started beside the trainer API."""
 _ALREADY_BOOTSTRAPPED = 3  # exit code of tensafe.auth.bootstrap when an admin exists
 
 
@@ -122,14 +124,24 @@ class LocalStack:
                 "TENSAFE_BASE_MODELS_DIR": str(data / "models"),
             }
             self._children.append(self._spawn(name, data, nats_url, extra))
+        trainer_env = {
+            "TENSAFE_BASE_MODELS_DIR": str(data / "models"),
+        }
+        worker = self._spawn(
+            "trainer", data, nats_url, trainer_env, module=WORKER_MODULE, label="trainer-worker"
+        )
+        self._children.append(worker)
         for child in self._children[1:]:
             child.port = self._await_ready(child, deadline)
         connection: dict[str, object] = {
-            "services": {c.name: f"{opts.host}:{c.port}" for c in self._children},
+            "services": {
+                c.name: f"{opts.host}:{c.port}" for c in self._children if c is not worker
+            },
             "nats_url": nats_url,
             "data_dir": str(data),
             "dev_mode": True,
             "api_key": credentials["api_key"],
+            "base_models_dir": str(data / "models"),
             "pid": os.getpid(),
         }
         _write_private(self.connection_file, json.dumps(connection, indent=2))
@@ -175,20 +187,35 @@ class LocalStack:
         loaded: dict[str, object] = json.loads(path.read_text())
         return loaded
 
-    def _spawn(self, name: str, data: Path, nats_url: str, extra: dict[str, str]) -> _Child:
-        ready = data / "run" / f"{name}.ready"
+    def _spawn(
+        self,
+        name: str,
+        data: Path,
+        nats_url: str,
+        extra: dict[str, str],
+        *,
+        module: str | None = None,
+        label: str | None = None,
+    ) -> _Child:
+        """Start ``python -m <module>`` (default ``tensafe.<name>``) with ``name``'s config.
+
+        ``label`` names the process's ready file and log when it differs from ``name``
+        (the trainer worker shares the trainer API's database and data dir).
+        """
+        label = label or name
+        ready = data / "run" / f"{label}.ready"
         ready.unlink(missing_ok=True)
         env = {**self._env(name, data, nats_url), **extra, "TENSAFE_READY_FILE": str(ready)}
-        log_path = data / "logs" / f"{name}.log"
+        log_path = data / "logs" / f"{label}.log"
         log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
         process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
-            [sys.executable, "-m", f"tensafe.{name}"],
+            [sys.executable, "-m", module or f"tensafe.{name}"],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
         )
-        return _Child(name, process, ready, log_path, log)
+        return _Child(label, process, ready, log_path, log)
 
     def _await_ready(self, child: _Child, deadline: float) -> int:
         delay = 0.01

@@ -1,0 +1,536 @@
+"""The trainer API's domain: admit jobs, serve reads, re-publish the outbox.
+
+An accepted job goes through one transaction that locks the training client's row,
+creates the future (idempotent by request id), allocates the client's next sequence
+number, stores the request as the job's payload and, for an OptimStep of a private
+client, checks and reserves the step's privacy cost against the budget. Only after the
+commit is the job published to JetStream (``Nats-Msg-Id`` = future id). If the publish
+fails, the job stays ``QUEUED`` in ``trainer_jobs`` and :meth:`TrainerApi.run_outbox`
+publishes it again; the stream's de-duplication and the worker's sequence check make a
+second copy harmless.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import secrets
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+
+from google.protobuf.message import Message
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from tensafe.common.db import Database
+from tensafe.common.errors import BudgetExhausted, InvalidArgument, TenSafeError
+from tensafe.common.futures import Future, FuturePage, SqlFutureStore
+from tensafe.common.jetstream import JetStream
+from tensafe.proto.trainer.v1 import trainer_service_pb2 as pb
+from tensafe.trainer import serde
+from tensafe.trainer.base_models import BaseModelInfo, BaseModelRegistry
+from tensafe.trainer.engine.accounting import (
+    BatchSampling,
+    PrivacyAccountant,
+    StepMechanism,
+    calibrate_noise_multiplier,
+    create_accountant,
+)
+from tensafe.trainer.engine.losses import LossFn, validate_batch, validate_token_sequences
+from tensafe.trainer.jobs import (
+    CHECKPOINT_KIND,
+    SAMPLER_KIND,
+    JobKind,
+    JobMessage,
+    check_name,
+    job_subject,
+    parse_path,
+)
+from tensafe.trainer.objects import ObjectFolder
+from tensafe.trainer.store import repository as repo
+from tensafe.trainer.store.models import BudgetReservationRow, JobRow, TrainingClientRow
+
+log = logging.getLogger(__name__)
+
+_MAX_REQUEST_ID = 128
+_OUTBOX_BATCH = 200
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is calling: the tenant every read and write is scoped to."""
+
+    tenant: str
+    principal: str
+
+
+def accountant_of(row: TrainingClientRow, dp: serde.DpSettings) -> PrivacyAccountant:
+    """The client's accountant with every committed DP step composed."""
+    if row.accountant_state is None:
+        return create_accountant(dp.accountant)
+    return PrivacyAccountant.from_state(json.loads(row.accountant_state))
+
+
+def client_dp(row: TrainingClientRow) -> serde.DpSettings | None:
+    """The client's DP settings, None for a non-private client."""
+    return serde.DpSettings.from_json(row.dp_json) if row.dp_json is not None else None
+
+
+def step_mechanism(dp: serde.DpSettings) -> StepMechanism:
+    """The mechanism of one step over client-supplied batches: no amplification."""
+    return StepMechanism.client_batches(dp.noise_multiplier)
+
+
+def _fingerprint(message: Message) -> str:
+    copy = type(message)()
+    copy.CopyFrom(message)
+    copy.ClearField("request_id")
+    return hashlib.sha256(copy.SerializeToString(deterministic=True)).hexdigest()
+
+
+def _request_id(request_id: str) -> str:
+    if len(request_id) > _MAX_REQUEST_ID:
+        raise InvalidArgument("request_id", f"must be at most {_MAX_REQUEST_ID} characters")
+    # Without a key a call is not idempotent: each one is a new request.
+    return request_id or uuid.uuid4().hex
+
+
+class TrainerApi:
+    """Admission, reads and the outbox of the trainer API.
+
+    Args:
+        database: The trainer's database.
+        futures: The futures store on ``trainer_futures``.
+        jetstream: Connection whose stream captures ``<subject_prefix>.>``.
+        base_models: The registered base models.
+        objects: The object folder (checkpoints are deleted with their client).
+        subject_prefix: Subject prefix of job messages.
+        outbox_grace_seconds: Age of a queued job before the outbox re-publishes it.
+    """
+
+    def __init__(
+        self,
+        *,
+        database: Database,
+        futures: SqlFutureStore,
+        jetstream: JetStream,
+        base_models: BaseModelRegistry,
+        objects: ObjectFolder,
+        subject_prefix: str,
+        outbox_grace_seconds: float,
+    ) -> None:
+        self._db = database
+        self._futures = futures
+        self._jetstream = jetstream
+        self._base_models = base_models
+        self._objects = objects
+        self._subject_prefix = subject_prefix
+        self._outbox_grace = timedelta(seconds=outbox_grace_seconds)
+
+    @property
+    def futures(self) -> SqlFutureStore:
+        """The futures store (FutureService reads it)."""
+        return self._futures
+
+    # ---------------------------------------------------------------- base models
+
+    async def list_base_models(self) -> list[BaseModelInfo]:
+        """Every registered base model."""
+        return await asyncio.to_thread(self._base_models.list)
+
+    async def base_model(self, name: str) -> BaseModelInfo:
+        """One base model (NotFound if unknown)."""
+        return await asyncio.to_thread(self._base_models.get, name)
+
+    # ---------------------------------------------------------------- clients
+
+    async def create_client(
+        self, caller: Caller, request: pb.CreateTrainingClientRequest
+    ) -> TrainingClientRow:
+        """Create a training client, or return the one this request id created.
+
+        Raises:
+            InvalidArgument: A bad field (``lora.rank``, ``dp.delta``, ...).
+            NotFound: Unknown base model.
+        """
+        request_id = _request_id(request.request_id)
+        fingerprint = _fingerprint(request)
+        info = await self.base_model(request.base_model)
+        if not request.HasField("lora"):
+            raise InvalidArgument("lora", "is required")
+        lora = serde.lora_config(request.lora, info.default_target_modules)
+        unknown = [m for m in lora.target_modules if m not in info.lora_target_modules]
+        if unknown:
+            raise InvalidArgument(
+                "lora.target_modules",
+                f"no linear layer named {', '.join(unknown)} in {info.name}; "
+                f"choose from {', '.join(info.lora_target_modules)}",
+            )
+        seed = int(request.lora.seed) if request.lora.seed else secrets.randbits(63)
+        dp: serde.DpSettings | None = None
+        if request.HasField("dp"):
+            dp, target = serde.dp_request(request.dp)
+            if dp is None:
+                assert target is not None
+                # Client-supplied batches: the calibration composes full Gaussian steps,
+                # exactly what the accountant will charge.
+                sigma = await asyncio.to_thread(
+                    calibrate_noise_multiplier,
+                    target_epsilon=target,
+                    delta=request.dp.delta,
+                    steps=int(request.dp.planned_steps),
+                    sampling=BatchSampling.CLIENT_BATCHES,
+                    accountant=serde.accountant_name(request.dp),
+                )
+                dp = serde.dp_with_noise(request.dp, sigma)
+        async with self._db.transaction() as session:
+            existing = await repo.client_by_request(session, caller.tenant, request_id)
+            if existing is not None:
+                if existing.request_fingerprint != fingerprint:
+                    raise InvalidArgument(
+                        "request_id",
+                        "was already used for a different request",
+                        reason="REQUEST_ID_REUSED",
+                    )
+                return existing
+            row = TrainingClientRow(
+                id=uuid.uuid4().hex,
+                tenant=caller.tenant,
+                request_id=request_id,
+                request_fingerprint=fingerprint,
+                base_model=info.name,
+                lora_json=serde.lora_to_json(lora, seed),
+                dp_json=dp.to_json() if dp is not None else None,
+                private=dp is not None,
+                seed=seed,
+                state=repo.CLIENT_ACTIVE,
+                next_seq=0,
+                applied_seq=0,
+                step=0,
+                dp_steps=0,
+                epsilon_spent=0.0,
+                accountant_state=None,
+                state_path=None,
+                state_sha256=None,
+                lease_owner=None,
+                lease_expires_at=None,
+                created_at=repo.now(),
+            )
+            session.add(row)
+        return row
+
+    async def get_client(self, caller: Caller, client_id: str) -> TrainingClientRow:
+        """A client of the caller's tenant (NotFound otherwise)."""
+        async with self._db.transaction(read_only=True) as session:
+            return await repo.get_client(session, caller.tenant, client_id)
+
+    async def list_clients(
+        self, caller: Caller, *, page_size: int, page_token: str
+    ) -> repo.ClientPage:
+        """A page of the caller's clients."""
+        async with self._db.transaction(read_only=True) as session:
+            return await repo.list_clients(
+                session, caller.tenant, page_size=page_size, page_token=page_token
+            )
+
+    async def delete_client(self, caller: Caller, client_id: str) -> None:
+        """Delete a client and its checkpoints; its ledger stays for audit."""
+        async with self._db.transaction() as session:
+            row = await repo.lock_client(session, caller.tenant, client_id)
+            row.state = repo.CLIENT_DELETED
+            checkpoints = await repo.checkpoints_of(session, client_id)
+            for checkpoint in checkpoints:
+                await session.delete(checkpoint)
+            paths = [c.object_path for c in checkpoints]
+            if row.state_path is not None:
+                paths.append(row.state_path)
+        for path in paths:
+            self._objects.delete(path)
+
+    async def privacy_spent(self, caller: Caller, client_id: str) -> pb.PrivacySpent:
+        """The privacy a client has spent (committed steps only)."""
+        row = await self.get_client(caller, client_id)
+        return serde.privacy_spent(
+            dp=client_dp(row), epsilon=row.epsilon_spent, steps=int(row.dp_steps)
+        )
+
+    # ---------------------------------------------------------------- jobs
+
+    async def forward_backward(
+        self, caller: Caller, request: pb.ForwardBackwardRequest | pb.ForwardRequest
+    ) -> Future:
+        """Admit a ForwardBackward or Forward job after validating the batch."""
+        kind = (
+            JobKind.FORWARD_BACKWARD
+            if isinstance(request, pb.ForwardBackwardRequest)
+            else JobKind.FORWARD
+        )
+        row = await self.get_client(caller, request.training_client_id)
+        info = await self.base_model(row.base_model)
+        loss = LossFn.parse(request.loss_fn)
+        if request.loss_fn_config:
+            # The engine fixes the PPO clip range per client (0.2 on both sides, as
+            # Tinker); per-call options are refused rather than ignored.
+            raise InvalidArgument("loss_fn_config", "per-call loss options are not supported")
+        batch = serde.batch_from_data(request.data)
+        try:
+            validate_batch(
+                batch.sequences,
+                loss,
+                batch.loss_fn_inputs,
+                vocab_size=info.vocab_size,
+                max_length=info.max_context_length,
+            )
+        except InvalidArgument as error:
+            raise serde.remap_field(error, serde.batch_field) from error
+        return await self._admit(caller, request.training_client_id, kind, request)
+
+    async def optim_step(self, caller: Caller, request: pb.OptimStepRequest) -> Future:
+        """Admit an OptimStep; a private client's step is checked against its budget."""
+        serde.adam_config(request.adam_params, present=request.HasField("adam_params"))
+        return await self._admit(
+            caller, request.training_client_id, JobKind.OPTIM_STEP, request, reserve=True
+        )
+
+    async def sample(self, caller: Caller, request: pb.SampleRequest) -> Future:
+        """Admit a Sample job (from a client's current weights or saved sampler weights)."""
+        client_id = await self._inference_client(
+            caller, request.training_client_id, request.model_path
+        )
+        row = await self.get_client(caller, client_id)
+        info = await self.base_model(row.base_model)
+        params = serde.sampling_params(request)
+        prompt = serde.model_input_tokens(request.prompt)
+        validate_token_sequences(
+            [prompt], field="prompt", vocab_size=info.vocab_size, max_length=info.max_context_length
+        )
+        for index, entry in enumerate(params.stop_token_sequences):
+            if any(not 0 <= token < info.vocab_size for token in entry):
+                raise InvalidArgument(
+                    f"sampling_params.stop_tokens[{index}]", f"ids must be < {info.vocab_size}"
+                )
+        if len(prompt) + params.max_tokens > info.max_context_length:
+            raise InvalidArgument(
+                "sampling_params.max_tokens",
+                f"prompt plus max_tokens exceeds the context of {info.max_context_length}",
+            )
+        return await self._admit(caller, client_id, JobKind.SAMPLE, request)
+
+    async def compute_logprobs(self, caller: Caller, request: pb.ComputeLogprobsRequest) -> Future:
+        """Admit a ComputeLogprobs job."""
+        client_id = await self._inference_client(
+            caller, request.training_client_id, request.model_path
+        )
+        row = await self.get_client(caller, client_id)
+        info = await self.base_model(row.base_model)
+        validate_token_sequences(
+            [serde.model_input_tokens(sequence) for sequence in request.sequences],
+            field="sequences",
+            vocab_size=info.vocab_size,
+            max_length=info.max_context_length,
+        )
+        return await self._admit(caller, client_id, JobKind.COMPUTE_LOGPROBS, request)
+
+    async def save_state(self, caller: Caller, request: pb.SaveStateRequest) -> Future:
+        """Admit a SaveState job."""
+        check_name("name", request.name)
+        return await self._admit(caller, request.training_client_id, JobKind.SAVE_STATE, request)
+
+    async def save_weights_for_sampler(
+        self, caller: Caller, request: pb.SaveWeightsForSamplerRequest
+    ) -> Future:
+        """Admit a SaveWeightsForSampler job."""
+        check_name("name", request.name)
+        return await self._admit(
+            caller, request.training_client_id, JobKind.SAVE_WEIGHTS_FOR_SAMPLER, request
+        )
+
+    async def load_state(self, caller: Caller, request: pb.LoadStateRequest) -> Future:
+        """Admit a LoadState job; the checkpoint must exist for the caller's tenant."""
+        parsed = parse_path("path", request.path, kind=CHECKPOINT_KIND)
+        async with self._db.transaction(read_only=True) as session:
+            await repo.get_checkpoint(
+                session, caller.tenant, parsed.client_id, CHECKPOINT_KIND, parsed.name
+            )
+        return await self._admit(caller, request.training_client_id, JobKind.LOAD_STATE, request)
+
+    async def _inference_client(self, caller: Caller, client_id: str, model_path: str) -> str:
+        if bool(client_id) == bool(model_path):
+            raise InvalidArgument(
+                "model_path", "give exactly one of training_client_id, model_path"
+            )
+        if client_id:
+            return client_id
+        parsed = parse_path("model_path", model_path, kind=SAMPLER_KIND)
+        async with self._db.transaction(read_only=True) as session:
+            await repo.get_checkpoint(
+                session, caller.tenant, parsed.client_id, SAMPLER_KIND, parsed.name
+            )
+        return parsed.client_id
+
+    async def _admit(
+        self,
+        caller: Caller,
+        client_id: str,
+        kind: JobKind,
+        request: Message,
+        *,
+        reserve: bool = False,
+    ) -> Future:
+        request_id = _request_id(getattr(request, "request_id", ""))
+        fingerprint = _fingerprint(request)
+        payload = request.SerializeToString(deterministic=True)
+        async with self._db.transaction() as session:
+            row = await repo.lock_client(session, caller.tenant, client_id)
+            created = await self._futures.create(
+                caller.tenant,
+                kind=kind.value,
+                request_id=request_id,
+                resource=f"training_clients/{client_id}",
+                request_fingerprint=fingerprint,
+                session=session,
+            )
+            if not created.created:
+                return created.future
+            seq = row.next_seq + 1
+            row.next_seq = seq
+            future_id = created.future.id
+            session.add(
+                JobRow(
+                    future_id=future_id,
+                    tenant=caller.tenant,
+                    client_id=client_id,
+                    seq=seq,
+                    kind=kind.value,
+                    payload=payload,
+                    status=repo.JOB_QUEUED,
+                    created_at=repo.now(),
+                )
+            )
+            dp = client_dp(row)
+            if reserve and dp is not None:
+                await self._reserve(session, row, dp, future_id=future_id, seq=seq)
+        await self._publish(JobMessage(future_id, client_id, seq))
+        return created.future
+
+    async def _reserve(
+        self,
+        session: AsyncSession,
+        row: TrainingClientRow,
+        dp: serde.DpSettings,
+        *,
+        future_id: str,
+        seq: int,
+    ) -> None:
+        """Check the step against the budget, counting every admitted step, and reserve."""
+        mechanism = step_mechanism(dp)
+        accountant = accountant_of(row, dp)
+        for reservation in await repo.open_reservations(session, row.id):
+            accountant.record(
+                StepMechanism(
+                    sampling=BatchSampling(reservation.sampling),
+                    noise_multiplier=reservation.noise_multiplier,
+                    sampling_probability=reservation.sampling_probability,
+                )
+            )
+        budget = dp.epsilon_budget
+        if budget is not None and accountant.would_exceed(
+            budget_epsilon=budget, delta=dp.delta, mechanism=mechanism
+        ):
+            admitted = accountant.steps
+            raise BudgetExhausted(
+                f"one more DP step would exceed the privacy budget epsilon={budget:g} at "
+                f"delta={dp.delta:g} ({admitted} step(s) already admitted, "
+                f"epsilon after them {accountant.epsilon(dp.delta):.6g})",
+                metadata={
+                    "epsilon_budget": repr(budget),
+                    "delta": repr(dp.delta),
+                    "steps_admitted": str(admitted),
+                    "accountant": dp.accountant,
+                },
+            )
+        session.add(
+            BudgetReservationRow(
+                future_id=future_id,
+                tenant=row.tenant,
+                client_id=row.id,
+                seq=seq,
+                sampling=mechanism.sampling.value,
+                noise_multiplier=mechanism.noise_multiplier,
+                sampling_probability=mechanism.sampling_probability,
+                status=repo.RESERVED,
+                created_at=repo.now(),
+            )
+        )
+
+    async def _publish(self, message: JobMessage) -> None:
+        try:
+            await self._jetstream.publish(
+                job_subject(self._subject_prefix, message.client_id),
+                message.encode(),
+                msg_id=message.future_id,
+            )
+        except TenSafeError as error:
+            # Committed already: the outbox publishes it again, so the caller still
+            # gets its future.
+            log.warning(
+                "publish of job %s failed; the outbox retries: %s", message.future_id, error
+            )
+
+    # ---------------------------------------------------------------- futures
+
+    async def get_future(self, caller: Caller, future_id: str) -> Future:
+        """A future of the caller's tenant."""
+        return await self._futures.get(caller.tenant, future_id)
+
+    async def wait_future(self, caller: Caller, future_id: str, *, timeout: float) -> Future:
+        """Wait for a future to finish, at most ``timeout`` seconds."""
+        return await self._futures.wait(caller.tenant, future_id, timeout=timeout)
+
+    async def cancel_future(self, caller: Caller, future_id: str) -> Future:
+        """Cancel a future; finished ones are returned unchanged."""
+        future = await self._futures.get(caller.tenant, future_id)
+        if future.done and future.status.value != "CANCELLED":
+            return future
+        try:
+            return await self._futures.cancel(caller.tenant, future_id)
+        except TenSafeError:
+            # It finished between the read and the cancel: a no-op on a finished one.
+            return await self._futures.get(caller.tenant, future_id)
+
+    async def list_futures(
+        self, caller: Caller, *, page_size: int, page_token: str, kind: str | None
+    ) -> FuturePage:
+        """A page of the caller's futures."""
+        return await self._futures.list(
+            caller.tenant, page_size=page_size, page_token=page_token, kind=kind
+        )
+
+    # ---------------------------------------------------------------- outbox
+
+    async def republish_queued(self) -> int:
+        """Publish again every job accepted a while ago and not yet committed.
+
+        Returns:
+            How many messages were sent.
+        """
+        async with self._db.transaction(read_only=True) as session:
+            jobs = await repo.queued_jobs(
+                session, older_than=repo.now() - self._outbox_grace, limit=_OUTBOX_BATCH
+            )
+        for job in jobs:
+            await self._publish(JobMessage(job.future_id, job.client_id, job.seq))
+        return len(jobs)
+
+    async def run_outbox(self, *, interval: float, stop: asyncio.Event) -> None:
+        """Re-publish queued jobs at start-up and then every ``interval`` seconds."""
+        while not stop.is_set():
+            try:
+                await self.republish_queued()
+            except TenSafeError as error:
+                log.warning("outbox pass failed: %s", error)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=interval)

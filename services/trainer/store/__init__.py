@@ -1,0 +1,1 @@
+"""The trainer's database: SQLAlchemy models, Alembic migrations and the store."""

@@ -1,0 +1,150 @@
+"""SQLAlchemy 2.0 models of the trainer's tables (all prefixed ``trainer_``).
+
+The schema is created by the Alembic migrations in ``migrations/versions``; these
+models must match them (``tests/trainer_service/test_store.py`` checks it).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import sqlalchemy as sa
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from tensafe.common.futures import futures_table
+
+TABLE_PREFIX = "trainer"
+"""Prefix of every trainer table (and of its futures table)."""
+
+VERSION_TABLE = "alembic_version_trainer"
+"""The trainer's own Alembic version table."""
+
+MIGRATIONS = "tensafe.trainer.store:migrations"
+"""Where the migrations live, as ``package:folder``."""
+
+
+class Base(DeclarativeBase):
+    """Declarative base holding the trainer's metadata."""
+
+
+FUTURES = futures_table(Base.metadata, prefix=TABLE_PREFIX)
+"""The trainer's futures table (``trainer_futures``), shared schema from libs/common."""
+
+
+class TrainingClientRow(Base):
+    """A LoRA training client and its progress counters."""
+
+    __tablename__ = "trainer_training_clients"
+    __table_args__ = (
+        sa.UniqueConstraint("tenant", "request_id", name="uq_trainer_clients_tenant_request"),
+        sa.Index("ix_trainer_clients_tenant_created", "tenant", "created_at", "id"),
+    )
+
+    id: Mapped[str] = mapped_column(sa.String(32), primary_key=True)
+    tenant: Mapped[str] = mapped_column(sa.String(128))
+    request_id: Mapped[str] = mapped_column(sa.String(128))
+    request_fingerprint: Mapped[str] = mapped_column(sa.String(64))
+    base_model: Mapped[str] = mapped_column(sa.String(128))
+    lora_json: Mapped[str] = mapped_column(sa.Text)
+    dp_json: Mapped[str | None] = mapped_column(sa.Text, nullable=True)
+    private: Mapped[bool] = mapped_column(sa.Boolean)
+    seed: Mapped[int] = mapped_column(sa.BigInteger)
+    state: Mapped[str] = mapped_column(sa.String(16))
+    next_seq: Mapped[int] = mapped_column(sa.BigInteger)
+    """Last sequence number allocated to a job (0: none yet)."""
+    applied_seq: Mapped[int] = mapped_column(sa.BigInteger)
+    """Last sequence number whose job is committed (applied, failed or skipped)."""
+    step: Mapped[int] = mapped_column(sa.BigInteger)
+    """Optimizer steps in the committed state."""
+    dp_steps: Mapped[int] = mapped_column(sa.BigInteger)
+    """DP steps composed by the accountant (never rolled back, even by LoadState)."""
+    epsilon_spent: Mapped[float] = mapped_column(sa.Float)
+    accountant_state: Mapped[str | None] = mapped_column(sa.Text, nullable=True)
+    state_path: Mapped[str | None] = mapped_column(sa.Text, nullable=True)
+    state_sha256: Mapped[str | None] = mapped_column(sa.String(64), nullable=True)
+    lease_owner: Mapped[str | None] = mapped_column(sa.String(128), nullable=True)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(
+        sa.DateTime(timezone=True), nullable=True
+    )
+    created_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
+
+
+class JobRow(Base):
+    """An accepted job: its request, kept until the worker commits it (the outbox)."""
+
+    __tablename__ = "trainer_jobs"
+    __table_args__ = (
+        sa.UniqueConstraint("client_id", "seq", name="uq_trainer_jobs_client_seq"),
+        sa.Index("ix_trainer_jobs_status_created", "status", "created_at"),
+    )
+
+    future_id: Mapped[str] = mapped_column(sa.String(32), primary_key=True)
+    tenant: Mapped[str] = mapped_column(sa.String(128))
+    client_id: Mapped[str] = mapped_column(sa.String(32))
+    seq: Mapped[int] = mapped_column(sa.BigInteger)
+    kind: Mapped[str] = mapped_column(sa.String(64))
+    payload: Mapped[bytes] = mapped_column(sa.LargeBinary)
+    status: Mapped[str] = mapped_column(sa.String(16))
+    created_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
+
+
+class BudgetReservationRow(Base):
+    """Privacy cost of an admitted OptimStep, held until its job commits or is dropped."""
+
+    __tablename__ = "trainer_budget_reservations"
+    __table_args__ = (sa.Index("ix_trainer_reservations_client_status", "client_id", "status"),)
+
+    future_id: Mapped[str] = mapped_column(sa.String(32), primary_key=True)
+    tenant: Mapped[str] = mapped_column(sa.String(128))
+    client_id: Mapped[str] = mapped_column(sa.String(32))
+    seq: Mapped[int] = mapped_column(sa.BigInteger)
+    sampling: Mapped[str] = mapped_column(sa.String(32))
+    noise_multiplier: Mapped[float] = mapped_column(sa.Float)
+    sampling_probability: Mapped[float] = mapped_column(sa.Float)
+    status: Mapped[str] = mapped_column(sa.String(16))
+    created_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
+
+
+class LedgerRow(Base):
+    """One DP optimizer step as the accountant composed it (kept after deletion)."""
+
+    __tablename__ = "trainer_privacy_ledger"
+    __table_args__ = (
+        sa.UniqueConstraint("client_id", "dp_step", name="uq_trainer_ledger_client_step"),
+    )
+
+    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=True)
+    tenant: Mapped[str] = mapped_column(sa.String(128))
+    client_id: Mapped[str] = mapped_column(sa.String(32))
+    dp_step: Mapped[int] = mapped_column(sa.BigInteger)
+    seq: Mapped[int] = mapped_column(sa.BigInteger)
+    future_id: Mapped[str] = mapped_column(sa.String(32))
+    sampling: Mapped[str] = mapped_column(sa.String(32))
+    noise_multiplier: Mapped[float] = mapped_column(sa.Float)
+    sampling_probability: Mapped[float] = mapped_column(sa.Float)
+    delta: Mapped[float] = mapped_column(sa.Float)
+    accountant: Mapped[str] = mapped_column(sa.String(16))
+    epsilon_after: Mapped[float] = mapped_column(sa.Float)
+    accountant_state: Mapped[str] = mapped_column(sa.Text)
+    created_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
+
+
+class CheckpointRow(Base):
+    """A named checkpoint (``state``) or frozen sampler weights (``sampler``)."""
+
+    __tablename__ = "trainer_checkpoints"
+    __table_args__ = (
+        sa.UniqueConstraint("client_id", "kind", "name", name="uq_trainer_checkpoints_name"),
+    )
+
+    id: Mapped[str] = mapped_column(sa.String(32), primary_key=True)
+    tenant: Mapped[str] = mapped_column(sa.String(128))
+    client_id: Mapped[str] = mapped_column(sa.String(32))
+    kind: Mapped[str] = mapped_column(sa.String(16))
+    name: Mapped[str] = mapped_column(sa.String(64))
+    seq: Mapped[int] = mapped_column(sa.BigInteger)
+    step: Mapped[int] = mapped_column(sa.BigInteger)
+    object_path: Mapped[str] = mapped_column(sa.Text)
+    sha256: Mapped[str] = mapped_column(sa.String(64))
+    accountant_state: Mapped[str | None] = mapped_column(sa.Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))

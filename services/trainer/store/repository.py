@@ -1,0 +1,306 @@
+"""Database operations of the trainer, shared by the API and the workers.
+
+Every tenant-scoped read filters by tenant: another tenant's object is ``NotFound``,
+indistinguishable from a missing one (DESIGN §3). Methods take the caller's session so
+that one job's effects commit in one transaction.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, cast
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from tensafe.common.errors import InvalidArgument, NotFound
+from tensafe.common.futures import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
+from tensafe.trainer.store.models import (
+    BudgetReservationRow,
+    CheckpointRow,
+    JobRow,
+    TrainingClientRow,
+)
+
+CLIENT_ACTIVE = "ACTIVE"
+CLIENT_DELETED = "DELETED"
+JOB_QUEUED = "QUEUED"
+JOB_DONE = "DONE"
+RESERVED = "RESERVED"
+CONSUMED = "CONSUMED"
+RELEASED = "RELEASED"
+
+
+def utc(value: datetime | None) -> datetime | None:
+    """SQLite returns naive datetimes; everything is stored in UTC."""
+    if value is None:
+        return None
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+def now() -> datetime:
+    """The current time in UTC."""
+    return datetime.now(UTC)
+
+
+async def lock_client(session: AsyncSession, tenant: str, client_id: str) -> TrainingClientRow:
+    """Read an active client of ``tenant`` and lock its row until the transaction ends.
+
+    On PostgreSQL this is ``SELECT ... FOR UPDATE``; on SQLite the whole database is
+    already write-locked by ``BEGIN IMMEDIATE``, which serialises the same way.
+
+    Raises:
+        NotFound: No such active client for this tenant.
+    """
+    row = (
+        await session.execute(
+            sa.select(TrainingClientRow)
+            .where(
+                TrainingClientRow.id == client_id,
+                TrainingClientRow.tenant == tenant,
+                TrainingClientRow.state == CLIENT_ACTIVE,
+            )
+            .with_for_update()
+        )
+    ).scalar_one_or_none()
+    if row is None:
+        raise NotFound(f"training client {client_id!r} not found")
+    return row
+
+
+async def get_client(session: AsyncSession, tenant: str, client_id: str) -> TrainingClientRow:
+    """Read an active client of ``tenant``.
+
+    Raises:
+        NotFound: No such active client for this tenant.
+    """
+    row = (
+        await session.execute(
+            sa.select(TrainingClientRow).where(
+                TrainingClientRow.id == client_id,
+                TrainingClientRow.tenant == tenant,
+                TrainingClientRow.state == CLIENT_ACTIVE,
+            )
+        )
+    ).scalar_one_or_none()
+    if row is None:
+        raise NotFound(f"training client {client_id!r} not found")
+    return row
+
+
+async def client_by_request(
+    session: AsyncSession, tenant: str, request_id: str
+) -> TrainingClientRow | None:
+    """The client a CreateTrainingClient with this request id made, if any."""
+    return (
+        await session.execute(
+            sa.select(TrainingClientRow).where(
+                TrainingClientRow.tenant == tenant, TrainingClientRow.request_id == request_id
+            )
+        )
+    ).scalar_one_or_none()
+
+
+@dataclass(frozen=True)
+class ClientPage:
+    """One page of training clients, newest first."""
+
+    clients: list[TrainingClientRow]
+    next_page_token: str
+
+
+async def list_clients(
+    session: AsyncSession, tenant: str, *, page_size: int, page_token: str
+) -> ClientPage:
+    """A page of a tenant's active clients, newest first (AIP-158)."""
+    if page_size < 0:
+        raise InvalidArgument("page_size", "must not be negative")
+    size = DEFAULT_PAGE_SIZE if page_size == 0 else min(page_size, MAX_PAGE_SIZE)
+    query = sa.select(TrainingClientRow).where(
+        TrainingClientRow.tenant == tenant, TrainingClientRow.state == CLIENT_ACTIVE
+    )
+    if page_token:
+        after_created, after_id = _decode_token(page_token)
+        query = query.where(
+            sa.or_(
+                TrainingClientRow.created_at < after_created,
+                sa.and_(
+                    TrainingClientRow.created_at == after_created,
+                    TrainingClientRow.id < after_id,
+                ),
+            )
+        )
+    query = query.order_by(TrainingClientRow.created_at.desc(), TrainingClientRow.id.desc())
+    rows = list((await session.execute(query.limit(size + 1))).scalars())
+    token = ""
+    if len(rows) > size:
+        last = rows[size - 1]
+        created = utc(last.created_at)
+        assert created is not None
+        token = _encode_token(created, last.id)
+    return ClientPage(rows[:size], token)
+
+
+def _encode_token(created: datetime, client_id: str) -> str:
+    payload = json.dumps({"c": created.isoformat(), "i": client_id})
+    return base64.urlsafe_b64encode(payload.encode()).decode().rstrip("=")
+
+
+def _decode_token(token: str) -> tuple[datetime, str]:
+    try:
+        padded = token + "=" * (-len(token) % 4)
+        payload = json.loads(base64.urlsafe_b64decode(padded.encode()))
+        return datetime.fromisoformat(payload["c"]), str(payload["i"])
+    except (ValueError, KeyError, TypeError, binascii.Error) as error:
+        raise InvalidArgument("page_token", "is malformed") from error
+
+
+async def open_reservations(session: AsyncSession, client_id: str) -> list[BudgetReservationRow]:
+    """Admitted DP steps whose jobs have not committed yet, in sequence order."""
+    return list(
+        (
+            await session.execute(
+                sa.select(BudgetReservationRow)
+                .where(
+                    BudgetReservationRow.client_id == client_id,
+                    BudgetReservationRow.status == RESERVED,
+                )
+                .order_by(BudgetReservationRow.seq)
+            )
+        ).scalars()
+    )
+
+
+async def get_job(session: AsyncSession, future_id: str) -> JobRow | None:
+    """A job by its future id."""
+    return await session.get(JobRow, future_id)
+
+
+async def queued_jobs(session: AsyncSession, *, older_than: datetime, limit: int) -> list[JobRow]:
+    """Jobs accepted before ``older_than`` and not yet committed by a worker."""
+    return list(
+        (
+            await session.execute(
+                sa.select(JobRow)
+                .where(JobRow.status == JOB_QUEUED, JobRow.created_at < older_than)
+                .order_by(JobRow.created_at)
+                .limit(limit)
+            )
+        ).scalars()
+    )
+
+
+async def take_lease(
+    session: AsyncSession, client_id: str, *, owner: str, lease_seconds: float
+) -> datetime | None:
+    """Take or renew the lease on a client; returns None if another worker holds it.
+
+    A conditional UPDATE, so of two workers racing for an expired lease exactly one
+    wins.
+    """
+    moment = now()
+    statement = (
+        sa.update(TrainingClientRow)
+        .where(
+            TrainingClientRow.id == client_id,
+            sa.or_(
+                TrainingClientRow.lease_owner.is_(None),
+                TrainingClientRow.lease_owner == owner,
+                TrainingClientRow.lease_expires_at < moment,
+            ),
+        )
+        .values(lease_owner=owner, lease_expires_at=moment + timedelta(seconds=lease_seconds))
+        # Plain SQL semantics: objects loaded in the session are not re-evaluated in
+        # Python (SQLite hands back naive datetimes that cannot be compared there).
+        .execution_options(synchronize_session=False)
+    )
+    result = cast("sa.CursorResult[Any]", await session.execute(statement))
+    if result.rowcount == 1:
+        return moment
+    return None
+
+
+async def release_lease(session: AsyncSession, client_id: str, *, owner: str) -> None:
+    """Give a lease back (on shutdown), if still held."""
+    await session.execute(
+        sa.update(TrainingClientRow)
+        .where(TrainingClientRow.id == client_id, TrainingClientRow.lease_owner == owner)
+        .values(lease_owner=None, lease_expires_at=None)
+        .execution_options(synchronize_session=False)
+    )
+
+
+async def finish_job(session: AsyncSession, future_id: str) -> None:
+    """Mark a job committed (it leaves the outbox)."""
+    await session.execute(
+        sa.update(JobRow).where(JobRow.future_id == future_id).values(status=JOB_DONE)
+    )
+
+
+async def settle_reservation(session: AsyncSession, future_id: str, *, status: str) -> None:
+    """Consume or release the reservation of an OptimStep job (no-op without one)."""
+    await session.execute(
+        sa.update(BudgetReservationRow)
+        .where(BudgetReservationRow.future_id == future_id, BudgetReservationRow.status == RESERVED)
+        .values(status=status)
+    )
+
+
+async def get_checkpoint(
+    session: AsyncSession, tenant: str, client_id: str, kind: str, name: str
+) -> CheckpointRow:
+    """A checkpoint of an active client of ``tenant``.
+
+    Raises:
+        NotFound: No such checkpoint for this tenant.
+    """
+    row = (
+        await session.execute(
+            sa.select(CheckpointRow)
+            .join(TrainingClientRow, TrainingClientRow.id == CheckpointRow.client_id)
+            .where(
+                CheckpointRow.tenant == tenant,
+                CheckpointRow.client_id == client_id,
+                CheckpointRow.kind == kind,
+                CheckpointRow.name == name,
+                TrainingClientRow.state == CLIENT_ACTIVE,
+            )
+        )
+    ).scalar_one_or_none()
+    if row is None:
+        raise NotFound(f"{kind} {name!r} of training client {client_id!r} not found")
+    return row
+
+
+async def replace_checkpoint(session: AsyncSession, row: CheckpointRow) -> CheckpointRow | None:
+    """Insert a checkpoint, replacing one of the same name; returns the replaced row."""
+    old = (
+        await session.execute(
+            sa.select(CheckpointRow).where(
+                CheckpointRow.client_id == row.client_id,
+                CheckpointRow.kind == row.kind,
+                CheckpointRow.name == row.name,
+            )
+        )
+    ).scalar_one_or_none()
+    if old is not None:
+        await session.delete(old)
+        await session.flush()
+    session.add(row)
+    return old
+
+
+async def checkpoints_of(session: AsyncSession, client_id: str) -> Sequence[CheckpointRow]:
+    """Every checkpoint of a client."""
+    return list(
+        (
+            await session.execute(
+                sa.select(CheckpointRow).where(CheckpointRow.client_id == client_id)
+            )
+        ).scalars()
+    )

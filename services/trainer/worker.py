@@ -1,0 +1,728 @@
+"""The trainer worker: consumes jobs from JetStream and runs them with the engine.
+
+Run it as ``python -m tensafe.trainer.worker`` (its own process; several may run).
+
+For each delivered job (DESIGN §8):
+
+1. ``seq <= applied_seq``: committed already (a redelivery) — ack and do nothing.
+2. ``seq > applied_seq + 1``: an earlier job of the client is not committed yet —
+   :class:`~tensafe.common.jetstream.RetryLater`.
+3. Take the client's lease (a conditional UPDATE with an expiry; renewed while the job
+   runs). Another worker holding an unexpired lease means RetryLater.
+4. Use the resident engine if it is at ``applied_seq``; otherwise build it and load the
+   last committed state (the object file the client row references).
+5. Run the job in a thread (so the consumer's progress signals keep flowing).
+6. If the state changed (ForwardBackward, OptimStep, LoadState), write the new state
+   object first, keyed by client and seq; then in ONE transaction, under the client's
+   row lock and fenced on ``applied_seq == seq - 1`` and the lease: the client's new
+   state reference, step and ``applied_seq``; the future's result; for an OptimStep of a
+   private client the accountant's new state, the ledger row and the reservation
+   consumed; the job leaves the outbox. Only then does the consumer ack.
+
+A job that fails with a typed error (bad input found by the engine, no data to step
+on) fails its future, releases its reservation and advances ``applied_seq`` in the same
+way, so the client is never stuck behind it and nothing else changes. A worker killed
+at any point loses only the uncommitted job: the message is redelivered after
+``ack_wait``, the lease expires, and the next worker resumes from the last committed
+state. A redelivered job that did commit finds ``seq <= applied_seq`` and is only
+acked, so a step is never applied, nor privacy charged, twice.
+
+The state is persisted after every state-changing job, not every N: a LoRA state (the
+adapter, its AdamW moments and the accumulated clipped-gradient sum) is small — well
+under 1 MB for the tiny model's r=8 adapter, tens of MB for a 7B model's r=16 — so
+per-job persistence costs little and makes recovery exact.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from google.protobuf.message import Message
+from sqlalchemy.ext.asyncio import AsyncSession
+from transformers import AutoTokenizer
+
+from tensafe.common.config import load_config
+from tensafe.common.db import Database, migrate
+from tensafe.common.errors import ConfigError, ErrorCode, FailedPrecondition, TenSafeError
+from tensafe.common.futures import FutureStatus, SqlFutureStore
+from tensafe.common.jetstream import (
+    Consumer,
+    Delivery,
+    JetStream,
+    JetStreamConfig,
+    PermanentJobError,
+    RetryLater,
+)
+from tensafe.common.log import configure_logging
+from tensafe.proto.trainer.v1 import trainer_service_pb2 as pb
+from tensafe.trainer import serde
+from tensafe.trainer.api import accountant_of, client_dp, step_mechanism
+from tensafe.trainer.base_models import BaseModelRegistry
+from tensafe.trainer.config import TrainerConfig
+from tensafe.trainer.engine.config import DpConfig
+from tensafe.trainer.engine.sampling import StopReason, sample
+from tensafe.trainer.engine.training import LoraTrainingEngine
+from tensafe.trainer.jobs import (
+    CHECKPOINT_KIND,
+    SAMPLER_KIND,
+    JobKind,
+    JobMessage,
+    checkpoint_path,
+    parse_path,
+)
+from tensafe.trainer.objects import ObjectFolder
+from tensafe.trainer.store import repository as repo
+from tensafe.trainer.store.models import (
+    FUTURES,
+    MIGRATIONS,
+    VERSION_TABLE,
+    CheckpointRow,
+    JobRow,
+    LedgerRow,
+    TrainingClientRow,
+)
+
+log = logging.getLogger(__name__)
+
+# Deliveries after which a job that keeps failing with an unexpected error fails its
+# future, so that one poisoned job cannot block its client forever.
+_MAX_UNEXPECTED_FAILURES = 5
+
+# Longest redelivery delay of a job that waits for an earlier job of its client.
+_MAX_RETRY_DELAY = 1.0
+
+
+@dataclass
+class _Resident:
+    engine: LoraTrainingEngine
+    applied_seq: int
+
+
+@dataclass
+class _Outcome:
+    """What running a job produced, before it is committed."""
+
+    result: Message
+    state: bytes | None = None
+    """The engine's new state when the job changed it."""
+    dp_step: bool = False
+    """An optimizer step of a private client (charged to the accountant)."""
+    checkpoint: tuple[str, str, bytes] | None = None
+    """(kind, name, state bytes) for SaveState / SaveWeightsForSampler."""
+    step: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class _LostClient(Exception):
+    """The client moved on or the lease was lost while the job ran; roll back, retry."""
+
+
+class TrainerWorker:
+    """Runs trainer jobs; ``handle`` is the JetStream consumer's handler.
+
+    Args:
+        database: The trainer's database.
+        futures: The futures store.
+        objects: The object folder for states and checkpoints.
+        base_models: The base model registry.
+        owner: This worker's lease owner id (unique per process).
+        lease_seconds: Lease duration.
+        retry_delay: Delay of RetryLater for out-of-order jobs.
+        resident_clients: Engines kept in memory.
+    """
+
+    def __init__(
+        self,
+        *,
+        database: Database,
+        futures: SqlFutureStore,
+        objects: ObjectFolder,
+        base_models: BaseModelRegistry,
+        owner: str,
+        lease_seconds: float,
+        retry_delay: float,
+        resident_clients: int,
+    ) -> None:
+        self._db = database
+        self._futures = futures
+        self._objects = objects
+        self._base_models = base_models
+        self._owner = owner
+        self._lease_seconds = lease_seconds
+        self._retry_delay = retry_delay
+        self._capacity = resident_clients
+        self._resident: OrderedDict[str, _Resident] = OrderedDict()
+        self._tokenizers: dict[str, Any] = {}
+
+    @property
+    def owner(self) -> str:
+        """This worker's lease owner id."""
+        return self._owner
+
+    # ---------------------------------------------------------------- handler
+
+    async def handle(self, delivery: Delivery) -> None:
+        """Process one job delivery (see the module docstring)."""
+        message = JobMessage.decode(delivery.data)
+        # One short write transaction decides what to do: the order check, the lease
+        # and the RUNNING mark commit together (a RetryLater rolls it back).
+        async with self._db.transaction() as session:
+            job = await repo.get_job(session, message.future_id)
+            client = await session.get(TrainingClientRow, message.client_id, with_for_update=True)
+            if (
+                job is None
+                or client is None
+                or job.client_id != client.id
+                or job.seq != message.seq
+            ):
+                raise PermanentJobError(f"job {message.future_id} does not exist")
+            if job.seq <= client.applied_seq:
+                return
+            runnable = client.state == repo.CLIENT_ACTIVE
+            if runnable:
+                if job.seq > client.applied_seq + 1:
+                    # Grows with each wait so a job queued behind a long one (on another
+                    # worker) does not spin, while a merely reordered message is quick.
+                    delay = min(self._retry_delay * delivery.num_delivered, _MAX_RETRY_DELAY)
+                    raise RetryLater(delay, f"waits for seq {client.applied_seq + 1}")
+                taken = await repo.take_lease(
+                    session, client.id, owner=self._owner, lease_seconds=self._lease_seconds
+                )
+                if taken is None:
+                    raise RetryLater(
+                        self._retry_delay * 10, "another worker holds the client's lease"
+                    )
+                future = await self._futures.get(job.tenant, job.future_id, session=session)
+                runnable = future.status is not FutureStatus.CANCELLED
+                if runnable:
+                    await self._futures.mark_running(job.tenant, job.future_id, session=session)
+        if not runnable:
+            deleted = client.state != repo.CLIENT_ACTIVE
+            await self._finish_without_running(job, client, deleted=deleted)
+            return
+        renewer = asyncio.create_task(self._renew_lease(client.id))
+        try:
+            await self._run(job, client, delivery)
+        finally:
+            renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewer
+
+    async def on_dead_letter(self, delivery: Delivery, error: BaseException) -> None:
+        """Fail the future of a job that will never be processed (if it exists)."""
+        with contextlib.suppress(PermanentJobError):
+            message = JobMessage.decode(delivery.data)
+            async with self._db.transaction(read_only=True) as session:
+                job = await repo.get_job(session, message.future_id)
+            if job is not None:
+                with contextlib.suppress(TenSafeError):
+                    await self._futures.fail(
+                        job.tenant, job.future_id, code=ErrorCode.INTERNAL, message=str(error)
+                    )
+
+    async def _renew_lease(self, client_id: str) -> None:
+        while True:
+            await asyncio.sleep(self._lease_seconds / 3)
+            with contextlib.suppress(TenSafeError):
+                async with self._db.transaction() as session:
+                    await repo.take_lease(
+                        session, client_id, owner=self._owner, lease_seconds=self._lease_seconds
+                    )
+
+    async def _run(self, job: JobRow, client: TrainingClientRow, delivery: Delivery) -> None:
+        kind = JobKind(job.kind)
+        request = kind.request_type.FromString(job.payload)
+        try:
+            resident = await self._engine_for(client)
+            extra = await self._prefetch(job, kind, request)
+            outcome = await asyncio.to_thread(self._execute, resident.engine, kind, request, extra)
+        except TenSafeError as error:
+            # Typed errors are raised before the engine changes (its contract), so the
+            # resident engine stays valid; the job fails and the client moves on.
+            await self._commit_failure(job, client, error)
+            return
+        except Exception as error:
+            self._evict(client.id)
+            if delivery.num_delivered >= _MAX_UNEXPECTED_FAILURES:
+                log.exception("job %s failed %d times", job.future_id, delivery.num_delivered)
+                internal = TenSafeError(f"job failed repeatedly ({type(error).__name__})")
+                await self._commit_failure(job, client, internal)
+                return
+            raise
+        try:
+            await self._commit_success(job, client, kind, outcome)
+        except BaseException:
+            # The engine is ahead of the database: never reuse it.
+            self._evict(client.id)
+            raise
+
+    # ---------------------------------------------------------------- engines
+
+    async def _engine_for(self, client: TrainingClientRow) -> _Resident:
+        resident = self._resident.get(client.id)
+        if resident is not None and resident.applied_seq == client.applied_seq:
+            self._resident.move_to_end(client.id)
+            return resident
+        self._evict(client.id)
+        state: bytes | None = None
+        if client.state_path is not None:
+            assert client.state_sha256 is not None
+            state = await asyncio.to_thread(
+                self._objects.read, client.state_path, sha256=client.state_sha256
+            )
+        engine = await asyncio.to_thread(self._build_engine, client, state)
+        resident = _Resident(engine, client.applied_seq)
+        self._resident[client.id] = resident
+        while len(self._resident) > self._capacity:
+            _, evicted = self._resident.popitem(last=False)
+            evicted.engine.close()
+        return resident
+
+    def _build_engine(self, client: TrainingClientRow, state: bytes | None) -> LoraTrainingEngine:
+        info = self._base_models.get(client.base_model)
+        lora, seed = serde.lora_from_json(client.lora_json)
+        dp = client_dp(client)
+        engine = LoraTrainingEngine(
+            info.path,
+            lora=lora,
+            dp=(
+                DpConfig(noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm)
+                if dp is not None
+                else None
+            ),
+            seed=seed,
+        )
+        if state is not None:
+            engine.load_state(state)
+        return engine
+
+    def _evict(self, client_id: str) -> None:
+        resident = self._resident.pop(client_id, None)
+        if resident is not None:
+            resident.engine.close()
+
+    def close(self) -> None:
+        """Release every resident engine."""
+        for client_id in list(self._resident):
+            self._evict(client_id)
+
+    async def release_leases(self) -> None:
+        """Give back the leases of resident clients (graceful shutdown), so another
+        worker can take them at once instead of after they expire."""
+        for client_id in list(self._resident):
+            with contextlib.suppress(TenSafeError):
+                async with self._db.transaction() as session:
+                    await repo.release_lease(session, client_id, owner=self._owner)
+
+    # ---------------------------------------------------------------- running
+
+    async def _prefetch(self, job: JobRow, kind: JobKind, request: Message) -> bytes | None:
+        """Read the checkpoint a LoadState or a model_path inference job needs."""
+        path: str | None = None
+        checkpoint_kind = SAMPLER_KIND
+        if kind is JobKind.LOAD_STATE:
+            assert isinstance(request, pb.LoadStateRequest)
+            path, checkpoint_kind = request.path, CHECKPOINT_KIND
+        elif (
+            isinstance(request, pb.SampleRequest | pb.ComputeLogprobsRequest) and request.model_path
+        ):
+            path = request.model_path
+        if path is None:
+            return None
+        parsed = parse_path("path", path, kind=checkpoint_kind)
+        async with self._db.transaction(read_only=True) as session:
+            row = await repo.get_checkpoint(
+                session, job.tenant, parsed.client_id, checkpoint_kind, parsed.name
+            )
+        return await asyncio.to_thread(self._objects.read, row.object_path, sha256=row.sha256)
+
+    def _execute(
+        self, engine: LoraTrainingEngine, kind: JobKind, request: Any, extra: bytes | None
+    ) -> _Outcome:
+        if kind is JobKind.FORWARD_BACKWARD:
+            return self._forward_backward(engine, request, keep=True)
+        if kind is JobKind.FORWARD:
+            return self._forward_backward(engine, request, keep=False)
+        if kind is JobKind.OPTIM_STEP:
+            adam = serde.adam_config(request.adam_params, present=request.HasField("adam_params"))
+            examples = engine.accumulated_examples
+            result = engine.optim_step(adam)
+            metrics = {**result.metrics, "examples": float(examples)}
+            return _Outcome(
+                pb.OptimStepResult(step=result.step, metrics=serde.metrics_map(metrics)),
+                state=engine.state_dict(),
+                dp_step=engine.dp is not None,
+                step=result.step,
+                metrics=metrics,
+            )
+        if kind is JobKind.SAMPLE:
+            return self._with_weights(engine, extra, lambda: self._sample(engine, request))
+        if kind is JobKind.COMPUTE_LOGPROBS:
+            return self._with_weights(engine, extra, lambda: self._logprobs(engine, request))
+        if kind is JobKind.SAVE_STATE:
+            return _Outcome(
+                pb.SaveStateResult(
+                    path=checkpoint_path(request.training_client_id, CHECKPOINT_KIND, request.name),
+                    step=engine.step,
+                ),
+                checkpoint=(CHECKPOINT_KIND, request.name, engine.state_dict()),
+                step=engine.step,
+            )
+        if kind is JobKind.SAVE_WEIGHTS_FOR_SAMPLER:
+            return _Outcome(
+                pb.SaveWeightsForSamplerResult(
+                    path=checkpoint_path(request.training_client_id, SAMPLER_KIND, request.name)
+                ),
+                checkpoint=(SAMPLER_KIND, request.name, engine.state_dict()),
+                step=engine.step,
+            )
+        if kind is JobKind.LOAD_STATE:
+            assert extra is not None
+            engine.load_state(extra)
+            return _Outcome(
+                pb.LoadStateResult(step=engine.step), state=engine.state_dict(), step=engine.step
+            )
+        raise PermanentJobError(f"unknown job kind {kind}")
+
+    def _forward_backward(
+        self, engine: LoraTrainingEngine, request: Any, *, keep: bool
+    ) -> _Outcome:
+        batch = serde.batch_from_data(request.data)
+        run = engine.forward_backward if keep else engine.forward
+        result = run(batch.sequences, request.loss_fn, batch.loss_fn_inputs)
+        message = pb.ForwardBackwardResult(metrics=serde.metrics_map(result.metrics))
+        for output in result.outputs:
+            entry = message.loss_fn_outputs.add()
+            entry.outputs["logprobs"].CopyFrom(serde.float_tensor(output.logprobs))
+            entry.outputs["loss"].CopyFrom(serde.float_tensor([output.loss]))
+        return _Outcome(message, state=engine.state_dict() if keep else None, step=engine.step)
+
+    def _with_weights(
+        self, engine: LoraTrainingEngine, weights: bytes | None, run: Any
+    ) -> _Outcome:
+        if weights is None:
+            outcome: _Outcome = run()
+            return outcome
+        snapshot = engine.state_dict()
+        engine.load_state(weights)
+        try:
+            outcome = run()
+        finally:
+            engine.load_state(snapshot)
+        return outcome
+
+    def _sample(self, engine: LoraTrainingEngine, request: pb.SampleRequest) -> _Outcome:
+        params = serde.sampling_params(request)
+        tokenizer = None
+        if params.stop_strings:
+            tokenizer = self._tokenizer(engine)
+        output = sample(
+            engine.model,
+            [serde.model_input_tokens(request.prompt)],
+            params,
+            tokenizer=tokenizer,
+        )
+        message = pb.SampleResult()
+        for sequence in output.sequences[0]:
+            message.sequences.add(
+                tokens=list(sequence.tokens),
+                logprobs=list(sequence.logprobs),
+                stop_reason=(
+                    pb.STOP_REASON_STOP
+                    if sequence.stop_reason is StopReason.STOP
+                    else pb.STOP_REASON_LENGTH
+                ),
+            )
+        return _Outcome(message)
+
+    def _tokenizer(self, engine: LoraTrainingEngine) -> Any:
+        base_dir = str(engine.model.peft_config["default"].base_model_name_or_path or "")
+        if base_dir not in self._tokenizers:
+            try:
+                self._tokenizers[base_dir] = AutoTokenizer.from_pretrained(base_dir)
+            except (OSError, ValueError) as error:
+                raise FailedPrecondition(
+                    f"the base model has no tokenizer, so string stop sequences cannot be "
+                    f"matched: {error}"
+                ) from error
+        return self._tokenizers[base_dir]
+
+    def _logprobs(self, engine: LoraTrainingEngine, request: pb.ComputeLogprobsRequest) -> _Outcome:
+        sequences = [serde.model_input_tokens(s) for s in request.sequences]
+        values = engine.compute_logprobs(sequences)
+        message = pb.ComputeLogprobsResult()
+        for logprobs in values:
+            message.sequences.add(logprobs=[0.0, *logprobs], first_token_has_logprob=False)
+        return _Outcome(message)
+
+    # ---------------------------------------------------------------- commits
+
+    async def _locked(
+        self, session: AsyncSession, client: TrainingClientRow, seq: int
+    ) -> TrainingClientRow:
+        row = await session.get(
+            TrainingClientRow, client.id, with_for_update=True, populate_existing=True
+        )
+        if row is None or row.applied_seq != seq - 1 or row.lease_owner != self._owner:
+            raise _LostClient(f"client {client.id} moved on or its lease was lost")
+        return row
+
+    async def _commit_success(
+        self, job: JobRow, client: TrainingClientRow, kind: JobKind, outcome: _Outcome
+    ) -> None:
+        new_state: tuple[str, str] | None = None
+        if outcome.state is not None:
+            relative = f"states/{client.id}/{job.seq:012d}.safetensors"
+            sha = await asyncio.to_thread(self._objects.write, relative, outcome.state)
+            new_state = (relative, sha)
+        checkpoint_object: tuple[str, str] | None = None
+        if outcome.checkpoint is not None:
+            checkpoint_kind, name, data = outcome.checkpoint
+            relative = (
+                f"checkpoints/{client.id}/{checkpoint_kind}/{name}-{job.seq:012d}.safetensors"
+            )
+            sha = await asyncio.to_thread(self._objects.write, relative, data)
+            checkpoint_object = (relative, sha)
+        old_paths: list[str] = []
+        try:
+            async with self._db.transaction() as session:
+                row = await self._locked(session, client, job.seq)
+                row.applied_seq = job.seq
+                if new_state is not None:
+                    if row.state_path is not None:
+                        old_paths.append(row.state_path)
+                    row.state_path, row.state_sha256 = new_state
+                    row.step = outcome.step
+                result = outcome.result
+                if kind is JobKind.OPTIM_STEP:
+                    assert isinstance(result, pb.OptimStepResult)
+                    dp = client_dp(row)
+                    if dp is not None and outcome.dp_step:
+                        accountant = accountant_of(row, dp)
+                        accountant.record(step_mechanism(dp))
+                        epsilon = accountant.epsilon(dp.delta)
+                        state_json = serde.json_state(accountant.to_state())
+                        row.accountant_state = state_json
+                        row.dp_steps = accountant.steps
+                        row.epsilon_spent = epsilon
+                        session.add(
+                            LedgerRow(
+                                tenant=row.tenant,
+                                client_id=row.id,
+                                dp_step=accountant.steps,
+                                seq=job.seq,
+                                future_id=job.future_id,
+                                sampling=step_mechanism(dp).sampling.value,
+                                noise_multiplier=dp.noise_multiplier,
+                                sampling_probability=1.0,
+                                delta=dp.delta,
+                                accountant=dp.accountant,
+                                epsilon_after=epsilon,
+                                accountant_state=state_json,
+                                created_at=repo.now(),
+                            )
+                        )
+                    result.privacy_spent.CopyFrom(
+                        serde.privacy_spent(
+                            dp=dp, epsilon=row.epsilon_spent, steps=int(row.dp_steps)
+                        )
+                    )
+                    await repo.settle_reservation(session, job.future_id, status=repo.CONSUMED)
+                if outcome.checkpoint is not None and checkpoint_object is not None:
+                    checkpoint_kind, name, _ = outcome.checkpoint
+                    replaced = await repo.replace_checkpoint(
+                        session,
+                        CheckpointRow(
+                            id=uuid.uuid4().hex,
+                            tenant=row.tenant,
+                            client_id=row.id,
+                            kind=checkpoint_kind,
+                            name=name,
+                            seq=job.seq,
+                            step=outcome.step,
+                            object_path=checkpoint_object[0],
+                            sha256=checkpoint_object[1],
+                            accountant_state=row.accountant_state,
+                            created_at=repo.now(),
+                        ),
+                    )
+                    if replaced is not None:
+                        old_paths.append(replaced.object_path)
+                await self._futures.succeed(
+                    job.tenant, job.future_id, result=serde.pack_result(result), session=session
+                )
+                await repo.finish_job(session, job.future_id)
+        except FailedPrecondition as error:
+            if error.reason != "FUTURE_STATE":
+                raise
+            # Cancelled while running: discard the effect, move the client on.
+            self._evict(client.id)
+            await self._finish_without_running(job, client, deleted=False)
+            return
+        except _LostClient as error:
+            raise RetryLater(self._retry_delay, str(error)) from error
+        resident = self._resident.get(client.id)
+        if resident is not None:
+            resident.applied_seq = job.seq
+        for path in old_paths:
+            self._objects.delete(path)
+
+    async def _commit_failure(
+        self, job: JobRow, client: TrainingClientRow, error: TenSafeError
+    ) -> None:
+        try:
+            async with self._db.transaction() as session:
+                row = await self._locked(session, client, job.seq)
+                row.applied_seq = job.seq
+                with contextlib.suppress(FailedPrecondition):
+                    await self._futures.fail(
+                        job.tenant,
+                        job.future_id,
+                        code=error.code,
+                        message=error.message,
+                        reason=error.reason,
+                        session=session,
+                    )
+                await repo.settle_reservation(session, job.future_id, status=repo.RELEASED)
+                await repo.finish_job(session, job.future_id)
+        except _LostClient as lost:
+            raise RetryLater(self._retry_delay, str(lost)) from lost
+        resident = self._resident.get(client.id)
+        if resident is not None:
+            resident.applied_seq = job.seq
+
+    async def _finish_without_running(
+        self, job: JobRow, client: TrainingClientRow, *, deleted: bool
+    ) -> None:
+        """A cancelled job, or one of a deleted client: release, fail and move on."""
+        async with self._db.transaction() as session:
+            row = await session.get(
+                TrainingClientRow, client.id, with_for_update=True, populate_existing=True
+            )
+            assert row is not None
+            if row.applied_seq == job.seq - 1 and (
+                deleted or row.lease_owner in (None, self._owner)
+            ):
+                row.applied_seq = job.seq
+            if deleted:
+                with contextlib.suppress(FailedPrecondition):
+                    await self._futures.fail(
+                        job.tenant,
+                        job.future_id,
+                        code=ErrorCode.NOT_FOUND,
+                        message=f"training client {client.id} was deleted",
+                        session=session,
+                    )
+            await repo.settle_reservation(session, job.future_id, status=repo.RELEASED)
+            await repo.finish_job(session, job.future_id)
+        resident = self._resident.get(client.id)
+        if resident is not None and resident.applied_seq == job.seq - 1:
+            resident.applied_seq = job.seq
+
+
+# -------------------------------------------------------------------- process
+
+
+def jobs_stream_config(config: TrainerConfig, *, durable: str | None) -> JetStreamConfig:
+    """The JetStream settings of the trainer's job stream."""
+    return JetStreamConfig(
+        url=config.nats_url,
+        stream=config.jobs_stream,
+        subjects=(f"{config.jobs_subject_prefix}.>",),
+        durable=durable,
+        ack_wait=config.job_ack_wait_seconds,
+        # Waiting for an earlier job (RetryLater) counts as a delivery; a job is never
+        # dropped for that. A job that keeps failing unexpectedly is failed by the
+        # worker itself after a few deliveries.
+        max_deliver=-1,
+        nak_initial_delay=0.5,
+        nak_max_delay=10.0,
+        fetch_wait=0.5,
+    )
+
+
+async def run_worker(config: TrainerConfig, *, stop: asyncio.Event) -> None:
+    """Migrate, connect and consume jobs until ``stop`` is set.
+
+    Args:
+        config: The trainer configuration.
+        stop: Set to drain the current job and exit.
+    """
+    if config.torch_threads:
+        torch.set_num_threads(config.torch_threads)
+    database = Database.from_url(config.database_url)
+    worker: TrainerWorker | None = None
+    try:
+        await migrate(database, script_location=MIGRATIONS, version_table=VERSION_TABLE)
+        futures = SqlFutureStore(database, FUTURES)
+        worker = TrainerWorker(
+            database=database,
+            futures=futures,
+            objects=ObjectFolder(Path(config.data_dir) / "trainer"),
+            base_models=BaseModelRegistry(config.base_models_path),
+            owner=f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}",
+            lease_seconds=config.lease_seconds,
+            retry_delay=config.retry_delay_seconds,
+            resident_clients=config.resident_clients,
+        )
+        async with await JetStream.connect(
+            jobs_stream_config(config, durable=config.jobs_durable),
+            client_name="tensafe-trainer-worker",
+        ) as jetstream:
+            await jetstream.ensure_stream()
+            consumer = Consumer(jetstream, on_dead_letter=worker.on_dead_letter)
+            await consumer.ensure_consumer()
+            if config.ready_file:
+                # Same shape as the servers' ready file; port 0: a worker serves no RPC.
+                ready = Path(config.ready_file)
+                temporary = ready.with_suffix(ready.suffix + ".tmp")
+                temporary.write_text(json.dumps({"port": 0, "pid": os.getpid()}))
+                os.replace(temporary, ready)
+            log.info("trainer worker consuming", extra={"owner": worker.owner})
+            await consumer.run(worker.handle, stop=stop)
+            await worker.release_leases()
+    finally:
+        if worker is not None:
+            worker.close()
+        await database.dispose()
+
+
+def main() -> int:
+    """Entry point of ``python -m tensafe.trainer.worker``."""
+    try:
+        config = load_config(TrainerConfig)
+    except ConfigError as error:
+        print(f"tensafe-trainer-worker: configuration error: {error}", file=sys.stderr)
+        return 2
+    configure_logging("trainer-worker", level=config.log_level, fmt=config.log_format)
+
+    async def serve() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await run_worker(config, stop=stop)
+
+    try:
+        asyncio.run(serve())
+    except ConfigError as error:
+        print(f"tensafe-trainer-worker: configuration error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,383 @@
+"""The Tinker-compatible SDK against the real trainer: API + JetStream + worker + SQLite
++ a real tiny Llama model, built the way tests/trainer_service builds it (its key source,
+token issuer and config helpers are reused, so the auth interceptor is the real one).
+
+The SDK is synchronous; the server runs on the test's event loop, so each scenario runs
+in a worker thread (``asyncio.to_thread``) while the loop keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import io
+import json
+import math
+import random
+import sys
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import dp_accounting
+import grpc
+import pytest
+import torch
+from dp_accounting.rdp import rdp_privacy_accountant
+
+from tensafe.client import train_cli
+from tensafe.client.auth import BearerInterceptor
+from tensafe.client.tiny_model import build_tiny_model, tiny_corpus
+from tensafe.common.auth import AuthInterceptor, TokenVerifier
+from tensafe.common.grpc_server import GrpcServer
+from tensafe.common.nats_server import NatsServer, NatsServerConfig
+from tensafe.tinker import BudgetExhausted, ServiceClient, types
+from tensafe.trainer.server import build_api
+from tensafe.trainer.worker import run_worker
+
+
+def _conftest_of(package: str) -> Any:
+    """tests/<package>/conftest.py, loaded by path (tests/ is not a package)."""
+    path = Path(__file__).resolve().parent.parent / package / "conftest.py"
+    spec = importlib.util.spec_from_file_location(f"sdk_e2e_{package}_conftest", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve annotations through it
+    spec.loader.exec_module(module)
+    return module
+
+
+_fixtures = _conftest_of("trainer_service")
+_auth_fixtures = _conftest_of("auth")
+RecordedAudit, StaticKeys, Tokens = _fixtures.RecordedAudit, _fixtures.StaticKeys, _fixtures.Tokens
+trainer_config = _fixtures.trainer_config
+
+BASE_MODEL = "tiny-llama"
+pytestmark = pytest.mark.timeout(240)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_torch_thread() -> Iterator[None]:
+    """One torch thread: the API, the worker and the SDK share two cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def base_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("sdk_base_models")
+    build_tiny_model(
+        root / BASE_MODEL,
+        seed=0,
+        vocab_size=512,
+        hidden_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        max_position_embeddings=128,
+    )
+    return root
+
+
+class _StaticToken:
+    """Supplies one test token to the SDK's real ``BearerInterceptor``."""
+
+    def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
+        self._token = metadata[0][1].removeprefix("Bearer ")
+
+    def token(self) -> str:
+        return self._token
+
+
+@dataclass
+class Trainer:
+    address: str
+    tokens: Any
+    tenant: str
+
+    def service(self, base_models_dir: Path) -> ServiceClient:
+        provider = _StaticToken(self.tokens.metadata(self.tenant))
+        channel = grpc.intercept_channel(
+            grpc.insecure_channel(self.address),
+            BearerInterceptor(provider),  # type: ignore[arg-type]
+        )
+        return ServiceClient(channel=channel, base_models_dir=base_models_dir)
+
+
+@pytest.fixture
+async def trainer(tmp_path: Path, base_models_dir: Path) -> AsyncIterator[Trainer]:
+    with NatsServer.start(NatsServerConfig(data_dir=tmp_path / "nats")) as nats:
+        config = trainer_config(
+            database_url=f"sqlite+aiosqlite:///{tmp_path / 'trainer.db'}",
+            nats_url=nats.url,
+            data_dir=tmp_path / "data",
+            base_models_dir=base_models_dir,
+        )
+        tokens = Tokens()
+        interceptor = AuthInterceptor(
+            TokenVerifier(StaticKeys(tokens.jwk)), RecordedAudit(), service="trainer"
+        )
+        assembly, _ = await build_api(config, interceptors=[interceptor])
+        server = GrpcServer(
+            config=config, services=assembly.services, interceptors=assembly.interceptors
+        )
+        port = await server.start()
+        stop = asyncio.Event()
+        worker = asyncio.create_task(run_worker(config, stop=stop))
+        try:
+            yield Trainer(f"127.0.0.1:{port}", tokens, "tenant-sdk-e2e")
+        finally:
+            stop.set()
+            await worker
+            await server.stop()
+            assert assembly.close is not None
+            await assembly.close()
+
+
+def _reference_rdp_epsilon(noise_multiplier: float, steps: int, delta: float) -> float:
+    accountant = rdp_privacy_accountant.RdpAccountant()
+    accountant.compose(
+        dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(noise_multiplier), steps)
+    )
+    return float(accountant.get_epsilon(delta))
+
+
+def _datums(tokenizer: Any, count: int) -> list[types.Datum]:
+    """Tinker's minimal-loop datums: inputs tokens[:-1], targets tokens[1:], weight 1."""
+    lines = tiny_corpus()
+    data = []
+    for index in range(count):
+        tokens = tokenizer.encode(lines[index] + " " + lines[index + 1])[:32]
+        data.append(
+            types.Datum(
+                model_input=types.ModelInput.from_ints(tokens[:-1]),
+                loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * (len(tokens) - 1)},
+            )
+        )
+    return data
+
+
+def _mean_nll(output: types.ForwardBackwardOutput, data: list[types.Datum]) -> float:
+    return train_cli.mean_nll(output, data)
+
+
+async def test_tinker_minimal_loop_trains_checkpoints_and_samples(
+    trainer: Trainer, base_models_dir: Path
+) -> None:
+    steps, sigma = 12, 0.6
+
+    def scenario() -> dict[str, Any]:
+        with trainer.service(base_models_dir) as service:
+            assert [m.model_name for m in service.get_server_capabilities().supported_models] == [
+                BASE_MODEL
+            ]
+            training_client = service.create_lora_training_client(
+                base_model=BASE_MODEL,
+                rank=8,
+                seed=3,
+                train_mlp=True,
+                lora_alpha=16,
+                dp_noise_multiplier=sigma,
+            )
+            tokenizer = training_client.get_tokenizer()
+            data = _datums(tokenizer, 16)
+            before = _mean_nll(training_client.forward(data, "cross_entropy").result(), data)
+            for _ in range(steps):
+                fwd_bwd_future = training_client.forward_backward(data, loss_fn="cross_entropy")
+                optim_future = training_client.optim_step(types.AdamParams(learning_rate=5e-2))
+                fwd_bwd_result = fwd_bwd_future.result()
+                optim_result = optim_future.result()
+            after = _mean_nll(training_client.forward(data, "cross_entropy").result(), data)
+            saved = training_client.save_state("after-training").result()
+            sampler = training_client.save_weights_and_get_sampling_client("frozen")
+            prompt = types.ModelInput.from_ints(tokenizer.encode("the cat"))
+            sampled = sampler.sample(
+                prompt=prompt,
+                num_samples=2,
+                sampling_params=types.SamplingParams(max_tokens=6, temperature=1.0, seed=11),
+            ).result()
+            prompt_logprobs = sampler.compute_logprobs(prompt).result()
+            # One more step, then back to the checkpoint: the frozen sampler's scores of
+            # the saved weights must come back exactly.
+            training_client.forward_backward(data, "cross_entropy").result()
+            training_client.optim_step(types.AdamParams(learning_rate=5e-2)).result()
+            restored = training_client.load_state(saved.path).result()
+            scored_again = training_client.save_weights_and_get_sampling_client("restored")
+            restored_logprobs = scored_again.compute_logprobs(prompt).result()
+            resumed = service.create_training_client_from_state(saved.path)
+            return {
+                "resumed": (resumed.model_id == training_client.model_id, resumed.get_info()),
+                "before": before,
+                "after": after,
+                "fb": fwd_bwd_result,
+                "optim": optim_result,
+                "spent": training_client.get_privacy_spent(),
+                "saved": saved,
+                "restored": restored,
+                "sampled": sampled,
+                "prompt": prompt,
+                "prompt_logprobs": prompt_logprobs,
+                "restored_logprobs": restored_logprobs,
+                "info": training_client.get_info(),
+            }
+
+    out = await asyncio.to_thread(scenario)
+    assert out["after"] < out["before"] - 0.05, (out["before"], out["after"])
+    assert len(out["fb"].loss_fn_outputs) == 16 and "logprobs" in out["fb"].loss_fn_outputs[0]
+    expected = _reference_rdp_epsilon(sigma, steps, 1e-5)
+    assert out["optim"].step == steps
+    assert out["optim"].privacy_spent.epsilon == pytest.approx(expected, rel=1e-6)
+    spent = out["spent"]
+    assert spent.private and spent.accountant == "rdp" and spent.delta == 1e-5
+    assert spent.steps == steps + 1  # the extra step is charged; loading never refunds
+    assert spent.epsilon > expected
+    assert out["saved"].step == steps and out["restored"].step == steps
+    assert len(out["sampled"].sequences) == 2
+    for sequence in out["sampled"].sequences:
+        assert 1 <= len(sequence.tokens) <= 6
+        assert len(sequence.logprobs) == len(sequence.tokens)
+        assert all(lp <= 0.0 for lp in sequence.logprobs)
+        assert sequence.stop_reason in ("length", "stop")
+    logprobs = out["prompt_logprobs"]
+    assert len(logprobs) == out["prompt"].length and logprobs[0] is None
+    assert all(lp is not None and lp < 0 for lp in logprobs[1:])
+    assert out["restored_logprobs"] == pytest.approx(logprobs, abs=1e-5)
+    assert out["info"].model_data.model_name == BASE_MODEL and out["info"].model_data.private
+    same_client, resumed_info = out["resumed"]
+    assert same_client and resumed_info.model_data.step == steps
+
+
+async def test_budget_refusal_is_a_typed_error(trainer: Trainer, base_models_dir: Path) -> None:
+    one_step = _reference_rdp_epsilon(1.0, 1, 1e-5)
+
+    def scenario() -> tuple[int, BudgetExhausted]:
+        with trainer.service(base_models_dir) as service:
+            client = service.create_lora_training_client(
+                base_model=BASE_MODEL, rank=4, epsilon_budget=one_step * 1.01
+            )
+            data = _datums(client.get_tokenizer(), 2)
+            client.forward_backward(data, "cross_entropy").result()
+            first = client.optim_step(types.AdamParams()).result()
+            client.forward_backward(data, "cross_entropy").result()
+            with pytest.raises(BudgetExhausted) as info:
+                client.optim_step(types.AdamParams()).result()
+            return first.step, info.value
+
+    step, error = await asyncio.to_thread(scenario)
+    assert step == 1 and error.reason == "PRIVACY_BUDGET_EXHAUSTED"
+
+
+async def test_train_command_loop_prints_loss_and_epsilon(
+    trainer: Trainer, base_models_dir: Path, tmp_path: Path
+) -> None:
+    data_file = tmp_path / "texts.jsonl"
+    data_file.write_text("\n".join(json.dumps({"text": line}) for line in tiny_corpus()[:12]))
+    out, err = io.StringIO(), io.StringIO()
+
+    def scenario() -> list[train_cli.StepRecord]:
+        with trainer.service(base_models_dir) as service:
+            client = service.create_lora_training_client(base_model=BASE_MODEL, rank=4)
+            tokenizer = client.get_tokenizer()
+            corpus = train_cli.build_corpus(
+                train_cli.read_texts(data_file), tokenizer.encode, max_length=32
+            )
+            datums = [train_cli.to_datum(tokens) for tokens in corpus.sequences]
+            return train_cli.train(
+                client,
+                datums,
+                steps=3,
+                batches=train_cli.Batches(size=4, count=len(datums), rng=random.Random(0)),
+                adam_params=types.AdamParams(learning_rate=1e-2),
+                out=out,
+                progress=train_cli.ProgressBar(3, err),
+            )
+
+    records = await asyncio.to_thread(scenario)
+    assert [r.step for r in records] == [1, 2, 3]
+    expected = [_reference_rdp_epsilon(1.0, n, 1e-5) for n in (1, 2, 3)]
+    assert [r.epsilon for r in records] == pytest.approx(expected, rel=1e-6)
+    assert all(math.isfinite(r.loss) and r.loss > 0 for r in records)
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 3 and lines[2].startswith("step    3/3  loss ")
+    assert err.getvalue().splitlines()[-1].startswith("[" + "#" * 30 + "] 3/3")
+
+
+async def test_tensafe_train_command_end_to_end_with_api_key(
+    tmp_path: Path, base_models_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`tensafe train` as a user runs it: connection file + API key, exchanged for tokens
+    at the real auth service, which the trainer's interceptor verifies."""
+    auth_server, domain, auth_db, verifier = await _auth_fixtures.start_auth(
+        f"sqlite+aiosqlite:///{tmp_path / 'auth.db'}",
+        tmp_path,
+        kek=_auth_fixtures.new_kek(),
+        clock=_auth_fixtures.Clock(),
+    )
+    bootstrap = await domain.bootstrap(tenant_name="acme", admin_name="alice")
+    with NatsServer.start(NatsServerConfig(data_dir=tmp_path / "nats")) as nats:
+        config = trainer_config(
+            database_url=f"sqlite+aiosqlite:///{tmp_path / 'trainer.db'}",
+            nats_url=nats.url,
+            data_dir=tmp_path / "data",
+            base_models_dir=base_models_dir,
+        )
+        interceptor = AuthInterceptor(verifier, RecordedAudit(), service="trainer")
+        assembly, _ = await build_api(config, interceptors=[interceptor])
+        server = GrpcServer(
+            config=config, services=assembly.services, interceptors=assembly.interceptors
+        )
+        port = await server.start()
+        stop = asyncio.Event()
+        worker = asyncio.create_task(run_worker(config, stop=stop))
+        connection_file = tmp_path / "connection.json"
+        connection_file.write_text(
+            json.dumps(
+                {
+                    "services": {
+                        "trainer": f"127.0.0.1:{port}",
+                        "auth": f"127.0.0.1:{auth_server.port}",
+                    },
+                    "api_key": bootstrap.admin_api_key,
+                }
+            )
+        )
+        data_file = tmp_path / "texts.jsonl"
+        data_file.write_text("\n".join(json.dumps({"text": t}) for t in tiny_corpus()[:10]))
+        monkeypatch.setenv("TENSAFE_CONNECTION_FILE", str(connection_file))
+        monkeypatch.setenv("TENSAFE_BASE_MODELS_DIR", str(base_models_dir))
+        monkeypatch.delenv("TENSAFE_API_KEY", raising=False)
+        argv = ["train", str(data_file), "--base-model", BASE_MODEL, "--steps", "2"]
+        argv += ["--batch-size", "3", "--rank", "4", "--target-epsilon", "20"]
+        argv += ["--save-state", "final"]
+        out, err = io.StringIO(), io.StringIO()
+
+        def run_cli() -> int:
+            from contextlib import redirect_stderr, redirect_stdout
+
+            from tensafe.client.cli import main
+
+            with redirect_stdout(out), redirect_stderr(err):
+                return main(argv)
+
+        try:
+            code = await asyncio.to_thread(run_cli)
+        finally:
+            stop.set()
+            await worker
+            await server.stop()
+            assert assembly.close is not None
+            await assembly.close()
+            await auth_server.stop()
+            await verifier.close()
+            await auth_db.dispose()
+    assert code == 0, err.getvalue()
+    lines = out.getvalue().splitlines()
+    assert "(DP-SGD)" in lines[0]
+    assert [line.split()[1] for line in lines[1:3]] == ["1/2", "2/2"]
+    assert lines[3].startswith("checkpoint: tensafe://") and lines[3].endswith("(step 2)")
+    assert lines[4].startswith("privacy spent: ε = ") and "rdp, 2 steps" in lines[4]
+    epsilon = float(lines[4].split("ε = ")[1].split()[0])
+    assert 19.0 <= epsilon <= 20.0 + 1e-4  # target_epsilon over the planned 2 steps

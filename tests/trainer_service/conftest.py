@@ -1,0 +1,274 @@
+"""Fixtures of the trainer service tests: a real tiny model, nats-server, databases and
+the real authentication interceptor on a test signing key."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator, Sequence
+from pathlib import Path
+
+import grpc.aio
+import jwt
+import pytest
+import sqlalchemy as sa
+import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from tensafe.client.tiny_model import build_tiny_model
+from tensafe.common.auth import (
+    SCOPE_READ,
+    SCOPE_TRAIN,
+    TOKEN_AUDIENCE,
+    TOKEN_ISSUER,
+    AuditRecord,
+    AuthInterceptor,
+    JsonWebKey,
+    Revocations,
+    TokenVerifier,
+    jwk_from_public_key,
+)
+from tensafe.common.grpc_server import GrpcServer
+from tensafe.common.nats_server import NatsServer, NatsServerConfig
+from tensafe.proto.common.v1 import common_pb2_grpc
+from tensafe.proto.trainer.v1 import trainer_service_pb2_grpc
+from tensafe.trainer.api import TrainerApi
+from tensafe.trainer.config import TrainerConfig
+from tensafe.trainer.server import build_api
+from tensafe.trainer.worker import run_worker
+
+BASE_MODEL = "tiny-llama"
+
+POSTGRES_ADMIN_URLS = (
+    [os.environ["TENSAFE_TEST_POSTGRES_URL"]]
+    if os.environ.get("TENSAFE_TEST_POSTGRES_URL")
+    else [
+        "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres",
+        "postgresql+asyncpg://postgres@127.0.0.1:5432/test",
+    ]
+)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def single_torch_thread() -> Iterator[None]:
+    """One torch thread: the API, the worker and the test share two cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def base_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A base models folder holding one real tiny Llama model with its tokenizer."""
+    root = tmp_path_factory.mktemp("base_models")
+    build_tiny_model(
+        root / BASE_MODEL,
+        seed=0,
+        vocab_size=512,
+        hidden_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        max_position_embeddings=128,
+    )
+    return root
+
+
+async def _admin_execute(admin_url: str, statement: str) -> None:
+    engine = create_async_engine(admin_url, isolation_level="AUTOCOMMIT")
+    try:
+        async with engine.connect() as connection:
+            await connection.execute(sa.text(statement))
+    finally:
+        await engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A PostgreSQL database for this session (skipped, with the reason, if unreachable)."""
+    name = f"tensafe_trainer_{uuid.uuid4().hex[:12]}"
+    unreachable: list[str] = []
+    for admin_url in POSTGRES_ADMIN_URLS:
+        try:
+            asyncio.run(_admin_execute(admin_url, f'CREATE DATABASE "{name}"'))
+        except (OSError, TimeoutError) as error:
+            unreachable.append(f"{admin_url}: {error}")
+            continue
+        except sa_exc.DBAPIError as error:
+            if "does not exist" not in str(error):
+                raise
+            unreachable.append(f"{admin_url}: {error.orig}")
+            continue
+        url = make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+        yield url
+        asyncio.run(_admin_execute(admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        return
+    pytest.skip("PostgreSQL unreachable: " + "; ".join(unreachable))
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Each test using it runs on SQLite and on PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path / 'trainer.db'}"
+    return str(request.getfixturevalue("postgres_url"))
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
+    """A real nats-server with JetStream on a free port."""
+    with NatsServer.start(NatsServerConfig(data_dir=tmp_path / "nats")) as server:
+        yield server
+
+
+class StaticKeys:
+    """A key source holding the test's one signing key (the verifier is the real one)."""
+
+    def __init__(self, jwk: JsonWebKey) -> None:
+        self._jwk = jwk
+
+    async def jwks(self) -> Sequence[JsonWebKey]:
+        return [self._jwk]
+
+    async def revocations(self) -> Revocations:
+        return Revocations()
+
+
+class RecordedAudit:
+    """Keeps the audit events the interceptor emits, for assertions."""
+
+    def __init__(self) -> None:
+        self.records: list[AuditRecord] = []
+
+    async def record(self, record: AuditRecord) -> None:
+        self.records.append(record)
+
+
+class Tokens:
+    """Issues EdDSA access tokens exactly as the auth service does."""
+
+    def __init__(self) -> None:
+        self._key = Ed25519PrivateKey.generate()
+        self.kid = uuid.uuid4().hex[:8]
+        self.jwk = jwk_from_public_key(self.kid, self._key.public_key())
+
+    def metadata(
+        self, tenant: str, *, scopes: Sequence[str] = (SCOPE_READ, SCOPE_TRAIN)
+    ) -> tuple[tuple[str, str], ...]:
+        now = int(time.time())
+        principal = f"p-{tenant}"
+        claims = {
+            "iss": TOKEN_ISSUER,
+            "aud": TOKEN_AUDIENCE,
+            "sub": principal,
+            "tenant": tenant,
+            "principal": principal,
+            "scopes": list(scopes),
+            "jti": uuid.uuid4().hex,
+            "iat": now,
+            "exp": now + 3600,
+        }
+        token = jwt.encode(claims, self._key, algorithm="EdDSA", headers={"kid": self.kid})
+        return (("authorization", f"Bearer {token}"),)
+
+
+def trainer_config(
+    *, database_url: str, nats_url: str, data_dir: Path, base_models_dir: Path
+) -> TrainerConfig:
+    """The trainer configuration the tests run with (short timers)."""
+    return TrainerConfig(
+        database_url=database_url,
+        data_dir=data_dir,
+        nats_url=nats_url,
+        base_models_dir=base_models_dir,
+        log_format="text",
+        shutdown_grace_seconds=1.0,
+        job_ack_wait_seconds=2.0,
+        lease_seconds=2.0,
+        outbox_interval_seconds=0.5,
+        outbox_grace_seconds=0.5,
+        retry_delay_seconds=0.02,
+    )
+
+
+class Stack:
+    """A running trainer API (and optionally a worker) with stubs and tokens."""
+
+    def __init__(
+        self,
+        *,
+        config: TrainerConfig,
+        api: TrainerApi,
+        channel: grpc.aio.Channel,
+        tokens: Tokens,
+        audit: RecordedAudit,
+    ) -> None:
+        self.config = config
+        self.api = api
+        self.channel = channel
+        self.trainer = trainer_service_pb2_grpc.TrainerServiceStub(channel)
+        self.futures = common_pb2_grpc.FutureServiceStub(channel)
+        self.tokens = tokens
+        self.audit = audit
+        self.tenant = f"tenant-{uuid.uuid4().hex[:8]}"
+        self.auth = tokens.metadata(self.tenant)
+        self._workers: list[tuple[asyncio.Event, asyncio.Task[None]]] = []
+
+    def start_worker(self) -> None:
+        """Run one more worker in this process (an asyncio task with its own lease id)."""
+        stop = asyncio.Event()
+        self._workers.append((stop, asyncio.create_task(run_worker(self.config, stop=stop))))
+
+    async def stop_worker(self) -> None:
+        """Drain and stop every in-process worker."""
+        for stop, _ in self._workers:
+            stop.set()
+        for _, task in self._workers:
+            await task
+        self._workers = []
+
+
+@pytest.fixture
+async def make_stack(
+    tmp_path: Path, nats_server: NatsServer, base_models_dir: Path
+) -> AsyncIterator[object]:
+    """Factory of running stacks on a given database URL (default: a SQLite file)."""
+    stacks: list[tuple[Stack, GrpcServer, object]] = []
+
+    async def factory(database_url: str | None = None, *, worker: bool = True) -> Stack:
+        config = trainer_config(
+            database_url=database_url or f"sqlite+aiosqlite:///{tmp_path / 'trainer.db'}",
+            nats_url=nats_server.url,
+            data_dir=tmp_path / "data",
+            base_models_dir=base_models_dir,
+        )
+        tokens = Tokens()
+        audit = RecordedAudit()
+        interceptor = AuthInterceptor(
+            TokenVerifier(StaticKeys(tokens.jwk)), audit, service="trainer"
+        )
+        assembly, api = await build_api(config, interceptors=[interceptor])
+        server = GrpcServer(
+            config=config, services=assembly.services, interceptors=assembly.interceptors
+        )
+        port = await server.start()
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        stack = Stack(config=config, api=api, channel=channel, tokens=tokens, audit=audit)
+        stacks.append((stack, server, assembly.close))
+        if worker:
+            stack.start_worker()
+        return stack
+
+    yield factory
+    for stack, server, close in stacks:
+        await stack.stop_worker()
+        await stack.channel.close(None)
+        await server.stop()
+        assert callable(close)
+        await close()

@@ -1,0 +1,51 @@
+"""The trainer's schema: migrations match the models, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+
+from tensafe.common.db import Database, current_revision, head_revision, migrate
+from tensafe.trainer.store.models import MIGRATIONS, VERSION_TABLE, Base
+
+
+def _differences(connection: sa.Connection) -> list[Any]:
+    context = MigrationContext.configure(
+        connection, opts={"compare_type": True, "version_table": VERSION_TABLE}
+    )
+    return [
+        diff
+        for diff in compare_metadata(context, Base.metadata)
+        # Tables of other services sharing the database are not the trainer's concern.
+        if not (diff[0] == "remove_table" and not diff[1].name.startswith("trainer_"))
+    ]
+
+
+async def test_migrations_create_exactly_the_models(database_url: str) -> None:
+    database = Database.from_url(database_url)
+    try:
+        assert await migrate(
+            database, script_location=MIGRATIONS, version_table=VERSION_TABLE
+        ) == head_revision(MIGRATIONS)
+        # A second start-up (API and worker both migrate) is a no-op.
+        await migrate(database, script_location=MIGRATIONS, version_table=VERSION_TABLE)
+        assert await current_revision(database, version_table=VERSION_TABLE) == "0001_initial"
+        async with database.connection(read_only=True) as connection:
+            differences = await connection.run_sync(_differences)
+        assert differences == []
+        async with database.connection(read_only=True) as connection:
+            names = await connection.run_sync(lambda c: sa.inspect(c).get_table_names())
+        trainer_tables = sorted(n for n in names if n.startswith("trainer_"))
+        assert trainer_tables == [
+            "trainer_budget_reservations",
+            "trainer_checkpoints",
+            "trainer_futures",
+            "trainer_jobs",
+            "trainer_privacy_ledger",
+            "trainer_training_clients",
+        ]
+    finally:
+        await database.dispose()

@@ -1,0 +1,380 @@
+"""The worker's exactly-once effects: redelivery, failures, the outbox, kill -9."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import sqlalchemy as sa
+
+from tensafe.common.db import Database
+from tensafe.common.futures import SqlFutureStore
+from tensafe.common.jetstream import Delivery
+from tensafe.common.nats_server import NatsServer, NatsServerConfig
+from tensafe.proto.common.v1 import common_pb2
+from tensafe.proto.trainer.v1 import trainer_service_pb2 as pb
+from tensafe.trainer.base_models import BaseModelRegistry
+from tensafe.trainer.jobs import JobMessage
+from tensafe.trainer.objects import ObjectFolder
+from tensafe.trainer.store.models import (
+    FUTURES,
+    BudgetReservationRow,
+    JobRow,
+    LedgerRow,
+    TrainingClientRow,
+)
+from tensafe.trainer.worker import TrainerWorker
+
+from .conftest import BASE_MODEL, Stack
+from .helpers import (
+    corpus_sequences,
+    create_client,
+    datum,
+    dp_config,
+    expect_code,
+    forward_backward,
+    optim_step,
+    wait,
+)
+from .test_training import reference_epsilon
+
+
+async def _rows(url: str, model: Any, client_id: str) -> list[Any]:
+    database = Database.from_url(url)
+    try:
+        async with database.transaction(read_only=True) as session:
+            return list(
+                (
+                    await session.execute(sa.select(model).where(model.client_id == client_id))
+                ).scalars()
+            )
+    finally:
+        await database.dispose()
+
+
+async def _client_row(url: str, client_id: str) -> TrainingClientRow:
+    database = Database.from_url(url)
+    try:
+        async with database.transaction(read_only=True) as session:
+            row = await session.get(TrainingClientRow, client_id)
+            assert row is not None
+            return row
+    finally:
+        await database.dispose()
+
+
+async def test_redelivered_jobs_apply_once(
+    make_stack: Any, base_models_dir: Path, database_url: str
+) -> None:
+    stack = await make_stack(database_url)
+    client = await create_client(stack, dp=dp_config(noise_multiplier=1.0))
+    batch = corpus_sequences(base_models_dir / BASE_MODEL, 4)
+    await forward_backward(stack, client.id, batch)
+    await optim_step(stack, client.id, learning_rate=1e-2)
+    url = stack.config.database_url
+    before = await _client_row(url, client.id)
+    jobs = sorted(await _rows(url, JobRow, client.id), key=lambda job: job.seq)
+    assert [job.seq for job in jobs] == [1, 2]
+
+    # A second worker receives both messages again (as after a lost ack).
+    database = Database.from_url(url)
+    worker = TrainerWorker(
+        database=database,
+        futures=SqlFutureStore(database, FUTURES),
+        objects=ObjectFolder(stack.config.data_dir / "trainer"),
+        base_models=BaseModelRegistry(base_models_dir),
+        owner="second-worker",
+        lease_seconds=2.0,
+        retry_delay=0.01,
+        resident_clients=1,
+    )
+    try:
+        for job in jobs:
+            message = JobMessage(job.future_id, job.client_id, job.seq)
+            await worker.handle(
+                Delivery(
+                    subject="x",
+                    data=message.encode(),
+                    headers={},
+                    msg_id=job.future_id,
+                    num_delivered=2,
+                    max_deliver=-1,
+                    stream_sequence=job.seq,
+                )
+            )
+    finally:
+        worker.close()
+        await database.dispose()
+    after = await _client_row(url, client.id)
+    assert (after.step, after.dp_steps, after.applied_seq) == (1, 1, 2)
+    assert after.state_sha256 == before.state_sha256
+    assert after.epsilon_spent == before.epsilon_spent
+    assert len(await _rows(url, LedgerRow, client.id)) == 1
+
+
+async def test_a_step_that_cannot_run_fails_alone_and_releases_its_budget(
+    make_stack: Any, base_models_dir: Path
+) -> None:
+    stack = await make_stack()
+    client = await create_client(stack, dp=dp_config(noise_multiplier=1.0))
+    response = await stack.trainer.OptimStep(
+        pb.OptimStepRequest(
+            training_client_id=client.id, adam_params=pb.AdamParams(learning_rate=1e-2)
+        ),
+        metadata=stack.auth,
+    )
+    failed = await wait(stack, response.future)
+    assert failed.status == common_pb2.FUTURE_STATUS_FAILED
+    assert failed.error.code == 9  # FAILED_PRECONDITION: no data accumulated
+    reservations = await _rows(stack.config.database_url, BudgetReservationRow, client.id)
+    assert [r.status for r in reservations] == ["RELEASED"]
+    # The client is not stuck behind the failed job.
+    batch = corpus_sequences(base_models_dir / BASE_MODEL, 4)
+    await forward_backward(stack, client.id, batch)
+    result = await optim_step(stack, client.id, learning_rate=1e-2)
+    assert result.step == 1 and result.privacy_spent.steps == 1
+
+
+@pytest.mark.slow
+async def test_outbox_publishes_a_job_accepted_while_nats_was_down(
+    make_stack: Any, base_models_dir: Path, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    stack = await make_stack(worker=False)
+    client = await create_client(stack, dp=None)
+    batch = corpus_sequences(base_models_dir / BASE_MODEL, 2)
+    port = int(nats_server.url.rsplit(":", 1)[1])
+    nats_server.stop()
+    # Accepted and committed; the publish fails and only the outbox can deliver it.
+    response = await stack.trainer.ForwardBackward(
+        pb.ForwardBackwardRequest(
+            training_client_id=client.id,
+            data=[datum(s) for s in batch],
+            loss_fn="cross_entropy",
+        ),
+        metadata=stack.auth,
+    )
+    assert response.future.status == common_pb2.FUTURE_STATUS_PENDING
+    with NatsServer.start(NatsServerConfig(data_dir=tmp_path / "nats", port=port)):
+        stack.start_worker()
+        done = await wait(stack, response.future)
+        assert done.status == common_pb2.FUTURE_STATUS_SUCCEEDED
+        await stack.stop_worker()
+
+
+def _worker_process(stack: Stack, log_file: Path) -> subprocess.Popen[bytes]:
+    config = stack.config
+    env = {
+        **os.environ,
+        "TENSAFE_DATABASE_URL": config.database_url,
+        "TENSAFE_DATA_DIR": str(config.data_dir),
+        "TENSAFE_NATS_URL": config.nats_url,
+        "TENSAFE_BASE_MODELS_DIR": str(config.base_models_path),
+        "TENSAFE_JOB_ACK_WAIT_SECONDS": str(config.job_ack_wait_seconds),
+        "TENSAFE_LEASE_SECONDS": str(config.lease_seconds),
+        "TENSAFE_RETRY_DELAY_SECONDS": "0.02",
+        "TENSAFE_TORCH_THREADS": "1",
+        "TENSAFE_LOG_FORMAT": "text",
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "tensafe.trainer.worker"],
+        env=env,
+        stdout=log_file.open("ab"),
+        stderr=subprocess.STDOUT,
+    )
+
+
+@pytest.mark.slow
+async def test_killed_worker_loses_nothing_committed_and_nothing_runs_twice(
+    make_stack: Any, base_models_dir: Path, tmp_path: Path
+) -> None:
+    stack = await make_stack(worker=False)
+    client = await create_client(stack, dp=dp_config(noise_multiplier=1.1))
+    batches = [corpus_sequences(base_models_dir / BASE_MODEL, 48, offset=k * 48) for k in range(3)]
+    futures: list[common_pb2.Future] = []
+    for batch in batches:
+        # Two steps of three ForwardBackward calls each... kept small: FB, FB, step.
+        for part in (batch[:24], batch[24:]):
+            futures.append(
+                (
+                    await stack.trainer.ForwardBackward(
+                        pb.ForwardBackwardRequest(
+                            training_client_id=client.id,
+                            data=[datum(s) for s in part],
+                            loss_fn="cross_entropy",
+                        ),
+                        metadata=stack.auth,
+                    )
+                ).future
+            )
+        futures.append(
+            (
+                await stack.trainer.OptimStep(
+                    pb.OptimStepRequest(
+                        training_client_id=client.id,
+                        adam_params=pb.AdamParams(learning_rate=1e-2),
+                    ),
+                    metadata=stack.auth,
+                )
+            ).future
+        )
+    log_file = tmp_path / "worker.log"
+    first = _worker_process(stack, log_file)
+    victim = futures[4]  # the second step's second ForwardBackward
+    try:
+        while True:
+            state = (
+                await stack.futures.GetFuture(
+                    common_pb2.GetFutureRequest(future_id=victim.id), metadata=stack.auth
+                )
+            ).future.status
+            assert state in (common_pb2.FUTURE_STATUS_PENDING, common_pb2.FUTURE_STATUS_RUNNING), (
+                "the job finished before the worker could be killed; see " + str(log_file)
+            )
+            if state == common_pb2.FUTURE_STATUS_RUNNING:
+                os.kill(first.pid, signal.SIGKILL)
+                break
+            assert first.poll() is None, log_file.read_text()
+            await asyncio.sleep(0.002)
+        first.wait()
+        killed = await _client_row(stack.config.database_url, client.id)
+        assert killed.applied_seq == 4  # everything before the victim, nothing after
+        second = _worker_process(stack, log_file)
+        try:
+            try:
+                results = [await wait(stack, future, timeout=120) for future in futures]
+            except AssertionError as error:
+                raise AssertionError(f"{error}; worker log:\n{log_file.read_text()}") from None
+        finally:
+            second.send_signal(signal.SIGTERM)
+            second.wait(timeout=30)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert all(r.status == common_pb2.FUTURE_STATUS_SUCCEEDED for r in results), (
+        log_file.read_text()
+    )
+    steps = []
+    for index in (2, 5, 8):
+        message = pb.OptimStepResult()
+        assert results[index].result.Unpack(message)
+        steps.append(message)
+    # Each step saw exactly its two ForwardBackward calls (48 examples), even the one
+    # whose second call ran twice; steps and epsilon are those of an undisturbed run.
+    assert [s.step for s in steps] == [1, 2, 3]
+    assert [s.metrics["examples"] for s in steps] == [48.0, 48.0, 48.0]
+    final = await _client_row(stack.config.database_url, client.id)
+    assert (final.step, final.dp_steps, final.applied_seq) == (3, 3, 9)
+    expected = reference_epsilon("rdp", 1.1, 3, 1e-5)
+    assert final.epsilon_spent == pytest.approx(expected, rel=1e-6)
+    ledger = await _rows(stack.config.database_url, LedgerRow, client.id)
+    assert sorted(row.dp_step for row in ledger) == [1, 2, 3]
+
+
+async def _submit_fb(stack: Stack, client_id: str, sequences: list[list[int]]) -> Any:
+    return (
+        await stack.trainer.ForwardBackward(
+            pb.ForwardBackwardRequest(
+                training_client_id=client_id,
+                data=[datum(s) for s in sequences],
+                loss_fn="cross_entropy",
+            ),
+            metadata=stack.auth,
+        )
+    ).future
+
+
+async def _submit_step(stack: Stack, client_id: str) -> Any:
+    return (
+        await stack.trainer.OptimStep(
+            pb.OptimStepRequest(
+                training_client_id=client_id, adam_params=pb.AdamParams(learning_rate=1e-2)
+            ),
+            metadata=stack.auth,
+        )
+    ).future
+
+
+async def test_a_cancelled_step_is_skipped_and_its_budget_released(
+    make_stack: Any, base_models_dir: Path
+) -> None:
+    stack = await make_stack(worker=False)
+    client = await create_client(stack, dp=dp_config(noise_multiplier=1.0))
+    batch = corpus_sequences(base_models_dir / BASE_MODEL, 4)
+    first = await _submit_fb(stack, client.id, batch)
+    cancelled = await _submit_step(stack, client.id)
+    response = await stack.futures.CancelFuture(
+        common_pb2.CancelFutureRequest(future_id=cancelled.id), metadata=stack.auth
+    )
+    assert response.future.status == common_pb2.FUTURE_STATUS_CANCELLED
+    stack.start_worker()
+    assert (await wait(stack, first)).status == common_pb2.FUTURE_STATUS_SUCCEEDED
+    result = await optim_step(stack, client.id, learning_rate=1e-2)
+    # The cancelled step never ran: this is step 1 over the first batch alone.
+    assert result.step == 1 and result.metrics["examples"] == 4.0
+    assert result.privacy_spent.steps == 1
+    reservations = await _rows(stack.config.database_url, BudgetReservationRow, client.id)
+    assert sorted(r.status for r in reservations) == ["CONSUMED", "RELEASED"]
+
+
+async def test_deleting_a_client_removes_checkpoints_and_keeps_the_ledger(
+    make_stack: Any, base_models_dir: Path
+) -> None:
+    stack = await make_stack()
+    client = await create_client(stack, dp=dp_config(noise_multiplier=1.0))
+    await forward_backward(stack, client.id, corpus_sequences(base_models_dir / BASE_MODEL, 4))
+    await optim_step(stack, client.id, learning_rate=1e-2)
+    saved = await wait(
+        stack,
+        (
+            await stack.trainer.SaveState(
+                pb.SaveStateRequest(training_client_id=client.id, name="c1"), metadata=stack.auth
+            )
+        ).future,
+    )
+    assert saved.status == common_pb2.FUTURE_STATUS_SUCCEEDED
+    objects = stack.config.data_dir / "trainer" / "checkpoints" / client.id
+    assert len(list(objects.rglob("*.safetensors"))) == 1
+    await stack.trainer.DeleteTrainingClient(
+        pb.DeleteTrainingClientRequest(training_client_id=client.id), metadata=stack.auth
+    )
+    await expect_code(
+        stack.trainer.GetTrainingClient(
+            pb.GetTrainingClientRequest(training_client_id=client.id), metadata=stack.auth
+        ),
+        grpc.StatusCode.NOT_FOUND,
+    )
+    assert list(objects.rglob("*.safetensors")) == []
+    assert len(await _rows(stack.config.database_url, LedgerRow, client.id)) == 1
+
+
+async def test_two_workers_apply_each_clients_jobs_in_order(
+    make_stack: Any, base_models_dir: Path, database_url: str
+) -> None:
+    stack = await make_stack(database_url)
+    stack.start_worker()  # a second worker on the same durable consumer
+    sequences = corpus_sequences(base_models_dir / BASE_MODEL, 8)
+    plans: list[tuple[str, list[Any]]] = []
+    for seed in (1, 2):
+        client = await create_client(stack, dp=dp_config(noise_multiplier=1.0), seed=seed)
+        futures = []
+        for _ in range(2):
+            futures.append(await _submit_fb(stack, client.id, sequences[:3]))
+            futures.append(await _submit_fb(stack, client.id, sequences[3:8]))
+            futures.append(await _submit_step(stack, client.id))
+        plans.append((client.id, futures))
+    for _, futures in plans:
+        done = [await wait(stack, future) for future in futures]
+        assert all(f.status == common_pb2.FUTURE_STATUS_SUCCEEDED for f in done)
+        for index, expected_step in ((2, 1), (5, 2)):
+            message = pb.OptimStepResult()
+            assert done[index].result.Unpack(message)
+            # Each step saw exactly its own two ForwardBackward calls (3 + 5 examples).
+            assert message.step == expected_step
+            assert message.metrics["examples"] == 8.0
