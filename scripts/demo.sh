@@ -24,3 +24,12 @@ echo "== health, from Python =="
 tensafe status
 echo "== health, from the Node client =="
 node clients/node/bin/health.mjs
+
+models_dir="$data_dir/models"
+if [ ! -d "$models_dir/tiny-llama" ]; then
+  echo "== building the tiny base model (no weights can be downloaded here) =="
+  tensafe tiny-model "$models_dir/tiny-llama" --corpus "$data_dir/corpus.jsonl"
+fi
+echo "== DP-SGD fine-tuning through the Tinker-compatible SDK =="
+tensafe train "$data_dir/corpus.jsonl" --base-model tiny-llama --steps 20 --batch-size 64 \
+  --target-epsilon 8 --learning-rate 3e-3
