@@ -3,10 +3,81 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
-from tensafe.common.config import ServiceConfig
+from tensafe.common.config import ServiceConfig, env_name, setting
+from tensafe.common.errors import ConfigError
+
+MIB = 1024 * 1024
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RegistryConfig(ServiceConfig):
     """Settings of the registry service."""
+
+    registry_signing_key_file: Path | None = setting(
+        "PEM file (PKCS#8) of this deployment's Ed25519 package-signing key. Required "
+        "outside dev mode; in dev mode a development-only key is created in "
+        "data_dir/dev-registry-signing-key.pem (and logged as such) when unset.",
+        default=None,
+    )
+    registry_trusted_signing_key_files: tuple[Path, ...] = setting(
+        "Comma-separated PEM files of further Ed25519 public keys (SubjectPublicKeyInfo) "
+        "whose package signatures the registry accepts, e.g. the trainer's publisher key.",
+        default=(),
+    )
+    registry_kek_dir: Path | None = setting(
+        "Folder of the local-file KEK provider (one <tenant>.kek per tenant, mode 0600); "
+        "default data_dir/keks.",
+        default=None,
+    )
+    registry_object_dir: Path | None = setting(
+        "Folder of the content-addressed package store; default data_dir/objects.",
+        default=None,
+    )
+    registry_max_package_bytes: int = setting(
+        "Largest package PublishAdapter accepts, bytes (larger: RESOURCE_EXHAUSTED).",
+        default=1024 * MIB,
+    )
+    registry_chunk_bytes: int = setting("Bytes per DownloadAdapter message.", default=1 * MIB)
+    registry_acting_service_principals: tuple[str, ...] = setting(
+        "Comma-separated principal ids of platform service accounts (e.g. the HE "
+        "runtime's) that may name the tenant they act for in the x-tensafe-acting-tenant "
+        "call metadata of UnwrapDataKey, DownloadAdapter and the read RPCs. Empty: nobody.",
+        default=(),
+    )
+    registry_platform_tenant_id: str = setting(
+        "Tenant id of the platform tenant; the acting service principals must belong to it. "
+        "Required when registry_acting_service_principals is set.",
+        default="",
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.registry_signing_key_file is None and not self.dev_mode:
+            raise ConfigError(
+                env_name("registry_signing_key_file"),
+                "required outside dev mode (TENSAFE_DEV_MODE=1): the registry's "
+                "package-signing key is never generated silently",
+            )
+        if self.registry_max_package_bytes < 1024:
+            raise ConfigError(env_name("registry_max_package_bytes"), "must be >= 1024")
+        if not 4096 <= self.registry_chunk_bytes <= self.max_message_bytes // 2:
+            raise ConfigError(
+                env_name("registry_chunk_bytes"), "must be in 4096..max_message_bytes/2"
+            )
+        if self.registry_acting_service_principals and not self.registry_platform_tenant_id:
+            raise ConfigError(
+                env_name("registry_platform_tenant_id"),
+                "required when TENSAFE_REGISTRY_ACTING_SERVICE_PRINCIPALS is set",
+            )
+
+    @property
+    def kek_dir(self) -> Path:
+        """Folder of the local-file KEK provider."""
+        return self.registry_kek_dir or Path(self.data_dir) / "keks"
+
+    @property
+    def object_dir(self) -> Path:
+        """Folder of the object store."""
+        return self.registry_object_dir or Path(self.data_dir) / "objects"

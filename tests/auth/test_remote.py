@@ -251,42 +251,6 @@ async def test_other_services_refuse_to_start_without_auth_settings(tmp_path: Pa
     assert info.value.setting == "TENSAFE_SERVICE_API_KEY"
 
 
-async def test_registry_wiring_authenticates_before_its_servicer(
-    auth_sqlite: AuthHarness, nats: NatsServer, tmp_path: Path
-) -> None:
-    from tensafe.proto.registry.v1 import registry_service_pb2, registry_service_pb2_grpc
-    from tensafe.registry.config import RegistryConfig
-    from tensafe.registry.server import build
-
-    config = RegistryConfig(
-        database_url=f"sqlite+aiosqlite:///{tmp_path / 'registry.db'}",
-        data_dir=tmp_path,
-        auth_url=auth_sqlite.address,
-        service_api_key=auth_sqlite.bootstrap.service_api_keys["registry"],
-        nats_url=nats.url,
-    )
-    assembly = await build(config)
-    server = GrpcServer(
-        config=config, services=assembly.services, interceptors=assembly.interceptors
-    )
-    await server.start()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            stub = registry_service_pb2_grpc.RegistryServiceStub(channel)
-            request = registry_service_pb2.ListAdaptersRequest()
-            await expect_code(stub.ListAdapters(request), grpc.StatusCode.UNAUTHENTICATED)
-            token = await exchange(auth_sqlite.stub, auth_sqlite.bootstrap.admin_api_key)
-            # Authenticated, the call reaches the servicer (not implemented yet).
-            await expect_code(
-                stub.ListAdapters(request, metadata=bearer(token.access_token)),
-                grpc.StatusCode.UNIMPLEMENTED,
-            )
-    finally:
-        await server.stop()
-        assert assembly.close is not None
-        await assembly.close()
-
-
 @dataclasses.dataclass
 class ListSink:
     records: list[AuditRecord] = dataclasses.field(default_factory=list)

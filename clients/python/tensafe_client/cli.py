@@ -226,6 +226,21 @@ def _cmd_admin_rotate_signing_key(args: argparse.Namespace) -> int:
     return _with_auth(args, "admin rotate-signing-key", call)
 
 
+def _cmd_tiny_model(args: argparse.Namespace) -> int:
+    import json
+
+    from tensafe.client.tiny_model import build_tiny_model, tiny_corpus, weights_digest
+
+    path = build_tiny_model(args.out_dir, seed=args.seed)
+    print(f"{path}  weights sha256 {weights_digest(path)}")
+    if args.corpus:
+        with open(args.corpus, "w") as file:
+            for text in tiny_corpus():
+                file.write(json.dumps({"text": text}) + "\n")
+        print(f"corpus: {args.corpus} ({len(tiny_corpus())} texts)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``tensafe`` command."""
     parser = argparse.ArgumentParser(prog="tensafe", description=__doc__.splitlines()[0])
@@ -241,6 +256,15 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--connection-file", help="default: .tensafe/connection.json")
     status.add_argument("--timeout", type=float, default=3.0, help="seconds per check")
     status.set_defaults(func=_cmd_status)
+
+    tiny = sub.add_parser(
+        "tiny-model",
+        help="build the tiny Llama-style model + BPE tokenizer (for demos and tests)",
+    )
+    tiny.add_argument("out_dir", type=Path, help="folder to write (save_pretrained layout)")
+    tiny.add_argument("--seed", type=int, default=0, help="weights and tokenizer seed")
+    tiny.add_argument("--corpus", type=Path, help="also write the built-in corpus as JSONL")
+    tiny.set_defaults(func=_cmd_tiny_model)
 
     serve = sub.add_parser("serve", help="run one service in the foreground")
     serve.add_argument("service", choices=sorted(SERVE_TARGETS))

@@ -1,0 +1,1 @@
+"""The registry's domain: plain Python, no gRPC types."""

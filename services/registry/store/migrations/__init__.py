@@ -1,0 +1,1 @@
+"""Alembic migrations of the registry service (run by ``tensafe.common.db.migrate``)."""
