@@ -12,6 +12,7 @@ python -m pip install -q --disable-pip-version-check ".[dev]" 2>&1 | { grep -v "
 (cd clients/node && npm ci --no-audit --no-fund --loglevel=error)
 
 python scripts/gen_protos.py --check
+python scripts/gen_node.py --check
 (cd protos && buf lint)
 ruff check .
 python scripts/typecheck.py

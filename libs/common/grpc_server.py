@@ -31,7 +31,7 @@ from tensafe.common.config import ServiceConfig, load_config
 from tensafe.common.errors import ConfigError
 from tensafe.common.grpc_errors import ErrorInterceptor, ServerInterceptorBase
 from tensafe.common.log import configure_logging
-from tensafe.common.telemetry import TracingInterceptor, setup_tracing
+from tensafe.common.telemetry import TracingInterceptor, setup_telemetry
 
 log = logging.getLogger(__name__)
 
@@ -152,16 +152,16 @@ def run_service(
         print(f"tensafe-{name}: configuration error: {exc}", file=sys.stderr)
         return 2
     configure_logging(name, level=config.log_level, fmt=config.log_format)
-    provider = setup_tracing(
+    shutdown_telemetry = setup_telemetry(
         f"tensafe-{name}", exporter=config.otel_exporter, endpoint=config.otel_endpoint
     )
     try:
-        asyncio.run(_serve(name, config, build, provider.get_tracer("tensafe")))
+        asyncio.run(_serve(name, config, build, trace.get_tracer("tensafe")))
     except ConfigError as exc:
         print(f"tensafe-{name}: configuration error: {exc}", file=sys.stderr)
         return 2
     finally:
-        provider.shutdown()
+        shutdown_telemetry()
     return 0
 
 

@@ -72,7 +72,7 @@ import nats.aio.client
 import nats.errors
 import nats.js.api
 import nats.js.errors
-from opentelemetry import propagate, trace
+from opentelemetry import metrics, propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from tensafe.common.errors import (
@@ -590,6 +590,20 @@ class Consumer:
         self._config = config
         self._on_dead_letter = on_dead_letter
         self._random = random.Random()
+        # Queue depth and throughput of the job stream; recorded into the process's
+        # meter provider (tensafe.common.telemetry.setup_metrics), a no-op without one.
+        meter = metrics.get_meter(__name__)
+        self._pending = meter.create_gauge(
+            "tensafe.jobs.pending",
+            unit="{message}",
+            description="Messages of the stream not yet delivered to this durable "
+            "consumer (the queue depth), as of the latest delivery.",
+        )
+        self._processed = meter.create_counter(
+            "tensafe.jobs.processed",
+            unit="{message}",
+            description="Deliveries handled, by outcome (ack, retry_later, nak, ...).",
+        )
 
     async def ensure_consumer(self) -> None:
         """Create the durable consumer or update its settings. Idempotent.
@@ -749,6 +763,12 @@ class Consumer:
         ) as span:
             outcome = await self._run_handler(message, delivery, handler)
             span.set_attribute("tensafe.job.outcome", outcome.action)
+            attributes = {
+                "messaging.system": "nats",
+                "messaging.consumer.group.name": self._durable,
+            }
+            self._pending.set(int(message.metadata.num_pending), attributes)
+            self._processed.add(1, {**attributes, "tensafe.job.outcome": outcome.action})
             if outcome.error is not None:
                 span.record_exception(outcome.error)
                 span.set_status(Status(StatusCode.ERROR, type(outcome.error).__name__))

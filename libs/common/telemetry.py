@@ -3,18 +3,27 @@ propagation through gRPC metadata (and, in :mod:`tensafe.common.jetstream`, thro
 NATS message headers), so one trace follows a call across services and workers.
 
 Exporting is off by default; ``console`` prints spans, ``otlp`` sends them to a
-collector over OTLP/gRPC.
+collector over OTLP/gRPC. :func:`setup_metrics` does the same for metrics; the server
+interceptor records ``rpc.server.duration`` per method (OpenTelemetry RPC semantic
+conventions), which for the HE runtime's methods is the HE latency.
 """
 
 from __future__ import annotations
 
 import inspect
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
 import grpc
 import grpc.aio
-from opentelemetry import propagate, trace
+from opentelemetry import metrics, propagate, trace
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import (
+    ConsoleMetricExporter,
+    MetricReader,
+    PeriodicExportingMetricReader,
+)
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
@@ -61,6 +70,42 @@ def setup_tracing(
     return provider
 
 
+def setup_metrics(
+    service: str,
+    *,
+    exporter: str = "none",
+    endpoint: str = "",
+    extra_readers: Iterable[MetricReader] = (),
+) -> MeterProvider:
+    """Create the process's meter provider and install it as the global one.
+
+    Like the tracer provider, OpenTelemetry's API looks the meter provider up globally;
+    the instruments of :class:`TracingInterceptor` and of the JetStream consumer record
+    into it (and into a no-op provider until this is called).
+
+    Args:
+        service: ``service.name`` resource attribute.
+        exporter: ``none``, ``console`` or ``otlp`` (the same setting as traces).
+        endpoint: OTLP collector endpoint when ``exporter`` is ``otlp``.
+        extra_readers: More metric readers (tests pass an in-memory reader).
+
+    Returns:
+        The provider; call ``shutdown()`` on it at exit to flush.
+    """
+    readers: list[MetricReader] = list(extra_readers)
+    if exporter == "console":
+        readers.append(PeriodicExportingMetricReader(ConsoleMetricExporter()))
+    elif exporter == "otlp":
+        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+
+        readers.append(PeriodicExportingMetricReader(OTLPMetricExporter(endpoint=endpoint)))
+    provider = MeterProvider(
+        metric_readers=readers, resource=Resource.create({"service.name": service})
+    )
+    metrics.set_meter_provider(provider)
+    return provider
+
+
 def inject_metadata() -> list[tuple[str, str]]:
     """The current trace context as gRPC metadata pairs (``traceparent``...)."""
     carrier: dict[str, str] = {}
@@ -69,10 +114,14 @@ def inject_metadata() -> list[tuple[str, str]]:
 
 
 class TracingInterceptor(ServerInterceptorBase):
-    """Opens a SERVER span per RPC, child of the caller's ``traceparent`` if any."""
+    """Opens a SERVER span per RPC, child of the caller's ``traceparent`` if any, and
+    records the call's duration in the ``rpc.server.duration`` histogram (ms)."""
 
-    def __init__(self, tracer: trace.Tracer) -> None:
+    def __init__(self, tracer: trace.Tracer, meter: metrics.Meter | None = None) -> None:
         self._tracer = tracer
+        self._duration = (meter or metrics.get_meter("tensafe")).create_histogram(
+            "rpc.server.duration", unit="ms", description="Duration of inbound RPCs."
+        )
 
     async def intercept_service(
         self,
@@ -89,35 +138,62 @@ class TracingInterceptor(ServerInterceptorBase):
             k: v for k, v in (handler_call_details.invocation_metadata or ()) if isinstance(v, str)
         }
         return wrap_handler(
-            handler, _SpanWrapper(self._tracer, handler_call_details.method, carrier)
+            handler,
+            _SpanWrapper(self._tracer, self._duration, handler_call_details.method, carrier),
         )
 
 
 class _SpanWrapper(BehaviorWrapper):
-    def __init__(self, tracer: trace.Tracer, method: str, carrier: dict[str, str]) -> None:
+    def __init__(
+        self,
+        tracer: trace.Tracer,
+        duration: metrics.Histogram,
+        method: str,
+        carrier: dict[str, str],
+    ) -> None:
         self._tracer = tracer
+        self._duration = duration
         self._method = method
         self._carrier = carrier
+        service, _, name = method.lstrip("/").partition("/")
+        self._attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
 
     def _span(self) -> trace.Span:
-        service, _, name = self._method.lstrip("/").partition("/")
         return self._tracer.start_span(
             self._method.lstrip("/"),
             context=propagate.extract(self._carrier),
             kind=trace.SpanKind.SERVER,
-            attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": name},
+            attributes=self._attributes,
+        )
+
+    def _record(
+        self, started: float, context: grpc.aio.ServicerContext[Any, Any], *, failed: bool
+    ) -> None:
+        # The status the call ends with: the code set by abort()/set_code() (the error
+        # interceptor aborts with the typed error's code), else OK or, for an exception
+        # no interceptor mapped, UNKNOWN (what grpc sends for it).
+        code = context.code()
+        unset = "UNKNOWN" if failed else "OK"
+        status = code.name if isinstance(code, grpc.StatusCode) else unset
+        self._duration.record(
+            (time.perf_counter() - started) * 1000.0,
+            {**self._attributes, "rpc.grpc.status": status},
         )
 
     def unary(self, inner: Behavior) -> Behavior:
         async def behavior(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             span = self._span()
+            started = time.perf_counter()
             with trace.use_span(span, end_on_exit=True, record_exception=False):
                 try:
                     result = inner(request, context)
-                    return await result if inspect.isawaitable(result) else result
+                    value = await result if inspect.isawaitable(result) else result
                 except BaseException:
                     span.set_status(trace.Status(trace.StatusCode.ERROR))
+                    self._record(started, context, failed=True)
                     raise
+                self._record(started, context, failed=False)
+                return value
 
         return behavior
 
@@ -126,6 +202,7 @@ class _SpanWrapper(BehaviorWrapper):
             request: Any, context: grpc.aio.ServicerContext[Any, Any]
         ) -> AsyncIterator[Any]:
             span = self._span()
+            started = time.perf_counter()
             with trace.use_span(span, end_on_exit=True, record_exception=False):
                 try:
                     result = inner(request, context)
@@ -136,6 +213,29 @@ class _SpanWrapper(BehaviorWrapper):
                         await result
                 except BaseException:
                     span.set_status(trace.Status(trace.StatusCode.ERROR))
+                    self._record(started, context, failed=True)
                     raise
+                self._record(started, context, failed=False)
 
         return behavior
+
+
+def setup_telemetry(service: str, *, exporter: str, endpoint: str) -> Callable[[], None]:
+    """Set up the process's traces and metrics in one call (services and workers).
+
+    Args:
+        service: ``service.name`` resource attribute.
+        exporter: ``none``, ``console`` or ``otlp``.
+        endpoint: OTLP collector endpoint when ``exporter`` is ``otlp``.
+
+    Returns:
+        A function that flushes and shuts both providers down; call it at exit.
+    """
+    tracer_provider = setup_tracing(service, exporter=exporter, endpoint=endpoint)
+    meter_provider = setup_metrics(service, exporter=exporter, endpoint=endpoint)
+
+    def shutdown() -> None:
+        tracer_provider.shutdown()
+        meter_provider.shutdown()
+
+    return shutdown

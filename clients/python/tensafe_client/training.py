@@ -36,6 +36,7 @@ from google.protobuf import duration_pb2
 
 from tensafe.client.auth import TokenProvider, authenticated_channel, find_api_key
 from tensafe.client.connection import load_connection
+from tensafe.client.tracing import traced_channel
 from tensafe.common import errors
 from tensafe.common.grpc_errors import STATUS_DETAILS_KEY, from_rpc_error
 from tensafe.proto.common.v1 import common_pb2, common_pb2_grpc
@@ -187,6 +188,16 @@ class TrainerRpc:
         self._sleep = sleep
         self._trainer = trainer_service_pb2_grpc.TrainerServiceStub(channel)
         self._futures = common_pb2_grpc.FutureServiceStub(channel)
+
+    @property
+    def channel(self) -> grpc.Channel:
+        """The channel (for streaming calls, e.g. :mod:`tensafe.client.datasets`)."""
+        return self._channel
+
+    @property
+    def trainer_stub(self) -> trainer_service_pb2_grpc.TrainerServiceStub:
+        """The TrainerService stub on the channel."""
+        return self._trainer
 
     def close(self) -> None:
         """Close the channel (and the channels it depends on)."""
@@ -357,15 +368,18 @@ def parse_address(base_url: str) -> tuple[str, bool]:
 
 
 def make_channel(base_url: str, *, options: ChannelOptions) -> grpc.Channel:
-    """An unauthenticated channel with the message size limits of ``options``."""
+    """An unauthenticated channel with the message size limits of ``options``; every
+    call carries the caller's trace context (:mod:`tensafe.client.tracing`)."""
     address, tls = parse_address(base_url)
     channel_options = [
         ("grpc.max_send_message_length", options.max_message_bytes),
         ("grpc.max_receive_message_length", options.max_message_bytes),
     ]
     if tls:
-        return grpc.secure_channel(address, grpc.ssl_channel_credentials(), channel_options)
-    return grpc.insecure_channel(address, channel_options)
+        channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(), channel_options)
+    else:
+        channel = grpc.insecure_channel(address, channel_options)
+    return traced_channel(channel)
 
 
 def open_trainer(

@@ -1,0 +1,37 @@
+{{/*
+Render-time checks that values.schema.json cannot express (they depend on devMode or on
+two values together). Each failure names the value to set.
+*/}}
+{{- define "tensafe.validate" -}}
+{{- $v := .Values -}}
+{{- if not $v.devMode }}
+{{- $_ := required "postgresql.existingSecret is required: a Secret with each service's database URL" $v.postgresql.existingSecret -}}
+{{- $_ := required "secrets.authKeyEncryption.existingSecret is required outside devMode" $v.secrets.authKeyEncryption.existingSecret -}}
+{{- $_ := required "secrets.serviceApiKeys.existingSecret is required outside devMode" $v.secrets.serviceApiKeys.existingSecret -}}
+{{- $_ := required "secrets.registrySigningKey.existingSecret is required outside devMode" $v.secrets.registrySigningKey.existingSecret -}}
+{{- $_ := required "secrets.datasetKek.existingSecret is required outside devMode" $v.secrets.datasetKek.existingSecret -}}
+{{- $_ := required "trainer.baseModels.existingClaim is required outside devMode: the base models the trainer serves" $v.trainer.baseModels.existingClaim -}}
+{{- if $v.publishing.enabled }}
+{{- $_ := required "secrets.trainerSigningKey.existingSecret is required with publishing.enabled outside devMode" $v.secrets.trainerSigningKey.existingSecret -}}
+{{- $_ := required "keks.existingClaim is required with publishing.enabled outside devMode: the trainer and the registry share the tenants' KEKs" $v.keks.existingClaim -}}
+{{- if not (and $v.registry.trustedSigningKeys.existingConfigMap $v.registry.trustedSigningKeys.keys) }}
+{{- fail "registry.trustedSigningKeys (existingConfigMap and keys) is required with publishing.enabled: the registry must trust the trainer's public key" -}}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- if and $v.registry.actingServicePrincipals (not $v.registry.platformTenantId) }}
+{{- fail "registry.platformTenantId is required with registry.actingServicePrincipals" -}}
+{{- end }}
+{{- if and (eq $v.otel.exporter "otlp") (not $v.otel.endpoint) }}
+{{- fail "otel.endpoint is required when otel.exporter is otlp" -}}
+{{- end }}
+{{- if and (not $v.nats.existingSecret) (not $v.nats.url) }}
+{{- fail "nats.url (or nats.existingSecret) is required: TenSafe needs an external NATS JetStream" -}}
+{{- end }}
+{{- if and (gt (int $v.trainerWorker.replicas) 0) (gt (int $v.trainer.replicas) 0) (not $v.trainer.persistence.existingClaim) (not $v.devMode) }}
+{{- fail "trainer.persistence.existingClaim is required outside devMode: the trainer API and workers share checkpoints through a ReadWriteMany claim" -}}
+{{- end }}
+{{- if and (not $v.registry.persistence.existingClaim) (not $v.devMode) }}
+{{- fail "registry.persistence.existingClaim is required outside devMode: packages and envelope keys must outlive a pod" -}}
+{{- end }}
+{{- end -}}

@@ -1,0 +1,387 @@
+"""The Helm chart in deploy/k8s/tensafe, rendered by the real Helm engine (Helm's Go SDK
+through helm-python-sdk) for the default and the production values, with every
+manifest validated against the Kubernetes OpenAPI schemas (kubernetes-validate, offline).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import helm_python as helm
+import kubernetes_validate
+import pytest
+import yaml
+
+from tensafe.auth.config import AuthConfig
+from tensafe.common.config import describe
+from tensafe.he_runtime.config import HeRuntimeConfig
+from tensafe.registry.config import RegistryConfig
+from tensafe.trainer.config import TrainerConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "deploy" / "k8s" / "tensafe"
+PRODUCTION = yaml.safe_load((CHART / "values-production.yaml").read_text())
+KUBERNETES_VERSION = "1.31.0"  # the oldest minor the schemas below are checked against
+GRPC_SERVICES = {"auth", "trainer", "registry", "he-runtime"}
+CONFIG_OF = {
+    "auth": AuthConfig,
+    "trainer": TrainerConfig,
+    "trainer-worker": TrainerConfig,
+    "registry": RegistryConfig,
+    "he-runtime": HeRuntimeConfig,
+}
+SECRET_SETTINGS = {
+    "TENSAFE_DATABASE_URL",
+    "TENSAFE_SERVICE_API_KEY",
+    "TENSAFE_SIGNING_KEY_ENCRYPTION_KEY",
+}
+
+
+def render(values: dict[str, Any], *, release: str = "tensafe") -> list[dict[str, Any]]:
+    """Every manifest the chart renders for ``values`` (NOTES excluded)."""
+    with helm.Chart.load(str(CHART)) as chart:
+        files = chart.render(values, name=release, namespace="tensafe", is_install=True)
+    documents = []
+    for path, text in sorted(files.items()):
+        if path.endswith("NOTES.txt"):
+            continue
+        documents += [doc for doc in yaml.safe_load_all(text) if doc]
+    return documents
+
+
+def by_kind(documents: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
+    return {
+        doc["metadata"]["labels"]["app.kubernetes.io/component"]: doc
+        for doc in documents
+        if doc["kind"] == kind
+    }
+
+
+def containers(pod_spec: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    yield from pod_spec.get("initContainers", [])
+    yield from pod_spec["containers"]
+
+
+def pod_specs(documents: list[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
+    for doc in documents:
+        if doc["kind"] in {"Deployment", "Job"}:
+            component = doc["metadata"]["labels"]["app.kubernetes.io/component"]
+            yield component, doc["spec"]["template"]["spec"]
+
+
+@pytest.fixture(scope="module", params=["default", "production"])
+def manifests(request: pytest.FixtureRequest) -> list[dict[str, Any]]:
+    return render({} if request.param == "default" else PRODUCTION)
+
+
+def test_the_engine_is_helm_itself() -> None:
+    assert helm.helm_sdk_version().startswith("v4.")
+    assert helm.lint(str(CHART))["errors"] == []
+
+
+def test_every_manifest_is_valid_kubernetes(manifests: list[dict[str, Any]]) -> None:
+    kinds = sorted(doc["kind"] for doc in manifests)
+    assert kinds == ["Deployment"] * 5 + ["Job"] + ["Service"] * 4 + ["ServiceAccount"]
+    for doc in manifests:
+        # strict: an unknown field (a typo such as `readOnlyRootFileSystem`) is an error.
+        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+
+
+def test_a_deployment_and_service_per_service_and_workers_apart(
+    manifests: list[dict[str, Any]],
+) -> None:
+    deployments = by_kind(manifests, "Deployment")
+    services = by_kind(manifests, "Service")
+    assert set(deployments) == GRPC_SERVICES | {"trainer-worker"}
+    assert set(services) == GRPC_SERVICES
+    for name, service in services.items():
+        selector = service["spec"]["selector"]
+        assert deployments[name]["spec"]["template"]["metadata"]["labels"].items() >= (
+            selector.items()
+        )
+        assert service["spec"]["ports"] == [
+            {
+                "name": "grpc",
+                "port": 50051,
+                "targetPort": "grpc",
+                "protocol": "TCP",
+                "appProtocol": "grpc",
+            }
+        ]
+    modules = {
+        name: deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+        for name, deployment in deployments.items()
+    }
+    assert modules == {
+        "auth": ["tensafe.auth"],
+        "trainer": ["tensafe.trainer"],
+        "registry": ["tensafe.registry"],
+        "he-runtime": ["tensafe.he_runtime"],
+        "trainer-worker": ["tensafe.trainer.worker"],
+    }
+
+
+def test_probes_are_native_grpc_probes_on_the_served_port(
+    manifests: list[dict[str, Any]],
+) -> None:
+    for name, deployment in by_kind(manifests, "Deployment").items():
+        container = deployment["spec"]["template"]["spec"]["containers"][0]
+        if name == "trainer-worker":
+            assert "ports" not in container and "livenessProbe" not in container
+            continue
+        port = container["ports"][0]["containerPort"]
+        for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+            assert container[probe]["grpc"] == {"port": port}, (name, probe)
+            assert set(container[probe]) & {"httpGet", "exec", "tcpSocket"} == set()
+
+
+def test_pods_run_non_root_on_a_read_only_root_with_requests(
+    manifests: list[dict[str, Any]],
+) -> None:
+    seen = set()
+    for component, spec in pod_specs(manifests):
+        seen.add(component)
+        assert spec["securityContext"]["runAsNonRoot"] is True
+        assert spec["securityContext"]["runAsUser"] == 10001
+        assert spec["automountServiceAccountToken"] is False
+        for container in containers(spec):
+            security = container["securityContext"]
+            assert security["readOnlyRootFilesystem"] is True, (component, container["name"])
+            assert security["allowPrivilegeEscalation"] is False
+            assert security["capabilities"] == {"drop": ["ALL"]}
+            assert {"cpu", "memory"} <= set(container["resources"]["requests"])
+            mounts = {m["mountPath"] for m in container.get("volumeMounts", [])}
+            if not container["name"].startswith("install-"):
+                assert "/tmp" in mounts, "the read-only root needs a writable /tmp"
+    assert seen == GRPC_SERVICES | {"trainer-worker", "migrate"}
+
+
+def test_secrets_are_referenced_never_inlined(manifests: list[dict[str, Any]]) -> None:
+    assert not [doc for doc in manifests if doc["kind"] == "Secret"]
+    referenced = set()
+    for component, spec in pod_specs(manifests):
+        for container in containers(spec):
+            for env in container.get("env", []):
+                if env["name"] in SECRET_SETTINGS:
+                    assert "value" not in env, (component, env["name"])
+                    referenced.add(env["valueFrom"]["secretKeyRef"]["name"])
+        for volume in spec["volumes"]:
+            if "secret" in volume:
+                referenced.add(volume["secret"]["secretName"])
+    assert {
+        "tensafe-auth-kek",
+        "tensafe-service-api-keys",
+        "tensafe-registry-signing-key",
+        "tensafe-dataset-kek",
+        "tensafe-trainer-signing-key",
+    } <= referenced
+
+
+def test_every_setting_the_chart_sets_is_a_real_config_field(
+    manifests: list[dict[str, Any]],
+) -> None:
+    for component, spec in pod_specs(manifests):
+        if component == "migrate":
+            continue
+        known = {name for name, _, _ in describe(CONFIG_OF[component])}
+        env = {e["name"] for e in spec["containers"][0]["env"]}
+        assert env - known == set(), component
+        required = {
+            name for name, default, _ in describe(CONFIG_OF[component]) if default == "(required)"
+        }
+        assert required <= env, component
+
+
+def test_external_postgres_and_nats_come_from_values() -> None:
+    documents = render(PRODUCTION)
+    worker = by_kind(documents, "Deployment")["trainer-worker"]
+    env = {e["name"]: e for e in worker["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["TENSAFE_NATS_URL"]["valueFrom"]["secretKeyRef"] == {
+        "name": "tensafe-prod-nats",
+        "key": "url",
+    }
+    assert env["TENSAFE_DATABASE_URL"]["valueFrom"]["secretKeyRef"] == {
+        "name": "tensafe-prod-postgresql",
+        "key": "trainer-url",
+    }
+    plain = render({"nats": {"url": "nats://jetstream.messaging:4222"}})
+    auth = by_kind(plain, "Deployment")["auth"]["spec"]["template"]["spec"]["containers"][0]
+    assert {"name": "TENSAFE_NATS_URL", "value": "nats://jetstream.messaging:4222"} in auth["env"]
+
+
+def _env_and_mounts(deployment: dict[str, Any]) -> tuple[dict[str, str], dict[str, str]]:
+    spec = deployment["spec"]["template"]["spec"]
+    container = spec["containers"][0]
+    env = {e["name"]: e.get("value", "") for e in container["env"]}
+    claims = {
+        v["name"]: v["persistentVolumeClaim"]["claimName"]
+        for v in spec["volumes"]
+        if "persistentVolumeClaim" in v
+    }
+    mounts = {m["mountPath"]: claims.get(m["name"], "") for m in container["volumeMounts"]}
+    return env, mounts
+
+
+def test_the_trainer_publishes_to_the_registry_through_a_shared_kek_folder() -> None:
+    deployments = by_kind(render(PRODUCTION), "Deployment")
+    registry_env, registry_mounts = _env_and_mounts(deployments["registry"])
+    assert registry_mounts[registry_env["TENSAFE_REGISTRY_KEK_DIR"]] == "tensafe-prod-keks"
+    assert registry_env["TENSAFE_REGISTRY_TRUSTED_SIGNING_KEY_FILES"] == (
+        "/etc/tensafe/trusted-keys/trainer-2026.pub.pem,"
+        "/etc/tensafe/trusted-keys/trainer-2025.pub.pem"
+    )
+    for name in ("trainer", "trainer-worker"):
+        env, mounts = _env_and_mounts(deployments[name])
+        assert env["TENSAFE_REGISTRY_URL"] == "tensafe-registry:50051"
+        assert mounts[env["TENSAFE_KEK_DIR"]] == "tensafe-prod-keks"
+        assert mounts[env["TENSAFE_BASE_MODELS_DIR"]] == "tensafe-base-models"
+        assert env["TENSAFE_TRAINER_SIGNING_KEY_FILE"].startswith("/var/run/tensafe/keys/")
+        init = deployments[name]["spec"]["template"]["spec"]["initContainers"]
+        installed = {c["command"][-1] for c in init}
+        assert installed == {
+            env["TENSAFE_TRAINER_SIGNING_KEY_FILE"],
+            env["TENSAFE_DATASET_KEK_FILE"],
+        }
+        assert all(c["command"][:3] == ["install", "-m", "0600"] for c in init)
+    # The HE runtime loads adapters from the registry, which lets it act for tenants.
+    he_env, _ = _env_and_mounts(deployments["he-runtime"])
+    assert he_env["TENSAFE_REGISTRY_URL"] == "tensafe-registry:50051"
+    assert registry_env["TENSAFE_REGISTRY_ACTING_SERVICE_PRINCIPALS"] == (
+        "prn-7c1e2f9a0b3d4e5f,prn-0a9b8c7d6e5f4a3b"
+    )
+    assert registry_env["TENSAFE_REGISTRY_PLATFORM_TENANT_ID"] == "tnt-platform"
+    unpublished = by_kind(render({"publishing": {"enabled": False}}), "Deployment")
+    env, _ = _env_and_mounts(unpublished["trainer-worker"])
+    assert "TENSAFE_REGISTRY_URL" not in env and "TENSAFE_KEK_DIR" not in env
+
+
+def test_workers_scale_independently_of_the_api() -> None:
+    documents = render({"trainer": {"replicas": 1}, "trainerWorker": {"replicas": 7}})
+    deployments = by_kind(documents, "Deployment")
+    assert deployments["trainer"]["spec"]["replicas"] == 1
+    assert deployments["trainer-worker"]["spec"]["replicas"] == 7
+
+
+def test_migrations_run_in_a_pre_install_and_pre_upgrade_hook(
+    manifests: list[dict[str, Any]],
+) -> None:
+    (job,) = [doc for doc in manifests if doc["kind"] == "Job"]
+    annotations = job["metadata"]["annotations"]
+    assert set(annotations["helm.sh/hook"].split(",")) == {"pre-install", "pre-upgrade"}
+    spec = job["spec"]["template"]["spec"]
+    assert spec["restartPolicy"] == "Never"
+    commands = [c["command"] for c in spec["containers"]]
+    assert commands == [
+        ["python", "/opt/tensafe/migrate.py", service]
+        for service in ("auth", "registry", "trainer")
+    ]
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"grpcPort": "grpc"}, "grpcPort"),
+        ({"trainerWorker": {"replicas": -1}}, "replicas"),
+        ({"image": {"digest": "latest"}}, "digest"),
+        ({"nats": {"url": "http://nats:4222"}}, "url"),
+        ({"auht": {"replicas": 1}}, "auht"),
+        # null deletes a default in Helm: a request without memory is refused.
+        ({"auth": {"resources": {"requests": {"memory": None}}}}, "memory"),
+        ({"auth": {"extraEnv": [{"name": "PATH", "value": "/"}]}}, "name"),
+        ({"otel": {"exporter": "otlp"}}, "otel.endpoint is required"),
+        (
+            {"secrets": {"datasetKek": {"existingSecret": "", "key": "k"}}},
+            "secrets.datasetKek.existingSecret is required",
+        ),
+        (
+            {"trainer": {"baseModels": {"existingClaim": ""}}},
+            "trainer.baseModels.existingClaim is required",
+        ),
+        (
+            {"registry": {"trustedSigningKeys": {"keys": []}}},
+            "registry.trustedSigningKeys (existingConfigMap and keys) is required",
+        ),
+        ({"keks": {"existingClaim": ""}}, "keks.existingClaim is required"),
+        (
+            {"registry": {"actingServicePrincipals": ["prn-1"]}},
+            "registry.platformTenantId is required",
+        ),
+        (
+            {"registry": {"persistence": {"existingClaim": ""}}},
+            "registry.persistence.existingClaim is required",
+        ),
+    ],
+)
+def test_bad_values_fail_the_render_naming_the_value(values: dict[str, Any], message: str) -> None:
+    with pytest.raises(helm.HelmError, match=re.escape(message)):
+        render(values)
+
+
+def test_dev_mode_renders_without_secrets_or_claims() -> None:
+    documents = render(
+        {
+            "devMode": True,
+            "secrets": {
+                "authKeyEncryption": {"existingSecret": "", "key": "k"},
+                "serviceApiKeys": {
+                    "existingSecret": "",
+                    "keys": {"trainer": "t", "registry": "r", "heRuntime": "h"},
+                },
+                "registrySigningKey": {"existingSecret": "", "key": "k"},
+                "datasetKek": {"existingSecret": "", "key": "k"},
+            },
+            "trainer": {"persistence": {"existingClaim": ""}, "baseModels": {"existingClaim": ""}},
+            "registry": {"persistence": {"existingClaim": ""}},
+            "keks": {"existingClaim": ""},
+        }
+    )
+    for doc in documents:
+        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+    registry = by_kind(documents, "Deployment")["registry"]["spec"]["template"]["spec"]
+    assert "initContainers" not in registry
+    assert {"name": "data", "emptyDir": {}} in registry["volumes"]
+    env = registry["containers"][0]["env"]
+    assert {"name": "TENSAFE_DEV_MODE", "value": "1"} in env
+
+
+def _leaves(tree: dict[str, Any], prefix: str = "") -> Iterator[str]:
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            yield from _leaves(value, f"{path}.")
+        else:
+            yield path
+
+
+def test_every_value_is_documented_with_a_param_line() -> None:
+    text = (CHART / "values.yaml").read_text()
+    documented = set(re.findall(r"^## @param (\S+) \S", text, flags=re.MULTILINE))
+    values = yaml.safe_load(text)
+    for leaf in _leaves(values):
+        parts = leaf.split(".")
+        ancestors = {".".join(parts[: i + 1]) for i in range(len(parts))}
+        assert ancestors & documented, f"{leaf} has no ## @param line"
+    leaves = set(_leaves(values))
+    for name in documented:
+        assert any(leaf == name or leaf.startswith(f"{name}.") for leaf in leaves), (
+            f"## @param {name} documents no value"
+        )
+
+
+def test_the_schema_describes_every_top_level_value() -> None:
+    import json
+
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert set(values) == set(schema["properties"])
+    assert schema["additionalProperties"] is False
+
+
+def test_config_classes_are_dataclasses() -> None:
+    # The env-name check above relies on describe() listing every field.
+    for config in set(CONFIG_OF.values()):
+        assert dataclasses.is_dataclass(config)
