@@ -32,7 +32,7 @@ async def test_migrations_create_exactly_the_models(database_url: str) -> None:
         ) == head_revision(MIGRATIONS)
         # A second start-up (API and worker both migrate) is a no-op.
         await migrate(database, script_location=MIGRATIONS, version_table=VERSION_TABLE)
-        assert await current_revision(database, version_table=VERSION_TABLE) == "0001_initial"
+        assert await current_revision(database, version_table=VERSION_TABLE) == "0002_datasets"
         async with database.connection(read_only=True) as connection:
             differences = await connection.run_sync(_differences)
         assert differences == []
@@ -42,6 +42,9 @@ async def test_migrations_create_exactly_the_models(database_url: str) -> None:
         assert trainer_tables == [
             "trainer_budget_reservations",
             "trainer_checkpoints",
+            "trainer_dataset_keys",
+            "trainer_dataset_runs",
+            "trainer_datasets",
             "trainer_futures",
             "trainer_jobs",
             "trainer_privacy_ledger",

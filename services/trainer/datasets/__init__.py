@@ -1,0 +1,1 @@
+"""Server-held datasets: encrypted storage, Poisson sampling and TrainOnDataset."""

@@ -1,0 +1,349 @@
+"""The worker side of TrainOnDataset: server-drawn Poisson batches, one commit per step.
+
+For each step of a run the worker
+
+1. checks that the run's future was not cancelled and that one more Poisson step fits
+   the client's budget (the admission reserved the run, so this is a second line);
+2. draws the batch: every record independently with probability q
+   (:class:`~.sampling.PoissonSampler`, seeded from the OS CSPRNG per run attempt);
+3. runs ForwardBackward on the batch in micro-batches (per-example clipping) and
+   OptimStep with ``expected_batch_size = q · N``; an empty batch skips the model and
+   applies the noise-only update (a zero-sequence batch is not a model input);
+4. writes the engine state, then commits in ONE transaction, fenced on the client's
+   ``applied_seq`` and the worker's lease: the client's state, step, accountant and
+   epsilon; the ledger row with ``PoissonSampledDpEvent(q, Gaussian(sigma))``; one step
+   given back from the run's reservation; and the run's progress (losses, batch sizes).
+
+Progress is therefore visible while the run goes on: GetPrivacySpent and
+GetTrainingClient report every committed step. A worker that dies mid-run loses at most
+the step in flight; the redelivered job resumes after the last committed step with a
+freshly seeded sampler (steps are independent draws, so this changes no guarantee).
+After the last step the future succeeds with the per-step losses and batch sizes.
+
+What the result reveals: the batch sizes and the mean losses are computed from the data
+without noise. They are returned to the dataset's owner only (the tenant who uploaded the
+records); the DP guarantee covers the trained adapter, not these diagnostics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import json
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from tensafe.common.db import Database
+from tensafe.common.errors import BudgetExhausted, FailedPrecondition, NotFound
+from tensafe.common.futures import FutureStatus, SqlFutureStore
+from tensafe.common.jetstream import RetryLater
+from tensafe.proto.trainer.v1 import trainer_service_pb2 as pb
+from tensafe.trainer import serde
+from tensafe.trainer.api import accountant_of, client_dp
+from tensafe.trainer.datasets.records import TokenizedDataset
+from tensafe.trainer.datasets.sampling import PoissonSampler
+from tensafe.trainer.datasets.service import DatasetVault, get_dataset
+from tensafe.trainer.engine.accounting import PrivacyAccountant, StepMechanism
+from tensafe.trainer.engine.config import AdamConfig
+from tensafe.trainer.engine.training import LoraTrainingEngine
+from tensafe.trainer.objects import ObjectFolder
+from tensafe.trainer.store import repository as repo
+from tensafe.trainer.store.models import (
+    BudgetReservationRow,
+    DatasetRunRow,
+    JobRow,
+    LedgerRow,
+    TrainingClientRow,
+)
+
+MICRO_BATCH = 8
+"""Records per forward/backward pass within one step (bounds activation memory; the
+clipped sum over the step is the same whatever the split)."""
+
+
+class RunEnd(enum.Enum):
+    """How a run left the worker."""
+
+    SUCCEEDED = "succeeded"
+    """Every step committed and the future succeeded."""
+    CANCELLED = "cancelled"
+    """The future was cancelled; committed steps stay, the rest is released."""
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    """What one Poisson step produced, before its commit."""
+
+    batch_size: int
+    mean_loss: float | None
+    """Mean cross-entropy per trained token; None for an empty batch."""
+    state: bytes
+    step: int
+
+
+def run_step(
+    engine: LoraTrainingEngine,
+    dataset: TokenizedDataset,
+    batch: npt.NDArray[np.int64],
+    *,
+    adam: AdamConfig,
+    expected_batch_size: float,
+) -> StepOutcome:
+    """One DP-SGD step on a drawn batch (runs in a worker thread).
+
+    Args:
+        engine: The client's engine, with nothing accumulated.
+        dataset: The decrypted records.
+        batch: Indices of the records drawn (possibly none).
+        adam: AdamW hyper-parameters.
+        expected_batch_size: q · N, the divisor of the noised sum.
+
+    Returns:
+        The batch size, the mean loss and the new engine state.
+    """
+    loss_sum = 0.0
+    trained_tokens = 0.0
+    indices = [int(index) for index in batch]
+    for start in range(0, len(indices), MICRO_BATCH):
+        sequences = []
+        inputs = []
+        for index in indices[start : start + MICRO_BATCH]:
+            tokens, loss_inputs = dataset.datum(index)
+            sequences.append(tokens)
+            inputs.append(loss_inputs)
+            trained_tokens += float(sum(loss_inputs["weights"]))
+        result = engine.forward_backward(sequences, "cross_entropy", inputs)
+        loss_sum += result.metrics["loss:sum"]
+    result_step = engine.optim_step(adam, expected_batch_size=expected_batch_size)
+    mean_loss = loss_sum / trained_tokens if indices and trained_tokens > 0 else None
+    return StepOutcome(
+        batch_size=len(indices),
+        mean_loss=mean_loss,
+        state=engine.state_dict(),
+        step=result_step.step,
+    )
+
+
+class LostClient(Exception):
+    """The client moved on or this worker lost its lease: roll back and retry later."""
+
+
+class DatasetRunner:
+    """Runs TrainOnDataset jobs for a trainer worker.
+
+    Args:
+        database: The trainer's database.
+        futures: The futures store.
+        objects: The object folder (engine states).
+        vault: Dataset keys and objects.
+        owner: The worker's lease owner id.
+        retry_delay: Delay of a retry after the lease was lost.
+        stop: Set when the worker shuts down: a run stops after its current step and
+            its job is handed back (it resumes, on any worker, after that step), so a
+            long run never holds up a graceful shutdown.
+    """
+
+    def __init__(
+        self,
+        *,
+        database: Database,
+        futures: SqlFutureStore,
+        objects: ObjectFolder,
+        vault: DatasetVault,
+        owner: str,
+        retry_delay: float,
+        stop: asyncio.Event,
+    ) -> None:
+        self._stop = stop
+        self._db = database
+        self._futures = futures
+        self._objects = objects
+        self._vault = vault
+        self._owner = owner
+        self._retry_delay = retry_delay
+
+    async def run(
+        self,
+        *,
+        job: JobRow,
+        client: TrainingClientRow,
+        engine: LoraTrainingEngine,
+        request: pb.TrainOnDatasetRequest,
+    ) -> RunEnd:
+        """Run (or resume) a TrainOnDataset job to its end.
+
+        Raises:
+            TenSafeError: A typed failure (dataset gone, not private, budget, ...): the
+                worker fails the future; steps committed before stay committed.
+            RetryLater: The lease was lost; the engine must be discarded.
+        """
+        async with self._db.transaction(read_only=True) as session:
+            run = await session.get(DatasetRunRow, job.future_id)
+            if run is None:
+                raise NotFound(f"the run of job {job.future_id} is missing")
+            dataset_row = await get_dataset(session, job.tenant, run.dataset_id)
+        dp = client_dp(client)
+        if dp is None:
+            raise FailedPrecondition("TrainOnDataset needs a private (DP) training client")
+        if engine.accumulated_examples:
+            raise FailedPrecondition(
+                f"the client holds {engine.accumulated_examples} example(s) from "
+                "ForwardBackward calls not yet applied; call OptimStep before TrainOnDataset "
+                "(a Poisson step must contain only server-drawn records)"
+            )
+        dataset = await self._vault.load(dataset_row)
+        if dataset.records != dataset_row.records:
+            raise FailedPrecondition(f"dataset {dataset_row.id} does not match its metadata")
+        adam = serde.adam_config(request.adam_params, present=request.HasField("adam_params"))
+        mechanism = StepMechanism.poisson(dp.noise_multiplier, run.sample_rate)
+        sampler = PoissonSampler(records=dataset.records, sample_rate=run.sample_rate)
+        accountant = accountant_of(client, dp)
+        losses: list[float | None] = json.loads(run.losses_json)
+        batch_sizes: list[int] = json.loads(run.batch_sizes_json)
+        for _ in range(int(run.steps_done), int(run.steps)):
+            if await self._cancelled(job):
+                return RunEnd.CANCELLED
+            if self._stop.is_set():
+                # Hand the client over at once instead of after the lease expires.
+                async with self._db.transaction() as session:
+                    await repo.release_lease(session, client.id, owner=self._owner)
+                raise RetryLater(0.0, "the worker is stopping; the run resumes after its last step")
+            budget = dp.epsilon_budget
+            if budget is not None and await asyncio.to_thread(
+                accountant.would_exceed, budget_epsilon=budget, delta=dp.delta, mechanism=mechanism
+            ):
+                raise BudgetExhausted(
+                    f"one more Poisson step would exceed the privacy budget epsilon={budget:g} "
+                    f"at delta={dp.delta:g} after {accountant.steps} step(s)"
+                )
+            batch = sampler.draw()
+            outcome = await asyncio.to_thread(
+                run_step,
+                engine,
+                dataset,
+                batch,
+                adam=adam,
+                expected_batch_size=run.expected_batch_size,
+            )
+            losses.append(outcome.mean_loss)
+            batch_sizes.append(outcome.batch_size)
+            await self._commit_step(
+                job, client, accountant, mechanism, outcome, losses=losses, sizes=batch_sizes
+            )
+        return await self._finish(job, client, losses=losses, sizes=batch_sizes)
+
+    async def _cancelled(self, job: JobRow) -> bool:
+        future = await self._futures.get(job.tenant, job.future_id)
+        return future.status is FutureStatus.CANCELLED
+
+    async def _fenced(
+        self, session: AsyncSession, client: TrainingClientRow, seq: int
+    ) -> TrainingClientRow:
+        row = await session.get(
+            TrainingClientRow, client.id, with_for_update=True, populate_existing=True
+        )
+        if row is None or row.applied_seq != seq - 1 or row.lease_owner != self._owner:
+            raise LostClient(f"client {client.id} moved on or its lease was lost")
+        return row
+
+    async def _commit_step(
+        self,
+        job: JobRow,
+        client: TrainingClientRow,
+        accountant: PrivacyAccountant,
+        mechanism: StepMechanism,
+        outcome: StepOutcome,
+        *,
+        losses: list[float | None],
+        sizes: list[int],
+    ) -> None:
+        dp_step = accountant.steps + 1
+        relative = f"states/{client.id}/{job.seq:012d}-{dp_step:010d}.safetensors"
+        sha = await asyncio.to_thread(self._objects.write, relative, outcome.state)
+        dp = client_dp(client)
+        assert dp is not None
+        # Recorded before the commit: if the commit fails, run() raises and this
+        # accountant (local to the run) is discarded with the engine.
+        accountant.record(mechanism)
+        epsilon = await asyncio.to_thread(accountant.epsilon, dp.delta)
+        state_json = serde.json_state(accountant.to_state())
+        old_path: str | None = None
+        try:
+            async with self._db.transaction() as session:
+                row = await self._fenced(session, client, job.seq)
+                old_path = row.state_path
+                row.state_path, row.state_sha256 = relative, sha
+                row.step = outcome.step
+                row.accountant_state = state_json
+                row.dp_steps = accountant.steps
+                row.epsilon_spent = epsilon
+                session.add(
+                    LedgerRow(
+                        tenant=row.tenant,
+                        client_id=row.id,
+                        dp_step=accountant.steps,
+                        seq=job.seq,
+                        future_id=job.future_id,
+                        sampling=mechanism.sampling.value,
+                        noise_multiplier=mechanism.noise_multiplier,
+                        sampling_probability=mechanism.sampling_probability,
+                        delta=dp.delta,
+                        accountant=dp.accountant,
+                        epsilon_after=epsilon,
+                        accountant_state=state_json,
+                        created_at=repo.now(),
+                    )
+                )
+                reservation = await session.get(BudgetReservationRow, job.future_id)
+                if reservation is not None and reservation.status == repo.RESERVED:
+                    reservation.steps = max(int(reservation.steps) - 1, 0)
+                    if reservation.steps == 0:
+                        reservation.status = repo.CONSUMED
+                run = await session.get(DatasetRunRow, job.future_id)
+                assert run is not None
+                run.steps_done = len(sizes)
+                run.losses_json = json.dumps(losses)
+                run.batch_sizes_json = json.dumps(sizes)
+                run.updated_at = repo.now()
+        except LostClient as error:
+            self._objects.delete(relative)
+            raise RetryLater(self._retry_delay, str(error)) from error
+        if old_path is not None and old_path != relative:
+            self._objects.delete(old_path)
+
+    async def _finish(
+        self,
+        job: JobRow,
+        client: TrainingClientRow,
+        *,
+        losses: list[float | None],
+        sizes: list[int],
+    ) -> RunEnd:
+        try:
+            async with self._db.transaction() as session:
+                row = await self._fenced(session, client, job.seq)
+                row.applied_seq = job.seq
+                result = pb.TrainOnDatasetResult(
+                    steps=len(sizes),
+                    losses=[math.nan if loss is None else float(loss) for loss in losses],
+                    batch_sizes=sizes,
+                    privacy_spent=serde.privacy_spent(
+                        dp=client_dp(row), epsilon=row.epsilon_spent, steps=int(row.dp_steps)
+                    ),
+                )
+                await repo.settle_reservation(session, job.future_id, status=repo.CONSUMED)
+                await self._futures.succeed(
+                    job.tenant, job.future_id, result=serde.pack_result(result), session=session
+                )
+                await repo.finish_job(session, job.future_id)
+        except FailedPrecondition as error:
+            if error.reason != "FUTURE_STATE":
+                raise
+            return RunEnd.CANCELLED
+        except LostClient as error:
+            raise RetryLater(self._retry_delay, str(error)) from error
+        return RunEnd.SUCCEEDED

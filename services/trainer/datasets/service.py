@@ -1,0 +1,522 @@
+"""Server-held datasets: upload, read, list, delete, and admission of TrainOnDataset.
+
+Upload tokenises the JSONL with the base model's tokenizer, encrypts the tokenised
+records under the tenant's data key (:mod:`.crypto`) and writes them to the object folder
+*before* the metadata row commits (a committed row never points at a missing file; a
+crash in between leaves an unreferenced ciphertext). Every read filters by tenant, so
+another tenant's dataset is NOT_FOUND, indistinguishable from a missing one.
+
+TrainOnDataset is admitted like every trainer job (:meth:`TrainerApi.admit`), and in the
+same transaction the whole run's privacy cost — ``steps`` Poisson-subsampled Gaussian
+steps at rate q — is checked against the client's budget, counting every step already
+committed or reserved, and reserved. The worker gives one reserved step back with each
+step it commits (:mod:`.runner`), so concurrent OptimSteps can never overspend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import json
+import re
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import datetime
+
+import sqlalchemy as sa
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.ext.asyncio import AsyncSession
+from transformers import AutoTokenizer
+
+from tensafe.common.db import Database
+from tensafe.common.errors import (
+    BudgetExhausted,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+)
+from tensafe.common.futures import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, Future
+from tensafe.proto.trainer.v1 import trainer_service_pb2 as pb
+from tensafe.trainer import serde
+from tensafe.trainer.api import Caller, TrainerApi, admitted_accountant, client_dp
+from tensafe.trainer.base_models import BaseModelInfo, BaseModelRegistry
+from tensafe.trainer.datasets.crypto import (
+    DatasetKeyring,
+    WrappedKey,
+    decrypt_dataset,
+    encrypt_dataset,
+)
+from tensafe.trainer.datasets.records import (
+    RecordFormat,
+    TokenizedDataset,
+    Tokenizer,
+    tokenize_jsonl,
+)
+from tensafe.trainer.datasets.sampling import resolve_sample_rate
+from tensafe.trainer.engine.accounting import StepMechanism
+from tensafe.trainer.jobs import JobKind
+from tensafe.trainer.objects import ObjectFolder
+from tensafe.trainer.store import repository as repo
+from tensafe.trainer.store.models import (
+    BudgetReservationRow,
+    DatasetKeyRow,
+    DatasetRow,
+    DatasetRunRow,
+    TrainingClientRow,
+)
+
+MAX_TRAIN_STEPS = 1_000_000
+"""Most steps one TrainOnDataset request may run."""
+
+_NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_MAX_REQUEST_ID = 128
+_FORMATS = {
+    pb.DATASET_FORMAT_TEXT: RecordFormat.TEXT,
+    pb.DATASET_FORMAT_PROMPT_COMPLETION: RecordFormat.PROMPT_COMPLETION,
+}
+_FORMAT_ENUMS = {value: key for key, value in _FORMATS.items()}
+
+
+def dataset_to_proto(row: DatasetRow) -> pb.Dataset:
+    """The contract's Dataset of a stored dataset."""
+    message = pb.Dataset(
+        id=row.id,
+        name=row.name,
+        base_model=row.base_model,
+        format=_FORMAT_ENUMS[RecordFormat(row.format)],
+        records=int(row.records),
+        tokens=int(row.tokens),
+    )
+    created = serde.timestamp(repo.utc(row.created_at))
+    if created is not None:
+        message.create_time.CopyFrom(created)
+    return message
+
+
+@dataclass(frozen=True)
+class DatasetPage:
+    """One page of datasets, newest first."""
+
+    datasets: list[DatasetRow]
+    next_page_token: str
+
+
+class DatasetVault:
+    """Tenant data keys and encrypted dataset objects (used by the API and the workers).
+
+    Args:
+        database: The trainer's database.
+        objects: The object folder.
+        keyring: The deployment's KEK; None when datasets are not configured (every
+            call then fails with FAILED_PRECONDITION naming the setting).
+    """
+
+    def __init__(
+        self, *, database: Database, objects: ObjectFolder, keyring: DatasetKeyring | None
+    ) -> None:
+        self._db = database
+        self._objects = objects
+        self._keyring = keyring
+
+    def require_keyring(self) -> DatasetKeyring:
+        """The KEK, or FAILED_PRECONDITION naming the setting when none is configured."""
+        if self._keyring is None:
+            raise FailedPrecondition(
+                "server-held datasets are not configured on this deployment: set "
+                "TENSAFE_DATASET_KEK_FILE (or TENSAFE_DEV_MODE=1 for a local KEK)",
+                reason="DATASETS_NOT_CONFIGURED",
+            )
+        return self._keyring
+
+    async def tenant_key(self, tenant: str) -> tuple[str, bytes]:
+        """The tenant's DEK (created and stored wrapped on first use): (key id, key)."""
+        keyring = self.require_keyring()
+        async with self._db.transaction(read_only=True) as session:
+            row = await session.get(DatasetKeyRow, tenant)
+        if row is None:
+            wrapped, _ = keyring.new_tenant_key(tenant)
+            try:
+                async with self._db.transaction() as session:
+                    session.add(
+                        DatasetKeyRow(
+                            tenant=tenant,
+                            key_id=wrapped.key_id,
+                            kek_id=wrapped.kek_id,
+                            wrapped_key=wrapped.wrapped,
+                            created_at=repo.now(),
+                        )
+                    )
+            except sa_exc.IntegrityError:
+                # Another upload of the tenant created it first: use that one.
+                pass
+            async with self._db.transaction(read_only=True) as session:
+                row = await session.get(DatasetKeyRow, tenant)
+            assert row is not None
+        dek = keyring.unwrap(tenant, WrappedKey(row.key_id, row.kek_id, row.wrapped_key))
+        return row.key_id, dek
+
+    async def store(self, tenant: str, dataset_id: str, dataset: TokenizedDataset) -> DatasetRow:
+        """Encrypt and write a dataset's records; returns an unsaved row with the
+        object's path, digest and key id filled in."""
+        key_id, dek = await self.tenant_key(tenant)
+        sealed = encrypt_dataset(
+            dek, dataset.to_bytes(), tenant=tenant, dataset_id=dataset_id, key_id=key_id
+        )
+        relative = f"datasets/{dataset_id}.tsds"
+        sha = await asyncio.to_thread(self._objects.write, relative, sealed)
+        return DatasetRow(
+            id=dataset_id,
+            tenant=tenant,
+            records=dataset.records,
+            tokens=dataset.total_tokens,
+            key_id=key_id,
+            object_path=relative,
+            sha256=sha,
+        )
+
+    async def load(self, row: DatasetRow) -> TokenizedDataset:
+        """Read, verify and decrypt a dataset's records.
+
+        Raises:
+            NotFound: The object is missing.
+            IntegrityError: The object or its key fails verification.
+            FailedPrecondition: Datasets are not configured, or the KEK changed.
+        """
+        key_id, dek = await self.tenant_key(row.tenant)
+        if key_id != row.key_id:
+            raise FailedPrecondition(f"dataset {row.id} was encrypted under another data key")
+        sealed = await asyncio.to_thread(self._objects.read, row.object_path, sha256=row.sha256)
+        plaintext = decrypt_dataset(
+            dek, sealed, tenant=row.tenant, dataset_id=row.id, key_id=row.key_id
+        )
+        return await asyncio.to_thread(TokenizedDataset.from_bytes, plaintext)
+
+    def delete_object(self, row: DatasetRow) -> None:
+        """Remove a dataset's ciphertext."""
+        self._objects.delete(row.object_path)
+
+
+async def get_dataset(session: AsyncSession, tenant: str, dataset_id: str) -> DatasetRow:
+    """A dataset of ``tenant``.
+
+    Raises:
+        NotFound: No such dataset for this tenant.
+    """
+    row = (
+        await session.execute(
+            sa.select(DatasetRow).where(DatasetRow.id == dataset_id, DatasetRow.tenant == tenant)
+        )
+    ).scalar_one_or_none()
+    if row is None:
+        raise NotFound(f"dataset {dataset_id!r} not found")
+    return row
+
+
+def _encode_token(created: datetime, dataset_id: str) -> str:
+    payload = json.dumps({"c": created.isoformat(), "i": dataset_id})
+    return base64.urlsafe_b64encode(payload.encode()).decode().rstrip("=")
+
+
+def _decode_token(token: str) -> tuple[datetime, str]:
+    try:
+        padded = token + "=" * (-len(token) % 4)
+        payload = json.loads(base64.urlsafe_b64decode(padded.encode()))
+        return datetime.fromisoformat(payload["c"]), str(payload["i"])
+    except (ValueError, KeyError, TypeError, binascii.Error) as error:
+        raise InvalidArgument("page_token", "is malformed") from error
+
+
+class DatasetService:
+    """The dataset RPCs' domain.
+
+    Args:
+        database: The trainer's database.
+        api: The trainer API (job admission, clients).
+        vault: Keys and encrypted objects.
+        base_models: The registered base models (their tokenizers).
+        max_upload_bytes: Largest accepted JSONL upload.
+    """
+
+    def __init__(
+        self,
+        *,
+        database: Database,
+        api: TrainerApi,
+        vault: DatasetVault,
+        base_models: BaseModelRegistry,
+        max_upload_bytes: int,
+    ) -> None:
+        self._db = database
+        self._api = api
+        self._vault = vault
+        self._base_models = base_models
+        self._max_upload_bytes = max_upload_bytes
+        self._tokenizers: dict[str, Tokenizer] = {}
+
+    # ------------------------------------------------------------------ upload
+
+    async def upload(
+        self, caller: Caller, parts: AsyncIterator[pb.UploadDatasetRequest]
+    ) -> DatasetRow:
+        """Store a streamed JSONL dataset (header first, then chunks).
+
+        Raises:
+            InvalidArgument: A bad header, record or empty dataset (nothing is stored).
+            ResourceExhausted: The upload exceeds the configured maximum.
+            NotFound: Unknown base model.
+            FailedPrecondition: Datasets are not configured.
+        """
+        self._vault.require_keyring()
+        header: pb.UploadDatasetHeader | None = None
+        content = bytearray()
+        async for part in parts:
+            which = part.WhichOneof("part")
+            if header is None:
+                if which != "header":
+                    raise InvalidArgument("header", "the first message must be the header")
+                header = part.header
+                _check_header(header)
+                continue
+            if which != "chunk":
+                raise InvalidArgument("header", "only the first message may be a header")
+            content.extend(part.chunk)
+            if len(content) > self._max_upload_bytes:
+                raise ResourceExhausted(
+                    f"the upload exceeds the maximum of {self._max_upload_bytes} bytes"
+                )
+        if header is None:
+            raise InvalidArgument("header", "is required")
+        request_id = header.request_id or uuid.uuid4().hex
+        info = await asyncio.to_thread(self._base_models.get, header.base_model)
+        fingerprint = _upload_fingerprint(header, bytes(content))
+        existing = await self._by_request(caller.tenant, request_id, fingerprint)
+        if existing is not None:
+            return existing
+        tokenizer = await asyncio.to_thread(self._tokenizer, info)
+        dataset = await asyncio.to_thread(
+            tokenize_jsonl,
+            bytes(content),
+            record_format=_FORMATS[header.format],
+            tokenizer=tokenizer,
+            max_context_length=info.max_context_length,
+        )
+        dataset_id = uuid.uuid4().hex
+        row = await self._vault.store(caller.tenant, dataset_id, dataset)
+        row.request_id = request_id
+        row.request_fingerprint = fingerprint
+        row.name = header.name
+        row.base_model = info.name
+        row.format = _FORMATS[header.format].value
+        row.created_at = repo.now()
+        try:
+            async with self._db.transaction() as session:
+                session.add(row)
+        except sa_exc.IntegrityError:
+            # The same request id raced us and won: drop our copy, answer with its.
+            self._vault.delete_object(row)
+            winner = await self._by_request(caller.tenant, request_id, fingerprint)
+            if winner is None:
+                raise
+            return winner
+        return row
+
+    async def _by_request(
+        self, tenant: str, request_id: str, fingerprint: str
+    ) -> DatasetRow | None:
+        async with self._db.transaction(read_only=True) as session:
+            row = (
+                await session.execute(
+                    sa.select(DatasetRow).where(
+                        DatasetRow.tenant == tenant, DatasetRow.request_id == request_id
+                    )
+                )
+            ).scalar_one_or_none()
+        if row is not None and row.request_fingerprint != fingerprint:
+            raise InvalidArgument(
+                "header.request_id",
+                "was already used for a different upload",
+                reason="REQUEST_ID_REUSED",
+            )
+        return row
+
+    def _tokenizer(self, info: BaseModelInfo) -> Tokenizer:
+        tokenizer = self._tokenizers.get(info.name)
+        if tokenizer is None:
+            try:
+                tokenizer = Tokenizer(AutoTokenizer.from_pretrained(info.path))
+            except (OSError, ValueError) as error:
+                raise FailedPrecondition(
+                    f"base model {info.name} has no usable tokenizer: {error}"
+                ) from error
+            self._tokenizers[info.name] = tokenizer
+        return tokenizer
+
+    # ------------------------------------------------------------------ reads
+
+    async def get(self, caller: Caller, dataset_id: str) -> DatasetRow:
+        """A dataset of the caller's tenant (NotFound otherwise)."""
+        async with self._db.transaction(read_only=True) as session:
+            return await get_dataset(session, caller.tenant, dataset_id)
+
+    async def list(self, caller: Caller, *, page_size: int, page_token: str) -> DatasetPage:
+        """A page of the caller's datasets, newest first (AIP-158)."""
+        if page_size < 0:
+            raise InvalidArgument("page_size", "must not be negative")
+        size = DEFAULT_PAGE_SIZE if page_size == 0 else min(page_size, MAX_PAGE_SIZE)
+        query = sa.select(DatasetRow).where(DatasetRow.tenant == caller.tenant)
+        if page_token:
+            after_created, after_id = _decode_token(page_token)
+            query = query.where(
+                sa.or_(
+                    DatasetRow.created_at < after_created,
+                    sa.and_(DatasetRow.created_at == after_created, DatasetRow.id < after_id),
+                )
+            )
+        query = query.order_by(DatasetRow.created_at.desc(), DatasetRow.id.desc())
+        async with self._db.transaction(read_only=True) as session:
+            rows = list((await session.execute(query.limit(size + 1))).scalars())
+        token = ""
+        if len(rows) > size:
+            last = rows[size - 1]
+            created = repo.utc(last.created_at)
+            assert created is not None
+            token = _encode_token(created, last.id)
+        return DatasetPage(rows[:size], token)
+
+    async def delete(self, caller: Caller, dataset_id: str) -> None:
+        """Delete a dataset's metadata and ciphertext. A run already reading it finishes
+        with the records it loaded; runs queued later fail with NOT_FOUND."""
+        async with self._db.transaction() as session:
+            row = await get_dataset(session, caller.tenant, dataset_id)
+            await session.delete(row)
+        self._vault.delete_object(row)
+
+    # ------------------------------------------------------------------ training
+
+    async def train_on_dataset(self, caller: Caller, request: pb.TrainOnDatasetRequest) -> Future:
+        """Admit a TrainOnDataset run, reserving its whole privacy cost.
+
+        Raises:
+            InvalidArgument: Bad rate, steps or Adam parameters.
+            NotFound: Unknown client or dataset (or another tenant's).
+            FailedPrecondition: A non-private client, or a dataset of another base model.
+            BudgetExhausted: The run's steps would exceed the client's budget.
+        """
+        if not 1 <= request.steps <= MAX_TRAIN_STEPS:
+            raise InvalidArgument("steps", f"must be in [1, {MAX_TRAIN_STEPS}]")
+        serde.adam_config(request.adam_params, present=request.HasField("adam_params"))
+        which = request.WhichOneof("rate")
+        if which is None:
+            raise InvalidArgument("rate", "give sample_rate or expected_batch_size")
+        dataset = await self.get(caller, request.dataset_id)
+        client = await self._api.get_client(caller, request.training_client_id)
+        if not client.private:
+            raise FailedPrecondition(
+                "TrainOnDataset needs a private (DP) training client; this one is non-private"
+            )
+        if dataset.base_model != client.base_model:
+            raise FailedPrecondition(
+                f"dataset {dataset.id} was tokenised for {dataset.base_model}, the client "
+                f"trains {client.base_model}"
+            )
+        sample_rate = resolve_sample_rate(
+            sample_rate=request.sample_rate if which == "sample_rate" else None,
+            expected_batch_size=(
+                request.expected_batch_size if which == "expected_batch_size" else None
+            ),
+            records=int(dataset.records),
+        )
+        steps = int(request.steps)
+        records = int(dataset.records)
+
+        async def within(
+            session: AsyncSession, row: TrainingClientRow, future_id: str, seq: int
+        ) -> None:
+            dp = client_dp(row)
+            if dp is None:
+                raise FailedPrecondition("TrainOnDataset needs a private (DP) training client")
+            mechanism = StepMechanism.poisson(dp.noise_multiplier, sample_rate)
+            reservations = await repo.open_reservations(session, row.id)
+            accountant = admitted_accountant(reservations, row, dp)
+            budget = dp.epsilon_budget
+            if budget is not None:
+                epsilon_after = await asyncio.to_thread(
+                    accountant.epsilon_if, mechanism, additional_steps=steps, delta=dp.delta
+                )
+                if epsilon_after > budget:
+                    raise BudgetExhausted(
+                        f"{steps} Poisson step(s) at q={sample_rate:g} would take epsilon to "
+                        f"{epsilon_after:.6g}, over the budget {budget:g} at delta="
+                        f"{dp.delta:g} ({accountant.steps} step(s) already admitted)",
+                        metadata={
+                            "epsilon_budget": repr(budget),
+                            "epsilon_after": repr(epsilon_after),
+                            "delta": repr(dp.delta),
+                            "steps_admitted": str(accountant.steps),
+                        },
+                    )
+            now = repo.now()
+            session.add(
+                BudgetReservationRow(
+                    future_id=future_id,
+                    tenant=row.tenant,
+                    client_id=row.id,
+                    seq=seq,
+                    sampling=mechanism.sampling.value,
+                    noise_multiplier=mechanism.noise_multiplier,
+                    sampling_probability=mechanism.sampling_probability,
+                    status=repo.RESERVED,
+                    steps=steps,
+                    created_at=now,
+                )
+            )
+            session.add(
+                DatasetRunRow(
+                    future_id=future_id,
+                    tenant=row.tenant,
+                    client_id=row.id,
+                    dataset_id=dataset.id,
+                    sample_rate=sample_rate,
+                    expected_batch_size=sample_rate * records,
+                    steps=steps,
+                    steps_done=0,
+                    losses_json="[]",
+                    batch_sizes_json="[]",
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+
+        return await self._api.admit(
+            caller,
+            request.training_client_id,
+            JobKind.TRAIN_ON_DATASET,
+            request,
+            within=within,
+        )
+
+
+def _upload_fingerprint(header: pb.UploadDatasetHeader, content: bytes) -> str:
+    copy = pb.UploadDatasetHeader()
+    copy.CopyFrom(header)
+    copy.ClearField("request_id")
+    digest = hashlib.sha256(copy.SerializeToString(deterministic=True))
+    digest.update(hashlib.sha256(content).digest())
+    return digest.hexdigest()
+
+
+def _check_header(header: pb.UploadDatasetHeader) -> None:
+    """Validate the header before any chunk is read."""
+    if not _NAME.match(header.name):
+        raise InvalidArgument("header.name", "must match [A-Za-z0-9._-]{1,64}")
+    if header.format not in _FORMATS:
+        raise InvalidArgument(
+            "header.format",
+            "must be DATASET_FORMAT_TEXT or DATASET_FORMAT_PROMPT_COMPLETION",
+        )
+    if len(header.request_id) > _MAX_REQUEST_ID:
+        raise InvalidArgument("header.request_id", f"must be at most {_MAX_REQUEST_ID} characters")
