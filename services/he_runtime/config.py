@@ -37,6 +37,13 @@ class HeRuntimeConfig(ServiceConfig):
         "Largest total of ciphertext bytes one ApplyLora request may stream in.",
         default=512 * _MIB,
     )
+    registry_url: str = setting(
+        "host:port of the registry. Set: sessions load adapters from it as verified TGSP "
+        "packages, acting for the session's tenant (the registry must list this service's "
+        "principal in TENSAFE_REGISTRY_ACTING_SERVICE_PRINCIPALS). Unset: only explicit dev "
+        "mode serves adapters, from unverified PEFT folders under data_dir/adapters.",
+        default="",
+    )
     evaluation_threads: int = setting(
         "Threads that run SEAL work off the event loop. seal-python holds the GIL during "
         "each SEAL call, so more threads add concurrency between sessions, not speed.",

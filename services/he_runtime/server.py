@@ -13,8 +13,13 @@ from pathlib import Path
 from tensafe.common.auth import connect_authentication
 from tensafe.common.grpc_errors import ServerInterceptorBase
 from tensafe.common.grpc_server import Assembly, ServiceRegistration, run_service
+from tensafe.common.registry_client import RegistryClient
 from tensafe.he_runtime.config import HeRuntimeConfig
-from tensafe.he_runtime.domain.adapters import AdapterSource, LocalPeftAdapterSource
+from tensafe.he_runtime.domain.adapters import (
+    AdapterSource,
+    LocalPeftAdapterSource,
+    RegistryAdapterSource,
+)
 from tensafe.he_runtime.domain.sessions import HeSessions, SessionLimits
 from tensafe.he_runtime.servicer import HeRuntimeServiceServicer
 from tensafe.proto.he.v1 import he_service_pb2_grpc
@@ -33,10 +38,22 @@ def local_adapters_dir(config: HeRuntimeConfig) -> Path:
 def adapter_source(config: HeRuntimeConfig) -> AdapterSource | None:
     """The adapter source this configuration allows.
 
-    Only explicit dev mode reads unverified PEFT directories from the data folder.
-    Otherwise there is none until the registry source exists, and CreateSession fails
-    with FAILED_PRECONDITION: weights never come from anywhere weaker.
+    A configured registry (``TENSAFE_REGISTRY_URL``) is always the source. Without one,
+    only explicit dev mode reads unverified PEFT directories from the data folder;
+    otherwise there is none and CreateSession fails with FAILED_PRECONDITION: weights
+    never come from anywhere weaker.
+
+    Raises:
+        ConfigError: A registry is configured without the service's credentials.
     """
+    if config.registry_url:
+        return RegistryAdapterSource(
+            RegistryClient.connect(
+                registry_url=config.registry_url,
+                auth_url=config.auth_url,
+                service_api_key=config.service_api_key,
+            )
+        )
     if config.dev_mode:
         return LocalPeftAdapterSource(local_adapters_dir(config))
     return None
@@ -62,6 +79,7 @@ async def build_service(
     pool = ThreadPoolExecutor(
         max_workers=config.evaluation_threads, thread_name_prefix="he-evaluation"
     )
+    source = adapter_source(config)
     sessions = HeSessions(
         limits=SessionLimits(
             max_session_key_bytes=config.max_session_key_bytes,
@@ -70,14 +88,22 @@ async def build_service(
             idle_ttl_seconds=config.session_idle_ttl_seconds,
             max_apply_bytes=config.max_apply_bytes,
         ),
-        adapter_source=adapter_source(config),
+        adapter_source=source,
         pool=pool,
         clock=clock,
     )
-    if not config.dev_mode:
+    if isinstance(source, RegistryAdapterSource):
+        log.info("adapters come from the registry at %s", config.registry_url)
+    elif source is not None:
         log.warning(
-            "no adapter source: the registry source is not configured, so CreateSession "
-            "fails with FAILED_PRECONDITION (dev mode reads %s)",
+            "DEV MODE: adapters come from unverified PEFT folders in %s (no registry "
+            "configured: set TENSAFE_REGISTRY_URL)",
+            local_adapters_dir(config),
+        )
+    else:
+        log.warning(
+            "no adapter source: TENSAFE_REGISTRY_URL is not set, so CreateSession fails "
+            "with FAILED_PRECONDITION (dev mode reads %s)",
             local_adapters_dir(config),
         )
     stop = asyncio.Event()
@@ -94,6 +120,8 @@ async def build_service(
             await reaper
         sessions.close_all()
         pool.shutdown(wait=True, cancel_futures=True)
+        if isinstance(source, RegistryAdapterSource):
+            await source.close()
 
     assembly = Assembly(
         services=[

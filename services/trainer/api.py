@@ -19,6 +19,7 @@ import json
 import logging
 import secrets
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -31,6 +32,7 @@ from tensafe.common.futures import Future, FuturePage, SqlFutureStore
 from tensafe.common.jetstream import JetStream
 from tensafe.proto.trainer.v1 import trainer_service_pb2 as pb
 from tensafe.trainer import serde
+from tensafe.trainer.audit.service import audit_plan
 from tensafe.trainer.base_models import BaseModelInfo, BaseModelRegistry
 from tensafe.trainer.engine.accounting import (
     BatchSampling,
@@ -45,6 +47,7 @@ from tensafe.trainer.jobs import (
     SAMPLER_KIND,
     JobKind,
     JobMessage,
+    check_adapter_name,
     check_name,
     job_subject,
     parse_path,
@@ -54,6 +57,10 @@ from tensafe.trainer.store import repository as repo
 from tensafe.trainer.store.models import BudgetReservationRow, JobRow, TrainingClientRow
 
 log = logging.getLogger(__name__)
+
+AdmitHook = Callable[[AsyncSession, TrainingClientRow, str, int], Awaitable[None]]
+"""Extra work inside a job's admission transaction: (session, locked client row,
+future id, sequence number). Raising rolls the admission back."""
 
 _MAX_REQUEST_ID = 128
 _OUTBOX_BATCH = 200
@@ -77,6 +84,24 @@ def accountant_of(row: TrainingClientRow, dp: serde.DpSettings) -> PrivacyAccoun
 def client_dp(row: TrainingClientRow) -> serde.DpSettings | None:
     """The client's DP settings, None for a non-private client."""
     return serde.DpSettings.from_json(row.dp_json) if row.dp_json is not None else None
+
+
+def admitted_accountant(
+    reservations: list[BudgetReservationRow], row: TrainingClientRow, dp: serde.DpSettings
+) -> PrivacyAccountant:
+    """The client's accountant with its committed steps and every admitted step still
+    reserved (a TrainOnDataset run reserves all of its remaining steps)."""
+    accountant = accountant_of(row, dp)
+    for reservation in reservations:
+        accountant.record(
+            StepMechanism(
+                sampling=BatchSampling(reservation.sampling),
+                noise_multiplier=reservation.noise_multiplier,
+                sampling_probability=reservation.sampling_probability,
+            ),
+            steps=int(reservation.steps),
+        )
+    return accountant
 
 
 def step_mechanism(dp: serde.DpSettings) -> StepMechanism:
@@ -348,6 +373,15 @@ class TrainerApi:
             caller, request.training_client_id, JobKind.SAVE_WEIGHTS_FOR_SAMPLER, request
         )
 
+    async def save_adapter(self, caller: Caller, request: pb.SaveAdapterRequest) -> Future:
+        """Admit a SaveAdapter job: seal the client's adapter and publish it to the registry.
+
+        Raises:
+            InvalidArgument: ``adapter_name`` is not a registry adapter name.
+        """
+        check_adapter_name("adapter_name", request.adapter_name)
+        return await self._admit(caller, request.training_client_id, JobKind.SAVE_ADAPTER, request)
+
     async def load_state(self, caller: Caller, request: pb.LoadStateRequest) -> Future:
         """Admit a LoadState job; the checkpoint must exist for the caller's tenant."""
         parsed = parse_path("path", request.path, kind=CHECKPOINT_KIND)
@@ -356,6 +390,49 @@ class TrainerApi:
                 session, caller.tenant, parsed.client_id, CHECKPOINT_KIND, parsed.name
             )
         return await self._admit(caller, request.training_client_id, JobKind.LOAD_STATE, request)
+
+    async def audit_privacy(self, caller: Caller, request: pb.AuditPrivacyRequest) -> Future:
+        """Admit a privacy audit (a shadow DP-SGD run on a base model; see
+        :mod:`tensafe.trainer.audit`).
+
+        It involves no training client: the job gets a lane of its own (``client_id`` =
+        its future id, ``seq`` 1), reads no tenant data and charges no budget.
+
+        Raises:
+            InvalidArgument: A bad field (``canaries``, ``guesses_per_side``, ...).
+            NotFound: Unknown base model.
+        """
+        info = await self.base_model(request.base_model)
+        audit_plan(request, info)
+        request_id = _request_id(request.request_id)
+        fingerprint = _fingerprint(request)
+        payload = request.SerializeToString(deterministic=True)
+        async with self._db.transaction() as session:
+            created = await self._futures.create(
+                caller.tenant,
+                kind=JobKind.AUDIT_PRIVACY.value,
+                request_id=request_id,
+                resource="privacy_audits",
+                request_fingerprint=fingerprint,
+                session=session,
+            )
+            if not created.created:
+                return created.future
+            future_id = created.future.id
+            session.add(
+                JobRow(
+                    future_id=future_id,
+                    tenant=caller.tenant,
+                    client_id=future_id,
+                    seq=1,
+                    kind=JobKind.AUDIT_PRIVACY.value,
+                    payload=payload,
+                    status=repo.JOB_QUEUED,
+                    created_at=repo.now(),
+                )
+            )
+        await self._publish(JobMessage(future_id, future_id, 1))
+        return created.future
 
     async def _inference_client(self, caller: Caller, client_id: str, model_path: str) -> str:
         if bool(client_id) == bool(model_path):
@@ -371,6 +448,31 @@ class TrainerApi:
             )
         return parsed.client_id
 
+    async def admit(
+        self,
+        caller: Caller,
+        client_id: str,
+        kind: JobKind,
+        request: Message,
+        *,
+        within: AdmitHook,
+    ) -> Future:
+        """Admit a job whose admission needs more than the common steps.
+
+        Args:
+            caller: The caller.
+            client_id: The training client the job runs on.
+            kind: The job kind.
+            request: The validated request (stored as the job's payload).
+            within: Called in the admission transaction after the job row is added
+                (e.g. to check and reserve a TrainOnDataset run's privacy cost); not
+                called for a repeated request id.
+
+        Returns:
+            The job's future.
+        """
+        return await self._admit(caller, client_id, kind, request, within=within)
+
     async def _admit(
         self,
         caller: Caller,
@@ -379,6 +481,7 @@ class TrainerApi:
         request: Message,
         *,
         reserve: bool = False,
+        within: AdmitHook | None = None,
     ) -> Future:
         request_id = _request_id(getattr(request, "request_id", ""))
         fingerprint = _fingerprint(request)
@@ -413,6 +516,8 @@ class TrainerApi:
             dp = client_dp(row)
             if reserve and dp is not None:
                 await self._reserve(session, row, dp, future_id=future_id, seq=seq)
+            if within is not None:
+                await within(session, row, future_id, seq)
         await self._publish(JobMessage(future_id, client_id, seq))
         return created.future
 
@@ -427,15 +532,7 @@ class TrainerApi:
     ) -> None:
         """Check the step against the budget, counting every admitted step, and reserve."""
         mechanism = step_mechanism(dp)
-        accountant = accountant_of(row, dp)
-        for reservation in await repo.open_reservations(session, row.id):
-            accountant.record(
-                StepMechanism(
-                    sampling=BatchSampling(reservation.sampling),
-                    noise_multiplier=reservation.noise_multiplier,
-                    sampling_probability=reservation.sampling_probability,
-                )
-            )
+        accountant = admitted_accountant(await repo.open_reservations(session, row.id), row, dp)
         budget = dp.epsilon_budget
         if budget is not None and accountant.would_exceed(
             budget_epsilon=budget, delta=dp.delta, mechanism=mechanism
@@ -462,6 +559,7 @@ class TrainerApi:
                 noise_multiplier=mechanism.noise_multiplier,
                 sampling_probability=mechanism.sampling_probability,
                 status=repo.RESERVED,
+                steps=1,
                 created_at=repo.now(),
             )
         )

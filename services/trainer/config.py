@@ -57,6 +57,34 @@ class TrainerConfig(ServiceConfig):
     torch_threads: int = setting(
         "Threads torch uses in a worker; 0 keeps torch's default.", default=0
     )
+    dataset_kek_file: Path | None = setting(
+        "File holding the 256-bit key-encryption key (64 hex digits, mode 0600) that wraps "
+        "each tenant's dataset data key. Required to serve datasets outside dev mode; in "
+        "dev mode, when unset, one is created at <data_dir>/trainer/keys/dataset.kek.",
+        default=None,
+    )
+    max_dataset_bytes: int = setting(
+        "Largest JSONL upload accepted by UploadDataset, bytes.", default=256 * 1024 * 1024
+    )
+
+    registry_url: str = setting(
+        "host:port of the registry. Set: SaveAdapter seals adapters as TGSP packages and "
+        "publishes them there, acting for the client's tenant. Unset: SaveAdapter fails "
+        "with FAILED_PRECONDITION.",
+        default="",
+    )
+    kek_dir: Path | None = setting(
+        "Folder of the local-file KEK provider shared with the registry (the registry's "
+        "TENSAFE_REGISTRY_KEK_DIR; a KMS in production). Required with registry_url.",
+        default=None,
+    )
+    trainer_signing_key_file: Path | None = setting(
+        "PEM file (PKCS#8, mode 0600) of the trainer's Ed25519 package-signing key; the "
+        "registry must trust its public key (TENSAFE_REGISTRY_TRUSTED_SIGNING_KEY_FILES). "
+        "Required with registry_url outside dev mode; in dev mode, when unset, one is "
+        "created at <data_dir>/dev-trainer-signing-key.pem (and logged as such).",
+        default=None,
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -81,6 +109,20 @@ class TrainerConfig(ServiceConfig):
             raise ConfigError(env_name("resident_clients"), "must be at least 1")
         if self.torch_threads < 0:
             raise ConfigError(env_name("torch_threads"), "must be >= 0")
+        if self.registry_url and self.kek_dir is None:
+            raise ConfigError(
+                env_name("kek_dir"),
+                "required with TENSAFE_REGISTRY_URL: packages are sealed under the tenant's "
+                "KEK, from the same provider the registry uses",
+            )
+        if self.registry_url and self.trainer_signing_key_file is None and not self.dev_mode:
+            raise ConfigError(
+                env_name("trainer_signing_key_file"),
+                "required with TENSAFE_REGISTRY_URL outside dev mode (TENSAFE_DEV_MODE=1): "
+                "the trainer signs the packages it publishes",
+            )
+        if self.max_dataset_bytes < 1:
+            raise ConfigError(env_name("max_dataset_bytes"), "must be positive")
 
     @property
     def base_models_path(self) -> Path:

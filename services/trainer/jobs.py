@@ -31,6 +31,9 @@ class JobKind(enum.Enum):
     SAVE_STATE = "trainer.save_state"
     LOAD_STATE = "trainer.load_state"
     SAVE_WEIGHTS_FOR_SAMPLER = "trainer.save_weights_for_sampler"
+    AUDIT_PRIVACY = "trainer.audit_privacy"
+    SAVE_ADAPTER = "trainer.save_adapter"
+    TRAIN_ON_DATASET = "trainer.train_on_dataset"
 
     @property
     def request_type(self) -> type[Message]:
@@ -47,6 +50,9 @@ _REQUEST_TYPES: dict[JobKind, type[Message]] = {
     JobKind.SAVE_STATE: pb.SaveStateRequest,
     JobKind.LOAD_STATE: pb.LoadStateRequest,
     JobKind.SAVE_WEIGHTS_FOR_SAMPLER: pb.SaveWeightsForSamplerRequest,
+    JobKind.AUDIT_PRIVACY: pb.AuditPrivacyRequest,
+    JobKind.SAVE_ADAPTER: pb.SaveAdapterRequest,
+    JobKind.TRAIN_ON_DATASET: pb.TrainOnDatasetRequest,
 }
 
 
@@ -104,6 +110,17 @@ def check_name(field: str, name: str) -> str:
     """Validate a checkpoint or sampler-weights name, ``[A-Za-z0-9._-]{1,64}``."""
     if not _NAME.match(name):
         raise InvalidArgument(field, "must match [A-Za-z0-9._-]{1,64}")
+    return name
+
+
+_ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def check_adapter_name(field: str, name: str) -> str:
+    """Validate a registry adapter name: ``[A-Za-z0-9][A-Za-z0-9._-]{0,127}``, no ``..``
+    (the registry's rule, docs/registry.md; checked here so a bad name fails at once)."""
+    if not _ADAPTER_NAME.match(name) or ".." in name:
+        raise InvalidArgument(field, "must match [A-Za-z0-9][A-Za-z0-9._-]{0,127} without '..'")
     return name
 
 

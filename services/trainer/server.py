@@ -18,6 +18,8 @@ from tensafe.proto.trainer.v1 import trainer_service_pb2_grpc
 from tensafe.trainer.api import TrainerApi
 from tensafe.trainer.base_models import BaseModelRegistry
 from tensafe.trainer.config import TrainerConfig
+from tensafe.trainer.datasets.crypto import keyring_from_settings
+from tensafe.trainer.datasets.service import DatasetService, DatasetVault
 from tensafe.trainer.objects import ObjectFolder
 from tensafe.trainer.servicer import TrainerFutureServicer, TrainerServiceServicer
 from tensafe.trainer.store.models import FUTURES, MIGRATIONS, VERSION_TABLE
@@ -76,6 +78,22 @@ async def build_api(
         subject_prefix=config.jobs_subject_prefix,
         outbox_grace_seconds=config.outbox_grace_seconds,
     )
+    objects = ObjectFolder(Path(config.data_dir) / "trainer")
+    datasets = DatasetService(
+        database=database,
+        api=api,
+        vault=DatasetVault(
+            database=database,
+            objects=objects,
+            keyring=keyring_from_settings(
+                kek_file=config.dataset_kek_file,
+                dev_mode=config.dev_mode,
+                data_dir=config.data_dir,
+            ),
+        ),
+        base_models=BaseModelRegistry(config.base_models_path),
+        max_upload_bytes=config.max_dataset_bytes,
+    )
     stop_outbox = asyncio.Event()
     outbox = asyncio.create_task(
         api.run_outbox(interval=config.outbox_interval_seconds, stop=stop_outbox)
@@ -93,7 +111,7 @@ async def build_api(
             ServiceRegistration(
                 "tensafe.trainer.v1.TrainerService",
                 trainer_service_pb2_grpc.add_TrainerServiceServicer_to_server,
-                TrainerServiceServicer(api),
+                TrainerServiceServicer(api, datasets=datasets),
             ),
             ServiceRegistration(
                 "tensafe.common.v1.FutureService",

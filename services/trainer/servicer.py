@@ -19,6 +19,7 @@ from tensafe.proto.trainer.v1 import trainer_service_pb2 as pb
 from tensafe.proto.trainer.v1 import trainer_service_pb2_grpc
 from tensafe.trainer import serde
 from tensafe.trainer.api import Caller, TrainerApi, client_dp
+from tensafe.trainer.datasets.service import DatasetService, dataset_to_proto
 from tensafe.trainer.store.models import TrainingClientRow
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -73,10 +74,12 @@ class TrainerServiceServicer(trainer_service_pb2_grpc.TrainerServiceServicer):
 
     Args:
         api: The trainer's domain.
+        datasets: The server-held datasets' domain.
     """
 
-    def __init__(self, api: TrainerApi) -> None:
+    def __init__(self, api: TrainerApi, *, datasets: DatasetService) -> None:
         self._api = api
+        self._datasets = datasets
 
     async def ListBaseModels(
         self, request: pb.ListBaseModelsRequest, context: Context
@@ -192,44 +195,56 @@ class TrainerServiceServicer(trainer_service_pb2_grpc.TrainerServiceServicer):
     async def SaveAdapter(
         self, request: pb.SaveAdapterRequest, context: Context
     ) -> pb.SaveAdapterResponse:
-        """Not served yet."""
-        _unimplemented("SaveAdapter")
+        """Queue sealing the client's adapter as a TGSP package and publishing it."""
+        future = await self._api.save_adapter(caller(SCOPE_TRAIN), request)
+        return pb.SaveAdapterResponse(future=serde.future_to_proto(future))
 
     async def UploadDataset(
         self, request_iterator: Any, context: Context
     ) -> pb.UploadDatasetResponse:
-        """Not served yet."""
-        _unimplemented("UploadDataset")
+        """Store a streamed JSONL dataset, tokenised and encrypted."""
+        row = await self._datasets.upload(caller(SCOPE_TRAIN), request_iterator)
+        return pb.UploadDatasetResponse(dataset=dataset_to_proto(row))
 
     async def GetDataset(
         self, request: pb.GetDatasetRequest, context: Context
     ) -> pb.GetDatasetResponse:
-        """Not served yet."""
-        _unimplemented("GetDataset")
+        """Return a dataset's metadata."""
+        row = await self._datasets.get(caller(SCOPE_READ), request.dataset_id)
+        return pb.GetDatasetResponse(dataset=dataset_to_proto(row))
 
     async def ListDatasets(
         self, request: pb.ListDatasetsRequest, context: Context
     ) -> pb.ListDatasetsResponse:
-        """Not served yet."""
-        _unimplemented("ListDatasets")
+        """List the caller's datasets."""
+        page = await self._datasets.list(
+            caller(SCOPE_READ), page_size=request.page_size, page_token=request.page_token
+        )
+        return pb.ListDatasetsResponse(
+            datasets=[dataset_to_proto(row) for row in page.datasets],
+            next_page_token=page.next_page_token,
+        )
 
     async def DeleteDataset(
         self, request: pb.DeleteDatasetRequest, context: Context
     ) -> pb.DeleteDatasetResponse:
-        """Not served yet."""
-        _unimplemented("DeleteDataset")
+        """Delete a dataset."""
+        await self._datasets.delete(caller(SCOPE_TRAIN), request.dataset_id)
+        return pb.DeleteDatasetResponse()
 
     async def TrainOnDataset(
         self, request: pb.TrainOnDatasetRequest, context: Context
     ) -> pb.TrainOnDatasetResponse:
-        """Not served yet."""
-        _unimplemented("TrainOnDataset")
+        """Queue DP-SGD on a server-held dataset with server-drawn Poisson batches."""
+        future = await self._datasets.train_on_dataset(caller(SCOPE_TRAIN), request)
+        return pb.TrainOnDatasetResponse(future=serde.future_to_proto(future))
 
     async def AuditPrivacy(
         self, request: pb.AuditPrivacyRequest, context: Context
     ) -> pb.AuditPrivacyResponse:
-        """Not served yet."""
-        _unimplemented("AuditPrivacy")
+        """Queue an empirical privacy audit (a shadow run; no tenant data or budget)."""
+        future = await self._api.audit_privacy(caller(SCOPE_TRAIN), request)
+        return pb.AuditPrivacyResponse(future=serde.future_to_proto(future))
 
 
 class TrainerFutureServicer(common_pb2_grpc.FutureServiceServicer):

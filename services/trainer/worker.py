@@ -56,7 +56,13 @@ from transformers import AutoTokenizer
 
 from tensafe.common.config import load_config
 from tensafe.common.db import Database, migrate
-from tensafe.common.errors import ConfigError, ErrorCode, FailedPrecondition, TenSafeError
+from tensafe.common.errors import (
+    ConfigError,
+    ErrorCode,
+    FailedPrecondition,
+    TenSafeError,
+    Unavailable,
+)
 from tensafe.common.futures import FutureStatus, SqlFutureStore
 from tensafe.common.jetstream import (
     Consumer,
@@ -67,11 +73,18 @@ from tensafe.common.jetstream import (
     RetryLater,
 )
 from tensafe.common.log import configure_logging
+from tensafe.common.registry_client import RegistryClient
+from tensafe.common.telemetry import setup_telemetry
 from tensafe.proto.trainer.v1 import trainer_service_pb2 as pb
+from tensafe.tgsp import LocalFileKekProvider
 from tensafe.trainer import serde
 from tensafe.trainer.api import accountant_of, client_dp, step_mechanism
+from tensafe.trainer.audit.job import run_audit_job
 from tensafe.trainer.base_models import BaseModelRegistry
 from tensafe.trainer.config import TrainerConfig
+from tensafe.trainer.datasets.crypto import keyring_from_settings
+from tensafe.trainer.datasets.runner import DatasetRunner, RunEnd
+from tensafe.trainer.datasets.service import DatasetVault
 from tensafe.trainer.engine.config import DpConfig
 from tensafe.trainer.engine.sampling import StopReason, sample
 from tensafe.trainer.engine.training import LoraTrainingEngine
@@ -84,6 +97,7 @@ from tensafe.trainer.jobs import (
     parse_path,
 )
 from tensafe.trainer.objects import ObjectFolder
+from tensafe.trainer.publisher import AdapterPublisher, load_signing_key
 from tensafe.trainer.store import repository as repo
 from tensafe.trainer.store.models import (
     FUTURES,
@@ -155,6 +169,8 @@ class TrainerWorker:
         lease_seconds: float,
         retry_delay: float,
         resident_clients: int,
+        adapter_publisher: AdapterPublisher | None = None,
+        dataset_runner: DatasetRunner | None = None,
     ) -> None:
         self._db = database
         self._futures = futures
@@ -166,6 +182,8 @@ class TrainerWorker:
         self._capacity = resident_clients
         self._resident: OrderedDict[str, _Resident] = OrderedDict()
         self._tokenizers: dict[str, Any] = {}
+        self._publisher = adapter_publisher
+        self._dataset_runner = dataset_runner
 
     @property
     def owner(self) -> str:
@@ -177,6 +195,10 @@ class TrainerWorker:
     async def handle(self, delivery: Delivery) -> None:
         """Process one job delivery (see the module docstring)."""
         message = JobMessage.decode(delivery.data)
+        if message.client_id == message.future_id:
+            # A lane of its own: only AuditPrivacy jobs are admitted this way (api.py).
+            await self._audit(message, delivery)
+            return
         # One short write transaction decides what to do: the order check, the lease
         # and the RUNNING mark commit together (a RetryLater rolls it back).
         async with self._db.transaction() as session:
@@ -221,6 +243,19 @@ class TrainerWorker:
             with contextlib.suppress(asyncio.CancelledError):
                 await renewer
 
+    async def _audit(self, message: JobMessage, delivery: Delivery) -> None:
+        async with self._db.transaction(read_only=True) as session:
+            job = await repo.get_job(session, message.future_id)
+        if job is None or job.kind != JobKind.AUDIT_PRIVACY.value:
+            raise PermanentJobError(f"job {message.future_id} is not a privacy audit")
+        await run_audit_job(
+            job,
+            database=self._db,
+            futures=self._futures,
+            base_models=self._base_models,
+            deliveries=delivery.num_delivered,
+        )
+
     async def on_dead_letter(self, delivery: Delivery, error: BaseException) -> None:
         """Fail the future of a job that will never be processed (if it exists)."""
         with contextlib.suppress(PermanentJobError):
@@ -245,10 +280,18 @@ class TrainerWorker:
     async def _run(self, job: JobRow, client: TrainingClientRow, delivery: Delivery) -> None:
         kind = JobKind(job.kind)
         request = kind.request_type.FromString(job.payload)
+        if kind is JobKind.TRAIN_ON_DATASET:
+            await self._train_on_dataset(job, client, delivery, request)
+            return
         try:
             resident = await self._engine_for(client)
             extra = await self._prefetch(job, kind, request)
-            outcome = await asyncio.to_thread(self._execute, resident.engine, kind, request, extra)
+            if kind is JobKind.SAVE_ADAPTER:
+                outcome = _Outcome(await self._save_adapter(job, client, resident.engine, request))
+            else:
+                outcome = await asyncio.to_thread(
+                    self._execute, resident.engine, kind, request, extra
+                )
         except TenSafeError as error:
             # Typed errors are raised before the engine changes (its contract), so the
             # resident engine stays valid; the job fails and the client moves on.
@@ -268,6 +311,67 @@ class TrainerWorker:
             # The engine is ahead of the database: never reuse it.
             self._evict(client.id)
             raise
+        if kind is JobKind.SAVE_ADAPTER and self._publisher is not None:
+            self._publisher.forget(job.future_id)
+
+    async def _save_adapter(
+        self, job: JobRow, client: TrainingClientRow, engine: LoraTrainingEngine, request: Any
+    ) -> pb.SaveAdapterResult:
+        """Seal and publish the client's adapter (see :mod:`tensafe.trainer.publisher`)."""
+        if self._publisher is None:
+            raise FailedPrecondition(
+                "SaveAdapter needs a registry: set TENSAFE_REGISTRY_URL and TENSAFE_KEK_DIR "
+                "for the trainer workers",
+                reason="REGISTRY_NOT_CONFIGURED",
+            )
+        try:
+            return await self._publisher.publish(
+                job=job, client=client, engine=engine, request=request
+            )
+        except Unavailable as error:
+            # The registry may have stored the package before the answer was lost: a
+            # redelivery publishes the same sealed bytes under the same request id and
+            # gets that version back (after a few deliveries the job fails).
+            raise RetryLater(self._retry_delay * 20, f"registry unavailable: {error}") from error
+        except TenSafeError:
+            # Refused for good: the job fails, its sealed bytes are not needed again.
+            self._publisher.forget(job.future_id)
+            raise
+
+    async def _train_on_dataset(
+        self, job: JobRow, client: TrainingClientRow, delivery: Delivery, request: Any
+    ) -> None:
+        """Run a TrainOnDataset job; its steps commit one by one (see
+        :mod:`tensafe.trainer.datasets.runner`)."""
+        try:
+            if self._dataset_runner is None:
+                raise FailedPrecondition(
+                    "server-held datasets are not configured on this worker: set "
+                    "TENSAFE_DATASET_KEK_FILE",
+                    reason="DATASETS_NOT_CONFIGURED",
+                )
+            resident = await self._engine_for(client)
+            end = await self._dataset_runner.run(
+                job=job, client=client, engine=resident.engine, request=request
+            )
+        except TenSafeError as error:
+            # Steps committed before the error stay; the engine may hold a partial
+            # step, so it is rebuilt from the last committed state.
+            self._evict(client.id)
+            await self._commit_failure(job, client, error)
+            return
+        except Exception as error:
+            self._evict(client.id)
+            if isinstance(error, RetryLater) or delivery.num_delivered < _MAX_UNEXPECTED_FAILURES:
+                raise
+            log.exception("job %s failed %d times", job.future_id, delivery.num_delivered)
+            internal = TenSafeError(f"job failed repeatedly ({type(error).__name__})")
+            await self._commit_failure(job, client, internal)
+            return
+        if end is RunEnd.CANCELLED:
+            await self._finish_without_running(job, client, deleted=False)
+            return
+        resident.applied_seq = job.seq
 
     # ---------------------------------------------------------------- engines
 
@@ -654,6 +758,75 @@ def jobs_stream_config(config: TrainerConfig, *, durable: str | None) -> JetStre
     )
 
 
+def adapter_publisher(config: TrainerConfig, database: Database) -> AdapterPublisher | None:
+    """The SaveAdapter publisher, when a registry is configured (else None: SaveAdapter
+    jobs fail with FAILED_PRECONDITION).
+
+    Raises:
+        ConfigError: A registry is configured without the service's credentials, the
+            KEK folder or (outside dev mode) the trainer's signing key.
+    """
+    if not config.registry_url:
+        return None
+    assert config.kek_dir is not None  # checked by TrainerConfig
+    data_dir = Path(config.data_dir)
+    signing_key = load_signing_key(
+        config.trainer_signing_key_file, dev_mode=config.dev_mode, data_dir=data_dir
+    )
+    config.kek_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    registry = RegistryClient.connect(
+        registry_url=config.registry_url,
+        auth_url=config.auth_url,
+        service_api_key=config.service_api_key,
+    )
+    log.info(
+        "SaveAdapter publishes to %s, signed by trainer key %s, KEKs in %s",
+        config.registry_url,
+        signing_key.key_id,
+        config.kek_dir,
+    )
+    return AdapterPublisher(
+        database=database,
+        base_models=BaseModelRegistry(config.base_models_path),
+        registry=registry,
+        kek_provider=LocalFileKekProvider(config.kek_dir),
+        signing_key=signing_key,
+        staging_dir=data_dir / "trainer" / "sealed-adapters",
+        dev_mode=config.dev_mode,
+    )
+
+
+def dataset_runner(
+    config: TrainerConfig,
+    database: Database,
+    futures: SqlFutureStore,
+    *,
+    owner: str,
+    stop: asyncio.Event,
+) -> DatasetRunner | None:
+    """The TrainOnDataset runner, when a dataset KEK is configured (or dev mode made
+    one); else None, and TrainOnDataset jobs fail with FAILED_PRECONDITION.
+
+    Raises:
+        ConfigError: The configured KEK file is unusable.
+    """
+    keyring = keyring_from_settings(
+        kek_file=config.dataset_kek_file, dev_mode=config.dev_mode, data_dir=config.data_dir
+    )
+    if keyring is None:
+        return None
+    objects = ObjectFolder(Path(config.data_dir) / "trainer")
+    return DatasetRunner(
+        database=database,
+        futures=futures,
+        objects=objects,
+        vault=DatasetVault(database=database, objects=objects, keyring=keyring),
+        owner=owner,
+        retry_delay=config.retry_delay_seconds,
+        stop=stop,
+    )
+
+
 async def run_worker(config: TrainerConfig, *, stop: asyncio.Event) -> None:
     """Migrate, connect and consume jobs until ``stop`` is set.
 
@@ -665,18 +838,23 @@ async def run_worker(config: TrainerConfig, *, stop: asyncio.Event) -> None:
         torch.set_num_threads(config.torch_threads)
     database = Database.from_url(config.database_url)
     worker: TrainerWorker | None = None
+    publisher: AdapterPublisher | None = None
     try:
         await migrate(database, script_location=MIGRATIONS, version_table=VERSION_TABLE)
         futures = SqlFutureStore(database, FUTURES)
+        publisher = adapter_publisher(config, database)
+        owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         worker = TrainerWorker(
             database=database,
             futures=futures,
             objects=ObjectFolder(Path(config.data_dir) / "trainer"),
             base_models=BaseModelRegistry(config.base_models_path),
-            owner=f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}",
+            owner=owner,
             lease_seconds=config.lease_seconds,
             retry_delay=config.retry_delay_seconds,
             resident_clients=config.resident_clients,
+            adapter_publisher=publisher,
+            dataset_runner=dataset_runner(config, database, futures, owner=owner, stop=stop),
         )
         async with await JetStream.connect(
             jobs_stream_config(config, durable=config.jobs_durable),
@@ -697,6 +875,8 @@ async def run_worker(config: TrainerConfig, *, stop: asyncio.Event) -> None:
     finally:
         if worker is not None:
             worker.close()
+        if publisher is not None:
+            await publisher.close()
         await database.dispose()
 
 
@@ -708,6 +888,9 @@ def main() -> int:
         print(f"tensafe-trainer-worker: configuration error: {error}", file=sys.stderr)
         return 2
     configure_logging("trainer-worker", level=config.log_level, fmt=config.log_format)
+    shutdown_telemetry = setup_telemetry(
+        "tensafe-trainer-worker", exporter=config.otel_exporter, endpoint=config.otel_endpoint
+    )
 
     async def serve() -> None:
         stop = asyncio.Event()
@@ -721,6 +904,8 @@ def main() -> int:
     except ConfigError as error:
         print(f"tensafe-trainer-worker: configuration error: {error}", file=sys.stderr)
         return 2
+    finally:
+        shutdown_telemetry()
     return 0
 
 

@@ -34,8 +34,8 @@ def config(**changes: object) -> dict[str, object]:
     return values
 
 
-def test_the_peft_directory_is_read_in_the_deltas_orientation(data_dir: Path) -> None:
-    adapter = LocalPeftAdapterSource(data_dir / "adapters").load(
+async def test_the_peft_directory_is_read_in_the_deltas_orientation(data_dir: Path) -> None:
+    adapter = await LocalPeftAdapterSource(data_dir / "adapters").load(
         tenant_id="t", name=ADAPTER, version=0
     )
     assert (adapter.rank, adapter.alpha) == (RANK, ALPHA)
@@ -88,19 +88,19 @@ def test_malformed_weights_are_refused() -> None:
             parse_peft_adapter(name="a", version=0, config=config(), weights=blob)
 
 
-def test_names_and_versions_of_the_local_source(data_dir: Path, tmp_path: Path) -> None:
+async def test_names_and_versions_of_the_local_source(data_dir: Path, tmp_path: Path) -> None:
     source = LocalPeftAdapterSource(tmp_path)
     for name in ("..", "a/b", "", ".hidden", "x" * 200):
         with pytest.raises(InvalidArgument):
-            source.load(tenant_id="t", name=name, version=0)
+            await source.load(tenant_id="t", name=name, version=0)
     with pytest.raises(NotFound):
-        source.load(tenant_id="t", name="absent", version=0)
+        await source.load(tenant_id="t", name="absent", version=0)
     shutil.copytree(data_dir / "adapters" / ADAPTER, tmp_path / "copy")
     with pytest.raises(InvalidArgument):
-        source.load(tenant_id="t", name="copy", version=3)
+        await source.load(tenant_id="t", name="copy", version=3)
     (tmp_path / "copy" / "adapter_config.json").write_text("{not json")
     with pytest.raises(FailedPrecondition):
-        source.load(tenant_id="t", name="copy", version=0)
+        await source.load(tenant_id="t", name="copy", version=0)
     assert (
         json.loads((data_dir / "adapters" / ADAPTER / "adapter_config.json").read_text())["r"]
         == RANK

@@ -19,7 +19,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tensafe.client import registry_cli, train_cli
+from tensafe.client import audit_cli, demo, registry_cli, train_cli
 from tensafe.client.connection import DEFAULT_DATA_DIR, load_connection
 from tensafe.client.stack import SERVICES, WORKER_MODULE, LocalStack, StackError, StackOptions
 
@@ -337,9 +337,11 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--connection-file", help="default: .tensafe/connection.json")
     verify.add_argument("--timeout", type=float, default=60.0, help="seconds")
     verify.set_defaults(func=_cmd_audit_verify)
+    audit_cli.register(audit_sub)
 
     train_cli.register(sub)
     registry_cli.register(sub)
+    demo.register(sub)
     return parser
 
 

@@ -38,7 +38,6 @@ CODE_VERSION = "tensafe-cli-import/0.1.0"
 # CLI does not import service packages.
 _STACK_REGISTRY_DIR = Path("objects") / "registry"
 _DEV_SIGNING_KEY_FILE = "dev-registry-signing-key.pem"
-_KEK_DIR = "keks"
 
 
 def _client(args: argparse.Namespace) -> Any:
@@ -56,6 +55,17 @@ def _stack_registry_dir(args: argparse.Namespace) -> Path:
     if not document.get("dev_mode"):
         raise TenSafeError("not a dev-mode stack: pass --kek-dir and --signing-key explicitly")
     return Path(str(document["data_dir"])) / _STACK_REGISTRY_DIR
+
+
+def _stack_kek_dir(args: argparse.Namespace) -> Path:
+    """The local stack's shared KEK folder (registry and trainer; dev mode only)."""
+    from tensafe.client.connection import load_connection
+
+    connection = load_connection(args.connection_file)
+    document = json.loads(connection.path.read_text())
+    if not document.get("dev_mode") or not document.get("kek_dir"):
+        raise TenSafeError("not a dev-mode stack: pass --kek-dir and --signing-key explicitly")
+    return Path(str(document["kek_dir"]))
 
 
 def _print_manifest(manifest: tgsp.Manifest, signer: str) -> None:
@@ -108,7 +118,7 @@ def cmd_import(args: argparse.Namespace) -> int:
         kek_dir, key_file = Path(args.kek_dir), Path(args.signing_key)
     else:
         stack_dir = _stack_registry_dir(args)
-        kek_dir = Path(args.kek_dir) if args.kek_dir else stack_dir / _KEK_DIR
+        kek_dir = Path(args.kek_dir) if args.kek_dir else _stack_kek_dir(args)
         key_file = Path(args.signing_key) if args.signing_key else stack_dir / _DEV_SIGNING_KEY_FILE
     tenant = args.tenant or _caller_tenant(args)
     provider = tgsp.LocalFileKekProvider(kek_dir)

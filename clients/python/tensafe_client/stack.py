@@ -7,7 +7,13 @@ dir, one SQLite file per service, and a local object folder. PostgreSQL and an e
 NATS are selected with ``database_url`` / ``nats_url``.
 
 The stack runs in explicit dev mode (services may start without production secrets)
-and says so. Each service binds port 0 and reports the port it got through a ready
+and says so. What production gets from its secret store the stack creates explicitly,
+once per data dir, and reports: the trainer's package-signing key (``keys/``, trusted by
+the registry), and one KEK folder (``keks/``) that the registry and the trainer workers
+share as their KEK provider (a KMS in production). The registry lets the trainer and the
+HE runtime act for tenants: their service principals' ids, read by exchanging each
+service's API key at auth, go into ``TENSAFE_REGISTRY_ACTING_SERVICE_PRINCIPALS``.
+Each service binds port 0 and reports the port it got through a ready
 file, so there is no race for ports. Stopping sends SIGTERM to every process and waits;
 anything still alive after the grace period is killed, so nothing is orphaned.
 """
@@ -24,7 +30,11 @@ import time
 from pathlib import Path
 from typing import IO
 
+import grpc
+
+from tensafe import tgsp
 from tensafe.common.nats_server import NatsServer, NatsServerConfig
+from tensafe.proto.auth.v1 import auth_service_pb2, auth_service_pb2_grpc
 
 SERVICES: tuple[str, ...] = ("auth", "registry", "he_runtime", "trainer")
 """Service modules, in start order."""
@@ -33,6 +43,11 @@ CONNECTION_FILE = "connection.json"
 WORKER_MODULE = "tensafe.trainer.worker"
 """The trainer's job consumer: a process of its own, started beside the trainer API."""
 _ALREADY_BOOTSTRAPPED = 3  # exit code of tensafe.auth.bootstrap when an admin exists
+ACTING_SERVICES = ("trainer", "he_runtime")
+"""Service accounts the registry lets act for tenants (publish; download and unwrap)."""
+TRAINER_SIGNING_KEY = Path("keys") / "trainer-signing-key.pem"
+TRAINER_VERIFYING_KEY = Path("keys") / "trainer-signing-key.pub.pem"
+KEK_DIR = "keks"
 
 
 class StackError(RuntimeError):
@@ -55,7 +70,7 @@ class StackOptions:
     host: str = "127.0.0.1"
     """Interface the services bind."""
 
-    start_timeout: float = 90.0
+    start_timeout: float = 180.0
     """Seconds each service gets to report ready."""
 
     stop_timeout: float = 8.0
@@ -104,6 +119,8 @@ class LocalStack:
         data = opts.data_dir.resolve()
         for sub in ("db", "objects", "logs", "run", "models"):
             (data / sub).mkdir(parents=True, exist_ok=True)
+        (data / KEK_DIR).mkdir(mode=0o700, exist_ok=True)
+        _ensure_trainer_signing_key(data)
         nats_url = opts.nats_url
         if nats_url is None:
             self._nats = NatsServer.start(NatsServerConfig(data_dir=data / "nats"))
@@ -115,23 +132,55 @@ class LocalStack:
         auth.port = self._await_ready(auth, deadline)
         service_keys = credentials["service_api_keys"]
         assert isinstance(service_keys, dict)
-        for name in SERVICES:
-            if name == "auth":
-                continue
-            extra = {
-                "TENSAFE_AUTH_URL": f"{opts.host}:{auth.port}",
+        auth_url = f"{opts.host}:{auth.port}"
+        acting = [_principal_of(auth_url, str(service_keys[name])) for name in ACTING_SERVICES]
+
+        def service_env(name: str) -> dict[str, str]:
+            return {
+                "TENSAFE_AUTH_URL": auth_url,
                 "TENSAFE_SERVICE_API_KEY": str(service_keys[name]),
                 "TENSAFE_BASE_MODELS_DIR": str(data / "models"),
             }
-            self._children.append(self._spawn(name, data, nats_url, extra))
-        trainer_env = {
-            "TENSAFE_BASE_MODELS_DIR": str(data / "models"),
+
+        # The registry first: the HE runtime and the trainer are given its address.
+        registry = self._spawn(
+            "registry",
+            data,
+            nats_url,
+            {
+                **service_env("registry"),
+                "TENSAFE_REGISTRY_KEK_DIR": str(data / KEK_DIR),
+                "TENSAFE_REGISTRY_TRUSTED_SIGNING_KEY_FILES": str(data / TRAINER_VERIFYING_KEY),
+                "TENSAFE_REGISTRY_ACTING_SERVICE_PRINCIPALS": ",".join(acting),
+                "TENSAFE_REGISTRY_PLATFORM_TENANT_ID": str(credentials["tenant_id"]),
+            },
+        )
+        self._children.append(registry)
+        registry.port = self._await_ready(registry, deadline)
+        registry_url = f"{opts.host}:{registry.port}"
+        publisher_env = {
+            "TENSAFE_REGISTRY_URL": registry_url,
+            "TENSAFE_KEK_DIR": str(data / KEK_DIR),
+            "TENSAFE_TRAINER_SIGNING_KEY_FILE": str(data / TRAINER_SIGNING_KEY),
         }
+        for name in SERVICES:
+            if name in ("auth", "registry"):
+                continue
+            extra = {**service_env(name), "TENSAFE_REGISTRY_URL": registry_url}
+            if name == "trainer":
+                extra.update(publisher_env)
+            self._children.append(self._spawn(name, data, nats_url, extra))
+        # The worker publishes adapters with the trainer's service account.
         worker = self._spawn(
-            "trainer", data, nats_url, trainer_env, module=WORKER_MODULE, label="trainer-worker"
+            "trainer",
+            data,
+            nats_url,
+            {**service_env("trainer"), **publisher_env},
+            module=WORKER_MODULE,
+            label="trainer-worker",
         )
         self._children.append(worker)
-        for child in self._children[1:]:
+        for child in self._children[2:]:
             child.port = self._await_ready(child, deadline)
         connection: dict[str, object] = {
             "services": {
@@ -142,6 +191,7 @@ class LocalStack:
             "dev_mode": True,
             "api_key": credentials["api_key"],
             "base_models_dir": str(data / "models"),
+            "kek_dir": str(data / KEK_DIR),
             "pid": os.getpid(),
         }
         _write_private(self.connection_file, json.dumps(connection, indent=2))
@@ -278,6 +328,43 @@ class LocalStack:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _ensure_trainer_signing_key(data: Path) -> None:
+    """Create the trainer's package-signing key pair once per data dir (dev mode).
+
+    Production mounts this key from its secret store; the stack creates it explicitly,
+    says so, and gives the registry the public half to trust.
+    """
+    private, public = data / TRAINER_SIGNING_KEY, data / TRAINER_VERIFYING_KEY
+    if private.exists():
+        if not public.exists():
+            key = tgsp.SigningKey.from_pem(private.read_bytes())
+            public.write_bytes(key.verifying_key.to_pem())
+        return
+    private.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    key = tgsp.SigningKey.generate()
+    _write_private(private, key.to_pem().decode("ascii"))
+    public.write_bytes(key.verifying_key.to_pem())
+    print(
+        f"tensafe up (dev mode): created the trainer's package-signing key {key.key_id} in "
+        f"{private}; the registry trusts its public key",
+        file=sys.stderr,
+    )
+
+
+def _principal_of(auth_url: str, api_key: str) -> str:
+    """The principal id of a service account, from exchanging its API key at auth."""
+    with grpc.insecure_channel(auth_url) as channel:
+        stub = auth_service_pb2_grpc.AuthServiceStub(channel)
+        try:
+            response = stub.ExchangeApiKey(
+                auth_service_pb2.ExchangeApiKeyRequest(api_key=api_key), timeout=30
+            )
+        except grpc.RpcError as error:
+            raise StackError(f"cannot exchange a service API key at auth: {error}") from None
+    principal: str = response.principal_id
+    return principal
 
 
 def _write_private(path: Path, text: str) -> None:

@@ -550,6 +550,32 @@ class TrainingClient:
         """Async :meth:`save_weights_for_sampler`."""
         return self.save_weights_for_sampler(name)
 
+    def save_adapter(self, adapter_name: str) -> APIFuture[types.SaveAdapterResponse]:
+        """Publish the current adapter to the registry (TenSafe addition).
+
+        The trainer seals the adapter as a signed, encrypted TGSP package carrying the
+        DP certificate from the client's privacy ledger, and publishes it as the next
+        version of ``adapter_name`` in the caller's tenant.
+
+        Args:
+            adapter_name: Registry adapter name, ``[A-Za-z0-9][A-Za-z0-9._-]{0,127}``.
+        """
+        request = pb.SaveAdapterRequest(training_client_id=self.model_id, adapter_name=adapter_name)
+        return ServerFuture(
+            self._rpc,
+            self._submit("SaveAdapter", request),
+            pb.SaveAdapterResult,
+            lambda result: types.SaveAdapterResponse(
+                adapter_name=result.adapter_name,
+                version=int(result.version),
+                package_sha256=result.package_sha256,
+            ),
+        )
+
+    async def save_adapter_async(self, adapter_name: str) -> APIFuture[types.SaveAdapterResponse]:
+        """Async :meth:`save_adapter`."""
+        return self.save_adapter(adapter_name)
+
     def save_weights_and_get_sampling_client(self, name: str | None = None) -> SamplingClient:
         """Freeze the current weights and return a client that samples from them.
 

@@ -404,6 +404,21 @@ class SaveWeightsForSamplerResponse:
 
 
 @dataclasses.dataclass(frozen=True)
+class SaveAdapterResponse:
+    """Result of ``save_adapter`` (TenSafe addition): the published registry version.
+
+    Attributes:
+        adapter_name: The registry adapter name.
+        version: The version the registry assigned.
+        package_sha256: SHA-256 (hex) of the signed, encrypted TGSP package.
+    """
+
+    adapter_name: str
+    version: int
+    package_sha256: str
+
+
+@dataclasses.dataclass(frozen=True)
 class SupportedModel:
     """A base model the server can fine-tune.
 
@@ -480,6 +495,7 @@ __all__ = [
     "SampleResponse",
     "SampledSequence",
     "SamplingParams",
+    "SaveAdapterResponse",
     "SaveWeightsForSamplerResponse",
     "SaveWeightsResponse",
     "StopReason",

@@ -1,11 +1,14 @@
 """Where the HE runtime gets adapter weights from.
 
-The target source is the registry: a verified TGSP package, decrypted only inside the
-runtime (DESIGN.md §4). Until the registry is served, the one implementation is
-:class:`LocalPeftAdapterSource`, a PEFT adapter directory under the runtime's data
-folder, and :mod:`tensafe.he_runtime.server` installs it **only in explicit dev mode**.
-Outside dev mode no source is installed and session creation fails with
-FAILED_PRECONDITION; there is no weaker way to obtain weights.
+The source is the registry: :class:`RegistryAdapterSource` downloads the adapter's TGSP
+package acting for the session's tenant, verifies it against the registry's published
+signing keys, has the registry unwrap its data key for that tenant (an audited call) and
+decrypts it here, inside the runtime (DESIGN.md §4 and §8). :mod:`tensafe.he_runtime.server`
+installs it whenever a registry is configured (``TENSAFE_REGISTRY_URL``). The one
+alternative is :class:`LocalPeftAdapterSource`, an unverified PEFT adapter directory
+under the runtime's data folder, installed **only in explicit dev mode** without a
+registry. With neither, session creation fails with FAILED_PRECONDITION; there is no
+weaker way to obtain weights.
 
 A loaded adapter maps each adapted module (its name in the base model, e.g.
 ``model.layers.0.self_attn.q_proj``) to that layer's A and B in the orientation of the
@@ -15,6 +18,7 @@ LoRA delta ``(alpha / r) · x · A · B``.
 from __future__ import annotations
 
 import abc
+import asyncio
 import dataclasses
 import hashlib
 import json
@@ -27,7 +31,9 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import load as load_safetensors
 
-from tensafe.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from tensafe import tgsp
+from tensafe.common.errors import FailedPrecondition, IntegrityError, InvalidArgument, NotFound
+from tensafe.common.registry_client import RegistryClient
 from tensafe.he_runtime.domain.executor import LoraWeights
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -100,7 +106,7 @@ class AdapterSource(abc.ABC):
     """Loads the adapter a session applies."""
 
     @abc.abstractmethod
-    def load(self, *, tenant_id: str, name: str, version: int) -> LoadedAdapter:
+    async def load(self, *, tenant_id: str, name: str, version: int) -> LoadedAdapter:
         """Return the adapter ``name`` at ``version`` (0: the latest) for ``tenant_id``.
 
         Raises:
@@ -124,8 +130,11 @@ class LocalPeftAdapterSource(AdapterSource):
     def __init__(self, root: Path) -> None:
         self._root = root
 
-    def load(self, *, tenant_id: str, name: str, version: int) -> LoadedAdapter:
+    async def load(self, *, tenant_id: str, name: str, version: int) -> LoadedAdapter:
         """Read and check ``<root>/<name>``; see :meth:`AdapterSource.load`."""
+        return await asyncio.to_thread(self._load, name, version)
+
+    def _load(self, name: str, version: int) -> LoadedAdapter:
         if not _ADAPTER_NAME.match(name) or name in {".", ".."}:
             raise InvalidArgument(
                 "header.adapter_name", "must be 1-128 of letters, digits, '.', '-', '_'"
@@ -148,6 +157,116 @@ class LocalPeftAdapterSource(AdapterSource):
             ) from None
         weights = weights_path.read_bytes()
         return parse_peft_adapter(name=name, version=0, config=config, weights=weights)
+
+
+class RegistryAdapterSource(AdapterSource):
+    """Adapters from the registry, as verified, decrypted TGSP packages.
+
+    For each load, acting for the session's tenant: ``DownloadAdapter`` (the registry
+    verifies the stored package first), :func:`tensafe.tgsp.verify` against the keys the
+    registry publishes (``GetSigningKeys``) and the tenant, ``UnwrapDataKey`` (audited by
+    the registry), then :func:`tensafe.tgsp.open`, which checks every chunk's tag and
+    every tensor's SHA-256 under that key before anything is returned. Any failure is an
+    error; no weights come from a package that failed a check.
+
+    Args:
+        registry: The registry client (the HE runtime's service credentials).
+    """
+
+    def __init__(self, registry: RegistryClient) -> None:
+        self._registry = registry
+
+    async def close(self) -> None:
+        """Close the registry client."""
+        await self._registry.close()
+
+    async def load(self, *, tenant_id: str, name: str, version: int) -> LoadedAdapter:
+        """Download, verify, unwrap and open ``name`` at ``version`` (0: the latest).
+
+        Raises:
+            InvalidArgument: A malformed name.
+            NotFound: No such adapter or version for the tenant.
+            FailedPrecondition: A package that fails verification (the message names
+                the check), or an adapter HE-LoRA cannot apply.
+        """
+        if not _ADAPTER_NAME.match(name) or ".." in name:
+            raise InvalidArgument(
+                "header.adapter_name", "must be 1-128 of letters, digits, '.', '-', '_'"
+            )
+        if version < 0:
+            raise InvalidArgument("header.adapter_version", "must be >= 0 (0: the latest)")
+        downloaded = await self._registry.download(name, version=version, acting_tenant=tenant_id)
+        trusted = [
+            _verifying_key(key.key_id, key.public_key)
+            for key in await self._registry.signing_keys()
+        ]
+        # The signature, digests and tenant are checked before the data key is asked for.
+        await asyncio.to_thread(
+            tgsp.verify, downloaded.package, trusted_keys=trusted, expected_tenant=tenant_id
+        )
+        data_key = await self._registry.unwrap_data_key(
+            name, downloaded.version.version, acting_tenant=tenant_id
+        )
+        opened = await asyncio.to_thread(
+            tgsp.open,
+            downloaded.package,
+            trusted_keys=trusted,
+            kek_provider=UnwrappedDataKey(tenant_id, data_key),
+            tenant_id=tenant_id,
+        )
+        config = json.loads(tgsp.peft_adapter_config_text(opened.manifest))
+        return await asyncio.to_thread(
+            parse_peft_adapter,
+            name=name,
+            version=downloaded.version.version,
+            config=config,
+            weights=bytes(opened.payload),
+        )
+
+
+def _verifying_key(key_id: str, public_key: bytes) -> tgsp.VerifyingKey:
+    key = tgsp.VerifyingKey.from_raw(public_key)
+    if key.key_id != key_id:
+        raise IntegrityError(
+            f"signing key {key_id}: the key id does not match the public key",
+            metadata={"check": "signing key"},
+        )
+    return key
+
+
+class UnwrappedDataKey(tgsp.KekProvider):
+    """A KEK provider that holds one data key the registry already unwrapped.
+
+    The registry's KEKs never leave it; it returns one package's DEK to a service acting
+    for the owning tenant. :func:`tensafe.tgsp.open` still checks that DEK like any
+    other: every chunk's GCM tag must verify under it.
+
+    Args:
+        tenant_id: The tenant the key was unwrapped for.
+        data_key: The package's DEK.
+    """
+
+    def __init__(self, tenant_id: str, data_key: bytes) -> None:
+        self._tenant_id = tenant_id
+        self._data_key = data_key
+
+    @property
+    def provider_id(self) -> str:
+        """``registry-unwrapped``: a DEK the registry's UnwrapDataKey returned."""
+        return "registry-unwrapped"
+
+    def wrap(self, tenant_id: str, dek: bytes, aad: bytes) -> tgsp.WrappedKey:
+        """Refused: this provider only hands back one unwrapped key."""
+        raise FailedPrecondition("an unwrapped data key cannot wrap keys")
+
+    def unwrap(self, tenant_id: str, wrapped: tgsp.WrappedKey, aad: bytes) -> bytes:
+        """The held DEK, for the tenant it was unwrapped for."""
+        if tenant_id != self._tenant_id or wrapped.tenant_id != self._tenant_id:
+            raise IntegrityError(
+                f"tenant mismatch: the key was unwrapped for tenant {self._tenant_id!r}",
+                metadata={"check": "tenant mismatch"},
+            )
+        return self._data_key
 
 
 def parse_peft_adapter(*, name: str, version: int, config: Any, weights: bytes) -> LoadedAdapter:

@@ -307,10 +307,10 @@ class HeSessions:
         reservation = self._reserve(tenant_id, header.galois_keys_size, header.request_id)
         try:
             keys = await _receive_keys(key_chunks, header.galois_keys_size)
-            source = self._adapter_source
-            executor, adapter = await self._run(
-                lambda: _build(source, tenant_id, header, plan, keys)
+            adapter = await self._adapter_source.load(
+                tenant_id=tenant_id, name=header.adapter_name, version=header.adapter_version
             )
+            executor = await self._run(lambda: _build(adapter, header, plan, keys))
             session = Session(
                 tenant_id=tenant_id,
                 plan=plan,
@@ -472,16 +472,12 @@ async def _receive_keys(chunks: AsyncIterator[bytes], declared: int) -> bytes | 
 
 
 def _build(
-    source: AdapterSource,
-    tenant_id: str,
+    adapter: LoadedAdapter,
     header: SessionHeader,
     plan: Plan,
     galois_keys: bytes | None,
-) -> tuple[HeLoraExecutor, LoadedAdapter]:
-    """Blocking part of session creation: load the adapter, parse keys, pre-encode."""
-    adapter = source.load(
-        tenant_id=tenant_id, name=header.adapter_name, version=header.adapter_version
-    )
+) -> HeLoraExecutor:
+    """Blocking part of session creation: check the adapter, parse keys, pre-encode."""
     spec = header.spec
     _require_match("header.spec.rank", spec.rank, adapter.rank)
     if spec.alpha != adapter.alpha:
@@ -506,7 +502,7 @@ def _build(
         # Missing Galois keys and adapters that could overflow the modulus fail here,
         # before the client sends a single ciphertext.
         executor.adapter(layer_plan, f"{adapter.digest}:{layer}", _returning(weights))
-    return executor, adapter
+    return executor
 
 
 def _returning(weights: LoraWeights) -> Callable[[], LoraWeights]:

@@ -239,6 +239,22 @@ def _clipped_layer_sum(layer: _LayerRecord, clip_factors: torch.Tensor) -> torch
     return weighted.T @ tokens_by_in
 
 
+def clip_factors_of(norms: torch.Tensor, *, max_grad_norm: float) -> torch.Tensor:
+    """The per-example clip factors ``w_i = min(1, C / (‖G_i‖ + 1e-6))`` (Opacus's formula).
+
+    The one place the factor is computed: :func:`clip_per_example` and
+    ``LoraTrainingEngine.add_clipped_gradients`` (privacy-audit canaries) both use it.
+
+    Args:
+        norms: ``[B]`` per-example gradient norms over all LoRA parameters.
+        max_grad_norm: Clipping bound C.
+
+    Returns:
+        ``[B]`` factors in (0, 1].
+    """
+    return (max_grad_norm / (norms + CLIP_NORM_EPSILON)).clamp(max=1.0)
+
+
 def clip_per_example(
     loss: torch.Tensor, record: LoraForwardRecord, *, max_grad_norm: float
 ) -> ClippedGradient:
@@ -283,7 +299,7 @@ def clip_per_example(
             raise RuntimeError(f"{layer.parameter_name} received no output gradient")
         squared_norms += layer.squared_norms
     norms = squared_norms.sqrt()
-    clip_factors = (max_grad_norm / (norms + CLIP_NORM_EPSILON)).clamp(max=1.0)
+    clip_factors = clip_factors_of(norms, max_grad_norm=max_grad_norm)
     clipped_sum = {
         layer.parameter_name: _clipped_layer_sum(layer, clip_factors) for layer in record.layers
     }

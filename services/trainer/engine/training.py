@@ -46,7 +46,7 @@ import hashlib
 import json
 import math
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -58,7 +58,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from tensafe.common.errors import FailedPrecondition, InvalidArgument, NotFound
 
-from .clipping import LoraActivationTap, clip_per_example, lora_linear_layers
+from .clipping import LoraActivationTap, clip_factors_of, clip_per_example, lora_linear_layers
 from .config import AdamConfig, DpConfig, EngineOptions, LoraConfig, LossConfig
 from .losses import (
     LossFn,
@@ -339,8 +339,60 @@ class LoraTrainingEngine:
         _check_finite_losses(example_losses)
         return _result(padded, target_logprobs, example_losses)
 
+    def add_clipped_gradients(self, gradients: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Add per-example gradients given directly, clipped like ``forward_backward``'s.
+
+        The privacy audit (:mod:`tensafe.trainer.audit`) inserts white-box canaries this
+        way: each is one more example of the step whose gradient is chosen by the
+        auditor instead of computed from a datum. The gradients are clipped with the
+        same factor as every datum's (:func:`.clipping.clip_factors_of`), summed into the
+        step's accumulator and counted as accumulated examples, so the following
+        :meth:`optim_step` noises them exactly as it noises real data.
+
+        Args:
+            gradients: For every trainable parameter (:attr:`parameter_names`) a tensor
+                ``[n, *parameter.shape]``: the gradients of n examples.
+
+        Returns:
+            ``[n]`` the clip factors applied.
+
+        Raises:
+            InvalidArgument: Not private, names or shapes that do not match the
+                adapter, or non-finite values; the engine is unchanged.
+        """
+        if self._dp is None:
+            raise InvalidArgument("gradients", "per-example gradients need a DP engine")
+        if set(gradients) != set(self._parameters):
+            raise InvalidArgument("gradients", "must name exactly the adapter's parameters")
+        count = -1
+        for name, parameter in self._parameters.items():
+            value = gradients[name]
+            if value.dim() != parameter.dim() + 1 or value.shape[1:] != parameter.shape:
+                raise InvalidArgument("gradients", f"{name} has shape {tuple(value.shape)}")
+            if count not in (-1, value.shape[0]):
+                raise InvalidArgument("gradients", "every parameter needs the same count")
+            count = value.shape[0]
+            if not bool(torch.isfinite(value).all()):
+                raise InvalidArgument("gradients", f"{name} holds non-finite values")
+        if count == 0:
+            return torch.zeros(0)
+        squared_norms = torch.zeros(count, dtype=torch.float32)
+        for name in self._parameters:
+            squared_norms += gradients[name].reshape(count, -1).pow(2).sum(dim=1)
+        factors = clip_factors_of(squared_norms.sqrt(), max_grad_norm=self._dp.max_grad_norm)
+        with torch.no_grad():
+            for name in self._parameters:
+                flat = factors @ gradients[name].reshape(count, -1)
+                self._accumulator[name].add_(flat.view_as(self._accumulator[name]))
+        self._accumulated_examples += count
+        return factors
+
     def optim_step(
-        self, adam: AdamConfig, *, expected_batch_size: float | None = None
+        self,
+        adam: AdamConfig,
+        *,
+        expected_batch_size: float | None = None,
+        noisy_sum_observer: Callable[[Mapping[str, torch.Tensor]], None] | None = None,
     ) -> OptimStepResult:
         """Apply one AdamW step to the accumulated gradient (noised once under DP).
 
@@ -349,6 +401,9 @@ class LoraTrainingEngine:
             expected_batch_size: The divisor of the (noised) gradient sum. Required for
                 server-drawn Poisson batches (``q · N``) and for a step with no data;
                 ``None`` divides by the number of data accumulated in the step.
+            noisy_sum_observer: Called once with the noised clipped-gradient sum (before
+                the division), the output of the step's Gaussian mechanism; the privacy
+                audit scores white-box canaries on it. It must not modify the tensors.
 
         Returns:
             The new step number and metrics.
@@ -385,6 +440,9 @@ class LoraTrainingEngine:
                     torch.randn(gradient.shape, generator=generator, dtype=gradient.dtype),
                     alpha=noise_std,
                 )
+
+        if noisy_sum_observer is not None:
+            noisy_sum_observer(gradients)
 
         beta1, beta2 = adam.betas
         for group in self._optimizer.param_groups:

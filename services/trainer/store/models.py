@@ -103,6 +103,9 @@ class BudgetReservationRow(Base):
     sampling_probability: Mapped[float] = mapped_column(sa.Float)
     status: Mapped[str] = mapped_column(sa.String(16))
     created_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
+    steps: Mapped[int] = mapped_column(sa.BigInteger, server_default=sa.text("1"))
+    """DP steps still reserved: 1 for an OptimStep; a TrainOnDataset run reserves all its
+    steps at admission and gives one back with each committed step (migration 0002)."""
 
 
 class LedgerRow(Base):
@@ -148,3 +151,58 @@ class CheckpointRow(Base):
     sha256: Mapped[str] = mapped_column(sa.String(64))
     accountant_state: Mapped[str | None] = mapped_column(sa.Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
+
+
+class DatasetKeyRow(Base):
+    """A tenant's dataset data key, wrapped by the trainer's key-encryption key."""
+
+    __tablename__ = "trainer_dataset_keys"
+
+    tenant: Mapped[str] = mapped_column(sa.String(128), primary_key=True)
+    key_id: Mapped[str] = mapped_column(sa.String(32))
+    kek_id: Mapped[str] = mapped_column(sa.String(64))
+    wrapped_key: Mapped[bytes] = mapped_column(sa.LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
+
+
+class DatasetRow(Base):
+    """A server-held, tokenised dataset; its records live encrypted in the object folder."""
+
+    __tablename__ = "trainer_datasets"
+    __table_args__ = (
+        sa.UniqueConstraint("tenant", "request_id", name="uq_trainer_datasets_tenant_request"),
+        sa.Index("ix_trainer_datasets_tenant_created", "tenant", "created_at", "id"),
+    )
+
+    id: Mapped[str] = mapped_column(sa.String(32), primary_key=True)
+    tenant: Mapped[str] = mapped_column(sa.String(128))
+    request_id: Mapped[str] = mapped_column(sa.String(128))
+    request_fingerprint: Mapped[str] = mapped_column(sa.String(64))
+    name: Mapped[str] = mapped_column(sa.String(64))
+    base_model: Mapped[str] = mapped_column(sa.String(128))
+    format: Mapped[str] = mapped_column(sa.String(32))
+    records: Mapped[int] = mapped_column(sa.BigInteger)
+    tokens: Mapped[int] = mapped_column(sa.BigInteger)
+    key_id: Mapped[str] = mapped_column(sa.String(32))
+    object_path: Mapped[str] = mapped_column(sa.Text)
+    sha256: Mapped[str] = mapped_column(sa.String(64))
+    created_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
+
+
+class DatasetRunRow(Base):
+    """Progress of a TrainOnDataset job, committed with each of its steps."""
+
+    __tablename__ = "trainer_dataset_runs"
+
+    future_id: Mapped[str] = mapped_column(sa.String(32), primary_key=True)
+    tenant: Mapped[str] = mapped_column(sa.String(128))
+    client_id: Mapped[str] = mapped_column(sa.String(32))
+    dataset_id: Mapped[str] = mapped_column(sa.String(32))
+    sample_rate: Mapped[float] = mapped_column(sa.Float)
+    expected_batch_size: Mapped[float] = mapped_column(sa.Float)
+    steps: Mapped[int] = mapped_column(sa.BigInteger)
+    steps_done: Mapped[int] = mapped_column(sa.BigInteger)
+    losses_json: Mapped[str] = mapped_column(sa.Text)
+    batch_sizes_json: Mapped[str] = mapped_column(sa.Text)
+    created_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
