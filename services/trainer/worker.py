@@ -51,7 +51,6 @@ from typing import Any
 
 import torch
 from google.protobuf.message import Message
-from sqlalchemy.ext.asyncio import AsyncSession
 from transformers import AutoTokenizer
 
 from tensafe.common.config import load_config
@@ -138,10 +137,6 @@ class _Outcome:
     """(kind, name, state bytes) for SaveState / SaveWeightsForSampler."""
     step: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
-
-
-class _LostClient(Exception):
-    """The client moved on or the lease was lost while the job ran; roll back, retry."""
 
 
 class TrainerWorker:
@@ -574,16 +569,6 @@ class TrainerWorker:
 
     # ---------------------------------------------------------------- commits
 
-    async def _locked(
-        self, session: AsyncSession, client: TrainingClientRow, seq: int
-    ) -> TrainingClientRow:
-        row = await session.get(
-            TrainingClientRow, client.id, with_for_update=True, populate_existing=True
-        )
-        if row is None or row.applied_seq != seq - 1 or row.lease_owner != self._owner:
-            raise _LostClient(f"client {client.id} moved on or its lease was lost")
-        return row
-
     async def _commit_success(
         self, job: JobRow, client: TrainingClientRow, kind: JobKind, outcome: _Outcome
     ) -> None:
@@ -603,7 +588,7 @@ class TrainerWorker:
         old_paths: list[str] = []
         try:
             async with self._db.transaction() as session:
-                row = await self._locked(session, client, job.seq)
+                row = await repo.fence_client(session, client.id, seq=job.seq, owner=self._owner)
                 row.applied_seq = job.seq
                 if new_state is not None:
                     if row.state_path is not None:
@@ -676,7 +661,7 @@ class TrainerWorker:
             self._evict(client.id)
             await self._finish_without_running(job, client, deleted=False)
             return
-        except _LostClient as error:
+        except repo.LostClient as error:
             raise RetryLater(self._retry_delay, str(error)) from error
         resident = self._resident.get(client.id)
         if resident is not None:
@@ -689,7 +674,7 @@ class TrainerWorker:
     ) -> None:
         try:
             async with self._db.transaction() as session:
-                row = await self._locked(session, client, job.seq)
+                row = await repo.fence_client(session, client.id, seq=job.seq, owner=self._owner)
                 row.applied_seq = job.seq
                 with contextlib.suppress(FailedPrecondition):
                     await self._futures.fail(
@@ -702,7 +687,7 @@ class TrainerWorker:
                     )
                 await repo.settle_reservation(session, job.future_id, status=repo.RELEASED)
                 await repo.finish_job(session, job.future_id)
-        except _LostClient as lost:
+        except repo.LostClient as lost:
             raise RetryLater(self._retry_delay, str(lost)) from lost
         resident = self._resident.get(client.id)
         if resident is not None:

@@ -35,7 +35,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from tensafe.common.db import Database
 from tensafe.common.errors import BudgetExhausted, FailedPrecondition, NotFound
@@ -126,10 +125,6 @@ def run_step(
         state=engine.state_dict(),
         step=result_step.step,
     )
-
-
-class LostClient(Exception):
-    """The client moved on or this worker lost its lease: roll back and retry later."""
 
 
 class DatasetRunner:
@@ -240,16 +235,6 @@ class DatasetRunner:
         future = await self._futures.get(job.tenant, job.future_id)
         return future.status is FutureStatus.CANCELLED
 
-    async def _fenced(
-        self, session: AsyncSession, client: TrainingClientRow, seq: int
-    ) -> TrainingClientRow:
-        row = await session.get(
-            TrainingClientRow, client.id, with_for_update=True, populate_existing=True
-        )
-        if row is None or row.applied_seq != seq - 1 or row.lease_owner != self._owner:
-            raise LostClient(f"client {client.id} moved on or its lease was lost")
-        return row
-
     async def _commit_step(
         self,
         job: JobRow,
@@ -274,7 +259,7 @@ class DatasetRunner:
         old_path: str | None = None
         try:
             async with self._db.transaction() as session:
-                row = await self._fenced(session, client, job.seq)
+                row = await repo.fence_client(session, client.id, seq=job.seq, owner=self._owner)
                 old_path = row.state_path
                 row.state_path, row.state_sha256 = relative, sha
                 row.step = outcome.step
@@ -309,7 +294,7 @@ class DatasetRunner:
                 run.losses_json = json.dumps(losses)
                 run.batch_sizes_json = json.dumps(sizes)
                 run.updated_at = repo.now()
-        except LostClient as error:
+        except repo.LostClient as error:
             self._objects.delete(relative)
             raise RetryLater(self._retry_delay, str(error)) from error
         if old_path is not None and old_path != relative:
@@ -325,7 +310,7 @@ class DatasetRunner:
     ) -> RunEnd:
         try:
             async with self._db.transaction() as session:
-                row = await self._fenced(session, client, job.seq)
+                row = await repo.fence_client(session, client.id, seq=job.seq, owner=self._owner)
                 row.applied_seq = job.seq
                 result = pb.TrainOnDatasetResult(
                     steps=len(sizes),
@@ -344,6 +329,6 @@ class DatasetRunner:
             if error.reason != "FUTURE_STATE":
                 raise
             return RunEnd.CANCELLED
-        except LostClient as error:
+        except repo.LostClient as error:
             raise RetryLater(self._retry_delay, str(error)) from error
         return RunEnd.SUCCEEDED

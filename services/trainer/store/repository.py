@@ -73,6 +73,29 @@ async def lock_client(session: AsyncSession, tenant: str, client_id: str) -> Tra
     return row
 
 
+class LostClient(Exception):
+    """The client moved on or this worker lost its lease: roll back and retry later."""
+
+
+async def fence_client(
+    session: AsyncSession, client_id: str, *, seq: int, owner: str
+) -> TrainingClientRow:
+    """Lock the client row for the commit of job ``seq`` by the lease holder ``owner``.
+
+    The fence every worker commit goes through: the row must still expect ``seq`` next
+    and still be leased to ``owner``; otherwise another worker has moved on.
+
+    Raises:
+        LostClient: The client applied another job or the lease was lost.
+    """
+    row = await session.get(
+        TrainingClientRow, client_id, with_for_update=True, populate_existing=True
+    )
+    if row is None or row.applied_seq != seq - 1 or row.lease_owner != owner:
+        raise LostClient(f"client {client_id} moved on or its lease was lost")
+    return row
+
+
 async def get_client(session: AsyncSession, tenant: str, client_id: str) -> TrainingClientRow:
     """Read an active client of ``tenant``.
 
