@@ -33,17 +33,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import random
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tensafe.client.datasets import DatasetClient
-from tensafe.client.tiny_model import build_tiny_model, tiny_corpus
+from tensafe.client.tiny_model import pretrain_tiny_model
 from tensafe.tinker import (
     AdamParams,
     Datum,
@@ -110,50 +108,11 @@ class RlvrReport:
 def prepare_base_model(out_dir: Path, *, steps: int = 300, seed: int = 0) -> Path:
     """Build the tiny model and pretrain it briefly on the built-in public corpus.
 
-    A randomly initialised model cannot put more than a few percent of probability on
-    any token (its unembedding is tiny), and LoRA on the transformer blocks cannot fix
-    that in a few steps; RLVR starts from a pretrained model. This is that step, in
-    miniature: full-parameter, non-private training on public text (English sentences
-    and arithmetic phrased differently from the prompts used here), done locally before
-    the model is registered as a base model.
-
-    Args:
-        out_dir: The base model folder to write (e.g. ``<base_models_dir>/tiny-llama``).
-        steps: Adam steps of 32 corpus lines.
-        seed: Seeds the initialisation and the batch order.
-
-    Returns:
-        ``out_dir``.
+    RLVR starts from a pretrained model: a randomly initialised one cannot put more than
+    a few percent of probability on any token. See
+    :func:`tensafe.client.tiny_model.pretrain_tiny_model`.
     """
-    build_tiny_model(
-        out_dir,
-        seed=seed,
-        vocab_size=512,
-        hidden_size=64,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        max_position_embeddings=64,
-    )
-    tokenizer = AutoTokenizer.from_pretrained(out_dir)
-    model = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32)
-    lines = [[*tokenizer(line).input_ids, tokenizer.eos_token_id] for line in tiny_corpus()]
-    generator = random.Random(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    model.train()
-    for _ in range(steps):
-        batch = generator.sample(lines, 32)
-        width = max(len(line) for line in batch)
-        ids = torch.tensor([line + [0] * (width - len(line)) for line in batch])
-        mask = torch.tensor([[1] * len(line) + [0] * (width - len(line)) for line in batch])
-        loss = model(
-            input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)
-        ).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    model.save_pretrained(out_dir)
-    return out_dir
+    return pretrain_tiny_model(out_dir, steps=steps, seed=seed)
 
 
 def problems(operands: int) -> list[tuple[int, int]]:

@@ -122,12 +122,16 @@ def _phase(result: DemoResult, name: str, out: TextIO) -> Iterator[None]:
 
 
 def ensure_tiny_model(models_dir: Path, *, name: str = BASE_MODEL, seed: int = 0) -> Path:
-    """Build the tiny base model under ``models_dir/name`` unless it is there."""
-    from tensafe.client.tiny_model import build_tiny_model
+    """Build and briefly pretrain (on public text) the tiny base model, unless it is there.
+
+    No weights can be downloaded here; a few seconds of public pretraining make the
+    generations readable, so the demo shows what the private adapter changes.
+    """
+    from tensafe.client.tiny_model import pretrain_tiny_model
 
     path = models_dir / name
     if not (path / "config.json").is_file():
-        build_tiny_model(path, seed=seed)
+        pretrain_tiny_model(path, seed=seed)
     return path
 
 
