@@ -457,9 +457,9 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         "demo", help="the end-to-end demo against a running `tensafe up`"
     )
     parser.add_argument("--steps", type=int, default=12, help="DP steps (default 12)")
-    parser.add_argument("--batch-size", type=int, default=64, help="texts per step")
+    parser.add_argument("--batch-size", type=int, default=256, help="texts per step")
     parser.add_argument("--target-epsilon", type=float, default=8.0, help="ε over --steps")
-    parser.add_argument("--learning-rate", type=float, default=1e-2, help="Adam lr")
+    parser.add_argument("--learning-rate", type=float, default=2e-3, help="Adam lr")
     parser.add_argument("--new-tokens", type=int, default=12, help="tokens to generate")
     parser.add_argument("--connection-file", help="default: .tensafe/connection.json")
     parser.add_argument("--json", metavar="FILE", help="also write the summary as JSON here")
