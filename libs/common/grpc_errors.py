@@ -177,6 +177,16 @@ class BehaviorWrapper(abc.ABC):
         """Wrap a behavior that yields responses (an async generator function)."""
 
 
+def _as_error(method: str, exc: Exception) -> errors.TenSafeError:
+    """The status an exception escaping a servicer becomes."""
+    if isinstance(exc, errors.TenSafeError):
+        return exc
+    if isinstance(exc, NotImplementedError):
+        # What generated base servicers raise for an RPC nobody overrode.
+        return errors.Unimplemented(f"{method} is not implemented")
+    return _internal(method, exc)
+
+
 class _ErrorGuard(BehaviorWrapper):
     def __init__(self, method: str) -> None:
         self._method = method
@@ -187,15 +197,10 @@ class _ErrorGuard(BehaviorWrapper):
         async def behavior(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             try:
                 return await _call(inner, request, context)
-            except errors.TenSafeError as exc:
-                await abort_with(context, exc)
             except grpc.aio.AbortError:
                 raise
-            except NotImplementedError:
-                # What generated base servicers raise for an RPC nobody overrode.
-                await abort_with(context, errors.Unimplemented(f"{method} is not implemented"))
             except Exception as exc:  # the boundary: nothing escapes unmapped
-                await abort_with(context, _internal(method, exc))
+                await abort_with(context, _as_error(method, exc))
 
         return behavior
 
@@ -208,15 +213,10 @@ class _ErrorGuard(BehaviorWrapper):
             try:
                 async for item in _iterate(inner, request, context):
                     yield item
-            except errors.TenSafeError as exc:
-                await abort_with(context, exc)
             except grpc.aio.AbortError:
                 raise
-            except NotImplementedError:
-                # What generated base servicers raise for an RPC nobody overrode.
-                await abort_with(context, errors.Unimplemented(f"{method} is not implemented"))
-            except Exception as exc:
-                await abort_with(context, _internal(method, exc))
+            except Exception as exc:  # the boundary: nothing escapes unmapped
+                await abort_with(context, _as_error(method, exc))
 
         return behavior
 

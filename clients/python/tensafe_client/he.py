@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from tensafe.client.auth import TokenProvider, authenticated_channel, find_api_key
+from tensafe.client.channels import OwnedChannels
 from tensafe.client.connection import load_connection
 from tensafe.client.training import ChannelOptions, make_channel
 from tensafe.common import errors
@@ -56,7 +57,7 @@ _PACKING_TO_PROTO = {
 }
 
 
-class HeRuntimeRpc:
+class HeRuntimeRpc(OwnedChannels):
     """The HE runtime's RPCs on one channel, raising typed errors.
 
     Args:
@@ -72,22 +73,9 @@ class HeRuntimeRpc:
         options: ChannelOptions | None = None,
         also_close: Sequence[grpc.Channel] = (),
     ) -> None:
-        self._channel = channel
         self._options = options or ChannelOptions()
-        self._also_close = tuple(also_close)
+        super().__init__(channel, also_close)
         self._stub = he_service_pb2_grpc.HeRuntimeServiceStub(channel)
-
-    def close(self) -> None:
-        """Close the channel(s)."""
-        self._channel.close()
-        for channel in self._also_close:
-            channel.close()
-
-    def __enter__(self) -> HeRuntimeRpc:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
 
     def compile_plan(self, spec: pb.PlanSpec) -> pb.Plan:
         """``CompilePlan``."""

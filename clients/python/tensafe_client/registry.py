@@ -29,6 +29,7 @@ import grpc
 
 from tensafe import tgsp
 from tensafe.client.auth import TokenProvider, authenticated_channel, find_api_key
+from tensafe.client.channels import OwnedChannels
 from tensafe.client.connection import load_connection
 from tensafe.common import errors
 from tensafe.common.grpc_errors import from_rpc_error
@@ -56,7 +57,7 @@ class Downloaded:
     package: bytes
 
 
-class RegistryClient:
+class RegistryClient(OwnedChannels):
     """The registry's RPCs on one channel, raising typed errors.
 
     Args:
@@ -72,9 +73,8 @@ class RegistryClient:
         call_timeout_seconds: float = 300.0,
         also_close: Sequence[grpc.Channel] = (),
     ) -> None:
-        self._channel = channel
         self._timeout = call_timeout_seconds
-        self._also_close = tuple(also_close)
+        super().__init__(channel, also_close)
         self._stub = registry_service_pb2_grpc.RegistryServiceStub(channel)
 
     @classmethod
@@ -106,18 +106,6 @@ class RegistryClient:
             call_timeout_seconds=call_timeout_seconds,
             also_close=(registry_channel, auth_channel),
         )
-
-    def close(self) -> None:
-        """Close the channel(s)."""
-        self._channel.close()
-        for channel in self._also_close:
-            channel.close()
-
-    def __enter__(self) -> RegistryClient:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
 
     def _call(self, method: Any, request: Any) -> Any:
         try:

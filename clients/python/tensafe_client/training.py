@@ -35,6 +35,7 @@ import grpc
 from google.protobuf import duration_pb2
 
 from tensafe.client.auth import TokenProvider, authenticated_channel, find_api_key
+from tensafe.client.channels import OwnedChannels
 from tensafe.client.connection import load_connection
 from tensafe.client.tracing import traced_channel
 from tensafe.common import errors
@@ -162,7 +163,7 @@ def future_error(status: common_pb2.ErrorStatus) -> errors.TenSafeError:
     return from_rpc_error(_FutureErrorCall(status))  # type: ignore[arg-type]
 
 
-class TrainerRpc:
+class TrainerRpc(OwnedChannels):
     """The trainer's RPCs on one channel, with typed errors and retries.
 
     Args:
@@ -182,8 +183,7 @@ class TrainerRpc:
         sleep: Callable[[float], None] = time.sleep,
         also_close: Sequence[grpc.Channel] = (),
     ) -> None:
-        self._channel = channel
-        self._also_close = tuple(also_close)
+        super().__init__(channel, also_close)
         self.options = options or ChannelOptions()
         self._sleep = sleep
         self._trainer = trainer_service_pb2_grpc.TrainerServiceStub(channel)
@@ -198,18 +198,6 @@ class TrainerRpc:
     def trainer_stub(self) -> trainer_service_pb2_grpc.TrainerServiceStub:
         """The TrainerService stub on the channel."""
         return self._trainer
-
-    def close(self) -> None:
-        """Close the channel (and the channels it depends on)."""
-        self._channel.close()
-        for channel in self._also_close:
-            channel.close()
-
-    def __enter__(self) -> TrainerRpc:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
 
     def call(
         self,
