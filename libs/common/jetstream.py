@@ -537,7 +537,17 @@ class JetStream:
             return
         with contextlib.suppress(Exception):
             await self._nc.flush(timeout=self._config.request_timeout)
-        await self._nc.close()
+        try:
+            await self._nc.close()
+        except asyncio.CancelledError:
+            # nats-py awaits the transport's close waiter, a future that its own
+            # reconnect loop may already have cancelled (a wait_for on
+            # wait_closed() cancels the shared future). That CancelledError is
+            # not ours: the connection is closed all the same. Re-raise only a
+            # cancellation aimed at this task.
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
 
     async def __aenter__(self) -> JetStream:
         return self
