@@ -41,7 +41,13 @@ from tensafe.trainer.engine.accounting import (
     calibrate_noise_multiplier,
     create_accountant,
 )
-from tensafe.trainer.engine.losses import LossFn, validate_batch, validate_token_sequences
+from tensafe.trainer.engine.config import LossConfig
+from tensafe.trainer.engine.losses import (
+    LossFn,
+    loss_config_from_options,
+    validate_batch,
+    validate_token_sequences,
+)
 from tensafe.trainer.jobs import (
     CHECKPOINT_KIND,
     SAMPLER_KIND,
@@ -296,10 +302,7 @@ class TrainerApi:
         row = await self.get_client(caller, request.training_client_id)
         info = await self.base_model(row.base_model)
         loss = LossFn.parse(request.loss_fn)
-        if request.loss_fn_config:
-            # The engine fixes the PPO clip range per client (0.2 on both sides, as
-            # Tinker); per-call options are refused rather than ignored.
-            raise InvalidArgument("loss_fn_config", "per-call loss options are not supported")
+        loss_config_from_options(loss, request.loss_fn_config, LossConfig())
         batch = serde.batch_from_data(request.data)
         try:
             validate_batch(

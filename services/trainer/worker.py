@@ -501,7 +501,9 @@ class TrainerWorker:
     ) -> _Outcome:
         batch = serde.batch_from_data(request.data)
         run = engine.forward_backward if keep else engine.forward
-        result = run(batch.sequences, request.loss_fn, batch.loss_fn_inputs)
+        result = run(
+            batch.sequences, request.loss_fn, batch.loss_fn_inputs, dict(request.loss_fn_config)
+        )
         message = pb.ForwardBackwardResult(metrics=serde.metrics_map(result.metrics))
         for output in result.outputs:
             entry = message.loss_fn_outputs.add()

@@ -8,8 +8,16 @@ from collections.abc import Sequence
 import pytest
 import torch
 
+from tensafe.common.errors import InvalidArgument
 from tensafe.trainer.engine.clipping import CLIP_NORM_EPSILON
-from tensafe.trainer.engine.config import AdamConfig, DpConfig, EngineOptions, NormMethod
+from tensafe.trainer.engine.config import (
+    AdamConfig,
+    DpConfig,
+    EngineOptions,
+    LossConfig,
+    NormMethod,
+)
+from tensafe.trainer.engine.losses import LossFn, loss_config_from_options
 from tensafe.trainer.engine.training import LoraTrainingEngine
 
 from .conftest import EngineFactory, cross_entropy_batch, global_norm, randomise_adapter
@@ -296,3 +304,53 @@ def test_ppo_clips_the_ratio(make_engine: EngineFactory, corpus_sequences: list[
     assert ppo.outputs[0].loss == pytest.approx(-1.2 * len(sampler), rel=1e-5)
     importance = engine.forward_backward([sequence[:-1]], "importance_sampling", inputs)
     assert importance.outputs[0].loss == pytest.approx(-math.e * len(sampler), rel=1e-3)
+
+
+def test_ppo_clip_thresholds_are_set_per_call(
+    make_engine: EngineFactory, corpus_sequences: list[list[int]]
+) -> None:
+    engine = make_engine(dp=None)
+    sequence = corpus_sequences[3]
+    learner = engine.compute_logprobs([sequence])[0]
+    # Ratio e ≈ 2.72 on every token; Tinker's per-call option moves the upper clip to 1.5.
+    sampler = [lp - 1.0 for lp in learner]
+    inputs: list[dict[str, Sequence[float]]] = [
+        {"target_tokens": sequence[1:], "logprobs": sampler, "advantages": [1.0] * len(sampler)}
+    ]
+    wide = engine.forward([sequence[:-1]], "ppo", inputs, {"clip_high_threshold": 1.5})
+    assert wide.outputs[0].loss == pytest.approx(-1.5 * len(sampler), rel=1e-5)
+    # A negative advantage with the ratio 1/e ≈ 0.37 below the range: the minimum of
+    # r·A and clip(r)·A is the clipped term, -0.5 per token with the lower bound at 0.5
+    # (it would be -0.8 with the default).
+    low_inputs: list[dict[str, Sequence[float]]] = [
+        {
+            "target_tokens": sequence[1:],
+            "logprobs": [lp + 1.0 for lp in learner],
+            "advantages": [-1.0] * len(sampler),
+        }
+    ]
+    tight = engine.forward([sequence[:-1]], "ppo", low_inputs, {"clip_low_threshold": 0.5})
+    assert tight.outputs[0].loss == pytest.approx(0.5 * len(sampler), rel=1e-5)
+    # The default applies when the call sets nothing.
+    default = engine.forward([sequence[:-1]], "ppo", inputs)
+    assert default.outputs[0].loss == pytest.approx(-1.2 * len(sampler), rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("loss_fn", "options", "field"),
+    [
+        ("ppo", {"clip_epsilon": 0.1}, "loss_fn_config.clip_epsilon"),
+        ("cross_entropy", {"clip_low_threshold": 0.8}, "loss_fn_config.clip_low_threshold"),
+        ("ppo", {"clip_low_threshold": 0.0}, "loss_fn_config.clip_low_threshold"),
+        ("ppo", {"clip_low_threshold": 1.5}, "loss_fn_config.clip_low_threshold"),
+        ("ppo", {"clip_high_threshold": 0.9}, "loss_fn_config.clip_high_threshold"),
+        ("ppo", {"clip_high_threshold": math.inf}, "loss_fn_config.clip_high_threshold"),
+        ("ppo", {"clip_high_threshold": math.nan}, "loss_fn_config.clip_high_threshold"),
+    ],
+)
+def test_bad_loss_options_name_the_option(
+    loss_fn: str, options: dict[str, float], field: str
+) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        loss_config_from_options(LossFn.parse(loss_fn), options, LossConfig())
+    assert caught.value.field == field

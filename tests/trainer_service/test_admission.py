@@ -135,6 +135,18 @@ async def test_bad_input_is_refused_with_the_field_and_changes_nothing(
         ),
         "loss_fn",
     )
+    await refused(
+        stack.trainer.ForwardBackward(
+            pb.ForwardBackwardRequest(
+                training_client_id=client.id,
+                data=[datum(good[0])],
+                loss_fn="cross_entropy",
+                loss_fn_config={"clip_high_threshold": 1.5},
+            ),
+            metadata=stack.auth,
+        ),
+        "loss_fn_config.clip_high_threshold",
+    )
     short_weights = datum(good[0])
     del short_weights.loss_fn_inputs["weights"].float_data[-1]
     await refused(

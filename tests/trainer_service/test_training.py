@@ -232,3 +232,39 @@ async def test_sampler_weights_are_frozen_and_sample_returns_logprobs(
     full = list(probe[0][:5]) + list(first.tokens)
     scored = (await logprobs(stack, "", [full], model_path=frozen.path))[0]
     assert scored[5:] == pytest.approx(list(first.logprobs), abs=1e-4)
+
+
+async def test_ppo_clip_range_is_set_per_call_through_the_worker(
+    make_stack: Any, base_models_dir: Path
+) -> None:
+    stack = await make_stack()
+    client = await create_client(stack, dp=None)
+    sequence = corpus_sequences(base_models_dir / BASE_MODEL, 1)[0]
+    # The learner's logprobs of the targets sequence[1:] (the RPC also reports a first
+    # entry for the unscored first token).
+    learner = (await logprobs(stack, client.id, [sequence]))[0][-(len(sequence) - 1) :]
+    sampler = [lp - 1.0 for lp in learner]  # ratio e on every token, above any clip
+
+    async def ppo_loss(config: dict[str, float]) -> float:
+        message = pb.Datum(model_input=model_input(sequence[:-1]))
+        message.loss_fn_inputs["target_tokens"].CopyFrom(
+            pb.TensorData(dtype=pb.D_TYPE_INT64, int_data=sequence[1:])
+        )
+        for key, values in (("logprobs", sampler), ("advantages", [1.0] * len(sampler))):
+            message.loss_fn_inputs[key].CopyFrom(
+                pb.TensorData(dtype=pb.D_TYPE_FLOAT32, float_data=values)
+            )
+        response = await stack.trainer.Forward(
+            pb.ForwardRequest(
+                training_client_id=client.id, data=[message], loss_fn="ppo", loss_fn_config=config
+            ),
+            metadata=stack.auth,
+        )
+        result = unpack(await wait(stack, response.future), pb.ForwardBackwardResult)
+        assert isinstance(result, pb.ForwardBackwardResult)
+        return result.metrics["loss:sum"]
+
+    assert await ppo_loss({}) == pytest.approx(-1.2 * len(sampler), rel=1e-4)
+    assert await ppo_loss({"clip_high_threshold": 1.5}) == pytest.approx(
+        -1.5 * len(sampler), rel=1e-4
+    )

@@ -58,6 +58,52 @@ class LossFn(enum.Enum):
         raise InvalidArgument("loss_fn", f"unknown loss {name!r}; supported: {supported}")
 
 
+CLIP_LOW_THRESHOLD = "clip_low_threshold"
+CLIP_HIGH_THRESHOLD = "clip_high_threshold"
+
+
+def loss_config_from_options(
+    loss_fn: LossFn, options: Mapping[str, float], default: LossConfig
+) -> LossConfig:
+    """Apply a call's ``loss_fn_config`` (Tinker's per-call loss options) to ``default``.
+
+    Tinker names the PPO clip range by the ratio's bounds: ``clip_low_threshold``
+    (default 0.8) and ``clip_high_threshold`` (default 1.2), the ratio being clipped to
+    ``[clip_low_threshold, clip_high_threshold]``. Options that the chosen loss does not
+    read are refused rather than ignored, so a typo cannot silently train with defaults.
+
+    Args:
+        loss_fn: The call's loss.
+        options: The call's ``loss_fn_config``.
+        default: The options in force when the call sets none.
+
+    Returns:
+        The loss options for this call.
+
+    Raises:
+        InvalidArgument: An unknown option, an option the loss does not take, or a bound
+            out of range; the field is ``loss_fn_config.<option>``.
+    """
+    if not options:
+        return default
+    accepted = (CLIP_LOW_THRESHOLD, CLIP_HIGH_THRESHOLD) if loss_fn is LossFn.PPO else ()
+    for key in options:
+        if key not in accepted:
+            takes = ", ".join(accepted) or "no options"
+            raise InvalidArgument(f"loss_fn_config.{key}", f"{loss_fn.value} takes {takes}")
+    low = float(options.get(CLIP_LOW_THRESHOLD, 1.0 - default.ppo_clip_low))
+    high = float(options.get(CLIP_HIGH_THRESHOLD, 1.0 + default.ppo_clip_high))
+    if not 0.0 < low <= 1.0:
+        raise InvalidArgument(
+            f"loss_fn_config.{CLIP_LOW_THRESHOLD}", f"must be in (0, 1], got {low}"
+        )
+    if not 1.0 <= high < float("inf"):
+        raise InvalidArgument(
+            f"loss_fn_config.{CLIP_HIGH_THRESHOLD}", f"must be finite and >= 1, got {high}"
+        )
+    return LossConfig(ppo_clip_low=1.0 - low, ppo_clip_high=high - 1.0)
+
+
 TARGET_TOKENS = "target_tokens"
 WEIGHTS = "weights"
 SAMPLING_LOGPROBS = "logprobs"

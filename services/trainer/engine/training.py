@@ -65,6 +65,7 @@ from .losses import (
     PaddedBatch,
     PerTokenValues,
     TokenSequence,
+    loss_config_from_options,
     per_token_loss,
     token_logprobs,
     validate_batch,
@@ -243,6 +244,7 @@ class LoraTrainingEngine:
         batch: Sequence[TokenSequence],
         loss_fn: str | LossFn,
         loss_fn_inputs: Sequence[Mapping[str, PerTokenValues]],
+        loss_fn_config: Mapping[str, float] | None = None,
     ) -> ForwardBackwardResult:
         """Compute the loss and add this batch's gradient to the step's accumulator.
 
@@ -256,6 +258,9 @@ class LoraTrainingEngine:
             loss_fn_inputs: One mapping per datum: ``target_tokens`` and ``weights``
                 for cross-entropy; ``target_tokens``, ``logprobs`` (sampler) and
                 ``advantages`` for the RL losses; each of the datum's length.
+            loss_fn_config: Per-call loss options (Tinker's names): for ``ppo``,
+                ``clip_low_threshold`` and ``clip_high_threshold``; see
+                :func:`.losses.loss_config_from_options`.
 
         Returns:
             Per-datum target log-probabilities and losses, and batch metrics. These are
@@ -267,6 +272,7 @@ class LoraTrainingEngine:
                 non-finite; the field names the culprit. The engine is unchanged.
         """
         loss_kind = LossFn.parse(loss_fn)
+        loss_config = loss_config_from_options(loss_kind, loss_fn_config or {}, self._loss_config)
         padded = validate_batch(
             batch,
             loss_kind,
@@ -278,13 +284,13 @@ class LoraTrainingEngine:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self._dropout_seed())
             if self._dp is None:
-                target_logprobs, example_losses = self._forward(padded, loss_kind)
+                target_logprobs, example_losses = self._forward(padded, loss_kind, loss_config)
                 _check_finite_losses(example_losses)
                 grads = torch.autograd.grad(example_losses.sum(), list(self._parameters.values()))
                 update = dict(zip(self._parameters, grads, strict=True))
             else:
                 with self._tap.capture(self._options.norm_method) as record:
-                    target_logprobs, example_losses = self._forward(padded, loss_kind)
+                    target_logprobs, example_losses = self._forward(padded, loss_kind, loss_config)
                 _check_finite_losses(example_losses)
                 clipped = clip_per_example(
                     example_losses.sum(), record, max_grad_norm=self._dp.max_grad_norm
@@ -308,6 +314,7 @@ class LoraTrainingEngine:
         batch: Sequence[TokenSequence],
         loss_fn: str | LossFn,
         loss_fn_inputs: Sequence[Mapping[str, PerTokenValues]],
+        loss_fn_config: Mapping[str, float] | None = None,
     ) -> ForwardBackwardResult:
         """Compute per-datum log-probabilities and losses without any gradient.
 
@@ -318,6 +325,7 @@ class LoraTrainingEngine:
             batch: As for :meth:`forward_backward`.
             loss_fn: As for :meth:`forward_backward`.
             loss_fn_inputs: As for :meth:`forward_backward`.
+            loss_fn_config: As for :meth:`forward_backward`.
 
         Returns:
             Per-datum target log-probabilities and losses, and batch metrics.
@@ -326,6 +334,7 @@ class LoraTrainingEngine:
             InvalidArgument: As for :meth:`forward_backward`.
         """
         loss_kind = LossFn.parse(loss_fn)
+        loss_config = loss_config_from_options(loss_kind, loss_fn_config or {}, self._loss_config)
         padded = validate_batch(
             batch,
             loss_kind,
@@ -335,7 +344,7 @@ class LoraTrainingEngine:
         )
         self._model.eval()
         with torch.no_grad():
-            target_logprobs, example_losses = self._forward(padded, loss_kind)
+            target_logprobs, example_losses = self._forward(padded, loss_kind, loss_config)
         _check_finite_losses(example_losses)
         return _result(padded, target_logprobs, example_losses)
 
@@ -642,12 +651,14 @@ class LoraTrainingEngine:
 
     # ------------------------------------------------------------------ internals
 
-    def _forward(self, padded: PaddedBatch, loss_fn: LossFn) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward(
+        self, padded: PaddedBatch, loss_fn: LossFn, loss_config: LossConfig
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self._model(
             input_ids=padded.input_ids, attention_mask=padded.attention_mask, use_cache=False
         ).logits
         target_logprobs = token_logprobs(logits, padded.target_tokens)
-        losses = per_token_loss(loss_fn, target_logprobs, padded, self._loss_config)
+        losses = per_token_loss(loss_fn, target_logprobs, padded, loss_config)
         return target_logprobs, losses.sum(dim=1)
 
     def _dropout_seed(self) -> int:
