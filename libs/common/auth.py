@@ -63,7 +63,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from tensafe.common import errors
+from tensafe.common import errors, tls
 from tensafe.common.config import ServiceConfig
 from tensafe.common.grpc_errors import (
     Behavior,
@@ -1023,14 +1023,16 @@ async def connect_authentication(
                 "audit events",
             )
     jetstream = await JetStream.connect(
-        audit_stream_config(config.nats_url), client_name=f"tensafe-{service}-audit"
+        audit_stream_config(config.nats_url),
+        client_name=f"tensafe-{service}-audit",
+        tls=tls.nats_client_context(config),
     )
     try:
         await jetstream.ensure_stream()
     except BaseException:
         await jetstream.close()
         raise
-    channel = grpc.aio.insecure_channel(config.auth_url)
+    channel = tls.service_channel(config.auth_url, config)
     credentials = ServiceCredentials(channel, config.service_api_key)
     verifier = TokenVerifier(GrpcKeySource(channel, credentials), options=options)
     sink = JetStreamAuditSink(jetstream)

@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+from tensafe.common import tls
 from tensafe.common.errors import ConfigError
 
 ENV_PREFIX = "TENSAFE_"
@@ -92,6 +93,33 @@ class ServiceConfig:
         'If set, the process writes {"port": N} here once it serves (used by `tensafe up`).',
         default="",
     )
+    tls_cert_file: Path | None = setting(
+        "PEM certificate (chain) the gRPC server presents. Set with tls_key_file, the "
+        "listener speaks TLS only.",
+        default=None,
+    )
+    tls_key_file: Path | None = setting(
+        "PEM private key of tls_cert_file (unencrypted; mount it from a secret).",
+        default=None,
+    )
+    tls_client_ca_file: Path | None = setting(
+        "PEM CA bundle client certificates must chain to. Set, the listener is mutual TLS: "
+        "a client without a valid certificate is refused in the handshake.",
+        default=None,
+    )
+    tls_ca_file: Path | None = setting(
+        "PEM CA bundle that verifies the servers this service calls (auth, registry) and "
+        "the NATS server on tls:// URLs. Set, every outgoing channel is TLS.",
+        default=None,
+    )
+    tls_client_cert_file: Path | None = setting(
+        "PEM certificate this service presents when it calls another (mTLS). Default: "
+        "tls_cert_file (one certificate with serverAuth and clientAuth usages).",
+        default=None,
+    )
+    tls_client_key_file: Path | None = setting(
+        "PEM private key of tls_client_cert_file.", default=None
+    )
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -117,6 +145,7 @@ class ServiceConfig:
             raise ConfigError(env_name("nats_url"), "must start with nats:// or tls://")
         if self.otel_exporter == "otlp" and not self.otel_endpoint:
             raise ConfigError(env_name("otel_endpoint"), "required when otel_exporter=otlp")
+        tls.validate(self)
 
 
 def env_name(field_name: str) -> str:

@@ -2,7 +2,8 @@
 
 One bootstrap for all four services: explicit message-size limits, health checking
 (``grpc.health.v1``) and server reflection on every server, the tracing and
-error-mapping interceptors, and a graceful SIGTERM drain — health flips to
+error-mapping interceptors, TLS or mutual TLS when certificates are configured
+(:mod:`tensafe.common.tls`), and a graceful SIGTERM drain — health flips to
 NOT_SERVING first, in-flight RPCs get ``shutdown_grace_seconds`` to finish, then the
 service's resources are closed.
 """
@@ -27,6 +28,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from opentelemetry import trace
 
+from tensafe.common import tls
 from tensafe.common.config import ServiceConfig, load_config
 from tensafe.common.errors import ConfigError
 from tensafe.common.grpc_errors import ErrorInterceptor, ServerInterceptorBase
@@ -112,7 +114,11 @@ class GrpcServer:
             self._server,
         )
         address = f"{self._config.host}:{self._config.port}"
-        self.port = self._server.add_insecure_port(address)
+        credentials = tls.server_credentials(self._config)
+        if credentials is None:
+            self.port = self._server.add_insecure_port(address)
+        else:
+            self.port = self._server.add_secure_port(address, credentials)
         if self.port == 0:
             raise ConfigError("TENSAFE_PORT", f"cannot bind {address}")
         await self._server.start()
@@ -183,7 +189,14 @@ async def _serve(
         port = await server.start()
         if config.dev_mode:
             log.warning("DEV MODE: %s runs without production secrets", name)
-        log.info("serving", extra={"address": f"{config.host}:{port}"})
+        security = (
+            "plaintext"
+            if config.tls_cert_file is None
+            else "mutual TLS"
+            if config.tls_client_ca_file is not None
+            else "TLS"
+        )
+        log.info("serving", extra={"address": f"{config.host}:{port}", "security": security})
         if config.ready_file:
             ready = json.dumps({"port": port, "pid": os.getpid()})
             _write_atomically(Path(config.ready_file), ready)

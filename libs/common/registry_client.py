@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator
 import grpc
 import grpc.aio
 
-from tensafe.common import errors
+from tensafe.common import errors, tls
 from tensafe.common.auth import ServiceCredentials
 from tensafe.common.grpc_errors import from_rpc_error
 from tensafe.proto.registry.v1 import registry_service_pb2 as pb
@@ -119,6 +119,7 @@ class RegistryClient:
         registry_url: str,
         auth_url: str,
         service_api_key: str,
+        channel_credentials: grpc.ChannelCredentials | None = None,
         call_timeout_seconds: float = 300.0,
     ) -> RegistryClient:
         """Open channels to the registry and to auth (for the service's token).
@@ -127,6 +128,8 @@ class RegistryClient:
             registry_url: ``host:port`` of the registry.
             auth_url: ``host:port`` of the auth service.
             service_api_key: The calling service's service-account API key.
+            channel_credentials: TLS credentials of both channels
+                (:func:`tensafe.common.tls.channel_credentials`); ``None`` is plaintext.
             call_timeout_seconds: Deadline of each call.
 
         Raises:
@@ -139,8 +142,8 @@ class RegistryClient:
         ):
             if not value:
                 raise errors.ConfigError(setting_name, "required to call the registry")
-        auth_channel = grpc.aio.insecure_channel(auth_url)
-        registry_channel = grpc.aio.insecure_channel(registry_url)
+        auth_channel = tls.open_channel(auth_url, channel_credentials)
+        registry_channel = tls.open_channel(registry_url, channel_credentials)
         return cls(
             registry_channel,
             ServiceCredentials(auth_channel, service_api_key),

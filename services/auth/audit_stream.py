@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 
 from tensafe.auth.domain.service import SERVICE_NAME, AuthDomain
 from tensafe.common.auth import (
@@ -44,14 +45,23 @@ class AuditStreamConsumer:
         self._task: asyncio.Task[None] | None = None
 
     @classmethod
-    async def connect(cls, domain: AuthDomain, nats_url: str) -> AuditStreamConsumer:
+    async def connect(
+        cls, domain: AuthDomain, nats_url: str, *, tls: ssl.SSLContext | None = None
+    ) -> AuditStreamConsumer:
         """Connect to NATS and make sure the stream exists.
+
+        Args:
+            domain: Appends the events to the audit chain.
+            nats_url: The NATS server.
+            tls: TLS context of the connection (``tls://`` servers).
 
         Raises:
             Unavailable: NATS cannot be reached.
         """
         jetstream = await JetStream.connect(
-            audit_stream_config(nats_url, durable=AUDIT_DURABLE), client_name="tensafe-auth-audit"
+            audit_stream_config(nats_url, durable=AUDIT_DURABLE),
+            client_name="tensafe-auth-audit",
+            tls=tls,
         )
         try:
             await jetstream.ensure_stream()

@@ -13,6 +13,7 @@ from tensafe.auth.domain.crypto import ApiKeyHasher, HashParameters, SigningKeyC
 from tensafe.auth.domain.service import SERVICE_NAME, AuthDomain
 from tensafe.auth.servicer import AuthServiceServicer
 from tensafe.auth.store.sql import AuthStore
+from tensafe.common import tls
 from tensafe.common.auth import (
     AUTH_PUBLIC_METHODS,
     AuthInterceptor,
@@ -99,7 +100,9 @@ async def build(config: AuthConfig) -> Assembly:
     )
     consumer: AuditStreamConsumer | None = None
     if config.nats_url:
-        consumer = await AuditStreamConsumer.connect(domain, config.nats_url)
+        consumer = await AuditStreamConsumer.connect(
+            domain, config.nats_url, tls=tls.nats_client_context(config)
+        )
         consumer.start()
     else:
         log.warning(

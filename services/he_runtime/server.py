@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from tensafe.common import tls
 from tensafe.common.auth import connect_authentication
 from tensafe.common.grpc_errors import ServerInterceptorBase
 from tensafe.common.grpc_server import Assembly, ServiceRegistration, run_service
@@ -52,6 +53,7 @@ def adapter_source(config: HeRuntimeConfig) -> AdapterSource | None:
                 registry_url=config.registry_url,
                 auth_url=config.auth_url,
                 service_api_key=config.service_api_key,
+                channel_credentials=tls.channel_credentials(config),
             )
         )
     if config.dev_mode:

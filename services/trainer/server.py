@@ -7,6 +7,7 @@ import contextlib
 from collections.abc import Sequence
 from pathlib import Path
 
+from tensafe.common import tls
 from tensafe.common.auth import connect_authentication
 from tensafe.common.db import Database, migrate
 from tensafe.common.futures import SqlFutureStore
@@ -53,7 +54,9 @@ async def build_api(
     try:
         await migrate(database, script_location=MIGRATIONS, version_table=VERSION_TABLE)
         jetstream = await JetStream.connect(
-            jobs_stream_config(config, durable=None), client_name="tensafe-trainer-api"
+            jobs_stream_config(config, durable=None),
+            client_name="tensafe-trainer-api",
+            tls=tls.nats_client_context(config),
         )
     except BaseException:
         await database.dispose()

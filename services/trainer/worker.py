@@ -53,6 +53,7 @@ import torch
 from google.protobuf.message import Message
 from transformers import AutoTokenizer
 
+from tensafe.common import tls
 from tensafe.common.config import load_config
 from tensafe.common.db import Database, migrate
 from tensafe.common.errors import (
@@ -765,6 +766,7 @@ def adapter_publisher(config: TrainerConfig, database: Database) -> AdapterPubli
         registry_url=config.registry_url,
         auth_url=config.auth_url,
         service_api_key=config.service_api_key,
+        channel_credentials=tls.channel_credentials(config),
     )
     log.info(
         "SaveAdapter publishes to %s, signed by trainer key %s, KEKs in %s",
@@ -846,6 +848,7 @@ async def run_worker(config: TrainerConfig, *, stop: asyncio.Event) -> None:
         async with await JetStream.connect(
             jobs_stream_config(config, durable=config.jobs_durable),
             client_name="tensafe-trainer-worker",
+            tls=tls.nats_client_context(config),
         ) as jetstream:
             await jetstream.ensure_stream()
             consumer = Consumer(jetstream, on_dead_letter=worker.on_dead_letter)

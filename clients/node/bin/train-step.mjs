@@ -6,7 +6,9 @@
 // Usage: node bin/train-step.mjs [--connection-file FILE] [--base-model NAME]
 //          [--noise-multiplier X] [--max-grad-norm C] [--delta D]
 // Reads the services and the API key from the connection file written by `tensafe up`
-// (default .tensafe/connection.json; $TENSAFE_API_KEY overrides the key). Prints one
+// (default .tensafe/connection.json; $TENSAFE_API_KEY overrides the key), and its TLS
+// settings: the connection file's `tls` block (`tensafe up --tls`) or $TENSAFE_CA_FILE,
+// $TENSAFE_CLIENT_CERT_FILE, $TENSAFE_CLIENT_KEY_FILE. Prints one
 // JSON object with the client id, loss, step and privacy spent; exits 1 on an error.
 
 import { randomUUID } from "node:crypto";
@@ -19,7 +21,7 @@ import {
   ForwardBackwardResultSchema,
   OptimStepResultSchema,
 } from "../gen/tensafe/trainer/v1/trainer_service_pb.js";
-import { TenSafeClient, readConnection } from "../lib/tensafe.mjs";
+import { TenSafeClient, readConnection, resolveTls } from "../lib/tensafe.mjs";
 
 const { values: args } = parseArgs({
   options: {
@@ -51,7 +53,7 @@ function datum(tokens) {
 async function main() {
   const connection = readConnection(args["connection-file"]);
   const apiKey = process.env.TENSAFE_API_KEY || connection.api_key;
-  const client = new TenSafeClient(connection.services);
+  const client = new TenSafeClient(connection.services, { tls: resolveTls(connection) });
   try {
     const exchanged = await client.exchangeApiKey(apiKey);
 

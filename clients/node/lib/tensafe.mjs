@@ -8,6 +8,7 @@
 // unpacks the result into the message type the caller names.
 
 import { readFileSync } from "node:fs";
+import process from "node:process";
 import grpc from "@grpc/grpc-js";
 import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
 import { anyUnpack, durationFromMs } from "@bufbuild/protobuf/wkt";
@@ -25,7 +26,40 @@ export class TenSafeError extends Error {
   }
 }
 
-/** Reads the connection file that `tensafe up` writes (services, api_key). */
+/**
+ * TLS settings for TenSafeClient: a CA bundle and an optional client certificate (PEM
+ * file paths), each from the first place that has it: `explicit`, the environment
+ * (TENSAFE_CA_FILE, TENSAFE_CLIENT_CERT_FILE, TENSAFE_CLIENT_KEY_FILE), the `tls` block
+ * of the connection file (`tensafe up --tls`). Returns null when nothing asks for TLS.
+ */
+export function resolveTls(connection = {}, explicit = {}, env = process.env) {
+  const stored = connection.tls || {};
+  const tls = {
+    caFile: explicit.caFile || env.TENSAFE_CA_FILE || stored.ca_file || null,
+    clientCertFile:
+      explicit.clientCertFile || env.TENSAFE_CLIENT_CERT_FILE || stored.client_cert_file || null,
+    clientKeyFile:
+      explicit.clientKeyFile || env.TENSAFE_CLIENT_KEY_FILE || stored.client_key_file || null,
+  };
+  if (!tls.caFile && !tls.clientCertFile && !tls.clientKeyFile) return null;
+  if (!tls.clientCertFile !== !tls.clientKeyFile) {
+    throw new TenSafeError("a client certificate and its key are given together", {
+      code: grpc.status.INVALID_ARGUMENT,
+    });
+  }
+  return tls;
+}
+
+/** Channel credentials: TLS (CA bundle, client certificate) with `tls`, else plaintext. */
+export function channelCredentials(tls) {
+  if (!tls) return grpc.credentials.createInsecure();
+  const read = (path) => (path ? readFileSync(path) : null);
+  return grpc.credentials.createSsl(
+    read(tls.caFile), read(tls.clientKeyFile), read(tls.clientCertFile),
+  );
+}
+
+/** Reads the connection file that `tensafe up` writes (services, api_key, tls). */
 export function readConnection(path) {
   const connection = JSON.parse(readFileSync(path, "utf8"));
   if (!connection.services || typeof connection.services !== "object") {
@@ -68,10 +102,12 @@ function unary(client, service, methodName, request, metadata, timeoutMs) {
 export class TenSafeClient {
   /**
    * @param {{auth: string, trainer: string}} addresses host:port of each service.
-   * @param {{timeoutMs?: number}} options per-call deadline (default 60 s).
+   * @param {{timeoutMs?: number, tls?: {caFile?: string, clientCertFile?: string,
+   *   clientKeyFile?: string} | null}} options per-call deadline (default 60 s); TLS
+   *   settings from `resolveTls` (null or absent: plaintext).
    */
-  constructor(addresses, { timeoutMs = 60_000 } = {}) {
-    const credentials = grpc.credentials.createInsecure();
+  constructor(addresses, { timeoutMs = 60_000, tls = null } = {}) {
+    const credentials = channelCredentials(tls);
     this.timeoutMs = timeoutMs;
     this.auth = new grpc.Client(addresses.auth, credentials);
     this.trainer = new grpc.Client(addresses.trainer, credentials);

@@ -86,14 +86,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         connection = load_connection(args.connection_file)
         api_key = find_api_key(connection_file=connection.path)
-        auth_address, trainer_address = connection.address("auth"), connection.address("trainer")
+        auth_channel, trainer_channel = connection.channel("auth"), connection.channel("trainer")
     except (FileNotFoundError, KeyError, TenSafeError) as exc:
         print(f"tensafe audit privacy: {exc}", file=sys.stderr)
         return 2
-    with (
-        grpc.insecure_channel(auth_address) as auth_channel,
-        grpc.insecure_channel(trainer_address) as trainer_channel,
-    ):
+    with auth_channel, trainer_channel:
         channel = authenticated_channel(trainer_channel, TokenProvider(auth_channel, api_key))
         trainer = trainer_service_pb2_grpc.TrainerServiceStub(channel)
         futures = common_pb2_grpc.FutureServiceStub(channel)

@@ -34,6 +34,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
         data_dir=Path(args.data_dir),
         database_url=args.database_url,
         nats_url=args.nats_url,
+        tls=args.tls,
     )
     stack = LocalStack(options)
     print("tensafe up: DEV MODE (no production secrets; loopback only)", flush=True)
@@ -49,6 +50,14 @@ def _cmd_up(args: argparse.Namespace) -> int:
         print(f"  {name:<11} {address}")
     print(f"  {'nats':<11} {connection['nats_url']}")
     print(f"connection file: {stack.connection_file}", flush=True)
+    tls = connection.get("tls")
+    if isinstance(tls, dict):
+        print(
+            f"mutual TLS: every service requires a client certificate issued by the local "
+            f"development CA {tls['ca_file']}; the SDK and CLI use {tls['client_cert_file']} "
+            "(named in the connection file)",
+            flush=True,
+        )
     print(
         "DEV MODE: the admin API key is stored in the connection file (mode 0600); "
         f"service credentials in {options.data_dir / 'credentials.json'}",
@@ -72,7 +81,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
         return 1
     healthy = True
     for name, address in connection.services.items():
-        with grpc.insecure_channel(address) as channel:
+        with connection.channel(name) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             try:
                 response = stub.Check(health_pb2.HealthCheckRequest(), timeout=args.timeout)
@@ -121,12 +130,12 @@ def _with_auth(args: argparse.Namespace, command: str, call: Callable[[Any], int
 
     try:
         connection = load_connection(args.connection_file)
-        address = connection.address("auth")
+        channel = connection.channel("auth")
         api_key = find_api_key(connection_file=connection.path)
     except (FileNotFoundError, KeyError, TenSafeError) as exc:
         print(f"tensafe {command}: {exc}", file=sys.stderr)
         return 2
-    with grpc.insecure_channel(address) as channel:
+    with channel:
         provider = TokenProvider(channel, api_key)
         stub = auth_service_pb2_grpc.AuthServiceStub(authenticated_channel(channel, provider))
         try:
@@ -250,6 +259,11 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR), help="state folder (kept)")
     up.add_argument("--database-url", help="shared PostgreSQL URL instead of SQLite files")
     up.add_argument("--nats-url", help="external NATS instead of the embedded server")
+    up.add_argument(
+        "--tls",
+        action="store_true",
+        help="mutual TLS everywhere, with a local development CA created in <data-dir>/tls",
+    )
     up.set_defaults(func=_cmd_up)
 
     status = sub.add_parser("status", help="health of each service of the stack")

@@ -148,7 +148,7 @@ def create_tenant(connection_file: Path | None, *, name: str) -> TenantCredentia
 
     connection = load_connection(connection_file)
     admin_key = find_api_key(connection_file=connection.path)
-    with grpc.insecure_channel(connection.address("auth")) as channel:
+    with connection.channel("auth") as channel:
         stub = auth_service_pb2_grpc.AuthServiceStub(
             authenticated_channel(channel, TokenProvider(channel, admin_key))
         )

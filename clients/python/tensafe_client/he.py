@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from tensafe.client.auth import TokenProvider, authenticated_channel, find_api_key
-from tensafe.client.channels import OwnedChannels
+from tensafe.client.channels import OwnedChannels, resolve_tls
 from tensafe.client.connection import load_connection
 from tensafe.client.training import ChannelOptions, make_channel
 from tensafe.common import errors
@@ -191,18 +191,23 @@ def open_he_runtime(
     auth_url: str | None = None,
     connection_file: str | os.PathLike[str] | None = None,
     options: ChannelOptions | None = None,
+    ca_file: str | os.PathLike[str] | None = None,
+    client_cert_file: str | os.PathLike[str] | None = None,
+    client_key_file: str | os.PathLike[str] | None = None,
 ) -> HeRuntimeRpc:
     """Connect to the HE runtime with an authenticated channel.
 
     Endpoints: ``base_url`` (else the connection file's ``he_runtime``) and ``auth_url``
     (else the connection file's ``auth``); the API key as in
-    :func:`tensafe.client.auth.find_api_key`.
+    :func:`tensafe.client.auth.find_api_key`; TLS (``ca_file``, ``client_cert_file``,
+    ``client_key_file``) as in :func:`tensafe.client.training.open_trainer`.
 
     Raises:
         FailedPrecondition: An endpoint is neither given nor in a connection file.
         Unauthenticated: No API key was found.
     """
     options = options or ChannelOptions()
+    connection_tls = None
     if base_url is None or auth_url is None:
         try:
             connection = load_connection(connection_file)
@@ -212,10 +217,17 @@ def open_he_runtime(
             raise errors.FailedPrecondition(
                 f"pass base_url= and auth_url= or run `tensafe up`: {exc}", reason="NO_ENDPOINT"
             ) from None
+        connection_tls = connection.tls
+    tls = resolve_tls(
+        ca_file=ca_file,
+        client_cert_file=client_cert_file,
+        client_key_file=client_key_file,
+        connection_tls=connection_tls,
+    )
     key = find_api_key(api_key, connection_file=connection_file)
-    auth_channel = make_channel(auth_url, options=options)
+    auth_channel = make_channel(auth_url, options=options, tls=tls)
     provider = TokenProvider(auth_channel, key)
-    channel = authenticated_channel(make_channel(base_url, options=options), provider)
+    channel = authenticated_channel(make_channel(base_url, options=options, tls=tls), provider)
     return HeRuntimeRpc(channel, options=options, also_close=(auth_channel,))
 
 

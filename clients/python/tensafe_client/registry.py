@@ -84,6 +84,9 @@ class RegistryClient(OwnedChannels):
         connection_file: str | os.PathLike[str] | None = None,
         api_key: str | None = None,
         call_timeout_seconds: float = 300.0,
+        ca_file: str | os.PathLike[str] | None = None,
+        client_cert_file: str | os.PathLike[str] | None = None,
+        client_key_file: str | os.PathLike[str] | None = None,
     ) -> RegistryClient:
         """Connect to the registry listed in the connection file, with an API key.
 
@@ -91,6 +94,10 @@ class RegistryClient(OwnedChannels):
             connection_file: Default: as :func:`tensafe.client.connection.connection_path`.
             api_key: Default: as :func:`tensafe.client.auth.find_api_key`.
             call_timeout_seconds: Deadline of each call.
+            ca_file: PEM CA bundle that verifies the services (TLS); default
+                ``$TENSAFE_CA_FILE``, else the connection file's ``tls`` block.
+            client_cert_file: PEM client certificate for mutual TLS.
+            client_key_file: Its private key.
 
         Raises:
             FileNotFoundError: No connection file.
@@ -98,9 +105,14 @@ class RegistryClient(OwnedChannels):
         """
         connection = load_connection(connection_file)
         key = find_api_key(api_key, connection_file=connection.path)
-        auth_channel = grpc.insecure_channel(connection.address("auth"))
+        tls = {
+            "ca_file": ca_file,
+            "client_cert_file": client_cert_file,
+            "client_key_file": client_key_file,
+        }
+        auth_channel = connection.channel("auth", **tls)
         provider = TokenProvider(auth_channel, key)
-        registry_channel = grpc.insecure_channel(connection.address("registry"))
+        registry_channel = connection.channel("registry", **tls)
         return cls(
             authenticated_channel(registry_channel, provider),
             call_timeout_seconds=call_timeout_seconds,

@@ -98,14 +98,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _caller_tenant(args: argparse.Namespace) -> str:
-    import grpc
     import jwt
 
     from tensafe.client.auth import TokenProvider, find_api_key
     from tensafe.client.connection import load_connection
 
     connection = load_connection(args.connection_file)
-    with grpc.insecure_channel(connection.address("auth")) as channel:
+    with connection.channel("auth") as channel:
         token = TokenProvider(channel, find_api_key(connection_file=connection.path)).token()
     # The claims are only read to pick a default; the registry verifies the token.
     return str(jwt.decode(token, options={"verify_signature": False})["tenant"])

@@ -13,7 +13,10 @@ the registry), and one KEK folder (``keks/``) that the registry and the trainer 
 share as their KEK provider (a KMS in production). The registry lets the trainer and the
 HE runtime act for tenants: their service principals' ids, read by exchanging each
 service's API key at auth, go into ``TENSAFE_REGISTRY_ACTING_SERVICE_PRINCIPALS``.
-Each service binds port 0 and reports the port it got through a ready
+With ``tls`` (``tensafe up --tls``) every gRPC listener and the embedded NATS
+require mutual TLS, with a local development CA created in ``<data_dir>/tls``
+(:mod:`tensafe.client.dev_tls`); the connection file names the user's CA bundle and
+client certificate. Each service binds port 0 and reports the port it got through a ready
 file, so there is no race for ports. Stopping sends SIGTERM to every process and waits;
 anything still alive after the grace period is killed, so nothing is orphaned.
 """
@@ -33,6 +36,8 @@ from typing import IO
 import grpc
 
 from tensafe import tgsp
+from tensafe.client.channels import ClientTls, open_channel
+from tensafe.client.dev_tls import USER, DevCertificates, ensure_dev_certificates
 from tensafe.common.nats_server import NatsServer, NatsServerConfig
 from tensafe.proto.auth.v1 import auth_service_pb2, auth_service_pb2_grpc
 
@@ -76,6 +81,10 @@ class StackOptions:
     stop_timeout: float = 8.0
     """Seconds between SIGTERM and SIGKILL when stopping."""
 
+    tls: bool = False
+    """Mutual TLS on every service listener and call, with a local development CA
+    created in ``<data_dir>/tls`` (:mod:`tensafe.client.dev_tls`)."""
+
 
 @dataclasses.dataclass
 class _Child:
@@ -85,6 +94,8 @@ class _Child:
     log_path: Path
     log: IO[bytes]
     port: int = 0
+    argv: list[str] = dataclasses.field(default_factory=list)
+    env: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 class LocalStack:
@@ -93,6 +104,8 @@ class LocalStack:
     def __init__(self, options: StackOptions) -> None:
         self._options = options
         self._nats: NatsServer | None = None
+        self._certificates: DevCertificates | None = None
+        self._nats_port: int | None = None  # kept across stop_nats/start_nats
         self._children: list[_Child] = []
 
     @property
@@ -121,9 +134,11 @@ class LocalStack:
             (data / sub).mkdir(parents=True, exist_ok=True)
         (data / KEK_DIR).mkdir(mode=0o700, exist_ok=True)
         _ensure_trainer_signing_key(data)
+        if opts.tls:
+            self._certificates = _ensure_certificates(data, opts.host)
         nats_url = opts.nats_url
         if nats_url is None:
-            self._nats = NatsServer.start(NatsServerConfig(data_dir=data / "nats"))
+            self._nats = NatsServer.start(self._nats_config())
             nats_url = self._nats.url
         credentials = self._bootstrap(data, nats_url)
         deadline = time.monotonic() + opts.start_timeout
@@ -133,7 +148,10 @@ class LocalStack:
         service_keys = credentials["service_api_keys"]
         assert isinstance(service_keys, dict)
         auth_url = f"{opts.host}:{auth.port}"
-        acting = [_principal_of(auth_url, str(service_keys[name])) for name in ACTING_SERVICES]
+        user_tls = self._user_tls()
+        acting = [
+            _principal_of(auth_url, str(service_keys[name]), user_tls) for name in ACTING_SERVICES
+        ]
 
         def service_env(name: str) -> dict[str, str]:
             return {
@@ -194,6 +212,8 @@ class LocalStack:
             "kek_dir": str(data / KEK_DIR),
             "pid": os.getpid(),
         }
+        if user_tls is not None:
+            connection["tls"] = user_tls.to_json()
         _write_private(self.connection_file, json.dumps(connection, indent=2))
         return connection
 
@@ -208,7 +228,51 @@ class LocalStack:
             "TENSAFE_NATS_URL": nats_url,
             "TENSAFE_DATA_DIR": str(data / "objects" / name),
             "TENSAFE_DEV_MODE": "1",
+            **self._tls_env(name),
         }
+
+    def _tls_env(self, name: str) -> dict[str, str]:
+        """Mutual TLS settings of a service process (the worker shares the trainer's)."""
+        certificates = self._certificates
+        if certificates is None:
+            return {}
+        server, client = certificates.servers[name], certificates.clients[name]
+        return {
+            "TENSAFE_TLS_CERT_FILE": str(server.cert_file),
+            "TENSAFE_TLS_KEY_FILE": str(server.key_file),
+            "TENSAFE_TLS_CLIENT_CA_FILE": str(certificates.ca_file),
+            "TENSAFE_TLS_CA_FILE": str(certificates.ca_file),
+            "TENSAFE_TLS_CLIENT_CERT_FILE": str(client.cert_file),
+            "TENSAFE_TLS_CLIENT_KEY_FILE": str(client.key_file),
+        }
+
+    def _nats_config(self, port: int | None = None) -> NatsServerConfig:
+        """The embedded NATS server: mutual TLS with ``--tls`` (clients present the
+        same client certificates as on gRPC), else plaintext on loopback."""
+        data_dir = self._options.data_dir.resolve() / "nats"
+        certificates = self._certificates
+        if certificates is None:
+            return NatsServerConfig(data_dir=data_dir, port=port)
+        server = certificates.servers["nats"]
+        return NatsServerConfig(
+            data_dir=data_dir,
+            port=port,
+            tls_cert_file=server.cert_file,
+            tls_key_file=server.key_file,
+            tls_ca_file=certificates.ca_file,
+        )
+
+    def _user_tls(self) -> ClientTls | None:
+        """The CLI/SDK user's TLS settings (the connection file's ``tls`` block)."""
+        certificates = self._certificates
+        if certificates is None:
+            return None
+        user = certificates.clients[USER]
+        return ClientTls(
+            ca_file=certificates.ca_file,
+            client_cert_file=user.cert_file,
+            client_key_file=user.key_file,
+        )
 
     def _bootstrap(self, data: Path, nats_url: str) -> dict[str, object]:
         path = data / "credentials.json"
@@ -258,14 +322,15 @@ class LocalStack:
         env = {**self._env(name, data, nats_url), **extra, "TENSAFE_READY_FILE": str(ready)}
         log_path = data / "logs" / f"{label}.log"
         log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
+        argv = [sys.executable, "-m", module or f"tensafe.{name}"]
         process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
-            [sys.executable, "-m", module or f"tensafe.{name}"],
+            argv,
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
         )
-        return _Child(label, process, ready, log_path, log)
+        return _Child(label, process, ready, log_path, log, argv=argv, env=env)
 
     def _await_ready(self, child: _Child, deadline: float) -> int:
         delay = 0.01
@@ -329,6 +394,62 @@ class LocalStack:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    # -- fault injection (tests/faults): one process at a time ---------------------
+
+    def _child(self, name: str) -> _Child:
+        for child in self._children:
+            if child.name == name:
+                return child
+        raise StackError(f"no process {name!r} in the stack")
+
+    def pid(self, name: str) -> int:
+        """The process id of a running service (``trainer-worker`` names the worker)."""
+        return self._child(name).process.pid
+
+    def kill(self, name: str) -> None:
+        """SIGKILL one service process and reap it: a crash, with no clean shutdown."""
+        child = self._child(name)
+        if child.process.poll() is None:
+            child.process.kill()
+        child.process.wait()
+
+    def restart(self, name: str) -> None:
+        """Start a stopped or killed service again, with its environment and port.
+
+        Clients keep the address they have: the process binds the port it had before
+        (``TENSAFE_PORT``), so their channels reconnect to it.
+
+        Raises:
+            StackError: The process is still running, exited, or did not become ready.
+        """
+        child = self._child(name)
+        if child.process.poll() is None:
+            raise StackError(f"{name} is still running; kill it first")
+        child.ready_file.unlink(missing_ok=True)
+        if child.port:
+            child.env["TENSAFE_PORT"] = str(child.port)
+        child.process = subprocess.Popen(  # noqa: S603 - the argv _spawn built
+            child.argv,
+            env=child.env,
+            stdout=child.log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+        self._await_ready(child, time.monotonic() + self._options.start_timeout)
+
+    def stop_nats(self) -> None:
+        """Stop the embedded ``nats-server`` (SIGTERM; its JetStream store is kept)."""
+        if self._nats is None:
+            raise StackError("the stack runs no embedded NATS")
+        self._nats_port = int(self._nats.url.rsplit(":", 1)[1])
+        self._nats.stop()
+
+    def start_nats(self) -> None:
+        """Start the embedded ``nats-server`` again on its port and JetStream store."""
+        if self._nats is None or self._nats_port is None or self._nats.running:
+            raise StackError("stop_nats() first")
+        self._nats = NatsServer.start(self._nats_config(self._nats_port))
+
 
 def _ensure_trainer_signing_key(data: Path) -> None:
     """Create the trainer's package-signing key pair once per data dir (dev mode).
@@ -353,9 +474,29 @@ def _ensure_trainer_signing_key(data: Path) -> None:
     )
 
 
-def _principal_of(auth_url: str, api_key: str) -> str:
+def _ensure_certificates(data: Path, host: str) -> DevCertificates:
+    """Create (once per data dir) and report the development CA of ``--tls``."""
+    certificates = ensure_dev_certificates(
+        data / "tls",
+        servers=(*SERVICES, "nats"),
+        clients=SERVICES,
+        hosts=("127.0.0.1", "localhost", host),
+    )
+    if certificates.created:
+        print(
+            f"tensafe up (dev mode): created a local development CA and mutual-TLS "
+            f"certificates for every service and for you in {certificates.directory}; "
+            f"clients trust {certificates.ca_file}",
+            file=sys.stderr,
+        )
+    else:
+        print(f"tensafe up: mutual TLS with the CA in {certificates.directory}", file=sys.stderr)
+    return certificates
+
+
+def _principal_of(auth_url: str, api_key: str, tls: ClientTls | None) -> str:
     """The principal id of a service account, from exchanging its API key at auth."""
-    with grpc.insecure_channel(auth_url) as channel:
+    with open_channel(auth_url, tls=tls) as channel:
         stub = auth_service_pb2_grpc.AuthServiceStub(channel)
         try:
             response = stub.ExchangeApiKey(

@@ -16,8 +16,9 @@ treatment:
   clear RESOURCE_EXHAUSTED rather than a transport default.
 
 :func:`open_trainer` builds the channel from an address (``host:port``,
-``grpc://host:port`` or ``grpcs://host:port`` for TLS) or the connection file written by
-``tensafe up``, and authenticates it with :mod:`tensafe.client.auth` (API key exchanged
+``grpc://host:port`` or ``grpcs://host:port`` for TLS; a CA bundle, ``ca_file=`` or
+``$TENSAFE_CA_FILE``, also means TLS) or the connection file written by ``tensafe up``,
+and authenticates it with :mod:`tensafe.client.auth` (API key exchanged
 for short-lived tokens, renewed before they expire).
 """
 
@@ -35,7 +36,7 @@ import grpc
 from google.protobuf import duration_pb2
 
 from tensafe.client.auth import TokenProvider, authenticated_channel, find_api_key
-from tensafe.client.channels import OwnedChannels
+from tensafe.client.channels import ClientTls, OwnedChannels, open_channel, resolve_tls
 from tensafe.client.connection import load_connection
 from tensafe.client.tracing import traced_channel
 from tensafe.common import errors
@@ -355,18 +356,31 @@ def parse_address(base_url: str) -> tuple[str, bool]:
     return address, tls
 
 
-def make_channel(base_url: str, *, options: ChannelOptions) -> grpc.Channel:
+def make_channel(
+    base_url: str, *, options: ChannelOptions, tls: ClientTls | None = None
+) -> grpc.Channel:
     """An unauthenticated channel with the message size limits of ``options``; every
-    call carries the caller's trace context (:mod:`tensafe.client.tracing`)."""
-    address, tls = parse_address(base_url)
+    call carries the caller's trace context (:mod:`tensafe.client.tracing`).
+
+    Args:
+        base_url: See :func:`parse_address`.
+        options: Message size limits.
+        tls: CA bundle and client certificate (:func:`tensafe.client.channels.resolve_tls`);
+            given, the channel is TLS whatever the URL's scheme.
+
+    Raises:
+        InvalidArgument: A ``grpc://`` (plaintext) URL together with TLS settings.
+    """
+    address, system_roots = parse_address(base_url)
+    if tls is not None and base_url.startswith("grpc://"):
+        raise errors.InvalidArgument(
+            "base_url", f"{base_url!r} is plaintext but a CA bundle or client certificate is set"
+        )
     channel_options = [
         ("grpc.max_send_message_length", options.max_message_bytes),
         ("grpc.max_receive_message_length", options.max_message_bytes),
     ]
-    if tls:
-        channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(), channel_options)
-    else:
-        channel = grpc.insecure_channel(address, channel_options)
+    channel = open_channel(address, tls=tls, system_roots=system_roots, options=channel_options)
     return traced_channel(channel)
 
 
@@ -377,12 +391,17 @@ def open_trainer(
     auth_url: str | None = None,
     connection_file: str | os.PathLike[str] | None = None,
     options: ChannelOptions | None = None,
+    ca_file: str | os.PathLike[str] | None = None,
+    client_cert_file: str | os.PathLike[str] | None = None,
+    client_key_file: str | os.PathLike[str] | None = None,
 ) -> TrainerRpc:
     """Connect to the trainer with an authenticated channel.
 
     Endpoints: ``base_url`` (else the connection file's ``trainer``) and ``auth_url``
     (else the connection file's ``auth``). The API key: ``api_key``, else
-    ``$TENSAFE_API_KEY``, else the connection file's ``api_key``.
+    ``$TENSAFE_API_KEY``, else the connection file's ``api_key``. TLS: as
+    :func:`tensafe.client.channels.resolve_tls` (the connection file's ``tls`` block
+    counts when the file supplies an endpoint).
 
     Args:
         base_url: Trainer address, see :func:`parse_address`.
@@ -391,6 +410,9 @@ def open_trainer(
         connection_file: Connection file (default as
             :func:`tensafe.client.connection.connection_path`).
         options: Channel settings.
+        ca_file: PEM CA bundle that verifies the services (else ``$TENSAFE_CA_FILE``).
+        client_cert_file: PEM client certificate for mutual TLS.
+        client_key_file: Its private key.
 
     Returns:
         The connected RPC layer.
@@ -400,6 +422,7 @@ def open_trainer(
         Unauthenticated: No API key was found.
     """
     options = options or ChannelOptions()
+    connection_tls = None
     if base_url is None or auth_url is None:
         try:
             connection = load_connection(connection_file)
@@ -413,8 +436,15 @@ def open_trainer(
             auth_url = auth_url or connection.address("auth")
         except KeyError as exc:
             raise errors.FailedPrecondition(str(exc), reason="NO_ENDPOINT") from None
+        connection_tls = connection.tls
+    tls = resolve_tls(
+        ca_file=ca_file,
+        client_cert_file=client_cert_file,
+        client_key_file=client_key_file,
+        connection_tls=connection_tls,
+    )
     key = find_api_key(api_key, connection_file=connection_file)
-    auth_channel = make_channel(auth_url, options=options)
+    auth_channel = make_channel(auth_url, options=options, tls=tls)
     provider = TokenProvider(auth_channel, key)
-    channel = authenticated_channel(make_channel(base_url, options=options), provider)
+    channel = authenticated_channel(make_channel(base_url, options=options, tls=tls), provider)
     return TrainerRpc(channel, options=options, also_close=(auth_channel,))

@@ -89,6 +89,11 @@ class ServiceClient:
             ``api_key`` and ``auth_url`` must not be given, and its message size
             limits are the caller's: see :func:`tensafe.client.training.make_channel`).
         options: Message size limits, timeouts and retries.
+        ca_file: PEM CA bundle that verifies the services: TLS (default
+            ``$TENSAFE_CA_FILE``, else the connection file's ``tls`` block).
+        client_cert_file: PEM client certificate where the services require mutual TLS
+            (default ``$TENSAFE_CLIENT_CERT_FILE``, else the connection file's).
+        client_key_file: Its private key (default ``$TENSAFE_CLIENT_KEY_FILE``).
     """
 
     def __init__(
@@ -101,6 +106,9 @@ class ServiceClient:
         base_models_dir: str | os.PathLike[str] | None = None,
         channel: grpc.Channel | None = None,
         options: ChannelOptions | None = None,
+        ca_file: str | os.PathLike[str] | None = None,
+        client_cert_file: str | os.PathLike[str] | None = None,
+        client_key_file: str | os.PathLike[str] | None = None,
     ) -> None:
         if channel is not None:
             if base_url or api_key or auth_url:
@@ -113,6 +121,9 @@ class ServiceClient:
                 auth_url=auth_url,
                 connection_file=connection_file,
                 options=options,
+                ca_file=ca_file,
+                client_cert_file=client_cert_file,
+                client_key_file=client_key_file,
             )
         self._connection_file = connection_file
         self._base_models_dir = Path(base_models_dir) if base_models_dir else None

@@ -115,6 +115,34 @@ imagePullSecrets:
 - name: TENSAFE_NATS_URL
   value: {{ .Values.nats.url | quote }}
 {{- end }}
+{{- if .Values.tls.enabled }}
+- name: TENSAFE_TLS_CERT_FILE
+  value: /etc/tensafe/tls/tls.crt
+- name: TENSAFE_TLS_KEY_FILE
+  value: /etc/tensafe/tls/tls.key
+- name: TENSAFE_TLS_CLIENT_CA_FILE
+  value: /etc/tensafe/tls/ca.crt
+- name: TENSAFE_TLS_CA_FILE
+  value: /etc/tensafe/tls/ca.crt
+{{- end }}
+{{- end -}}
+
+{{/* The TLS Secret, mounted read-only where commonEnv's TENSAFE_TLS_* point. */}}
+{{- define "tensafe.tlsMount" -}}
+{{- if .Values.tls.enabled }}
+- name: tls
+  mountPath: /etc/tensafe/tls
+  readOnly: true
+{{- end }}
+{{- end -}}
+
+{{- define "tensafe.tlsVolume" -}}
+{{- if .Values.tls.enabled }}
+- name: tls
+  secret:
+    secretName: {{ .Values.tls.secretName }}
+    defaultMode: 0440
+{{- end }}
 {{- end -}}
 
 {{/* The database URL of a component, from the PostgreSQL secret. Args: root, urlKey. */}}
@@ -139,21 +167,32 @@ imagePullSecrets:
 {{- end }}
 {{- end -}}
 
+{{/*
+Native gRPC probes (grpc.health.v1) cannot speak TLS; with tls.enabled the probes are
+tcpSocket probes rather than a second, plaintext port (docs/operations.md).
+*/}}
+{{- define "tensafe.probeCheck" -}}
+{{- if .Values.tls.enabled }}
+tcpSocket:
+  port: {{ .Values.grpcPort }}
+{{- else }}
+grpc:
+  port: {{ .Values.grpcPort }}
+{{- end }}
+{{- end -}}
+
 {{- define "tensafe.grpcProbes" -}}
 startupProbe:
-  grpc:
-    port: {{ .Values.grpcPort }}
+  {{- include "tensafe.probeCheck" . | nindent 2 }}
   periodSeconds: 5
   failureThreshold: 60
 livenessProbe:
-  grpc:
-    port: {{ .Values.grpcPort }}
+  {{- include "tensafe.probeCheck" . | nindent 2 }}
   periodSeconds: 10
   timeoutSeconds: 5
   failureThreshold: 3
 readinessProbe:
-  grpc:
-    port: {{ .Values.grpcPort }}
+  {{- include "tensafe.probeCheck" . | nindent 2 }}
   periodSeconds: 5
   timeoutSeconds: 3
   failureThreshold: 2
@@ -217,11 +256,17 @@ spec:
             {{- with .volumeMounts }}
             {{- . | nindent 12 }}
             {{- end }}
+            {{- with (include "tensafe.tlsMount" $root) }}
+            {{- . | nindent 12 }}
+            {{- end }}
       volumes:
         - name: tmp
           emptyDir:
             sizeLimit: {{ $root.Values.tmpSizeLimit }}
         {{- with .volumes }}
+        {{- . | nindent 8 }}
+        {{- end }}
+        {{- with (include "tensafe.tlsVolume" $root) }}
         {{- . | nindent 8 }}
         {{- end }}
 ---

@@ -22,6 +22,9 @@ two values together). Each failure names the value to set.
 {{- if and $v.registry.actingServicePrincipals (not $v.registry.platformTenantId) }}
 {{- fail "registry.platformTenantId is required with registry.actingServicePrincipals" -}}
 {{- end }}
+{{- if and $v.tls.enabled (not $v.tls.secretName) }}
+{{- fail "tls.secretName is required with tls.enabled: a Secret with tls.crt, tls.key and ca.crt" -}}
+{{- end }}
 {{- if and (eq $v.otel.exporter "otlp") (not $v.otel.endpoint) }}
 {{- fail "otel.endpoint is required when otel.exporter is otlp" -}}
 {{- end }}
