@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import secrets
 import statistics
 import subprocess
 import sys
@@ -125,7 +126,11 @@ async def _run(args: argparse.Namespace, root: Path) -> None:
     adam = AdamConfig(learning_rate=1e-3, betas=(0.9, 0.95), eps=1e-12)
 
     with NatsServer.start(NatsServerConfig(data_dir=root / "nats")) as nats:
+        kek_file = root / "dataset.kek"
+        kek_file.write_text(secrets.token_bytes(32).hex())
+        kek_file.chmod(0o600)
         config = TrainerConfig(
+            dataset_kek_file=kek_file,
             database_url=f"sqlite+aiosqlite:///{root / 'trainer.db'}",
             data_dir=root / "data",
             nats_url=nats.url,

@@ -41,6 +41,17 @@ class AuthConfig(ServiceConfig):
         "argon2id memory for API-key hashes, KiB.", default=64 * 1024
     )
     api_key_hash_parallelism: int = setting("argon2id lanes for API-key hashes.", default=4)
+    exchange_api_key_rate_per_minute: int = setting(
+        "ExchangeApiKey calls admitted per minute per API key (by its public prefix; "
+        "failed attempts count too), shared by every auth replica through the database. "
+        "Past it: RESOURCE_EXHAUSTED, reason RATE_LIMITED, with retry_after_seconds.",
+        default=60,
+    )
+    exchange_api_key_burst: int = setting(
+        "ExchangeApiKey calls a rested API key may make back to back before the per-minute "
+        "rate applies.",
+        default=60,
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -58,6 +69,9 @@ class AuthConfig(ServiceConfig):
             raise ConfigError(env_name("api_key_hash_time_cost"), "must be >= 1")
         if self.api_key_hash_parallelism < 1:
             raise ConfigError(env_name("api_key_hash_parallelism"), "must be >= 1")
+        for name in ("exchange_api_key_rate_per_minute", "exchange_api_key_burst"):
+            if getattr(self, name) < 1:
+                raise ConfigError(env_name(name), "must be at least 1")
         if self.api_key_hash_memory_kib < 8 * self.api_key_hash_parallelism:
             # libargon2's floor: 8 KiB per lane.
             raise ConfigError(env_name("api_key_hash_memory_kib"), "must be >= 8 x parallelism")

@@ -10,6 +10,7 @@ from datetime import timedelta
 from tensafe.auth.audit_stream import AuditStreamConsumer
 from tensafe.auth.config import AuthConfig, signing_key_encryption_key
 from tensafe.auth.domain.crypto import ApiKeyHasher, HashParameters, SigningKeyCipher
+from tensafe.auth.domain.ratelimit import RateLimit
 from tensafe.auth.domain.service import SERVICE_NAME, AuthDomain
 from tensafe.auth.servicer import AuthServiceServicer
 from tensafe.auth.store.sql import AuthStore
@@ -79,6 +80,10 @@ async def build_domain(config: AuthConfig) -> AuthComponents:
                 )
             ),
             max_token_ttl=timedelta(seconds=config.token_ttl_seconds),
+            exchange_rate=RateLimit(
+                per_minute=config.exchange_api_key_rate_per_minute,
+                burst=config.exchange_api_key_burst,
+            ),
         )
         await domain.ensure_signing_key()
     except BaseException:

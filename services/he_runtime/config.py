@@ -24,7 +24,10 @@ class HeRuntimeConfig(ServiceConfig):
         default=256 * _MIB,
     )
     max_sessions_per_tenant: int = setting(
-        "Most open HE sessions one tenant may hold at once.", default=8
+        "Most open HE sessions one tenant may hold at once (sessions being created "
+        "count); one more CreateSession fails with RESOURCE_EXHAUSTED (reason "
+        "QUOTA_EXCEEDED).",
+        default=16,
     )
     max_key_bytes_per_tenant: int = setting(
         "Most Galois-key bytes all of one tenant's open sessions may hold together.",

@@ -39,6 +39,12 @@ class RegistryConfig(ServiceConfig):
         "Largest package PublishAdapter accepts, bytes (larger: RESOURCE_EXHAUSTED).",
         default=1024 * MIB,
     )
+    registry_max_storage_bytes_per_tenant: int = setting(
+        "Most package bytes one tenant's adapter versions may hold together (each "
+        "version counts its package size); a PublishAdapter that would pass it fails "
+        "with RESOURCE_EXHAUSTED (reason QUOTA_EXCEEDED) before its bytes are read.",
+        default=10 * 1024 * MIB,
+    )
     registry_chunk_bytes: int = setting("Bytes per DownloadAdapter message.", default=1 * MIB)
     registry_acting_service_principals: tuple[str, ...] = setting(
         "Comma-separated principal ids of platform service accounts (e.g. the HE "
@@ -62,6 +68,8 @@ class RegistryConfig(ServiceConfig):
             )
         if self.registry_max_package_bytes < 1024:
             raise ConfigError(env_name("registry_max_package_bytes"), "must be >= 1024")
+        if self.registry_max_storage_bytes_per_tenant < 1:
+            raise ConfigError(env_name("registry_max_storage_bytes_per_tenant"), "must be positive")
         if not 4096 <= self.registry_chunk_bytes <= self.max_message_bytes // 2:
             raise ConfigError(
                 env_name("registry_chunk_bytes"), "must be in 4096..max_message_bytes/2"

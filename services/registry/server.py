@@ -65,6 +65,7 @@ async def build_service(
         kek_provider=LocalFileKekProvider(kek_dir),
         audit=audit,
         max_package_bytes=config.registry_max_package_bytes,
+        max_storage_bytes_per_tenant=config.registry_max_storage_bytes_per_tenant,
         chunk_bytes=config.registry_chunk_bytes,
     )
     policy = AccessPolicy(

@@ -8,6 +8,12 @@ commit is the job published to JetStream (``Nats-Msg-Id`` = future id). If the p
 fails, the job stays ``QUEUED`` in ``trainer_jobs`` and :meth:`TrainerApi.run_outbox`
 publishes it again; the stream's de-duplication and the worker's sequence check make a
 second copy harmless.
+
+Quotas (``max_training_clients_per_tenant``, ``max_pending_jobs_per_tenant``) are
+checked in the same transaction that creates the client or the job, after taking the
+tenant's quota lock (:func:`tensafe.common.quotas.lock_tenant`), so concurrent creates
+never pass a limit together and a refused one leaves no row behind. A repeated request
+id is answered before the check: a retry of an accepted call is never refused.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from tensafe.common.db import Database
 from tensafe.common.errors import BudgetExhausted, InvalidArgument, TenSafeError
 from tensafe.common.futures import Future, FuturePage, SqlFutureStore
 from tensafe.common.jetstream import JetStream
+from tensafe.common.quotas import lock_tenant, quota_exceeded
 from tensafe.proto.trainer.v1 import trainer_service_pb2 as pb
 from tensafe.trainer import serde
 from tensafe.trainer.audit.service import audit_plan
@@ -140,6 +147,9 @@ class TrainerApi:
         objects: The object folder (checkpoints are deleted with their client).
         subject_prefix: Subject prefix of job messages.
         outbox_grace_seconds: Age of a queued job before the outbox re-publishes it.
+        max_clients_per_tenant: Most live training clients per tenant.
+        max_pending_jobs_per_tenant: Most unfinished jobs (PENDING or RUNNING futures)
+            per tenant.
     """
 
     def __init__(
@@ -152,6 +162,8 @@ class TrainerApi:
         objects: ObjectFolder,
         subject_prefix: str,
         outbox_grace_seconds: float,
+        max_clients_per_tenant: int,
+        max_pending_jobs_per_tenant: int,
     ) -> None:
         self._db = database
         self._futures = futures
@@ -160,6 +172,8 @@ class TrainerApi:
         self._objects = objects
         self._subject_prefix = subject_prefix
         self._outbox_grace = timedelta(seconds=outbox_grace_seconds)
+        self._max_clients = max_clients_per_tenant
+        self._max_pending_jobs = max_pending_jobs_per_tenant
 
     @property
     def futures(self) -> SqlFutureStore:
@@ -186,6 +200,8 @@ class TrainerApi:
         Raises:
             InvalidArgument: A bad field (``lora.rank``, ``dp.delta``, ...).
             NotFound: Unknown base model.
+            ResourceExhausted: The tenant holds ``max_training_clients_per_tenant``
+                live clients already (reason ``QUOTA_EXCEEDED``).
         """
         request_id = _request_id(request.request_id)
         fingerprint = _fingerprint(request)
@@ -227,6 +243,14 @@ class TrainerApi:
                         reason="REQUEST_ID_REUSED",
                     )
                 return existing
+            await lock_tenant(session, "trainer.clients", caller.tenant)
+            live = await repo.count_live_clients(session, caller.tenant)
+            if live >= self._max_clients:
+                raise quota_exceeded(
+                    "max_training_clients_per_tenant",
+                    self._max_clients,
+                    f"{live} live training clients",
+                )
             row = TrainingClientRow(
                 id=uuid.uuid4().hex,
                 tenant=caller.tenant,
@@ -411,6 +435,7 @@ class TrainerApi:
         fingerprint = _fingerprint(request)
         payload = request.SerializeToString(deterministic=True)
         async with self._db.transaction() as session:
+            await lock_tenant(session, "trainer.jobs", caller.tenant)
             created = await self._futures.create(
                 caller.tenant,
                 kind=JobKind.AUDIT_PRIVACY.value,
@@ -421,6 +446,7 @@ class TrainerApi:
             )
             if not created.created:
                 return created.future
+            await self._check_pending_jobs(session, caller.tenant)
             future_id = created.future.id
             session.add(
                 JobRow(
@@ -490,6 +516,8 @@ class TrainerApi:
         fingerprint = _fingerprint(request)
         payload = request.SerializeToString(deterministic=True)
         async with self._db.transaction() as session:
+            # Tenant lock first, then the client row: the one order every admission takes.
+            await lock_tenant(session, "trainer.jobs", caller.tenant)
             row = await repo.lock_client(session, caller.tenant, client_id)
             created = await self._futures.create(
                 caller.tenant,
@@ -501,6 +529,7 @@ class TrainerApi:
             )
             if not created.created:
                 return created.future
+            await self._check_pending_jobs(session, caller.tenant)
             seq = row.next_seq + 1
             row.next_seq = seq
             future_id = created.future.id
@@ -523,6 +552,17 @@ class TrainerApi:
                 await within(session, row, future_id, seq)
         await self._publish(JobMessage(future_id, client_id, seq))
         return created.future
+
+    async def _check_pending_jobs(self, session: AsyncSession, tenant: str) -> None:
+        """Refuse the job just created in ``session`` if it takes the tenant over
+        ``max_pending_jobs_per_tenant`` (raising rolls its future back)."""
+        pending = await repo.count_unfinished_jobs(session, tenant)
+        if pending > self._max_pending_jobs:
+            raise quota_exceeded(
+                "max_pending_jobs_per_tenant",
+                self._max_pending_jobs,
+                f"{pending - 1} queued or running jobs",
+            )
 
     async def _reserve(
         self,

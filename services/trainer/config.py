@@ -59,12 +59,29 @@ class TrainerConfig(ServiceConfig):
     )
     dataset_kek_file: Path | None = setting(
         "File holding the 256-bit key-encryption key (64 hex digits, mode 0600) that wraps "
-        "each tenant's dataset data key. Required to serve datasets outside dev mode; in "
-        "dev mode, when unset, one is created at <data_dir>/trainer/keys/dataset.kek.",
+        "each tenant's dataset data key. Required outside dev mode (a start-up error "
+        "when missing); in dev mode, when unset, one is created at "
+        "<data_dir>/trainer/keys/dataset.kek.",
         default=None,
     )
     max_dataset_bytes: int = setting(
         "Largest JSONL upload accepted by UploadDataset, bytes.", default=256 * 1024 * 1024
+    )
+    max_training_clients_per_tenant: int = setting(
+        "Most live (not deleted) training clients one tenant may hold; one more "
+        "CreateTrainingClient fails with RESOURCE_EXHAUSTED (reason QUOTA_EXCEEDED).",
+        default=32,
+    )
+    max_pending_jobs_per_tenant: int = setting(
+        "Most jobs (futures still PENDING or RUNNING) one tenant may have queued at once; "
+        "one more ForwardBackward, OptimStep, Sample, ..., TrainOnDataset or AuditPrivacy "
+        "fails with RESOURCE_EXHAUSTED (reason QUOTA_EXCEEDED).",
+        default=256,
+    )
+    max_dataset_storage_bytes_per_tenant: int = setting(
+        "Most bytes of encrypted datasets one tenant may store on the trainer; an "
+        "UploadDataset that would pass it fails with RESOURCE_EXHAUSTED.",
+        default=10 * 1024 * 1024 * 1024,
     )
 
     registry_url: str = setting(
@@ -109,6 +126,12 @@ class TrainerConfig(ServiceConfig):
             raise ConfigError(env_name("resident_clients"), "must be at least 1")
         if self.torch_threads < 0:
             raise ConfigError(env_name("torch_threads"), "must be >= 0")
+        if self.dataset_kek_file is None and not self.dev_mode:
+            raise ConfigError(
+                env_name("dataset_kek_file"),
+                "required outside dev mode (TENSAFE_DEV_MODE=1): it wraps every tenant's "
+                "dataset key, and none is ever generated silently",
+            )
         if self.registry_url and self.kek_dir is None:
             raise ConfigError(
                 env_name("kek_dir"),
@@ -121,8 +144,14 @@ class TrainerConfig(ServiceConfig):
                 "required with TENSAFE_REGISTRY_URL outside dev mode (TENSAFE_DEV_MODE=1): "
                 "the trainer signs the packages it publishes",
             )
-        if self.max_dataset_bytes < 1:
-            raise ConfigError(env_name("max_dataset_bytes"), "must be positive")
+        for name in (
+            "max_dataset_bytes",
+            "max_training_clients_per_tenant",
+            "max_pending_jobs_per_tenant",
+            "max_dataset_storage_bytes_per_tenant",
+        ):
+            if getattr(self, name) < 1:
+                raise ConfigError(env_name(name), "must be positive")
 
     @property
     def base_models_path(self) -> Path:

@@ -80,6 +80,8 @@ async def build_api(
         objects=ObjectFolder(Path(config.data_dir) / "trainer"),
         subject_prefix=config.jobs_subject_prefix,
         outbox_grace_seconds=config.outbox_grace_seconds,
+        max_clients_per_tenant=config.max_training_clients_per_tenant,
+        max_pending_jobs_per_tenant=config.max_pending_jobs_per_tenant,
     )
     objects = ObjectFolder(Path(config.data_dir) / "trainer")
     datasets = DatasetService(
@@ -96,6 +98,7 @@ async def build_api(
         ),
         base_models=BaseModelRegistry(config.base_models_path),
         max_upload_bytes=config.max_dataset_bytes,
+        max_storage_bytes_per_tenant=config.max_dataset_storage_bytes_per_tenant,
     )
     stop_outbox = asyncio.Event()
     outbox = asyncio.create_task(

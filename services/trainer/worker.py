@@ -342,9 +342,8 @@ class TrainerWorker:
         try:
             if self._dataset_runner is None:
                 raise FailedPrecondition(
-                    "server-held datasets are not configured on this worker: set "
-                    "TENSAFE_DATASET_KEK_FILE",
-                    reason="DATASETS_NOT_CONFIGURED",
+                    "this worker was built without a dataset runner",
+                    reason="NO_DATASET_RUNNER",
                 )
             resident = await self._engine_for(client)
             end = await self._dataset_runner.run(
@@ -792,18 +791,15 @@ def dataset_runner(
     *,
     owner: str,
     stop: asyncio.Event,
-) -> DatasetRunner | None:
-    """The TrainOnDataset runner, when a dataset KEK is configured (or dev mode made
-    one); else None, and TrainOnDataset jobs fail with FAILED_PRECONDITION.
+) -> DatasetRunner:
+    """The TrainOnDataset runner with the deployment's dataset KEK.
 
     Raises:
-        ConfigError: The configured KEK file is unusable.
+        ConfigError: The configured KEK file is unusable, or missing outside dev mode.
     """
     keyring = keyring_from_settings(
         kek_file=config.dataset_kek_file, dev_mode=config.dev_mode, data_dir=config.data_dir
     )
-    if keyring is None:
-        return None
     objects = ObjectFolder(Path(config.data_dir) / "trainer")
     return DatasetRunner(
         database=database,

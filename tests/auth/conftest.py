@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import os
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
@@ -25,6 +26,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from tensafe.auth.config import AuthConfig
 from tensafe.auth.domain.crypto import ApiKeyHasher, HashParameters, SigningKeyCipher
+from tensafe.auth.domain.ratelimit import RateLimit
 from tensafe.auth.domain.service import AuthDomain, BootstrapResult
 from tensafe.auth.server import DomainKeySource
 from tensafe.auth.servicer import AuthServiceServicer
@@ -53,6 +55,15 @@ POSTGRES_ADMIN_URLS = (
 # Real argon2id at a low cost so that 50 concurrent exchanges stay fast on 2 cores;
 # the production defaults (RFC 9106) are exercised by test_crypto.
 TEST_HASH = HashParameters(time_cost=1, memory_cost_kib=1024, parallelism=1)
+
+
+def default_exchange_rate() -> RateLimit:
+    """The production default ExchangeApiKey rate limit (AuthConfig's defaults)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(AuthConfig)}
+    return RateLimit(
+        per_minute=int(defaults["exchange_api_key_rate_per_minute"]),
+        burst=int(defaults["exchange_api_key_burst"]),
+    )
 
 
 async def _admin_execute(admin_url: str, statement: str) -> None:
@@ -143,6 +154,8 @@ async def start_auth(
     clock: Clock,
     revocation_ttl_seconds: float = 5.0,
     max_token_ttl: timedelta = timedelta(minutes=15),
+    exchange_rate: RateLimit | None = None,
+    rate_clock: Callable[[], float] = time.time,
 ) -> tuple[GrpcServer, AuthDomain, Database, TokenVerifier]:
     database = Database.from_url(url)
     store = AuthStore(database)
@@ -152,6 +165,8 @@ async def start_auth(
         cipher=SigningKeyCipher(kek),
         hasher=ApiKeyHasher(TEST_HASH),
         max_token_ttl=max_token_ttl,
+        exchange_rate=exchange_rate or default_exchange_rate(),
+        rate_clock=rate_clock,
         clock=clock,
     )
     await domain.ensure_signing_key()

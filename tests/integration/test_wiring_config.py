@@ -22,9 +22,16 @@ def trainer_config(tmp_path: Path, **changes: object) -> TrainerConfig:
         "database_url": "sqlite+aiosqlite:///:memory:",
         "nats_url": "nats://127.0.0.1:4222",
         "base_models_dir": tmp_path,
+        "dataset_kek_file": tmp_path / "dataset.kek",
     }
     values.update(changes)
     return TrainerConfig(**values)  # type: ignore[arg-type]
+
+
+def test_the_dataset_kek_is_a_start_up_requirement_outside_dev_mode(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="TENSAFE_DATASET_KEK_FILE"):
+        trainer_config(tmp_path, dataset_kek_file=None)
+    assert trainer_config(tmp_path, dataset_kek_file=None, dev_mode=True).dataset_kek_file is None
 
 
 def test_a_trainer_with_a_registry_needs_the_shared_kek_dir_and_its_signing_key(

@@ -155,14 +155,14 @@ async def make_stack(tmp_path: Path, base_models_dir: Path) -> AsyncIterator[Sta
     async def factory(
         *,
         dev_mode: bool = False,
-        kek: bool = True,
         base_models: Path | None = None,
         database_url: str | None = None,
+        **settings: object,
     ) -> Stack:
-        nats = NatsServer.start(NatsServerConfig(data_dir=tmp_path / "nats"))
+        nats = NatsServer.start(NatsServerConfig(data_dir=tmp_path / f"nats-{len(nats_contexts)}"))
         nats_contexts.append(nats)
         kek_file: Path | None = None
-        if kek:
+        if not dev_mode:
             kek_file = tmp_path / "dataset.kek"
             kek_file.write_text(secrets.token_bytes(32).hex())
             kek_file.chmod(0o600)
@@ -180,6 +180,7 @@ async def make_stack(tmp_path: Path, base_models_dir: Path) -> AsyncIterator[Sta
             retry_delay_seconds=0.02,
             dev_mode=dev_mode,
             dataset_kek_file=kek_file,
+            **settings,  # type: ignore[arg-type]
         )
         tokens = Tokens()
         interceptor = AuthInterceptor(

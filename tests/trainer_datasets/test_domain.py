@@ -195,7 +195,11 @@ def test_envelope_encryption_binds_tenant_and_dataset() -> None:
 def test_kek_required_outside_dev_mode_and_created_explicitly_in_dev_mode(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    assert keyring_from_settings(kek_file=None, dev_mode=False, data_dir=tmp_path) is None
+    from tensafe.common.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="TENSAFE_DATASET_KEK_FILE"):
+        keyring_from_settings(kek_file=None, dev_mode=False, data_dir=tmp_path)
+    assert not (tmp_path / DEV_KEK_RELATIVE).exists()
     with caplog.at_level(logging.WARNING):
         created = keyring_from_settings(kek_file=None, dev_mode=True, data_dir=tmp_path)
     assert created is not None
@@ -211,7 +215,5 @@ def test_kek_required_outside_dev_mode_and_created_explicitly_in_dev_mode(
     # An explicit file wins, and a malformed one is a configuration error.
     bad = tmp_path / "bad.kek"
     bad.write_text("not hex")
-    from tensafe.common.errors import ConfigError
-
     with pytest.raises(ConfigError):
         keyring_from_settings(kek_file=bad, dev_mode=True, data_dir=tmp_path)

@@ -427,14 +427,6 @@ async def test_pending_client_gradients_are_never_mixed_into_a_poisson_step(
     assert reservation.status == "RELEASED"
 
 
-async def test_datasets_need_a_kek_outside_dev_mode(make_stack: StackFactory) -> None:
-    stack = await make_stack(kek=False)
-    error = await expect_code(
-        upload(stack, jsonl(arithmetic_records(3))), grpc.StatusCode.FAILED_PRECONDITION
-    )
-    assert "TENSAFE_DATASET_KEK_FILE" in error.details()
-
-
 async def test_a_run_handed_back_at_shutdown_resumes_without_double_charging(
     make_stack: StackFactory,
 ) -> None:

@@ -37,12 +37,12 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
     yield request.getfixturevalue("fresh_postgres_url")
 
 
-async def test_migration_0002_matches_the_models(database_url: str) -> None:
-    assert head_revision(MIGRATIONS) == "0002_datasets"
+async def test_migrations_0002_and_0003_match_the_models(database_url: str) -> None:
+    assert head_revision(MIGRATIONS) == "0003_quotas"
     database = Database.from_url(database_url)
     try:
         await migrate(database, script_location=MIGRATIONS, version_table=VERSION_TABLE)
-        assert await current_revision(database, version_table=VERSION_TABLE) == "0002_datasets"
+        assert await current_revision(database, version_table=VERSION_TABLE) == "0003_quotas"
         async with database.connection(read_only=True) as connection:
             assert await connection.run_sync(_differences) == []
             names = await connection.run_sync(lambda c: set(sa.inspect(c).get_table_names()))
@@ -52,7 +52,13 @@ async def test_migration_0002_matches_the_models(database_url: str) -> None:
                     for column in sa.inspect(c).get_columns("trainer_budget_reservations")
                 }
             )
+            dataset_columns = await connection.run_sync(
+                lambda c: {
+                    column["name"] for column in sa.inspect(c).get_columns("trainer_datasets")
+                }
+            )
         assert names >= _DATASET_TABLES
         assert "steps" in columns
+        assert "size_bytes" in dataset_columns
     finally:
         await database.dispose()

@@ -4,7 +4,9 @@ the real authentication interceptor on a test signing key."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
+import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -178,11 +180,22 @@ class Tokens:
         return (("authorization", f"Bearer {token}"),)
 
 
+def dataset_kek_file(data_dir: Path) -> Path:
+    """A dataset KEK (64 hex digits, mode 0600) beside the data dir, made once."""
+    path = data_dir.parent / f"{data_dir.name}.dataset.kek"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(secrets.token_bytes(32).hex())
+        path.chmod(0o600)
+    return path
+
+
 def trainer_config(
     *, database_url: str, nats_url: str, data_dir: Path, base_models_dir: Path
 ) -> TrainerConfig:
     """The trainer configuration the tests run with (short timers)."""
     return TrainerConfig(
+        dataset_kek_file=dataset_kek_file(data_dir),
         database_url=database_url,
         data_dir=data_dir,
         nats_url=nats_url,
@@ -241,12 +254,17 @@ async def make_stack(
     """Factory of running stacks on a given database URL (default: a SQLite file)."""
     stacks: list[tuple[Stack, GrpcServer, object]] = []
 
-    async def factory(database_url: str | None = None, *, worker: bool = True) -> Stack:
-        config = trainer_config(
-            database_url=database_url or f"sqlite+aiosqlite:///{tmp_path / 'trainer.db'}",
-            nats_url=nats_server.url,
-            data_dir=tmp_path / "data",
-            base_models_dir=base_models_dir,
+    async def factory(
+        database_url: str | None = None, *, worker: bool = True, **settings: object
+    ) -> Stack:
+        config = dataclasses.replace(
+            trainer_config(
+                database_url=database_url or f"sqlite+aiosqlite:///{tmp_path / 'trainer.db'}",
+                nats_url=nats_server.url,
+                data_dir=tmp_path / "data",
+                base_models_dir=base_models_dir,
+            ),
+            **settings,  # type: ignore[arg-type]
         )
         tokens = Tokens()
         audit = RecordedAudit()

@@ -32,7 +32,7 @@ async def test_migrations_create_exactly_the_models(database_url: str) -> None:
         ) == head_revision(MIGRATIONS)
         # A second start-up (API and worker both migrate) is a no-op.
         await migrate(database, script_location=MIGRATIONS, version_table=VERSION_TABLE)
-        assert await current_revision(database, version_table=VERSION_TABLE) == "0002_datasets"
+        assert await current_revision(database, version_table=VERSION_TABLE) == "0003_quotas"
         async with database.connection(read_only=True) as connection:
             differences = await connection.run_sync(_differences)
         assert differences == []

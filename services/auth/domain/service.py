@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
@@ -48,6 +49,7 @@ from tensafe.auth.domain.crypto import (
     generate_api_key,
     public_bytes,
 )
+from tensafe.auth.domain.ratelimit import RateLimit, admit
 from tensafe.auth.store.sql import AuthStore, AuthTransaction
 from tensafe.common.auth import (
     SCOPE_ADMIN,
@@ -72,6 +74,7 @@ from tensafe.common.errors import (
     PermissionDenied,
     Unauthenticated,
 )
+from tensafe.common.quotas import rate_limited
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +172,9 @@ class AuthDomain:
         cipher: Encrypts signing keys at rest.
         hasher: Hashes API keys.
         max_token_ttl: Longest (and default) access-token lifetime.
+        exchange_rate: The ExchangeApiKey rate limit per API key.
+        rate_clock: Wall-clock seconds of the rate limit (its own, so that tests can
+            age tokens with ``clock`` without moving the limit's time).
         clock: Current UTC time (injectable so tests can age tokens and keys).
     """
 
@@ -179,12 +185,16 @@ class AuthDomain:
         cipher: SigningKeyCipher,
         hasher: ApiKeyHasher,
         max_token_ttl: timedelta,
+        exchange_rate: RateLimit,
+        rate_clock: Callable[[], float] = time.time,
         clock: Callable[[], datetime] = _utc_now,
     ) -> None:
         self._store = store
         self._cipher = cipher
         self._hasher = hasher
         self._max_token_ttl = max_token_ttl
+        self._exchange_rate = exchange_rate
+        self._rate_clock = rate_clock
         self._clock = clock
         self._private_keys: dict[str, Ed25519PrivateKey] = {}
 
@@ -537,11 +547,14 @@ class AuthDomain:
             Unauthenticated: Unknown, wrong, revoked or expired key, or a disabled
                 principal or tenant (one message for all, so nothing leaks).
             PermissionDenied: ``scopes`` asks for more than the principal has.
+            ResourceExhausted: The key's prefix passed the rate limit (reason
+                ``RATE_LIMITED``, ``metadata["retry_after_seconds"]``).
         """
         if ttl is not None and ttl <= timedelta(0):
             raise InvalidArgument("ttl", "must be positive")
         lifetime = self._max_token_ttl if ttl is None else min(ttl, self._max_token_ttl)
         prefix = api_key_prefix(secret)
+        await self._limit_exchange(prefix)
         stored = principal = tenant = None
         if prefix is not None:
             async with self._store.transaction(read_only=True) as tx:
@@ -645,6 +658,33 @@ class AuthDomain:
             scopes=tuple(sorted(wanted)),
             expire_time=datetime.fromtimestamp(int(expire_time.timestamp()), UTC),
         )
+
+    async def _limit_exchange(self, prefix: str | None) -> None:
+        """Charge one ExchangeApiKey call to the presented key's rate limit.
+
+        The bucket is the key's public prefix, taken from the presented string before
+        any lookup, and every call is charged whether the key exists, matches or not:
+        the limit behaves identically for real and made-up keys (it reveals nothing
+        about existence) and caps guesses at a known prefix (brute force). Strings not
+        shaped like a key share one bucket; they can never succeed anyway. Checked
+        before the argon2 verification, so a flood costs no hashing either.
+
+        Raises:
+            ResourceExhausted: The bucket is empty (reason ``RATE_LIMITED``).
+        """
+        bucket = f"exchange:{prefix}" if prefix is not None else "exchange:(malformed)"
+        now_us = int(self._rate_clock() * 1_000_000)
+        async with self._store.transaction() as tx:
+            tat_us = await tx.lock_rate_limit(bucket, now_us)
+            decision = admit(self._exchange_rate, tat_us=tat_us, now_us=now_us)
+            if decision.admitted:
+                await tx.set_rate_limit(bucket, decision.tat_us)
+        if not decision.admitted:
+            raise rate_limited(
+                "exchange_api_key_rate_per_minute",
+                self._exchange_rate.per_minute,
+                decision.retry_after_us / 1_000_000,
+            )
 
     def _private_key(self, key: model.SigningKey) -> Ed25519PrivateKey:
         private = self._private_keys.get(key.kid)

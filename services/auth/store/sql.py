@@ -19,6 +19,7 @@ from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from tensafe.auth.domain import model
@@ -31,6 +32,7 @@ VERSION_TABLE = "alembic_version_auth"
 
 metadata = sa.MetaData()
 _ID = 32
+_RATE_LIMIT_PRUNE = 100
 
 tenants = sa.Table(
     "auth_tenants",
@@ -101,6 +103,13 @@ audit_events = sa.Table(
     sa.Column("payload_json", sa.Text(), nullable=False),
     sa.Column("prev_hash", sa.String(64), nullable=False),
     sa.Column("hash", sa.String(64), nullable=False),
+)
+rate_limits = sa.Table(
+    "auth_rate_limits",
+    metadata,
+    sa.Column("bucket", sa.String(64), primary_key=True),
+    sa.Column("tat_us", sa.BigInteger(), nullable=False),
+    sa.Index("ix_auth_rate_limits_tat", "tat_us"),
 )
 audit_head = sa.Table(
     "auth_audit_head",
@@ -482,6 +491,44 @@ class AuthTransaction:
             tokens.delete().where(tokens.c.expire_time_us <= epoch_micros(now))
         )
         return int(getattr(result, "rowcount", 0) or 0)
+
+    # Rate limits.
+
+    async def lock_rate_limit(self, bucket: str, now_us: int) -> int:
+        """Lock a rate-limit row until the transaction ends; return its theoretical
+        arrival time (microseconds since the epoch; ``now_us`` for a key without state).
+
+        Up to 100 rows whose time has passed are pruned first (they carry no state);
+        rows another transaction holds are skipped (``FOR UPDATE SKIP LOCKED``), so two
+        pruning replicas never wait for, or deadlock on, each other. The row is then
+        inserted if missing (``ON CONFLICT DO NOTHING``, so two replicas racing on a new
+        key do not abort) and locked with ``SELECT ... FOR UPDATE``; on SQLite the
+        transaction holds the write lock already.
+        """
+        stale = (
+            sa.select(rate_limits.c.bucket)
+            .where(rate_limits.c.tat_us < now_us)
+            .limit(_RATE_LIMIT_PRUNE)
+            .with_for_update(skip_locked=True)
+        )
+        await self._session.execute(rate_limits.delete().where(rate_limits.c.bucket.in_(stale)))
+        dialect = self._session.get_bind().dialect.name
+        insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        await self._session.execute(
+            insert(rate_limits)
+            .values(bucket=bucket, tat_us=now_us)
+            .on_conflict_do_nothing(index_elements=["bucket"])
+        )
+        row = await self._one(
+            sa.select(rate_limits.c.tat_us).where(rate_limits.c.bucket == bucket).with_for_update()
+        )
+        return int(row.tat_us)
+
+    async def set_rate_limit(self, bucket: str, tat_us: int) -> None:
+        """Store a rate-limit row's new theoretical arrival time."""
+        await self._session.execute(
+            rate_limits.update().where(rate_limits.c.bucket == bucket).values(tat_us=tat_us)
+        )
 
     async def revoked_token_ids(self, now: datetime) -> list[str]:
         """Revoked tokens that have not expired at ``now``."""

@@ -10,9 +10,10 @@ is involved yet.
 
 Limits (DESIGN.md §8, "HE sessions hold key material"): key bytes per session, sessions
 and key bytes per tenant (checked and *reserved* before the keys stream in, so two
-concurrent uploads cannot both pass), and an idle TTL after which a session is removed
-and its keys are dropped. Sessions are tenant-scoped: another tenant's session id is
-NOT_FOUND. Key material is never logged.
+concurrent uploads cannot both pass: the count and the reservation run on the event loop
+with no ``await`` between them, which makes them one atomic step without a lock), and
+an idle TTL after which a session is removed and its keys are dropped. Sessions are
+tenant-scoped: another tenant's session id is NOT_FOUND. Key material is never logged.
 
 SEAL work (parsing keys, encoding the adapter, evaluating) runs on a thread pool, never
 on the event loop, so health checks and other RPCs keep being answered; seal-python
@@ -39,6 +40,7 @@ from tensafe.common.errors import (
     NotFound,
     ResourceExhausted,
 )
+from tensafe.common.quotas import quota_exceeded
 from tensafe.he_runtime.domain.adapters import AdapterSource, LoadedAdapter
 from tensafe.he_runtime.domain.executor import HeLoraExecutor, LoraWeights
 from tensafe.he_runtime.domain.plans import PlanRequest, compile_for, plan_for_units
@@ -248,20 +250,23 @@ class HeSessions:
             raise ResourceExhausted(
                 f"galois_keys_size {key_bytes} exceeds the limit max_session_key_bytes="
                 f"{limits.max_session_key_bytes}",
-                metadata={"limit": "max_session_key_bytes"},
+                metadata={
+                    "limit": "max_session_key_bytes",
+                    "max": str(limits.max_session_key_bytes),
+                },
             )
         count, held = self.usage(tenant_id)
         if count >= limits.max_sessions_per_tenant:
-            raise ResourceExhausted(
-                f"the tenant holds {count} HE sessions, the limit max_sessions_per_tenant="
-                f"{limits.max_sessions_per_tenant}; close or let one expire",
-                metadata={"limit": "max_sessions_per_tenant"},
+            raise quota_exceeded(
+                "max_sessions_per_tenant",
+                limits.max_sessions_per_tenant,
+                f"{count} open HE sessions (close one or let it expire)",
             )
         if held + key_bytes > limits.max_key_bytes_per_tenant:
-            raise ResourceExhausted(
-                f"the tenant's sessions hold {held} key bytes; {key_bytes} more exceed the "
-                f"limit max_key_bytes_per_tenant={limits.max_key_bytes_per_tenant}",
-                metadata={"limit": "max_key_bytes_per_tenant"},
+            raise quota_exceeded(
+                "max_key_bytes_per_tenant",
+                limits.max_key_bytes_per_tenant,
+                f"{held} Galois-key bytes in open sessions and this one adds {key_bytes}",
             )
         reservation = _Reservation(tenant_id, key_bytes, request_id)
         self._reservations.append(reservation)

@@ -28,6 +28,7 @@ from tensafe.common.errors import (
     NotFound,
     ResourceExhausted,
 )
+from tensafe.common.quotas import quota_exceeded
 from tensafe.registry.domain.access import Caller
 from tensafe.registry.domain.keys import SigningKeys
 from tensafe.registry.domain.model import AdapterRecord, Page, VersionRecord
@@ -158,6 +159,7 @@ class RegistryDomain:
         kek_provider: KekProvider,
         audit: AuditSink,
         max_package_bytes: int,
+        max_storage_bytes_per_tenant: int,
         chunk_bytes: int = 1 << 20,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
@@ -167,6 +169,7 @@ class RegistryDomain:
         self._kek = kek_provider
         self._audit = audit
         self._max_package_bytes = max_package_bytes
+        self._max_storage_bytes = max_storage_bytes_per_tenant
         self._chunk_bytes = chunk_bytes
         self._clock = clock
 
@@ -219,13 +222,26 @@ class RegistryDomain:
         Raises:
             InvalidArgument: Bad header, more or fewer bytes than declared, malformed
                 package.
-            ResourceExhausted: The package is over the size limit.
+            ResourceExhausted: The package is over the size limit, or it would take the
+                tenant's stored bytes over ``registry_max_storage_bytes_per_tenant``
+                (reason ``QUOTA_EXCEEDED``; checked on the declared size before any byte
+                is read, and again when the version is recorded).
             IntegrityError: (FAILED_PRECONDITION) a failed check, named: ``unknown
                 signer``, ``signature``, ``… digest``, ``tenant mismatch``, ``wrapped key``.
             FailedPrecondition: Name and manifest disagree, the tenant has no KEK here, or
                 the request id was used for another package.
         """
         self.check_publish_request(request)
+        # The stream can never exceed the declared size (checked chunk by chunk below),
+        # so a publish that cannot fit is refused before its first byte.
+        # A retry of an accepted publish (same request id) is answered, never refused.
+        async with self._store.transaction(read_only=True) as tx:
+            retry = bool(request.request_id) and (
+                await tx.version_by_request(caller.tenant_id, request.request_id) is not None
+            )
+            if not retry:
+                stored = await tx.stored_bytes(caller.tenant_id)
+                self._check_storage(caller, stored, request.size_bytes)
         staged = self._objects.stage()
         try:
             async for chunk in chunks:
@@ -251,6 +267,14 @@ class RegistryDomain:
             return await self._record(caller, request, staged, digest, manifest, signer)
         finally:
             staged.discard()
+
+    def _check_storage(self, caller: Caller, stored: int, adding: int) -> None:
+        if stored + adding > self._max_storage_bytes:
+            raise quota_exceeded(
+                "registry_max_storage_bytes_per_tenant",
+                self._max_storage_bytes,
+                f"{stored} package bytes and this package adds {adding}",
+            )
 
     def _verify_upload(self, staged: StagedObject, caller: Caller) -> tuple[Manifest, str]:
         manifest = verify(
@@ -286,6 +310,8 @@ class RegistryDomain:
                             reason="REQUEST_ID_REUSED",
                         )
                     return version
+            await tx.lock_tenant_storage(caller.tenant_id)
+            self._check_storage(caller, await tx.stored_bytes(caller.tenant_id), staged.size)
             await tx.create_adapter(caller.tenant_id, request.adapter_name, now)
             adapter = await tx.find_adapter(caller.tenant_id, request.adapter_name, lock=True)
             assert adapter is not None  # created above, or by a concurrent publisher

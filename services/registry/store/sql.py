@@ -27,6 +27,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from tensafe.common.db import Database, migrate
+from tensafe.common.quotas import lock_tenant
 from tensafe.registry.domain.model import AdapterRecord, VersionRecord
 
 SCRIPT_LOCATION = "tensafe.registry.store:migrations"
@@ -102,6 +103,22 @@ class RegistryTransaction:
             await self._session.execute(
                 sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _advisory_key(digest)}
             )
+
+    async def lock_tenant_storage(self, tenant_id: str) -> None:
+        """Serialise the storage-quota checks of one tenant until the transaction ends."""
+        await lock_tenant(self._session, "registry.storage", tenant_id)
+
+    async def stored_bytes(self, tenant_id: str) -> int:
+        """Package bytes of every version ``tenant_id`` holds (identical packages of
+        different versions each count: the quota is per version, not per object)."""
+        total = (
+            await self._session.execute(
+                sa.select(sa.func.coalesce(sa.func.sum(versions.c.size_bytes), 0)).where(
+                    versions.c.tenant_id == tenant_id
+                )
+            )
+        ).scalar_one()
+        return int(total)
 
     async def find_adapter(
         self, tenant_id: str, name: str, *, lock: bool = False

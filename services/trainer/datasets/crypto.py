@@ -17,10 +17,10 @@ its context (tenant and key id for a wrapped DEK; tenant, dataset id and key id 
 dataset), so a file or a wrapped key moved to another tenant or dataset fails to decrypt
 with :class:`~tensafe.common.errors.IntegrityError`.
 
-Dev mode: without a configured KEK file, :meth:`DatasetKeyring.from_config` creates one
-at ``<data_dir>/trainer/keys/dataset.kek`` (exclusive create, mode 0600) and logs a
-warning; outside dev mode there is no KEK and every dataset call fails with
-FAILED_PRECONDITION naming the setting.
+Dev mode: without a configured KEK file, :func:`keyring_from_settings` creates one at
+``<data_dir>/trainer/keys/dataset.kek`` (exclusive create, mode 0600) and logs a
+warning; outside dev mode a missing KEK file is a start-up error
+(:class:`~tensafe.trainer.config.TrainerConfig`).
 """
 
 from __future__ import annotations
@@ -196,8 +196,8 @@ def decrypt_dataset(
 
 def keyring_from_settings(
     *, kek_file: Path | None, dev_mode: bool, data_dir: Path
-) -> DatasetKeyring | None:
-    """The deployment's keyring, or None when datasets are not configured.
+) -> DatasetKeyring:
+    """The deployment's keyring.
 
     Args:
         kek_file: ``TENSAFE_DATASET_KEK_FILE``.
@@ -205,14 +205,14 @@ def keyring_from_settings(
         data_dir: ``TENSAFE_DATA_DIR``.
 
     Returns:
-        The keyring; None outside dev mode without a KEK file (dataset calls then fail
-        with FAILED_PRECONDITION naming the setting).
+        The keyring of ``kek_file``; in dev mode without one, a local KEK created once.
 
     Raises:
-        ConfigError: The configured KEK file is unusable.
+        ConfigError: The configured KEK file is unusable, or there is none outside dev
+            mode.
     """
     if kek_file is not None:
         return DatasetKeyring.from_file(kek_file)
     if dev_mode:
         return DatasetKeyring.create_file(Path(data_dir) / DEV_KEK_RELATIVE)
-    return None
+    raise ConfigError("TENSAFE_DATASET_KEK_FILE", "required outside dev mode")

@@ -40,6 +40,7 @@ from tensafe.common.errors import (
     ResourceExhausted,
 )
 from tensafe.common.futures import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, Future
+from tensafe.common.quotas import lock_tenant, quota_exceeded
 from tensafe.proto.trainer.v1 import trainer_service_pb2 as pb
 from tensafe.trainer import serde
 from tensafe.trainer.api import Caller, TrainerApi, admitted_accountant, client_dp
@@ -111,30 +112,20 @@ class DatasetVault:
     Args:
         database: The trainer's database.
         objects: The object folder.
-        keyring: The deployment's KEK; None when datasets are not configured (every
-            call then fails with FAILED_PRECONDITION naming the setting).
+        keyring: The deployment's KEK (a start-up requirement, see
+            :class:`~tensafe.trainer.config.TrainerConfig`).
     """
 
     def __init__(
-        self, *, database: Database, objects: ObjectFolder, keyring: DatasetKeyring | None
+        self, *, database: Database, objects: ObjectFolder, keyring: DatasetKeyring
     ) -> None:
         self._db = database
         self._objects = objects
         self._keyring = keyring
 
-    def require_keyring(self) -> DatasetKeyring:
-        """The KEK, or FAILED_PRECONDITION naming the setting when none is configured."""
-        if self._keyring is None:
-            raise FailedPrecondition(
-                "server-held datasets are not configured on this deployment: set "
-                "TENSAFE_DATASET_KEK_FILE (or TENSAFE_DEV_MODE=1 for a local KEK)",
-                reason="DATASETS_NOT_CONFIGURED",
-            )
-        return self._keyring
-
     async def tenant_key(self, tenant: str) -> tuple[str, bytes]:
         """The tenant's DEK (created and stored wrapped on first use): (key id, key)."""
-        keyring = self.require_keyring()
+        keyring = self._keyring
         async with self._db.transaction(read_only=True) as session:
             row = await session.get(DatasetKeyRow, tenant)
         if row is None:
@@ -176,6 +167,7 @@ class DatasetVault:
             key_id=key_id,
             object_path=relative,
             sha256=sha,
+            size_bytes=len(sealed),
         )
 
     async def load(self, row: DatasetRow) -> TokenizedDataset:
@@ -184,7 +176,7 @@ class DatasetVault:
         Raises:
             NotFound: The object is missing.
             IntegrityError: The object or its key fails verification.
-            FailedPrecondition: Datasets are not configured, or the KEK changed.
+            FailedPrecondition: The dataset was encrypted under another data key.
         """
         key_id, dek = await self.tenant_key(row.tenant)
         if key_id != row.key_id:
@@ -216,6 +208,18 @@ async def get_dataset(session: AsyncSession, tenant: str, dataset_id: str) -> Da
     return row
 
 
+async def _dataset_by_request(
+    session: AsyncSession, tenant: str, request_id: str
+) -> DatasetRow | None:
+    return (
+        await session.execute(
+            sa.select(DatasetRow).where(
+                DatasetRow.tenant == tenant, DatasetRow.request_id == request_id
+            )
+        )
+    ).scalar_one_or_none()
+
+
 def _encode_token(created: datetime, dataset_id: str) -> str:
     payload = json.dumps({"c": created.isoformat(), "i": dataset_id})
     return base64.urlsafe_b64encode(payload.encode()).decode().rstrip("=")
@@ -239,6 +243,7 @@ class DatasetService:
         vault: Keys and encrypted objects.
         base_models: The registered base models (their tokenizers).
         max_upload_bytes: Largest accepted JSONL upload.
+        max_storage_bytes_per_tenant: Most bytes of encrypted datasets per tenant.
     """
 
     def __init__(
@@ -249,12 +254,14 @@ class DatasetService:
         vault: DatasetVault,
         base_models: BaseModelRegistry,
         max_upload_bytes: int,
+        max_storage_bytes_per_tenant: int,
     ) -> None:
         self._db = database
         self._api = api
         self._vault = vault
         self._base_models = base_models
         self._max_upload_bytes = max_upload_bytes
+        self._max_storage_bytes = max_storage_bytes_per_tenant
         self._tokenizers: dict[str, Tokenizer] = {}
 
     # ------------------------------------------------------------------ upload
@@ -266,11 +273,12 @@ class DatasetService:
 
         Raises:
             InvalidArgument: A bad header, record or empty dataset (nothing is stored).
-            ResourceExhausted: The upload exceeds the configured maximum.
+            ResourceExhausted: The upload exceeds the configured maximum, or the
+                tenant's stored datasets would pass
+                ``max_dataset_storage_bytes_per_tenant`` (reason ``QUOTA_EXCEEDED``;
+                nothing is stored).
             NotFound: Unknown base model.
-            FailedPrecondition: Datasets are not configured.
         """
-        self._vault.require_keyring()
         header: pb.UploadDatasetHeader | None = None
         content = bytearray()
         async for part in parts:
@@ -296,6 +304,10 @@ class DatasetService:
         existing = await self._by_request(caller.tenant, request_id, fingerprint)
         if existing is not None:
             return existing
+        # Fail before tokenising when the tenant is full already; the binding check is
+        # the one in the insert transaction below.
+        async with self._db.transaction(read_only=True) as session:
+            await self._check_storage(session, caller.tenant, adding=0)
         tokenizer = await asyncio.to_thread(self._tokenizer, info)
         dataset = await asyncio.to_thread(
             tokenize_jsonl,
@@ -314,7 +326,16 @@ class DatasetService:
         row.created_at = repo.now()
         try:
             async with self._db.transaction() as session:
-                session.add(row)
+                await lock_tenant(session, "trainer.datasets", caller.tenant)
+                # Under the lock a concurrent upload with this request id has either
+                # committed (answer with it, not with a quota error) or not started.
+                raced = await _dataset_by_request(session, caller.tenant, request_id)
+                if raced is None:
+                    await self._check_storage(session, caller.tenant, adding=row.size_bytes)
+                    session.add(row)
+        except ResourceExhausted:
+            self._vault.delete_object(row)
+            raise
         except sa_exc.IntegrityError:
             # The same request id raced us and won: drop our copy, answer with its.
             self._vault.delete_object(row)
@@ -322,19 +343,35 @@ class DatasetService:
             if winner is None:
                 raise
             return winner
+        if raced is not None:
+            self._vault.delete_object(row)
+            winner = await self._by_request(caller.tenant, request_id, fingerprint)
+            assert winner is not None
+            return winner
         return row
+
+    async def _check_storage(self, session: AsyncSession, tenant: str, *, adding: int) -> None:
+        stored = int(
+            (
+                await session.execute(
+                    sa.select(sa.func.coalesce(sa.func.sum(DatasetRow.size_bytes), 0)).where(
+                        DatasetRow.tenant == tenant
+                    )
+                )
+            ).scalar_one()
+        )
+        if stored + adding > self._max_storage_bytes or stored >= self._max_storage_bytes:
+            raise quota_exceeded(
+                "max_dataset_storage_bytes_per_tenant",
+                self._max_storage_bytes,
+                f"{stored} bytes of datasets" + (f" and this one adds {adding}" if adding else ""),
+            )
 
     async def _by_request(
         self, tenant: str, request_id: str, fingerprint: str
     ) -> DatasetRow | None:
         async with self._db.transaction(read_only=True) as session:
-            row = (
-                await session.execute(
-                    sa.select(DatasetRow).where(
-                        DatasetRow.tenant == tenant, DatasetRow.request_id == request_id
-                    )
-                )
-            ).scalar_one_or_none()
+            row = await _dataset_by_request(session, tenant, request_id)
         if row is not None and row.request_fingerprint != fingerprint:
             raise InvalidArgument(
                 "header.request_id",

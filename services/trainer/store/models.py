@@ -29,6 +29,7 @@ class Base(DeclarativeBase):
 
 FUTURES = futures_table(Base.metadata, prefix=TABLE_PREFIX)
 """The trainer's futures table (``trainer_futures``), shared schema from libs/common."""
+sa.Index("ix_trainer_futures_tenant_status", FUTURES.c.tenant, FUTURES.c.status)
 
 
 class TrainingClientRow(Base):
@@ -187,6 +188,9 @@ class DatasetRow(Base):
     object_path: Mapped[str] = mapped_column(sa.Text)
     sha256: Mapped[str] = mapped_column(sa.String(64))
     created_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
+    size_bytes: Mapped[int] = mapped_column(sa.BigInteger, server_default=sa.text("0"))
+    """Bytes of the encrypted object; counts toward the tenant's storage quota
+    (migration 0003; 0 for datasets stored before it)."""
 
 
 class DatasetRunRow(Base):
