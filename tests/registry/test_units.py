@@ -186,3 +186,24 @@ def test_access_policy() -> None:
     for other in (identity("t2", "svc", SCOPE_READ), identity("plat", "root", SCOPE_TRAIN)):
         with pytest.raises(PermissionDenied):
             policy.authorize(other, Action.READ, "t1")
+
+
+def test_opening_the_store_sweeps_dead_uploads_but_not_live_ones(tmp_path: Path) -> None:
+    """A crashed upload leaves a staging file nobody holds: the next store opened on the
+    folder deletes it. An upload still being written (by another replica sharing the
+    folder) or finished but not yet committed holds its lock and is left alone."""
+    store = LocalObjectStore(tmp_path / "objects")
+    live = store.stage()
+    live.write(b"still uploading")
+    finished = store.stage()
+    finished.write(b"verified, not yet committed")
+    digest = finished.finish()
+    dead = tmp_path / "objects" / "staging" / "upload-crashed"
+    dead.write_bytes(b"half an upl")  # what a killed process leaves: no lock held
+    other_replica = LocalObjectStore(tmp_path / "objects")
+    assert not dead.exists()
+    assert live.path.exists() and finished.path.exists()
+    assert other_replica.sweep_staging() == 0
+    assert store.commit(finished, digest) is True
+    live.discard()
+    assert list((tmp_path / "objects" / "staging").iterdir()) == []

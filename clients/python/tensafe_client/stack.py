@@ -402,12 +402,13 @@ class LocalStack:
                 return child
         raise StackError(f"no process {name!r} in the stack")
 
-    def pid(self, name: str) -> int:
-        """The process id of a running service (``trainer-worker`` names the worker)."""
-        return self._child(name).process.pid
-
     def kill(self, name: str) -> None:
-        """SIGKILL one service process and reap it: a crash, with no clean shutdown."""
+        """SIGKILL one process and reap it: a crash, with no clean shutdown.
+
+        Args:
+            name: A service (``auth``, ``registry``, ``he_runtime``, ``trainer``) or
+                ``trainer-worker``.
+        """
         child = self._child(name)
         if child.process.poll() is None:
             child.process.kill()

@@ -8,12 +8,19 @@ An upload is written to a *staging* file first (:meth:`ObjectStore.stage`), hash
 it arrives, and becomes visible under its digest only through
 :meth:`ObjectStore.commit`, an atomic rename after fsync; a reader therefore never sees
 a partial object, and a crash leaves at most an unreferenced staging file.
+
+The local store's writer holds an exclusive ``flock`` on its staging file from creation
+until commit or discard; a process that dies (even by SIGKILL) drops it. Opening the
+store removes every staging file nobody holds, so a crash's leftovers are cleaned at the
+next start without touching an upload another replica sharing the folder is still
+writing (Linux NFS clients map ``flock`` to NFS locks, so this holds on ReadWriteMany).
 """
 
 from __future__ import annotations
 
 import abc
 import contextlib
+import fcntl
 import hashlib
 import os
 import re
@@ -103,6 +110,13 @@ class _LocalStaged(StagedObject):
         self._path = path
         self._file: BinaryIO | None = open(path, "xb")  # noqa: SIM115 - closed in finish()
         os.chmod(path, 0o600)
+        # Held until commit or discard: a sweeping store leaves a locked file alone.
+        self._lock: BinaryIO | None = self._file
+        fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if os.stat(path).st_ino != os.fstat(self._file.fileno()).st_ino:
+            # A sweep unlinked the file between its creation and the lock.
+            self._file.close()
+            raise RuntimeError(f"staging file {path.name} was removed while being created")
         self._hash = hashlib.sha256()
         self._size = 0
 
@@ -125,15 +139,20 @@ class _LocalStaged(StagedObject):
         if self._file is not None:
             self._file.flush()
             os.fsync(self._file.fileno())
-            self._file.close()
-            self._file = None
+            self._file = None  # no more writes; the handle stays open for its lock
         return self._hash.hexdigest()
 
+    def release(self) -> None:
+        """Close the handle, which drops the lock (after commit or before unlink)."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+        self._file = None
+
     def discard(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        # Unlink first: the file is gone before its lock is, so no sweep races us.
         self._path.unlink(missing_ok=True)
+        self.release()
 
 
 class LocalObjectStore(ObjectStore):
@@ -149,6 +168,28 @@ class LocalObjectStore(ObjectStore):
         self._objects = root / "sha256"
         for folder in (root, self._staging, self._objects):
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.sweep_staging()
+
+    def sweep_staging(self) -> int:
+        """Delete staging files no live writer holds (a crashed upload's leftovers).
+
+        Returns:
+            How many files were deleted.
+        """
+        removed = 0
+        for path in self._staging.glob("upload-*"):
+            try:
+                file = open(path, "rb")  # noqa: SIM115 - closed below
+            except FileNotFoundError:
+                continue
+            with file:
+                try:
+                    fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # a live upload
+                path.unlink(missing_ok=True)
+                removed += 1
+        return removed
 
     def _path(self, digest: str) -> Path:
         check_digest(digest)
@@ -169,6 +210,8 @@ class LocalObjectStore(ObjectStore):
         # all. fsync of the folder makes the new name survive a power loss.
         os.replace(staged.path, target)
         _fsync_dir(target.parent)
+        if isinstance(staged, _LocalStaged):
+            staged.release()
         return True
 
     def exists(self, digest: str) -> bool:
