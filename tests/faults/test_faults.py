@@ -52,10 +52,11 @@ from tensafe.client.auth import TokenProvider, authenticated_channel
 from tensafe.client.demo import TenantCredentials, create_tenant
 from tensafe.client.he import HeLoraSession, HeRuntimeRpc
 from tensafe.client.registry import RegistryClient
+from tensafe.client.retry import RetryPolicy
 from tensafe.client.stack import TRAINER_SIGNING_KEY, LocalStack, StackOptions
 from tensafe.client.tiny_model import build_tiny_model, tiny_corpus
 from tensafe.client.train_cli import build_corpus, to_datum
-from tensafe.client.training import ChannelOptions, RetryPolicy, make_channel
+from tensafe.client.training import ChannelOptions, make_channel
 from tensafe.common import errors
 from tensafe.proto.common.v1 import common_pb2
 from tensafe.tinker import ServiceClient, types
@@ -508,7 +509,9 @@ def _package(stack: Stack, adapter_name: str, weights: dict[str, np.ndarray]) ->
 @contextlib.contextmanager
 def registry_client(stack: Stack) -> Iterator[tuple[RegistryClient, grpc.Channel]]:
     channel, auth_channel = _channel(stack, "registry")
-    with RegistryClient(channel, call_timeout_seconds=60, also_close=(auth_channel,)) as client:
+    with RegistryClient(
+        channel, call_timeout_seconds=60, retry=RIDE_THROUGH.retry, also_close=(auth_channel,)
+    ) as client:
         yield client, channel
 
 
@@ -539,32 +542,34 @@ def test_registry_killed_mid_upload(stack: Stack) -> None:
     digest = hashlib.sha256(package).hexdigest()
     assert len(package) > 8 * chunk
 
+    crashed: list[tuple[list[int], set[str]]] = []
+    restarted: list[tuple[list[Path], list[Path]]] = []
+
     def crash() -> None:
-        # The registry has opened its staging file: the upload is under way.
+        # The registry has opened its staging file: the upload is under way. Runs on
+        # the SDK's request-streaming thread while the caller waits for the answer.
         _until(lambda: bool(_object_files(stack)[0]), 30, "the upload to be staged")
         stack.local.kill("registry")
+        staging, objects = _object_files(stack)
+        crashed.append(([p.stat().st_size for p in staging], {p.name for p in objects}))
+        stack.local.restart("registry")
+        restarted.append(_object_files(stack))
 
     crashing = CrashingPackage(package)
     crashing.offset, crashing.at_offset = 4 * chunk, crash
-    with registry_client(stack) as (registry, channel):
-        with pytest.raises(errors.Unavailable):
-            registry.publish(name, crashing, request_id=request_id, chunk_bytes=chunk)
-        stack.local.kill("registry")  # joins the crash hook's wait for the exit
-        staging, objects = _object_files(stack)
-        assert len(staging) == 1 and staging[0].stat().st_size < len(package)
-        assert digest not in {p.name for p in objects}
-
-        stack.local.restart("registry")
-        grpc.channel_ready_future(channel).result(timeout=30)
-        staging, objects = _object_files(stack)
+    with registry_client(stack) as (registry, _):
+        # The SDK sees UNAVAILABLE, backs off and streams the package again under the
+        # same request id until the restarted registry takes it: one version.
+        first = registry.publish(name, crashing, request_id=request_id, chunk_bytes=chunk)
+        ((staged_sizes, object_names),) = crashed
+        assert len(staged_sizes) == 1 and staged_sizes[0] < len(package)
+        assert digest not in object_names
+        ((staging, objects),) = restarted
         assert staging == [], "the crashed upload's staging file survived the restart"
         for path in objects:  # every visible object is complete: its name is its hash
             assert hashlib.sha256(path.read_bytes()).hexdigest() == path.name
         assert digest not in {p.name for p in objects}
-        with pytest.raises(errors.NotFound):
-            registry.get_adapter(name)
 
-        first = registry.publish(name, package, request_id=request_id, chunk_bytes=chunk)
         again = registry.publish(name, package, request_id=request_id, chunk_bytes=chunk)
         assert (first.version, first.package_sha256) == (1, digest)
         assert (again.version, again.package_sha256) == (1, digest)
@@ -585,9 +590,12 @@ class CrashingHeRpc(HeRuntimeRpc):
         if hook is None:
             return super().apply_lora(session_id, layer, ciphertexts, **kwargs)
 
+        pending = [hook]  # once: the SDK's retry iterates the ciphertexts again
+
         class Crashing(list):  # type: ignore[type-arg]
             def __iter__(self) -> Any:
-                hook()
+                if pending:
+                    pending.pop()()
                 return super().__iter__()
 
         return super().apply_lora(session_id, layer, Crashing(ciphertexts), **kwargs)
@@ -620,14 +628,16 @@ def test_he_runtime_killed_mid_request(stack: Stack) -> None:
         layer = session.layers[0]
         assert close_to(session.apply(layer, x, output_size=WIDTH), expected(layer))
 
-        rpc.crash_next = lambda: stack.local.kill("he_runtime")
-        with pytest.raises(errors.Unavailable):
-            session.apply(layer, x, output_size=WIDTH)
+        def crash() -> None:
+            stack.local.kill("he_runtime")
+            stack.local.restart("he_runtime")
 
-        stack.local.kill("he_runtime")  # joins the crash hook's wait for the exit
-        stack.local.restart("he_runtime")
-        grpc.channel_ready_future(channel).result(timeout=30)
-        # Sessions (and their keys) live in the runtime's memory: gone with the process.
+        # The SDK retries the cut ApplyLora (UNAVAILABLE) until the restarted runtime
+        # answers, and its answer is clean: the session (and its keys) lived in the old
+        # process's memory. Never a wrong decryption.
+        rpc.crash_next = crash
+        with pytest.raises(errors.NotFound):
+            session.apply(layer, x, output_size=WIDTH)
         with pytest.raises(errors.NotFound):
             session.refresh()
         with pytest.raises(errors.NotFound):

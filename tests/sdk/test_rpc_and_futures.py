@@ -9,9 +9,9 @@ import math
 import grpc
 import pytest
 
+from tensafe.client.retry import RetryPolicy
 from tensafe.client.training import (
     ChannelOptions,
-    RetryPolicy,
     TrainerRpc,
     make_channel,
     parse_address,

@@ -27,8 +27,8 @@ import json
 import os
 import time
 import uuid
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
@@ -39,14 +39,16 @@ from torch import nn
 from tensafe.client.auth import TokenProvider, authenticated_channel, find_api_key
 from tensafe.client.channels import OwnedChannels, resolve_tls
 from tensafe.client.connection import load_connection
+from tensafe.client.retry import call_with_retry
 from tensafe.client.training import ChannelOptions, make_channel
 from tensafe.common import errors
-from tensafe.common.grpc_errors import from_rpc_error
 from tensafe.helora.client import HeLoraClient
 from tensafe.helora.params import CkksParams, default_params
 from tensafe.helora.plan import OpCounts, Packing, Plan, choose_plan, compile_plan
 from tensafe.proto.he.v1 import he_service_pb2 as pb
 from tensafe.proto.he.v1 import he_service_pb2_grpc
+
+Result = TypeVar("Result")
 
 CHUNK_BYTES = 1024 * 1024
 """Bytes per streamed chunk of keys or ciphertexts (1 MiB, far under message limits)."""
@@ -60,9 +62,16 @@ _PACKING_TO_PROTO = {
 class HeRuntimeRpc(OwnedChannels):
     """The HE runtime's RPCs on one channel, raising typed errors.
 
+    ``CompilePlan``, ``GetSession`` and ``ApplyLora`` (a pure function of the session's
+    keys, plan and adapter and of the ciphertexts sent) are retried on UNAVAILABLE as
+    :mod:`tensafe.client.retry` describes; ``CreateSession`` and ``CloseSession`` are
+    sent once. Sessions live in the runtime's memory, so after a runtime restart a retry
+    meets NOT_FOUND: create a new session.
+
     Args:
         channel: An (authenticated) channel to the HE runtime.
-        options: Deadlines of unary calls.
+        options: Deadlines of unary calls and the retry policy.
+        sleep: Pauses between retries (``time.sleep``; tests may pass a recorder).
         also_close: Other channels to close with this one (e.g. to auth).
     """
 
@@ -71,20 +80,19 @@ class HeRuntimeRpc(OwnedChannels):
         channel: grpc.Channel,
         *,
         options: ChannelOptions | None = None,
+        sleep: Callable[[float], None] = time.sleep,
         also_close: Sequence[grpc.Channel] = (),
     ) -> None:
         self._options = options or ChannelOptions()
+        self._sleep = sleep
         super().__init__(channel, also_close)
         self._stub = he_service_pb2_grpc.HeRuntimeServiceStub(channel)
 
     def compile_plan(self, spec: pb.PlanSpec) -> pb.Plan:
         """``CompilePlan``."""
-        try:
-            response = self._stub.CompilePlan(
-                pb.CompilePlanRequest(spec=spec), timeout=self._options.call_timeout_seconds
-            )
-        except grpc.RpcError as error:
-            raise from_rpc_error(error) from None
+        request = pb.CompilePlanRequest(spec=spec)
+        timeout = self._options.call_timeout_seconds
+        response = self._attempt(lambda: self._stub.CompilePlan(request, timeout=timeout))
         return response.plan
 
     def create_session(
@@ -105,21 +113,14 @@ class HeRuntimeRpc(OwnedChannels):
             for start in range(0, len(keys), chunk_bytes):
                 yield pb.CreateSessionRequest(galois_keys_chunk=keys[start : start + chunk_bytes])
 
-        try:
-            response = self._stub.CreateSession(requests())
-        except grpc.RpcError as error:
-            raise from_rpc_error(error) from None
+        response = self._attempt(lambda: self._stub.CreateSession(requests()), idempotent=False)
         return response.session
 
     def get_session(self, session_id: str) -> pb.Session:
         """``GetSession``."""
-        try:
-            response = self._stub.GetSession(
-                pb.GetSessionRequest(session_id=session_id),
-                timeout=self._options.call_timeout_seconds,
-            )
-        except grpc.RpcError as error:
-            raise from_rpc_error(error) from None
+        request = pb.GetSessionRequest(session_id=session_id)
+        timeout = self._options.call_timeout_seconds
+        response = self._attempt(lambda: self._stub.GetSession(request, timeout=timeout))
         return response.session
 
     def apply_lora(
@@ -152,10 +153,10 @@ class HeRuntimeRpc(OwnedChannels):
                         )
                     )
 
-        results: list[bytes] = []
-        current = bytearray()
-        summary: pb.ApplyLoraSummary | None = None
-        try:
+        def run() -> tuple[list[bytes], pb.ApplyLoraSummary]:
+            results: list[bytes] = []
+            current = bytearray()
+            summary: pb.ApplyLoraSummary | None = None
             for response in self._stub.ApplyLora(requests()):
                 if response.WhichOneof("part") == "summary":
                     summary = response.summary
@@ -167,21 +168,24 @@ class HeRuntimeRpc(OwnedChannels):
                 if chunk.last:
                     results.append(bytes(current))
                     current = bytearray()
-        except grpc.RpcError as error:
-            raise from_rpc_error(error) from None
-        if summary is None or current:
-            raise errors.IntegrityError("ApplyLora response ended without a summary")
-        return results, summary
+            if summary is None or current:
+                raise errors.IntegrityError("ApplyLora response ended without a summary")
+            return results, summary
+
+        # A stream cut by an outage is sent again from its start: the result depends
+        # only on the session and the ciphertexts.
+        return self._attempt(run)
 
     def close_session(self, session_id: str) -> None:
         """``CloseSession``."""
-        try:
-            self._stub.CloseSession(
-                pb.CloseSessionRequest(session_id=session_id),
-                timeout=self._options.call_timeout_seconds,
-            )
-        except grpc.RpcError as error:
-            raise from_rpc_error(error) from None
+        request = pb.CloseSessionRequest(session_id=session_id)
+        timeout = self._options.call_timeout_seconds
+        self._attempt(lambda: self._stub.CloseSession(request, timeout=timeout), idempotent=False)
+
+    def _attempt(self, call: Callable[[], Result], idempotent: bool = True) -> Result:
+        return call_with_retry(
+            call, policy=self._options.retry, idempotent=idempotent, sleep=self._sleep
+        )
 
 
 def open_he_runtime(

@@ -20,10 +20,11 @@ from __future__ import annotations
 import dataclasses
 import os
 import tempfile
+import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 
@@ -31,14 +32,16 @@ from tensafe import tgsp
 from tensafe.client.auth import TokenProvider, authenticated_channel, find_api_key
 from tensafe.client.channels import OwnedChannels
 from tensafe.client.connection import load_connection
+from tensafe.client.retry import RetryPolicy, call_with_retry
 from tensafe.common import errors
-from tensafe.common.grpc_errors import from_rpc_error
 from tensafe.proto.registry.v1 import registry_service_pb2 as pb
 from tensafe.proto.registry.v1 import registry_service_pb2_grpc
 
 if TYPE_CHECKING:
     from peft import PeftModel
     from torch import nn
+
+Result = TypeVar("Result")
 
 CHUNK_BYTES = 1024 * 1024
 """Bytes per PublishAdapter chunk (1 MiB, far under gRPC message limits)."""
@@ -60,9 +63,15 @@ class Downloaded:
 class RegistryClient(OwnedChannels):
     """The registry's RPCs on one channel, raising typed errors.
 
+    Idempotent calls (reads, and a publish, which carries a request id) are retried on
+    UNAVAILABLE as :mod:`tensafe.client.retry` describes; ``set_alias`` and ``delete``
+    are sent once (a lost answer to a delete would turn its retry into NOT_FOUND).
+
     Args:
         channel: An authenticated channel to the registry.
         call_timeout_seconds: Deadline of each call (streams included).
+        retry: Retries of UNAVAILABLE.
+        sleep: Pauses between retries (``time.sleep``; tests may pass a recorder).
         also_close: Other channels to close with this one (e.g. to auth).
     """
 
@@ -71,9 +80,13 @@ class RegistryClient(OwnedChannels):
         channel: grpc.Channel,
         *,
         call_timeout_seconds: float = 300.0,
+        retry: RetryPolicy | None = None,
+        sleep: Callable[[float], None] = time.sleep,
         also_close: Sequence[grpc.Channel] = (),
     ) -> None:
         self._timeout = call_timeout_seconds
+        self._retry = retry or RetryPolicy()
+        self._sleep = sleep
         super().__init__(channel, also_close)
         self._stub = registry_service_pb2_grpc.RegistryServiceStub(channel)
 
@@ -119,11 +132,11 @@ class RegistryClient(OwnedChannels):
             also_close=(registry_channel, auth_channel),
         )
 
-    def _call(self, method: Any, request: Any) -> Any:
-        try:
-            return method(request, timeout=self._timeout)
-        except grpc.RpcError as error:
-            raise from_rpc_error(error) from None
+    def _call(self, method: Any, request: Any, *, idempotent: bool = True) -> Any:
+        return self._attempt(lambda: method(request, timeout=self._timeout), idempotent)
+
+    def _attempt(self, call: Callable[[], Result], idempotent: bool = True) -> Result:
+        return call_with_retry(call, policy=self._retry, idempotent=idempotent, sleep=self._sleep)
 
     # ------------------------------------------------------------------ writes
 
@@ -169,14 +182,18 @@ class RegistryClient(OwnedChannels):
                 while block := file.read(chunk_bytes):
                     yield pb.PublishAdapterRequest(chunk=block)
 
-        response = self._call(self._stub.PublishAdapter, requests())
+        # Every attempt streams the package again under the same request id; the
+        # registry answers a repeated id with the version the first attempt made.
+        response = self._attempt(
+            lambda: self._stub.PublishAdapter(requests(), timeout=self._timeout)
+        )
         version: pb.AdapterVersion = response.version
         return version
 
     def set_alias(self, adapter_name: str, alias: str, version: int) -> pb.Adapter:
         """Point ``alias`` at ``version``."""
         request = pb.SetAliasRequest(adapter_name=adapter_name, alias=alias, version=version)
-        adapter: pb.Adapter = self._call(self._stub.SetAlias, request).adapter
+        adapter: pb.Adapter = self._call(self._stub.SetAlias, request, idempotent=False).adapter
         return adapter
 
     def delete(self, adapter_name: str, version: int = 0) -> None:
@@ -184,6 +201,7 @@ class RegistryClient(OwnedChannels):
         self._call(
             self._stub.DeleteAdapter,
             pb.DeleteAdapterRequest(adapter_name=adapter_name, version=version),
+            idempotent=False,
         )
 
     # ------------------------------------------------------------------ reads
@@ -262,16 +280,19 @@ class RegistryClient(OwnedChannels):
             if alias
             else pb.DownloadAdapterRequest(adapter_name=adapter_name, version=version)
         )
-        record: pb.AdapterVersion | None = None
-        data = bytearray()
-        try:
+
+        def fetch() -> tuple[pb.AdapterVersion | None, bytearray]:
+            record: pb.AdapterVersion | None = None
+            data = bytearray()
             for part in self._stub.DownloadAdapter(request, timeout=self._timeout):
                 if part.WhichOneof("part") == "version":
                     record = part.version
                 else:
                     data += part.chunk
-        except grpc.RpcError as error:
-            raise from_rpc_error(error) from None
+            return record, data
+
+        # A stream cut by an outage is fetched again from its start.
+        record, data = self._attempt(fetch)
         if record is None or len(data) != record.size_bytes:
             raise errors.Unavailable("the download stream ended early")
         package = bytes(data)

@@ -9,9 +9,10 @@ treatment:
   its field, ...), decoded by :func:`tensafe.common.grpc_errors.from_rpc_error`; the
   error of a FAILED future is decoded the same way (:func:`future_error`);
 * **retries** — UNAVAILABLE (a dependency or the server is down, DESIGN §3) is retried
-  with capped exponential backoff and full jitter. Only calls that are idempotent are
-  sent twice: reads, and mutations carrying a ``request_id`` the server de-duplicates
-  (the caller makes one request id per logical call and reuses it on every attempt);
+  with capped exponential backoff and full jitter (:mod:`tensafe.client.retry`). Only
+  calls that are idempotent are sent twice: reads, and mutations carrying a
+  ``request_id`` the server de-duplicates (the caller makes one request id per logical
+  call and reuses it on every attempt);
 * **explicit message size limits** on both directions, so a large batch fails with a
   clear RESOURCE_EXHAUSTED rather than a transport default.
 
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import random
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -38,6 +38,7 @@ from google.protobuf import duration_pb2
 from tensafe.client.auth import TokenProvider, authenticated_channel, find_api_key
 from tensafe.client.channels import ClientTls, OwnedChannels, open_channel, resolve_tls
 from tensafe.client.connection import load_connection
+from tensafe.client.retry import RetryPolicy, call_with_retry
 from tensafe.client.tracing import traced_channel
 from tensafe.common import errors
 from tensafe.common.grpc_errors import STATUS_DETAILS_KEY, from_rpc_error
@@ -53,46 +54,6 @@ DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 RESOURCE_EXHAUSTED before it is sent. About 1M tokens with their targets and weights;
 split larger batches into several ``forward_backward`` calls (they accumulate into one
 DP step)."""
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class RetryPolicy:
-    """How UNAVAILABLE is retried (capped exponential backoff with full jitter).
-
-    Full jitter (a uniform draw in ``[0, backoff]``) keeps many clients that lost the
-    same server from retrying in lock step (Brooker, "Exponential Backoff And Jitter",
-    AWS Architecture Blog, 2015).
-    """
-
-    max_attempts: int = 6
-    """Attempts in total, the first included; 1 disables retries."""
-
-    initial_backoff_seconds: float = 0.2
-    """Upper bound of the first pause."""
-
-    max_backoff_seconds: float = 5.0
-    """Cap of the pause's upper bound."""
-
-    multiplier: float = 2.0
-    """Growth of the upper bound per attempt."""
-
-    def __post_init__(self) -> None:
-        if self.max_attempts < 1:
-            raise errors.InvalidArgument("max_attempts", "must be at least 1")
-        if not 0 < self.initial_backoff_seconds <= self.max_backoff_seconds:
-            raise errors.InvalidArgument(
-                "initial_backoff_seconds", "need 0 < initial_backoff_seconds <= max_backoff"
-            )
-        if self.multiplier < 1:
-            raise errors.InvalidArgument("multiplier", "must be >= 1")
-
-    def pause(self, attempt: int, draw: Callable[[], float] = random.random) -> float:
-        """Seconds to wait before attempt ``attempt + 1`` (``attempt`` counts from 1)."""
-        bound = min(
-            self.max_backoff_seconds,
-            self.initial_backoff_seconds * self.multiplier ** (attempt - 1),
-        )
-        return bound * draw()
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -224,17 +185,12 @@ class TrainerRpc(OwnedChannels):
                 are used up.
         """
         deadline = timeout if timeout is not None else self.options.call_timeout_seconds
-        attempts = self.options.retry.max_attempts if idempotent else 1
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                return method(request, timeout=deadline)
-            except grpc.RpcError as exc:
-                retryable = exc.code() == grpc.StatusCode.UNAVAILABLE
-                if not retryable or attempt >= attempts:
-                    raise from_rpc_error(exc) from None
-            self._sleep(self.options.retry.pause(attempt))
+        return call_with_retry(
+            lambda: method(request, timeout=deadline),
+            policy=self.options.retry,
+            idempotent=idempotent,
+            sleep=self._sleep,
+        )
 
     # -- TrainerService ------------------------------------------------------------
 

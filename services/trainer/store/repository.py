@@ -19,8 +19,9 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from tensafe.common.errors import InvalidArgument, NotFound
-from tensafe.common.futures import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
+from tensafe.common.futures import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, FutureStatus
 from tensafe.trainer.store.models import (
+    FUTURES,
     BudgetReservationRow,
     CheckpointRow,
     JobRow,
@@ -127,6 +128,24 @@ async def client_by_request(
             )
         )
     ).scalar_one_or_none()
+
+
+async def count_live_clients(session: AsyncSession, tenant: str) -> int:
+    """How many active (not deleted) training clients ``tenant`` holds."""
+    query = sa.select(sa.func.count()).where(
+        TrainingClientRow.tenant == tenant, TrainingClientRow.state == CLIENT_ACTIVE
+    )
+    return int((await session.execute(query)).scalar_one())
+
+
+async def count_unfinished_jobs(session: AsyncSession, tenant: str) -> int:
+    """How many of ``tenant``'s futures are still PENDING or RUNNING (its queued and
+    running jobs; every trainer future is a job)."""
+    unfinished = [FutureStatus.PENDING.value, FutureStatus.RUNNING.value]
+    query = sa.select(sa.func.count()).where(
+        FUTURES.c.tenant == tenant, FUTURES.c.status.in_(unfinished)
+    )
+    return int((await session.execute(query)).scalar_one())
 
 
 @dataclass(frozen=True)
