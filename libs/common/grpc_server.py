@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import json
 import logging
 import os
@@ -161,6 +162,11 @@ def run_service(
     shutdown_telemetry = setup_telemetry(
         f"tensafe-{name}", exporter=config.otel_exporter, endpoint=config.otel_endpoint
     )
+    # Everything imported so far (torch, transformers, SEAL bindings, ...) lives as long
+    # as the process: freezing it keeps the collector, and the interpreter's final
+    # collection at exit, from walking millions of objects again (measured: a trainer
+    # worker's exit after SIGTERM fell from 2-3 s to under 1 s on a loaded machine).
+    gc.freeze()
     try:
         asyncio.run(_serve(name, config, build, trace.get_tracer("tensafe")))
     except ConfigError as exc:
