@@ -5,7 +5,8 @@ raised anywhere below a servicer becomes its status code with ``google.rpc`` det
 (``ErrorInfo`` with the reason, ``BadRequest`` naming the field for INVALID_ARGUMENT;
 AIP-193) in the ``grpc-status-details-bin`` trailer. Any other exception is logged
 with its stack trace under an error id and reaches the client as INTERNAL with that id
-only: never a stack trace.
+only: never a stack trace. Request bytes that do not decode as the method's message get
+INVALID_ARGUMENT (field ``request``), not grpc's UNKNOWN.
 
 Clients call :func:`from_rpc_error` to get the same typed error back.
 """
@@ -13,6 +14,7 @@ Clients call :func:`from_rpc_error` to get the same typed error back.
 from __future__ import annotations
 
 import abc
+import dataclasses
 import inspect
 import logging
 import uuid
@@ -22,6 +24,7 @@ from typing import TYPE_CHECKING, Any, cast
 import grpc
 import grpc.aio
 from google.protobuf import any_pb2
+from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
 
 from tensafe.common import errors
@@ -162,7 +165,50 @@ class ErrorInterceptor(ServerInterceptorBase):
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
-        return wrap_handler(handler, _ErrorGuard(handler_call_details.method))
+        guard = _ErrorGuard(
+            handler_call_details.method, request_streaming=handler.request_streaming
+        )
+        return wrap_handler(
+            handler, guard, request_deserializer=_lenient(handler.request_deserializer)
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Undecodable:
+    """Stands for request bytes that are not a valid message.
+
+    grpc's asyncio server answers a deserializer's exception with UNKNOWN and the
+    exception's text; decoding leniently instead lets :class:`_ErrorGuard` answer
+    INVALID_ARGUMENT naming the request, like any other bad input.
+    """
+
+    reason: str
+
+
+def _lenient(
+    deserializer: Callable[[bytes], Any] | None,
+) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def decode(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except DecodeError as error:
+            return _Undecodable(str(error))
+
+    return decode
+
+
+def _decoded(request: Any) -> Any:
+    if isinstance(request, _Undecodable):
+        raise errors.InvalidArgument("request", f"is not a valid message: {request.reason}")
+    return request
+
+
+async def _decoded_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for request in requests:
+        yield _decoded(request)
 
 
 class BehaviorWrapper(abc.ABC):
@@ -188,15 +234,20 @@ def _as_error(method: str, exc: Exception) -> errors.TenSafeError:
 
 
 class _ErrorGuard(BehaviorWrapper):
-    def __init__(self, method: str) -> None:
+    def __init__(self, method: str, *, request_streaming: bool) -> None:
         self._method = method
+        self._request_streaming = request_streaming
+
+    def _checked(self, request: Any) -> Any:
+        """The request, or an iterator of requests, with undecodable ones refused."""
+        return _decoded_stream(request) if self._request_streaming else _decoded(request)
 
     def unary(self, inner: Behavior) -> Behavior:
         method = self._method
 
         async def behavior(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             try:
-                return await _call(inner, request, context)
+                return await _call(inner, self._checked(request), context)
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:  # the boundary: nothing escapes unmapped
@@ -211,7 +262,7 @@ class _ErrorGuard(BehaviorWrapper):
             request: Any, context: grpc.aio.ServicerContext[Any, Any]
         ) -> AsyncIterator[Any]:
             try:
-                async for item in _iterate(inner, request, context):
+                async for item in _iterate(inner, self._checked(request), context):
                     yield item
             except grpc.aio.AbortError:
                 raise
@@ -237,11 +288,20 @@ async def _iterate(inner: Behavior, request: Any, context: Any) -> AsyncIterator
 
 
 def wrap_handler(
-    handler: grpc.RpcMethodHandler[Any, Any], wrapper: BehaviorWrapper
+    handler: grpc.RpcMethodHandler[Any, Any],
+    wrapper: BehaviorWrapper,
+    *,
+    request_deserializer: Callable[[bytes], Any] | None = None,
 ) -> grpc.RpcMethodHandler[Any, Any]:
-    """Return ``handler`` with its behavior wrapped by ``wrapper``."""
+    """Return ``handler`` with its behavior wrapped by ``wrapper``.
+
+    Args:
+        handler: The method handler.
+        wrapper: Wraps its behavior.
+        request_deserializer: Replaces the handler's request deserializer, if given.
+    """
     kwargs = {
-        "request_deserializer": handler.request_deserializer,
+        "request_deserializer": request_deserializer or handler.request_deserializer,
         "response_serializer": handler.response_serializer,
     }
     if handler.unary_unary:

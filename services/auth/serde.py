@@ -35,14 +35,26 @@ def timestamp(moment: datetime) -> timestamp_pb2.Timestamp:
     return timestamp_pb2.Timestamp(seconds=micros // 1_000_000, nanos=micros % 1_000_000 * 1000)
 
 
+MAX_DURATION = timedelta(days=36_525)
+"""Longest accepted duration (100 years): an expiry further out leaves ``datetime``'s
+range (and a Duration's seconds can overflow ``timedelta`` outright)."""
+
+
 def duration(field: str, value: duration_pb2.Duration, present: bool) -> timedelta | None:
     """A timedelta, or None when the field is unset.
 
     Raises:
-        InvalidArgument: Negative or zero.
+        InvalidArgument: Negative, zero, longer than :data:`MAX_DURATION`, or nanos out
+            of a Duration's range.
     """
     if not present:
         return None
+    if not -999_999_999 <= value.nanos <= 999_999_999:
+        raise InvalidArgument(f"{field}.nanos", "must be within ±999,999,999")
+    if value.seconds > MAX_DURATION.total_seconds():
+        raise InvalidArgument(field, f"must be at most {MAX_DURATION.days} days")
+    if value.seconds < 0 or (value.seconds == 0 and value.nanos <= 0):
+        raise InvalidArgument(field, "must be positive")
     delta = value.ToTimedelta()
     if delta <= timedelta(0):
         raise InvalidArgument(field, "must be positive")

@@ -269,7 +269,8 @@ class TrainerFutureServicer(common_pb2_grpc.FutureServiceServicer):
     ) -> common_pb2.WaitFutureResponse:
         """Wait for a future, bounded by the request, the deadline and a maximum."""
         who = caller(SCOPE_READ)
-        timeout = request.timeout.ToTimedelta().total_seconds()
+        # From the fields: ToTimedelta() overflows on a Duration of 2^63 seconds.
+        timeout = request.timeout.seconds + request.timeout.nanos / 1e9
         if timeout < 0:
             raise InvalidArgument("timeout", "must not be negative")
         remaining = context.time_remaining()

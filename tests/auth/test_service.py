@@ -414,3 +414,24 @@ async def test_idempotency_paging_ttls_and_validation(auth: AuthHarness) -> None
     await exchange(stub, created.secret)
     auth.clock.offset = timedelta(seconds=61)
     await expect_code(exchange(stub, created.secret), UNAUTH)
+
+
+async def test_durations_out_of_range_are_invalid_argument(auth: AuthHarness) -> None:
+    # Found by tests/fuzz: these overflowed timedelta or datetime (INTERNAL).
+    stub = auth.stub
+    root = bearer((await exchange(stub, auth.bootstrap.admin_api_key)).access_token)
+    for seconds, nanos in ((-(2**63), 0), (2**63 - 1, 0), (315_576_000_000, 0), (1, 2**31 - 1)):
+        ttl = duration_pb2.Duration(seconds=seconds, nanos=nanos)
+        await expect_code(
+            stub.ExchangeApiKey(
+                pb.ExchangeApiKeyRequest(api_key=auth.bootstrap.admin_api_key, ttl=ttl)
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        )
+        await expect_code(
+            stub.CreateApiKey(
+                pb.CreateApiKeyRequest(principal_id=auth.bootstrap.admin.id, ttl=ttl),
+                metadata=root,
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        )

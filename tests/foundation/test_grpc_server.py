@@ -170,6 +170,23 @@ async def test_streaming_calls_map_errors_too(
         assert from_rpc_error(info.value).code == errors.ErrorCode.UNIMPLEMENTED
 
 
+async def test_undecodable_request_is_invalid_argument_naming_the_request(
+    served: tuple[GrpcServer, ProbeFutureService, str],
+) -> None:
+    # grpc's asyncio server alone answers a request that does not decode with UNKNOWN.
+    async with grpc.aio.insecure_channel(served[2]) as channel:
+        get_future = channel.unary_unary(
+            "/tensafe.common.v1.FutureService/GetFuture",
+            request_serializer=lambda raw: raw,
+            response_deserializer=common_pb2.GetFutureResponse.FromString,
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await get_future(b"\x0a\xff\xff\xff\xff\x0f")  # a length past the end
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    typed = from_rpc_error(info.value)
+    assert isinstance(typed, errors.InvalidArgument) and typed.field == "request"
+
+
 async def test_unserved_rpc_is_unimplemented(
     served: tuple[GrpcServer, ProbeFutureService, str],
 ) -> None:

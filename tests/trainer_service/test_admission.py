@@ -10,6 +10,7 @@ from typing import Any
 import grpc
 import pytest
 import sqlalchemy as sa
+from google.protobuf import duration_pb2
 
 from tensafe.common.auth import SCOPE_READ
 from tensafe.common.db import Database
@@ -179,6 +180,18 @@ async def test_bad_input_is_refused_with_the_field_and_changes_nothing(
         ),
         "sampling_params.max_tokens",
     )
+    await refused(  # found by tests/fuzz: 2**31-1 samples were one batch in the worker
+        stack.trainer.Sample(
+            pb.SampleRequest(
+                training_client_id=client.id,
+                prompt=model_input(good[0][:4]),
+                num_samples=2**31 - 1,
+                sampling_params=pb.SamplingParams(max_tokens=1),
+            ),
+            metadata=stack.auth,
+        ),
+        "num_samples",
+    )
     create = stack.trainer.CreateTrainingClient
     await refused(
         create(
@@ -334,3 +347,27 @@ async def test_training_clients_page(make_stack: Any, page_size: int) -> None:
         if not token:
             break
     assert sorted(seen) == sorted(created) and len(seen) == 3
+
+
+async def test_wait_future_with_a_huge_timeout_is_bounded_by_the_deadline(
+    make_stack: Any, base_models_dir: Path
+) -> None:
+    # Found by tests/fuzz: Duration(seconds=2**63-1).ToTimedelta() overflowed (INTERNAL).
+    stack = await make_stack(worker=False)
+    client = await create_client(stack, dp=None)
+    submitted = await stack.trainer.ForwardBackward(
+        pb.ForwardBackwardRequest(
+            training_client_id=client.id,
+            data=[datum(corpus_sequences(base_models_dir / BASE_MODEL, 1)[0])],
+            loss_fn="cross_entropy",
+        ),
+        metadata=stack.auth,
+    )
+    response = await stack.futures.WaitFuture(
+        common_pb2.WaitFutureRequest(
+            future_id=submitted.future.id, timeout=duration_pb2.Duration(seconds=2**63 - 1)
+        ),
+        metadata=stack.auth,
+        timeout=1.0,
+    )
+    assert response.future.status == common_pb2.FUTURE_STATUS_PENDING

@@ -49,6 +49,10 @@ from tensafe.common.errors import InvalidArgument
 _MAX_SEED = 2**64
 """Seeds are unsigned 64-bit integers (``torch.Generator.manual_seed`` accepts them)."""
 
+MAX_NUM_SAMPLES = 1024
+"""Most samples per prompt: they decode as one batch (the prompt's KV cache repeated
+``num_samples`` times), so an unbounded count is an unbounded allocation in the worker."""
+
 
 class TokenDecoder(Protocol):
     """Anything that turns token ids into text (a transformers or tokenizers tokenizer)."""
@@ -99,6 +103,8 @@ class SamplingParams:
             raise InvalidArgument("top_p", f"must be in (0, 1], got {top_p!r}")
         object.__setattr__(self, "top_p", top_p)
         _check_int(self.num_samples, "num_samples", minimum=1)
+        if self.num_samples > MAX_NUM_SAMPLES:
+            raise InvalidArgument("num_samples", f"must be at most {MAX_NUM_SAMPLES}")
         if self.seed is not None:
             _check_int(self.seed, "seed", minimum=0)
             if self.seed >= _MAX_SEED:
