@@ -33,10 +33,15 @@ from google.protobuf.message import Message
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from tensafe.common.db import Database
-from tensafe.common.errors import BudgetExhausted, InvalidArgument, TenSafeError
+from tensafe.common.errors import (
+    BudgetExhausted,
+    InvalidArgument,
+    ResourceExhausted,
+    TenSafeError,
+)
 from tensafe.common.futures import Future, FuturePage, SqlFutureStore
 from tensafe.common.jetstream import JetStream
-from tensafe.common.quotas import lock_tenant, quota_exceeded
+from tensafe.common.quotas import QUOTA_EXCEEDED, lock_tenant, quota_exceeded
 from tensafe.proto.trainer.v1 import trainer_service_pb2 as pb
 from tensafe.trainer import serde
 from tensafe.trainer.audit.service import audit_plan
@@ -150,6 +155,7 @@ class TrainerApi:
         max_clients_per_tenant: Most live training clients per tenant.
         max_pending_jobs_per_tenant: Most unfinished jobs (PENDING or RUNNING futures)
             per tenant.
+        max_steps_per_job: Most steps of one TrainOnDataset or AuditPrivacy job.
     """
 
     def __init__(
@@ -164,6 +170,7 @@ class TrainerApi:
         outbox_grace_seconds: float,
         max_clients_per_tenant: int,
         max_pending_jobs_per_tenant: int,
+        max_steps_per_job: int,
     ) -> None:
         self._db = database
         self._futures = futures
@@ -174,6 +181,7 @@ class TrainerApi:
         self._outbox_grace = timedelta(seconds=outbox_grace_seconds)
         self._max_clients = max_clients_per_tenant
         self._max_pending_jobs = max_pending_jobs_per_tenant
+        self._max_steps_per_job = max_steps_per_job
 
     @property
     def futures(self) -> SqlFutureStore:
@@ -418,6 +426,21 @@ class TrainerApi:
             )
         return await self._admit(caller, request.training_client_id, JobKind.LOAD_STATE, request)
 
+    def check_job_steps(self, steps: int) -> None:
+        """Refuse a job of more than ``max_steps_per_job`` steps.
+
+        Raises:
+            ResourceExhausted: Reason ``QUOTA_EXCEEDED``, the limit in the metadata.
+        """
+        if steps > self._max_steps_per_job:
+            limit = self._max_steps_per_job
+            raise ResourceExhausted(
+                f"a job of {steps} steps passes the limit max_steps_per_job={limit}; "
+                "split the run into several jobs",
+                reason=QUOTA_EXCEEDED,
+                metadata={"limit": "max_steps_per_job", "max": str(limit)},
+            )
+
     async def audit_privacy(self, caller: Caller, request: pb.AuditPrivacyRequest) -> Future:
         """Admit a privacy audit (a shadow DP-SGD run on a base model; see
         :mod:`tensafe.trainer.audit`).
@@ -428,9 +451,11 @@ class TrainerApi:
         Raises:
             InvalidArgument: A bad field (``canaries``, ``guesses_per_side``, ...).
             NotFound: Unknown base model.
+            ResourceExhausted: More steps than ``max_steps_per_job``.
         """
         info = await self.base_model(request.base_model)
         audit_plan(request, info)
+        self.check_job_steps(request.steps)
         request_id = _request_id(request.request_id)
         fingerprint = _fingerprint(request)
         payload = request.SerializeToString(deterministic=True)

@@ -78,6 +78,13 @@ class TrainerConfig(ServiceConfig):
         "fails with RESOURCE_EXHAUSTED (reason QUOTA_EXCEEDED).",
         default=256,
     )
+    max_steps_per_job: int = setting(
+        "Most optimizer steps one TrainOnDataset or AuditPrivacy job may run: a job is "
+        "never preempted, so a run of a million steps would hold a worker for days; past "
+        "it RESOURCE_EXHAUSTED (reason QUOTA_EXCEEDED) names the limit. Split longer runs "
+        "into several jobs (the accountant composes them exactly).",
+        default=100_000,
+    )
     max_dataset_storage_bytes_per_tenant: int = setting(
         "Most bytes of encrypted datasets one tenant may store on the trainer; an "
         "UploadDataset that would pass it fails with RESOURCE_EXHAUSTED.",
@@ -148,6 +155,7 @@ class TrainerConfig(ServiceConfig):
             "max_dataset_bytes",
             "max_training_clients_per_tenant",
             "max_pending_jobs_per_tenant",
+            "max_steps_per_job",
             "max_dataset_storage_bytes_per_tenant",
         ):
             if getattr(self, name) < 1:

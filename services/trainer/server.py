@@ -82,6 +82,7 @@ async def build_api(
         outbox_grace_seconds=config.outbox_grace_seconds,
         max_clients_per_tenant=config.max_training_clients_per_tenant,
         max_pending_jobs_per_tenant=config.max_pending_jobs_per_tenant,
+        max_steps_per_job=config.max_steps_per_job,
     )
     objects = ObjectFolder(Path(config.data_dir) / "trainer")
     datasets = DatasetService(

@@ -315,6 +315,12 @@ async def test_bad_requests_are_refused_and_change_nothing(make_stack: StackFact
             stack.trainer.TrainOnDataset(bad, metadata=stack.auth), grpc.StatusCode.INVALID_ARGUMENT
         )
         assert error.details()
+    # More steps than one job may run (max_steps_per_job, 100,000 by default).
+    error = await expect_code(
+        stack.trainer.TrainOnDataset(request(steps=100_001), metadata=stack.auth),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    )
+    assert "max_steps_per_job=100000" in error.details()
     # Over the budget: sigma=1 for 1000 steps at q=0.5 is far above epsilon=1.
     error = await expect_code(
         stack.trainer.TrainOnDataset(request(steps=1000), metadata=stack.auth),

@@ -190,3 +190,30 @@ async def test_concurrent_jobs_never_pass_the_limit(make_stack: Any, database_ur
     )
     assert sorted(outcomes) == ["OK"] * MAX_JOBS + ["RESOURCE_EXHAUSTED"] * (10 - MAX_JOBS)
     assert await _count(database_url, FUTURES, stack.tenant) == MAX_JOBS
+
+
+async def test_a_job_of_more_steps_than_the_limit_is_refused(
+    make_stack: Any, tmp_path: Path
+) -> None:
+    database_url = f"sqlite+aiosqlite:///{tmp_path / 'steps.db'}"
+    stack: Stack = await make_stack(database_url, worker=False, max_steps_per_job=50)
+    audit = pb.AuditPrivacyRequest(
+        base_model=BASE_MODEL,
+        lora=pb.LoraConfig(rank=4),
+        dp=pb.DpConfig(noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5),
+        batch_size=4,
+        sampling=pb.SAMPLING_CLIENT_BATCHES,
+        canaries=100,
+        guesses_per_side=10,
+        canary_kind=pb.CANARY_KIND_WHITE_BOX,
+    )
+    audit.steps = 51
+    error = await expect_code(
+        stack.trainer.AuditPrivacy(audit, metadata=stack.auth), grpc.StatusCode.RESOURCE_EXHAUSTED
+    )
+    _assert_quota_error(error, "max_steps_per_job", 50)
+    assert await _count(database_url, FUTURES, stack.tenant) == 0
+    audit.steps = 50
+    accepted = await stack.trainer.AuditPrivacy(audit, metadata=stack.auth)
+    assert accepted.future.id
+    assert await _count(database_url, FUTURES, stack.tenant) == 1

@@ -442,9 +442,11 @@ class DatasetService:
             NotFound: Unknown client or dataset (or another tenant's).
             FailedPrecondition: A non-private client, or a dataset of another base model.
             BudgetExhausted: The run's steps would exceed the client's budget.
+            ResourceExhausted: More steps than ``max_steps_per_job``.
         """
         if not 1 <= request.steps <= MAX_TRAIN_STEPS:
             raise InvalidArgument("steps", f"must be in [1, {MAX_TRAIN_STEPS}]")
+        self._api.check_job_steps(request.steps)
         serde.adam_config(request.adam_params, present=request.HasField("adam_params"))
         which = request.WhichOneof("rate")
         if which is None:
