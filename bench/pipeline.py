@@ -156,6 +156,7 @@ async def _run(args: argparse.Namespace, root: Path) -> None:
             "TENSAFE_DATA_DIR": str(config.data_dir),
             "TENSAFE_NATS_URL": nats.url,
             "TENSAFE_BASE_MODELS_DIR": str(models),
+            "TENSAFE_DATASET_KEK_FILE": str(kek_file),
             "TENSAFE_TORCH_THREADS": "1",
             "TENSAFE_LOG_LEVEL": "WARNING",
             "TENSAFE_LOG_FORMAT": "text",

@@ -176,6 +176,7 @@ def _worker_process(stack: Stack, log_file: Path) -> subprocess.Popen[bytes]:
         "TENSAFE_DATA_DIR": str(config.data_dir),
         "TENSAFE_NATS_URL": config.nats_url,
         "TENSAFE_BASE_MODELS_DIR": str(config.base_models_path),
+        "TENSAFE_DATASET_KEK_FILE": str(config.dataset_kek_file),
         "TENSAFE_JOB_ACK_WAIT_SECONDS": str(config.job_ack_wait_seconds),
         "TENSAFE_LEASE_SECONDS": str(config.lease_seconds),
         "TENSAFE_RETRY_DELAY_SECONDS": "0.02",
