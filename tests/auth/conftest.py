@@ -1,8 +1,7 @@
 """Fixtures for the auth tests: a real auth server over loopback on SQLite or PostgreSQL.
 
-PostgreSQL: one uniquely named database per test, created through the ``postgres`` (or
-``test``) maintenance database and dropped afterwards; skipped with the reason only when
-the server cannot be reached. ``TENSAFE_TEST_POSTGRES_URL`` overrides the server.
+PostgreSQL: one uniquely named database per test (see :mod:`testkit.postgres`), dropped
+afterwards.
 """
 
 from __future__ import annotations
@@ -11,7 +10,6 @@ import base64
 import dataclasses
 import os
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -19,10 +17,6 @@ from pathlib import Path
 import grpc
 import grpc.aio
 import pytest
-import sqlalchemy as sa
-from sqlalchemy import exc as sa_exc
-from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import create_async_engine
 
 from tensafe.auth.config import AuthConfig
 from tensafe.auth.domain.crypto import ApiKeyHasher, HashParameters, SigningKeyCipher
@@ -42,15 +36,7 @@ from tensafe.common.db import Database
 from tensafe.common.grpc_server import GrpcServer, ServiceRegistration
 from tensafe.proto.auth.v1 import auth_service_pb2 as pb
 from tensafe.proto.auth.v1 import auth_service_pb2_grpc
-
-POSTGRES_ADMIN_URLS = (
-    [os.environ["TENSAFE_TEST_POSTGRES_URL"]]
-    if os.environ.get("TENSAFE_TEST_POSTGRES_URL")
-    else [
-        "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres",
-        "postgresql+asyncpg://postgres@127.0.0.1:5432/test",
-    ]
-)
+from testkit.postgres import create_database, drop_database
 
 # Real argon2id at a low cost so that 50 concurrent exchanges stay fast on 2 cores;
 # the production defaults (RFC 9106) are exercised by test_crypto.
@@ -66,40 +52,15 @@ def default_exchange_rate() -> RateLimit:
     )
 
 
-async def _admin_execute(admin_url: str, statement: str) -> None:
-    engine = create_async_engine(admin_url, isolation_level="AUTOCOMMIT")
-    try:
-        async with engine.connect() as connection:
-            await connection.execute(sa.text(statement))
-    finally:
-        await engine.dispose()
-
-
-async def _create_postgres_database(name: str) -> str:
-    unreachable: list[str] = []
-    for admin_url in POSTGRES_ADMIN_URLS:
-        try:
-            await _admin_execute(admin_url, f'CREATE DATABASE "{name}"')
-            return admin_url
-        except (OSError, TimeoutError) as error:
-            unreachable.append(f"{admin_url}: {error}")
-        except sa_exc.DBAPIError as error:
-            if "does not exist" not in str(error):
-                raise
-            unreachable.append(f"{admin_url}: {error.orig}")
-    pytest.skip("PostgreSQL unreachable: " + "; ".join(unreachable))
-
-
 @pytest.fixture(params=["sqlite", "postgresql"])
 async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
     """A fresh database: each test using it runs on SQLite and on PostgreSQL."""
     if request.param == "sqlite":
         yield f"sqlite+aiosqlite:///{tmp_path / 'auth.db'}"
         return
-    name = f"tensafe_auth_test_{uuid.uuid4().hex[:12]}"
-    admin_url = await _create_postgres_database(name)
-    yield make_url(admin_url).set(database=name).render_as_string(hide_password=False)
-    await _admin_execute(admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    database = await create_database("tensafe_auth_test")
+    yield database.url
+    await drop_database(database)
 
 
 @pytest.fixture

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import threading
 import time
 import uuid
@@ -61,6 +60,7 @@ from tensafe.common import errors
 from tensafe.proto.common.v1 import common_pb2
 from tensafe.tinker import ServiceClient, types
 from tensafe.trainer.store import repository as repo
+from testkit.postgres import create_database, drop_database
 
 from .pg_proxy import PgProxy
 
@@ -87,19 +87,6 @@ STACK_ENV = {
 
 
 # ------------------------------------------------------------------ the stack
-
-POSTGRES_SERVER = os.environ.get(
-    "TENSAFE_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres"
-)
-
-
-async def _admin(statement: str) -> None:
-    engine = create_async_engine(POSTGRES_SERVER, isolation_level="AUTOCOMMIT")
-    try:
-        async with engine.connect() as connection:
-            await connection.execute(sa.text(statement))
-    finally:
-        await engine.dispose()
 
 
 @dataclass
@@ -130,11 +117,10 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    name = f"tensafe_test_{uuid.uuid4().hex[:12]}"
-    asyncio.run(_admin(f'CREATE DATABASE "{name}"'))
-    server = sa.make_url(POSTGRES_SERVER)
+    database = asyncio.run(create_database("tensafe_test"))
+    server = sa.make_url(database.admin_url)
     proxy = PgProxy(server.host or "127.0.0.1", server.port or 5432).start()
-    proxied = server.set(host="127.0.0.1", port=proxy.port, database=name)
+    proxied = server.set(host="127.0.0.1", port=proxy.port, database=database.name)
     data_dir = tmp_path_factory.mktemp("faults")
     build_tiny_model(
         data_dir / "models" / BASE_MODEL,
@@ -162,14 +148,14 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                 yield Stack(
                     local=local,
                     proxy=proxy,
-                    direct_url=server.set(database=name).render_as_string(hide_password=False),
+                    direct_url=database.url,
                     data_dir=data_dir,
                     connection=connection,
                     tenant=tenant,
                 )
     finally:
         proxy.close()
-        asyncio.run(_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        asyncio.run(drop_database(database))
 
 
 @pytest.fixture(autouse=True)

@@ -7,39 +7,25 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import grpc
-import jwt
 import pytest
 import torch
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from tensafe.client.auth import BearerInterceptor
 from tensafe.client.he import HeRuntimeRpc
-from tensafe.client.tiny_model import build_tiny_model
-from tensafe.common.auth import (
-    SCOPE_READ,
-    SCOPE_TRAIN,
-    TOKEN_AUDIENCE,
-    TOKEN_ISSUER,
-    AuditRecord,
-    AuthInterceptor,
-    JsonWebKey,
-    Revocations,
-    TokenVerifier,
-    jwk_from_public_key,
-)
 from tensafe.common.grpc_server import Assembly, GrpcServer
 from tensafe.he_runtime.config import HeRuntimeConfig
 from tensafe.he_runtime.domain.sessions import HeSessions
 from tensafe.he_runtime.server import build_service
+from testkit.models import BASE_MODEL, build_tiny_llama, one_torch_thread
+from testkit.tokens import DEFAULT_SCOPES, RecordedAudit, StaticToken, Tokens
 
 ADAPTER = "tiny-lora"
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -52,27 +38,14 @@ MIB = 1024 * 1024
 @pytest.fixture(scope="session", autouse=True)
 def single_torch_thread() -> Iterator[None]:
     """One torch thread: the runtime's SEAL work and the test share two cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="session")
 def base_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real tiny Llama (hidden 64, 2 layers, 4 heads, 2 KV heads) with its tokenizer."""
-    path = tmp_path_factory.mktemp("models") / "tiny-llama"
-    build_tiny_model(
-        path,
-        seed=0,
-        vocab_size=512,
-        hidden_size=64,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        max_position_embeddings=128,
-    )
-    return path
+    return build_tiny_llama(tmp_path_factory.mktemp("models") / BASE_MODEL)
 
 
 @pytest.fixture(scope="session")
@@ -92,64 +65,6 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory, base_model_dir: Path) -> 
                 parameter.normal_(0.0, 0.3)
     peft_model.save_pretrained(root / "adapters" / ADAPTER)
     return root
-
-
-class StaticKeys:
-    """A key source holding the test's one signing key (the verifier is the real one)."""
-
-    def __init__(self, jwk: JsonWebKey) -> None:
-        self._jwk = jwk
-
-    async def jwks(self) -> Sequence[JsonWebKey]:
-        return [self._jwk]
-
-    async def revocations(self) -> Revocations:
-        return Revocations()
-
-
-class RecordedAudit:
-    """Keeps the audit events the interceptor emits."""
-
-    def __init__(self) -> None:
-        self.records: list[AuditRecord] = []
-
-    async def record(self, record: AuditRecord) -> None:
-        self.records.append(record)
-
-
-class Tokens:
-    """Issues EdDSA access tokens exactly as the auth service does."""
-
-    def __init__(self) -> None:
-        self._key = Ed25519PrivateKey.generate()
-        self.kid = uuid.uuid4().hex[:8]
-        self.jwk = jwk_from_public_key(self.kid, self._key.public_key())
-
-    def token(self, tenant: str, *, scopes: Sequence[str] = (SCOPE_READ, SCOPE_TRAIN)) -> str:
-        now = int(time.time())
-        principal = f"p-{tenant}"
-        claims = {
-            "iss": TOKEN_ISSUER,
-            "aud": TOKEN_AUDIENCE,
-            "sub": principal,
-            "tenant": tenant,
-            "principal": principal,
-            "scopes": list(scopes),
-            "jti": uuid.uuid4().hex,
-            "iat": now,
-            "exp": now + 3600,
-        }
-        return jwt.encode(claims, self._key, algorithm="EdDSA", headers={"kid": self.kid})
-
-
-class StaticToken:
-    """What :class:`~tensafe.client.auth.BearerInterceptor` asks for a token."""
-
-    def __init__(self, token: str) -> None:
-        self._token = token
-
-    def token(self) -> str:
-        return self._token
 
 
 class Clock:
@@ -216,9 +131,7 @@ class Runtime:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout=60)
 
     async def _start(self) -> int:
-        interceptor = AuthInterceptor(
-            TokenVerifier(StaticKeys(self.tokens.jwk)), self.audit, service="he_runtime"
-        )
+        interceptor = self.tokens.interceptor(self.audit, service="he_runtime")
         self._assembly, self.sessions = await build_service(
             self.config, interceptors=[interceptor], clock=self.clock
         )
@@ -240,7 +153,7 @@ class Runtime:
         tenant: str | None,
         *,
         recorder: Recorder | None = None,
-        scopes: Sequence[str] = (SCOPE_READ, SCOPE_TRAIN),
+        scopes: Sequence[str] = DEFAULT_SCOPES,
     ) -> grpc.Channel:
         """A channel carrying ``tenant``'s token (none when ``tenant`` is None)."""
         channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
@@ -259,7 +172,7 @@ class Runtime:
         tenant: str | None,
         *,
         recorder: Recorder | None = None,
-        scopes: Sequence[str] = (SCOPE_READ, SCOPE_TRAIN),
+        scopes: Sequence[str] = DEFAULT_SCOPES,
     ) -> HeRuntimeRpc:
         """The SDK's RPC layer for ``tenant`` with a token granting ``scopes``."""
         return HeRuntimeRpc(self.channel(tenant, recorder=recorder, scopes=scopes))

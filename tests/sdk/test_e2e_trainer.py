@@ -1,6 +1,6 @@
 """The Tinker-compatible SDK against the real trainer: API + JetStream + worker + SQLite
-+ a real tiny Llama model, built the way tests/trainer_service builds it (its key source,
-token issuer and config helpers are reused, so the auth interceptor is the real one).
++ a real tiny Llama model, built the way tests/trainer_service builds it (its config
+helper and testkit's key source and token issuer, so the auth interceptor is the real one).
 
 The SDK is synchronous; the server runs on the test's event loop, so each scenario runs
 in a worker thread (``asyncio.to_thread``) while the loop keeps serving.
@@ -9,12 +9,10 @@ in a worker thread (``asyncio.to_thread``) while the loop keeps serving.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import io
 import json
 import math
 import random
-import sys
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,83 +21,45 @@ from typing import Any
 import dp_accounting
 import grpc
 import pytest
-import torch
 from dp_accounting.rdp import rdp_privacy_accountant
 
 from tensafe.client import train_cli
 from tensafe.client.auth import BearerInterceptor
-from tensafe.client.tiny_model import build_tiny_model, tiny_corpus
-from tensafe.common.auth import AuthInterceptor, TokenVerifier
+from tensafe.client.tiny_model import tiny_corpus
+from tensafe.common.auth import AuthInterceptor
 from tensafe.common.grpc_server import GrpcServer
 from tensafe.common.nats_server import NatsServer, NatsServerConfig
 from tensafe.tinker import BudgetExhausted, ServiceClient, types
 from tensafe.trainer.server import build_api
 from tensafe.trainer.worker import run_worker
+from testkit.models import BASE_MODEL, build_base_models, one_torch_thread
+from testkit.tokens import RecordedAudit, StaticToken, Tokens
+from tests.auth.conftest import Clock, new_kek, start_auth
+from tests.trainer_service.conftest import trainer_config
 
-
-def _conftest_of(package: str) -> Any:
-    """tests/<package>/conftest.py, loaded by path (tests/ is not a package)."""
-    path = Path(__file__).resolve().parent.parent / package / "conftest.py"
-    spec = importlib.util.spec_from_file_location(f"sdk_e2e_{package}_conftest", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through it
-    spec.loader.exec_module(module)
-    return module
-
-
-_fixtures = _conftest_of("trainer_service")
-_auth_fixtures = _conftest_of("auth")
-RecordedAudit, StaticKeys, Tokens = _fixtures.RecordedAudit, _fixtures.StaticKeys, _fixtures.Tokens
-trainer_config = _fixtures.trainer_config
-
-BASE_MODEL = "tiny-llama"
 pytestmark = pytest.mark.timeout(240)
 
 
 @pytest.fixture(scope="module", autouse=True)
 def single_torch_thread() -> Iterator[None]:
     """One torch thread: the API, the worker and the SDK share two cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
 def base_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("sdk_base_models")
-    build_tiny_model(
-        root / BASE_MODEL,
-        seed=0,
-        vocab_size=512,
-        hidden_size=64,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        max_position_embeddings=128,
-    )
-    return root
-
-
-class _StaticToken:
-    """Supplies one test token to the SDK's real ``BearerInterceptor``."""
-
-    def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
-        self._token = metadata[0][1].removeprefix("Bearer ")
-
-    def token(self) -> str:
-        return self._token
+    return build_base_models(tmp_path_factory.mktemp("sdk_base_models"))
 
 
 @dataclass
 class Trainer:
     address: str
-    tokens: Any
+    tokens: Tokens
     tenant: str
 
     def service(self, base_models_dir: Path) -> ServiceClient:
-        provider = _StaticToken(self.tokens.metadata(self.tenant))
+        provider = StaticToken(self.tokens.token(self.tenant))
         channel = grpc.intercept_channel(
             grpc.insecure_channel(self.address),
             BearerInterceptor(provider),  # type: ignore[arg-type]
@@ -117,9 +77,7 @@ async def trainer(tmp_path: Path, base_models_dir: Path) -> AsyncIterator[Traine
             base_models_dir=base_models_dir,
         )
         tokens = Tokens()
-        interceptor = AuthInterceptor(
-            TokenVerifier(StaticKeys(tokens.jwk)), RecordedAudit(), service="trainer"
-        )
+        interceptor = tokens.interceptor(RecordedAudit(), service="trainer")
         assembly, _ = await build_api(config, interceptors=[interceptor])
         server = GrpcServer(
             config=config, services=assembly.services, interceptors=assembly.interceptors
@@ -310,11 +268,8 @@ async def test_tensafe_train_command_end_to_end_with_api_key(
 ) -> None:
     """`tensafe train` as a user runs it: connection file + API key, exchanged for tokens
     at the real auth service, which the trainer's interceptor verifies."""
-    auth_server, domain, auth_db, verifier = await _auth_fixtures.start_auth(
-        f"sqlite+aiosqlite:///{tmp_path / 'auth.db'}",
-        tmp_path,
-        kek=_auth_fixtures.new_kek(),
-        clock=_auth_fixtures.Clock(),
+    auth_server, domain, auth_db, verifier = await start_auth(
+        f"sqlite+aiosqlite:///{tmp_path / 'auth.db'}", tmp_path, kek=new_kek(), clock=Clock()
     )
     bootstrap = await domain.bootstrap(tenant_name="acme", admin_name="alice")
     with NatsServer.start(NatsServerConfig(data_dir=tmp_path / "nats")) as nats:

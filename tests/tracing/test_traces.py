@@ -9,8 +9,6 @@ and metrics (RPC durations, job queue depth and outcomes) with its in-memory rea
 from __future__ import annotations
 
 import asyncio
-import importlib.util
-import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,7 +29,6 @@ from tensafe.client.auth import BearerInterceptor
 from tensafe.client.he import HeRuntimeRpc, plan_spec
 from tensafe.client.tiny_model import build_tiny_model
 from tensafe.client.training import ChannelOptions, TrainerRpc, make_channel
-from tensafe.common.auth import AuthInterceptor, TokenVerifier
 from tensafe.common.grpc_server import GrpcServer
 from tensafe.common.nats_server import NatsServer, NatsServerConfig
 from tensafe.common.telemetry import setup_metrics
@@ -39,6 +36,9 @@ from tensafe.helora import default_params
 from tensafe.proto.trainer.v1 import trainer_service_pb2 as pb
 from tensafe.trainer.server import build_api
 from tensafe.trainer.worker import run_worker
+from testkit.tokens import RecordedAudit, StaticToken, Tokens
+from tests.he_runtime.conftest import Runtime, runtime_config
+from tests.trainer_service.conftest import trainer_config
 
 BASE_MODEL = "tiny-trace"
 FORWARD_BACKWARD = "tensafe.trainer.v1.TrainerService/ForwardBackward"
@@ -46,29 +46,6 @@ WAIT_FUTURE = "tensafe.common.v1.FutureService/WaitFuture"
 COMPILE_PLAN = "tensafe.he.v1.HeRuntimeService/CompilePlan"
 
 pytestmark = pytest.mark.timeout(180)
-
-
-def _conftest_of(package: str) -> Any:
-    """tests/<package>/conftest.py, loaded by path (tests/ is not a package)."""
-    path = Path(__file__).resolve().parent.parent / package / "conftest.py"
-    spec = importlib.util.spec_from_file_location(f"tracing_{package}_conftest", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-_trainer_fixtures = _conftest_of("trainer_service")
-_he_fixtures = _conftest_of("he_runtime")
-
-
-class _StaticToken:
-    def __init__(self, token: str) -> None:
-        self._token = token
-
-    def token(self) -> str:
-        return self._token
 
 
 @pytest.fixture
@@ -135,7 +112,7 @@ def _sdk_channel(address: str, token: str) -> grpc.Channel:
     # trace context) under the bearer-token interceptor.
     return grpc.intercept_channel(
         make_channel(address, options=ChannelOptions()),
-        BearerInterceptor(_StaticToken(token)),  # type: ignore[arg-type]
+        BearerInterceptor(StaticToken(token)),  # type: ignore[arg-type]
     )
 
 
@@ -166,22 +143,17 @@ async def test_a_training_step_is_one_trace_from_sdk_to_worker(
         num_heads=2,
         max_position_embeddings=64,
     )
-    tokens = _trainer_fixtures.Tokens()
-    tenant = "tenant-tracing"
-    token = tokens.metadata(tenant)[0][1].removeprefix("Bearer ")
+    tokens = Tokens()
+    token = tokens.token("tenant-tracing")
     try:
         with NatsServer.start(NatsServerConfig(data_dir=tmp_path / "nats")) as nats:
-            config = _trainer_fixtures.trainer_config(
+            config = trainer_config(
                 database_url=f"sqlite+aiosqlite:///{tmp_path / 'trainer.db'}",
                 nats_url=nats.url,
                 data_dir=tmp_path / "data",
                 base_models_dir=tmp_path / "models",
             )
-            interceptor = AuthInterceptor(
-                TokenVerifier(_trainer_fixtures.StaticKeys(tokens.jwk)),
-                _trainer_fixtures.RecordedAudit(),
-                service="trainer",
-            )
+            interceptor = tokens.interceptor(RecordedAudit(), service="trainer")
             assembly, _ = await build_api(config, interceptors=[interceptor])
             server = GrpcServer(
                 config=config, services=assembly.services, interceptors=assembly.interceptors
@@ -309,7 +281,7 @@ def test_an_he_call_joins_the_callers_trace(
     tmp_path: Path, spans: InMemorySpanExporter, readings: InMemoryMetricReader
 ) -> None:
     durations_before = _points(readings, "rpc.server.duration")
-    runtime = _he_fixtures.Runtime(_he_fixtures.runtime_config(tmp_path))
+    runtime = Runtime(runtime_config(tmp_path))
     try:
         token = runtime.tokens.token("tenant-tracing-he")
         rpc = HeRuntimeRpc(_sdk_channel(f"127.0.0.1:{runtime.port}", token))

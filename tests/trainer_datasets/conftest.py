@@ -5,30 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import grpc.aio
-import jwt
 import pytest
-import torch
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from tensafe.client.tiny_model import build_tiny_model
-from tensafe.common.auth import (
-    SCOPE_READ,
-    SCOPE_TRAIN,
-    TOKEN_AUDIENCE,
-    TOKEN_ISSUER,
-    AuditRecord,
-    AuthInterceptor,
-    JsonWebKey,
-    Revocations,
-    TokenVerifier,
-    jwk_from_public_key,
-)
 from tensafe.common.grpc_server import GrpcServer
 from tensafe.common.nats_server import NatsServer, NatsServerConfig
 from tensafe.proto.common.v1 import common_pb2_grpc
@@ -36,81 +19,25 @@ from tensafe.proto.trainer.v1 import trainer_service_pb2_grpc
 from tensafe.trainer.config import TrainerConfig
 from tensafe.trainer.server import build_api
 from tensafe.trainer.worker import run_worker
+from testkit.models import BASE_MODEL, build_base_models, one_torch_thread
+from testkit.tokens import NoAudit, Tokens
 
-BASE_MODEL = "tiny-llama"
+__all__ = ["BASE_MODEL"]  # the test modules import it from here
+
 CONTEXT = 64
 
 
 @pytest.fixture(scope="session", autouse=True)
 def single_torch_thread() -> Iterator[None]:
     """One torch thread: the API, the worker and the test share two cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="session")
 def base_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A base models folder with one real tiny Llama model and its tokenizer."""
-    root = tmp_path_factory.mktemp("base_models")
-    build_tiny_model(
-        root / BASE_MODEL,
-        seed=0,
-        vocab_size=512,
-        hidden_size=64,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        max_position_embeddings=CONTEXT,
-    )
-    return root
-
-
-class StaticKeys:
-    """A key source holding the test's one signing key (the verifier is the real one)."""
-
-    def __init__(self, jwk: JsonWebKey) -> None:
-        self._jwk = jwk
-
-    async def jwks(self) -> Sequence[JsonWebKey]:
-        return [self._jwk]
-
-    async def revocations(self) -> Revocations:
-        return Revocations()
-
-
-class NoAudit:
-    """Audit sink of the interceptor (events are not under test here)."""
-
-    async def record(self, record: AuditRecord) -> None:
-        del record
-
-
-class Tokens:
-    """Issues EdDSA access tokens exactly as the auth service does."""
-
-    def __init__(self) -> None:
-        self._key = Ed25519PrivateKey.generate()
-        self.kid = uuid.uuid4().hex[:8]
-        self.jwk = jwk_from_public_key(self.kid, self._key.public_key())
-
-    def metadata(self, tenant: str) -> tuple[tuple[str, str], ...]:
-        now = int(time.time())
-        principal = f"p-{tenant}"
-        claims = {
-            "iss": TOKEN_ISSUER,
-            "aud": TOKEN_AUDIENCE,
-            "sub": principal,
-            "tenant": tenant,
-            "principal": principal,
-            "scopes": [SCOPE_READ, SCOPE_TRAIN],
-            "jti": uuid.uuid4().hex,
-            "iat": now,
-            "exp": now + 3600,
-        }
-        token = jwt.encode(claims, self._key, algorithm="EdDSA", headers={"kid": self.kid})
-        return (("authorization", f"Bearer {token}"),)
+    return build_base_models(tmp_path_factory.mktemp("base_models"), context=CONTEXT)
 
 
 class Stack:
@@ -183,9 +110,7 @@ async def make_stack(tmp_path: Path, base_models_dir: Path) -> AsyncIterator[Sta
             **settings,  # type: ignore[arg-type]
         )
         tokens = Tokens()
-        interceptor = AuthInterceptor(
-            TokenVerifier(StaticKeys(tokens.jwk)), NoAudit(), service="trainer"
-        )
+        interceptor = tokens.interceptor(NoAudit(), service="trainer")
         assembly, _ = await build_api(config, interceptors=[interceptor])
         server = GrpcServer(
             config=config, services=assembly.services, interceptors=assembly.interceptors

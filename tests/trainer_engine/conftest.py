@@ -9,9 +9,10 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from tensafe.client.tiny_model import build_tiny_model, tiny_corpus
+from tensafe.client.tiny_model import tiny_corpus
 from tensafe.trainer.engine.config import DpConfig, EngineOptions, LoraConfig
 from tensafe.trainer.engine.training import LoraTrainingEngine
+from testkit.models import build_tiny_llama, one_torch_thread
 
 MAX_TOKENS = 40
 
@@ -20,24 +21,13 @@ MAX_TOKENS = 40
 def single_torch_thread() -> Iterator[None]:
     """Run torch on one thread: on a shared 2-core machine, OpenMP threads that wait at
     barriers for a core another process holds make steps 10-30x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_model(
-        tmp_path_factory.mktemp("tiny_model"),
-        seed=0,
-        vocab_size=512,
-        hidden_size=64,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        max_position_embeddings=128,
-    )
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny_model"))
 
 
 @pytest.fixture(scope="session")

@@ -5,36 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import os
 import secrets
-import time
 import uuid
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import grpc.aio
-import jwt
 import pytest
-import sqlalchemy as sa
-import torch
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from sqlalchemy import exc as sa_exc
-from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import create_async_engine
 
-from tensafe.client.tiny_model import build_tiny_model
-from tensafe.common.auth import (
-    SCOPE_READ,
-    SCOPE_TRAIN,
-    TOKEN_AUDIENCE,
-    TOKEN_ISSUER,
-    AuditRecord,
-    AuthInterceptor,
-    JsonWebKey,
-    Revocations,
-    TokenVerifier,
-    jwk_from_public_key,
-)
 from tensafe.common.grpc_server import GrpcServer
 from tensafe.common.nats_server import NatsServer, NatsServerConfig
 from tensafe.proto.common.v1 import common_pb2_grpc
@@ -43,75 +21,31 @@ from tensafe.trainer.api import TrainerApi
 from tensafe.trainer.config import TrainerConfig
 from tensafe.trainer.server import build_api
 from tensafe.trainer.worker import run_worker
+from testkit.models import BASE_MODEL, build_base_models, one_torch_thread
+from testkit.postgres import postgres_database
+from testkit.tokens import RecordedAudit, Tokens
 
-BASE_MODEL = "tiny-llama"
-
-POSTGRES_ADMIN_URLS = (
-    [os.environ["TENSAFE_TEST_POSTGRES_URL"]]
-    if os.environ.get("TENSAFE_TEST_POSTGRES_URL")
-    else [
-        "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres",
-        "postgresql+asyncpg://postgres@127.0.0.1:5432/test",
-    ]
-)
+__all__ = ["BASE_MODEL"]  # the test modules import it from here
 
 
 @pytest.fixture(scope="session", autouse=True)
 def single_torch_thread() -> Iterator[None]:
     """One torch thread: the API, the worker and the test share two cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="session")
 def base_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A base models folder holding one real tiny Llama model with its tokenizer."""
-    root = tmp_path_factory.mktemp("base_models")
-    build_tiny_model(
-        root / BASE_MODEL,
-        seed=0,
-        vocab_size=512,
-        hidden_size=64,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        max_position_embeddings=128,
-    )
-    return root
-
-
-async def _admin_execute(admin_url: str, statement: str) -> None:
-    engine = create_async_engine(admin_url, isolation_level="AUTOCOMMIT")
-    try:
-        async with engine.connect() as connection:
-            await connection.execute(sa.text(statement))
-    finally:
-        await engine.dispose()
+    return build_base_models(tmp_path_factory.mktemp("base_models"))
 
 
 @pytest.fixture(scope="session")
 def postgres_url() -> Iterator[str]:
     """A PostgreSQL database for this session (skipped, with the reason, if unreachable)."""
-    name = f"tensafe_trainer_{uuid.uuid4().hex[:12]}"
-    unreachable: list[str] = []
-    for admin_url in POSTGRES_ADMIN_URLS:
-        try:
-            asyncio.run(_admin_execute(admin_url, f'CREATE DATABASE "{name}"'))
-        except (OSError, TimeoutError) as error:
-            unreachable.append(f"{admin_url}: {error}")
-            continue
-        except sa_exc.DBAPIError as error:
-            if "does not exist" not in str(error):
-                raise
-            unreachable.append(f"{admin_url}: {error.orig}")
-            continue
-        url = make_url(admin_url).set(database=name).render_as_string(hide_password=False)
-        yield url
-        asyncio.run(_admin_execute(admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        return
-    pytest.skip("PostgreSQL unreachable: " + "; ".join(unreachable))
+    with postgres_database("tensafe_trainer") as database:
+        yield database.url
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
@@ -127,57 +61,6 @@ def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
     """A real nats-server with JetStream on a free port."""
     with NatsServer.start(NatsServerConfig(data_dir=tmp_path / "nats")) as server:
         yield server
-
-
-class StaticKeys:
-    """A key source holding the test's one signing key (the verifier is the real one)."""
-
-    def __init__(self, jwk: JsonWebKey) -> None:
-        self._jwk = jwk
-
-    async def jwks(self) -> Sequence[JsonWebKey]:
-        return [self._jwk]
-
-    async def revocations(self) -> Revocations:
-        return Revocations()
-
-
-class RecordedAudit:
-    """Keeps the audit events the interceptor emits, for assertions."""
-
-    def __init__(self) -> None:
-        self.records: list[AuditRecord] = []
-
-    async def record(self, record: AuditRecord) -> None:
-        self.records.append(record)
-
-
-class Tokens:
-    """Issues EdDSA access tokens exactly as the auth service does."""
-
-    def __init__(self) -> None:
-        self._key = Ed25519PrivateKey.generate()
-        self.kid = uuid.uuid4().hex[:8]
-        self.jwk = jwk_from_public_key(self.kid, self._key.public_key())
-
-    def metadata(
-        self, tenant: str, *, scopes: Sequence[str] = (SCOPE_READ, SCOPE_TRAIN)
-    ) -> tuple[tuple[str, str], ...]:
-        now = int(time.time())
-        principal = f"p-{tenant}"
-        claims = {
-            "iss": TOKEN_ISSUER,
-            "aud": TOKEN_AUDIENCE,
-            "sub": principal,
-            "tenant": tenant,
-            "principal": principal,
-            "scopes": list(scopes),
-            "jti": uuid.uuid4().hex,
-            "iat": now,
-            "exp": now + 3600,
-        }
-        token = jwt.encode(claims, self._key, algorithm="EdDSA", headers={"kid": self.kid})
-        return (("authorization", f"Bearer {token}"),)
 
 
 def dataset_kek_file(data_dir: Path) -> Path:
@@ -268,9 +151,7 @@ async def make_stack(
         )
         tokens = Tokens()
         audit = RecordedAudit()
-        interceptor = AuthInterceptor(
-            TokenVerifier(StaticKeys(tokens.jwk)), audit, service="trainer"
-        )
+        interceptor = tokens.interceptor(audit, service="trainer")
         assembly, api = await build_api(config, interceptors=[interceptor])
         server = GrpcServer(
             config=config, services=assembly.services, interceptors=assembly.interceptors
