@@ -225,15 +225,21 @@ def test_truncated_logprobs_are_renormalised(
 def test_first_token_frequencies_match_the_distribution(
     model: nn.Module, temperature: float, top_p: float
 ) -> None:
-    draws = 20_000
-    output = sample(
-        model,
-        [PROMPT],
-        SamplingParams(
-            max_tokens=1, temperature=temperature, top_p=top_p, num_samples=draws, seed=5
-        ),
+    # 20,000 draws, in calls of 1,000 (a call takes at most MAX_NUM_SAMPLES).
+    first = np.array(
+        [
+            s.tokens[0]
+            for seed in range(20)
+            for s in sample(
+                model,
+                [PROMPT],
+                SamplingParams(
+                    max_tokens=1, temperature=temperature, top_p=top_p, num_samples=1000, seed=seed
+                ),
+            ).sequences[0]
+        ]
     )
-    first = np.array([s.tokens[0] for s in output.sequences[0]])
+    assert len(first) == 20_000
     counts = np.bincount(first, minlength=VOCAB)
     logits = next_token_logits(model, PROMPT)[-1]
     target = truncated_distribution(logits, temperature=temperature, top_k=0, top_p=top_p)
