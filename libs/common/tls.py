@@ -22,6 +22,7 @@ creates a local development CA (:mod:`tensafe.client.stack`).
 from __future__ import annotations
 
 import ssl
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -52,11 +53,17 @@ def read_pem(setting: str, path: Path, kind: str) -> bytes:
     Returns:
         The file's bytes.
 
+    A private key must not be accessible to others (mode ``o=``): group read stays
+    allowed, because Kubernetes mounts secrets for a pod's ``fsGroup`` (the chart uses
+    0440).
+
     Raises:
-        ConfigError: The file cannot be read or does not hold a PEM ``kind``.
+        ConfigError: The file cannot be read, does not hold a PEM ``kind``, or is a
+            private key that others may read.
     """
     try:
         data = path.read_bytes()
+        mode = stat.S_IMODE(path.stat().st_mode)
     except OSError as exc:
         raise ConfigError(setting, f"cannot read {path}: {exc.strerror or exc}") from None
     try:
@@ -66,6 +73,10 @@ def read_pem(setting: str, path: Path, kind: str) -> bytes:
             serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as exc:
         raise ConfigError(setting, f"{path} is not a PEM {kind}: {exc}") from None
+    if kind == PEM_PRIVATE_KEY and mode & 0o007:
+        raise ConfigError(
+            setting, f"{path} is accessible to others (mode {mode:04o}): chmod o= (e.g. 0600)"
+        )
     return data
 
 

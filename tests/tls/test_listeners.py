@@ -143,6 +143,13 @@ def test_config_errors_name_the_setting(tmp_path: Path, pki: Pki) -> None:
         _env(tmp_path, tls_cert_file=server.cert_file, tls_key_file=server.cert_file)
     )
     assert error.setting == "TENSAFE_TLS_KEY_FILE" and "not a PEM private key" in str(error)
+    # A private key others may read is refused; group read (a pod's fsGroup) is not.
+    server.key_file.chmod(0o604)
+    error = _config_error(
+        _env(tmp_path, tls_cert_file=server.cert_file, tls_key_file=server.key_file)
+    )
+    assert error.setting == "TENSAFE_TLS_KEY_FILE" and "accessible to others" in str(error)
+    server.key_file.chmod(0o640)
     config = load_config(
         ServiceConfig,
         _env(tmp_path, tls_cert_file=server.cert_file, tls_key_file=server.key_file),
