@@ -22,9 +22,10 @@ import sys
 from tensafe.common.db import migrate
 from tensafe.common.errors import TenSafeError
 
-# service -> (migrations folder, version table); the he_runtime keeps no SQL state.
+# service -> (migrations folder, version table).
 MIGRATIONS: dict[str, tuple[str, str]] = {
     "auth": ("tensafe.auth.store:migrations", "alembic_version_auth"),
+    "he_runtime": ("tensafe.he_runtime.store:migrations", "alembic_version_he_runtime"),
     "registry": ("tensafe.registry.store:migrations", "alembic_version_registry"),
     "trainer": ("tensafe.trainer.store:migrations", "alembic_version_trainer"),
 }

@@ -14,8 +14,9 @@ _MIB = 1024 * 1024
 class HeRuntimeConfig(ServiceConfig):
     """Settings of the HE runtime service.
 
-    Sessions (their Galois keys and encoded adapters) live in this process's memory;
-    these limits bound what one session and one tenant may hold.
+    Sessions are rows of ``he_sessions`` plus Galois-key files under
+    ``data_dir/he_runtime/keys``, with their executors cached in memory; these limits
+    bound what one session and one tenant may hold.
     """
 
     max_session_key_bytes: int = setting(

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from tensafe.common import tls
 from tensafe.common.auth import connect_authentication
+from tensafe.common.db import Database
 from tensafe.common.grpc_errors import ServerInterceptorBase
 from tensafe.common.grpc_server import Assembly, ServiceRegistration, run_service
 from tensafe.common.registry_client import RegistryClient
@@ -23,12 +24,23 @@ from tensafe.he_runtime.domain.adapters import (
 )
 from tensafe.he_runtime.domain.sessions import HeSessions, SessionLimits
 from tensafe.he_runtime.servicer import HeRuntimeServiceServicer
+from tensafe.he_runtime.store.keys import KeyFiles
+from tensafe.he_runtime.store.sql import SessionStore
 from tensafe.proto.he.v1 import he_service_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 #: Longest pause between two sweeps for expired sessions.
 MAX_REAP_INTERVAL_SECONDS = 30.0
+
+#: Age after which a key file without a session row is an abandoned creation (a crash
+#: between writing the file and committing the row); younger ones may still commit.
+ORPHAN_KEY_FILE_GRACE_SECONDS = 600.0
+
+
+def key_files_dir(config: HeRuntimeConfig) -> Path:
+    """Where sessions' Galois keys are kept: ``<data_dir>/he_runtime/keys/``."""
+    return Path(config.data_dir) / "he_runtime" / "keys"
 
 
 def local_adapters_dir(config: HeRuntimeConfig) -> Path:
@@ -78,6 +90,14 @@ async def build_service(
     Returns:
         The assembly to serve and the sessions domain.
     """
+    database = Database.from_url(config.database_url, application_name="tensafe-he-runtime")
+    try:
+        store = SessionStore(database)
+        await store.migrate()
+        keys = KeyFiles(key_files_dir(config))
+    except BaseException:
+        await database.dispose()
+        raise
     pool = ThreadPoolExecutor(
         max_workers=config.evaluation_threads, thread_name_prefix="he-evaluation"
     )
@@ -92,8 +112,13 @@ async def build_service(
         ),
         adapter_source=source,
         pool=pool,
+        store=store,
+        keys=keys,
         clock=clock,
     )
+    removed = await sessions.sweep_files(grace_seconds=ORPHAN_KEY_FILE_GRACE_SECONDS)
+    if removed:
+        log.info("removed %d abandoned HE key files from %s", removed, keys.root)
     if isinstance(source, RegistryAdapterSource):
         log.info("adapters come from the registry at %s", config.registry_url)
     elif source is not None:
@@ -120,10 +145,11 @@ async def build_service(
         stop.set()
         with contextlib.suppress(asyncio.CancelledError):
             await reaper
-        sessions.close_all()
+        await sessions.close_all()
         pool.shutdown(wait=True, cancel_futures=True)
         if isinstance(source, RegistryAdapterSource):
             await source.close()
+        await database.dispose()
 
     assembly = Assembly(
         services=[

@@ -85,7 +85,7 @@ class HeRuntimeServiceServicer(he_service_pb2_grpc.HeRuntimeServiceServicer):
         self, request: pb.GetSessionRequest, context: Context
     ) -> pb.GetSessionResponse:
         """Return one of the caller's sessions (and keep it alive)."""
-        session = self._sessions.get(caller_tenant(SCOPE_READ), request.session_id)
+        session = await self._sessions.get(caller_tenant(SCOPE_READ), request.session_id)
         return pb.GetSessionResponse(
             session=serde.session_to_proto(session, expire_time=self._sessions.expire_time(session))
         )
@@ -107,7 +107,7 @@ class HeRuntimeServiceServicer(he_service_pb2_grpc.HeRuntimeServiceServicer):
         if header.ciphertexts < 1:
             raise InvalidArgument("header.ciphertexts", "must be at least 1")
         # Fail fast on an unknown or expired session before reading the payload.
-        self._sessions.get(tenant, header.session_id)
+        await self._sessions.get(tenant, header.session_id)
         ciphertexts = await _assemble(
             messages, count=int(header.ciphertexts), max_bytes=self._sessions.limits.max_apply_bytes
         )
@@ -130,7 +130,7 @@ class HeRuntimeServiceServicer(he_service_pb2_grpc.HeRuntimeServiceServicer):
         self, request: pb.CloseSessionRequest, context: Context
     ) -> pb.CloseSessionResponse:
         """Close one of the caller's sessions and delete its keys."""
-        self._sessions.close(caller_tenant(SCOPE_TRAIN), request.session_id)
+        await self._sessions.close(caller_tenant(SCOPE_TRAIN), request.session_id)
         return pb.CloseSessionResponse()
 
 

@@ -277,8 +277,13 @@ def test_migrations_run_in_a_pre_install_and_pre_upgrade_hook(
     commands = [c["command"] for c in spec["containers"]]
     assert commands == [
         ["python", "/opt/tensafe/migrate.py", service]
-        for service in ("auth", "registry", "trainer")
+        for service in ("auth", "he_runtime", "registry", "trainer")
     ]
+    names = [c["name"] for c in spec["containers"]]
+    assert names == ["migrate-auth", "migrate-he-runtime", "migrate-registry", "migrate-trainer"]
+    he_env = {e["name"]: e for e in spec["containers"][1]["env"]}
+    database_url = he_env["TENSAFE_DATABASE_URL"]["valueFrom"]["secretKeyRef"]
+    assert database_url["key"] == "he-runtime-url"
 
 
 @pytest.mark.parametrize(
@@ -314,6 +319,10 @@ def test_migrations_run_in_a_pre_install_and_pre_upgrade_hook(
             {"registry": {"persistence": {"existingClaim": ""}}},
             "registry.persistence.existingClaim is required",
         ),
+        (
+            {"heRuntime": {"persistence": {"existingClaim": ""}}},
+            "heRuntime.persistence.existingClaim is required",
+        ),
     ],
 )
 def test_bad_values_fail_the_render_naming_the_value(values: dict[str, Any], message: str) -> None:
@@ -336,6 +345,7 @@ def test_dev_mode_renders_without_secrets_or_claims() -> None:
             },
             "trainer": {"persistence": {"existingClaim": ""}, "baseModels": {"existingClaim": ""}},
             "registry": {"persistence": {"existingClaim": ""}},
+            "heRuntime": {"persistence": {"existingClaim": ""}},
             "keks": {"existingClaim": ""},
         }
     )
@@ -385,3 +395,14 @@ def test_config_classes_are_dataclasses() -> None:
     # The env-name check above relies on describe() listing every field.
     for config in set(CONFIG_OF.values()):
         assert dataclasses.is_dataclass(config)
+
+
+def test_he_sessions_keys_live_on_a_claim(manifests: list[dict[str, Any]]) -> None:
+    # HE sessions are rows plus Galois-key files (docs/he.md §2): the files must outlive
+    # a pod, so the runtime's data folder is the claim, not an emptyDir.
+    spec = by_kind(manifests, "Deployment")["he-runtime"]["spec"]["template"]["spec"]
+    (data,) = [v for v in spec["volumes"] if v["name"] == "data"]
+    assert data == {
+        "name": "data",
+        "persistentVolumeClaim": {"claimName": "tensafe-he-runtime-data"},
+    }

@@ -196,7 +196,7 @@ def test_the_migration_script_upgrades_each_service_once(tmp_path: Path) -> None
 
 @pytest.mark.parametrize(
     ("args", "env_url", "code"),
-    [(["trainer"], "", 2), (["he_runtime"], "sqlite+aiosqlite:///x.db", 2)],
+    [(["trainer"], "", 2), (["no_such_service"], "sqlite+aiosqlite:///x.db", 2)],
 )
 def test_the_migration_script_refuses_bad_input(
     tmp_path: Path, args: list[str], env_url: str, code: int

@@ -28,6 +28,9 @@ registry
     Every version belongs to an existing adapter of the same tenant, below its
     ``next_version``; its package exists in the object store with the recorded sha256
     and size; every alias names an existing version; the staging folder is empty.
+he_runtime
+    Every session row has its Galois-key file of exactly ``key_bytes`` bytes and every
+    key file has its row; no temporary key file is left behind.
 """
 
 from __future__ import annotations
@@ -314,6 +317,26 @@ def check_registry(db: Path, objects: Path) -> list[Violation]:
     return found
 
 
+def check_he_runtime(db: Path, keys: Path) -> list[Violation]:
+    """The he_runtime rules of the module docstring.
+
+    Args:
+        db: The HE runtime's SQLite file.
+        keys: Its key folder (``<data_dir>/he_runtime/keys``).
+    """
+    found: list[Violation] = []
+    with read_only(db) as sql:
+        rows = {row["id"]: row["key_bytes"] for row in sql.execute("SELECT * FROM he_sessions")}
+    files = {p.name: p for p in keys.iterdir()} if keys.is_dir() else {}
+    for session_id, key_bytes in rows.items():
+        path = files.pop(f"{session_id}.galois", None)
+        if path is None or path.stat().st_size != key_bytes:
+            found.append(Violation("he_runtime", "key file", f"session {session_id}"))
+    if files:
+        found.append(Violation("he_runtime", "orphan key files", str(sorted(files))))
+    return found
+
+
 def check_stack(data_dir: Path) -> list[Violation]:
     """Every invariant of every service of the local stack at ``data_dir``."""
     return [
@@ -323,5 +346,9 @@ def check_stack(data_dir: Path) -> list[Violation]:
         ),
         *check_registry(
             data_dir / "db" / "registry.db", data_dir / "objects" / "registry" / "objects"
+        ),
+        *check_he_runtime(
+            data_dir / "db" / "he_runtime.db",
+            data_dir / "objects" / "he_runtime" / "he_runtime" / "keys",
         ),
     ]

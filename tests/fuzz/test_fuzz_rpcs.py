@@ -385,7 +385,7 @@ def _snapshot(source: Path, destination: Path) -> None:
 def test_the_invariant_checker_reports_corrupted_state(target: FuzzTarget, tmp_path: Path) -> None:
     copy = tmp_path / "stack"
     (copy / "db").mkdir(parents=True)
-    for name in ("auth", "trainer", "registry"):
+    for name in ("auth", "trainer", "registry", "he_runtime"):
         _snapshot(target.data_dir / "db" / f"{name}.db", copy / "db" / f"{name}.db")
     shutil.copytree(target.data_dir / "objects", copy / "objects")
     assert check_stack(copy) == []
@@ -402,6 +402,8 @@ def test_the_invariant_checker_reports_corrupted_state(target: FuzzTarget, tmp_p
             ("no-such-adapter", "ab" * 32),
         )
     (copy / "objects" / "registry" / "objects" / "staging" / "upload-partial").write_bytes(b"x")
+    keys = copy / "objects" / "he_runtime" / "he_runtime" / "keys"
+    (keys / f"{'d' * 32}.galois").write_bytes(b"keys without a session row")
 
     rules = {(v.service, v.rule) for v in check_stack(copy)}
     assert rules == {
@@ -410,4 +412,5 @@ def test_the_invariant_checker_reports_corrupted_state(target: FuzzTarget, tmp_p
         ("registry", "version adapter"),
         ("registry", "package missing"),
         ("registry", "staging"),
+        ("he_runtime", "orphan key files"),
     }

@@ -22,7 +22,7 @@ from tensafe.client.auth import BearerInterceptor
 from tensafe.client.he import HeRuntimeRpc
 from tensafe.common.grpc_server import Assembly, GrpcServer
 from tensafe.he_runtime.config import HeRuntimeConfig
-from tensafe.he_runtime.domain.sessions import HeSessions
+from tensafe.he_runtime.domain.sessions import HeSessions, Session
 from tensafe.he_runtime.server import build_service
 from testkit.models import BASE_MODEL, build_tiny_llama, one_torch_thread
 from testkit.tokens import DEFAULT_SCOPES, RecordedAudit, StaticToken, Tokens
@@ -148,6 +148,18 @@ class Runtime:
         assert self._assembly.close is not None
         await self._assembly.close()
 
+    def usage(self, tenant: str) -> tuple[int, int]:
+        """(sessions, key bytes) the runtime counts for ``tenant`` (DB rows + reservations)."""
+        return self._call(self.sessions.usage(tenant))  # type: ignore[no-any-return]
+
+    def held(self, tenant: str, session_id: str) -> Session:
+        """The runtime's cached session object (rebuilt if not cached)."""
+        return self._call(self.sessions.get(tenant, session_id))  # type: ignore[no-any-return]
+
+    def reap(self) -> int:
+        """Run one reaper sweep now."""
+        return self._call(self.sessions.reap())  # type: ignore[no-any-return]
+
     def channel(
         self,
         tenant: str | None,
@@ -190,7 +202,7 @@ class Runtime:
 def runtime_config(data_dir: Path, **settings: Any) -> HeRuntimeConfig:
     """The configuration the tests run with (dev mode: the local adapter source)."""
     values: dict[str, Any] = {
-        "database_url": "sqlite+aiosqlite:///unused-by-he-runtime.db",
+        "database_url": f"sqlite+aiosqlite:///{data_dir / 'he_runtime.db'}",
         "data_dir": data_dir,
         "dev_mode": True,
         "log_format": "text",

@@ -267,7 +267,7 @@ def test_bad_sessions(runtime: Runtime, case: str) -> None:
         assert error.field == detail, error.message
     else:
         assert error.reason == detail, error.message
-    assert runtime.sessions.usage(tenant) == (0, 0)  # nothing reserved or kept
+    assert runtime.usage(tenant) == (0, 0)  # nothing reserved or kept
 
 
 def test_insecure_and_unknown_spec_fields(runtime: Runtime) -> None:

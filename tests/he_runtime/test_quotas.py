@@ -76,7 +76,7 @@ def test_sessions_per_tenant_quota_and_concurrent_burst(runtime: Runtime) -> Non
         outcomes = list(pool.map(create, range(5)))
     opened = [session_id for session_id in outcomes if session_id]
     assert len(opened) == MAX_SESSIONS
-    assert runtime.sessions.usage(tenant)[0] == MAX_SESSIONS
+    assert runtime.usage(tenant)[0] == MAX_SESSIONS
     # Another tenant is unaffected; closing one makes room for exactly one more.
     other = runtime.rpc(new_tenant())
     other.close_session(other.create_session(header, keys).id)
@@ -87,4 +87,4 @@ def test_sessions_per_tenant_quota_and_concurrent_burst(runtime: Runtime) -> Non
     raises(ResourceExhausted, rpc.create_session, header, keys)
     for session_id in (opened[1], replacement):
         rpc.close_session(session_id)
-    assert runtime.sessions.usage(tenant) == (0, 0)
+    assert runtime.usage(tenant) == (0, 0)

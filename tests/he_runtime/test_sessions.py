@@ -77,9 +77,9 @@ def test_lifecycle_applies_the_adapters_delta_and_closes(runtime: Runtime, data_
     stats = session.stats["model.layers.1.self_attn.k_proj"]
     # Three ciphertexts (two tokens each, complex packing) x 11 rotations.
     assert (stats.calls, stats.tokens, stats.counts.rotations) == (1, 5, 33)
-    assert runtime.sessions.usage(tenant) == (1, session.session.key_bytes)
+    assert runtime.usage(tenant) == (1, session.session.key_bytes)
     session.close()
-    assert runtime.sessions.usage(tenant) == (0, 0)
+    assert runtime.usage(tenant) == (0, 0)
     raises(NotFound, session.refresh)
     raises(NotFound, session.close)
     raises(NotFound, session.apply, LAYERS[0], activations(1, seed=0), output_size=32)
@@ -98,14 +98,14 @@ def test_another_tenants_session_is_not_found(runtime: Runtime) -> None:
 def test_idle_sessions_expire_and_their_keys_are_deleted(runtime: Runtime) -> None:
     tenant = new_tenant()
     session = open_session(runtime, tenant)
-    held = runtime.sessions.get(tenant, session.session.id)
+    held = runtime.held(tenant, session.session.id)
     runtime.clock.advance(0.75 * TTL_SECONDS)
     session.apply(LAYERS[0], activations(1, seed=1), output_size=32)  # use keeps it alive
     runtime.clock.advance(0.75 * TTL_SECONDS)
     assert session.refresh().key_bytes == held.key_bytes
     runtime.clock.advance(TTL_SECONDS + 1)
     raises(NotFound, session.refresh)
-    assert runtime.sessions.usage(tenant) == (0, 0)
+    assert runtime.usage(tenant) == (0, 0)
     raises(NotFound, held.executor)  # the keys are gone, not just unlisted
 
 
@@ -206,7 +206,7 @@ def test_a_request_id_in_progress_is_aborted_not_duplicated(runtime: Runtime) ->
     stub = he_service_pb2_grpc.HeRuntimeServiceStub(runtime.channel(tenant))
     first = stub.CreateSession.future(slow_requests())
     deadline = time.monotonic() + 30
-    while runtime.sessions.usage(tenant) != (1, len(keys)):  # the first one reserved
+    while runtime.usage(tenant) != (1, len(keys)):  # the first one reserved
         assert time.monotonic() < deadline
         release.wait(0.001)
     error = raises(Aborted, runtime.rpc(tenant).create_session, header, keys)
@@ -289,7 +289,7 @@ def test_sessions_need_the_train_scope(runtime: Runtime) -> None:
 def test_health_answers_while_seal_work_runs(runtime: Runtime, data_dir: Path) -> None:
     tenant = new_tenant()
     session = open_session(runtime, tenant)
-    held = runtime.sessions.get(tenant, session.session.id)
+    held = runtime.held(tenant, session.session.id)
     x = activations(2, seed=12)
     outcome: dict[str, np.ndarray] = {}
 

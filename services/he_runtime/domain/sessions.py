@@ -1,18 +1,24 @@
 """HE sessions: a client's public key material bound to one adapter, with limits.
 
-A session holds, in this process's memory, the client's CKKS parameters and Galois keys
-(inside a :class:`~tensafe.he_runtime.domain.executor.HeLoraExecutor`), the adapter's
-weights and their pre-encoded plaintexts. That state is large and cannot be rebuilt
-without the client (only the client can make keys), so it lives where it is used: a
-restarted runtime has no sessions and clients create new ones. The session *metadata*
-(owner, adapter, plan, key bytes, idle expiry) is kept in memory here too; no database
-is involved yet.
+A session is durable (the project's rule: state lives in the DB, a restarted process
+loses nothing that was acknowledged). Its durable state is a row of ``he_sessions``
+(owner, idempotency key, adapter name/version/digest, the checked spec, the framed CKKS
+parameters, key bytes, times) plus its Galois keys in a key file
+(:mod:`tensafe.he_runtime.store`), written and fsynced *before* the row commits and
+deleted after the row is. The live part, a
+:class:`~tensafe.he_runtime.domain.executor.HeLoraExecutor` holding parsed keys and
+pre-encoded adapter plaintexts, is a per-process cache: a use that misses it (after a
+restart, or on another replica sharing the DB and the data folder) reloads the row and
+the key file, reloads the adapter from its source and rebuilds the executor with the
+same :func:`_build`, one rebuild per session at a time.
 
 Limits (DESIGN.md §8, "HE sessions hold key material"): key bytes per session, sessions
-and key bytes per tenant (checked and *reserved* before the keys stream in, so two
-concurrent uploads cannot both pass: the count and the reservation run on the event loop
-with no ``await`` between them, which makes them one atomic step without a lock), and
-an idle TTL after which a session is removed and its keys are dropped. Sessions are
+and key bytes per tenant (counted over the DB rows plus this process's in-flight
+*reservations*, in a transaction holding the tenant's quota lock, both before the keys
+stream in and again when the row is inserted, so they hold across replicas), and an
+idle TTL after which a session is removed and its keys are deleted. Use times are kept
+in memory on every call and written to the row at most every ``idle_ttl / 4`` (an
+ApplyLora is not a DB write); a cache miss checks expiry against the row. Sessions are
 tenant-scoped: another tenant's session id is NOT_FOUND. Key material is never logged.
 
 SEAL work (parsing keys, encoding the adapter, evaluating) runs on a thread pool, never
@@ -23,6 +29,7 @@ releases nothing during a call but the loop runs between calls.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -39,11 +46,14 @@ from tensafe.common.errors import (
     InvalidArgument,
     NotFound,
     ResourceExhausted,
+    Unavailable,
 )
 from tensafe.common.quotas import quota_exceeded
 from tensafe.he_runtime.domain.adapters import AdapterSource, LoadedAdapter
 from tensafe.he_runtime.domain.executor import HeLoraExecutor, LoraWeights
 from tensafe.he_runtime.domain.plans import PlanRequest, compile_for, plan_for_units
+from tensafe.he_runtime.store.keys import KeyFiles
+from tensafe.he_runtime.store.sql import SessionRecord, SessionStore, SessionTransaction, micros
 from tensafe.helora.params import CkksParams
 from tensafe.helora.plan import OpCounts, Packing, Plan
 from tensafe.helora.wire import WireKind, unpack
@@ -109,7 +119,7 @@ class ApplyResult:
 
 
 class Session:
-    """One open HE session (lives only in this process).
+    """One open HE session as cached in this process.
 
     Attributes:
         id: Server-assigned id.
@@ -119,12 +129,14 @@ class Session:
         adapter: The adapter applied.
         key_bytes: Bytes of Galois keys held.
         request_id: The idempotency key it was created with.
-        last_used: Clock time of the last use.
+        last_used: Clock time of the last use in this process.
+        written_use: The last use written to the session's row.
     """
 
     def __init__(
         self,
         *,
+        session_id: str,
         tenant_id: str,
         plan: Plan,
         reason: str,
@@ -134,7 +146,7 @@ class Session:
         request_id: str,
         now: float,
     ) -> None:
-        self.id = uuid.uuid4().hex
+        self.id = session_id
         self.tenant_id = tenant_id
         self.plan = plan
         self.reason = reason
@@ -142,6 +154,7 @@ class Session:
         self.key_bytes = key_bytes
         self.request_id = request_id
         self.last_used = now
+        self.written_use = now
         self.in_flight = 0
         self._executor: HeLoraExecutor | None = executor
         # SEAL objects of one session are used by one thread at a time.
@@ -200,14 +213,38 @@ class _Reservation:
     request_id: str
 
 
+class _KeyedLocks:
+    """One asyncio lock per key, dropped when nobody holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: str) -> AsyncIterator[None]:
+        lock, users = self._locks.get(key, (asyncio.Lock(), 0))
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
+
+
 class HeSessions:
     """Opens, finds, applies and closes HE sessions, within :class:`SessionLimits`.
 
     Args:
         limits: The limits.
         adapter_source: Where adapters come from; None when no source is configured
-            (every CreateSession then fails with FAILED_PRECONDITION).
+            (every CreateSession, and every rebuild of a session, then fails with
+            FAILED_PRECONDITION).
         pool: Runs SEAL work off the event loop.
+        store: The session rows.
+        keys: The Galois-key files.
         clock: Seconds (wall clock; injectable so tests can expire sessions).
     """
 
@@ -217,45 +254,38 @@ class HeSessions:
         limits: SessionLimits,
         adapter_source: AdapterSource | None,
         pool: Executor,
+        store: SessionStore,
+        keys: KeyFiles,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.limits = limits
         self._adapter_source = adapter_source
         self._pool = pool
+        self._store = store
+        self._keys = keys
         self._clock = clock
         self._sessions: dict[str, Session] = {}
         self._reservations: list[_Reservation] = []
+        # The count and the reservation of one process are one step (the DB count
+        # awaits); the tenant's DB lock makes them one step across replicas.
+        self._reserving = asyncio.Lock()
+        self._loading = _KeyedLocks()
 
     # -- limits --------------------------------------------------------------------
 
-    def usage(self, tenant_id: str) -> tuple[int, int]:
-        """Return (sessions, key bytes) held or being created by ``tenant_id``."""
-        sessions = [s for s in self._sessions.values() if s.tenant_id == tenant_id]
-        pending = [r for r in self._reservations if r.tenant_id == tenant_id]
-        return (
-            len(sessions) + len(pending),
-            sum(s.key_bytes for s in sessions) + sum(r.key_bytes for r in pending),
-        )
+    async def usage(self, tenant_id: str) -> tuple[int, int]:
+        """Return (sessions, key bytes) held (in the DB) or being created (here) by
+        ``tenant_id``."""
+        async with self._store.transaction(read_only=True) as tx:
+            count, held = await tx.usage(tenant_id, now_us=micros(self._clock()))
+        pending = self._pending(tenant_id, exclude=None)
+        return count + len(pending), held + sum(r.key_bytes for r in pending)
 
-    def _reserve(self, tenant_id: str, key_bytes: int, request_id: str) -> _Reservation:
+    def _pending(self, tenant_id: str, *, exclude: _Reservation | None) -> list[_Reservation]:
+        return [r for r in self._reservations if r.tenant_id == tenant_id and r is not exclude]
+
+    def _check_quota(self, count: int, held: int, key_bytes: int) -> None:
         limits = self.limits
-        if request_id and any(
-            (r.tenant_id, r.request_id) == (tenant_id, request_id) for r in self._reservations
-        ):
-            raise Aborted(
-                f"a CreateSession with request_id {request_id!r} is in progress; retry later",
-                reason="REQUEST_IN_PROGRESS",
-            )
-        if key_bytes > limits.max_session_key_bytes:
-            raise ResourceExhausted(
-                f"galois_keys_size {key_bytes} exceeds the limit max_session_key_bytes="
-                f"{limits.max_session_key_bytes}",
-                metadata={
-                    "limit": "max_session_key_bytes",
-                    "max": str(limits.max_session_key_bytes),
-                },
-            )
-        count, held = self.usage(tenant_id)
         if count >= limits.max_sessions_per_tenant:
             raise quota_exceeded(
                 "max_sessions_per_tenant",
@@ -268,16 +298,47 @@ class HeSessions:
                 limits.max_key_bytes_per_tenant,
                 f"{held} Galois-key bytes in open sessions and this one adds {key_bytes}",
             )
-        reservation = _Reservation(tenant_id, key_bytes, request_id)
-        self._reservations.append(reservation)
-        return reservation
+
+    async def _counted(
+        self, tx: SessionTransaction, tenant_id: str, exclude: _Reservation | None
+    ) -> tuple[int, int]:
+        count, held = await tx.usage(tenant_id, now_us=micros(self._clock()))
+        pending = self._pending(tenant_id, exclude=exclude)
+        return count + len(pending), held + sum(r.key_bytes for r in pending)
+
+    async def _reserve(self, tenant_id: str, key_bytes: int, request_id: str) -> _Reservation:
+        limits = self.limits
+        if key_bytes > limits.max_session_key_bytes:
+            raise ResourceExhausted(
+                f"galois_keys_size {key_bytes} exceeds the limit max_session_key_bytes="
+                f"{limits.max_session_key_bytes}",
+                metadata={
+                    "limit": "max_session_key_bytes",
+                    "max": str(limits.max_session_key_bytes),
+                },
+            )
+        async with self._reserving:
+            if request_id and any(
+                (r.tenant_id, r.request_id) == (tenant_id, request_id) for r in self._reservations
+            ):
+                raise Aborted(
+                    f"a CreateSession with request_id {request_id!r} is in progress; retry later",
+                    reason="REQUEST_IN_PROGRESS",
+                )
+            async with self._store.transaction() as tx:
+                await tx.lock_tenant(tenant_id)
+                count, held = await self._counted(tx, tenant_id, None)
+            self._check_quota(count, held, key_bytes)
+            reservation = _Reservation(tenant_id, key_bytes, request_id)
+            self._reservations.append(reservation)
+            return reservation
 
     # -- lifecycle -----------------------------------------------------------------
 
     async def create(
         self, tenant_id: str, header: SessionHeader, key_chunks: AsyncIterator[bytes]
     ) -> Session:
-        """Open a session: check the header, reserve, receive the keys, build it.
+        """Open a session: check the header, reserve, receive the keys, build, persist.
 
         Args:
             tenant_id: The caller's tenant.
@@ -285,7 +346,8 @@ class HeSessions:
             key_chunks: The Galois-key bytes, in order.
 
         Returns:
-            The open session (an existing one for a repeated ``request_id``).
+            The open session (an existing one for a repeated ``request_id``, also one
+            created before a restart).
 
         Raises:
             InvalidArgument: Inconsistent header, parameters or keys.
@@ -295,12 +357,10 @@ class HeSessions:
             ResourceExhausted: A limit would be exceeded (the message names it).
             Aborted: A creation with the same ``request_id`` is still in progress.
         """
-        self.reap()
         if header.request_id:
-            for existing in self._sessions.values():
-                if (existing.tenant_id, existing.request_id) == (tenant_id, header.request_id):
-                    existing.last_used = self._clock()
-                    return existing
+            existing = await self._by_request(tenant_id, header.request_id)
+            if existing is not None:
+                return existing
         if self._adapter_source is None:
             raise FailedPrecondition(
                 "registry adapter source not configured", reason="ADAPTER_SOURCE_MISSING"
@@ -309,14 +369,16 @@ class HeSessions:
         _check_parameters_blob(header.parameters, header.spec.params)
         if header.galois_keys_size < 0:
             raise InvalidArgument("header.galois_keys_size", "must be >= 0")
-        reservation = self._reserve(tenant_id, header.galois_keys_size, header.request_id)
+        reservation = await self._reserve(tenant_id, header.galois_keys_size, header.request_id)
         try:
             keys = await _receive_keys(key_chunks, header.galois_keys_size)
             adapter = await self._adapter_source.load(
                 tenant_id=tenant_id, name=header.adapter_name, version=header.adapter_version
             )
             executor = await self._run(lambda: _build(adapter, header, plan, keys))
+            now = self._clock()
             session = Session(
+                session_id=uuid.uuid4().hex,
                 tenant_id=tenant_id,
                 plan=plan,
                 reason=reason,
@@ -324,10 +386,34 @@ class HeSessions:
                 executor=executor,
                 key_bytes=header.galois_keys_size,
                 request_id=header.request_id,
-                now=self._clock(),
+                now=now,
             )
+            record = SessionRecord(
+                id=session.id,
+                tenant_id=tenant_id,
+                request_id=header.request_id,
+                adapter_name=adapter.name,
+                adapter_version=adapter.version,
+                adapter_digest=adapter.digest,
+                spec_json=spec_to_json(header.spec),
+                seal_parameters=header.parameters,
+                key_bytes=header.galois_keys_size,
+                create_time_us=micros(now),
+                last_used_time_us=micros(now),
+                expire_time_us=micros(now + self.limits.idle_ttl_seconds),
+            )
+            await self._run(lambda: self._keys.write(session.id, keys or b""))
+            try:
+                winner = await self._insert(record, reservation)
+            except BaseException:
+                self._keys.delete(session.id)
+                raise
         finally:
             self._reservations.remove(reservation)
+        if winner is not None:  # another replica created it with this request_id first
+            self._keys.delete(session.id)
+            session.drop_keys()
+            return await self.get(tenant_id, winner)
         self._sessions[session.id] = session
         log.info(
             "HE session opened",
@@ -342,55 +428,219 @@ class HeSessions:
         )
         return session
 
-    def get(self, tenant_id: str, session_id: str) -> Session:
-        """Return the tenant's session and mark it used.
+    async def _by_request(self, tenant_id: str, request_id: str) -> Session | None:
+        for cached in self._sessions.values():
+            if (cached.tenant_id, cached.request_id) == (tenant_id, request_id):
+                return await self.get(tenant_id, cached.id)
+        async with self._store.transaction(read_only=True) as tx:
+            record = await tx.by_request(tenant_id, request_id)
+        if record is None or micros(self._clock()) >= record.expire_time_us:
+            return None
+        return await self.get(tenant_id, record.id)
+
+    async def _insert(self, record: SessionRecord, reservation: _Reservation) -> str | None:
+        """Insert the row unless the request id is taken; return the taker's id then."""
+        stale: str | None = None
+        async with self._store.transaction() as tx:
+            await tx.lock_tenant(record.tenant_id)
+            if record.request_id:
+                existing = await tx.by_request(record.tenant_id, record.request_id)
+                if existing is not None:
+                    if micros(self._clock()) < existing.expire_time_us:
+                        return existing.id
+                    # Expired but not reaped yet: it frees the request id.
+                    await tx.delete(existing.id)
+                    stale = existing.id
+            count, held = await self._counted(tx, record.tenant_id, reservation)
+            self._check_quota(count, held, record.key_bytes)
+            await tx.insert(record)
+        if stale is not None:
+            self._forget(stale, why="expired")
+        return None
+
+    async def get(self, tenant_id: str, session_id: str) -> Session:
+        """Return the tenant's session and mark it used; rebuild it on a cache miss.
 
         Raises:
             NotFound: No such open session for this tenant (also after expiry).
+            FailedPrecondition: Its key file or adapter is gone or changed.
         """
-        self.reap()
-        session = self._sessions.get(session_id)
-        if session is None or session.tenant_id != tenant_id:
+        cached = self._sessions.get(session_id)
+        if cached is not None and cached.tenant_id != tenant_id:
             raise NotFound(f"session {session_id!r} not found")
+        if cached is not None and (cached.in_flight or self._clock() < self.expire_time(cached)):
+            return await self._used(cached)
+        if cached is not None:
+            # Idle here; the row decides (another replica may have used it since).
+            self._drop_cached(cached)
+        async with self._loading.hold(session_id):
+            cached = self._sessions.get(session_id)
+            if cached is not None:  # rebuilt meanwhile by a concurrent call
+                if cached.tenant_id != tenant_id:
+                    raise NotFound(f"session {session_id!r} not found")
+                return await self._used(cached)
+            record = await self._live_record(tenant_id, session_id)
+            session = await self._rebuild(record)
+            session.written_use = record.last_used_time_us / 1_000_000
+            self._sessions[session.id] = session
+            log.info(
+                "HE session rebuilt",
+                extra={"session_id": session.id, "tenant_id": tenant_id},
+            )
+            return await self._used(session)
+
+    async def _live_record(self, tenant_id: str, session_id: str) -> SessionRecord:
+        async with self._store.transaction(read_only=True) as tx:
+            record = await tx.get(tenant_id, session_id)
+        if record is None:
+            raise NotFound(f"session {session_id!r} not found")
+        if micros(self._clock()) >= record.expire_time_us:
+            await self._delete(session_id, why="expired")
+            raise NotFound(f"session {session_id!r} not found")
+        return record
+
+    async def _rebuild(self, record: SessionRecord) -> Session:
+        if self._adapter_source is None:
+            raise FailedPrecondition(
+                "registry adapter source not configured", reason="ADAPTER_SOURCE_MISSING"
+            )
+        spec = spec_from_json(record.spec_json)
+        header = SessionHeader(
+            adapter_name=record.adapter_name,
+            adapter_version=record.adapter_version,
+            spec=spec,
+            parameters=record.seal_parameters,
+            galois_keys_size=record.key_bytes,
+            request_id=record.request_id,
+        )
+        plan, reason = compile_for(spec, field_prefix="header.spec.")
+        keys = await self._run(lambda: self._keys.read(record.id))
+        if keys is None or len(keys) != record.key_bytes:
+            raise FailedPrecondition(
+                f"the Galois-key file of session {record.id} is missing or incomplete in "
+                f"{self._keys.root} (replicas must share the data folder); create a new session",
+                reason="SESSION_KEYS_MISSING",
+            )
+        adapter = await self._adapter_source.load(
+            tenant_id=record.tenant_id, name=record.adapter_name, version=record.adapter_version
+        )
+        if adapter.digest != record.adapter_digest:
+            raise FailedPrecondition(
+                f"adapter {record.adapter_name}@{record.adapter_version} changed since session "
+                f"{record.id} was created; create a new session",
+                reason="ADAPTER_CHANGED",
+            )
+        executor = await self._run(lambda: _build(adapter, header, plan, keys or None))
+        return Session(
+            session_id=record.id,
+            tenant_id=record.tenant_id,
+            plan=plan,
+            reason=reason,
+            adapter=adapter,
+            executor=executor,
+            key_bytes=record.key_bytes,
+            request_id=record.request_id,
+            now=self._clock(),
+        )
+
+    async def _used(self, session: Session) -> Session:
+        """Mark a use; write it to the row when the last write is idle_ttl/4 old."""
         session.last_used = self._clock()
+        if session.last_used - session.written_use >= self.limits.idle_ttl_seconds / 4:
+            await self._write_use(session)
         return session
+
+    async def _write_use(self, session: Session) -> None:
+        used = session.last_used
+        async with self._store.transaction() as tx:
+            await tx.touch(
+                session.id,
+                last_used_us=micros(used),
+                expire_us=micros(used + self.limits.idle_ttl_seconds),
+            )
+        session.written_use = used
 
     def expire_time(self, session: Session) -> float:
         """When ``session`` expires if not used again (clock seconds)."""
         return session.last_used + self.limits.idle_ttl_seconds
 
-    def close(self, tenant_id: str, session_id: str) -> None:
-        """Close the tenant's session and delete its keys.
+    async def close(self, tenant_id: str, session_id: str) -> None:
+        """Close the tenant's session: delete its row, its key file and its cache entry.
 
         Raises:
             NotFound: No such open session for this tenant.
         """
-        session = self.get(tenant_id, session_id)
-        self._remove(session, why="closed")
+        cached = self._sessions.get(session_id)
+        if cached is not None and cached.tenant_id != tenant_id:
+            raise NotFound(f"session {session_id!r} not found")
+        if cached is None or self._clock() >= self.expire_time(cached):
+            await self._live_record(tenant_id, session_id)
+        await self._delete(session_id, why="closed")
 
-    def reap(self) -> int:
-        """Remove every session idle for longer than the TTL; return how many."""
+    async def reap(self) -> int:
+        """Remove every session idle for longer than the TTL; return how many rows.
+
+        Cached sessions first write their latest use (an evaluation in progress counts
+        as a use now), so a row is not reaped while this process still uses it.
+        """
         now = self._clock()
-        expired = [
-            s for s in self._sessions.values() if s.in_flight == 0 and now >= self.expire_time(s)
-        ]
-        for session in expired:
-            self._remove(session, why="expired")
+        for session in list(self._sessions.values()):
+            if session.in_flight:
+                session.last_used = now
+            if now >= self.expire_time(session):
+                self._drop_cached(session)
+            elif session.last_used > session.written_use:
+                await self._write_use(session)
+        async with self._store.transaction() as tx:
+            expired = await tx.expired(now_us=micros(now))
+            for session_id in expired:
+                await tx.delete(session_id)
+        for session_id in expired:
+            self._forget(session_id, why="expired")
         return len(expired)
 
-    def close_all(self) -> None:
-        """Remove every session (at shutdown)."""
+    async def close_all(self) -> None:
+        """At shutdown: write the latest uses, drop every cached executor (rows and key
+        files stay, so another process serves the sessions)."""
         for session in list(self._sessions.values()):
-            self._remove(session, why="shutdown")
+            if session.last_used > session.written_use:
+                try:
+                    await self._write_use(session)
+                except (Unavailable, Aborted) as error:
+                    log.warning("HE session use not recorded at shutdown: %s", error)
+            self._drop_cached(session)
 
-    def _remove(self, session: Session, *, why: str) -> None:
-        self._sessions.pop(session.id, None)
+    async def sweep_files(self, *, grace_seconds: float) -> int:
+        """Remove abandoned temporary key files and key files without a row (start-up).
+
+        Args:
+            grace_seconds: Row-less key files younger than this are kept (a creation
+                may be committing on another replica).
+
+        Returns:
+            How many files were removed.
+        """
+        async with self._store.transaction(read_only=True) as tx:
+            known = await tx.ids()
+        return await self._run(lambda: self._keys.sweep(known=known, grace_seconds=grace_seconds))
+
+    async def _delete(self, session_id: str, *, why: str) -> None:
+        async with self._store.transaction() as tx:
+            await tx.delete(session_id)
+        self._forget(session_id, why=why)
+
+    def _forget(self, session_id: str, *, why: str) -> None:
+        """After the row is gone: delete the key file and the cache entry."""
+        self._keys.delete(session_id)
+        session = self._sessions.pop(session_id, None)
+        if session is not None:
+            session.drop_keys()
+        log.info("HE session %s", why, extra={"session_id": session_id})
+
+    def _drop_cached(self, session: Session) -> None:
+        if self._sessions.get(session.id) is session:
+            del self._sessions[session.id]
         session.drop_keys()
-        log.info(
-            "HE session %s",
-            why,
-            extra={"session_id": session.id, "tenant_id": session.tenant_id},
-        )
 
     # -- evaluation ----------------------------------------------------------------
 
@@ -404,7 +654,7 @@ class HeSessions:
             InvalidArgument: Unknown layer, wrong number of ciphertexts, malformed ones.
             FailedPrecondition: Ciphertexts from another parameter set, a missing key.
         """
-        session = self.get(tenant_id, session_id)
+        session = await self.get(tenant_id, session_id)
         if layer not in session.adapter.layers:
             raise InvalidArgument(
                 "header.layer",
@@ -426,11 +676,45 @@ class HeSessions:
     async def run_reaper(self, stop: asyncio.Event, *, interval_seconds: float) -> None:
         """Reap expired sessions every ``interval_seconds`` until ``stop`` is set."""
         while not stop.is_set():
-            self.reap()
+            try:
+                await self.reap()
+            except (Unavailable, Aborted) as error:
+                log.warning("HE session reaper: %s; retrying next interval", error)
             try:
                 await asyncio.wait_for(stop.wait(), timeout=interval_seconds)
             except TimeoutError:
                 continue
+
+
+def spec_to_json(spec: PlanRequest) -> str:
+    """The checked spec as canonical JSON (stored in the session's row)."""
+    return json.dumps(
+        {
+            "hidden_size": spec.hidden_size,
+            "output_size": spec.output_size,
+            "rank": spec.rank,
+            "alpha": spec.alpha,
+            "tokens": spec.tokens,
+            "params": spec.params.to_dict(),
+            "packing": None if spec.packing is None else spec.packing.value,
+        },
+        sort_keys=True,
+    )
+
+
+def spec_from_json(text: str) -> PlanRequest:
+    """Inverse of :func:`spec_to_json`."""
+    data = json.loads(text)
+    packing = data["packing"]
+    return PlanRequest(
+        hidden_size=int(data["hidden_size"]),
+        output_size=int(data["output_size"]),
+        rank=int(data["rank"]),
+        alpha=float(data["alpha"]),
+        tokens=int(data["tokens"]),
+        params=CkksParams.from_dict(data["params"]),
+        packing=None if packing is None else Packing(packing),
+    )
 
 
 def _units(session: Session, layer: str, count: int) -> int:

@@ -34,6 +34,9 @@ two values together). Each failure names the value to set.
 {{- if and (gt (int $v.trainerWorker.replicas) 0) (gt (int $v.trainer.replicas) 0) (not $v.trainer.persistence.existingClaim) (not $v.devMode) }}
 {{- fail "trainer.persistence.existingClaim is required outside devMode: the trainer API and workers share checkpoints through a ReadWriteMany claim" -}}
 {{- end }}
+{{- if and (not $v.heRuntime.persistence.existingClaim) (not $v.devMode) }}
+{{- fail "heRuntime.persistence.existingClaim is required outside devMode: HE sessions' Galois keys must outlive a pod" -}}
+{{- end }}
 {{- if and (not $v.registry.persistence.existingClaim) (not $v.devMode) }}
 {{- fail "registry.persistence.existingClaim is required outside devMode: packages and envelope keys must outlive a pod" -}}
 {{- end }}
