@@ -36,11 +36,9 @@ import numpy.typing as npt
 import torch
 from torch import nn
 
-from tensafe.client.auth import TokenProvider, authenticated_channel, find_api_key
-from tensafe.client.channels import OwnedChannels, resolve_tls
-from tensafe.client.connection import load_connection
+from tensafe.client.channels import OwnedChannels
 from tensafe.client.retry import call_with_retry
-from tensafe.client.training import ChannelOptions, make_channel
+from tensafe.client.training import ChannelOptions, authenticated_channels
 from tensafe.common import errors
 from tensafe.helora.client import HeLoraClient
 from tensafe.helora.params import CkksParams, default_params
@@ -211,27 +209,17 @@ def open_he_runtime(
         Unauthenticated: No API key was found.
     """
     options = options or ChannelOptions()
-    connection_tls = None
-    if base_url is None or auth_url is None:
-        try:
-            connection = load_connection(connection_file)
-            base_url = base_url or connection.address("he_runtime")
-            auth_url = auth_url or connection.address("auth")
-        except (FileNotFoundError, KeyError) as exc:
-            raise errors.FailedPrecondition(
-                f"pass base_url= and auth_url= or run `tensafe up`: {exc}", reason="NO_ENDPOINT"
-            ) from None
-        connection_tls = connection.tls
-    tls = resolve_tls(
+    channel, auth_channel = authenticated_channels(
+        "he_runtime",
+        base_url=base_url,
+        auth_url=auth_url,
+        api_key=api_key,
+        connection_file=connection_file,
+        options=options,
         ca_file=ca_file,
         client_cert_file=client_cert_file,
         client_key_file=client_key_file,
-        connection_tls=connection_tls,
     )
-    key = find_api_key(api_key, connection_file=connection_file)
-    auth_channel = make_channel(auth_url, options=options, tls=tls)
-    provider = TokenProvider(auth_channel, key)
-    channel = authenticated_channel(make_channel(base_url, options=options, tls=tls), provider)
     return HeRuntimeRpc(channel, options=options, also_close=(auth_channel,))
 
 

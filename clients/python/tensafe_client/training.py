@@ -378,20 +378,53 @@ def open_trainer(
         Unauthenticated: No API key was found.
     """
     options = options or ChannelOptions()
+    channel, auth_channel = authenticated_channels(
+        "trainer",
+        base_url=base_url,
+        auth_url=auth_url,
+        api_key=api_key,
+        connection_file=connection_file,
+        options=options,
+        ca_file=ca_file,
+        client_cert_file=client_cert_file,
+        client_key_file=client_key_file,
+    )
+    return TrainerRpc(channel, options=options, also_close=(auth_channel,))
+
+
+def authenticated_channels(
+    service: str,
+    *,
+    base_url: str | None,
+    auth_url: str | None,
+    api_key: str | None,
+    connection_file: str | os.PathLike[str] | None,
+    options: ChannelOptions,
+    ca_file: str | os.PathLike[str] | None,
+    client_cert_file: str | os.PathLike[str] | None,
+    client_key_file: str | os.PathLike[str] | None,
+) -> tuple[grpc.Channel, grpc.Channel]:
+    """A service's channel, authenticated with tokens for the API key, and the channel
+    to auth those tokens come from (the caller closes both).
+
+    Endpoints: ``base_url`` (else the connection file's ``service``) and ``auth_url``
+    (else its ``auth``); the API key as in :func:`tensafe.client.auth.find_api_key`; TLS
+    as in :func:`tensafe.client.channels.resolve_tls`.
+
+    Raises:
+        FailedPrecondition: An endpoint is neither given nor in a connection file.
+        Unauthenticated: No API key was found.
+    """
     connection_tls = None
     if base_url is None or auth_url is None:
         try:
             connection = load_connection(connection_file)
-        except FileNotFoundError as exc:
-            raise errors.FailedPrecondition(
-                f"pass base_url= and auth_url= or run `tensafe up`: {exc}",
-                reason="NO_ENDPOINT",
-            ) from None
-        try:
-            base_url = base_url or connection.address("trainer")
+            base_url = base_url or connection.address(service)
             auth_url = auth_url or connection.address("auth")
-        except KeyError as exc:
-            raise errors.FailedPrecondition(str(exc), reason="NO_ENDPOINT") from None
+        except (FileNotFoundError, KeyError) as exc:
+            raise errors.FailedPrecondition(
+                f"pass base_url= and auth_url= or run `tensafe up`: {exc}", reason="NO_ENDPOINT"
+            ) from None
         connection_tls = connection.tls
     tls = resolve_tls(
         ca_file=ca_file,
@@ -403,4 +436,4 @@ def open_trainer(
     auth_channel = make_channel(auth_url, options=options, tls=tls)
     provider = TokenProvider(auth_channel, key)
     channel = authenticated_channel(make_channel(base_url, options=options, tls=tls), provider)
-    return TrainerRpc(channel, options=options, also_close=(auth_channel,))
+    return channel, auth_channel
