@@ -226,9 +226,15 @@ def rl_iteration(
         group = list(future.result().sequences)
         scores = [reward(tokenizer.decode(s.tokens, skip_special_tokens=True), a, b) for s in group]
         rewards.extend(scores)
+        seen: set[tuple[int, ...]] = set()
         for sequence, advantage in zip(group, group_advantages(scores), strict=True):
             if advantage == 0.0 or not sequence.tokens:
                 continue
+            # Two identical samples of one prompt would be one datum twice in the step,
+            # which a DP client refuses (its sensitivity would double): keep one.
+            if tuple(sequence.tokens) in seen:
+                continue
+            seen.add(tuple(sequence.tokens))
             tokens = prompt + list(sequence.tokens)
             sampled_logprobs = list(sequence.logprobs or [])
             # Targets are tokens[1:]; the prompt's own targets carry no advantage.

@@ -60,6 +60,7 @@ from tensafe.tgsp.manifest import (
     PoissonSampling,
     Provenance,
     Sampling,
+    StepGroup,
     TensorInfo,
 )
 from tensafe.tgsp.package import (
@@ -115,6 +116,7 @@ __all__ = [
     "Provenance",
     "Sampling",
     "SigningKey",
+    "StepGroup",
     "TensorInfo",
     "VerifyingKey",
     "Weights",

@@ -367,6 +367,36 @@ Sampling: TypeAlias = PoissonSampling | ClientBatches
 
 
 @dataclass(frozen=True, kw_only=True)
+class StepGroup:
+    """Steps of one mechanism in the privacy lineage of the weights.
+
+    Weights that continued another training client's checkpoint carry that client's
+    steps too (their epsilon composes every step the weights have seen); the certificate
+    lists each (training client, sampling, noise multiplier) with its step count.
+    """
+
+    training_client_id: str
+    """The training client that took these steps."""
+    sampling: Sampling
+    """How the batches of these steps were chosen."""
+    noise_multiplier: float
+    """The steps' sigma; positive."""
+    steps: int
+    """How many such steps; >= 1."""
+
+    def __post_init__(self) -> None:
+        path = "dp_certificate.history"
+        check_text(self.training_client_id, f"{path}.training_client_id", max_length=128)
+        if not isinstance(self.sampling, PoissonSampling | ClientBatches):
+            raise InvalidArgument(f"{path}.sampling", "must be PoissonSampling or ClientBatches")
+        _check_number(
+            self.noise_multiplier, f"{path}.noise_multiplier", minimum=0.0, minimum_inclusive=False
+        )
+        _check_int(self.steps, f"{path}.steps", minimum=1)
+        object.__setattr__(self, "noise_multiplier", float(self.noise_multiplier))
+
+
+@dataclass(frozen=True, kw_only=True)
 class DPGuarantee:
     """An (epsilon, delta) differential-privacy guarantee per example for the whole run."""
 
@@ -387,6 +417,9 @@ class DPGuarantee:
     assumptions: tuple[str, ...] = ()
     """Statements the guarantee rests on that the server could not enforce, e.g. that a
     client-supplied example appears at most once per step."""
+    history: tuple[StepGroup, ...] = ()
+    """Every mechanism the weights' lineage composed, grouped; their steps add up to
+    ``steps``. Empty in packages written before lineage was recorded."""
 
     guarantee: ClassVar[str] = "differential_privacy"
 
@@ -411,6 +444,12 @@ class DPGuarantee:
             raise InvalidArgument(f"{path}.assumptions", "must be a tuple of strings")
         for index, text in enumerate(self.assumptions):
             check_text(text, f"{path}.assumptions[{index}]", max_length=1024)
+        if not isinstance(self.history, tuple) or not all(
+            isinstance(group, StepGroup) for group in self.history
+        ):
+            raise InvalidArgument(f"{path}.history", "must be a tuple of StepGroup")
+        if self.history and sum(group.steps for group in self.history) != self.steps:
+            raise InvalidArgument(f"{path}.history", "step counts must add up to steps")
         for name in ("epsilon", "delta", "noise_multiplier", "max_grad_norm"):
             object.__setattr__(self, name, float(getattr(self, name)))
 
@@ -441,13 +480,34 @@ DPCertificate: TypeAlias = DPGuarantee | NoDPGuarantee
 """What the package claims about differential privacy."""
 
 
+def _sampling_to_json(sampling: Sampling) -> dict[str, JsonValue]:
+    result: dict[str, JsonValue] = {"method": sampling.method}
+    if isinstance(sampling, PoissonSampling):
+        result["rate"] = sampling.rate
+    return result
+
+
+def _sampling_from_json(value: JsonValue, path: str) -> Sampling:
+    members = _Members(value, path)
+    method = members.take("method")
+    sampling: Sampling
+    if method == PoissonSampling.method:
+        sampling = PoissonSampling(
+            rate=_check_number(members.take("rate"), f"{path}.rate", minimum=0.0)
+        )
+    elif method == ClientBatches.method:
+        sampling = ClientBatches()
+    else:
+        raise InvalidArgument(f"{path}.method", "must be 'poisson' or 'client_batches'")
+    members.done()
+    return sampling
+
+
 def _certificate_to_json(certificate: DPCertificate) -> dict[str, JsonValue]:
     if isinstance(certificate, NoDPGuarantee):
         return {"guarantee": certificate.guarantee, "reason": certificate.reason}
-    sampling: dict[str, JsonValue] = {"method": certificate.sampling.method}
-    if isinstance(certificate.sampling, PoissonSampling):
-        sampling["rate"] = certificate.sampling.rate
-    return {
+    sampling = _sampling_to_json(certificate.sampling)
+    result: dict[str, JsonValue] = {
         "guarantee": certificate.guarantee,
         "epsilon": certificate.epsilon,
         "delta": certificate.delta,
@@ -458,6 +518,18 @@ def _certificate_to_json(certificate: DPCertificate) -> dict[str, JsonValue]:
         "steps": certificate.steps,
         "assumptions": list(certificate.assumptions),
     }
+    if certificate.history:
+        # Written only when present, so packages without a lineage keep their bytes.
+        result["history"] = [
+            {
+                "training_client_id": group.training_client_id,
+                "sampling": _sampling_to_json(group.sampling),
+                "noise_multiplier": group.noise_multiplier,
+                "steps": group.steps,
+            }
+            for group in certificate.history
+        ]
+    return result
 
 
 def _certificate_from_json(value: JsonValue) -> DPCertificate:
@@ -471,22 +543,7 @@ def _certificate_from_json(value: JsonValue) -> DPCertificate:
         raise InvalidArgument(
             "dp_certificate.guarantee", "must be 'differential_privacy' or 'none'"
         )
-    sampling_members = _Members(members.take("sampling"), "dp_certificate.sampling")
-    method = sampling_members.take("method")
-    sampling: Sampling
-    if method == PoissonSampling.method:
-        sampling = PoissonSampling(
-            rate=_check_number(
-                sampling_members.take("rate"), "dp_certificate.sampling.rate", minimum=0.0
-            )
-        )
-    elif method == ClientBatches.method:
-        sampling = ClientBatches()
-    else:
-        raise InvalidArgument(
-            "dp_certificate.sampling.method", "must be 'poisson' or 'client_batches'"
-        )
-    sampling_members.done()
+    sampling = _sampling_from_json(members.take("sampling"), "dp_certificate.sampling")
     result = DPGuarantee(
         epsilon=_check_number(members.take("epsilon"), "dp_certificate.epsilon", minimum=0.0),
         delta=_check_number(members.take("delta"), "dp_certificate.delta", minimum=0.0),
@@ -500,9 +557,34 @@ def _certificate_from_json(value: JsonValue) -> DPCertificate:
         sampling=sampling,
         steps=_check_int(members.take("steps"), "dp_certificate.steps", minimum=0),
         assumptions=tuple(members.text_list("assumptions", max_length=1024, allow_empty=True)),
+        history=_history_from_json(members),
     )
     members.done()
     return result
+
+
+def _history_from_json(members: _Members) -> tuple[StepGroup, ...]:
+    if "history" not in members.names:
+        return ()
+    value = members.take("history")
+    path = "dp_certificate.history"
+    if not isinstance(value, list) or not value:
+        raise InvalidArgument(path, "must be a non-empty list")
+    groups = []
+    for index, entry in enumerate(value):
+        group = _Members(entry, f"{path}[{index}]")
+        groups.append(
+            StepGroup(
+                training_client_id=group.text("training_client_id", max_length=128),
+                sampling=_sampling_from_json(group.take("sampling"), f"{path}[{index}].sampling"),
+                noise_multiplier=_check_number(
+                    group.take("noise_multiplier"), f"{path}[{index}].noise_multiplier", minimum=0.0
+                ),
+                steps=_check_int(group.take("steps"), f"{path}[{index}].steps", minimum=1),
+            )
+        )
+        group.done()
+    return tuple(groups)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -778,6 +860,11 @@ class _Members:
         self._value = value
         self._path = path
         self._taken: set[str] = set()
+
+    @property
+    def names(self) -> frozenset[str]:
+        """The members present."""
+        return frozenset(self._value)
 
     def take(self, name: str) -> JsonValue:
         if name not in self._value:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import json
 import logging
 import secrets
 import uuid
@@ -34,7 +33,6 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from tensafe.common.db import Database
 from tensafe.common.errors import (
-    BudgetExhausted,
     InvalidArgument,
     ResourceExhausted,
     TenSafeError,
@@ -46,16 +44,12 @@ from tensafe.proto.trainer.v1 import trainer_service_pb2 as pb
 from tensafe.trainer import serde
 from tensafe.trainer.audit.service import audit_plan
 from tensafe.trainer.base_models import BaseModelInfo, BaseModelRegistry
-from tensafe.trainer.engine.accounting import (
-    BatchSampling,
-    PrivacyAccountant,
-    StepMechanism,
-    calibrate_noise_multiplier,
-    create_accountant,
-)
+from tensafe.trainer.engine.accounting import BatchSampling, calibrate_noise_multiplier
 from tensafe.trainer.engine.config import LossConfig
 from tensafe.trainer.engine.losses import (
     LossFn,
+    datum_digests,
+    first_duplicate,
     loss_config_from_options,
     validate_batch,
     validate_token_sequences,
@@ -70,9 +64,10 @@ from tensafe.trainer.jobs import (
     job_subject,
     parse_path,
 )
+from tensafe.trainer.ledger import PrivacyLedger, PrivacyReport, client_batches_mechanism, client_dp
 from tensafe.trainer.objects import ObjectFolder
 from tensafe.trainer.store import repository as repo
-from tensafe.trainer.store.models import BudgetReservationRow, JobRow, TrainingClientRow
+from tensafe.trainer.store.models import JobRow, TrainingClientRow
 
 log = logging.getLogger(__name__)
 
@@ -90,41 +85,6 @@ class Caller:
 
     tenant: str
     principal: str
-
-
-def accountant_of(row: TrainingClientRow, dp: serde.DpSettings) -> PrivacyAccountant:
-    """The client's accountant with every committed DP step composed."""
-    if row.accountant_state is None:
-        return create_accountant(dp.accountant)
-    return PrivacyAccountant.from_state(json.loads(row.accountant_state))
-
-
-def client_dp(row: TrainingClientRow) -> serde.DpSettings | None:
-    """The client's DP settings, None for a non-private client."""
-    return serde.DpSettings.from_json(row.dp_json) if row.dp_json is not None else None
-
-
-def admitted_accountant(
-    reservations: list[BudgetReservationRow], row: TrainingClientRow, dp: serde.DpSettings
-) -> PrivacyAccountant:
-    """The client's accountant with its committed steps and every admitted step still
-    reserved (a TrainOnDataset run reserves all of its remaining steps)."""
-    accountant = accountant_of(row, dp)
-    for reservation in reservations:
-        accountant.record(
-            StepMechanism(
-                sampling=BatchSampling(reservation.sampling),
-                noise_multiplier=reservation.noise_multiplier,
-                sampling_probability=reservation.sampling_probability,
-            ),
-            steps=int(reservation.steps),
-        )
-    return accountant
-
-
-def step_mechanism(dp: serde.DpSettings) -> StepMechanism:
-    """The mechanism of one step over client-supplied batches: no amplification."""
-    return StepMechanism.client_batches(dp.noise_multiplier)
 
 
 def _fingerprint(message: Message) -> str:
@@ -156,6 +116,7 @@ class TrainerApi:
         max_pending_jobs_per_tenant: Most unfinished jobs (PENDING or RUNNING futures)
             per tenant.
         max_steps_per_job: Most steps of one TrainOnDataset or AuditPrivacy job.
+        ledger: The privacy ledger (reservations and lineage).
     """
 
     def __init__(
@@ -171,8 +132,10 @@ class TrainerApi:
         max_clients_per_tenant: int,
         max_pending_jobs_per_tenant: int,
         max_steps_per_job: int,
+        ledger: PrivacyLedger,
     ) -> None:
         self._db = database
+        self._ledger = ledger
         self._futures = futures
         self._jetstream = jetstream
         self._base_models = base_models
@@ -182,6 +145,11 @@ class TrainerApi:
         self._max_clients = max_clients_per_tenant
         self._max_pending_jobs = max_pending_jobs_per_tenant
         self._max_steps_per_job = max_steps_per_job
+
+    @property
+    def ledger(self) -> PrivacyLedger:
+        """The privacy ledger."""
+        return self._ledger
 
     @property
     def futures(self) -> SqlFutureStore:
@@ -313,12 +281,13 @@ class TrainerApi:
         for path in paths:
             self._objects.delete(path)
 
-    async def privacy_spent(self, caller: Caller, client_id: str) -> pb.PrivacySpent:
-        """The privacy a client has spent (committed steps only)."""
+    async def privacy_spent(
+        self, caller: Caller, client_id: str
+    ) -> tuple[TrainingClientRow, PrivacyReport | None]:
+        """The privacy a client's weights have spent (committed steps of their whole
+        lineage); None for a non-private client."""
         row = await self.get_client(caller, client_id)
-        return serde.privacy_spent(
-            dp=client_dp(row), epsilon=row.epsilon_spent, steps=int(row.dp_steps)
-        )
+        return row, self._ledger.report(row)
 
     # ---------------------------------------------------------------- jobs
 
@@ -346,6 +315,18 @@ class TrainerApi:
             )
         except InvalidArgument as error:
             raise serde.remap_field(error, serde.batch_field) from error
+        if row.private and kind is JobKind.FORWARD_BACKWARD:
+            # Refused here before anything is queued; duplicates across the calls of one
+            # step are refused by the engine (it holds the step's data digests).
+            duplicate = first_duplicate(datum_digests(batch.sequences, loss, batch.loss_fn_inputs))
+            if duplicate is not None:
+                later, earlier = duplicate
+                raise InvalidArgument(
+                    f"data[{later}]",
+                    f"is identical to data[{earlier}]: under DP a datum may appear once per "
+                    "optimizer step (its sensitivity would double)",
+                    reason="DUPLICATE_DATUM",
+                )
         return await self._admit(caller, request.training_client_id, kind, request)
 
     async def optim_step(self, caller: Caller, request: pb.OptimStepRequest) -> Future:
@@ -424,7 +405,20 @@ class TrainerApi:
             await repo.get_checkpoint(
                 session, caller.tenant, parsed.client_id, CHECKPOINT_KIND, parsed.name
             )
-        return await self._admit(caller, request.training_client_id, JobKind.LOAD_STATE, request)
+
+        async def inherit(
+            session: AsyncSession, row: TrainingClientRow, future_id: str, seq: int
+        ) -> None:
+            # The weights' privacy history joins the client's at admission, so a step
+            # queued behind this LoadState is checked against all of it (DESIGN §8).
+            checkpoint = await repo.get_checkpoint(
+                session, caller.tenant, parsed.client_id, CHECKPOINT_KIND, parsed.name
+            )
+            await self._ledger.inherit(session, row, checkpoint, future_id=future_id)
+
+        return await self._admit(
+            caller, request.training_client_id, JobKind.LOAD_STATE, request, within=inherit
+        )
 
     def check_job_steps(self, steps: int) -> None:
         """Refuse a job of more than ``max_steps_per_job`` steps.
@@ -572,7 +566,14 @@ class TrainerApi:
             )
             dp = client_dp(row)
             if reserve and dp is not None:
-                await self._reserve(session, row, dp, future_id=future_id, seq=seq)
+                await self._ledger.reserve(
+                    session,
+                    row,
+                    dp,
+                    mechanism=client_batches_mechanism(dp),
+                    future_id=future_id,
+                    seq=seq,
+                )
             if within is not None:
                 await within(session, row, future_id, seq)
         await self._publish(JobMessage(future_id, client_id, seq))
@@ -588,49 +589,6 @@ class TrainerApi:
                 self._max_pending_jobs,
                 f"{pending - 1} queued or running jobs",
             )
-
-    async def _reserve(
-        self,
-        session: AsyncSession,
-        row: TrainingClientRow,
-        dp: serde.DpSettings,
-        *,
-        future_id: str,
-        seq: int,
-    ) -> None:
-        """Check the step against the budget, counting every admitted step, and reserve."""
-        mechanism = step_mechanism(dp)
-        accountant = admitted_accountant(await repo.open_reservations(session, row.id), row, dp)
-        budget = dp.epsilon_budget
-        if budget is not None and accountant.would_exceed(
-            budget_epsilon=budget, delta=dp.delta, mechanism=mechanism
-        ):
-            admitted = accountant.steps
-            raise BudgetExhausted(
-                f"one more DP step would exceed the privacy budget epsilon={budget:g} at "
-                f"delta={dp.delta:g} ({admitted} step(s) already admitted, "
-                f"epsilon after them {accountant.epsilon(dp.delta):.6g})",
-                metadata={
-                    "epsilon_budget": repr(budget),
-                    "delta": repr(dp.delta),
-                    "steps_admitted": str(admitted),
-                    "accountant": dp.accountant,
-                },
-            )
-        session.add(
-            BudgetReservationRow(
-                future_id=future_id,
-                tenant=row.tenant,
-                client_id=row.id,
-                seq=seq,
-                sampling=mechanism.sampling.value,
-                noise_multiplier=mechanism.noise_multiplier,
-                sampling_probability=mechanism.sampling_probability,
-                status=repo.RESERVED,
-                steps=1,
-                created_at=repo.now(),
-            )
-        )
 
     async def _publish(self, message: JobMessage) -> None:
         try:

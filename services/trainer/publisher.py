@@ -43,8 +43,6 @@ import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
-from sqlalchemy import select
-
 from tensafe import tgsp
 from tensafe.common.config import env_name
 from tensafe.common.db import Database
@@ -57,11 +55,11 @@ from tensafe.common.errors import (
 )
 from tensafe.common.registry_client import RegistryClient
 from tensafe.proto.trainer.v1 import trainer_service_pb2 as pb
-from tensafe.trainer import serde
 from tensafe.trainer.base_models import BaseModelRegistry
 from tensafe.trainer.engine.accounting import BatchSampling
 from tensafe.trainer.engine.training import LoraTrainingEngine
-from tensafe.trainer.store.models import JobRow, LedgerRow, TrainingClientRow
+from tensafe.trainer.ledger import HistoryGroup, PrivacyLedger, PrivacyReport, client_dp
+from tensafe.trainer.store.models import JobRow, TrainingClientRow
 
 log = logging.getLogger(__name__)
 
@@ -129,13 +127,18 @@ def load_signing_key(path: Path | None, *, dev_mode: bool, data_dir: Path) -> tg
 
 
 def dp_certificate(
-    client: TrainingClientRow, ledger: list[LedgerRow]
+    client: TrainingClientRow,
+    history: list[HistoryGroup],
+    report: PrivacyReport | None,
 ) -> tgsp.DPGuarantee | tgsp.NoDPGuarantee:
-    """The DP certificate of a client's adapter, from its privacy ledger.
+    """The DP certificate of a client's adapter, from the privacy ledger.
 
     Args:
-        client: The training client (its DP settings and committed step count).
-        ledger: Its ledger rows, in step order.
+        client: The training client.
+        history: Every DP step of its weights' lineage, grouped
+            (:meth:`PrivacyLedger.history`).
+        report: What the weights have spent (:meth:`PrivacyLedger.report`); None for a
+            non-private client.
 
     Returns:
         The guarantee the ledger supports (or the statement that there is none).
@@ -144,55 +147,69 @@ def dp_certificate(
         FailedPrecondition: The ledger and the client disagree (a corrupted ledger is
             never papered over with a certificate).
     """
-    dp = serde.DpSettings.from_json(client.dp_json) if client.dp_json is not None else None
-    if dp is None:
-        if ledger:
-            raise FailedPrecondition(
-                f"training client {client.id} is non-private but has ledger entries"
-            )
+    dp = client_dp(client)
+    if dp is None or report is None:
         return tgsp.NoDPGuarantee(reason=NON_PRIVATE_REASON)
-    steps = [int(row.dp_step) for row in ledger]
-    if steps != list(range(1, len(ledger) + 1)) or len(ledger) != int(client.dp_steps):
+    total = sum(group.steps for group in history)
+    if total != report.steps:
         raise FailedPrecondition(
-            f"privacy ledger of training client {client.id} is inconsistent: steps "
-            f"{steps[:3]}... for {client.dp_steps} committed DP steps"
+            f"privacy ledger of training client {client.id} is inconsistent: {total} "
+            f"step(s) in the lineage's ledgers for {report.steps} composed"
         )
-    for row in ledger:
-        if (row.delta, row.accountant, row.noise_multiplier) != (
-            dp.delta,
-            dp.accountant,
-            dp.noise_multiplier,
-        ):
-            raise FailedPrecondition(
-                f"privacy ledger step {row.dp_step} of training client {client.id} was "
-                "charged with other DP parameters than the client's"
-            )
-    methods = {row.sampling for row in ledger}
-    rates = {row.sampling_probability for row in ledger if row.sampling == "poisson"}
+    methods = {group.mechanism.sampling for group in history}
+    rates = {
+        group.mechanism.sampling_probability
+        for group in history
+        if group.mechanism.sampling is BatchSampling.POISSON
+    }
     sampling: tgsp.Sampling
     assumptions: tuple[str, ...] = ()
-    if methods == {BatchSampling.POISSON.value} and len(rates) == 1:
+    if methods == {BatchSampling.POISSON} and len(rates) == 1:
         sampling = tgsp.PoissonSampling(rate=rates.pop())
     else:
         sampling = tgsp.ClientBatches()
         assumptions = (CLIENT_BATCHES_ASSUMPTION,)
-        if BatchSampling.POISSON.value in methods:
-            poisson = sum(row.sampling == BatchSampling.POISSON.value for row in ledger)
+        if BatchSampling.POISSON in methods:
+            poisson = sum(g.steps for g in history if g.mechanism.sampling is BatchSampling.POISSON)
             assumptions += (
-                f"{poisson} of {len(ledger)} steps used server-drawn Poisson batches "
+                f"{poisson} of {total} steps used server-drawn Poisson batches "
                 f"(rates {', '.join(f'{rate:g}' for rate in sorted(rates))}); epsilon "
                 "composes every step with the sampling it actually had",
             )
-    epsilon = float(ledger[-1].epsilon_after) if ledger else 0.0
+    if report.inherited_steps:
+        sources = sorted({g.client_id for g in history if g.client_id != client.id})
+        assumptions += (
+            f"the weights continue {report.inherited_steps} DP step(s) of training "
+            f"client(s) {', '.join(sources)} (checkpoints loaded); epsilon composes them",
+        )
+    for source in report.non_private_sources:
+        assumptions += (
+            f"the weights continue {source.steps} optimizer step(s) of training client "
+            f"{source.client_id} trained WITHOUT differential privacy; epsilon does not "
+            "cover the data of those steps",
+        )
     return tgsp.DPGuarantee(
-        epsilon=epsilon,
-        delta=dp.delta,
+        epsilon=report.epsilon,
+        delta=report.delta,
         accountant=dp.accountant,
         noise_multiplier=dp.noise_multiplier,
         max_grad_norm=dp.max_grad_norm,
         sampling=sampling,
-        steps=len(ledger),
+        steps=total,
         assumptions=assumptions,
+        history=tuple(
+            tgsp.StepGroup(
+                training_client_id=group.client_id,
+                sampling=(
+                    tgsp.PoissonSampling(rate=group.mechanism.sampling_probability)
+                    if group.mechanism.sampling is BatchSampling.POISSON
+                    else tgsp.ClientBatches()
+                ),
+                noise_multiplier=group.mechanism.noise_multiplier,
+                steps=group.steps,
+            )
+            for group in history
+        ),
     )
 
 
@@ -218,6 +235,7 @@ class AdapterPublisher:
         signing_key: The trainer's package-signing key.
         staging_dir: Where sealed packages wait until their job commits.
         dev_mode: Whether a missing tenant KEK may be created.
+        ledger: The privacy ledger (the certificate's lineage).
     """
 
     def __init__(
@@ -230,8 +248,10 @@ class AdapterPublisher:
         signing_key: tgsp.SigningKey,
         staging_dir: Path,
         dev_mode: bool,
+        ledger: PrivacyLedger,
     ) -> None:
         self._db = database
+        self._ledger = ledger
         self._base_models = base_models
         self._registry = registry
         self._kek = kek_provider
@@ -319,16 +339,11 @@ class AdapterPublisher:
         self, job: JobRow, client: TrainingClientRow, engine: LoraTrainingEngine, name: str
     ) -> bytes:
         async with self._db.transaction(read_only=True) as session:
-            ledger = list(
-                (
-                    await session.scalars(
-                        select(LedgerRow)
-                        .where(LedgerRow.client_id == client.id)
-                        .order_by(LedgerRow.dp_step)
-                    )
-                ).all()
-            )
-        certificate = dp_certificate(client, ledger)
+            row = await session.get(TrainingClientRow, client.id, populate_existing=True)
+            assert row is not None
+            history = await self._ledger.history(session, row)
+            report = self._ledger.report(row)
+        certificate = dp_certificate(row, history, report)
         info = await asyncio.to_thread(self._base_models.get, client.base_model)
         await asyncio.to_thread(self._ensure_kek, job.tenant)
         tensors = await asyncio.to_thread(engine.adapter_tensors)

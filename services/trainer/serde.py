@@ -13,7 +13,7 @@ import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from google.protobuf import any_pb2, timestamp_pb2
 from google.protobuf.message import Message
@@ -26,6 +26,9 @@ from tensafe.proto.common.v1 import common_pb2
 from tensafe.proto.trainer.v1 import trainer_service_pb2 as pb
 from tensafe.trainer.engine.config import AdamConfig, LoraConfig
 from tensafe.trainer.engine.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from tensafe.trainer.ledger import PrivacyReport
 
 ACCOUNTANT_NAMES = {pb.ACCOUNTANT_RDP: "rdp", pb.ACCOUNTANT_PLD: "pld"}
 ACCOUNTANT_ENUMS = {name: value for value, name in ACCOUNTANT_NAMES.items()}
@@ -368,23 +371,20 @@ def _grpc_code(code: ErrorCode) -> int:
     return value
 
 
-def privacy_spent(
-    *,
-    dp: DpSettings | None,
-    epsilon: float,
-    steps: int,
-) -> pb.PrivacySpent:
+def privacy_spent(dp: DpSettings | None, report: PrivacyReport | None) -> pb.PrivacySpent:
     """The PrivacySpent message of a client (epsilon +inf for a non-private one)."""
-    if dp is None:
-        return pb.PrivacySpent(epsilon=math.inf, private=False, steps=steps)
+    if dp is None or report is None:
+        return pb.PrivacySpent(epsilon=math.inf, private=False)
     return pb.PrivacySpent(
-        epsilon=epsilon,
-        delta=dp.delta,
+        epsilon=report.epsilon,
+        delta=report.delta,
         accountant=ACCOUNTANT_ENUMS[dp.accountant],
-        steps=steps,
+        steps=report.steps,
         noise_multiplier=dp.noise_multiplier,
-        epsilon_budget=dp.epsilon_budget or 0.0,
+        epsilon_budget=report.epsilon_budget or 0.0,
         private=True,
+        inherited_steps=report.inherited_steps,
+        non_private_steps=sum(source.steps for source in report.non_private_sources),
     )
 
 

@@ -21,6 +21,7 @@ from tensafe.trainer.base_models import BaseModelRegistry
 from tensafe.trainer.config import TrainerConfig
 from tensafe.trainer.datasets.crypto import keyring_from_settings
 from tensafe.trainer.datasets.service import DatasetService, DatasetVault
+from tensafe.trainer.ledger import PrivacyLedger
 from tensafe.trainer.objects import ObjectFolder
 from tensafe.trainer.servicer import TrainerFutureServicer, TrainerServiceServicer
 from tensafe.trainer.store.models import FUTURES, MIGRATIONS, VERSION_TABLE
@@ -82,6 +83,7 @@ async def build_api(
         outbox_grace_seconds=config.outbox_grace_seconds,
         max_clients_per_tenant=config.max_training_clients_per_tenant,
         max_pending_jobs_per_tenant=config.max_pending_jobs_per_tenant,
+        ledger=PrivacyLedger(),
         max_steps_per_job=config.max_steps_per_job,
     )
     objects = ObjectFolder(Path(config.data_dir) / "trainer")

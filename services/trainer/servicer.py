@@ -18,8 +18,9 @@ from tensafe.proto.common.v1 import common_pb2, common_pb2_grpc
 from tensafe.proto.trainer.v1 import trainer_service_pb2 as pb
 from tensafe.proto.trainer.v1 import trainer_service_pb2_grpc
 from tensafe.trainer import serde
-from tensafe.trainer.api import Caller, TrainerApi, client_dp
+from tensafe.trainer.api import Caller, TrainerApi
 from tensafe.trainer.datasets.service import DatasetService, dataset_to_proto
+from tensafe.trainer.ledger import client_dp
 from tensafe.trainer.store.models import TrainingClientRow
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -189,8 +190,8 @@ class TrainerServiceServicer(trainer_service_pb2_grpc.TrainerServiceServicer):
         self, request: pb.GetPrivacySpentRequest, context: Context
     ) -> pb.GetPrivacySpentResponse:
         """Report the privacy spent by a client."""
-        spent = await self._api.privacy_spent(caller(SCOPE_READ), request.training_client_id)
-        return pb.GetPrivacySpentResponse(privacy_spent=spent)
+        row, report = await self._api.privacy_spent(caller(SCOPE_READ), request.training_client_id)
+        return pb.GetPrivacySpentResponse(privacy_spent=serde.privacy_spent(client_dp(row), report))
 
     async def SaveAdapter(
         self, request: pb.SaveAdapterRequest, context: Context
@@ -211,7 +212,8 @@ class TrainerServiceServicer(trainer_service_pb2_grpc.TrainerServiceServicer):
     ) -> pb.GetDatasetResponse:
         """Return a dataset's metadata."""
         row = await self._datasets.get(caller(SCOPE_READ), request.dataset_id)
-        return pb.GetDatasetResponse(dataset=dataset_to_proto(row))
+        spent = await self._datasets.epsilon_spent(row)
+        return pb.GetDatasetResponse(dataset=dataset_to_proto(row, spent))
 
     async def ListDatasets(
         self, request: pb.ListDatasetsRequest, context: Context
@@ -221,7 +223,10 @@ class TrainerServiceServicer(trainer_service_pb2_grpc.TrainerServiceServicer):
             caller(SCOPE_READ), page_size=request.page_size, page_token=request.page_token
         )
         return pb.ListDatasetsResponse(
-            datasets=[dataset_to_proto(row) for row in page.datasets],
+            datasets=[
+                dataset_to_proto(row, await self._datasets.epsilon_spent(row))
+                for row in page.datasets
+            ],
             next_page_token=page.next_page_token,
         )
 

@@ -79,7 +79,6 @@ from tensafe.common.telemetry import setup_telemetry
 from tensafe.proto.trainer.v1 import trainer_service_pb2 as pb
 from tensafe.tgsp import LocalFileKekProvider
 from tensafe.trainer import serde
-from tensafe.trainer.api import accountant_of, client_dp, step_mechanism
 from tensafe.trainer.audit.job import run_audit_job
 from tensafe.trainer.base_models import BaseModelRegistry
 from tensafe.trainer.config import TrainerConfig
@@ -97,6 +96,7 @@ from tensafe.trainer.jobs import (
     checkpoint_path,
     parse_path,
 )
+from tensafe.trainer.ledger import PrivacyLedger, client_batches_mechanism, client_dp
 from tensafe.trainer.objects import ObjectFolder
 from tensafe.trainer.publisher import AdapterPublisher, load_signing_key
 from tensafe.trainer.store import repository as repo
@@ -106,7 +106,6 @@ from tensafe.trainer.store.models import (
     VERSION_TABLE,
     CheckpointRow,
     JobRow,
-    LedgerRow,
     TrainingClientRow,
 )
 
@@ -139,6 +138,8 @@ class _Outcome:
     """(kind, name, state bytes) for SaveState / SaveWeightsForSampler."""
     step: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
+    loaded: CheckpointRow | None = None
+    """The checkpoint a LoadState loaded (its lineage joins the client's)."""
 
 
 class TrainerWorker:
@@ -153,6 +154,9 @@ class TrainerWorker:
         lease_seconds: Lease duration.
         retry_delay: Delay of RetryLater for out-of-order jobs.
         resident_clients: Engines kept in memory.
+        ledger: The privacy ledger.
+        adapter_publisher: Seals and publishes SaveAdapter jobs (None: refused).
+        dataset_runner: Runs TrainOnDataset jobs (None: refused).
     """
 
     def __init__(
@@ -166,10 +170,12 @@ class TrainerWorker:
         lease_seconds: float,
         retry_delay: float,
         resident_clients: int,
+        ledger: PrivacyLedger,
         adapter_publisher: AdapterPublisher | None = None,
         dataset_runner: DatasetRunner | None = None,
     ) -> None:
         self._db = database
+        self._ledger = ledger
         self._futures = futures
         self._objects = objects
         self._base_models = base_models
@@ -282,13 +288,15 @@ class TrainerWorker:
             return
         try:
             resident = await self._engine_for(client)
-            extra = await self._prefetch(job, kind, request)
+            checkpoint, extra = await self._prefetch(job, kind, request)
             if kind is JobKind.SAVE_ADAPTER:
                 outcome = _Outcome(await self._save_adapter(job, client, resident.engine, request))
             else:
                 outcome = await asyncio.to_thread(
                     self._execute, resident.engine, kind, request, extra
                 )
+                if kind is JobKind.LOAD_STATE:
+                    outcome.loaded = checkpoint
         except TenSafeError as error:
             # Typed errors are raised before the engine changes (its contract), so the
             # resident engine stays valid; the job fails and the client moves on.
@@ -429,7 +437,9 @@ class TrainerWorker:
 
     # ---------------------------------------------------------------- running
 
-    async def _prefetch(self, job: JobRow, kind: JobKind, request: Message) -> bytes | None:
+    async def _prefetch(
+        self, job: JobRow, kind: JobKind, request: Message
+    ) -> tuple[CheckpointRow | None, bytes | None]:
         """Read the checkpoint a LoadState or a model_path inference job needs."""
         path: str | None = None
         checkpoint_kind = SAMPLER_KIND
@@ -441,13 +451,14 @@ class TrainerWorker:
         ):
             path = request.model_path
         if path is None:
-            return None
+            return None, None
         parsed = parse_path("path", path, kind=checkpoint_kind)
         async with self._db.transaction(read_only=True) as session:
             row = await repo.get_checkpoint(
                 session, job.tenant, parsed.client_id, checkpoint_kind, parsed.name
             )
-        return await asyncio.to_thread(self._objects.read, row.object_path, sha256=row.sha256)
+        data = await asyncio.to_thread(self._objects.read, row.object_path, sha256=row.sha256)
+        return row, data
 
     def _execute(
         self, engine: LoraTrainingEngine, kind: JobKind, request: Any, extra: bytes | None
@@ -603,36 +614,21 @@ class TrainerWorker:
                     assert isinstance(result, pb.OptimStepResult)
                     dp = client_dp(row)
                     if dp is not None and outcome.dp_step:
-                        accountant = accountant_of(row, dp)
-                        accountant.record(step_mechanism(dp))
-                        epsilon = accountant.epsilon(dp.delta)
-                        state_json = serde.json_state(accountant.to_state())
-                        row.accountant_state = state_json
-                        row.dp_steps = accountant.steps
-                        row.epsilon_spent = epsilon
-                        session.add(
-                            LedgerRow(
-                                tenant=row.tenant,
-                                client_id=row.id,
-                                dp_step=accountant.steps,
-                                seq=job.seq,
-                                future_id=job.future_id,
-                                sampling=step_mechanism(dp).sampling.value,
-                                noise_multiplier=dp.noise_multiplier,
-                                sampling_probability=1.0,
-                                delta=dp.delta,
-                                accountant=dp.accountant,
-                                epsilon_after=epsilon,
-                                accountant_state=state_json,
-                                created_at=repo.now(),
-                            )
+                        await self._ledger.commit_step(
+                            session,
+                            row,
+                            mechanism=client_batches_mechanism(dp),
+                            seq=job.seq,
+                            future_id=job.future_id,
                         )
-                    result.privacy_spent.CopyFrom(
-                        serde.privacy_spent(
-                            dp=dp, epsilon=row.epsilon_spent, steps=int(row.dp_steps)
-                        )
+                    result.privacy_spent.CopyFrom(serde.privacy_spent(dp, self._ledger.report(row)))
+                    await self._ledger.settle(session, job.future_id)
+                if outcome.loaded is not None:
+                    # Normally inherited at admission already; a checkpoint replaced
+                    # since then brings its own history too (merging is idempotent).
+                    await self._ledger.inherit(
+                        session, row, outcome.loaded, future_id=job.future_id
                     )
-                    await repo.settle_reservation(session, job.future_id, status=repo.CONSUMED)
                 if outcome.checkpoint is not None and checkpoint_object is not None:
                     checkpoint_kind, name, _ = outcome.checkpoint
                     replaced = await repo.replace_checkpoint(
@@ -648,6 +644,7 @@ class TrainerWorker:
                             object_path=checkpoint_object[0],
                             sha256=checkpoint_object[1],
                             accountant_state=row.accountant_state,
+                            lineage_json=self._ledger.snapshot(row),
                             created_at=repo.now(),
                         ),
                     )
@@ -688,7 +685,7 @@ class TrainerWorker:
                         reason=error.reason,
                         session=session,
                     )
-                await repo.settle_reservation(session, job.future_id, status=repo.RELEASED)
+                await self._ledger.release(session, job.future_id)
                 await repo.finish_job(session, job.future_id)
         except repo.LostClient as lost:
             raise RetryLater(self._retry_delay, str(lost)) from lost
@@ -718,7 +715,7 @@ class TrainerWorker:
                         message=f"training client {client.id} was deleted",
                         session=session,
                     )
-            await repo.settle_reservation(session, job.future_id, status=repo.RELEASED)
+            await self._ledger.release(session, job.future_id)
             await repo.finish_job(session, job.future_id)
         resident = self._resident.get(client.id)
         if resident is not None and resident.applied_seq == job.seq - 1:
@@ -746,7 +743,9 @@ def jobs_stream_config(config: TrainerConfig, *, durable: str | None) -> JetStre
     )
 
 
-def adapter_publisher(config: TrainerConfig, database: Database) -> AdapterPublisher | None:
+def adapter_publisher(
+    config: TrainerConfig, database: Database, ledger: PrivacyLedger
+) -> AdapterPublisher | None:
     """The SaveAdapter publisher, when a registry is configured (else None: SaveAdapter
     jobs fail with FAILED_PRECONDITION).
 
@@ -782,6 +781,7 @@ def adapter_publisher(config: TrainerConfig, database: Database) -> AdapterPubli
         signing_key=signing_key,
         staging_dir=data_dir / "trainer" / "sealed-adapters",
         dev_mode=config.dev_mode,
+        ledger=ledger,
     )
 
 
@@ -792,6 +792,7 @@ def dataset_runner(
     *,
     owner: str,
     stop: asyncio.Event,
+    ledger: PrivacyLedger,
 ) -> DatasetRunner:
     """The TrainOnDataset runner with the deployment's dataset KEK.
 
@@ -810,6 +811,7 @@ def dataset_runner(
         owner=owner,
         retry_delay=config.retry_delay_seconds,
         stop=stop,
+        ledger=ledger,
     )
 
 
@@ -828,7 +830,8 @@ async def run_worker(config: TrainerConfig, *, stop: asyncio.Event) -> None:
     try:
         await migrate(database, script_location=MIGRATIONS, version_table=VERSION_TABLE)
         futures = SqlFutureStore(database, FUTURES)
-        publisher = adapter_publisher(config, database)
+        ledger = PrivacyLedger()
+        publisher = adapter_publisher(config, database, ledger)
         owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         worker = TrainerWorker(
             database=database,
@@ -839,8 +842,11 @@ async def run_worker(config: TrainerConfig, *, stop: asyncio.Event) -> None:
             lease_seconds=config.lease_seconds,
             retry_delay=config.retry_delay_seconds,
             resident_clients=config.resident_clients,
+            ledger=ledger,
             adapter_publisher=publisher,
-            dataset_runner=dataset_runner(config, database, futures, owner=owner, stop=stop),
+            dataset_runner=dataset_runner(
+                config, database, futures, owner=owner, stop=stop, ledger=ledger
+            ),
         )
         async with await JetStream.connect(
             jobs_stream_config(config, durable=config.jobs_durable),

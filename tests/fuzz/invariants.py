@@ -210,6 +210,10 @@ def check_trainer(db: Path, objects: Path) -> list[Violation]:
         ledger: dict[str, list[sqlite3.Row]] = {}
         for row in sql.execute("SELECT * FROM trainer_privacy_ledger ORDER BY client_id, dp_step"):
             ledger.setdefault(row["client_id"], []).append(row)
+        # Lineage events (a LoadState took on another client's history) also move ε.
+        inherited: dict[str, list[sqlite3.Row]] = {}
+        for row in sql.execute("SELECT * FROM trainer_privacy_lineage ORDER BY client_id, id"):
+            inherited.setdefault(row["client_id"], []).append(row)
         for client_id, row in clients.items():
             if not 0 <= row["applied_seq"] <= row["next_seq"]:
                 bad(
@@ -223,7 +227,11 @@ def check_trainer(db: Path, objects: Path) -> list[Violation]:
                     "ledger steps",
                     f"client {client_id}: dp_steps {row['dp_steps']}, ledger {steps}",
                 )
-            epsilons = [entry["epsilon_after"] for entry in entries]
+            events = sorted(
+                [*entries, *inherited.get(client_id, [])],
+                key=lambda entry: (entry["created_at"], entry["epsilon_after"]),
+            )
+            epsilons = [entry["epsilon_after"] for entry in events]
             if any(not math.isfinite(e) or e < 0 for e in epsilons) or any(
                 later < earlier for earlier, later in itertools.pairwise(epsilons)
             ):

@@ -44,6 +44,7 @@ from tensafe.trainer import serde
 from tensafe.trainer.base_models import BaseModelRegistry
 from tensafe.trainer.engine.state import decode_state
 from tensafe.trainer.engine.training import LoraTrainingEngine
+from tensafe.trainer.ledger import PrivacyLedger
 from tensafe.trainer.publisher import AdapterPublisher
 from tensafe.trainer.store.models import JobRow, TrainingClientRow
 
@@ -278,6 +279,7 @@ async def test_a_redelivered_save_adapter_publishes_the_same_bytes(trained: Trai
             (trained.data_dir / "keys" / "trainer-signing-key.pem").read_bytes()
         ),
         staging_dir=staging,
+        ledger=PrivacyLedger(),
         dev_mode=False,
     )
     try:

@@ -57,6 +57,7 @@ class Trainer:
     address: str
     tokens: Tokens
     tenant: str
+    database_url: str
 
     def service(self, base_models_dir: Path) -> ServiceClient:
         provider = StaticToken(self.tokens.token(self.tenant))
@@ -86,7 +87,7 @@ async def trainer(tmp_path: Path, base_models_dir: Path) -> AsyncIterator[Traine
         stop = asyncio.Event()
         worker = asyncio.create_task(run_worker(config, stop=stop))
         try:
-            yield Trainer(f"127.0.0.1:{port}", tokens, "tenant-sdk-e2e")
+            yield Trainer(f"127.0.0.1:{port}", tokens, "tenant-sdk-e2e", config.database_url)
         finally:
             stop.set()
             await worker
@@ -336,3 +337,129 @@ async def test_tensafe_train_command_end_to_end_with_api_key(
     assert lines[4].startswith("privacy spent: ε = ") and "rdp, 2 steps" in lines[4]
     epsilon = float(lines[4].split("ε = ")[1].split()[0])
     assert 19.0 <= epsilon <= 20.0 + 1e-4  # target_epsilon over the planned 2 steps
+
+
+async def test_epsilon_follows_the_weights_across_clients(
+    trainer: Trainer, base_models_dir: Path
+) -> None:
+    """Issue 14's repro: client B loads client A's checkpoint. B's epsilon composes A's
+    steps too, A's budget keeps applying, and B's certificate lists every step."""
+    sigma, budget = 1.0, 17.0
+    reference = [_reference_rdp_epsilon(sigma, steps, 1e-5) for steps in range(1, 12)]
+    crossing = next(n for n, epsilon in enumerate(reference, start=1) if epsilon > budget)
+    assert crossing > 5  # B gets at least one step before A's budget refuses it
+
+    def scenario() -> dict[str, Any]:
+        with trainer.service(base_models_dir) as service:
+            first = service.create_lora_training_client(
+                base_model=BASE_MODEL,
+                rank=4,
+                seed=1,
+                dp_noise_multiplier=sigma,
+                epsilon_budget=budget,
+            )
+            data = _datums(first.get_tokenizer(), 2)
+            for _ in range(4):
+                first.forward_backward(data, "cross_entropy").result()
+                first.optim_step(types.AdamParams()).result()
+            saved = first.save_state("after-four").result()
+            # B: a new client with no budget of its own and a looser delta.
+            second = service.create_lora_training_client(
+                base_model=BASE_MODEL,
+                rank=4,
+                seed=2,
+                dp_noise_multiplier=sigma,
+            )
+            second.load_state(saved.path).result()
+            loaded = second.get_privacy_spent()
+            epsilons = []
+            refused: BudgetExhausted | None = None
+            for _ in range(crossing):
+                second.forward_backward(data, "cross_entropy").result()
+                try:
+                    epsilons.append(
+                        second.optim_step(types.AdamParams()).result().privacy_spent.epsilon
+                    )
+                except BudgetExhausted as error:
+                    refused = error
+                    break
+            # Loading A's checkpoint again never counts its history twice.
+            second.load_state(saved.path).result()
+            return {
+                "loaded": loaded,
+                "epsilons": epsilons,
+                "refused": refused,
+                "again": second.get_privacy_spent(),
+                "first": first.get_privacy_spent(),
+                "second_id": second.model_id,
+                "first_id": first.model_id,
+            }
+
+    out = await asyncio.to_thread(scenario)
+    loaded = out["loaded"]
+    assert (loaded.steps, loaded.inherited_steps) == (4, 4)
+    assert loaded.epsilon == pytest.approx(reference[3], rel=1e-6)
+    assert loaded.epsilon_budget == budget  # A's budget applies to its weights
+    assert out["epsilons"] == pytest.approx(reference[4 : crossing - 1], rel=1e-6)
+    assert out["refused"] is not None and out["refused"].reason == "PRIVACY_BUDGET_EXHAUSTED"
+    again = out["again"]
+    assert again.steps == crossing - 1 and again.epsilon == pytest.approx(
+        reference[crossing - 2], rel=1e-6
+    )
+    assert out["first"].steps == 4  # A's own account is unchanged
+
+    # The certificate SaveAdapter would seal for B (the publisher's exact inputs).
+    from tensafe.common.db import Database
+    from tensafe.trainer.ledger import PrivacyLedger
+    from tensafe.trainer.publisher import dp_certificate
+    from tensafe.trainer.store.models import TrainingClientRow
+
+    database = Database.from_url(trainer.database_url)
+    ledger = PrivacyLedger()
+    try:
+        async with database.transaction(read_only=True) as session:
+            row = await session.get(TrainingClientRow, out["second_id"])
+            assert row is not None
+            history = await ledger.history(session, row)
+            certificate = dp_certificate(row, history, ledger.report(row))
+    finally:
+        await database.dispose()
+    assert certificate.steps == crossing - 1  # type: ignore[union-attr]
+    assert {(g.training_client_id, g.steps) for g in certificate.history} == {  # type: ignore[union-attr]
+        (out["first_id"], 4),
+        (out["second_id"], crossing - 5),
+    }
+    assert certificate.epsilon == pytest.approx(reference[crossing - 2], rel=1e-6)  # type: ignore[union-attr]
+
+
+async def test_the_sdk_warns_once_when_epsilon_passes_ten_without_a_budget(
+    trainer: Trainer, base_models_dir: Path
+) -> None:
+    """The default sigma (1.0) spends epsilon ~13.8 in six client-batch steps; the SDK
+    says so once, with the figure, when a step passes HIGH_EPSILON with no budget."""
+    import warnings
+
+    from tensafe.tinker import HIGH_EPSILON, PrivacyWarning
+
+    crossing = next(n for n in range(1, 20) if _reference_rdp_epsilon(1.0, n, 1e-5) > HIGH_EPSILON)
+
+    def scenario() -> list[warnings.WarningMessage]:
+        with (
+            trainer.service(base_models_dir) as service,
+            warnings.catch_warnings(record=True) as seen,
+        ):
+            warnings.simplefilter("always")
+            client = service.create_lora_training_client(base_model=BASE_MODEL, rank=4)
+            data = _datums(client.get_tokenizer(), 1)
+            for _ in range(crossing + 1):
+                client.forward_backward(data, "cross_entropy").result()
+                client.optim_step(types.AdamParams()).result()
+            service.create_lora_training_client(
+                base_model=BASE_MODEL, rank=4, target_epsilon=20.0, planned_steps=10
+            )
+            return [w for w in seen if issubclass(w.category, PrivacyWarning)]
+
+    seen = await asyncio.to_thread(scenario)
+    assert len(seen) == 2, [str(w.message) for w in seen]
+    assert f"after {crossing} DP step(s)" in str(seen[0].message)
+    assert "up to epsilon 20" in str(seen[1].message)

@@ -35,11 +35,23 @@ def jsonl(records: Sequence[object]) -> bytes:
 
 
 async def _parts(
-    data: bytes, *, name: str, request_id: str, fmt: int, chunk: int
+    data: bytes,
+    *,
+    name: str,
+    request_id: str,
+    fmt: int,
+    chunk: int,
+    epsilon_budget: float = 0.0,
+    delta: float = 0.0,
 ) -> AsyncIterator[pb.UploadDatasetRequest]:
     yield pb.UploadDatasetRequest(
         header=pb.UploadDatasetHeader(
-            name=name, base_model=BASE_MODEL, format=fmt, request_id=request_id
+            name=name,
+            base_model=BASE_MODEL,
+            format=fmt,
+            request_id=request_id,
+            epsilon_budget=epsilon_budget,
+            delta=delta,
         )
     )
     for start in range(0, len(data), chunk):
@@ -55,10 +67,20 @@ async def upload(
     fmt: int = pb.DATASET_FORMAT_PROMPT_COMPLETION,
     auth: tuple[tuple[str, str], ...] | None = None,
     chunk: int = 37,
+    epsilon_budget: float = 0.0,
+    delta: float = 0.0,
 ) -> pb.Dataset:
     """Upload JSONL in small chunks (records span chunks)."""
     response = await stack.trainer.UploadDataset(
-        _parts(data, name=name, request_id=request_id, fmt=fmt, chunk=chunk),
+        _parts(
+            data,
+            name=name,
+            request_id=request_id,
+            fmt=fmt,
+            chunk=chunk,
+            epsilon_budget=epsilon_budget,
+            delta=delta,
+        ),
         metadata=auth or stack.auth,
     )
     return response.dataset

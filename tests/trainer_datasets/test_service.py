@@ -477,3 +477,64 @@ async def test_a_run_handed_back_at_shutdown_resumes_without_double_charging(
         rel_tol=1e-6,
     )
     assert handed_back_at < steps
+
+
+async def test_a_dataset_budget_composes_over_every_client_that_samples_it(
+    make_stack: StackFactory,
+) -> None:
+    """A hyper-parameter search over one dataset spends one budget: runs of several
+    clients compose on the dataset, and the run that would pass it is refused even
+    for a client without a budget of its own."""
+    stack = await make_stack()
+    sigma, q = 1.0, 0.1
+    eight = poisson_rdp_epsilon(sigma=sigma, q=q, steps=8, delta=1e-5)
+    nine = poisson_rdp_epsilon(sigma=sigma, q=q, steps=9, delta=1e-5)
+    assert nine > eight * 1.0001
+    dataset = await upload(
+        stack, jsonl(arithmetic_records(30)), epsilon_budget=eight * 1.0001, delta=1e-5
+    )
+    assert (dataset.epsilon_budget, dataset.delta) == (eight * 1.0001, 1e-5)
+
+    def run(client: pb.TrainingClient, steps: int) -> pb.TrainOnDatasetRequest:
+        return pb.TrainOnDatasetRequest(
+            training_client_id=client.id,
+            dataset_id=dataset.id,
+            sample_rate=q,
+            steps=steps,
+            adam_params=ADAM,
+        )
+
+    first = await create_client(stack, noise_multiplier=sigma, seed=5)
+    second = await create_client(stack, noise_multiplier=sigma, seed=6)
+    third = await create_client(stack, noise_multiplier=sigma, seed=7)
+    futures = [
+        (await stack.trainer.TrainOnDataset(run(first, 5), metadata=stack.auth)).future,
+        (await stack.trainer.TrainOnDataset(run(second, 3), metadata=stack.auth)).future,
+    ]
+    # Reserved steps count: 5 + 3 admitted, one more is over the dataset's budget.
+    error = await expect_code(
+        stack.trainer.TrainOnDataset(run(third, 1), metadata=stack.auth),
+        grpc.StatusCode.FAILED_PRECONDITION,
+    )
+    assert dataset.id in (error.details() or "") and "dataset's budget" in (error.details() or "")
+    assert await _rows(stack, BudgetReservationRow, client_id=third.id) == []
+    for future in futures:
+        unpack(await wait(stack, future), pb.TrainOnDatasetResult)
+    got = (
+        await stack.trainer.GetDataset(
+            pb.GetDatasetRequest(dataset_id=dataset.id), metadata=stack.auth
+        )
+    ).dataset
+    assert math.isclose(got.epsilon_spent, eight, rel_tol=1e-6)
+    # Each client's own epsilon is its own 5 or 3 steps: the dataset composes them all.
+    ledger = await _rows(stack, LedgerRow, dataset_id=dataset.id)
+    assert len(ledger) == 8
+
+
+async def test_a_dataset_budget_needs_its_delta(make_stack: StackFactory) -> None:
+    stack = await make_stack()
+    error = await expect_code(
+        upload(stack, jsonl(arithmetic_records(4)), epsilon_budget=1.0),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+    assert "header.delta" in (error.details() or "")

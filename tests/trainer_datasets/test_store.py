@@ -37,12 +37,12 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
     yield request.getfixturevalue("fresh_postgres_url")
 
 
-async def test_migrations_0002_and_0003_match_the_models(database_url: str) -> None:
-    assert head_revision(MIGRATIONS) == "0003_quotas"
+async def test_migrations_0002_to_0004_match_the_models(database_url: str) -> None:
+    assert head_revision(MIGRATIONS) == "0004_lineage"
     database = Database.from_url(database_url)
     try:
         await migrate(database, script_location=MIGRATIONS, version_table=VERSION_TABLE)
-        assert await current_revision(database, version_table=VERSION_TABLE) == "0003_quotas"
+        assert await current_revision(database, version_table=VERSION_TABLE) == "0004_lineage"
         async with database.connection(read_only=True) as connection:
             assert await connection.run_sync(_differences) == []
             names = await connection.run_sync(lambda c: set(sa.inspect(c).get_table_names()))
@@ -58,7 +58,7 @@ async def test_migrations_0002_and_0003_match_the_models(database_url: str) -> N
                 }
             )
         assert names >= _DATASET_TABLES
-        assert "steps" in columns
-        assert "size_bytes" in dataset_columns
+        assert {"steps", "dataset_id"} <= columns
+        assert {"size_bytes", "epsilon_budget", "delta"} <= dataset_columns
     finally:
         await database.dispose()

@@ -371,3 +371,36 @@ async def test_wait_future_with_a_huge_timeout_is_bounded_by_the_deadline(
         timeout=1.0,
     )
     assert response.future.status == common_pb2.FUTURE_STATUS_PENDING
+
+
+async def test_a_datum_twice_in_one_step_is_refused_at_admission(
+    make_stack: Any, database_url: str, base_models_dir: Path
+) -> None:
+    stack = await make_stack(database_url, worker=False)
+    private = await create_client(stack, dp=dp_config(noise_multiplier=1.0))
+    a, b = corpus_sequences(base_models_dir / BASE_MODEL, 2)
+    error = await expect_code(
+        stack.trainer.ForwardBackward(
+            pb.ForwardBackwardRequest(
+                training_client_id=private.id,
+                data=[datum(a), datum(b), datum(a)],
+                loss_fn="cross_entropy",
+            ),
+            metadata=stack.auth,
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+    assert "data[2]" in (error.details() or "") and "data[0]" in (error.details() or "")
+    assert from_rpc_error(error).reason == "DUPLICATE_DATUM"
+    # Nothing was queued or charged.
+    assert await _count(database_url, JobRow, client_id=private.id) == 0
+    assert await _count(database_url, BudgetReservationRow, client_id=private.id) == 0
+    # A non-private client has no per-datum guarantee to protect.
+    plain = await create_client(stack, dp=None)
+    await stack.trainer.ForwardBackward(
+        pb.ForwardBackwardRequest(
+            training_client_id=plain.id, data=[datum(a), datum(a)], loss_fn="cross_entropy"
+        ),
+        metadata=stack.auth,
+    )
+    assert await _count(database_url, JobRow, client_id=plain.id) == 1

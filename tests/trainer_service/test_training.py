@@ -268,3 +268,47 @@ async def test_ppo_clip_range_is_set_per_call_through_the_worker(
     assert await ppo_loss({"clip_high_threshold": 1.5}) == pytest.approx(
         -1.5 * len(sampler), rel=1e-4
     )
+
+
+async def test_dp_weights_continued_from_a_non_private_checkpoint_say_so(
+    make_stack: Any, base_models_dir: Path
+) -> None:
+    """Public (non-DP) pre-training then DP fine-tuning: the load is allowed, epsilon
+    covers only the DP steps, and the report names the non-private steps."""
+    stack = await make_stack()
+    public = await create_client(stack, dp=None, rank=4)
+    batch = corpus_sequences(base_models_dir / BASE_MODEL, 4)
+    await forward_backward(stack, public.id, batch)
+    await optim_step(stack, public.id, learning_rate=5e-2)
+    saved = unpack(
+        await wait(
+            stack,
+            (
+                await stack.trainer.SaveState(
+                    pb.SaveStateRequest(training_client_id=public.id, name="public"),
+                    metadata=stack.auth,
+                )
+            ).future,
+        ),
+        pb.SaveStateResult,
+    )
+    assert isinstance(saved, pb.SaveStateResult)
+    private = await create_client(stack, dp=dp_config(noise_multiplier=1.0), rank=4)
+    loaded = unpack(
+        await wait(
+            stack,
+            (
+                await stack.trainer.LoadState(
+                    pb.LoadStateRequest(training_client_id=private.id, path=saved.path),
+                    metadata=stack.auth,
+                )
+            ).future,
+        ),
+        pb.LoadStateResult,
+    )
+    assert isinstance(loaded, pb.LoadStateResult) and loaded.step == 1
+    await forward_backward(stack, private.id, batch)
+    result = await optim_step(stack, private.id, learning_rate=5e-2)
+    spent = result.privacy_spent
+    assert (spent.steps, spent.inherited_steps, spent.non_private_steps) == (1, 0, 1)
+    assert spent.epsilon == pytest.approx(reference_epsilon("rdp", 1.0, 1, 1e-5), rel=1e-6)

@@ -22,6 +22,7 @@ from tensafe.proto.common.v1 import common_pb2
 from tensafe.proto.trainer.v1 import trainer_service_pb2 as pb
 from tensafe.trainer.base_models import BaseModelRegistry
 from tensafe.trainer.jobs import JobMessage
+from tensafe.trainer.ledger import PrivacyLedger
 from tensafe.trainer.objects import ObjectFolder
 from tensafe.trainer.store.models import (
     FUTURES,
@@ -94,6 +95,7 @@ async def test_redelivered_jobs_apply_once(
         lease_seconds=2.0,
         retry_delay=0.01,
         resident_clients=1,
+        ledger=PrivacyLedger(),
     )
     try:
         for job in jobs:

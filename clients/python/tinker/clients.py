@@ -21,6 +21,7 @@ import asyncio
 import json
 import os
 import re
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -47,6 +48,15 @@ DEFAULT_NOISE_MULTIPLIER = 1.0
 With client-supplied batches each step is a full Gaussian mechanism (no subsampling
 amplification, DESIGN §8), so epsilon grows with every step; prefer
 ``target_epsilon`` + ``planned_steps`` to fix the total in advance."""
+
+HIGH_EPSILON = 10.0
+"""Above this epsilon the SDK warns (once per client, with the figure): a guarantee
+that weak is rarely what a user of a privacy platform means to get."""
+
+
+class PrivacyWarning(UserWarning):
+    """A client's configuration or progress spends more privacy than is usually meant."""
+
 
 DEFAULT_MAX_GRAD_NORM = 1.0
 """Per-example clipping norm C (Abadi et al., "Deep Learning with Differential
@@ -263,6 +273,14 @@ class ServiceClient:
                 if was_given:
                     raise InvalidArgument(name, "a DP setting on a client with private=False")
         created = self._rpc.create_training_client(request)
+        planned = max(target_epsilon or 0.0, epsilon_budget or 0.0)
+        if private and planned > HIGH_EPSILON:
+            warnings.warn(
+                f"training client {created.id} is configured to spend up to epsilon "
+                f"{planned:g} (above {HIGH_EPSILON:g}): a weak guarantee",
+                PrivacyWarning,
+                stacklevel=2,
+            )
         return TrainingClient(
             self._rpc, created, tokenizer_dir=self._tokenizer_dir(base_model, tokenizer_dir)
         )
@@ -383,6 +401,7 @@ class TrainingClient:
         self._rpc = rpc
         self._record = training_client
         self._tokenizer_dir = tokenizer_dir
+        self._warned_high_epsilon = False
         self._tokenizer: PreTrainedTokenizerBase | None = None
 
     @property
@@ -490,8 +509,29 @@ class TrainingClient:
             self._rpc,
             self._submit("OptimStep", request),
             pb.OptimStepResult,
-            serde.optim_step_response_from_proto,
+            lambda result: self._watch_epsilon(serde.optim_step_response_from_proto(result)),
         )
+
+    def _watch_epsilon(self, response: types.OptimStepResponse) -> types.OptimStepResponse:
+        """Warn once when a step takes epsilon past :data:`HIGH_EPSILON` with no budget
+        set (the default sigma spends about 13.8 in six client-batch steps)."""
+        spent = response.privacy_spent
+        if (
+            spent is not None
+            and spent.private
+            and spent.epsilon_budget is None
+            and spent.epsilon > HIGH_EPSILON
+            and not self._warned_high_epsilon
+        ):
+            self._warned_high_epsilon = True
+            warnings.warn(
+                f"training client {self.model_id} has spent epsilon {spent.epsilon:.3g} "
+                f"(delta {spent.delta:g}) after {spent.steps} DP step(s) and has no budget; "
+                "set epsilon_budget, or target_epsilon with planned_steps, to bound it",
+                PrivacyWarning,
+                stacklevel=2,
+            )
+        return response
 
     async def optim_step_async(
         self, adam_params: types.AdamParams

@@ -180,6 +180,8 @@ def privacy_spent_from_proto(message: pb.PrivacySpent) -> types.PrivacySpent:
         noise_multiplier=message.noise_multiplier,
         epsilon_budget=message.epsilon_budget or None,
         private=message.private,
+        inherited_steps=message.inherited_steps,
+        non_private_steps=message.non_private_steps,
     )
 
 
@@ -195,6 +197,8 @@ def privacy_spent_to_proto(spent: types.PrivacySpent) -> pb.PrivacySpent:
         noise_multiplier=spent.noise_multiplier,
         epsilon_budget=spent.epsilon_budget or 0.0,
         private=spent.private,
+        inherited_steps=spent.inherited_steps,
+        non_private_steps=spent.non_private_steps,
     )
 
 

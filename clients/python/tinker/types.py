@@ -280,13 +280,20 @@ class PrivacySpent:
     """Privacy spent by a training client (TenSafe addition).
 
     Attributes:
-        epsilon: epsilon at ``delta``; ``inf`` for a non-private client.
-        delta: delta.
+        epsilon: epsilon at ``delta`` of every DP step the client's weights have seen
+            (checkpoints of other clients it loaded included); ``inf`` for a
+            non-private client.
+        delta: delta (the tightest of the client's and of the checkpoints' it loaded).
         accountant: ``"rdp"`` or ``"pld"``; ``None`` for a non-private client.
-        steps: DP optimizer steps composed.
+        steps: DP optimizer steps composed, inherited ones included.
         noise_multiplier: sigma (noise std = sigma * max_grad_norm).
-        epsilon_budget: The budget, or ``None`` when there is none.
+        epsilon_budget: The budget that applies (the tightest of the client's and of
+            the checkpoints' it loaded), or ``None`` when there is none.
         private: Whether DP-SGD is enforced.
+        inherited_steps: Of ``steps``, those taken by the clients whose checkpoints
+            were loaded.
+        non_private_steps: Optimizer steps without DP the weights continue (epsilon
+            does not cover their data).
     """
 
     epsilon: float
@@ -296,6 +303,8 @@ class PrivacySpent:
     noise_multiplier: float
     epsilon_budget: float | None
     private: bool
+    inherited_steps: int = 0
+    non_private_steps: int = 0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -37,27 +37,21 @@ import numpy as np
 import numpy.typing as npt
 
 from tensafe.common.db import Database
-from tensafe.common.errors import BudgetExhausted, FailedPrecondition, NotFound
+from tensafe.common.errors import FailedPrecondition, NotFound
 from tensafe.common.futures import FutureStatus, SqlFutureStore
 from tensafe.common.jetstream import RetryLater
 from tensafe.proto.trainer.v1 import trainer_service_pb2 as pb
 from tensafe.trainer import serde
-from tensafe.trainer.api import accountant_of, client_dp
 from tensafe.trainer.datasets.records import TokenizedDataset
 from tensafe.trainer.datasets.sampling import PoissonSampler
 from tensafe.trainer.datasets.service import DatasetVault, get_dataset
 from tensafe.trainer.engine.accounting import PrivacyAccountant, StepMechanism
 from tensafe.trainer.engine.config import AdamConfig
 from tensafe.trainer.engine.training import LoraTrainingEngine
+from tensafe.trainer.ledger import PrivacyLedger, client_dp
 from tensafe.trainer.objects import ObjectFolder
 from tensafe.trainer.store import repository as repo
-from tensafe.trainer.store.models import (
-    BudgetReservationRow,
-    DatasetRunRow,
-    JobRow,
-    LedgerRow,
-    TrainingClientRow,
-)
+from tensafe.trainer.store.models import DatasetRunRow, JobRow, TrainingClientRow
 
 MICRO_BATCH = 8
 """Records per forward/backward pass within one step (bounds activation memory; the
@@ -115,7 +109,10 @@ def run_step(
             sequences.append(tokens)
             inputs.append(loss_inputs)
             trained_tokens += float(sum(loss_inputs["weights"]))
-        result = engine.forward_backward(sequences, "cross_entropy", inputs)
+        # Two records of the dataset are two data even when their contents are equal.
+        result = engine.forward_backward(
+            sequences, "cross_entropy", inputs, refuse_duplicates=False
+        )
         loss_sum += result.metrics["loss:sum"]
     result_step = engine.optim_step(adam, expected_batch_size=expected_batch_size)
     mean_loss = loss_sum / trained_tokens if indices and trained_tokens > 0 else None
@@ -140,6 +137,7 @@ class DatasetRunner:
         stop: Set when the worker shuts down: a run stops after its current step and
             its job is handed back (it resumes, on any worker, after that step), so a
             long run never holds up a graceful shutdown.
+        ledger: The privacy ledger.
     """
 
     def __init__(
@@ -152,8 +150,10 @@ class DatasetRunner:
         owner: str,
         retry_delay: float,
         stop: asyncio.Event,
+        ledger: PrivacyLedger,
     ) -> None:
         self._stop = stop
+        self._ledger = ledger
         self._db = database
         self._futures = futures
         self._objects = objects
@@ -196,7 +196,7 @@ class DatasetRunner:
         adam = serde.adam_config(request.adam_params, present=request.HasField("adam_params"))
         mechanism = StepMechanism.poisson(dp.noise_multiplier, run.sample_rate)
         sampler = PoissonSampler(records=dataset.records, sample_rate=run.sample_rate)
-        accountant = accountant_of(client, dp)
+        accountant = self._ledger.accountant(client, dp)
         losses: list[float | None] = json.loads(run.losses_json)
         batch_sizes: list[int] = json.loads(run.batch_sizes_json)
         for _ in range(int(run.steps_done), int(run.steps)):
@@ -207,14 +207,7 @@ class DatasetRunner:
                 async with self._db.transaction() as session:
                     await repo.release_lease(session, client.id, owner=self._owner)
                 raise RetryLater(0.0, "the worker is stopping; the run resumes after its last step")
-            budget = dp.epsilon_budget
-            if budget is not None and await asyncio.to_thread(
-                accountant.would_exceed, budget_epsilon=budget, delta=dp.delta, mechanism=mechanism
-            ):
-                raise BudgetExhausted(
-                    f"one more Poisson step would exceed the privacy budget epsilon={budget:g} "
-                    f"at delta={dp.delta:g} after {accountant.steps} step(s)"
-                )
+            await asyncio.to_thread(self._ledger.check_next, client, dp, accountant, mechanism)
             batch = sampler.draw()
             outcome = await asyncio.to_thread(
                 run_step,
@@ -249,13 +242,9 @@ class DatasetRunner:
         dp_step = accountant.steps + 1
         relative = f"states/{client.id}/{job.seq:012d}-{dp_step:010d}.safetensors"
         sha = await asyncio.to_thread(self._objects.write, relative, outcome.state)
-        dp = client_dp(client)
-        assert dp is not None
-        # Recorded before the commit: if the commit fails, run() raises and this
-        # accountant (local to the run) is discarded with the engine.
-        accountant.record(mechanism)
-        epsilon = await asyncio.to_thread(accountant.epsilon, dp.delta)
-        state_json = serde.json_state(accountant.to_state())
+        # The ledger records the step into this accountant (local to the run, so PLD
+        # compositions are reused); if the commit fails, run() raises and the
+        # accountant is discarded with the engine.
         old_path: str | None = None
         try:
             async with self._db.transaction() as session:
@@ -263,33 +252,17 @@ class DatasetRunner:
                 old_path = row.state_path
                 row.state_path, row.state_sha256 = relative, sha
                 row.step = outcome.step
-                row.accountant_state = state_json
-                row.dp_steps = accountant.steps
-                row.epsilon_spent = epsilon
-                session.add(
-                    LedgerRow(
-                        tenant=row.tenant,
-                        client_id=row.id,
-                        dp_step=accountant.steps,
-                        seq=job.seq,
-                        future_id=job.future_id,
-                        sampling=mechanism.sampling.value,
-                        noise_multiplier=mechanism.noise_multiplier,
-                        sampling_probability=mechanism.sampling_probability,
-                        delta=dp.delta,
-                        accountant=dp.accountant,
-                        epsilon_after=epsilon,
-                        accountant_state=state_json,
-                        created_at=repo.now(),
-                    )
-                )
-                reservation = await session.get(BudgetReservationRow, job.future_id)
-                if reservation is not None and reservation.status == repo.RESERVED:
-                    reservation.steps = max(int(reservation.steps) - 1, 0)
-                    if reservation.steps == 0:
-                        reservation.status = repo.CONSUMED
                 run = await session.get(DatasetRunRow, job.future_id)
                 assert run is not None
+                await self._ledger.commit_step(
+                    session,
+                    row,
+                    mechanism=mechanism,
+                    seq=job.seq,
+                    future_id=job.future_id,
+                    dataset_id=run.dataset_id,
+                    accountant=accountant,
+                )
                 run.steps_done = len(sizes)
                 run.losses_json = json.dumps(losses)
                 run.batch_sizes_json = json.dumps(sizes)
@@ -316,11 +289,9 @@ class DatasetRunner:
                     steps=len(sizes),
                     losses=[math.nan if loss is None else float(loss) for loss in losses],
                     batch_sizes=sizes,
-                    privacy_spent=serde.privacy_spent(
-                        dp=client_dp(row), epsilon=row.epsilon_spent, steps=int(row.dp_steps)
-                    ),
+                    privacy_spent=serde.privacy_spent(client_dp(row), self._ledger.report(row)),
                 )
-                await repo.settle_reservation(session, job.future_id, status=repo.CONSUMED)
+                await self._ledger.settle(session, job.future_id)
                 await self._futures.succeed(
                     job.tenant, job.future_id, result=serde.pack_result(result), session=session
                 )

@@ -20,6 +20,7 @@ import base64
 import binascii
 import hashlib
 import json
+import math
 import re
 import uuid
 from collections.abc import AsyncIterator
@@ -33,7 +34,6 @@ from transformers import AutoTokenizer
 
 from tensafe.common.db import Database
 from tensafe.common.errors import (
-    BudgetExhausted,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -43,7 +43,7 @@ from tensafe.common.futures import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, Future
 from tensafe.common.quotas import lock_tenant, quota_exceeded
 from tensafe.proto.trainer.v1 import trainer_service_pb2 as pb
 from tensafe.trainer import serde
-from tensafe.trainer.api import Caller, TrainerApi, admitted_accountant, client_dp
+from tensafe.trainer.api import Caller, TrainerApi
 from tensafe.trainer.base_models import BaseModelInfo, BaseModelRegistry
 from tensafe.trainer.datasets.crypto import (
     DatasetKeyring,
@@ -60,10 +60,10 @@ from tensafe.trainer.datasets.records import (
 from tensafe.trainer.datasets.sampling import resolve_sample_rate
 from tensafe.trainer.engine.accounting import StepMechanism
 from tensafe.trainer.jobs import JobKind
+from tensafe.trainer.ledger import client_dp
 from tensafe.trainer.objects import ObjectFolder
 from tensafe.trainer.store import repository as repo
 from tensafe.trainer.store.models import (
-    BudgetReservationRow,
     DatasetKeyRow,
     DatasetRow,
     DatasetRunRow,
@@ -82,8 +82,8 @@ _FORMATS = {
 _FORMAT_ENUMS = {value: key for key, value in _FORMATS.items()}
 
 
-def dataset_to_proto(row: DatasetRow) -> pb.Dataset:
-    """The contract's Dataset of a stored dataset."""
+def dataset_to_proto(row: DatasetRow, epsilon_spent: float | None = None) -> pb.Dataset:
+    """The contract's Dataset of a stored dataset (and the epsilon spent on it)."""
     message = pb.Dataset(
         id=row.id,
         name=row.name,
@@ -91,6 +91,9 @@ def dataset_to_proto(row: DatasetRow) -> pb.Dataset:
         format=_FORMAT_ENUMS[RecordFormat(row.format)],
         records=int(row.records),
         tokens=int(row.tokens),
+        epsilon_budget=row.epsilon_budget or 0.0,
+        delta=row.delta or 0.0,
+        epsilon_spent=epsilon_spent or 0.0,
     )
     created = serde.timestamp(repo.utc(row.created_at))
     if created is not None:
@@ -323,6 +326,8 @@ class DatasetService:
         row.name = header.name
         row.base_model = info.name
         row.format = _FORMATS[header.format].value
+        row.epsilon_budget = header.epsilon_budget or None
+        row.delta = header.delta if header.epsilon_budget else None
         row.created_at = repo.now()
         try:
             async with self._db.transaction() as session:
@@ -398,6 +403,14 @@ class DatasetService:
         """A dataset of the caller's tenant (NotFound otherwise)."""
         async with self._db.transaction(read_only=True) as session:
             return await get_dataset(session, caller.tenant, dataset_id)
+
+    async def epsilon_spent(self, row: DatasetRow) -> float | None:
+        """Epsilon every committed step of every client has spent on a dataset with a
+        budget, at its delta (None without a budget)."""
+        if row.delta is None:
+            return None
+        async with self._db.transaction(read_only=True) as session:
+            return await self._api.ledger.dataset_epsilon(session, row)
 
     async def list(self, caller: Caller, *, page_size: int, page_token: str) -> DatasetPage:
         """A page of the caller's datasets, newest first (AIP-158)."""
@@ -479,40 +492,19 @@ class DatasetService:
             if dp is None:
                 raise FailedPrecondition("TrainOnDataset needs a private (DP) training client")
             mechanism = StepMechanism.poisson(dp.noise_multiplier, sample_rate)
-            reservations = await repo.open_reservations(session, row.id)
-            accountant = admitted_accountant(reservations, row, dp)
-            budget = dp.epsilon_budget
-            if budget is not None:
-                epsilon_after = await asyncio.to_thread(
-                    accountant.epsilon_if, mechanism, additional_steps=steps, delta=dp.delta
-                )
-                if epsilon_after > budget:
-                    raise BudgetExhausted(
-                        f"{steps} Poisson step(s) at q={sample_rate:g} would take epsilon to "
-                        f"{epsilon_after:.6g}, over the budget {budget:g} at delta="
-                        f"{dp.delta:g} ({accountant.steps} step(s) already admitted)",
-                        metadata={
-                            "epsilon_budget": repr(budget),
-                            "epsilon_after": repr(epsilon_after),
-                            "delta": repr(dp.delta),
-                            "steps_admitted": str(accountant.steps),
-                        },
-                    )
-            now = repo.now()
-            session.add(
-                BudgetReservationRow(
-                    future_id=future_id,
-                    tenant=row.tenant,
-                    client_id=row.id,
-                    seq=seq,
-                    sampling=mechanism.sampling.value,
-                    noise_multiplier=mechanism.noise_multiplier,
-                    sampling_probability=mechanism.sampling_probability,
-                    status=repo.RESERVED,
-                    steps=steps,
-                    created_at=now,
-                )
+            # The dataset row as this transaction sees it (a concurrent delete wins).
+            dataset_row = await get_dataset(session, row.tenant, dataset.id)
+            await self._api.ledger.reserve(
+                session,
+                row,
+                dp,
+                mechanism=mechanism,
+                future_id=future_id,
+                seq=seq,
+                steps=steps,
+                dataset=dataset_row,
             )
+            now = repo.now()
             session.add(
                 DatasetRunRow(
                     future_id=future_id,
@@ -559,3 +551,9 @@ def _check_header(header: pb.UploadDatasetHeader) -> None:
         )
     if len(header.request_id) > _MAX_REQUEST_ID:
         raise InvalidArgument("header.request_id", f"must be at most {_MAX_REQUEST_ID} characters")
+    if not math.isfinite(header.epsilon_budget) or header.epsilon_budget < 0:
+        raise InvalidArgument("header.epsilon_budget", "must be >= 0 and finite (0: none)")
+    if header.epsilon_budget > 0 and not 0.0 < header.delta < 1.0:
+        raise InvalidArgument("header.delta", "must be in (0, 1) with epsilon_budget")
+    if header.epsilon_budget == 0 and header.delta != 0:
+        raise InvalidArgument("header.delta", "is set without epsilon_budget")

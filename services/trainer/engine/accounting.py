@@ -282,6 +282,16 @@ class PrivacyAccountant(abc.ABC):
         steps = _non_negative_int(steps, "steps")
         self._history = _extend_history(self._history, _mechanism(mechanism), steps)
 
+    def restore(self, other: PrivacyAccountant) -> None:
+        """Take over another accountant's composed steps (keeping this one's caches).
+
+        Raises:
+            InvalidArgument: ``other`` uses another accounting method.
+        """
+        if other.name != self.name:
+            raise InvalidArgument("accountant", f"cannot restore {other.name} into {self.name}")
+        self._history = other.history
+
     def dp_event(self) -> dp_accounting.DpEvent:
         """The composed dp-accounting event of every recorded step (for certificates)."""
         return dp_accounting.ComposedDpEvent(

@@ -19,6 +19,8 @@ DP-SGD each datum is one example: its gradient is clipped as a whole.
 from __future__ import annotations
 
 import enum
+import hashlib
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -351,3 +353,41 @@ def per_token_loss(
     # where(), not a multiplication by the mask: a pad position can never leak a NaN or
     # an infinity into the sum or the gradient.
     return torch.where(batch.mask, loss, torch.zeros_like(loss))
+
+
+def datum_digests(
+    batch: Sequence[TokenSequence],
+    loss_fn: LossFn,
+    loss_fn_inputs: Sequence[Mapping[str, PerTokenValues]],
+) -> list[str]:
+    """A digest per datum of everything that makes it up: loss, tokens and inputs.
+
+    Two data are identical when every token and every loss input is (DESIGN §8: the
+    guarantee is per datum per step, and a datum given twice in one step has twice the
+    sensitivity). Near-duplicates (one token or weight apart) are distinct data.
+    """
+    digests = []
+    for tokens, inputs in zip(batch, loss_fn_inputs, strict=True):
+        hasher = hashlib.sha256(loss_fn.value.encode())
+        hasher.update(_as_list_bytes(tokens))
+        for key in sorted(inputs):
+            hasher.update(b"\x00" + key.encode() + b"\x00")
+            hasher.update(_as_list_bytes(inputs[key]))
+        digests.append(hasher.hexdigest())
+    return digests
+
+
+def first_duplicate(digests: Sequence[str]) -> tuple[int, int] | None:
+    """``(later, earlier)`` indexes of the first datum identical to an earlier one."""
+    seen: dict[str, int] = {}
+    for index, digest in enumerate(digests):
+        if digest in seen:
+            return index, seen[digest]
+        seen[digest] = index
+    return None
+
+
+def _as_list_bytes(values: TokenSequence | PerTokenValues) -> bytes:
+    if isinstance(values, torch.Tensor):
+        values = values.tolist()
+    return json.dumps([float(v) for v in values]).encode()

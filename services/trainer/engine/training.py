@@ -65,6 +65,8 @@ from .losses import (
     PaddedBatch,
     PerTokenValues,
     TokenSequence,
+    datum_digests,
+    first_duplicate,
     loss_config_from_options,
     per_token_loss,
     token_logprobs,
@@ -193,6 +195,9 @@ class LoraTrainingEngine:
         }
         self._accumulated_examples = 0
         self._micro_batches = 0
+        self._step_digests: dict[str, str] = {}
+        """Digest of every datum accumulated in the step in progress -> where it came
+        from (``"call C, data[I]"``), to refuse a datum given twice in one step."""
         self._step = 0
 
     # ------------------------------------------------------------------ properties
@@ -245,6 +250,8 @@ class LoraTrainingEngine:
         loss_fn: str | LossFn,
         loss_fn_inputs: Sequence[Mapping[str, PerTokenValues]],
         loss_fn_config: Mapping[str, float] | None = None,
+        *,
+        refuse_duplicates: bool = True,
     ) -> ForwardBackwardResult:
         """Compute the loss and add this batch's gradient to the step's accumulator.
 
@@ -261,6 +268,10 @@ class LoraTrainingEngine:
             loss_fn_config: Per-call loss options (Tinker's names): for ``ppo``,
                 ``clip_low_threshold`` and ``clip_high_threshold``; see
                 :func:`.losses.loss_config_from_options`.
+            refuse_duplicates: Under DP, refuse a datum identical to another of the
+                same optimizer step (this call or an earlier one): its sensitivity
+                would be a multiple of ``max_grad_norm``. Server-drawn batches pass
+                False: two records of a dataset are two data even when equal.
 
         Returns:
             Per-datum target log-probabilities and losses, and batch metrics. These are
@@ -280,6 +291,10 @@ class LoraTrainingEngine:
             vocab_size=self._vocab_size,
             max_length=self._max_length,
         )
+        digests: list[str] = []
+        if self._dp is not None and refuse_duplicates:
+            digests = datum_digests(batch, loss_kind, loss_fn_inputs)
+            self._check_distinct(digests)
         self._model.train()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self._dropout_seed())
@@ -306,8 +321,30 @@ class LoraTrainingEngine:
                 self._accumulator[name].add_(value)
         self._accumulated_examples += len(padded.lengths)
         self._micro_batches += 1
+        for index, digest in enumerate(digests):
+            self._step_digests[digest] = f"call {self._micro_batches}, data[{index}]"
 
         return _result(padded, target_logprobs, example_losses)
+
+    def _check_distinct(self, digests: list[str]) -> None:
+        duplicate = first_duplicate(digests)
+        if duplicate is not None:
+            later, earlier = duplicate
+            raise InvalidArgument(
+                f"data[{later}]",
+                f"is identical to data[{earlier}]: under DP a datum may appear once per "
+                "optimizer step (its sensitivity would double)",
+                reason="DUPLICATE_DATUM",
+            )
+        for index, digest in enumerate(digests):
+            if digest in self._step_digests:
+                raise InvalidArgument(
+                    f"data[{index}]",
+                    f"is identical to a datum of an earlier ForwardBackward of this "
+                    f"optimizer step ({self._step_digests[digest]}): under DP a datum may "
+                    "appear once per step",
+                    reason="DUPLICATE_DATUM",
+                )
 
     def forward(
         self,
@@ -469,6 +506,7 @@ class LoraTrainingEngine:
             total.zero_()
         self._accumulated_examples = 0
         self._micro_batches = 0
+        self._step_digests.clear()
         self._step += 1
         return OptimStepResult(
             step=self._step,
@@ -556,6 +594,7 @@ class LoraTrainingEngine:
             "adam_steps": str(adam_steps),
             "accumulated_examples": str(self._accumulated_examples),
             "micro_batches": str(self._micro_batches),
+            "step_digests": json.dumps(self._step_digests, sort_keys=True),
             "lora": json.dumps(asdict(self._lora), sort_keys=True),
             "dp": json.dumps(asdict(self._dp) if self._dp is not None else None, sort_keys=True),
         }
@@ -575,8 +614,6 @@ class LoraTrainingEngine:
         if metadata.get("lora") != json.dumps(asdict(self._lora), sort_keys=True):
             raise InvalidArgument("state", "written for a different LoRA configuration")
         dp_json = json.dumps(asdict(self._dp) if self._dp is not None else None, sort_keys=True)
-        if metadata.get("dp") != dp_json:
-            raise InvalidArgument("state", "written for a different DP configuration")
         try:
             step = int(metadata["step"])
             adam_steps = int(metadata["adam_steps"])
@@ -586,6 +623,21 @@ class LoraTrainingEngine:
             raise InvalidArgument("state", f"missing or bad counter ({error})") from error
         if min(step, adam_steps, accumulated, micro_batches) < 0:
             raise InvalidArgument("state", "negative counter")
+        if metadata.get("dp") != dp_json and accumulated:
+            # Weights and moments carry over between DP settings (the privacy ledger
+            # follows them); a half-accumulated step clipped under other settings does not.
+            raise InvalidArgument(
+                "state", "written mid-step under a different DP configuration"
+            )
+        try:
+            # States written before duplicates were tracked have none.
+            step_digests = json.loads(metadata.get("step_digests", "{}"))
+        except json.JSONDecodeError as error:
+            raise InvalidArgument("state", f"bad step_digests ({error})") from error
+        if not isinstance(step_digests, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in step_digests.items()
+        ):
+            raise InvalidArgument("state", "bad step_digests")
 
         expected = {_LORA_PREFIX + n for n in self._parameters} | {
             _ACCUMULATOR_PREFIX + n for n in self._parameters
@@ -622,6 +674,7 @@ class LoraTrainingEngine:
         self._step = step
         self._accumulated_examples = accumulated
         self._micro_batches = micro_batches
+        self._step_digests = dict(step_digests)
 
     def adapter_tensors(self) -> dict[str, torch.Tensor]:
         """The adapter weights as ``peft`` saves them (``adapter_model.safetensors``).

@@ -68,6 +68,9 @@ class TrainingClientRow(Base):
         sa.DateTime(timezone=True), nullable=True
     )
     created_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
+    lineage_json: Mapped[str | None] = mapped_column(sa.Text, nullable=True)
+    """The other training clients whose steps the weights continue (migration 0004;
+    :class:`tensafe.trainer.ledger.Lineage`); None: none."""
 
 
 class JobRow(Base):
@@ -107,6 +110,8 @@ class BudgetReservationRow(Base):
     steps: Mapped[int] = mapped_column(sa.BigInteger, server_default=sa.text("1"))
     """DP steps still reserved: 1 for an OptimStep; a TrainOnDataset run reserves all its
     steps at admission and gives one back with each committed step (migration 0002)."""
+    dataset_id: Mapped[str | None] = mapped_column(sa.String(32), nullable=True)
+    """The server-held dataset the steps sample from (its own budget); migration 0004."""
 
 
 class LedgerRow(Base):
@@ -131,6 +136,32 @@ class LedgerRow(Base):
     epsilon_after: Mapped[float] = mapped_column(sa.Float)
     accountant_state: Mapped[str] = mapped_column(sa.Text)
     created_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
+    dataset_id: Mapped[str | None] = mapped_column(sa.String(32), nullable=True, index=True)
+    """The server-held dataset the step sampled from; None for client batches (0004)."""
+
+
+class LineageEventRow(Base):
+    """A training client's weights took on another client's privacy history (LoadState).
+
+    Append-only, like the ledger: ``epsilon_after`` is the client's epsilon once the
+    inherited steps were composed.
+    """
+
+    __tablename__ = "trainer_privacy_lineage"
+    __table_args__ = (sa.Index("ix_trainer_lineage_client", "client_id", "id"),)
+
+    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=True)
+    tenant: Mapped[str] = mapped_column(sa.String(128))
+    client_id: Mapped[str] = mapped_column(sa.String(32))
+    source_client_id: Mapped[str] = mapped_column(sa.String(32))
+    checkpoint_id: Mapped[str] = mapped_column(sa.String(32))
+    future_id: Mapped[str] = mapped_column(sa.String(32))
+    private: Mapped[bool] = mapped_column(sa.Boolean)
+    dp_steps_before: Mapped[int] = mapped_column(sa.BigInteger)
+    dp_steps_after: Mapped[int] = mapped_column(sa.BigInteger)
+    steps_after: Mapped[int] = mapped_column(sa.BigInteger)
+    epsilon_after: Mapped[float] = mapped_column(sa.Float)
+    created_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
 
 
 class CheckpointRow(Base):
@@ -152,6 +183,8 @@ class CheckpointRow(Base):
     sha256: Mapped[str] = mapped_column(sa.String(64))
     accountant_state: Mapped[str | None] = mapped_column(sa.Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
+    lineage_json: Mapped[str | None] = mapped_column(sa.Text, nullable=True)
+    """The privacy lineage of the saved weights, the saving client included (0004)."""
 
 
 class DatasetKeyRow(Base):
@@ -191,6 +224,10 @@ class DatasetRow(Base):
     size_bytes: Mapped[int] = mapped_column(sa.BigInteger, server_default=sa.text("0"))
     """Bytes of the encrypted object; counts toward the tenant's storage quota
     (migration 0003; 0 for datasets stored before it)."""
+    epsilon_budget: Mapped[float | None] = mapped_column(sa.Float, nullable=True)
+    """The dataset's own budget over every client and job that samples it (0004)."""
+    delta: Mapped[float | None] = mapped_column(sa.Float, nullable=True)
+    """The delta the dataset's budget is at."""
 
 
 class DatasetRunRow(Base):

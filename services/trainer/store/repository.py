@@ -25,6 +25,7 @@ from tensafe.trainer.store.models import (
     BudgetReservationRow,
     CheckpointRow,
     JobRow,
+    LedgerRow,
     TrainingClientRow,
 )
 
@@ -213,6 +214,54 @@ async def open_reservations(session: AsyncSession, client_id: str) -> list[Budge
                     BudgetReservationRow.status == RESERVED,
                 )
                 .order_by(BudgetReservationRow.seq)
+            )
+        ).scalars()
+    )
+
+
+async def ledger_rows(
+    session: AsyncSession, client_id: str, *, after: int, upto: int
+) -> list[LedgerRow]:
+    """A client's ledger rows ``after < dp_step <= upto``, in step order."""
+    return list(
+        (
+            await session.execute(
+                sa.select(LedgerRow)
+                .where(
+                    LedgerRow.client_id == client_id,
+                    LedgerRow.dp_step > after,
+                    LedgerRow.dp_step <= upto,
+                )
+                .order_by(LedgerRow.dp_step)
+            )
+        ).scalars()
+    )
+
+
+async def dataset_ledger(session: AsyncSession, dataset_id: str) -> list[LedgerRow]:
+    """Every committed DP step of any client that sampled a dataset."""
+    return list(
+        (
+            await session.execute(
+                sa.select(LedgerRow)
+                .where(LedgerRow.dataset_id == dataset_id)
+                .order_by(LedgerRow.id)
+            )
+        ).scalars()
+    )
+
+
+async def dataset_reservations(
+    session: AsyncSession, dataset_id: str
+) -> list[BudgetReservationRow]:
+    """Steps still reserved on a dataset by admitted runs."""
+    return list(
+        (
+            await session.execute(
+                sa.select(BudgetReservationRow).where(
+                    BudgetReservationRow.dataset_id == dataset_id,
+                    BudgetReservationRow.status == RESERVED,
+                )
             )
         ).scalars()
     )

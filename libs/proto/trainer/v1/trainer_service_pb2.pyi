@@ -1725,20 +1725,30 @@ class PrivacySpent(_message.Message):
     NOISE_MULTIPLIER_FIELD_NUMBER: _builtins.int
     EPSILON_BUDGET_FIELD_NUMBER: _builtins.int
     PRIVATE_FIELD_NUMBER: _builtins.int
+    INHERITED_STEPS_FIELD_NUMBER: _builtins.int
+    NON_PRIVATE_STEPS_FIELD_NUMBER: _builtins.int
     epsilon: _builtins.float
-    """epsilon at delta."""
+    """epsilon at delta of every DP step the client's weights have seen: its own and
+    those of the checkpoints it continued (LoadState).
+    """
     delta: _builtins.float
-    """delta."""
+    """delta: the tightest of the client's and of the checkpoints' it continued."""
     accountant: Global___Accountant.ValueType
     """Accountant used."""
     steps: _builtins.int
-    """DP optimizer steps composed."""
+    """DP optimizer steps composed, inherited ones included."""
     noise_multiplier: _builtins.float
     """noise multiplier sigma."""
     epsilon_budget: _builtins.float
-    """Budget, 0 if none."""
+    """Budget that applies (the tightest of the client's and its sources'), 0 if none."""
     private: _builtins.bool
     """False for a non-private client (epsilon is then meaningless and reported as +inf)."""
+    inherited_steps: _builtins.int
+    """Of `steps`, those taken by other training clients whose checkpoints were loaded."""
+    non_private_steps: _builtins.int
+    """Optimizer steps without DP that the weights continue (non-private checkpoints
+    loaded); epsilon does not cover their data.
+    """
     def __init__(
         self,
         *,
@@ -1749,10 +1759,12 @@ class PrivacySpent(_message.Message):
         noise_multiplier: _builtins.float = ...,
         epsilon_budget: _builtins.float = ...,
         private: _builtins.bool = ...,
+        inherited_steps: _builtins.int = ...,
+        non_private_steps: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accountant", b"accountant", "delta", b"delta", "epsilon", b"epsilon", "epsilon_budget", b"epsilon_budget", "noise_multiplier", b"noise_multiplier", "private", b"private", "steps", b"steps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accountant", b"accountant", "delta", b"delta", "epsilon", b"epsilon", "epsilon_budget", b"epsilon_budget", "inherited_steps", b"inherited_steps", "noise_multiplier", b"noise_multiplier", "non_private_steps", b"non_private_steps", "private", b"private", "steps", b"steps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1898,6 +1910,8 @@ class UploadDatasetHeader(_message.Message):
     BASE_MODEL_FIELD_NUMBER: _builtins.int
     FORMAT_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    EPSILON_BUDGET_FIELD_NUMBER: _builtins.int
+    DELTA_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Dataset name, [A-Za-z0-9._-]{1,64}."""
     base_model: _builtins.str
@@ -1906,6 +1920,12 @@ class UploadDatasetHeader(_message.Message):
     """Record format."""
     request_id: _builtins.str
     """Idempotency key."""
+    epsilon_budget: _builtins.float
+    """The dataset's own privacy budget over every client and job that samples it; 0:
+    none (each client's budget still applies).
+    """
+    delta: _builtins.float
+    """The delta of the dataset's budget, in (0, 1); required with epsilon_budget."""
     def __init__(
         self,
         *,
@@ -1913,10 +1933,12 @@ class UploadDatasetHeader(_message.Message):
         base_model: _builtins.str = ...,
         format: Global___DatasetFormat.ValueType = ...,
         request_id: _builtins.str = ...,
+        epsilon_budget: _builtins.float = ...,
+        delta: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_model", b"base_model", "format", b"format", "name", b"name", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_model", b"base_model", "delta", b"delta", "epsilon_budget", b"epsilon_budget", "format", b"format", "name", b"name", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1965,6 +1987,9 @@ class Dataset(_message.Message):
     RECORDS_FIELD_NUMBER: _builtins.int
     TOKENS_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
+    EPSILON_BUDGET_FIELD_NUMBER: _builtins.int
+    DELTA_FIELD_NUMBER: _builtins.int
+    EPSILON_SPENT_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Server-assigned id."""
     name: _builtins.str
@@ -1977,6 +2002,14 @@ class Dataset(_message.Message):
     """Number of records."""
     tokens: _builtins.int
     """Total tokens."""
+    epsilon_budget: _builtins.float
+    """The dataset's own budget, 0 if none."""
+    delta: _builtins.float
+    """The delta of that budget."""
+    epsilon_spent: _builtins.float
+    """epsilon spent on the dataset by every committed step of every client (RDP), at
+    delta; 0 without a budget.
+    """
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """Creation time."""
@@ -1991,10 +2024,13 @@ class Dataset(_message.Message):
         records: _builtins.int = ...,
         tokens: _builtins.int = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
+        epsilon_budget: _builtins.float = ...,
+        delta: _builtins.float = ...,
+        epsilon_spent: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_model", b"base_model", "create_time", b"create_time", "format", b"format", "id", b"id", "name", b"name", "records", b"records", "tokens", b"tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_model", b"base_model", "create_time", b"create_time", "delta", b"delta", "epsilon_budget", b"epsilon_budget", "epsilon_spent", b"epsilon_spent", "format", b"format", "id", b"id", "name", b"name", "records", b"records", "tokens", b"tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

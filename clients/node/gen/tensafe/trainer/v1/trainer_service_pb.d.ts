@@ -1466,14 +1466,15 @@ export declare const SaveWeightsForSamplerResponseSchema: GenMessage<SaveWeights
  */
 export declare type PrivacySpent = Message<"tensafe.trainer.v1.PrivacySpent"> & {
   /**
-   * epsilon at delta.
+   * epsilon at delta of every DP step the client's weights have seen: its own and
+   * those of the checkpoints it continued (LoadState).
    *
    * @generated from field: double epsilon = 1;
    */
   epsilon: number;
 
   /**
-   * delta.
+   * delta: the tightest of the client's and of the checkpoints' it continued.
    *
    * @generated from field: double delta = 2;
    */
@@ -1487,7 +1488,7 @@ export declare type PrivacySpent = Message<"tensafe.trainer.v1.PrivacySpent"> & 
   accountant: Accountant;
 
   /**
-   * DP optimizer steps composed.
+   * DP optimizer steps composed, inherited ones included.
    *
    * @generated from field: int64 steps = 4;
    */
@@ -1501,7 +1502,7 @@ export declare type PrivacySpent = Message<"tensafe.trainer.v1.PrivacySpent"> & 
   noiseMultiplier: number;
 
   /**
-   * Budget, 0 if none.
+   * Budget that applies (the tightest of the client's and its sources'), 0 if none.
    *
    * @generated from field: double epsilon_budget = 6;
    */
@@ -1513,6 +1514,21 @@ export declare type PrivacySpent = Message<"tensafe.trainer.v1.PrivacySpent"> & 
    * @generated from field: bool private = 7;
    */
   private: boolean;
+
+  /**
+   * Of `steps`, those taken by other training clients whose checkpoints were loaded.
+   *
+   * @generated from field: int64 inherited_steps = 8;
+   */
+  inheritedSteps: bigint;
+
+  /**
+   * Optimizer steps without DP that the weights continue (non-private checkpoints
+   * loaded); epsilon does not cover their data.
+   *
+   * @generated from field: int64 non_private_steps = 9;
+   */
+  nonPrivateSteps: bigint;
 };
 
 /**
@@ -1682,6 +1698,21 @@ export declare type UploadDatasetHeader = Message<"tensafe.trainer.v1.UploadData
    * @generated from field: string request_id = 4;
    */
   requestId: string;
+
+  /**
+   * The dataset's own privacy budget over every client and job that samples it; 0:
+   * none (each client's budget still applies).
+   *
+   * @generated from field: double epsilon_budget = 5;
+   */
+  epsilonBudget: number;
+
+  /**
+   * The delta of the dataset's budget, in (0, 1); required with epsilon_budget.
+   *
+   * @generated from field: double delta = 6;
+   */
+  delta: number;
 };
 
 /**
@@ -1780,6 +1811,28 @@ export declare type Dataset = Message<"tensafe.trainer.v1.Dataset"> & {
    * @generated from field: google.protobuf.Timestamp create_time = 7;
    */
   createTime?: Timestamp | undefined;
+
+  /**
+   * The dataset's own budget, 0 if none.
+   *
+   * @generated from field: double epsilon_budget = 8;
+   */
+  epsilonBudget: number;
+
+  /**
+   * The delta of that budget.
+   *
+   * @generated from field: double delta = 9;
+   */
+  delta: number;
+
+  /**
+   * epsilon spent on the dataset by every committed step of every client (RDP), at
+   * delta; 0 without a budget.
+   *
+   * @generated from field: double epsilon_spent = 10;
+   */
+  epsilonSpent: number;
 };
 
 /**

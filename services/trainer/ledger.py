@@ -1,0 +1,581 @@
+"""The privacy ledger: the one component that reserves, commits and releases epsilon,
+and carries the privacy lineage of a training client's weights (DESIGN §8, §9).
+
+Everything that spends or checks privacy goes through :class:`PrivacyLedger`: the API
+when it admits an OptimStep, a TrainOnDataset run or a LoadState; the worker when it
+commits or drops a step; the dataset runner for each Poisson step; the publisher for a
+package's DP certificate. Every method works inside the caller's transaction, so a
+reservation commits with the job it admits and a ledger row with the step it charges.
+
+**Epsilon belongs to the weights.** A training client's accountant composes its own DP
+steps *and* every step of the weights it continued: a LoadState of another client's
+checkpoint (also ``create_training_client_from_state``) merges that checkpoint's
+lineage into the loading client's, and the steps it adds are composed into its
+accountant at once, at admission (so an OptimStep queued behind the LoadState is
+checked against the whole history). A lineage maps each source training client to the
+number of its own DP steps the weights include; merging takes the larger count per
+source, so loading the same history twice never counts it twice, and reloading one's
+own checkpoint (a rollback) changes nothing: a client's own steps are never given back.
+The budget and delta that apply are the tightest of the client's and of every source's,
+so a new client cannot reset or widen the budget of the weights it continues.
+Weights trained without DP carry a non-private source: loading them into a DP client
+is allowed (public pre-training is a normal start), and the DP certificate then says
+which steps its epsilon does not cover.
+
+**Per-dataset budgets.** A server-held dataset may carry its own (epsilon, delta)
+budget. Every Poisson step of any client that samples it is composed into the
+dataset's accountant (RDP): its ledger rows and the steps still reserved. A TrainOnDataset
+run is admitted only if both the client's and the dataset's budgets hold; admissions of
+one tenant are serialised by the tenant's job lock, so concurrent runs cannot
+overspend a dataset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from tensafe.common.errors import BudgetExhausted, FailedPrecondition
+from tensafe.trainer import serde
+from tensafe.trainer.engine.accounting import (
+    BatchSampling,
+    PrivacyAccountant,
+    StepMechanism,
+    create_accountant,
+)
+from tensafe.trainer.store import repository as repo
+from tensafe.trainer.store.models import (
+    BudgetReservationRow,
+    CheckpointRow,
+    DatasetRow,
+    LedgerRow,
+    LineageEventRow,
+    TrainingClientRow,
+)
+
+DATASET_ACCOUNTANT = "rdp"
+"""Dataset budgets compose with RDP: cheap to evaluate over many clients' steps, and an
+upper bound like every accountant here."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LineageSource:
+    """Another training client whose steps the weights include."""
+
+    client_id: str
+    private: bool
+    """False when that client trained without DP (its steps have no guarantee)."""
+    dp_steps: int
+    """How many of that client's own DP steps (its ledger rows 1..n) are included."""
+    steps: int
+    """How many of its optimizer steps are included (DP or not)."""
+    epsilon_budget: float | None
+    """That client's budget, which keeps applying to the weights."""
+    delta: float | None
+    """That client's delta."""
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON form."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, value: Mapping[str, Any]) -> LineageSource:
+        """Parse :meth:`to_json` output."""
+        return cls(**value)
+
+
+@dataclasses.dataclass(frozen=True)
+class Lineage:
+    """The sources of a set of weights, at most one entry per client, sorted by id."""
+
+    sources: tuple[LineageSource, ...] = ()
+
+    @classmethod
+    def parse(cls, text: str | None) -> Lineage:
+        """Parse the JSON a row stores (None: no source)."""
+        if not text:
+            return cls()
+        return cls(tuple(LineageSource.from_json(item) for item in json.loads(text)))
+
+    def to_json(self) -> str | None:
+        """JSON for a row (None when empty)."""
+        if not self.sources:
+            return None
+        return json.dumps([source.to_json() for source in self.sources], sort_keys=True)
+
+    def source(self, client_id: str) -> LineageSource | None:
+        """The entry of one client, if any."""
+        return next((s for s in self.sources if s.client_id == client_id), None)
+
+    def merged(self, other: Lineage, *, without: str) -> Lineage:
+        """Both lineages, keeping the larger step counts per source, ``without`` one
+        client (the loading client: its own steps are counted by its own ledger)."""
+        by_id = {source.client_id: source for source in self.sources}
+        for source in other.sources:
+            if source.client_id == without:
+                continue
+            mine = by_id.get(source.client_id)
+            if mine is None or (source.dp_steps, source.steps) > (mine.dp_steps, mine.steps):
+                by_id[source.client_id] = source
+        by_id.pop(without, None)
+        return Lineage(tuple(by_id[key] for key in sorted(by_id)))
+
+    @property
+    def dp_steps(self) -> int:
+        """DP steps of every source."""
+        return sum(source.dp_steps for source in self.sources)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PrivacyReport:
+    """What a client has spent, over the whole lineage of its weights."""
+
+    epsilon: float
+    """Epsilon at :attr:`delta` of every DP step the weights have seen."""
+    delta: float
+    """The tightest delta of the client and its sources."""
+    epsilon_budget: float | None
+    """The tightest budget of the client and its sources."""
+    steps: int
+    """DP steps composed: the client's own plus the inherited ones."""
+    inherited_steps: int
+    """DP steps of other clients' checkpoints the weights continue."""
+    non_private_sources: tuple[LineageSource, ...]
+    """Sources trained without DP."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class HistoryGroup:
+    """Steps of one mechanism taken by one training client (for certificates)."""
+
+    client_id: str
+    mechanism: StepMechanism
+    steps: int
+
+
+def _tightest(values: Iterable[float | None]) -> float | None:
+    present = [value for value in values if value is not None]
+    return min(present) if present else None
+
+
+class PrivacyLedger:
+    """Reserve, commit, release and lineage of epsilon (see the module docstring).
+
+    Stateless: every method takes the session of the transaction it belongs to.
+    """
+
+    # ------------------------------------------------------------------ reads
+
+    @staticmethod
+    def accountant(row: TrainingClientRow, dp: serde.DpSettings) -> PrivacyAccountant:
+        """The client's accountant: every committed step of the weights' lineage."""
+        if row.accountant_state is None:
+            return create_accountant(dp.accountant)
+        return PrivacyAccountant.from_state(json.loads(row.accountant_state))
+
+    @staticmethod
+    def lineage(row: TrainingClientRow) -> Lineage:
+        """The client's sources."""
+        return Lineage.parse(row.lineage_json)
+
+    def budget(self, row: TrainingClientRow, dp: serde.DpSettings) -> tuple[float | None, float]:
+        """The (budget, delta) that apply to the client's weights: the tightest of the
+        client's and its sources'."""
+        sources = self.lineage(row).sources
+        budget = _tightest([dp.epsilon_budget, *(s.epsilon_budget for s in sources)])
+        delta = _tightest([dp.delta, *(s.delta for s in sources)])
+        assert delta is not None
+        return budget, delta
+
+    def report(self, row: TrainingClientRow) -> PrivacyReport | None:
+        """What the client has spent; None for a non-private client."""
+        dp = client_dp(row)
+        if dp is None:
+            return None
+        lineage = self.lineage(row)
+        budget, delta = self.budget(row, dp)
+        return PrivacyReport(
+            epsilon=float(row.epsilon_spent),
+            delta=delta,
+            epsilon_budget=budget,
+            steps=int(row.dp_steps) + lineage.dp_steps,
+            inherited_steps=lineage.dp_steps,
+            non_private_sources=tuple(s for s in lineage.sources if not s.private),
+        )
+
+    def snapshot(self, row: TrainingClientRow) -> str | None:
+        """The lineage of the client's current weights, the client included: what a
+        checkpoint of them stores."""
+        dp = client_dp(row)
+        own = LineageSource(
+            client_id=row.id,
+            private=dp is not None,
+            dp_steps=int(row.dp_steps),
+            steps=int(row.step),
+            epsilon_budget=dp.epsilon_budget if dp is not None else None,
+            delta=dp.delta if dp is not None else None,
+        )
+        return self.lineage(row).merged(Lineage((own,)), without="").to_json()
+
+    # ------------------------------------------------------------------ reserve
+
+    async def reserve(
+        self,
+        session: AsyncSession,
+        row: TrainingClientRow,
+        dp: serde.DpSettings,
+        *,
+        mechanism: StepMechanism,
+        future_id: str,
+        seq: int,
+        steps: int = 1,
+        dataset: DatasetRow | None = None,
+    ) -> None:
+        """Check ``steps`` more steps against the budgets, counting every admitted step,
+        and reserve them. Call it in the transaction that admits the job, under the
+        client's row lock (and the tenant's job lock, for dataset budgets).
+
+        Raises:
+            BudgetExhausted: The client's (or its lineage's, or the dataset's) budget
+                would be exceeded; nothing is reserved.
+        """
+        reservations = await repo.open_reservations(session, row.id)
+        accountant = self._admitted(reservations, row, dp)
+        budget, delta = self.budget(row, dp)
+        if budget is not None:
+            epsilon_after = accountant.epsilon_if(mechanism, additional_steps=steps, delta=delta)
+            if epsilon_after > budget:
+                admitted = accountant.steps
+                raise BudgetExhausted(
+                    f"{steps} more DP step(s) would take epsilon to {epsilon_after:.6g}, over "
+                    f"the privacy budget epsilon={budget:g} at delta={delta:g} ({admitted} "
+                    f"step(s) of these weights already admitted, epsilon after them "
+                    f"{accountant.epsilon(delta):.6g})",
+                    metadata={
+                        "epsilon_budget": repr(budget),
+                        "epsilon_after": repr(epsilon_after),
+                        "delta": repr(delta),
+                        "steps_admitted": str(admitted),
+                        "accountant": dp.accountant,
+                    },
+                )
+        if dataset is not None:
+            await self._check_dataset(session, dataset, mechanism, steps)
+        session.add(
+            BudgetReservationRow(
+                future_id=future_id,
+                tenant=row.tenant,
+                client_id=row.id,
+                seq=seq,
+                sampling=mechanism.sampling.value,
+                noise_multiplier=mechanism.noise_multiplier,
+                sampling_probability=mechanism.sampling_probability,
+                status=repo.RESERVED,
+                steps=steps,
+                dataset_id=dataset.id if dataset is not None else None,
+                created_at=repo.now(),
+            )
+        )
+
+    def check_next(
+        self,
+        row: TrainingClientRow,
+        dp: serde.DpSettings,
+        accountant: PrivacyAccountant,
+        mechanism: StepMechanism,
+    ) -> None:
+        """A second line for a multi-step job that reserved at admission: refuse the
+        next step if it alone would cross the budget (e.g. after a concurrent LoadState).
+
+        Raises:
+            BudgetExhausted: The next step would exceed the budget.
+        """
+        budget, delta = self.budget(row, dp)
+        if budget is not None and accountant.would_exceed(
+            budget_epsilon=budget, delta=delta, mechanism=mechanism
+        ):
+            raise BudgetExhausted(
+                f"one more DP step would exceed the privacy budget epsilon={budget:g} at "
+                f"delta={delta:g} after {accountant.steps} step(s)"
+            )
+
+    async def _check_dataset(
+        self, session: AsyncSession, dataset: DatasetRow, mechanism: StepMechanism, steps: int
+    ) -> None:
+        if dataset.epsilon_budget is None or dataset.delta is None:
+            return
+        accountant = await self.dataset_accountant(session, dataset.id)
+        epsilon_after = accountant.epsilon_if(
+            mechanism, additional_steps=steps, delta=dataset.delta
+        )
+        if epsilon_after > dataset.epsilon_budget:
+            raise BudgetExhausted(
+                f"{steps} more step(s) on dataset {dataset.id} would take its epsilon to "
+                f"{epsilon_after:.6g}, over the dataset's budget "
+                f"epsilon={dataset.epsilon_budget:g} at delta={dataset.delta:g} "
+                f"({accountant.steps} step(s) of all clients already admitted on it)",
+                metadata={
+                    "dataset_id": dataset.id,
+                    "dataset_epsilon_budget": repr(dataset.epsilon_budget),
+                    "epsilon_after": repr(epsilon_after),
+                    "delta": repr(dataset.delta),
+                    "steps_admitted": str(accountant.steps),
+                },
+            )
+
+    async def dataset_accountant(self, session: AsyncSession, dataset_id: str) -> PrivacyAccountant:
+        """Every step any client committed or reserved on a dataset, composed."""
+        accountant = create_accountant(DATASET_ACCOUNTANT)
+        for entry in await repo.dataset_ledger(session, dataset_id):
+            accountant.record(_row_mechanism(entry))
+        for reservation in await repo.dataset_reservations(session, dataset_id):
+            accountant.record(_row_mechanism(reservation), steps=int(reservation.steps))
+        return accountant
+
+    async def dataset_epsilon(self, session: AsyncSession, dataset: DatasetRow) -> float | None:
+        """Epsilon committed on a dataset at its budget's delta (None: no budget)."""
+        if dataset.delta is None:
+            return None
+        accountant = create_accountant(DATASET_ACCOUNTANT)
+        for entry in await repo.dataset_ledger(session, dataset.id):
+            accountant.record(_row_mechanism(entry))
+        return accountant.epsilon(dataset.delta)
+
+    def _admitted(
+        self,
+        reservations: list[BudgetReservationRow],
+        row: TrainingClientRow,
+        dp: serde.DpSettings,
+    ) -> PrivacyAccountant:
+        accountant = self.accountant(row, dp)
+        for reservation in reservations:
+            accountant.record(_row_mechanism(reservation), steps=int(reservation.steps))
+        return accountant
+
+    # ------------------------------------------------------------------ commit
+
+    async def commit_step(
+        self,
+        session: AsyncSession,
+        row: TrainingClientRow,
+        *,
+        mechanism: StepMechanism,
+        seq: int,
+        future_id: str,
+        dataset_id: str | None = None,
+        accountant: PrivacyAccountant | None = None,
+    ) -> float:
+        """Charge one DP step the worker applied: compose it, write its ledger row and
+        the client's new accountant state, and consume one reserved step of the job.
+
+        Args:
+            session: The transaction that commits the step's effects.
+            row: The client's row, locked and fenced by the caller.
+            mechanism: The step's mechanism.
+            seq: The job's sequence number.
+            future_id: The job's future (its reservation).
+            dataset_id: The server-held dataset the step sampled, if any.
+            accountant: The caller's up-to-date accountant of this client (the dataset
+                runner keeps one across its steps so PLD compositions are reused);
+                it is updated in place. None: rebuilt from the row.
+
+        Returns:
+            Epsilon after the step.
+        """
+        dp = client_dp(row)
+        if dp is None:
+            raise FailedPrecondition(f"training client {row.id} is not private")
+        committed = self.accountant(row, dp)
+        if accountant is None or accountant.history != committed.history:
+            # The caller's copy is stale (a LoadState admitted meanwhile added steps):
+            # the row is the truth.
+            if accountant is not None:
+                accountant.restore(committed)
+            else:
+                accountant = committed
+        accountant.record(mechanism)
+        _, delta = self.budget(row, dp)
+        epsilon = accountant.epsilon(delta)
+        state_json = serde.json_state(accountant.to_state())
+        row.accountant_state = state_json
+        row.dp_steps = int(row.dp_steps) + 1
+        row.epsilon_spent = epsilon
+        session.add(
+            LedgerRow(
+                tenant=row.tenant,
+                client_id=row.id,
+                dp_step=int(row.dp_steps),
+                seq=seq,
+                future_id=future_id,
+                sampling=mechanism.sampling.value,
+                noise_multiplier=mechanism.noise_multiplier,
+                sampling_probability=mechanism.sampling_probability,
+                delta=delta,
+                accountant=dp.accountant,
+                epsilon_after=epsilon,
+                accountant_state=state_json,
+                dataset_id=dataset_id,
+                created_at=repo.now(),
+            )
+        )
+        reservation = await session.get(BudgetReservationRow, future_id)
+        if reservation is not None and reservation.status == repo.RESERVED:
+            reservation.steps = max(int(reservation.steps) - 1, 0)
+            if reservation.steps == 0:
+                reservation.status = repo.CONSUMED
+        return epsilon
+
+    async def settle(self, session: AsyncSession, future_id: str) -> None:
+        """A job ended with its steps committed: nothing it reserved stays open."""
+        await repo.settle_reservation(session, future_id, status=repo.CONSUMED)
+
+    async def release(self, session: AsyncSession, future_id: str) -> None:
+        """A job failed or was dropped: give back what it reserved and did not use."""
+        await repo.settle_reservation(session, future_id, status=repo.RELEASED)
+
+    # ------------------------------------------------------------------ lineage
+
+    async def inherit(
+        self,
+        session: AsyncSession,
+        row: TrainingClientRow,
+        checkpoint: CheckpointRow,
+        *,
+        future_id: str,
+    ) -> None:
+        """The client's weights become (or will become) the checkpoint's: merge its
+        lineage and compose every DP step it adds. Idempotent.
+
+        Raises:
+            FailedPrecondition: A source's ledger does not hold the steps the
+                checkpoint says its weights include.
+        """
+        current = self.lineage(row)
+        source_row = None
+        if checkpoint.lineage_json is None:
+            source_row = await session.get(TrainingClientRow, checkpoint.client_id)
+        merged = current.merged(checkpoint_lineage(checkpoint, source_row), without=row.id)
+        if merged == current:
+            return
+        dp = client_dp(row)
+        accountant = self.accountant(row, dp) if dp is not None else None
+        events: list[tuple[LineageSource, int]] = []
+        for source in merged.sources:
+            before = current.source(source.client_id)
+            dp_before = before.dp_steps if before is not None else 0
+            if before == source:
+                continue
+            if accountant is not None and source.dp_steps > dp_before:
+                entries = await repo.ledger_rows(
+                    session, source.client_id, after=dp_before, upto=source.dp_steps
+                )
+                if [int(e.dp_step) for e in entries] != list(
+                    range(dp_before + 1, source.dp_steps + 1)
+                ):
+                    raise FailedPrecondition(
+                        f"the privacy ledger of training client {source.client_id} does not "
+                        f"hold steps {dp_before + 1}..{source.dp_steps} of checkpoint "
+                        f"{checkpoint.name!r}; it cannot be loaded"
+                    )
+                for entry in entries:
+                    accountant.record(_row_mechanism(entry))
+            events.append((source, dp_before))
+        row.lineage_json = merged.to_json()
+        if accountant is not None and dp is not None:
+            _, delta = self.budget(row, dp)
+            row.accountant_state = serde.json_state(accountant.to_state())
+            row.epsilon_spent = accountant.epsilon(delta)
+        for source, dp_before in events:
+            session.add(
+                LineageEventRow(
+                    tenant=row.tenant,
+                    client_id=row.id,
+                    source_client_id=source.client_id,
+                    checkpoint_id=checkpoint.id,
+                    future_id=future_id,
+                    private=source.private,
+                    dp_steps_before=dp_before,
+                    dp_steps_after=source.dp_steps,
+                    steps_after=source.steps,
+                    epsilon_after=float(row.epsilon_spent),
+                    created_at=repo.now(),
+                )
+            )
+
+    async def history(self, session: AsyncSession, row: TrainingClientRow) -> list[HistoryGroup]:
+        """Every DP step of the weights' lineage, grouped by (client, mechanism), the
+        client's own first; for the DP certificate.
+
+        Raises:
+            FailedPrecondition: A ledger does not hold the steps the lineage names.
+        """
+        groups: list[HistoryGroup] = []
+        wanted = [(row.id, int(row.dp_steps))] + [
+            (s.client_id, s.dp_steps) for s in self.lineage(row).sources if s.dp_steps
+        ]
+        for client_id, count in wanted:
+            entries = await repo.ledger_rows(session, client_id, after=0, upto=count)
+            if [int(e.dp_step) for e in entries] != list(range(1, count + 1)):
+                raise FailedPrecondition(
+                    f"privacy ledger of training client {client_id} is inconsistent: "
+                    f"{len(entries)} row(s) for {count} DP step(s)"
+                )
+            counts: dict[StepMechanism, int] = {}
+            for entry in entries:
+                mechanism = _row_mechanism(entry)
+                counts[mechanism] = counts.get(mechanism, 0) + 1
+            groups.extend(
+                HistoryGroup(client_id=client_id, mechanism=m, steps=n) for m, n in counts.items()
+            )
+        return groups
+
+
+def client_dp(row: TrainingClientRow) -> serde.DpSettings | None:
+    """The client's DP settings, None for a non-private client."""
+    return serde.DpSettings.from_json(row.dp_json) if row.dp_json is not None else None
+
+
+def checkpoint_lineage(
+    checkpoint: CheckpointRow, saved_by: TrainingClientRow | None = None
+) -> Lineage:
+    """The lineage a checkpoint's weights carry.
+
+    Checkpoints saved before lineage was recorded hold only their client's own steps
+    (nothing could be inherited then): their accountant state counts them, and the
+    saving client (``saved_by``) says whether it was private.
+    """
+    if checkpoint.lineage_json is not None:
+        return Lineage.parse(checkpoint.lineage_json)
+    dp_steps = 0
+    if checkpoint.accountant_state is not None:
+        dp_steps = PrivacyAccountant.from_state(json.loads(checkpoint.accountant_state)).steps
+    dp = client_dp(saved_by) if saved_by is not None else None
+    return Lineage(
+        (
+            LineageSource(
+                client_id=checkpoint.client_id,
+                private=dp is not None or dp_steps > 0,
+                dp_steps=dp_steps,
+                steps=int(checkpoint.step),
+                epsilon_budget=dp.epsilon_budget if dp is not None else None,
+                delta=dp.delta if dp is not None else None,
+            ),
+        )
+    )
+
+
+def _row_mechanism(row: LedgerRow | BudgetReservationRow) -> StepMechanism:
+    return StepMechanism(
+        sampling=BatchSampling(row.sampling),
+        noise_multiplier=row.noise_multiplier,
+        sampling_probability=row.sampling_probability,
+    )
+
+
+def client_batches_mechanism(dp: serde.DpSettings) -> StepMechanism:
+    """The mechanism of one step over client-supplied batches: no amplification."""
+    return StepMechanism.client_batches(dp.noise_multiplier)
