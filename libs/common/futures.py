@@ -36,6 +36,7 @@ import abc
 import asyncio
 import base64
 import binascii
+import contextlib
 import enum
 import hashlib
 import json
@@ -53,6 +54,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from tensafe.common.db import Database
 from tensafe.common.errors import ErrorCode, FailedPrecondition, InvalidArgument, NotFound
+from tensafe.common.wakeups import FutureWakeups
 
 DEFAULT_PAGE_SIZE = 50
 """Page size used when a list request asks for 0 (AIP-158)."""
@@ -173,14 +175,30 @@ class FutureStore(abc.ABC):
 
     Args:
         poll_initial: First pause of :meth:`wait` between reads, in seconds.
-        poll_max: Longest pause of :meth:`wait` between reads, in seconds.
+        poll_max: Longest pause of :meth:`wait` between reads, in seconds. With
+            ``wakeups`` it is only the re-read interval that bounds the cost of a lost
+            wake-up.
+        wakeups: Wake-ups from the processes that finish futures; ``None``: waiters
+            poll.
     """
 
-    def __init__(self, *, poll_initial: float = 0.01, poll_max: float = 0.25) -> None:
+    def __init__(
+        self,
+        *,
+        poll_initial: float = 0.01,
+        poll_max: float = 0.25,
+        wakeups: FutureWakeups | None = None,
+    ) -> None:
         if poll_initial <= 0 or poll_max < poll_initial:
             raise InvalidArgument("poll_max", "need 0 < poll_initial <= poll_max")
         self._poll_initial = poll_initial
         self._poll_max = poll_max
+        self._wakeups = wakeups
+
+    @property
+    def wakeups(self) -> FutureWakeups | None:
+        """The wake-ups this store's waiters listen to."""
+        return self._wakeups
 
     @abc.abstractmethod
     async def create(
@@ -334,8 +352,9 @@ class FutureStore(abc.ABC):
     async def wait(self, tenant: str, future_id: str, *, timeout: float) -> Future:
         """Wait until the future is done or ``timeout`` seconds pass (AIP-151 Wait).
 
-        Reads with exponential backoff from ``poll_initial`` to ``poll_max``, so other
-        processes' updates are seen without a notification channel.
+        With wake-ups the future is read again when the process that finished it says
+        so (and every ``poll_max`` seconds in case a wake-up was lost); without, reads
+        back off exponentially from ``poll_initial`` to ``poll_max``.
 
         Args:
             tenant: The caller's tenant.
@@ -353,6 +372,16 @@ class FutureStore(abc.ABC):
             raise InvalidArgument("timeout", "must not be negative")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
+        if self._wakeups is not None:
+            with self._wakeups.watch(future_id) as woken:
+                while True:
+                    future = await self.get(tenant, future_id)
+                    remaining = deadline - loop.time()
+                    if future.done or remaining <= 0:
+                        return future
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(woken.wait(), min(self._poll_max, remaining))
+                    woken.clear()
         pause = self._poll_initial
         while True:
             future = await self.get(tenant, future_id)
@@ -490,6 +519,7 @@ class SqlFutureStore(FutureStore):
         table: The service's futures table.
         poll_initial: See :class:`FutureStore`.
         poll_max: See :class:`FutureStore`.
+        wakeups: See :class:`FutureStore`.
     """
 
     def __init__(
@@ -499,8 +529,9 @@ class SqlFutureStore(FutureStore):
         *,
         poll_initial: float = 0.01,
         poll_max: float = 0.25,
+        wakeups: FutureWakeups | None = None,
     ) -> None:
-        super().__init__(poll_initial=poll_initial, poll_max=poll_max)
+        super().__init__(poll_initial=poll_initial, poll_max=poll_max, wakeups=wakeups)
         self._db = database
         self._table = table
 

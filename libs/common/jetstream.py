@@ -417,6 +417,11 @@ class JetStream:
         return self._tracer
 
     @property
+    def connection(self) -> Any:
+        """The underlying ``nats.aio.client.Client`` (core pub/sub, e.g. wake-ups)."""
+        return self._nc
+
+    @property
     def jetstream_context(self) -> Any:
         """The underlying ``nats.js.JetStreamContext`` (stream and consumer info)."""
         return self._js

@@ -620,10 +620,13 @@ class TrainerApi:
         if future.done and future.status.value != "CANCELLED":
             return future
         try:
-            return await self._futures.cancel(caller.tenant, future_id)
+            cancelled = await self._futures.cancel(caller.tenant, future_id)
         except TenSafeError:
             # It finished between the read and the cancel: a no-op on a finished one.
             return await self._futures.get(caller.tenant, future_id)
+        if self._futures.wakeups is not None:
+            await self._futures.wakeups.notify(future_id)
+        return cancelled
 
     async def list_futures(
         self, caller: Caller, *, page_size: int, page_token: str, kind: str | None

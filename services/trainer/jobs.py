@@ -91,6 +91,12 @@ def job_subject(prefix: str, client_id: str) -> str:
     return f"{prefix}.{client_id}"
 
 
+def future_wakeup_prefix(prefix: str) -> str:
+    """Subject root of "future finished" wake-ups (:mod:`tensafe.common.wakeups`):
+    ``<prefix>-done``, outside the job stream's ``<prefix>.>``."""
+    return f"{prefix}-done"
+
+
 _NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _PATH = re.compile(
     r"^tensafe://training_clients/(?P<client>[0-9a-f]{32})/"

@@ -14,6 +14,7 @@ from tensafe.common.futures import SqlFutureStore
 from tensafe.common.grpc_errors import ServerInterceptorBase
 from tensafe.common.grpc_server import Assembly, ServiceRegistration, run_service
 from tensafe.common.jetstream import JetStream
+from tensafe.common.wakeups import FutureWakeups
 from tensafe.proto.common.v1 import common_pb2_grpc
 from tensafe.proto.trainer.v1 import trainer_service_pb2_grpc
 from tensafe.trainer.api import TrainerApi
@@ -21,6 +22,7 @@ from tensafe.trainer.base_models import BaseModelRegistry
 from tensafe.trainer.config import TrainerConfig
 from tensafe.trainer.datasets.crypto import keyring_from_settings
 from tensafe.trainer.datasets.service import DatasetService, DatasetVault
+from tensafe.trainer.jobs import future_wakeup_prefix
 from tensafe.trainer.ledger import PrivacyLedger
 from tensafe.trainer.objects import ObjectFolder
 from tensafe.trainer.servicer import TrainerFutureServicer, TrainerServiceServicer
@@ -32,7 +34,8 @@ from tensafe.trainer.worker import jobs_stream_config
 # store would add up to a quarter of a second of latency to every awaited step; one
 # indexed primary-key read per waiting call every 10 ms is cheap for the database.
 FUTURE_POLL_INITIAL_SECONDS = 0.002
-FUTURE_POLL_MAX_SECONDS = 0.01
+FUTURE_REREAD_SECONDS = 1.0
+"""How often a waiter re-reads its future without a wake-up (a lost wake-up's cost)."""
 
 
 async def build_api(
@@ -64,6 +67,9 @@ async def build_api(
         raise
     try:
         await jetstream.ensure_stream()
+        wakeups = await FutureWakeups.start(
+            jetstream.connection, future_wakeup_prefix(config.jobs_subject_prefix)
+        )
     except BaseException:
         await jetstream.close()
         await database.dispose()
@@ -74,7 +80,8 @@ async def build_api(
             database,
             FUTURES,
             poll_initial=FUTURE_POLL_INITIAL_SECONDS,
-            poll_max=FUTURE_POLL_MAX_SECONDS,
+            poll_max=FUTURE_REREAD_SECONDS,
+            wakeups=wakeups,
         ),
         jetstream=jetstream,
         base_models=BaseModelRegistry(config.base_models_path),
@@ -112,6 +119,7 @@ async def build_api(
         stop_outbox.set()
         with contextlib.suppress(asyncio.CancelledError):
             await outbox
+        await wakeups.close()
         await jetstream.close()
         await database.dispose()
 

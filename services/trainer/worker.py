@@ -46,6 +46,7 @@ import socket
 import sys
 import uuid
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,7 @@ from tensafe.common.jetstream import (
 from tensafe.common.log import configure_logging
 from tensafe.common.registry_client import RegistryClient
 from tensafe.common.telemetry import setup_telemetry
+from tensafe.common.wakeups import FutureWakeups
 from tensafe.proto.trainer.v1 import trainer_service_pb2 as pb
 from tensafe.tgsp import LocalFileKekProvider
 from tensafe.trainer import serde
@@ -94,6 +96,7 @@ from tensafe.trainer.jobs import (
     JobKind,
     JobMessage,
     checkpoint_path,
+    future_wakeup_prefix,
     parse_path,
 )
 from tensafe.trainer.ledger import PrivacyLedger, client_batches_mechanism, client_dp
@@ -815,6 +818,20 @@ def dataset_runner(
     )
 
 
+def waking(
+    handler: Callable[[Delivery], Awaitable[None]], wakeups: FutureWakeups
+) -> Callable[[Delivery], Awaitable[None]]:
+    """``handler``, then a wake-up for the job's future: when the handler returns, the
+    job's effects are committed (its future finished, or it was a redelivery of a
+    finished one), so a waiter in the API can read it at once instead of polling."""
+
+    async def handle(delivery: Delivery) -> None:
+        await handler(delivery)
+        await wakeups.notify(JobMessage.decode(delivery.data).future_id)
+
+    return handle
+
+
 async def run_worker(config: TrainerConfig, *, stop: asyncio.Event) -> None:
     """Migrate, connect and consume jobs until ``stop`` is set.
 
@@ -862,8 +879,14 @@ async def run_worker(config: TrainerConfig, *, stop: asyncio.Event) -> None:
                 temporary = ready.with_suffix(ready.suffix + ".tmp")
                 temporary.write_text(json.dumps({"port": 0, "pid": os.getpid()}))
                 os.replace(temporary, ready)
+            wakeups = await FutureWakeups.start(
+                jetstream.connection, future_wakeup_prefix(config.jobs_subject_prefix)
+            )
             log.info("trainer worker consuming", extra={"owner": worker.owner})
-            await consumer.run(worker.handle, stop=stop)
+            try:
+                await consumer.run(waking(worker.handle, wakeups), stop=stop)
+            finally:
+                await wakeups.close()
             await worker.release_leases()
     finally:
         if worker is not None:

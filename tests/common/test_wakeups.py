@@ -1,0 +1,99 @@
+"""Future waiters are woken over NATS by the process that finished the future: they
+read the database once more instead of polling it (issue 15 item 5)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import nats
+import pytest
+import sqlalchemy as sa
+
+from tensafe.common.db import Database
+from tensafe.common.errors import ErrorCode
+from tensafe.common.futures import FutureStatus, SqlFutureStore, futures_table
+from tensafe.common.nats_server import NatsServer
+from tensafe.common.wakeups import FutureWakeups
+
+TENANT = "tenant-a"
+PREFIX = "test.jobs-done"
+
+
+class CountingStore(SqlFutureStore):
+    """Counts the reads of :meth:`get` (the waiter's database round trips)."""
+
+    reads = 0
+
+    async def get(self, *args: Any, **kwargs: Any) -> Any:
+        self.reads += 1
+        return await super().get(*args, **kwargs)
+
+
+@pytest.fixture
+async def stores(
+    sqlite_url: str, nats_server: NatsServer
+) -> AsyncIterator[tuple[CountingStore, SqlFutureStore, FutureWakeups]]:
+    """The API's store (re-reads only every 60 s without a wake-up) and a worker's."""
+    metadata = sa.MetaData()
+    table = futures_table(metadata, prefix=f"t{uuid.uuid4().hex[:10]}")
+    database = Database.from_url(sqlite_url)
+    async with database.connection() as connection:
+        await connection.run_sync(metadata.create_all)
+    api_nats = await nats.connect(nats_server.url)
+    worker_nats = await nats.connect(nats_server.url)
+    api_wakeups = await FutureWakeups.start(api_nats, PREFIX)
+    worker_wakeups = FutureWakeups(worker_nats, PREFIX)
+    try:
+        yield (
+            CountingStore(database, table, poll_initial=60.0, poll_max=60.0, wakeups=api_wakeups),
+            SqlFutureStore(database, table),
+            worker_wakeups,
+        )
+    finally:
+        await api_wakeups.close()
+        await api_nats.close()
+        await worker_nats.close()
+        await database.dispose()
+
+
+async def test_a_wait_returns_on_the_wake_up_not_on_a_poll(
+    stores: tuple[CountingStore, SqlFutureStore, FutureWakeups],
+) -> None:
+    api, worker, wakeups = stores
+    created = (await api.create(TENANT, kind="optim_step", request_id="r")).future
+    waiting = asyncio.create_task(api.wait(TENANT, created.id, timeout=50.0))
+    while api.reads == 0:  # the waiter has registered and read once
+        await asyncio.sleep(0.001)
+    await worker.succeed(TENANT, created.id, result=b"done")
+    await wakeups.notify(created.id)
+    # A poll would come only after 60 s; the test's 50 s wait would time out first.
+    future = await asyncio.wait_for(waiting, timeout=30.0)
+    assert future.status is FutureStatus.SUCCEEDED and future.result == b"done"
+    assert api.reads == 2
+
+
+async def test_a_wake_up_for_another_future_only_costs_a_read(
+    stores: tuple[CountingStore, SqlFutureStore, FutureWakeups],
+) -> None:
+    api, worker, wakeups = stores
+    watched = (await api.create(TENANT, kind="k", request_id="a")).future
+    other = (await api.create(TENANT, kind="k", request_id="b")).future
+    waiting = asyncio.create_task(api.wait(TENANT, watched.id, timeout=50.0))
+    while api.reads == 0:
+        await asyncio.sleep(0.001)
+    await worker.succeed(TENANT, other.id, result=b"")
+    await wakeups.notify(other.id)
+    await worker.fail(TENANT, watched.id, code=ErrorCode.INTERNAL, message="boom")
+    await wakeups.notify(watched.id)
+    future = await asyncio.wait_for(waiting, timeout=30.0)
+    assert future.status is FutureStatus.FAILED
+    assert api.reads == 2  # the other future's wake-up woke nobody here
+
+
+def test_future_ids_must_be_subject_tokens() -> None:
+    wakeups = FutureWakeups(connection=None, subject_prefix=PREFIX)
+    with pytest.raises(Exception, match="future_id"):
+        asyncio.run(wakeups.notify("a.b"))
