@@ -1,0 +1,349 @@
+"""Gaussian noise for DP-SGD: the accountant's distribution, tails included, from a CSPRNG.
+
+The accountant (dp-accounting's RDP and PLD) assumes each coordinate of a step's clipped
+gradient sum receives independent N(0, std²) noise. This module produces that noise so
+that the assumption holds in the tails too, and hardens the floating-point output in the
+sense of Mironov (2012). docs/privacy.md ("Noise") states what that does and does not
+guarantee.
+
+Randomness. One 32-byte AES-256 key per call is read from the OS CSPRNG
+(:func:`fresh_key`, ``os.urandom``, i.e. getrandom(2)); the noise is a deterministic
+function of that key and the key is never stored. The stream is the AES-256-CTR
+keystream (NIST SP 800-38A) under a zero nonce: the encryption of an all-zero
+plaintext, read as little-endian 64-bit words. A zero nonce is safe because each key is
+fresh and used for exactly one keystream; a counter block never repeats under one key.
+This is the generate function of CTR_DRBG (NIST SP 800-90A Rev. 1, §10.2.1) without its
+reseed and update steps, which matter only for a long-lived state: here every call is
+seeded anew from the OS and one keystream is far below the 2^48 requests × 2^19 bits a
+CTR_DRBG instance may produce between reseeds. Its security is computational (AES-256
+as a pseudorandom function).
+
+Transform. Box–Muller (Box and Muller, 1958) in float64 on 64-bit words, with an exact
+tail. A pair of words (k, j) gives
+
+- ``U = (k + ½)·2⁻⁶⁴``, the midpoint of one of 2⁶⁴ equal cells of (0, 1), and
+  ``E = -ln U ~ Exp(1)``. ``ln U`` is computed as ``log(U)`` for ``k < 2⁶³`` and as
+  ``log1p(-(2⁶⁴ - k - ½)·2⁻⁶⁴)`` above, so that it carries float64's relative precision
+  at both ends (near U = 1 a plain ``log`` would lose the small radii).
+- The tail: for ``k < 2⁴⁴`` (``U < 2⁻²⁰``, radius > 5.27; probability 2⁻²⁰ per pair, a
+  few pairs per step of a 7B model's adapter) the cell is refined with further words,
+  ``U = (N + ½)·2⁻⁶⁴ⁿ`` with ``N = k·2⁶⁴⁽ⁿ⁻¹⁾ + …`` until N has 53 significant bits,
+  in exact integer arithmetic. U thus has float64's relative precision everywhere, and
+  the attainable radius has no bound but float64's range (a radius word of 0 followed by
+  n zero words gives √(128·(n+1)·ln 2)). torch's float32 ``randn`` (Box–Muller on 24-bit
+  uniforms) stops at 5.77; 64-bit words without refinement would stop at 9.42 and leave
+  the radii above ~6 on a grid coarser than the snapping grid below.
+- ``θ = 2π·(j' + ½)·2⁻⁵³`` from the top 53 bits ``j'`` of the second word (signed, so
+  θ ∈ (-π, π)), and ``z₁ = √(2E)·cos θ``, ``z₂ = √(2E)·sin θ``: two independent N(0, 1).
+
+Floating-point mitigation (Mironov 2012, "On significance of the least significant bits
+for differential privacy", the snapping mechanism). The noise is scaled and added in
+float64 to a float64 copy of each value, and the sum is rounded to the fixed grid
+``Λ = 2^⌊log2(std·2⁻²⁰)⌋`` (:func:`snapping_grid`) before it is converted back to the
+tensor's dtype. Λ is far coarser than the spacing of the float64 values ``x + std·z``
+can take (for |x| < 2²⁰·std), so every grid point in range is reachable from every
+input: the set of outputs no longer depends on the input, which is what Mironov's attack
+reads. The rounding error is at most Λ/2 ≤ 2⁻²¹·std. The conversion to the tensor's
+dtype is a function of the snapped value alone (post-processing).
+
+Speed. The transform runs over fixed-size chunks with preallocated scratch buffers and
+``out=`` torch ops (fresh allocations of large temporaries cost more than the
+arithmetic), on torch's intra-op threads. ``bench/noise.py`` times it against
+``torch.randn``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+KEY_BYTES = 32
+"""AES-256 key size; :func:`fresh_key` reads this many bytes from ``os.urandom``."""
+
+GRID_BITS = 20
+"""The snapping grid is the largest power of two <= ``std · 2^-GRID_BITS``."""
+
+CHUNK_PAIRS = 1 << 16
+"""Normal pairs per chunk: the scratch buffers (~4 MiB) stay in cache."""
+
+_NONCE = bytes(16)  # safe: every key is fresh and drives exactly one keystream
+_WORD_BYTES = 8
+_BLOCK_BYTES = 16
+_TWO_PI = 2.0 * math.pi
+_LN2 = math.log(2.0)
+# Radius words below this are refined exactly (U < 2^-20); see the module docstring.
+_REFINE_BELOW = 1 << 44
+# A chunk whose smallest ln U is above this has no word to refine (a conservative
+# threshold; the exact test on the integer word follows).
+_REFINE_LOG_THRESHOLD = -19.0 * _LN2
+# Refinement stops once the cell index has float64's 53 significant bits.
+_FULL_PRECISION = 1 << 53
+_ANGLE_SHIFT = 11  # keep the top 53 bits of the angle word
+_ANGLE_STEP = _TWO_PI * 2.0**-53
+_U_STEP = 2.0**-64
+
+
+def fresh_key() -> bytes:
+    """The only source of the noise's randomness: 32 bytes from the OS CSPRNG.
+
+    ``os.urandom`` is getrandom(2) on Linux, which blocks until the kernel pool is
+    seeded and never returns short.
+
+    Returns:
+        A fresh AES-256 key.
+    """
+    return os.urandom(KEY_BYTES)
+
+
+class WordSource(Protocol):
+    """A source of further uniform 64-bit words (for the tail refinement)."""
+
+    def words(self, count: int) -> list[int]:
+        """The next ``count`` words, as unsigned integers in [0, 2**64)."""
+        ...
+
+
+class AesCtrStream:
+    """The AES-256-CTR keystream under one key, as 64-bit words.
+
+    Args:
+        key: 32 bytes; :func:`fresh_key` in production.
+
+    Raises:
+        ValueError: The key is not 32 bytes.
+    """
+
+    def __init__(self, key: bytes) -> None:
+        if len(key) != KEY_BYTES:
+            raise ValueError(f"key must be {KEY_BYTES} bytes, got {len(key)}")
+        self._encryptor = Cipher(algorithms.AES(key), modes.CTR(_NONCE)).encryptor()
+        self._capacity = 0
+        self._zeros = b""
+        self._raw = bytearray(0)
+        self._view = torch.empty(0, dtype=torch.int64)
+
+    def next_words(self, count: int) -> torch.Tensor:
+        """The next ``count`` words as a signed int64 tensor (two's complement).
+
+        The tensor is a view of an internal buffer that the next call overwrites.
+        """
+        if count > self._capacity:
+            self._capacity = count
+            self._zeros = bytes(count * _WORD_BYTES)
+            # update_into wants block size - 1 spare bytes after the output.
+            self._raw = bytearray(count * _WORD_BYTES + _BLOCK_BYTES - 1)
+            self._view = torch.frombuffer(self._raw, dtype=torch.int64, count=count)
+        length = count * _WORD_BYTES
+        self._encryptor.update_into(memoryview(self._zeros)[:length], self._raw)
+        return self._view[:count]
+
+    def words(self, count: int) -> list[int]:
+        """The next ``count`` words as unsigned integers (see :class:`WordSource`)."""
+        data = self._encryptor.update(bytes(count * _WORD_BYTES))
+        return [
+            int.from_bytes(data[i : i + _WORD_BYTES], "little")
+            for i in range(0, len(data), _WORD_BYTES)
+        ]
+
+
+def snapping_grid(std: float) -> float:
+    """The grid the noised values are rounded to: ``2^⌊log2(std·2^-GRID_BITS)⌋``.
+
+    Args:
+        std: The noise standard deviation (positive, finite).
+
+    Returns:
+        A power of two in (std·2^-21, std·2^-20].
+    """
+    _, exponent = math.frexp(std)  # std = m·2^exponent, m in [0.5, 1)
+    return math.ldexp(1.0, exponent - 1 - GRID_BITS)
+
+
+def refined_log_uniform(word: int, source: WordSource) -> float:
+    """``ln U`` for a radius word in the tail, refined to float64 precision.
+
+    ``U = (N + ½)·2^(-64n)`` where ``N`` is ``word`` followed by ``n - 1`` further words
+    of ``source``, the fewest that give N at least 53 significant bits. This is the
+    midpoint of an exact uniform cell of width 2^(-64n) inside the cell ``word`` names.
+
+    Args:
+        word: The radius word, unsigned, below 2**44 (anything in [0, 2**64) works).
+        source: Where further words come from.
+
+    Returns:
+        ln U, accurate to float64 precision (computed from the exact integer).
+    """
+    numerator, words = word, 1
+    while numerator < _FULL_PRECISION:
+        numerator = (numerator << 64) | source.words(1)[0]
+        words += 1
+    # math.log of a Python integer is exact to rounding at any size.
+    return math.log(2 * numerator + 1) - (64 * words + 1) * _LN2
+
+
+@dataclass
+class _Scratch:
+    """Preallocated float64 buffers for one chunk of ``pairs`` normal pairs."""
+
+    pairs: int
+
+    def __post_init__(self) -> None:
+        shape = (self.pairs,)
+        self.values = torch.empty(2 * self.pairs, dtype=torch.float64)
+        self.log_u = torch.empty(shape, dtype=torch.float64)
+        self.other = torch.empty(shape, dtype=torch.float64)
+        self.angle = torch.empty(shape, dtype=torch.float64)
+        self.cosine = torch.empty(shape, dtype=torch.float64)
+        self.half_u_step = torch.tensor(0.5 * _U_STEP, dtype=torch.float64)
+        self.half_angle_step = torch.tensor(0.5 * _ANGLE_STEP, dtype=torch.float64)
+
+
+def _polar(
+    radius_words: torch.Tensor,
+    angle_words: torch.Tensor,
+    source: WordSource,
+    scratch: _Scratch,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Radius, cos θ and sin θ of Box–Muller pairs, in scratch buffers.
+
+    ``angle_words`` is shifted in place. Returns views of ``scratch`` valid until its
+    next use.
+    """
+    count = radius_words.numel()
+    log_u = scratch.log_u[:count]
+    shifted = scratch.other[:count]
+    uniform = scratch.cosine[:count]  # free until the angle step
+    # A signed word s is k - 2^64·[k >= 2^63], so v = (s + ½)·2^-64 is U for k < 2^63
+    # and U - 1 above. U = v - floor(v) rounds once, and that rounding error is exact:
+    # floor(v) is 0 or -1, U + floor(v) is exact (Sterbenz), so e = v - (U + floor(v)).
+    # Then ln U_exact = ln(U + e) = ln U + e/U + O(2^-106). e is 0 below ½; above, using
+    # e for e/U errs by |e|·(1 - U)/U <= 2·|e|·|ln U| <= 2^-53·|ln U|. So ln U keeps
+    # float64's relative precision at both ends with one log and no branch (log1p of
+    # the complement would cost a second transcendental and a select: measured 3x).
+    log_u.copy_(radius_words)  # int64 -> float64 (rounds |s| >= 2^53 to 53 bits)
+    torch.add(scratch.half_u_step, log_u, alpha=_U_STEP, out=log_u)
+    torch.floor(log_u, out=shifted)
+    torch.sub(log_u, shifted, out=uniform)
+    shifted.add_(uniform)
+    log_u.sub_(shifted)  # e
+    torch.log(uniform, out=shifted)
+    log_u.add_(shifted)
+
+    if float(torch.amin(log_u)) < _REFINE_LOG_THRESHOLD:
+        tail = torch.nonzero((radius_words >= 0) & (radius_words < _REFINE_BELOW)).flatten()
+        for index in tail.tolist():
+            log_u[index] = refined_log_uniform(int(radius_words[index]), source)
+
+    radius = log_u.mul_(-2.0).sqrt_()
+    angle = scratch.angle[:count]
+    torch.bitwise_right_shift(angle_words, _ANGLE_SHIFT, out=angle_words)
+    angle.copy_(angle_words)
+    torch.add(scratch.half_angle_step, angle, alpha=_ANGLE_STEP, out=angle)
+    cosine = torch.cos(angle, out=scratch.cosine[:count])
+    sine = angle.sin_()
+    return radius, cosine, sine
+
+
+def normal_pairs_from_words(
+    radius_words: torch.Tensor, angle_words: torch.Tensor, source: WordSource
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The transform alone: Box–Muller with the exact tail on given words.
+
+    The same code as the production path (:func:`add_gaussian_noise_`), exposed so that
+    tests can feed it the extreme words.
+
+    Args:
+        radius_words: int64 words k (two's complement of the unsigned word).
+        angle_words: int64 words j, as many as ``radius_words``; not modified.
+        source: Further words for the tail refinement.
+
+    Returns:
+        ``(z1, z2)``: new float64 tensors of the same length.
+    """
+    if radius_words.shape != angle_words.shape or radius_words.dim() != 1:
+        raise ValueError("radius_words and angle_words must be 1-D of the same length")
+    scratch = _Scratch(max(1, radius_words.numel()))
+    radius, cosine, sine = _polar(
+        radius_words.to(torch.int64), angle_words.to(torch.int64).clone(), source, scratch
+    )
+    return radius * cosine, radius * sine
+
+
+def add_gaussian_noise_(
+    tensors: Sequence[torch.Tensor],
+    std: float,
+    *,
+    key: bytes | None = None,
+    chunk_pairs: int = CHUNK_PAIRS,
+) -> None:
+    """Add independent N(0, std²) noise to every coordinate of each tensor, in place.
+
+    Each value x becomes ``round((x + std·z) / Λ)·Λ`` computed in float64
+    (:func:`snapping_grid`), then converted to the tensor's dtype.
+
+    Args:
+        tensors: Contiguous floating-point CPU tensors; their coordinates are taken in
+            order, as one vector.
+        std: The standard deviation; positive and finite.
+        key: The AES-256 key of the stream. ``None`` (production) reads a fresh one with
+            :func:`fresh_key`; a fixed key makes the output reproducible (tests).
+        chunk_pairs: Normal pairs per chunk (tuning only).
+
+    Raises:
+        ValueError: A tensor is not a contiguous floating-point CPU tensor, ``std`` is
+            not positive and finite, or the key is not 32 bytes.
+    """
+    if not (math.isfinite(std) and std > 0):
+        raise ValueError(f"std must be positive and finite, got {std!r}")
+    flats: list[torch.Tensor] = []
+    for tensor in tensors:
+        if not (tensor.is_floating_point() and tensor.is_contiguous()) or tensor.is_cuda:
+            raise ValueError("noise is added to contiguous floating-point CPU tensors only")
+        if tensor.numel():
+            flats.append(tensor.view(-1))
+    total = sum(flat.numel() for flat in flats)
+    if total == 0:
+        return
+    stream = AesCtrStream(fresh_key() if key is None else key)
+    grid = snapping_grid(std)
+    scratch = _Scratch(min(chunk_pairs, (total + 1) // 2))
+    chunk = 2 * scratch.pairs
+    # Walk the tensors as one vector, chunk by chunk: (tensor, its offset, chunk offset).
+    position = 0
+    tensor_index, tensor_offset = 0, 0
+    while position < total:
+        length = min(chunk, total - position)
+        pieces: list[tuple[torch.Tensor, int, int, int]] = []
+        filled = 0
+        while filled < length:
+            flat = flats[tensor_index]
+            take = min(length - filled, flat.numel() - tensor_offset)
+            pieces.append((flat, tensor_offset, filled, take))
+            filled += take
+            tensor_offset += take
+            if tensor_offset == flat.numel():
+                tensor_index, tensor_offset = tensor_index + 1, 0
+        values = scratch.values[:length]
+        for flat, source_at, at, take in pieces:
+            values[at : at + take].copy_(flat[source_at : source_at + take])
+
+        pairs = (length + 1) // 2
+        words = stream.next_words(2 * pairs)
+        radius, cosine, sine = _polar(words[:pairs], words[pairs:], stream, scratch)
+        first, second = values[:pairs], values[pairs:]
+        torch.addcmul(first, radius, cosine, value=std, out=first)
+        torch.addcmul(
+            second, radius[: length - pairs], sine[: length - pairs], value=std, out=second
+        )
+        # Snap to the grid: scaling by a power of two is exact, so this rounds once.
+        values.mul_(1.0 / grid).round_().mul_(grid)
+
+        for flat, source_at, at, take in pieces:
+            flat[source_at : source_at + take].copy_(values[at : at + take])
+        position += length
