@@ -102,17 +102,19 @@ def test_attainable_radius_is_far_beyond_the_24_bit_cap() -> None:
 
 
 def test_small_radii_keep_their_precision_near_u_equal_one() -> None:
-    # k = 2^64 - 1: U = 1 - 2^-65, E = 2^-65 (to 1e-19 relative), radius 2^-32. A plain
-    # log of U rounded to float64 (1.0) would give radius 0.
+    # k = 2^64 - 1 then a refinement word 2^62: 1 - U = (2^62 + ½)·2^-128, so E = 2^-66
+    # to 1e-19 relative and the radius is 2^-32.5. A plain log of U rounded to float64
+    # (1.0) would give radius 0; 64 bits alone would stop at 2^-32.
+    source = ListSource([1 << 62])
+    z1, _ = normal_pairs_from_words(words_tensor([(1 << 64) - 1]), words_tensor([0]), source)
+    assert source.remaining == []
+    assert float(z1[0]) == pytest.approx(2.0**-32.5, rel=1e-12)
+    # k = 2^64 - 2^45 (not refined): E = -log1p(-(2^45 - ½)·2^-64).
     z1, _ = normal_pairs_from_words(
-        words_tensor([(1 << 64) - 1]), words_tensor([0]), ListSource([])
+        words_tensor([(1 << 64) - (1 << 45)]), words_tensor([0]), ListSource([])
     )
-    assert float(z1[0]) == pytest.approx(2.0**-32, rel=1e-12)
-    # k = 2^64 - 2^20: E = (2^20 - ½)·2^-64 to first order.
-    z1, _ = normal_pairs_from_words(
-        words_tensor([(1 << 64) - (1 << 20)]), words_tensor([0]), ListSource([])
-    )
-    assert float(z1[0]) == pytest.approx(math.sqrt(2 * (2**20 - 0.5) * 2.0**-64), rel=1e-12)
+    expected = math.sqrt(-2 * math.log1p(-(2**45 - 0.5) * 2.0**-64))
+    assert float(z1[0]) == pytest.approx(expected, rel=1e-14)
 
 
 def test_transform_matches_box_muller_computed_exactly_in_python() -> None:
@@ -126,21 +128,27 @@ def test_transform_matches_box_muller_computed_exactly_in_python() -> None:
     angle_words = raw[1000:]
     stream = AesCtrStream(b"\x07" * 32)
     z1, z2 = normal_pairs_from_words(words_tensor(radius_words), words_tensor(angle_words), stream)
+    # The sampler refines the tail words first, then the words next to U = 1, each in
+    # order, drawing further words from the stream after the chunk's.
     replay = AesCtrStream(b"\x07" * 32)
+    log_u = {i: refined_log_uniform(k, replay) for i, k in enumerate(radius_words) if k < 1 << 44}
+    for i, k in enumerate(radius_words):
+        if k >= (1 << 64) - (1 << 44):
+            complement = math.exp(refined_log_uniform((1 << 64) - 1 - k, replay))
+            log_u[i] = math.log1p(-complement)
+        elif k >= 1 << 63:
+            log_u[i] = math.log1p(-((1 << 64) - k - 0.5) * 2.0**-64)
+        elif k >= 1 << 44:
+            log_u[i] = math.log(k + 0.5) - 64 * math.log(2)
     for index, (k, j) in enumerate(zip(radius_words, angle_words, strict=True)):
-        if k < 1 << 44:
-            log_u = refined_log_uniform(k, replay)
-        elif k < 1 << 63:
-            log_u = math.log(k + 0.5) - 64 * math.log(2)
-        else:
-            log_u = math.log1p(-((1 << 64) - k - 0.5) * 2.0**-64)
-        radius = math.sqrt(-2 * log_u)
+        radius = math.sqrt(-2 * log_u[index])
         theta = 2 * math.pi * ((signed(j) >> 11) + 0.5) * 2.0**-53
         for got, want in (
             (z1[index], radius * math.cos(theta)),
             (z2[index], radius * math.sin(theta)),
         ):
-            assert abs(float(got) - want) <= 1e-14 * max(1.0, radius), (index, k, j)
+            # Relative to the radius: small radii (down to 2^-32 here) must be exact too.
+            assert abs(float(got) - want) <= 1e-14 * radius, (index, k, j)
 
 
 def test_conditional_tail_beyond_six_sigma_is_exponential() -> None:

@@ -22,17 +22,23 @@ Transform. Box–Muller (Box and Muller, 1958) in float64 on 64-bit words, with 
 tail. A pair of words (k, j) gives
 
 - ``U = (k + ½)·2⁻⁶⁴``, the midpoint of one of 2⁶⁴ equal cells of (0, 1), and
-  ``E = -ln U ~ Exp(1)``. ``ln U`` is computed as ``log(U)`` for ``k < 2⁶³`` and as
-  ``log1p(-(2⁶⁴ - k - ½)·2⁻⁶⁴)`` above, so that it carries float64's relative precision
-  at both ends (near U = 1 a plain ``log`` would lose the small radii).
+  ``E = -ln U ~ Exp(1)``. ``ln U`` equals ``log1p(-(2⁶⁴ - k - ½)·2⁻⁶⁴)`` for
+  ``k ≥ 2⁶³`` to float64 precision (one ``log`` of U rounded to float64 plus its exact
+  rounding error, see ``_polar``), so it keeps float64's relative precision at both
+  ends (near U = 1 a plain ``log`` of the rounded U would lose the small radii).
 - The tail: for ``k < 2⁴⁴`` (``U < 2⁻²⁰``, radius > 5.27; probability 2⁻²⁰ per pair, a
   few pairs per step of a 7B model's adapter) the cell is refined with further words,
   ``U = (N + ½)·2⁻⁶⁴ⁿ`` with ``N = k·2⁶⁴⁽ⁿ⁻¹⁾ + …`` until N has 53 significant bits,
-  in exact integer arithmetic. U thus has float64's relative precision everywhere, and
-  the attainable radius has no bound but float64's range (a radius word of 0 followed by
-  n zero words gives √(128·(n+1)·ln 2)). torch's float32 ``randn`` (Box–Muller on 24-bit
-  uniforms) stops at 5.77; 64-bit words without refinement would stop at 9.42 and leave
-  the radii above ~6 on a grid coarser than the snapping grid below.
+  in exact integer arithmetic (:func:`refined_log_uniform`). U thus has float64's
+  relative precision everywhere, and the attainable radius has no bound but float64's
+  range (a radius word of 0, n zero words and then w ≥ 2⁵³ give the radius
+  √(2·(64·(n+2)·ln 2 − ln(w + ½)))). torch's float32 ``randn`` (Box–Muller on 24-bit
+  uniforms) stops at 5.77; 64-bit words without refinement would stop at 9.42 and put
+  the radii above 6.7 on a grid 2⁻³⁴ to 0.05 wide. The same refinement applies to
+  ``1 − U < 2⁻²⁰`` (``k ≥ 2⁶⁴ − 2⁴⁴``, radius < 2⁻⁹·⁵), where 64 bits alone would space
+  the smallest radii 2⁻³² apart. After both, a draw z is within ~2⁻⁴⁴·max(1, |z|) of the
+  exact N(0, 1) value of a continuous (U, θ) in the same cells (a coupling), far below
+  the snapping grid.
 - ``θ = 2π·(j' + ½)·2⁻⁵³`` from the top 53 bits ``j'`` of the second word (signed, so
   θ ∈ (-π, π)), and ``z₁ = √(2E)·cos θ``, ``z₂ = √(2E)·sin θ``: two independent N(0, 1).
 
@@ -57,7 +63,6 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -70,18 +75,22 @@ GRID_BITS = 20
 """The snapping grid is the largest power of two <= ``std · 2^-GRID_BITS``."""
 
 CHUNK_PAIRS = 1 << 16
-"""Normal pairs per chunk: the scratch buffers (~4 MiB) stay in cache."""
+"""Normal pairs per chunk: ~4 MiB of scratch, in cache; larger chunks would mean fewer
+intra-op parallel regions but more cache misses (bench/noise.py)."""
 
 _NONCE = bytes(16)  # safe: every key is fresh and drives exactly one keystream
 _WORD_BYTES = 8
 _BLOCK_BYTES = 16
 _TWO_PI = 2.0 * math.pi
+_SQRT2 = math.sqrt(2.0)
 _LN2 = math.log(2.0)
-# Radius words below this are refined exactly (U < 2^-20); see the module docstring.
-_REFINE_BELOW = 1 << 44
-# A chunk whose smallest ln U is above this has no word to refine (a conservative
-# threshold; the exact test on the integer word follows).
-_REFINE_LOG_THRESHOLD = -19.0 * _LN2
+# Radius words k below this (U < 2^-20, radius > 5.27) and above 2^64 minus this
+# (1 - U < 2^-20, radius < 2^-9.5) are refined exactly; see the module docstring.
+_REFINE_WORDS = 1 << 44
+# Chunks whose E = -ln U all lie within these bounds have no word to refine (loose
+# bounds; the exact test on the integer words follows).
+_REFINE_ABOVE = 19.0 * _LN2
+_REFINE_BELOW = 2.0**-19
 # Refinement stops once the cell index has float64's 53 significant bits.
 _FULL_PRECISION = 1 << 53
 _ANGLE_SHIFT = 11  # keep the top 53 bits of the angle word
@@ -187,19 +196,16 @@ def refined_log_uniform(word: int, source: WordSource) -> float:
     return math.log(2 * numerator + 1) - (64 * words + 1) * _LN2
 
 
-@dataclass
 class _Scratch:
     """Preallocated float64 buffers for one chunk of ``pairs`` normal pairs."""
 
-    pairs: int
-
-    def __post_init__(self) -> None:
-        shape = (self.pairs,)
-        self.values = torch.empty(2 * self.pairs, dtype=torch.float64)
-        self.log_u = torch.empty(shape, dtype=torch.float64)
-        self.other = torch.empty(shape, dtype=torch.float64)
-        self.angle = torch.empty(shape, dtype=torch.float64)
-        self.cosine = torch.empty(shape, dtype=torch.float64)
+    def __init__(self, pairs: int) -> None:
+        self.pairs = pairs
+        self.values = torch.empty(2 * pairs, dtype=torch.float64)
+        self.exponential = torch.empty(pairs, dtype=torch.float64)
+        self.other = torch.empty(pairs, dtype=torch.float64)
+        self.angle = torch.empty(pairs, dtype=torch.float64)
+        self.cosine = torch.empty(pairs, dtype=torch.float64)
         self.half_u_step = torch.tensor(0.5 * _U_STEP, dtype=torch.float64)
         self.half_angle_step = torch.tensor(0.5 * _ANGLE_STEP, dtype=torch.float64)
 
@@ -210,44 +216,50 @@ def _polar(
     source: WordSource,
     scratch: _Scratch,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Radius, cos θ and sin θ of Box–Muller pairs, in scratch buffers.
+    """``√E = radius/√2``, cos θ and sin θ of Box–Muller pairs, in scratch buffers.
 
-    ``angle_words`` is shifted in place. Returns views of ``scratch`` valid until its
-    next use.
+    The caller multiplies by √2 (folded into its scale). ``angle_words`` is shifted in
+    place. Returns views of ``scratch`` valid until its next use.
     """
     count = radius_words.numel()
-    log_u = scratch.log_u[:count]
+    exponential = scratch.exponential[:count]
     shifted = scratch.other[:count]
     uniform = scratch.cosine[:count]  # free until the angle step
     # A signed word s is k - 2^64·[k >= 2^63], so v = (s + ½)·2^-64 is U for k < 2^63
     # and U - 1 above. U = v - floor(v) rounds once, and that rounding error is exact:
     # floor(v) is 0 or -1, U + floor(v) is exact (Sterbenz), so e = v - (U + floor(v)).
     # Then ln U_exact = ln(U + e) = ln U + e/U + O(2^-106). e is 0 below ½; above, using
-    # e for e/U errs by |e|·(1 - U)/U <= 2·|e|·|ln U| <= 2^-53·|ln U|. So ln U keeps
+    # e for e/U errs by |e|·(1 - U)/U <= 2·|e|·|ln U| <= 2^-53·|ln U|. So E = -ln U keeps
     # float64's relative precision at both ends with one log and no branch (log1p of
     # the complement would cost a second transcendental and a select: measured 3x).
-    log_u.copy_(radius_words)  # int64 -> float64 (rounds |s| >= 2^53 to 53 bits)
-    torch.add(scratch.half_u_step, log_u, alpha=_U_STEP, out=log_u)
-    torch.floor(log_u, out=shifted)
-    torch.sub(log_u, shifted, out=uniform)
+    exponential.copy_(radius_words)  # int64 -> float64 (rounds |s| >= 2^53 to 53 bits)
+    torch.add(scratch.half_u_step, exponential, alpha=_U_STEP, out=exponential)  # v
+    torch.floor(exponential, out=shifted)
+    torch.sub(exponential, shifted, out=uniform)  # U
     shifted.add_(uniform)
-    log_u.sub_(shifted)  # e
-    torch.log(uniform, out=shifted)
-    log_u.add_(shifted)
+    shifted.sub_(exponential)  # -e
+    torch.log(uniform, out=exponential)
+    torch.sub(shifted, exponential, out=exponential)  # E = -e - ln U
 
-    if float(torch.amin(log_u)) < _REFINE_LOG_THRESHOLD:
-        tail = torch.nonzero((radius_words >= 0) & (radius_words < _REFINE_BELOW)).flatten()
+    smallest, largest = (float(bound) for bound in torch.aminmax(exponential))
+    if largest > _REFINE_ABOVE:  # U < 2^-20: the tail
+        tail = torch.nonzero((radius_words >= 0) & (radius_words < _REFINE_WORDS)).flatten()
         for index in tail.tolist():
-            log_u[index] = refined_log_uniform(int(radius_words[index]), source)
+            exponential[index] = -refined_log_uniform(int(radius_words[index]), source)
+    if smallest < _REFINE_BELOW:  # 1 - U < 2^-20: the smallest radii, refined alike
+        near_one = torch.nonzero((radius_words < 0) & (radius_words >= -_REFINE_WORDS)).flatten()
+        for index in near_one.tolist():
+            complement = math.exp(refined_log_uniform(-int(radius_words[index]) - 1, source))
+            exponential[index] = -math.log1p(-complement)
 
-    radius = log_u.mul_(-2.0).sqrt_()
+    root = exponential.sqrt_()
     angle = scratch.angle[:count]
     torch.bitwise_right_shift(angle_words, _ANGLE_SHIFT, out=angle_words)
     angle.copy_(angle_words)
     torch.add(scratch.half_angle_step, angle, alpha=_ANGLE_STEP, out=angle)
     cosine = torch.cos(angle, out=scratch.cosine[:count])
     sine = angle.sin_()
-    return radius, cosine, sine
+    return root, cosine, sine
 
 
 def normal_pairs_from_words(
@@ -269,10 +281,10 @@ def normal_pairs_from_words(
     if radius_words.shape != angle_words.shape or radius_words.dim() != 1:
         raise ValueError("radius_words and angle_words must be 1-D of the same length")
     scratch = _Scratch(max(1, radius_words.numel()))
-    radius, cosine, sine = _polar(
+    root, cosine, sine = _polar(
         radius_words.to(torch.int64), angle_words.to(torch.int64).clone(), source, scratch
     )
-    return radius * cosine, radius * sine
+    return root * cosine * _SQRT2, root * sine * _SQRT2
 
 
 def add_gaussian_noise_(
@@ -312,6 +324,7 @@ def add_gaussian_noise_(
         return
     stream = AesCtrStream(fresh_key() if key is None else key)
     grid = snapping_grid(std)
+    scale = std * _SQRT2  # z = √2·√E·cos θ
     scratch = _Scratch(min(chunk_pairs, (total + 1) // 2))
     chunk = 2 * scratch.pairs
     # Walk the tensors as one vector, chunk by chunk: (tensor, its offset, chunk offset).
@@ -335,11 +348,11 @@ def add_gaussian_noise_(
 
         pairs = (length + 1) // 2
         words = stream.next_words(2 * pairs)
-        radius, cosine, sine = _polar(words[:pairs], words[pairs:], stream, scratch)
+        root, cosine, sine = _polar(words[:pairs], words[pairs:], stream, scratch)
         first, second = values[:pairs], values[pairs:]
-        torch.addcmul(first, radius, cosine, value=std, out=first)
+        torch.addcmul(first, root, cosine, value=scale, out=first)
         torch.addcmul(
-            second, radius[: length - pairs], sine[: length - pairs], value=std, out=second
+            second, root[: length - pairs], sine[: length - pairs], value=scale, out=second
         )
         # Snap to the grid: scaling by a power of two is exact, so this rounds once.
         values.mul_(1.0 / grid).round_().mul_(grid)
