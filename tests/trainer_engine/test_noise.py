@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from tensafe.trainer.engine.config import AdamConfig, DpConfig
 from tensafe.trainer.engine.noise import (
     KEY_BYTES,
     AesCtrStream,
+    WordSource,
     add_gaussian_noise_,
     normal_pairs_from_words,
     refined_log_uniform,
@@ -45,6 +47,11 @@ class ListSource:
         return taken
 
 
+def one(source: WordSource) -> Callable[[int], WordSource]:
+    """Every pair refines from the same source, in order."""
+    return lambda _pair: source
+
+
 def signed(word: int) -> int:
     """The int64 (two's complement) spelling of an unsigned 64-bit word."""
     return word - (1 << 64) if word >= 1 << 63 else word
@@ -61,16 +68,20 @@ def keystream_words(key: bytes, count: int) -> list[int]:
 
 
 def reference_normals(key: bytes, count: int) -> torch.Tensor:
-    """The unsnapped N(0, 1) values the sampler adds to ``count`` coordinates that fit
-    in one chunk: the first ``p = ceil(count / 2)`` keystream words are radii, the next p
-    angles; z1 fills the first p coordinates and z2 the rest; refinement words, if any,
-    follow the chunk's words."""
+    """The unsnapped N(0, 1) values the sampler adds to ``count`` coordinates: pair p
+    (coordinates 2p, 2p + 1) is made from keystream block p, i.e. words 2p (radius) and
+    2p + 1 (angle), and refines from counter 2^127 + p·2^64."""
     pairs = (count + 1) // 2
     words = keystream_words(key, 2 * pairs)
-    tail = AesCtrStream(key)
-    tail.next_words(2 * pairs)
-    z1, z2 = normal_pairs_from_words(words_tensor(words[:pairs]), words_tensor(words[pairs:]), tail)
-    return torch.cat([z1, z2[: count - pairs]])
+    z1, z2 = normal_pairs_from_words(
+        words_tensor(words[0::2]),
+        words_tensor(words[1::2]),
+        lambda pair: AesCtrStream(key, counter=(1 << 127) + (pair << 64)),
+    )
+    values = torch.empty(count, dtype=torch.float64)
+    values[0::2] = z1
+    values[1::2] = z2[: count // 2]
+    return values
 
 
 # ------------------------------------------------------------------ the transform
@@ -79,16 +90,16 @@ def reference_normals(key: bytes, count: int) -> torch.Tensor:
 def test_attainable_radius_is_far_beyond_the_24_bit_cap() -> None:
     angle_zero = words_tensor([0])  # θ = π·2^-53: cos θ = 1 to 1e-31
     # k = 1: U in (2^-64, 2^-63) after refinement, radius in (9.34, 9.42).
-    z1, _ = normal_pairs_from_words(words_tensor([1]), angle_zero, AesCtrStream(KEY))
+    z1, _ = normal_pairs_from_words(words_tensor([1]), angle_zero, one(AesCtrStream(KEY)))
     assert 9.34 < float(z1[0]) < 9.42
     # k = 0 with the real stream: U < 2^-64, radius > sqrt(128 ln 2) = 9.42.
-    z1, _ = normal_pairs_from_words(words_tensor([0]), angle_zero, AesCtrStream(KEY))
+    z1, _ = normal_pairs_from_words(words_tensor([0]), angle_zero, one(AesCtrStream(KEY)))
     assert float(z1[0]) > math.sqrt(128 * math.log(2))
     # k = 0 followed by two zero words and 2^60: U = (2^60 + ½)·2^-256, the refinement
     # recursed three times; radius sqrt(2·196·ln 2) = 16.48, never reached by a 64-bit
     # uniform (9.42 max) nor by torch's float32 randn (5.77 max).
     source = ListSource([0, 0, 1 << 60])
-    z1, z2 = normal_pairs_from_words(words_tensor([0]), angle_zero, source)
+    z1, z2 = normal_pairs_from_words(words_tensor([0]), angle_zero, one(source))
     assert source.remaining == []
     expected = math.sqrt(-2 * (math.log(2 * (1 << 60) + 1) - 257 * math.log(2)))
     assert float(z1[0]) == pytest.approx(expected, rel=1e-14)
@@ -96,7 +107,7 @@ def test_attainable_radius_is_far_beyond_the_24_bit_cap() -> None:
     assert abs(float(z2[0])) < 1e-14
     # The angle word sets the sign: j' = -2^52 gives θ = -π(1 - 2^-53): z1 = -radius.
     z1, _ = normal_pairs_from_words(
-        words_tensor([0]), torch.tensor([-(1 << 63)]), ListSource([0, 0, 1 << 60])
+        words_tensor([0]), torch.tensor([-(1 << 63)]), one(ListSource([0, 0, 1 << 60]))
     )
     assert float(z1[0]) == pytest.approx(-expected, rel=1e-14)
 
@@ -106,12 +117,12 @@ def test_small_radii_keep_their_precision_near_u_equal_one() -> None:
     # to 1e-19 relative and the radius is 2^-32.5. A plain log of U rounded to float64
     # (1.0) would give radius 0; 64 bits alone would stop at 2^-32.
     source = ListSource([1 << 62])
-    z1, _ = normal_pairs_from_words(words_tensor([(1 << 64) - 1]), words_tensor([0]), source)
+    z1, _ = normal_pairs_from_words(words_tensor([(1 << 64) - 1]), words_tensor([0]), one(source))
     assert source.remaining == []
     assert float(z1[0]) == pytest.approx(2.0**-32.5, rel=1e-12)
     # k = 2^64 - 2^45 (not refined): E = -log1p(-(2^45 - ½)·2^-64).
     z1, _ = normal_pairs_from_words(
-        words_tensor([(1 << 64) - (1 << 45)]), words_tensor([0]), ListSource([])
+        words_tensor([(1 << 64) - (1 << 45)]), words_tensor([0]), one(ListSource([]))
     )
     expected = math.sqrt(-2 * math.log1p(-(2**45 - 0.5) * 2.0**-64))
     assert float(z1[0]) == pytest.approx(expected, rel=1e-14)
@@ -127,9 +138,11 @@ def test_transform_matches_box_muller_computed_exactly_in_python() -> None:
     ]
     angle_words = raw[1000:]
     stream = AesCtrStream(b"\x07" * 32)
-    z1, z2 = normal_pairs_from_words(words_tensor(radius_words), words_tensor(angle_words), stream)
+    z1, z2 = normal_pairs_from_words(
+        words_tensor(radius_words), words_tensor(angle_words), one(stream)
+    )
     # The sampler refines the tail words first, then the words next to U = 1, each in
-    # order, drawing further words from the stream after the chunk's.
+    # order, drawing further words from the source it is given.
     replay = AesCtrStream(b"\x07" * 32)
     log_u = {i: refined_log_uniform(k, replay) for i, k in enumerate(radius_words) if k < 1 << 44}
     for i, k in enumerate(radius_words):
@@ -158,7 +171,9 @@ def test_conditional_tail_beyond_six_sigma_is_exponential() -> None:
     count = 20_000
     raw = keystream_words(b"\x11" * 32, 2 * count)
     radius_words = words_tensor([w >> 26 for w in raw[:count]])
-    z1, z2 = normal_pairs_from_words(radius_words, words_tensor(raw[count:]), AesCtrStream(KEY))
+    z1, z2 = normal_pairs_from_words(
+        radius_words, words_tensor(raw[count:]), one(AesCtrStream(KEY))
+    )
     excess = (z1.square() + z2.square() - 52 * math.log(2)).numpy()
     assert excess.min() > 0
     result = stats.kstest(excess, "expon", args=(0.0, 2.0))
@@ -262,6 +277,17 @@ def test_several_tensors_are_one_vector_and_odd_lengths_work() -> None:
     assert torch.allclose(joined, whole, rtol=1e-7, atol=0)
     assert torch.equal(parts[3], whole[9:])
     assert bool((whole != 0).all())
+
+
+def test_output_depends_on_the_key_alone_not_on_chunks_or_threads() -> None:
+    # Pair p uses keystream block p whatever chunk it falls in, so worker threads may
+    # run chunks in any order and the chunk size is only a speed knob.
+    reference = torch.zeros(75)
+    add_gaussian_noise_([reference], 1.0, key=KEY, threads=1)
+    for chunk_pairs, threads in ((8, 1), (8, 3), (5, 2), (1, 1)):
+        other = torch.zeros(75)
+        add_gaussian_noise_([other], 1.0, key=KEY, chunk_pairs=chunk_pairs, threads=threads)
+        assert torch.equal(reference, other), (chunk_pairs, threads)
 
 
 @pytest.mark.parametrize(

@@ -9,14 +9,15 @@ guarantee.
 Randomness. One 32-byte AES-256 key per call is read from the OS CSPRNG
 (:func:`fresh_key`, ``os.urandom``, i.e. getrandom(2)); the noise is a deterministic
 function of that key and the key is never stored. The stream is the AES-256-CTR
-keystream (NIST SP 800-38A) under a zero nonce: the encryption of an all-zero
-plaintext, read as little-endian 64-bit words. A zero nonce is safe because each key is
-fresh and used for exactly one keystream; a counter block never repeats under one key.
-This is the generate function of CTR_DRBG (NIST SP 800-90A Rev. 1, §10.2.1) without its
-reseed and update steps, which matter only for a long-lived state: here every call is
-seeded anew from the OS and one keystream is far below the 2^48 requests × 2^19 bits a
-CTR_DRBG instance may produce between reseeds. Its security is computational (AES-256
-as a pseudorandom function).
+keystream (NIST SP 800-38A) of that key, the encryption of an all-zero plaintext read as
+little-endian 64-bit words; pair p of the output (coordinates 2p, 2p + 1) takes block
+p and, in the rare case it needs more words, the blocks from counter ``2¹²⁷ + p·2⁶⁴``.
+These ranges are disjoint and every key is fresh, so no counter block is ever encrypted twice under
+one key; starting at a zero counter is therefore safe. This is the generate function of
+CTR_DRBG (NIST SP 800-90A Rev. 1, §10.2.1) without its reseed and update steps, which
+matter only for a long-lived state: here every call is seeded anew from the OS and one
+call is far below the 2^48 requests × 2^19 bits a CTR_DRBG instance may produce between
+reseeds. Its security is computational (AES-256 as a pseudorandom function).
 
 Transform. Box–Muller (Box and Muller, 1958) in float64 on 64-bit words, with an exact
 tail. A pair of words (k, j) gives
@@ -54,15 +55,20 @@ dtype is a function of the snapped value alone (post-processing).
 
 Speed. The transform runs over fixed-size chunks with preallocated scratch buffers and
 ``out=`` torch ops (fresh allocations of large temporaries cost more than the
-arithmetic), on torch's intra-op threads. ``bench/noise.py`` times it against
-``torch.randn``.
+arithmetic). With several torch threads, ``torch.get_num_threads()`` worker threads
+noise disjoint chunks (torch's kernels release the GIL) and chunks are small enough
+that each op runs serially: thousands of small intra-op parallel regions instead would
+each end at an OpenMP barrier, which on a shared machine waits for a descheduled thread
+(measured: 37x randn's time under load, against 1.4x this way).
+``bench/noise.py`` times it against ``torch.randn``.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
 import torch
@@ -74,11 +80,12 @@ KEY_BYTES = 32
 GRID_BITS = 20
 """The snapping grid is the largest power of two <= ``std · 2^-GRID_BITS``."""
 
-CHUNK_PAIRS = 1 << 16
-"""Normal pairs per chunk: ~4 MiB of scratch, in cache; larger chunks would mean fewer
-intra-op parallel regions but more cache misses (bench/noise.py)."""
+# Normal pairs per chunk with several worker threads: every op then works on fewer than
+# torch's intra-op grain of 32,768 elements (serial, no OpenMP barrier); with one thread
+# larger chunks cost less Python per coordinate (bench/noise.py).
+_SERIAL_CHUNK_PAIRS = 16_000
+_LARGE_CHUNK_PAIRS = 1 << 16
 
-_NONCE = bytes(16)  # safe: every key is fresh and drives exactly one keystream
 _WORD_BYTES = 8
 _BLOCK_BYTES = 16
 _TWO_PI = 2.0 * math.pi
@@ -123,34 +130,23 @@ class AesCtrStream:
 
     Args:
         key: 32 bytes; :func:`fresh_key` in production.
+        counter: The initial 128-bit counter block (big-endian): the number of 16-byte
+            blocks of the key's stream to skip. Users of one key take disjoint ranges.
 
     Raises:
         ValueError: The key is not 32 bytes.
     """
 
-    def __init__(self, key: bytes) -> None:
+    def __init__(self, key: bytes, *, counter: int = 0) -> None:
         if len(key) != KEY_BYTES:
             raise ValueError(f"key must be {KEY_BYTES} bytes, got {len(key)}")
-        self._encryptor = Cipher(algorithms.AES(key), modes.CTR(_NONCE)).encryptor()
-        self._capacity = 0
-        self._zeros = b""
-        self._raw = bytearray(0)
-        self._view = torch.empty(0, dtype=torch.int64)
+        initial_block = counter.to_bytes(_BLOCK_BYTES, "big")
+        self._encryptor = Cipher(algorithms.AES(key), modes.CTR(initial_block)).encryptor()
 
-    def next_words(self, count: int) -> torch.Tensor:
-        """The next ``count`` words as a signed int64 tensor (two's complement).
-
-        The tensor is a view of an internal buffer that the next call overwrites.
-        """
-        if count > self._capacity:
-            self._capacity = count
-            self._zeros = bytes(count * _WORD_BYTES)
-            # update_into wants block size - 1 spare bytes after the output.
-            self._raw = bytearray(count * _WORD_BYTES + _BLOCK_BYTES - 1)
-            self._view = torch.frombuffer(self._raw, dtype=torch.int64, count=count)
-        length = count * _WORD_BYTES
-        self._encryptor.update_into(memoryview(self._zeros)[:length], self._raw)
-        return self._view[:count]
+    def keystream_into(self, zeros: memoryview, out: bytearray) -> None:
+        """Write the next ``len(zeros)`` keystream bytes to the start of ``out`` (which
+        must have 15 bytes more): the encryption of ``zeros``, which must be zero."""
+        self._encryptor.update_into(zeros, out)
 
     def words(self, count: int) -> list[int]:
         """The next ``count`` words as unsigned integers (see :class:`WordSource`)."""
@@ -208,12 +204,21 @@ class _Scratch:
         self.cosine = torch.empty(pairs, dtype=torch.float64)
         self.half_u_step = torch.tensor(0.5 * _U_STEP, dtype=torch.float64)
         self.half_angle_step = torch.tensor(0.5 * _ANGLE_STEP, dtype=torch.float64)
+        self._zeros = bytes(2 * pairs * _WORD_BYTES)
+        # update_into wants block size - 1 spare bytes after the output.
+        self._raw = bytearray(2 * pairs * _WORD_BYTES + _BLOCK_BYTES - 1)
+        self._words = torch.frombuffer(self._raw, dtype=torch.int64, count=2 * pairs)
+
+    def keystream(self, stream: AesCtrStream, count: int) -> torch.Tensor:
+        """The next ``count`` words of ``stream`` as int64, in this scratch's buffer."""
+        stream.keystream_into(memoryview(self._zeros)[: count * _WORD_BYTES], self._raw)
+        return self._words[:count]
 
 
 def _polar(
     radius_words: torch.Tensor,
     angle_words: torch.Tensor,
-    source: WordSource,
+    sources: Callable[[int], WordSource],
     scratch: _Scratch,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``√E = radius/√2``, cos θ and sin θ of Box–Muller pairs, in scratch buffers.
@@ -245,11 +250,12 @@ def _polar(
     if largest > _REFINE_ABOVE:  # U < 2^-20: the tail
         tail = torch.nonzero((radius_words >= 0) & (radius_words < _REFINE_WORDS)).flatten()
         for index in tail.tolist():
-            exponential[index] = -refined_log_uniform(int(radius_words[index]), source)
+            exponential[index] = -refined_log_uniform(int(radius_words[index]), sources(index))
     if smallest < _REFINE_BELOW:  # 1 - U < 2^-20: the smallest radii, refined alike
         near_one = torch.nonzero((radius_words < 0) & (radius_words >= -_REFINE_WORDS)).flatten()
         for index in near_one.tolist():
-            complement = math.exp(refined_log_uniform(-int(radius_words[index]) - 1, source))
+            word = -int(radius_words[index]) - 1
+            complement = math.exp(refined_log_uniform(word, sources(index)))
             exponential[index] = -math.log1p(-complement)
 
     root = exponential.sqrt_()
@@ -263,7 +269,9 @@ def _polar(
 
 
 def normal_pairs_from_words(
-    radius_words: torch.Tensor, angle_words: torch.Tensor, source: WordSource
+    radius_words: torch.Tensor,
+    angle_words: torch.Tensor,
+    sources: Callable[[int], WordSource],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The transform alone: Box–Muller with the exact tail on given words.
 
@@ -273,7 +281,8 @@ def normal_pairs_from_words(
     Args:
         radius_words: int64 words k (two's complement of the unsigned word).
         angle_words: int64 words j, as many as ``radius_words``; not modified.
-        source: Further words for the tail refinement.
+        sources: The source of further words for pair i's refinement, if it needs one
+            (the sampler gives each pair its own range of the key's stream).
 
     Returns:
         ``(z1, z2)``: new float64 tensors of the same length.
@@ -282,7 +291,7 @@ def normal_pairs_from_words(
         raise ValueError("radius_words and angle_words must be 1-D of the same length")
     scratch = _Scratch(max(1, radius_words.numel()))
     root, cosine, sine = _polar(
-        radius_words.to(torch.int64), angle_words.to(torch.int64).clone(), source, scratch
+        radius_words.to(torch.int64), angle_words.to(torch.int64).clone(), sources, scratch
     )
     return root * cosine * _SQRT2, root * sine * _SQRT2
 
@@ -292,7 +301,8 @@ def add_gaussian_noise_(
     std: float,
     *,
     key: bytes | None = None,
-    chunk_pairs: int = CHUNK_PAIRS,
+    chunk_pairs: int | None = None,
+    threads: int | None = None,
 ) -> None:
     """Add independent N(0, std²) noise to every coordinate of each tensor, in place.
 
@@ -305,7 +315,13 @@ def add_gaussian_noise_(
         std: The standard deviation; positive and finite.
         key: The AES-256 key of the stream. ``None`` (production) reads a fresh one with
             :func:`fresh_key`; a fixed key makes the output reproducible (tests).
-        chunk_pairs: Normal pairs per chunk (tuning only).
+        chunk_pairs: Normal pairs per chunk (a speed knob: the output does not depend on
+            it nor on ``threads``). ``None``: with several threads, chunks small enough
+            that every torch op runs serially on its worker (below torch's intra-op
+            grain of 32,768 elements, so no OpenMP barrier); with one, larger chunks
+            (less Python overhead).
+        threads: Worker threads, each noising its own chunks (torch releases the GIL
+            in its kernels); ``None`` uses ``torch.get_num_threads()``.
 
     Raises:
         ValueError: A tensor is not a contiguous floating-point CPU tensor, ``std`` is
@@ -322,41 +338,88 @@ def add_gaussian_noise_(
     total = sum(flat.numel() for flat in flats)
     if total == 0:
         return
-    stream = AesCtrStream(fresh_key() if key is None else key)
-    grid = snapping_grid(std)
-    scale = std * _SQRT2  # z = √2·√E·cos θ
-    scratch = _Scratch(min(chunk_pairs, (total + 1) // 2))
-    chunk = 2 * scratch.pairs
-    # Walk the tensors as one vector, chunk by chunk: (tensor, its offset, chunk offset).
-    position = 0
-    tensor_index, tensor_offset = 0, 0
-    while position < total:
-        length = min(chunk, total - position)
-        pieces: list[tuple[torch.Tensor, int, int, int]] = []
-        filled = 0
-        while filled < length:
-            flat = flats[tensor_index]
-            take = min(length - filled, flat.numel() - tensor_offset)
-            pieces.append((flat, tensor_offset, filled, take))
+    secret = fresh_key() if key is None else key
+    if len(secret) != KEY_BYTES:
+        raise ValueError(f"key must be {KEY_BYTES} bytes, got {len(secret)}")
+    workers = torch.get_num_threads() if threads is None else threads
+    if chunk_pairs is None:
+        chunk_pairs = _SERIAL_CHUNK_PAIRS if workers > 1 else _LARGE_CHUNK_PAIRS
+    pairs = min(chunk_pairs, (total + 1) // 2)
+    chunks = _chunks(flats, 2 * pairs)
+    noiser = _ChunkNoiser(secret, pairs, std)
+    workers = min(workers, len(chunks))
+    if workers <= 1:
+        scratch = _Scratch(pairs)
+        for index, pieces in enumerate(chunks):
+            noiser.run(index, pieces, scratch)
+        return
+
+    def work(first: int) -> None:
+        scratch = _Scratch(pairs)
+        for index in range(first, len(chunks), workers):
+            noiser.run(index, chunks[index], scratch)
+
+    with ThreadPoolExecutor(workers, thread_name_prefix="dp-noise") as pool:
+        for done in [pool.submit(work, first) for first in range(workers)]:
+            done.result()
+
+
+_Piece = tuple[torch.Tensor, int, int, int]  # (flat tensor, its offset, chunk offset, length)
+
+
+def _chunks(flats: list[torch.Tensor], chunk: int) -> list[list[_Piece]]:
+    """Cut the tensors, taken as one vector, into chunks of ``chunk`` coordinates."""
+    chunks: list[list[_Piece]] = []
+    pieces: list[_Piece] = []
+    filled = 0
+    for flat in flats:
+        offset = 0
+        while offset < flat.numel():
+            take = min(chunk - filled, flat.numel() - offset)
+            pieces.append((flat, offset, filled, take))
             filled += take
-            tensor_offset += take
-            if tensor_offset == flat.numel():
-                tensor_index, tensor_offset = tensor_index + 1, 0
+            offset += take
+            if filled == chunk:
+                chunks.append(pieces)
+                pieces, filled = [], 0
+    if pieces:
+        chunks.append(pieces)
+    return chunks
+
+
+class _ChunkNoiser:
+    """Noises one chunk; chunks are independent, so threads may run them in any order.
+
+    Pair p (coordinates 2p and 2p + 1 of the vector) is made from keystream block p (its
+    radius and angle words) and, if it needs refining, from the stream at counter
+    ``2^127 + p·2^64``: disjoint ranges of one key's CTR stream, so the output depends
+    on the key alone, not on the chunking or the threads.
+    """
+
+    def __init__(self, key: bytes, pairs: int, std: float) -> None:
+        self._key = key
+        self._pairs = pairs
+        self._grid = snapping_grid(std)
+        self._scale = std * _SQRT2  # z = √2·√E·cos θ
+
+    def run(self, index: int, pieces: list[_Piece], scratch: _Scratch) -> None:
+        length = sum(piece[3] for piece in pieces)
         values = scratch.values[:length]
         for flat, source_at, at, take in pieces:
             values[at : at + take].copy_(flat[source_at : source_at + take])
-
         pairs = (length + 1) // 2
-        words = stream.next_words(2 * pairs)
-        root, cosine, sine = _polar(words[:pairs], words[pairs:], stream, scratch)
-        first, second = values[:pairs], values[pairs:]
-        torch.addcmul(first, root, cosine, value=scale, out=first)
-        torch.addcmul(
-            second, root[: length - pairs], sine[: length - pairs], value=scale, out=second
-        )
-        # Snap to the grid: scaling by a power of two is exact, so this rounds once.
-        values.mul_(1.0 / grid).round_().mul_(grid)
+        first_pair = index * self._pairs
+        words = scratch.keystream(AesCtrStream(self._key, counter=first_pair), 2 * pairs)
 
+        def sources(pair: int) -> WordSource:
+            return AesCtrStream(self._key, counter=(1 << 127) + ((first_pair + pair) << 64))
+
+        root, cosine, sine = _polar(words[0::2], words[1::2], sources, scratch)
+        even, odd = values[0::2], values[1::2]
+        torch.addcmul(even, root, cosine, value=self._scale, out=even)
+        rest = length // 2
+        torch.addcmul(odd, root[:rest], sine[:rest], value=self._scale, out=odd)
+        # Snap to the grid: scaling by a power of two is exact, so this rounds once.
+        values.mul_(1.0 / self._grid).round_().mul_(self._grid)
         for flat, source_at, at, take in pieces:
             flat[source_at : source_at + take].copy_(values[at : at + take])
-        position += length
