@@ -15,6 +15,12 @@ Variants:
   dp_gram       the same with Gram-matrix (ghost) norms forced.
   opacus_hooks  Opacus GradSampleModule + DPOptimizer(AdamW) on the same peft model.
 
+The dp_* rows draw their noise through the engine, i.e. with
+``tensafe.trainer.engine.noise.add_gaussian_noise_`` (AES-256-CTR, exact-tail float64
+Box–Muller, snapped); ``bench/noise.py`` times that sampler alone against
+``torch.randn`` on a 7B model's 16.8M LoRA coordinates. Opacus's row uses torch's
+``normal`` (its secure_mode needs torchcsprng), so it is not the same noise.
+
 Usage: python bench/dp_step.py [--batches 16 64] [--rounds 9] [--threads 1]
 """
 

@@ -28,13 +28,11 @@ Non-DP mode (``dp=None``) is explicit: plain backward of the summed loss and Ada
 the same normalised sum, so a DP step with zero noise and a clipping bound no example
 reaches equals the non-DP step.
 
-Noise randomness. Opacus's ``secure_mode`` draws noise from ``torchcsprng``, which is
-not available for this torch version. Instead every step seeds a fresh
-``torch.Generator`` with 64 bits from ``os.urandom`` (via :mod:`secrets`), so noise is
-unpredictable and never repeats across steps, restarts or workers. The generator itself
-(Mersenne Twister) and floating-point sampling are not a cryptographic construction;
-the known floating-point attacks on the Gaussian/Laplace mechanism (Mironov, 2012) are
-not mitigated.
+Noise randomness (:mod:`.noise`, docs/privacy.md "Noise"). The noise of a step is
+AES-256-CTR keystream under a fresh 32-byte key from ``os.urandom``, turned into
+N(0, 1) by float64 Box–Muller with an exact tail (no bound on |z| but float64's range;
+torch's float32 ``randn`` stops at 5.77), added in float64 and snapped to a power-of-two
+grid of about 2^-20 of the noise std against floating-point attacks (Mironov, 2012).
 
 Thread safety: an engine is used by one thread at a time.
 """
@@ -45,7 +43,6 @@ import enum
 import hashlib
 import json
 import math
-import secrets
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -73,6 +70,7 @@ from .losses import (
     validate_batch,
     validate_token_sequences,
 )
+from .noise import add_gaussian_noise_
 from .state import decode_state, encode_state
 
 # peft's name for the single adapter an engine trains.
@@ -479,13 +477,7 @@ class LoraTrainingEngine:
         noise_std = 0.0
         if self._dp is not None and self._dp.noise_std > 0:
             noise_std = self._dp.noise_std
-            generator = torch.Generator(device="cpu")
-            generator.manual_seed(secrets.randbits(64))
-            for gradient in gradients.values():
-                gradient.add_(
-                    torch.randn(gradient.shape, generator=generator, dtype=gradient.dtype),
-                    alpha=noise_std,
-                )
+            add_gaussian_noise_(list(gradients.values()), noise_std)
 
         if noisy_sum_observer is not None:
             noisy_sum_observer(gradients)
