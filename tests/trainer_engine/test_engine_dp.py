@@ -173,9 +173,9 @@ def test_dp_noise_is_added_to_the_clipped_sum_once_per_step(
 ) -> None:
     engine = make_engine(dp=DpConfig(noise_multiplier=1.0, max_grad_norm=0.5))
     randomise_adapter(engine, seed=9)
-    batch, inputs = cross_entropy_batch(corpus_sequences[:8])
-    engine.forward_backward(batch, "cross_entropy", inputs)
-    engine.forward_backward(batch, "cross_entropy", inputs)
+    for part in (corpus_sequences[:8], corpus_sequences[8:16]):
+        batch, inputs = cross_entropy_batch(part)
+        engine.forward_backward(batch, "cross_entropy", inputs)
     clipped_sum = engine.pending_gradient_sum()
     before = engine.adapter_tensors()
     result = engine.optim_step(_linear_adam())
@@ -248,7 +248,8 @@ def test_ppo_with_zero_advantages_gives_zero_gradient(
     # ratio is e^0.3 > 1.2, so a positive advantage would be clipped (zero gradient);
     # a negative one takes the unclipped branch.
     inputs[0]["advantages"] = [-1.0] * len(sampler_logprobs[0])
-    engine.forward_backward(batch, "ppo", inputs)
+    # Only the changed datum: the other five would be the same data twice in one step.
+    engine.forward_backward(batch[:1], "ppo", inputs[:1])
     assert any(float(v.abs().max()) > 0 for v in engine.pending_gradient_sum().values())
 
 

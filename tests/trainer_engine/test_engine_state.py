@@ -70,12 +70,24 @@ def test_state_for_another_configuration_is_refused_and_changes_nothing(
     make_engine: EngineFactory, corpus_sequences: list[list[int]]
 ) -> None:
     dp_engine = make_engine(dp=DpConfig(noise_multiplier=1.0, max_grad_norm=1.0))
-    checkpoint = dp_engine.state_dict()
-    for target in (
-        make_engine(dp=None),
-        make_engine(dp=DpConfig(noise_multiplier=1.0, max_grad_norm=1.0), rank=4),
-        make_engine(dp=DpConfig(noise_multiplier=2.0, max_grad_norm=1.0)),
-    ):
+    between_steps = dp_engine.state_dict()
+    sequence = corpus_sequences[0]
+    dp_engine.forward_backward(
+        [sequence[:-1]],
+        "cross_entropy",
+        [{"target_tokens": sequence[1:], "weights": [1.0] * (len(sequence) - 1)}],
+    )
+    mid_step = dp_engine.state_dict()
+    # Another LoRA shape never loads; other DP settings load only between steps (the
+    # weights carry over and the privacy ledger follows them; a sum clipped under
+    # other settings does not).
+    refused = [
+        (make_engine(dp=DpConfig(noise_multiplier=1.0, max_grad_norm=1.0), rank=4), between_steps)
+    ]
+    for dp in (None, DpConfig(noise_multiplier=2.0, max_grad_norm=1.0)):
+        refused.append((make_engine(dp=dp), mid_step))
+        make_engine(dp=dp).load_state(between_steps)
+    for target, checkpoint in refused:
         before = target.state_dict()
         with pytest.raises(InvalidArgument) as raised:
             target.load_state(checkpoint)
