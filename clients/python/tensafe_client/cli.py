@@ -49,7 +49,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
     for name, address in services.items():
         print(f"  {name:<11} {address}")
     print(f"  {'nats':<11} {connection['nats_url']}")
-    print(f"  {'tinker api':<11} {connection['tinker_base_url']}  (TINKER_BASE_URL; docs/tinker.md)")
+    print(f"  {'tinker api':<11} {connection['tinker_base_url']}  (TINKER_BASE_URL)")
     print(f"connection file: {stack.connection_file}", flush=True)
     tls = connection.get("tls")
     if isinstance(tls, dict):
