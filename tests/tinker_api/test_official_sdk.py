@@ -220,7 +220,7 @@ def test_revoked_credential_is_refused(stack: Stack, monkeypatch: pytest.MonkeyP
 
 
 def test_unknown_route_has_the_sdks_error_shape(tinker_env: Stack) -> None:
-    rest = tinker.ServiceClient().create_rest_client()
+    rest = tinker.RestClient()
     with pytest.raises(tinker.NotFoundError) as missing:
         rest.list_training_runs().result()
     assert isinstance(missing.value.body, dict)
