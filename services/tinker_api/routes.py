@@ -222,11 +222,11 @@ class TinkerRoutes:
         targets = await self._lora_targets(token, base_model, lora)
         message = pb.CreateTrainingClientRequest(
             base_model=base_model,
-            lora=pb.LoraConfig(rank=rank, seed=int(lora.get("seed") or 0), target_modules=targets),
+            lora=pb.LoraConfig(
+                rank=rank, seed=serde.integer(lora, "seed", 0), target_modules=targets
+            ),
             dp=privacy.dp_config(self._config, user_metadata),
         )
-        if not message.HasField("dp"):
-            message.ClearField("dp")
         message.request_id = serde.idempotency_key(
             "create_model",
             str(body.get("session_id", "")),
@@ -334,7 +334,7 @@ class TinkerRoutes:
         adam = body.get("adam_params")
         if not isinstance(adam, dict):
             raise InvalidArgument("adam_params", "is required")
-        if float(adam.get("grad_clip_norm") or 0.0) != 0.0:
+        if serde.number(adam, "grad_clip_norm", 0.0) != 0.0:
             raise InvalidArgument(
                 "adam_params.grad_clip_norm",
                 "must be 0: under DP every example's gradient is clipped to the training "
@@ -344,10 +344,10 @@ class TinkerRoutes:
             training_client_id=model_id,
             adam_params=pb.AdamParams(
                 learning_rate=serde.field(adam, "learning_rate", float),
-                beta1=float(adam.get("beta1", 0.9)),
-                beta2=float(adam.get("beta2", 0.95)),
-                eps=float(adam.get("eps", 1e-12)),
-                weight_decay=float(adam.get("weight_decay", 0.0)),
+                beta1=serde.number(adam, "beta1", 0.9),
+                beta2=serde.number(adam, "beta2", 0.95),
+                eps=serde.number(adam, "eps", 1e-12),
+                weight_decay=serde.number(adam, "weight_decay", 0.0),
             ),
         )
         future_id = await self._submitted(
@@ -530,13 +530,13 @@ def _sampling_params(params: Any) -> pb.SamplingParams:
     max_tokens = params.get("max_tokens")
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
         raise InvalidArgument("sampling_params.max_tokens", "must be an integer >= 1")
-    top_k = int(params.get("top_k", -1))
+    top_k = serde.integer(params, "top_k", -1)
     message = pb.SamplingParams(
         max_tokens=max_tokens,
-        temperature=float(params.get("temperature", 1.0)),
+        temperature=serde.number(params, "temperature", 1.0),
         top_k=0 if top_k < 0 else top_k,
-        top_p=float(params.get("top_p", 1.0)),
-        seed=int(params.get("seed") or 0),
+        top_p=serde.number(params, "top_p", 1.0),
+        seed=serde.integer(params, "seed", 0),
     )
     stop = params.get("stop")
     if isinstance(stop, str):

@@ -106,6 +106,22 @@ def field(body: Mapping[str, Any], name: str, kind: type, *, required: bool = Tr
     return value
 
 
+def number(body: Mapping[str, Any], name: str, default: float) -> float:
+    """``body[name]`` as a finite float, ``default`` when absent."""
+    value = field(body, name, float, required=False)
+    if value is None:
+        return default
+    if not math.isfinite(value):
+        raise InvalidArgument(name, "must be finite")
+    return float(value)
+
+
+def integer(body: Mapping[str, Any], name: str, default: int) -> int:
+    """``body[name]`` as an int, ``default`` when absent."""
+    value = field(body, name, int, required=False)
+    return default if value is None else int(value)
+
+
 def tokens_of(field_name: str, model_input: Any) -> list[int]:
     """The token ids of a JSON ``ModelInput`` (text chunks only)."""
     if not isinstance(model_input, Mapping) or not isinstance(model_input.get("chunks"), list):
