@@ -33,14 +33,16 @@ class Stack:
     def base_url(self) -> str:
         return str(self.connection["tinker_base_url"])
 
-    def credential_cmd(self, tenant: TenantCredentials) -> str:
-        """`tensafe token` for a tenant's API key (the module form of the console script)."""
+    def credential_cmd(self, tenant: TenantCredentials, *, whole_cli: bool = False) -> str:
+        """`tensafe token` for a tenant's API key: the console script's module with
+        ``whole_cli``, else the token command's own module (the same code without the
+        rest of the CLI's imports, seconds faster; the SDK runs it at every refresh)."""
+        entry = ["tensafe.client.cli", "token"] if whole_cli else ["tensafe.client.token_cli"]
         return shlex.join(
             [
                 sys.executable,
                 "-m",
-                "tensafe.client.cli",
-                "token",
+                *entry,
                 "--connection-file",
                 str(self.local.connection_file),
                 "--api-key",

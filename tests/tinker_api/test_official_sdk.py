@@ -73,7 +73,13 @@ def _jwt_for(stack: Stack, api_key: str) -> str:
         )
 
 
-def test_train_sample_save_load_with_dp_by_default(tinker_env: Stack) -> None:
+def test_train_sample_save_load_with_dp_by_default(
+    tinker_env: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The documented set-up, exactly: TINKER_CREDENTIAL_CMD runs `tensafe token`.
+    monkeypatch.setenv(
+        "TINKER_CREDENTIAL_CMD", tinker_env.credential_cmd(tinker_env.tenant, whole_cli=True)
+    )
     service = tinker.ServiceClient()
     training = service.create_lora_training_client(
         base_model=BASE_MODEL, rank=4, user_metadata={"tensafe.dp.noise_multiplier": "1.0"}

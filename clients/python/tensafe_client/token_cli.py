@@ -82,3 +82,17 @@ def run(args: argparse.Namespace) -> int:
             return 2
     print(response.access_token)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m tensafe.client.token_cli``: ``tensafe token`` without loading the rest of
+    the CLI (which imports torch): the form to use where the SDK runs it often."""
+    parser = argparse.ArgumentParser(prog="tensafe")
+    sub = parser.add_subparsers(dest="command", required=True)
+    register(sub)
+    args = parser.parse_args(["token", *(sys.argv[1:] if argv is None else argv)])
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
