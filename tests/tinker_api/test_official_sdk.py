@@ -16,6 +16,7 @@ import pytest
 import tinker
 from dp_accounting.rdp import rdp_privacy_accountant
 from tinker import types
+from tinker.lib.client_connection_pool_type import ClientConnectionPoolType
 
 from tensafe.client.auth import TokenProvider, authenticated_channel, find_api_key
 from tensafe.client.channels import open_channel
@@ -52,6 +53,18 @@ def _one_step_epsilons(sigma: float, steps: int) -> list[float]:
         accountant.compose(dp_accounting.GaussianDpEvent(sigma), n)
         out.append(accountant.get_epsilon(DELTA))
     return out
+
+
+def _raw_get_info(training: tinker.TrainingClient) -> dict[str, object]:
+    """get_info's JSON, through the SDK's own HTTP client (auth, retries and all)."""
+    holder = training.holder
+
+    async def fetch() -> dict[str, object]:
+        with holder.aclient(ClientConnectionPoolType.TRAIN) as client:
+            body = {"model_id": training.model_id}
+            return await client.post("/api/v1/get_info", body=body, cast_to=dict)
+
+    return holder.run_coroutine_threadsafe(fetch()).result()
 
 
 def _admin_auth(stack: Stack) -> tuple[grpc.Channel, auth_service_pb2_grpc.AuthServiceStub]:
@@ -155,6 +168,11 @@ def test_budget_refusal_reaches_the_sdk(tinker_env: Stack) -> None:
     first = training.optim_step(types.AdamParams(learning_rate=1e-3)).result()
     assert first.metrics is not None
     assert first.metrics["dp/epsilon"] < budget < epsilons[1]
+    # get_info's JSON says the same (the SDK's typed GetInfoResponse drops the block).
+    privacy = _raw_get_info(training)["privacy"]
+    assert privacy["private"] is True and privacy["steps"] == 1
+    assert privacy["epsilon"] == pytest.approx(first.metrics["dp/epsilon"])
+    assert privacy["epsilon_budget"] == pytest.approx(budget)
     training.forward_backward(batch, "cross_entropy").result()
     with pytest.raises(tinker.BadRequestError) as refused:
         training.optim_step(types.AdamParams(learning_rate=1e-3)).result()
