@@ -243,8 +243,10 @@ def test_revoked_credential_is_refused(stack: Stack, monkeypatch: pytest.MonkeyP
     assert "revoked" in str(refused.value)
 
 
-def test_unknown_route_has_the_sdks_error_shape(tinker_env: Stack) -> None:
+def test_capabilities_and_an_unknown_route_in_the_sdks_error_shape(tinker_env: Stack) -> None:
     rest = tinker.RestClient()
+    capabilities = rest.get_server_capabilities().result()
+    assert [m.model_name for m in capabilities.supported_models] == [BASE_MODEL]
     with pytest.raises(tinker.NotFoundError) as missing:
         rest.list_training_runs().result()
     assert isinstance(missing.value.body, dict)
