@@ -130,6 +130,7 @@ class Backend:
             pb.LoadStateRequest: self._trainer.LoadState,
             pb.SaveWeightsForSamplerRequest: self._trainer.SaveWeightsForSampler,
             pb.SampleRequest: self._trainer.Sample,
+            pb.ComputeLogprobsRequest: self._trainer.ComputeLogprobs,
         }
         method = methods.get(type(request))
         if method is None:  # a programming error, not a caller's

@@ -445,7 +445,6 @@ class TinkerRoutes:
         body = await self._body(request)
         token = _token(request)
         for unsupported in (
-            "prompt_logprobs",
             "record_stability_info",
             "target_prompt_logprobs",
             "prompt_logprobs_last_n",
@@ -478,6 +477,19 @@ class TinkerRoutes:
         )
         scope = str(body.get("sampling_session_id") or model_path)
         future_id = await self._submitted(token, message, "sample", scope, body.get("seq_id"))
+        if body.get("prompt_logprobs"):
+            # compute_logprobs: the trainer scores the prompt in a second future; the
+            # request id names both, so nothing needs remembering.
+            scoring = pb.ComputeLogprobsRequest(model_path=model_path, sequences=[message.prompt])
+            scoring_id = await self._submitted(
+                token, scoring, "compute_logprobs", scope, body.get("seq_id")
+            )
+            return _json(
+                {
+                    "request_id": serde.paired_request_id(future_id, scoring_id),
+                    "sample_sequence_ids": [f"{future_id}.{i}" for i in range(num_samples)],
+                }
+            )
         return _json(
             {
                 "request_id": future_id,
@@ -496,15 +508,14 @@ class TinkerRoutes:
             model_id = request_id[len(serde.CREATED_PREFIX) :]
             client = await self._backend.get_training_client(model_id, token)
             return _json({"type": "create_model", "model_id": client.id})
+        paired = serde.split_paired_request_id(request_id)
+        if paired is not None:
+            return await self._retrieve_sample_with_prompt_logprobs(token, request_id, *paired)
         future = await self._backend.wait_future(
             request_id, token, self._config.tinker_retrieve_wait_seconds
         )
-        if future.status in (common_pb2.FUTURE_STATUS_PENDING, common_pb2.FUTURE_STATUS_RUNNING):
-            # 408: the SDK retries at once (a 200 try-again would also log a warning).
-            return _json(
-                {"type": "try_again", "request_id": request_id, "queue_state": "active"},
-                status=408,
-            )
+        if not _done(future):
+            return _try_again(request_id)
         if future.status != common_pb2.FUTURE_STATUS_SUCCEEDED:
             code, message = future_error(future)
             return _json(errors.failed_future_body(code, message))
@@ -516,11 +527,50 @@ class TinkerRoutes:
             raise TenSafeError(f"future {request_id} has a result this API does not translate")
         return _json(result)
 
+    async def _retrieve_sample_with_prompt_logprobs(
+        self, token: str, request_id: str, sample_id: str, scoring_id: str
+    ) -> web.Response:
+        """Both futures of a sample with prompt logprobs, as one SampleResponse."""
+        wait = self._config.tinker_retrieve_wait_seconds
+        futures = []
+        for future_id in (sample_id, scoring_id):
+            future = await self._backend.wait_future(future_id, token, wait / 2)
+            if not _done(future):
+                return _try_again(request_id)
+            if future.status != common_pb2.FUTURE_STATUS_SUCCEEDED:
+                code, message = future_error(future)
+                return _json(errors.failed_future_body(code, message))
+            futures.append(future)
+        sample, scores = pb.SampleResult(), pb.ComputeLogprobsResult()
+        futures[0].result.Unpack(sample)
+        futures[1].result.Unpack(scores)
+        return web.Response(
+            body=serde.sample_response(sample, prompt_logprobs=scores.sequences[0]),
+            content_type=PROTOBUF,
+        )
+
     async def cancel_future(self, request: web.Request) -> web.Response:
         """Cancel an abandoned sample."""
         body = await self._body(request)
-        await self._backend.cancel_future(serde.field(body, "request_id", str), _token(request))
+        token = _token(request)
+        request_id = serde.field(body, "request_id", str)
+        for future_id in serde.split_paired_request_id(request_id) or (request_id,):
+            await self._backend.cancel_future(future_id, token)
         return _json({})
+
+
+def _done(future: common_pb2.Future) -> bool:
+    return future.status not in (
+        common_pb2.FUTURE_STATUS_PENDING,
+        common_pb2.FUTURE_STATUS_RUNNING,
+    )
+
+
+def _try_again(request_id: str) -> web.Response:
+    """408 try-again: the SDK retries at once (a 200 try-again would also log a warning)."""
+    return _json(
+        {"type": "try_again", "request_id": request_id, "queue_state": "active"}, status=408
+    )
 
 
 def _sampling_params(params: Any) -> pb.SamplingParams:

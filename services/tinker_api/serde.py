@@ -24,6 +24,8 @@ from tensafe.tinker_api.wire import tinker_public_pb2 as wire
 
 TINKER_SCHEME = "tinker://"
 TENSAFE_SCHEME = "tensafe://"
+PAIRED_PREFIX = "lp."
+"""Request id of a sample with prompt logprobs: ``lp.<sample future>.<scoring future>``."""
 CREATED_PREFIX = "created."
 """Request id of a create_model, which TenSafe completes at once: ``created.<client id>``."""
 
@@ -77,6 +79,21 @@ def path_of_sampling_session(field: str, session_id: str) -> str:
     if not path.startswith(TENSAFE_SCHEME):
         raise InvalidArgument(field, "is not a sampling session id of this server")
     return path
+
+
+def paired_request_id(sample_id: str, scoring_id: str) -> str:
+    """The request id of a sample whose prompt is also scored (two trainer futures)."""
+    return f"{PAIRED_PREFIX}{sample_id}.{scoring_id}"
+
+
+def split_paired_request_id(request_id: str) -> tuple[str, str] | None:
+    """The two future ids of a paired request id; ``None`` for any other id."""
+    if not request_id.startswith(PAIRED_PREFIX):
+        return None
+    parts = request_id[len(PAIRED_PREFIX) :].split(".")
+    if len(parts) != 2 or not all(parts):
+        raise InvalidArgument("request_id", "is not a request id of this server")
+    return parts[0], parts[1]
 
 
 def idempotency_key(kind: str, scope: str, seq_id: object, request: Any) -> str:
@@ -241,9 +258,18 @@ def forward_backward_output(result: pb.ForwardBackwardResult) -> bytes:
 _STOP = {pb.STOP_REASON_LENGTH: wire.STOP_REASON_LENGTH, pb.STOP_REASON_STOP: wire.STOP_REASON_STOP}
 
 
-def sample_response(result: pb.SampleResult) -> bytes:
-    """A trainer ``SampleResult`` as the SDK's protobuf ``SampleResponse``."""
+def sample_response(
+    result: pb.SampleResult, *, prompt_logprobs: pb.SequenceLogprobs | None = None
+) -> bytes:
+    """A trainer ``SampleResult`` as the SDK's protobuf ``SampleResponse``; with the
+    prompt's scores, ``prompt_logprobs`` too (NaN where there is none: the first token,
+    which the SDK reads as ``None``)."""
     response = wire.SampleResponse()
+    if prompt_logprobs is not None:
+        scores = np.asarray(prompt_logprobs.logprobs, dtype=np.float32)
+        if scores.size and not prompt_logprobs.first_token_has_logprob:
+            scores[0] = np.nan
+        response.prompt_logprobs = scores.tobytes()
     for sequence in result.sequences:
         response.sequences.add(
             tokens=np.asarray(sequence.tokens, dtype=np.int32).tobytes(),

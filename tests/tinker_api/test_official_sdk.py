@@ -142,6 +142,10 @@ def test_train_sample_save_load_with_dp_by_default(
         assert 1 <= len(sequence.tokens) <= 5
         assert sequence.logprobs is not None and len(sequence.logprobs) == len(sequence.tokens)
         assert sequence.stop_reason in ("length", "stop")
+    # compute_logprobs: the prompt scored by the trainer (no logprob for the first token).
+    scored = sampler.compute_logprobs(prompt).result()
+    assert len(scored) == 4 and scored[0] is None
+    assert all(lp is not None and lp <= 0 and np.isfinite(lp) for lp in scored[1:])
     # a named sampler checkpoint and a sampling client on its path
     named = training.save_weights_for_sampler("named-sampler").result()
     assert named.path.endswith("/sampler_weights/named-sampler")

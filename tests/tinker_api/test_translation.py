@@ -98,6 +98,21 @@ def test_the_sdk_decodes_a_sample_result() -> None:
     assert list(decoded.sequences[0].logprobs or []) == [-0.5, -0.25]
 
 
+def test_prompt_logprobs_reach_the_sdk_with_none_for_the_first_token() -> None:
+    result = pb.SampleResult(
+        sequences=[
+            pb.SampledSequence(tokens=[4], logprobs=[-0.5], stop_reason=pb.STOP_REASON_LENGTH)
+        ]
+    )
+    scores = pb.SequenceLogprobs(logprobs=[0.0, -1.5, -0.25], first_token_has_logprob=False)
+    decoded = deserialize_sample_response(serde.sample_response(result, prompt_logprobs=scores))
+    assert decoded.prompt_logprobs == [None, -1.5, -0.25]
+    assert serde.split_paired_request_id(serde.paired_request_id("a1", "b2")) == ("a1", "b2")
+    assert serde.split_paired_request_id("a1") is None
+    with pytest.raises(InvalidArgument):
+        serde.split_paired_request_id("lp.only-one")
+
+
 def test_optim_step_results_carry_epsilon() -> None:
     packed = any_pb2.Any()
     packed.Pack(
