@@ -13,6 +13,7 @@ python -m pip install -q --disable-pip-version-check ".[dev]" 2>&1 | { grep -v "
 
 python scripts/gen_protos.py --check
 python scripts/gen_node.py --check
+python scripts/gen_tinker_wire.py --check
 (cd protos && buf lint)
 ruff check .
 python scripts/typecheck.py

@@ -19,7 +19,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tensafe.client import audit_cli, demo, registry_cli, train_cli
+from tensafe.client import audit_cli, demo, registry_cli, token_cli, train_cli
 from tensafe.client.connection import DEFAULT_DATA_DIR, load_connection
 from tensafe.client.stack import SERVICES, WORKER_MODULE, LocalStack, StackError, StackOptions
 
@@ -49,6 +49,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
     for name, address in services.items():
         print(f"  {name:<11} {address}")
     print(f"  {'nats':<11} {connection['nats_url']}")
+    print(f"  {'tinker api':<11} {connection['tinker_base_url']}  (TINKER_BASE_URL)")
     print(f"connection file: {stack.connection_file}", flush=True)
     tls = connection.get("tls")
     if isinstance(tls, dict):
@@ -356,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     train_cli.register(sub)
     registry_cli.register(sub)
     demo.register(sub)
+    token_cli.register(sub)
     return parser
 
 

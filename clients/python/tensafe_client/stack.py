@@ -46,6 +46,9 @@ SERVICES: tuple[str, ...] = ("auth", "registry", "he_runtime", "trainer")
 
 CONNECTION_FILE = "connection.json"
 WORKER_MODULE = "tensafe.trainer.worker"
+TINKER_API = "tinker_api"
+"""The HTTP server of the official ``tinker`` SDK (docs/tinker.md); a client of the
+trainer and auth, started after them."""
 """The trainer's job consumer: a process of its own, started beside the trainer API."""
 _ALREADY_BOOTSTRAPPED = 3  # exit code of tensafe.auth.bootstrap when an admin exists
 ACTING_SERVICES = ("trainer", "he_runtime")
@@ -200,10 +203,22 @@ class LocalStack:
         self._children.append(worker)
         for child in self._children[2:]:
             child.port = self._await_ready(child, deadline)
-        connection: dict[str, object] = {
-            "services": {
-                c.name: f"{opts.host}:{c.port}" for c in self._children if c is not worker
+        grpc_children = [c for c in self._children if c is not worker]
+        tinker_api = self._spawn(
+            TINKER_API,
+            data,
+            nats_url,
+            {
+                "TENSAFE_TRAINER_URL": f"{opts.host}:{self._child('trainer').port}",
+                "TENSAFE_AUTH_URL": auth_url,
             },
+        )
+        self._children.append(tinker_api)
+        tinker_api.port = self._await_ready(tinker_api, deadline)
+        connection: dict[str, object] = {
+            "services": {c.name: f"{opts.host}:{c.port}" for c in grpc_children},
+            # The official `tinker` SDK's TINKER_BASE_URL (plain HTTP on the stack's host).
+            "tinker_base_url": f"http://{opts.host}:{tinker_api.port}",
             "nats_url": nats_url,
             "data_dir": str(data),
             "dev_mode": True,
@@ -236,6 +251,15 @@ class LocalStack:
         certificates = self._certificates
         if certificates is None:
             return {}
+        if name == TINKER_API:
+            # A client of the trainer and auth (mTLS); its own listener is plain HTTP on
+            # the stack's host, which the SDK reaches without a private CA.
+            client = certificates.clients[name]
+            return {
+                "TENSAFE_TLS_CA_FILE": str(certificates.ca_file),
+                "TENSAFE_TLS_CLIENT_CERT_FILE": str(client.cert_file),
+                "TENSAFE_TLS_CLIENT_KEY_FILE": str(client.key_file),
+            }
         server, client = certificates.servers[name], certificates.clients[name]
         return {
             "TENSAFE_TLS_CERT_FILE": str(server.cert_file),
@@ -480,7 +504,7 @@ def _ensure_certificates(data: Path, host: str) -> DevCertificates:
     certificates = ensure_dev_certificates(
         data / "tls",
         servers=(*SERVICES, "nats"),
-        clients=SERVICES,
+        clients=(*SERVICES, TINKER_API),
         hosts=("127.0.0.1", "localhost", host),
     )
     if certificates.created:

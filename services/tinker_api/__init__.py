@@ -1,0 +1,1 @@
+"""TenSafe's Tinker API: the official ``tinker`` SDK's HTTP protocol over the trainer."""
