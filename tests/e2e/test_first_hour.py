@@ -209,3 +209,39 @@ def test_up_offers_the_base_model_and_the_demo_shows_learning(
         "DP certificate"
     )
     assert "not the platform admin" in out
+
+
+def test_runnable_doc_examples_run_as_a_tenants_trainer(
+    stack: tuple[Path, str], tmp_path: Path
+) -> None:
+    """Every Python block marked `<!-- runnable -->` in README.md and docs/*.md runs as
+    written, with the environment the docs tell the user to set."""
+    from tensafe.client.demo import create_tenant
+    from testkit.docs import DOC_FILES, python_blocks
+
+    connection_file, _ = stack
+    trainer = create_tenant(connection_file, name="docs-reader")
+    env = {
+        **os.environ,
+        "TENSAFE_CONNECTION_FILE": str(connection_file),
+        "TENSAFE_API_KEY": trainer.api_key,
+    }
+    ran = []
+    for path in DOC_FILES:
+        for marker, line, code in python_blocks(path):
+            if marker != "runnable":
+                continue
+            script = tmp_path / f"{path.stem}-{line}.py"
+            script.write_text(code)
+            run = subprocess.run(
+                [sys.executable, str(script)],
+                cwd=tmp_path,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=300,
+                check=False,
+            )
+            assert run.returncode == 0, f"{path.name}:{line}\n{run.stdout}\n{run.stderr[-3000:]}"
+            ran.append(f"{path.name}:{line}")
+    assert len(ran) >= 2, ran

@@ -16,6 +16,7 @@ import pytest
 from tensafe.client import base_models
 from tensafe.client.cli import build_parser, main
 from tensafe.client.plot_cli import EPSILON_COLOR, LOSS_COLOR
+from testkit.docs import DOC_FILES, python_blocks
 
 HEAVY = ("torch", "transformers", "peft", "opacus", "seal", "matplotlib", "dp_accounting")
 
@@ -208,3 +209,16 @@ def test_unknown_base_model_error_lists_the_models(tmp_path: Path) -> None:
     with pytest.raises(NotFound) as info:
         registry.get("llama-7b")
     assert info.value.message == "base model 'llama-7b' not found (available: tiny-llama)"
+
+
+
+def test_every_python_example_in_the_docs_is_marked_runnable_or_signature() -> None:
+    found = {
+        f"{path.name}:{line}": marker
+        for path in DOC_FILES
+        for marker, line, _ in python_blocks(path)
+    }
+    assert len(found) >= 5
+    unmarked = [where for where, marker in found.items() if marker not in ("runnable", "signature")]
+    assert not unmarked, f"mark these <!-- runnable --> or <!-- signature -->: {unmarked}"
+    assert sum(marker == "runnable" for marker in found.values()) >= 2
