@@ -85,6 +85,7 @@ _SLIM_TRAINING_STEP = textwrap.dedent(
     from tensafe import tinker
     from tensafe.tinker import types
     from tensafe.common.errors import InvalidArgument
+    from tensafe.client.extras import MissingExtra
 
     connection_file, api_key = sys.argv[1], sys.argv[2]
     try:
@@ -101,6 +102,10 @@ _SLIM_TRAINING_STEP = textwrap.dedent(
         loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * (len(tokens) - 1)},
     )
     client.forward_backward([datum], loss_fn="cross_entropy").result()
+    try:
+        client.get_tokenizer()
+    except MissingExtra as error:
+        print("tokenizer:", error.message)
     step = client.optim_step(types.AdamParams(learning_rate=1e-3)).result()
     heavy = sorted(m for m in ("torch", "transformers", "seal") if m in sys.modules)
     print(json.dumps({"step": step.step, "epsilon": step.privacy_spent.epsilon,
@@ -152,6 +157,9 @@ def test_slim_install_runs_the_cli_and_a_training_step(
     assert step.returncode == 0, step.stdout + step.stderr
     lines = step.stdout.strip().splitlines()
     assert lines[0] == "empty key refused: api_key"
+    assert lines[1].startswith(
+        "tokenizer: TrainingClient.get_tokenizer() needs the [trainer] extra"
+    ), lines
     result = json.loads(lines[-1])
     assert result["step"] == 1 and result["epsilon"] > 0
     assert result["heavy"] == []
