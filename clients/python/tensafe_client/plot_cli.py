@@ -9,7 +9,6 @@ had one. Needs matplotlib, the ``[plot]`` extra (imported only here).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from dataclasses import dataclass, field
@@ -55,24 +54,19 @@ def read_metrics(path: Path) -> Metrics:
         InvalidArgument: A line is not a JSON object with an integer ``step``, or the
             file has no records.
     """
+    from tensafe.client.train_cli import read_json_lines
+
     metrics = Metrics()
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InvalidArgument(f"{path}:{number}", f"not JSON ({exc.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
-                raise InvalidArgument(f"{path}:{number}", 'expected {"step": <int>, ...}')
-            metrics.steps.append(record["step"])
-            metrics.losses.append(_number(record.get("loss")))
-            metrics.epsilons.append(_number(record.get("epsilon")))
-            if isinstance(record.get("epsilon_budget"), int | float):
-                metrics.epsilon_budget = float(record["epsilon_budget"])
-            if isinstance(record.get("delta"), int | float):
-                metrics.delta = float(record["delta"])
+    for number, record in read_json_lines(path):
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            raise InvalidArgument(f"{path}:{number}", 'expected {"step": <int>, ...}')
+        metrics.steps.append(record["step"])
+        metrics.losses.append(_number(record.get("loss")))
+        metrics.epsilons.append(_number(record.get("epsilon")))
+        if isinstance(record.get("epsilon_budget"), int | float):
+            metrics.epsilon_budget = float(record["epsilon_budget"])
+        if isinstance(record.get("delta"), int | float):
+            metrics.delta = float(record["delta"])
     if not metrics.steps:
         raise InvalidArgument(str(path), "no records")
     return metrics

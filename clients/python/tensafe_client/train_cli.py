@@ -25,7 +25,7 @@ import json
 import math
 import random
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
@@ -54,6 +54,22 @@ class Corpus:
     duplicates: int
 
 
+def read_json_lines(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) of every non-blank line of a JSON-lines file.
+
+    Raises:
+        InvalidArgument: A line that is not JSON; the field is ``<path>:<line>``.
+    """
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield number, json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InvalidArgument(f"{path}:{number}", f"not JSON ({exc.msg})") from None
+
+
 def read_texts(path: Path) -> list[str]:
     """The ``text`` field of every record of a JSONL file.
 
@@ -61,17 +77,10 @@ def read_texts(path: Path) -> list[str]:
         InvalidArgument: A line that is not a JSON object with a string ``text``.
     """
     texts = []
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InvalidArgument(f"{path}:{number}", f"not JSON ({exc.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise InvalidArgument(f"{path}:{number}", 'expected {"text": "..."}')
-            texts.append(record["text"])
+    for number, record in read_json_lines(path):
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise InvalidArgument(f"{path}:{number}", 'expected {"text": "..."}')
+        texts.append(record["text"])
     if not texts:
         raise InvalidArgument(str(path), "no records")
     return texts
