@@ -61,6 +61,7 @@ def test_cli_sdk_and_clients_load_no_heavy_module() -> None:
     [
         (["demo", "--connection-file", "/nonexistent.json"], "trainer"),
         (["tiny-model", "/tmp/never-written"], "trainer"),
+        (["up", "--data-dir", "/tmp/never-started"], "trainer"),
     ],
 )
 def test_a_command_without_its_extra_names_it(argv: list[str], extra: str) -> None:

@@ -37,6 +37,12 @@ SERVE_TARGETS = {
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
+    from tensafe.client.extras import require_installed
+
+    # The services import these; say which extra is missing before starting any.
+    require_installed(
+        ("torch", "transformers", "peft", "opacus", "dp_accounting", "seal"), "tensafe up"
+    )
     options = StackOptions(
         data_dir=Path(args.data_dir),
         database_url=args.database_url,

@@ -11,6 +11,8 @@ turns the ``ModuleNotFoundError`` into one line naming the extra to install, e.g
 from __future__ import annotations
 
 import importlib
+import importlib.util
+from collections.abc import Iterable
 from types import ModuleType
 
 from tensafe.common.errors import FailedPrecondition
@@ -68,3 +70,17 @@ def require(module: str, what: str) -> ModuleType:
         if explained is None:
             raise
         raise explained from None
+
+
+def require_installed(modules: Iterable[str], what: str) -> None:
+    """Check that modules are installed, without importing them (fast).
+
+    For a command that starts other processes which import them (``tensafe up``): it
+    names the missing extra before anything starts.
+
+    Raises:
+        MissingExtra: The first missing module's extra.
+    """
+    for module in modules:
+        if importlib.util.find_spec(module) is None:
+            raise MissingExtra(what, EXTRA_OF_MODULE[module], module)
