@@ -26,8 +26,9 @@ echo "== health, from the Node client =="
 node clients/node/bin/health.mjs
 
 echo "== the demo: DP fine-tuning -> signed, encrypted TGSP -> HE-LoRA on encrypted activations =="
-# Builds the tiny base model if missing (no weights can be downloaded here), creates a
-# tenant, trains through the SDK, publishes with save_adapter, verifies the package with
-# `tensafe registry verify`, and generates with HE-LoRA beside plaintext LoRA. Exit code
-# 1 if the two texts differ.
+# Uses the built-in pretrained tiny-llama that `tensafe up` installed, creates a tenant
+# and trains as its trainer (not the admin) through the SDK at a stated ε, publishes with
+# save_adapter, verifies the package with `tensafe registry verify`, prints base and
+# adapted answers side by side, then the HE-LoRA answer, the DP certificate, and draws
+# $data_dir/demo/run.png. Exit code 1 if the adapter changed nothing or HE-LoRA differs.
 tensafe demo --json "$data_dir/demo-summary.json"

@@ -74,12 +74,14 @@ class BaseModelRegistry:
         """
         if not self._root.is_dir():
             raise FailedPrecondition(f"base models directory {self._root} does not exist")
-        names = sorted(
-            entry.name
-            for entry in self._root.iterdir()
-            if entry.is_dir() and (entry / "config.json").is_file() and _NAME.match(entry.name)
-        )
-        return [self.get(name) for name in names]
+        return [self.get(name) for name in _model_names(self._root)]
+
+    def _not_found(self, name: str) -> NotFound:
+        # Naming what there is saves a user the second call (ListBaseModels lists the
+        # same names to every caller, so nothing is disclosed).
+        names = _model_names(self._root)
+        there = f"available: {', '.join(names)}" if names else "no base model is installed"
+        return NotFound(f"base model {name!r} not found ({there})")
 
     def get(self, name: str) -> BaseModelInfo:
         """The base model called ``name``.
@@ -92,11 +94,11 @@ class BaseModelRegistry:
         if not name:
             raise InvalidArgument("base_model", "must not be empty")
         if not _NAME.match(name):
-            raise NotFound(f"base model {name!r} not found")
+            raise self._not_found(name)
         path = self._root / name
         config_file = path / "config.json"
         if not config_file.is_file():
-            raise NotFound(f"base model {name!r} not found")
+            raise self._not_found(name)
         weights = sorted(path.glob(f"*{_WEIGHT_SUFFIX}"))
         signature = tuple(
             value
@@ -111,6 +113,17 @@ class BaseModelRegistry:
         with self._lock:
             self._cache[name] = (signature, info)
         return info
+
+
+def _model_names(root: Path) -> list[str]:
+    """The folder names under ``root`` that hold a config.json (nothing is loaded)."""
+    if not root.is_dir():
+        return []
+    return sorted(
+        entry.name
+        for entry in root.iterdir()
+        if entry.is_dir() and (entry / "config.json").is_file() and _NAME.match(entry.name)
+    )
 
 
 def _read_model(name: str, path: Path, weights: list[Path]) -> BaseModelInfo:

@@ -20,7 +20,7 @@ from tensafe.client.auth import (
     authenticated_channel,
     find_api_key,
 )
-from tensafe.common.errors import Unauthenticated
+from tensafe.common.errors import InvalidArgument, Unauthenticated
 from tensafe.proto.auth.v1 import auth_service_pb2 as pb
 from tensafe.proto.auth.v1 import auth_service_pb2_grpc
 
@@ -41,6 +41,35 @@ def test_api_key_comes_from_argument_env_or_connection_file(
     with pytest.raises(Unauthenticated) as info:
         find_api_key(connection_file=tmp_path / "missing.json")
     assert "TENSAFE_API_KEY" in info.value.message
+
+
+@pytest.mark.parametrize("blank", ["", "   ", "\n"])
+def test_an_empty_api_key_is_an_error_naming_its_source_never_the_file_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, blank: str
+) -> None:
+    """An empty key from the first source given must not fall through to the
+    connection file's key (under `tensafe up`, the platform admin's)."""
+    connection = tmp_path / "connection.json"
+    connection.write_text(json.dumps({"services": {}, "api_key": "tsk_admin"}))
+    monkeypatch.delenv("TENSAFE_API_KEY", raising=False)
+    with pytest.raises(InvalidArgument) as info:
+        find_api_key(blank, connection_file=connection)
+    assert info.value.field == "api_key"
+    assert "tsk_admin" not in info.value.message
+
+    monkeypatch.setenv("TENSAFE_API_KEY", blank)
+    with pytest.raises(InvalidArgument) as info:
+        find_api_key(connection_file=connection)
+    assert info.value.field == "TENSAFE_API_KEY"
+    assert "set but empty" in info.value.message
+    # An explicit key still wins over an empty environment variable.
+    assert find_api_key(" tsk_explicit ", connection_file=connection) == "tsk_explicit"
+
+    monkeypatch.delenv("TENSAFE_API_KEY")
+    connection.write_text(json.dumps({"services": {}, "api_key": blank}))
+    with pytest.raises(InvalidArgument) as info:
+        find_api_key(connection_file=connection)
+    assert info.value.field == f"{connection}:api_key"
 
 
 @pytest.fixture

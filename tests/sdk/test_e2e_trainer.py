@@ -25,6 +25,7 @@ from dp_accounting.rdp import rdp_privacy_accountant
 
 from tensafe.client import train_cli
 from tensafe.client.auth import BearerInterceptor
+from tensafe.client.progress import TrainingProgress
 from tensafe.client.tiny_model import tiny_corpus
 from tensafe.common.auth import AuthInterceptor
 from tensafe.common.grpc_server import GrpcServer
@@ -235,6 +236,7 @@ async def test_train_command_loop_prints_loss_and_epsilon(
     data_file = tmp_path / "texts.jsonl"
     data_file.write_text("\n".join(json.dumps({"text": line}) for line in tiny_corpus()[:12]))
     out, err = io.StringIO(), io.StringIO()
+    metrics_file = tmp_path / "metrics.jsonl"
 
     def scenario() -> list[train_cli.StepRecord]:
         with trainer.service(base_models_dir) as service:
@@ -251,7 +253,7 @@ async def test_train_command_loop_prints_loss_and_epsilon(
                 batches=train_cli.Batches(size=4, count=len(datums), rng=random.Random(0)),
                 adam_params=types.AdamParams(learning_rate=1e-2),
                 out=out,
-                progress=train_cli.ProgressBar(3, err),
+                progress=TrainingProgress(3, stream=err, metrics_file=metrics_file),
             )
 
     records = await asyncio.to_thread(scenario)
@@ -261,7 +263,13 @@ async def test_train_command_loop_prints_loss_and_epsilon(
     assert all(math.isfinite(r.loss) and r.loss > 0 for r in records)
     lines = out.getvalue().splitlines()
     assert len(lines) == 3 and lines[2].startswith("step    3/3  loss ")
-    assert err.getvalue().splitlines()[-1].startswith("[" + "#" * 30 + "] 3/3")
+    # tqdm's bar on stderr ends at 3/3 with the last loss and ε in it.
+    assert "3/3" in err.getvalue()
+    assert f"ε {records[-1].epsilon:.4f}" in err.getvalue()
+    metrics = [json.loads(line) for line in metrics_file.read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    assert [m["epsilon"] for m in metrics] == pytest.approx(expected, rel=1e-6)
+    assert [m["loss"] for m in metrics] == [r.loss for r in records]
 
 
 async def test_tensafe_train_command_end_to_end_with_api_key(

@@ -13,6 +13,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from tensafe.client import train_cli
+from tensafe.client.progress import TrainingProgress
 from tensafe.client.tiny_model import build_tiny_model
 from tensafe.common.errors import InvalidArgument
 from tensafe.tinker import types
@@ -97,16 +98,26 @@ def test_batches_cover_every_example_each_pass_without_repeats() -> None:
         train_cli.Batches(size=8, count=7, rng=random.Random(1))
 
 
-def test_progress_bar_on_a_plain_stream() -> None:
+def test_progress_shows_loss_and_epsilon_and_writes_metrics_lines(tmp_path: Path) -> None:
     stream = io.StringIO()
-    bar = train_cli.ProgressBar(4, stream, width=8)
-    bar.draw(1, "loss 3.000")
-    bar.draw(4, "loss 1.000")
-    bar.finish()
-    assert stream.getvalue().splitlines() == [
-        "[##......] 1/4 loss 3.000",
-        "[########] 4/4 loss 1.000",
-    ]
+    metrics_file = tmp_path / "run" / "metrics.jsonl"
+    spent = types.PrivacySpent(1.5, 1e-5, "rdp", 1, 1.0, 8.0, private=True)
+    with TrainingProgress(2, stream=stream, metrics_file=metrics_file) as progress:
+        progress.update(loss=3.0, optim=types.OptimStepResponse(step=1, privacy_spent=spent))
+        progress.update(loss=1.0, epsilon=math.inf, step=2)
+    drawn = stream.getvalue()
+    assert "2/2" in drawn and "loss 1.0000" in drawn and "ε ∞ (non-private)" in drawn
+    records = [json.loads(line) for line in metrics_file.read_text().splitlines()]
+    assert records[0] | {"elapsed_s": 0} == {
+        "step": 1,
+        "loss": 3.0,
+        "epsilon": 1.5,
+        "delta": 1e-5,
+        "epsilon_budget": 8.0,
+        "elapsed_s": 0,
+    }
+    # JSON has no infinity: a non-private step's ε is null.
+    assert records[1]["step"] == 2 and records[1]["epsilon"] is None
 
 
 def test_privacy_line() -> None:

@@ -23,7 +23,7 @@ import grpc
 import jwt
 
 from tensafe.client.connection import connection_path
-from tensafe.common.errors import Unauthenticated
+from tensafe.common.errors import InvalidArgument, Unauthenticated
 from tensafe.common.grpc_errors import from_rpc_error
 from tensafe.proto.auth.v1 import auth_service_pb2 as pb
 from tensafe.proto.auth.v1 import auth_service_pb2_grpc
@@ -36,31 +36,56 @@ def find_api_key(
 ) -> str:
     """The API key to use.
 
+    The first source that is *given* decides: an empty or blank key is an error naming
+    that source, never a fall-through to the next one. Otherwise an ``api_key=""`` or a
+    ``TENSAFE_API_KEY=`` left empty by a script would silently run as whoever the
+    connection file names, which under ``tensafe up`` is the platform admin.
+
     Args:
-        api_key: An explicit key; wins over everything else.
+        api_key: An explicit key; wins over everything else. ``None`` means "not given".
         connection_file: Connection file to read ``api_key`` from (default: as
             :func:`tensafe.client.connection.connection_path`).
 
     Returns:
-        The key.
+        The key, without surrounding whitespace.
 
     Raises:
+        InvalidArgument: The source that was given holds an empty or blank key (the
+            field names it: ``api_key``, ``TENSAFE_API_KEY`` or ``<file>:api_key``).
         Unauthenticated: No key was found; the message says where one is looked for.
     """
-    if api_key:
-        return api_key
-    from_env = os.environ.get(API_KEY_ENV, "").strip()
-    if from_env:
-        return from_env
+    if api_key is not None:
+        return _non_blank(
+            api_key,
+            "api_key",
+            f"empty API key; pass a key, or leave api_key out (None) to use {API_KEY_ENV} "
+            "or the connection file's",
+        )
+    if API_KEY_ENV in os.environ:
+        return _non_blank(
+            os.environ[API_KEY_ENV],
+            API_KEY_ENV,
+            "set but empty; set it to an API key, or unset it to use the connection file's",
+        )
     path = connection_path(connection_file)
     if path.exists():
-        value = json.loads(path.read_text()).get("api_key", "")
-        if isinstance(value, str) and value:
-            return value
+        document = json.loads(path.read_text())
+        if isinstance(document, dict) and "api_key" in document:
+            value = document["api_key"]
+            return _non_blank(
+                value if isinstance(value, str) else "", f"{path}:api_key", "empty API key"
+            )
     raise Unauthenticated(
         f"no API key: pass api_key=, set {API_KEY_ENV}, or add api_key to {path}",
         reason="API_KEY_MISSING",
     )
+
+
+def _non_blank(value: str, source: str, message: str) -> str:
+    key = value.strip()
+    if not key:
+        raise InvalidArgument(source, message, reason="API_KEY_EMPTY")
+    return key
 
 
 class _Token(NamedTuple):

@@ -5,6 +5,13 @@
 entry point does the same). ``tensafe admin bootstrap`` creates the first admin of a
 fresh deployment (run beside the auth service's database, like ``serve``);
 ``tensafe audit verify`` asks the auth service to verify its audit hash chain.
+
+Structure: :func:`build_parser` registers every command; a command that lives in its
+own module adds itself with one line, ``<module>.register(<subparsers>)``, and sets
+``func``. Importing this module (and so ``tensafe --help`` or ``tensafe status``) loads
+no torch, transformers or SEAL: those are imported inside the commands that need them,
+and :func:`main` turns a missing one into a message naming the extra to install
+(:mod:`tensafe.client.extras`).
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tensafe.client import audit_cli, demo, registry_cli, token_cli, train_cli
+from tensafe.client import audit_cli, demo, plot_cli, registry_cli, token_cli, train_cli
 from tensafe.client.connection import DEFAULT_DATA_DIR, load_connection
 from tensafe.client.stack import SERVICES, WORKER_MODULE, LocalStack, StackError, StackOptions
 
@@ -30,11 +37,18 @@ SERVE_TARGETS = {
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
+    from tensafe.client.extras import require_installed
+
+    # The services import these; say which extra is missing before starting any.
+    require_installed(
+        ("torch", "transformers", "peft", "opacus", "dp_accounting", "seal"), "tensafe up"
+    )
     options = StackOptions(
         data_dir=Path(args.data_dir),
         database_url=args.database_url,
         nats_url=args.nats_url,
         tls=args.tls,
+        builtin_base_model=not args.no_base_model,
     )
     stack = LocalStack(options)
     print("tensafe up: DEV MODE (no production secrets; loopback only)", flush=True)
@@ -50,6 +64,12 @@ def _cmd_up(args: argparse.Namespace) -> int:
         print(f"  {name:<11} {address}")
     print(f"  {'nats':<11} {connection['nats_url']}")
     print(f"  {'tinker api':<11} {connection['tinker_base_url']}  (TINKER_BASE_URL)")
+    if stack.installed_base_model is not None:
+        print(
+            f"base model: installed the built-in pretrained tiny-llama in "
+            f"{stack.installed_base_model} (fresh data dir; --no-base-model skips it)",
+            flush=True,
+        )
     print(f"connection file: {stack.connection_file}", flush=True)
     tls = connection.get("tls")
     if isinstance(tls, dict):
@@ -172,6 +192,20 @@ def _cmd_admin_create_tenant(args: argparse.Namespace) -> int:
     from tensafe.proto.auth.v1 import auth_service_pb2 as pb
 
     def call(stub: Any) -> int:
+        if args.trainer:
+            from tensafe.client.tenants import create_tenant_with_trainer
+
+            made = create_tenant_with_trainer(
+                stub, args.name, trainer_name=args.trainer, request_id=args.request_id
+            )
+            print(f"tenant {made.tenant_id} ({args.name})")
+            print(f"trainer principal {made.principal_id} ({args.trainer})")
+            print(f"API key of {args.trainer} (shown once, store it now): {made.api_key}")
+            print(
+                "use it instead of the admin key of the connection file:\n"
+                f"export TENSAFE_API_KEY={made.api_key}"
+            )
+            return 0
         request = pb.CreateTenantRequest(display_name=args.name, request_id=args.request_id)
         tenant = stub.CreateTenant(request).tenant
         print(f"tenant {tenant.id} ({tenant.display_name})")
@@ -253,8 +287,12 @@ def _cmd_tiny_model(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``tensafe`` command."""
-    parser = argparse.ArgumentParser(prog="tensafe", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="tensafe",
+        description="TenSafe: privacy-first fine-tuning and serving of LoRA adapters.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     up = sub.add_parser("up", help="run the whole stack on this machine (dev mode)")
     up.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR), help="state folder (kept)")
@@ -264,6 +302,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--tls",
         action="store_true",
         help="mutual TLS everywhere, with a local development CA created in <data-dir>/tls",
+    )
+    up.add_argument(
+        "--no-base-model",
+        action="store_true",
+        help="do not install the built-in pretrained tiny-llama into a fresh data dir",
     )
     up.set_defaults(func=_cmd_up)
 
@@ -290,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     bootstrap = admin_sub.add_parser(
         "bootstrap",
         help="create the first admin and API key of a fresh deployment (prints the key once)",
-        description="Runs `python -m tensafe.auth.bootstrap` with the auth service's "
+        description="Runs python -m tensafe.auth.bootstrap with the auth service's "
         "TENSAFE_* settings (database, data dir, key-encryption key or dev mode). "
         "Exit code 3: already bootstrapped.",
     )
@@ -316,6 +359,12 @@ def build_parser() -> argparse.ArgumentParser:
     tenant = with_connection(admin_sub.add_parser("create-tenant", help="create a tenant"))
     tenant.add_argument("name", help="unique display name")
     tenant.add_argument("--request-id", default="", help="idempotency key")
+    tenant.add_argument(
+        "--trainer",
+        metavar="NAME",
+        help="also create a trainer principal NAME in the tenant and an API key for it "
+        "(printed once, as an export TENSAFE_API_KEY=... line)",
+    )
     tenant.set_defaults(func=_cmd_admin_create_tenant)
 
     principal = with_connection(
@@ -358,13 +407,40 @@ def build_parser() -> argparse.ArgumentParser:
     registry_cli.register(sub)
     demo.register(sub)
     token_cli.register(sub)
+    plot_cli.register(sub)
     return parser
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("tensafe")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``tensafe`` console script."""
+    """Entry point of the ``tensafe`` console script.
+
+    Exit code 2 with one line naming the extra when a command needs an optional
+    dependency that is not installed.
+    """
+    from tensafe.client.extras import MissingExtra, missing_extra
+
     args = build_parser().parse_args(argv)
-    code: int = args.func(args)
+    what = f"tensafe {args.command}"
+    try:
+        code: int = args.func(args)
+    except MissingExtra as error:
+        print(error.message, file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as error:
+        explained = missing_extra(error, what)
+        if explained is None:
+            raise
+        print(explained.message, file=sys.stderr)
+        return 2
     return code
 
 

@@ -191,9 +191,16 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_list(args: argparse.Namespace) -> int:
     """``registry list``."""
     with _client(args) as client:
-        for adapter in client.list_adapters():
-            aliases = ", ".join(f"{k}→{v}" for k, v in sorted(adapter.aliases.items()))
-            print(f"{adapter.name}\tlatest {adapter.latest_version}\t{aliases}")
+        adapters = list(client.list_adapters())
+    if not adapters:
+        # An empty listing is an answer, not silence: say so on stdout (exit 0).
+        print(
+            "no packages: this tenant's registry is empty (publish one with "
+            "TrainingClient.save_adapter or tensafe registry publish)"
+        )
+    for adapter in adapters:
+        aliases = ", ".join(f"{k}→{v}" for k, v in sorted(adapter.aliases.items()))
+        print(f"{adapter.name}\tlatest {adapter.latest_version}\t{aliases}")
     return 0
 
 

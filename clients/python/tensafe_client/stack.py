@@ -36,6 +36,7 @@ from typing import IO
 import grpc
 
 from tensafe import tgsp
+from tensafe.client.base_models import ensure_builtin_base_model, has_base_model
 from tensafe.client.channels import ClientTls, open_channel
 from tensafe.client.dev_tls import USER, DevCertificates, ensure_dev_certificates
 from tensafe.common.nats_server import NatsServer, NatsServerConfig
@@ -88,6 +89,11 @@ class StackOptions:
     """Mutual TLS on every service listener and call, with a local development CA
     created in ``<data_dir>/tls`` (:mod:`tensafe.client.dev_tls`)."""
 
+    builtin_base_model: bool = False
+    """Install the package's built-in pretrained ``tiny-llama`` into ``<data_dir>/models``
+    when that folder holds no model yet (``tensafe up`` does, unless
+    ``--no-base-model``; :mod:`tensafe.client.base_models`)."""
+
 
 @dataclasses.dataclass
 class _Child:
@@ -110,6 +116,8 @@ class LocalStack:
         self._certificates: DevCertificates | None = None
         self._nats_port: int | None = None  # kept across stop_nats/start_nats
         self._children: list[_Child] = []
+        self.installed_base_model: Path | None = None
+        """The built-in base model folder this start installed, if it did."""
 
     @property
     def connection_file(self) -> Path:
@@ -137,6 +145,8 @@ class LocalStack:
             (data / sub).mkdir(parents=True, exist_ok=True)
         (data / KEK_DIR).mkdir(mode=0o700, exist_ok=True)
         _ensure_trainer_signing_key(data)
+        if opts.builtin_base_model and not has_base_model(data / "models"):
+            self.installed_base_model, _ = ensure_builtin_base_model(data / "models")
         if opts.tls:
             self._certificates = _ensure_certificates(data, opts.host)
         nats_url = opts.nats_url

@@ -26,6 +26,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from tensafe.client.base_models import file_sha256
 from tensafe.common.errors import InvalidArgument
 
 # Special-token strings (not secrets; the S105 rule keys on the word "token").
@@ -267,19 +268,11 @@ def weights_digest(model_dir: Path | str) -> str:
     files = sorted(Path(model_dir).glob(f"*{_WEIGHT_SUFFIX}"))
     if not files:
         raise InvalidArgument("model_dir", f"no {_WEIGHT_SUFFIX} weights in {model_dir}")
-    file_digests = [(_file_sha256(file), file.name) for file in files]
+    file_digests = [(file_sha256(file), file.name) for file in files]
     if len(file_digests) == 1:
         return file_digests[0][0]
     listing = "".join(f"{digest}  {name}\n" for digest, name in file_digests)
     return hashlib.sha256(listing.encode()).hexdigest()
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        for chunk in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def pretrain_tiny_model(out_dir: Path | str, *, steps: int = 300, seed: int = 0) -> Path:

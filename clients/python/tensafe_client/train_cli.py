@@ -5,8 +5,9 @@ Reads ``{"text": ...}`` records, tokenises them with the base model's tokenizer
 turns each text into one ``cross_entropy`` datum (next-token targets, weight 1 on every
 target), and runs ``--steps`` DP-SGD steps through the Tinker-compatible SDK. Each step
 prints its loss (mean negative log-likelihood per target token, from the logprobs the
-server returns) and the epsilon spent so far; a progress bar goes to stderr. At the end
-it prints the privacy spent.
+server returns) and the epsilon spent so far; a live progress bar with both goes to
+stderr, and ``--metrics-file`` writes one JSON line per step for ``tensafe plot``. At the
+end it prints the privacy spent.
 
 Batches are drawn by the client (a shuffled pass over the data, without replacement
 within a batch), so the server accounts each step as a full Gaussian mechanism with no
@@ -24,11 +25,12 @@ import json
 import math
 import random
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
+from tensafe.client.progress import TrainingProgress, format_epsilon
 from tensafe.common.errors import BudgetExhausted, InvalidArgument, TenSafeError
 
 if TYPE_CHECKING:
@@ -52,6 +54,22 @@ class Corpus:
     duplicates: int
 
 
+def read_json_lines(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) of every non-blank line of a JSON-lines file.
+
+    Raises:
+        InvalidArgument: A line that is not JSON; the field is ``<path>:<line>``.
+    """
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield number, json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InvalidArgument(f"{path}:{number}", f"not JSON ({exc.msg})") from None
+
+
 def read_texts(path: Path) -> list[str]:
     """The ``text`` field of every record of a JSONL file.
 
@@ -59,17 +77,10 @@ def read_texts(path: Path) -> list[str]:
         InvalidArgument: A line that is not a JSON object with a string ``text``.
     """
     texts = []
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InvalidArgument(f"{path}:{number}", f"not JSON ({exc.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise InvalidArgument(f"{path}:{number}", 'expected {"text": "..."}')
-            texts.append(record["text"])
+    for number, record in read_json_lines(path):
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise InvalidArgument(f"{path}:{number}", 'expected {"text": "..."}')
+        texts.append(record["text"])
     if not texts:
         raise InvalidArgument(str(path), "no records")
     return texts
@@ -184,43 +195,6 @@ class Batches:
         return batch
 
 
-class ProgressBar:
-    """A one-line text progress bar on a stream (no dependency).
-
-    Args:
-        total: Steps in all.
-        stream: Where it is drawn (stderr).
-        width: Characters of the bar.
-    """
-
-    def __init__(self, total: int, stream: TextIO, width: int = 30) -> None:
-        self._total, self._stream, self._width = total, stream, width
-        self._live = stream.isatty()
-
-    def draw(self, done: int, note: str) -> None:
-        """Redraw at ``done`` steps with a short note."""
-        filled = self._width * done // self._total
-        bar = "#" * filled + "." * (self._width - filled)
-        line = f"[{bar}] {done}/{self._total} {note}"
-        if self._live:
-            self._stream.write("\r" + line)
-        else:
-            self._stream.write(line + "\n")
-        self._stream.flush()
-
-    def clear(self) -> None:
-        """Erase the live line so ordinary output starts on a clean line."""
-        if self._live:
-            self._stream.write("\r\033[K")
-            self._stream.flush()
-
-    def finish(self) -> None:
-        """End the line."""
-        if self._live:
-            self._stream.write("\n")
-            self._stream.flush()
-
-
 @dataclass(frozen=True)
 class StepRecord:
     """What one step reported.
@@ -244,9 +218,12 @@ def train(
     batches: Batches,
     adam_params: types.AdamParams,
     out: TextIO,
-    progress: ProgressBar,
+    progress: TrainingProgress,
 ) -> list[StepRecord]:
     """Run ``steps`` forward_backward + optim_step pairs, printing each.
+
+    Each step's line goes to ``out``; ``progress`` draws the live bar (loss and ε) and
+    writes the metrics file if it has one. The caller closes ``progress``.
 
     Returns:
         One record per step.
@@ -264,16 +241,12 @@ def train(
         epsilon = result.privacy_spent.epsilon if result.privacy_spent else math.inf
         record = StepRecord(step=result.step, loss=loss, epsilon=epsilon)
         records.append(record)
-        progress.clear()
-        print(f"step {index + 1:>4}/{steps}  loss {loss:.4f}  ε {_fmt(epsilon)}", file=out)
+        progress.write(
+            f"step {index + 1:>4}/{steps}  loss {loss:.4f}  ε {format_epsilon(epsilon)}", out
+        )
         out.flush()
-        progress.draw(index + 1, f"loss {loss:.3f} ε {_fmt(epsilon)}")
-    progress.finish()
+        progress.update(loss=loss, epsilon=epsilon, optim=result)
     return records
-
-
-def _fmt(epsilon: float) -> str:
-    return "∞ (non-private)" if math.isinf(epsilon) else f"{epsilon:.4f}"
 
 
 def describe_privacy(spent: types.PrivacySpent) -> str:
@@ -321,6 +294,13 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         "--non-private", action="store_true", help="train WITHOUT DP (explicit opt-out)"
     )
     parser.add_argument("--save-state", metavar="NAME", help="save a checkpoint at the end")
+    parser.add_argument(
+        "--metrics-file",
+        type=Path,
+        metavar="FILE",
+        help="write one JSON line per step (step, loss, epsilon, ...); "
+        "draw it with: tensafe plot FILE --out run.png",
+    )
     parser.add_argument("--base-url", help="trainer address (default: connection file)")
     parser.add_argument("--connection-file", help="default: .tensafe/connection.json")
     parser.set_defaults(func=run)
@@ -381,19 +361,22 @@ def run(args: argparse.Namespace) -> int:
         )
         code = 0
         try:
-            train(
-                client,
-                datums,
-                steps=args.steps,
-                batches=batches,
-                adam_params=types.AdamParams(learning_rate=args.learning_rate),
-                out=sys.stdout,
-                progress=ProgressBar(args.steps, err),
-            )
+            with TrainingProgress(
+                args.steps, stream=err, metrics_file=args.metrics_file
+            ) as progress:
+                train(
+                    client,
+                    datums,
+                    steps=args.steps,
+                    batches=batches,
+                    adam_params=types.AdamParams(learning_rate=args.learning_rate),
+                    out=sys.stdout,
+                    progress=progress,
+                )
         except BudgetExhausted as exc:
             print(f"\ntensafe train: stopped, privacy budget exhausted: {exc.message}", file=err)
             code = 3
-        except TenSafeError as exc:
+        except (TenSafeError, OSError) as exc:
             print(f"\ntensafe train: {exc}", file=err)
             return 2
         if args.save_state:

@@ -698,10 +698,14 @@ class TrainingClient:
             )
         if not folder.is_dir():
             raise FailedPrecondition(f"tokenizer folder {folder} does not exist")
-        from transformers import AutoTokenizer
+        from tensafe.client.extras import require
 
+        # Not in the slim install: a MissingExtra naming [trainer], not an ImportError.
+        transformers = require("transformers", "TrainingClient.get_tokenizer()")
         try:
-            tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(str(folder))
+            tokenizer: PreTrainedTokenizerBase = transformers.AutoTokenizer.from_pretrained(
+                str(folder)
+            )
         except (OSError, ValueError) as exc:
             raise FailedPrecondition(
                 f"no tokenizer in {folder}: {exc}", reason="NO_TOKENIZER"
