@@ -1,10 +1,11 @@
 """``python -m tensafe.registry.admin``: operator commands that touch the registry's keys.
 
-``create-tenant-kek TENANT`` creates a tenant's key-encryption key in the configured
-KEK folder (``TENSAFE_REGISTRY_KEK_DIR`` or ``TENSAFE_DATA_DIR/keks``). It is the one
-path that creates a KEK: the registry never generates one on its own, and refuses to
-replace an existing one. ``public-key`` prints the registry's signing public key (PEM)
-for third parties and for other deployments' trusted-key lists.
+``create-tenant-kek TENANT`` creates a tenant's key-encryption key with the configured
+KEK provider (``TENSAFE_KEK_PROVIDER``: generated inside the PKCS#11 token, or in dev
+mode a file in ``TENSAFE_REGISTRY_KEK_DIR``). It is the one path that creates a KEK:
+the registry never generates one on its own, and refuses to replace an existing one.
+``public-key`` prints the registry's signing public key (PEM) for third parties and for
+other deployments' trusted-key lists.
 
 Exit codes: 0 done, 2 bad setting or input, 3 the tenant already has a KEK.
 """
@@ -20,7 +21,6 @@ from tensafe.common.config import load_config
 from tensafe.common.errors import AlreadyExists, ConfigError, TenSafeError
 from tensafe.registry.config import RegistryConfig
 from tensafe.registry.domain.keys import load_signing_keys
-from tensafe.tgsp import LocalFileKekProvider
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -34,9 +34,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load_config(RegistryConfig)
         if args.command == "create-tenant-kek":
-            config.kek_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            kek_id = LocalFileKekProvider(config.kek_dir).create_tenant_kek(args.tenant_id)
-            print(f"created KEK {kek_id} for tenant {args.tenant_id} in {config.kek_dir}")
+            provider = config.open_kek_provider(config.kek_dir)
+            try:
+                kek_id = provider.create_tenant_kek(args.tenant_id)
+            finally:
+                provider.close()
+            print(f"created KEK {kek_id} for tenant {args.tenant_id} ({config.kek_provider})")
             return 0
         keys = load_signing_keys(
             signing_key_file=config.registry_signing_key_file,

@@ -18,7 +18,6 @@ from tensafe.registry.domain.service import RegistryDomain
 from tensafe.registry.servicer import RegistryServiceServicer
 from tensafe.registry.store.objects import LocalObjectStore
 from tensafe.registry.store.sql import RegistryStore
-from tensafe.tgsp import LocalFileKekProvider
 
 log = logging.getLogger(__name__)
 
@@ -49,20 +48,20 @@ async def build_service(
         dev_mode=config.dev_mode,
         data_dir=Path(config.data_dir),
     )
-    kek_dir = config.kek_dir
-    kek_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    kek_provider = config.open_kek_provider(config.kek_dir)
     database = Database.from_url(config.database_url, application_name="tensafe-registry")
     store = RegistryStore(database)
     try:
         await store.migrate()
     except BaseException:
+        kek_provider.close()
         await database.dispose()
         raise
     domain = RegistryDomain(
         store=store,
         objects=LocalObjectStore(config.object_dir),
         keys=keys,
-        kek_provider=LocalFileKekProvider(kek_dir),
+        kek_provider=kek_provider,
         audit=audit,
         max_package_bytes=config.registry_max_package_bytes,
         max_storage_bytes_per_tenant=config.registry_max_storage_bytes_per_tenant,
@@ -73,12 +72,19 @@ async def build_service(
         platform_tenant_id=config.registry_platform_tenant_id,
     )
     log.info(
-        "registry signing key %s; %d trusted keys; objects in %s; KEKs in %s",
+        "registry signing key %s; %d trusted keys; objects in %s; KEK provider %s",
         keys.signing_key.key_id,
         len(keys.trusted),
         config.object_dir,
-        kek_dir,
+        config.kek_provider,
     )
+
+    async def close() -> None:
+        try:
+            await database.dispose()
+        finally:
+            kek_provider.close()
+
     assembly = Assembly(
         services=[
             ServiceRegistration(
@@ -88,7 +94,7 @@ async def build_service(
             )
         ],
         interceptors=list(interceptors),
-        close=database.dispose,
+        close=close,
     )
     return assembly, domain
 
