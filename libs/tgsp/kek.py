@@ -604,18 +604,25 @@ class KmsKekProvider(KekProvider):
 
 
 def dek_aad(
-    *, tenant_id: str, adapter_id: str, adapter_version: str, manifest_sha256: str
+    *,
+    tenant_id: str,
+    adapter_id: str,
+    adapter_version: str,
+    manifest_sha256: str,
+    format_version: int,
 ) -> bytes:
     """Return the associated data a TGSP package's DEK is wrapped with.
 
     Canonical JSON of the tenant, the adapter id and version, the format version, the
     manifest's SHA-256 and a purpose string, so the wrapped key unwraps only for the
-    package it was made for (docs/tgsp.md, "Wrapped key").
+    package it was made for (docs/tgsp.md, "Wrapped key"). In format version 2 this
+    binding is what authenticates the wrapped key (the signature no longer covers it,
+    so that re-wrapping under a new KEK version keeps the signature valid).
     """
     return canonical_json(
         {
-            "purpose": "tensafe.tgsp.v1.dek",
-            "format_version": 1,
+            "purpose": f"tensafe.tgsp.v{format_version}.dek",
+            "format_version": format_version,
             "tenant_id": tenant_id,
             "adapter_id": adapter_id,
             "adapter_version": adapter_version,

@@ -485,6 +485,7 @@ class RegistryDomain:
             adapter_id=manifest.adapter.adapter_id,
             adapter_version=manifest.adapter.version,
             manifest_sha256=hashlib.sha256(prefix.manifest_bytes).hexdigest(),
+            format_version=manifest.format_version,
         )
         try:
             dek: bytes = self._kek.unwrap(manifest.tenant_id, wrapped, aad)
