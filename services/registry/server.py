@@ -14,6 +14,7 @@ from tensafe.proto.registry.v1 import registry_service_pb2_grpc
 from tensafe.registry.config import RegistryConfig
 from tensafe.registry.domain.access import AccessPolicy
 from tensafe.registry.domain.keys import load_signing_keys
+from tensafe.registry.domain.rotation import KekRotations
 from tensafe.registry.domain.service import RegistryDomain
 from tensafe.registry.servicer import RegistryServiceServicer
 from tensafe.registry.store.objects import LocalObjectStore
@@ -57,9 +58,10 @@ async def build_service(
         kek_provider.close()
         await database.dispose()
         raise
+    objects = LocalObjectStore(config.object_dir)
     domain = RegistryDomain(
         store=store,
-        objects=LocalObjectStore(config.object_dir),
+        objects=objects,
         keys=keys,
         kek_provider=kek_provider,
         audit=audit,
@@ -90,7 +92,16 @@ async def build_service(
             ServiceRegistration(
                 "tensafe.registry.v1.RegistryService",
                 registry_service_pb2_grpc.add_RegistryServiceServicer_to_server,
-                RegistryServiceServicer(domain, policy),
+                RegistryServiceServicer(
+                    domain,
+                    policy,
+                    KekRotations(
+                        store=store,
+                        objects=objects,
+                        keys=keys,
+                        kek_provider=kek_provider,
+                    ),
+                ),
             )
         ],
         interceptors=list(interceptors),

@@ -116,6 +116,7 @@ class Registry:
     he_runtime: Metadata
     he_runtime_principal: str
     he_runtime_api_key: str
+    root_api_key: str
     root: Metadata
     address: str
     auth_address: str
@@ -266,6 +267,7 @@ async def start_registry(
             he_runtime=he_runtime,
             he_runtime_principal=he_principal,
             he_runtime_api_key=boot.service_api_keys["he_runtime"],
+            root_api_key=boot.admin_api_key,
             root=root,
             address=f"127.0.0.1:{port}",
             auth_address=auth_address,

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from tensafe import tgsp
+from tensafe.client import cli
 from tensafe.common.db import Database
 from tensafe.common.errors import FailedPrecondition, IntegrityError
 from tensafe.proto.registry.v1 import registry_service_pb2 as pb
@@ -181,3 +182,37 @@ async def _expect_unwrap_ok(registry: Registry) -> None:
         pb.UnwrapDataKeyRequest(adapter_name="b-bot", version=1), metadata=b.reader
     )
     assert len(response.data_key) == 32
+
+
+async def test_tensafe_admin_rotate_kek_over_grpc_needs_the_platform_admin(
+    registry_hsm: Registry, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    registry = registry_hsm
+    b = registry.tenant_b
+    await registry.publish(b.admin, "b-bot", registry.package(b.tenant_id, "b-bot", seed=4))
+
+    def run(api_key: str) -> int:
+        path = tmp_path / "connection.json"
+        path.write_text(
+            json.dumps(
+                {
+                    "services": {"auth": registry.auth_address, "registry": registry.address},
+                    "api_key": api_key,
+                    "data_dir": str(tmp_path / "no-stack"),
+                    "dev_mode": False,
+                }
+            )
+        )
+        return cli.main(
+            ["admin", "rotate-kek", "--tenant", b.tenant_id, "--connection-file", str(path)]
+        )
+
+    assert await asyncio.to_thread(run, b.admin_key) == 2  # a tenant admin may not
+    assert "platform_admin" in capsys.readouterr().err
+    assert len(registry.kek.tenant_kek_ids(b.tenant_id)) == 1
+    assert await asyncio.to_thread(run, registry.root_api_key) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["rewrapped"] == 1 and not report["resumed"]
+    assert report["kek_ids"] == registry.kek.tenant_kek_ids(b.tenant_id)
+    assert len(report["kek_ids"]) == 2
+    await _expect_unwrap_ok(registry)
