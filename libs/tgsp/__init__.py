@@ -92,6 +92,7 @@ from tensafe.tgsp.peft_dir import (
     write_peft_dir,
 )
 from tensafe.tgsp.signing import SigningKey, VerifyingKey, key_id_for
+from tensafe.tgsp.trust import EVERY_TENANT, TrustedSigner, TrustList
 
 open = open_package
 """Alias of :func:`open_package`: ``tensafe.tgsp.open(package, ...)``."""
@@ -100,6 +101,7 @@ __all__ = [
     "ADAPTER_CONFIG_NAME",
     "ADAPTER_WEIGHTS_NAME",
     "DEFAULT_CHUNK_SIZE",
+    "EVERY_TENANT",
     "FORMAT_VERSION",
     "MAGIC",
     "AdapterRef",
@@ -123,6 +125,8 @@ __all__ = [
     "Sampling",
     "SigningKey",
     "TensorInfo",
+    "TrustList",
+    "TrustedSigner",
     "VerifyingKey",
     "Weights",
     "WrappedKey",

@@ -90,6 +90,7 @@ from tensafe.tgsp.payload import (
     torch_tensors,
 )
 from tensafe.tgsp.signing import SigningKey, VerifyingKey, trusted_key_map
+from tensafe.tgsp.trust import TrustList
 
 if TYPE_CHECKING:
     import torch
@@ -566,7 +567,9 @@ def verify(
 
     Args:
         source: The package (bytes, path or binary stream).
-        trusted_keys: Public keys whose signatures are accepted.
+        trusted_keys: Public keys whose signatures are accepted, or a
+            :class:`~tensafe.tgsp.trust.TrustList` that also binds each key to the
+            tenants it may sign for.
         expected_tenant: If given, the tenant the package must belong to.
 
     Returns:
@@ -580,8 +583,9 @@ def verify(
     trusted = trusted_key_map(trusted_keys)
     with _source(source) as reader:
         sections = _read_sections(reader, hash_ciphertext=True)
-    _check_authenticity(sections, trusted)
+    signer = _check_authenticity(sections, trusted)
     manifest, _ = _parse_contents(sections)
+    _check_signer_binding(trusted_keys, signer, manifest)
     if expected_tenant is not None:
         _check_tenant(manifest, expected_tenant)
     return manifest
@@ -625,6 +629,7 @@ def open_package(
     with _seekable_source(source) as reader:
         prefix = _authenticate_prefix(reader, trusted)
         manifest, wrapped = _parse_contents(prefix)
+        _check_signer_binding(trusted_keys, prefix.signer_key_id, manifest)
         _check_tenant(manifest, tenant_id)
         dek = _unwrap(kek_provider, tenant_id, wrapped, manifest, prefix.manifest_bytes)
         info = manifest.payload
@@ -685,6 +690,7 @@ def decrypt_to_file(
             raise InvalidArgument("source", "must be a path or a seekable stream")
         prefix = _authenticate_prefix(reader, trusted)
         manifest, wrapped = _parse_contents(prefix)
+        _check_signer_binding(trusted_keys, prefix.signer_key_id, manifest)
         _check_tenant(manifest, tenant_id)
         dek = _unwrap(kek_provider, tenant_id, wrapped, manifest, prefix.manifest_bytes)
         info = manifest.payload
@@ -793,6 +799,7 @@ def rewrap_to(
                 reason="TGSP_V1_NOT_REWRAPPABLE",
             )
         manifest, wrapped = _parse_contents(prefix)
+        _check_signer_binding(trusted_keys, prefix.signer_key_id, manifest)
         _check_tenant(manifest, tenant_id)
         dek = _unwrap(kek_provider, tenant_id, wrapped, manifest, prefix.manifest_bytes)
         rewrapped = kek_provider.wrap(tenant_id, dek, _dek_aad(manifest, prefix.manifest_bytes))
@@ -1344,6 +1351,15 @@ def _parse_contents(sections: _Sections | _Prefix) -> tuple[Manifest, WrappedKey
             f"is {sections.header.ciphertext_length}; the manifest's payload needs {expected}",
         )
     return manifest, wrapped
+
+
+def _check_signer_binding(
+    trusted_keys: Iterable[VerifyingKey], signer_key_id: str, manifest: Manifest
+) -> None:
+    """With a :class:`~tensafe.tgsp.trust.TrustList`, the signer must be bound to the
+    package's tenant (a plain set of keys binds every key to every tenant)."""
+    if isinstance(trusted_keys, TrustList):
+        trusted_keys.check(signer_key_id, manifest.tenant_id)
 
 
 def _check_tenant(manifest: Manifest, tenant_id: str) -> None:

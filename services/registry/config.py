@@ -28,6 +28,13 @@ class RegistryConfig(KekSettings, ServiceConfig):
         "whose package signatures the registry accepts, e.g. the trainer's publisher key.",
         default=(),
     )
+    registry_trust_list_file: Path | None = setting(
+        "JSON trust list binding further signing keys to the tenants they may sign "
+        "packages for (docs/tgsp.md §13, tensafe.tgsp.TrustList); a package signed by a "
+        "key not bound to its tenant is refused. The registry's own key and the keys of "
+        "registry_trusted_signing_key_files may sign for every tenant.",
+        default=None,
+    )
     registry_kek_dir: Path | None = setting(
         "Folder of the local-file KEK provider (kek_provider=local-file, dev mode only; one "
         "<tenant>.kek per tenant, mode 0600); default data_dir/keks.",

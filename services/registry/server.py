@@ -48,6 +48,7 @@ async def build_service(
         trusted_key_files=config.registry_trusted_signing_key_files,
         dev_mode=config.dev_mode,
         data_dir=Path(config.data_dir),
+        trust_list_file=config.registry_trust_list_file,
     )
     kek_provider = config.open_kek_provider(config.kek_dir)
     database = Database.from_url(config.database_url, application_name="tensafe-registry")

@@ -257,6 +257,14 @@ def test_the_trainer_and_the_registry_share_the_pkcs11_token() -> None:
     # The HE runtime holds no KEK: the registry unwraps one data key per load for it.
     he_env, _ = _env_and_mounts(deployments["he-runtime"])
     assert not {k for k in he_env if k.startswith("TENSAFE_KEK")}
+    # Both pin the same trust list of signers, from a ConfigMap (not from each other).
+    registry_env, _ = _env_and_mounts(deployments["registry"])
+    trust_file = "/etc/tensafe/trust-list/trust-list.json"
+    assert he_env["TENSAFE_TRUST_LIST_FILE"] == trust_file
+    assert registry_env["TENSAFE_REGISTRY_TRUST_LIST_FILE"] == trust_file
+    for name in ("registry", "he-runtime"):
+        volumes = deployments[name]["spec"]["template"]["spec"]["volumes"]
+        assert {"name": "trust-list", "configMap": {"name": "tensafe-trust-list"}} in volumes
     local = by_kind(render({**DEV_VALUES, "kekProvider": "local-file"}), "Deployment")
     env, mounts = _env_and_mounts(local["registry"])
     assert env["TENSAFE_KEK_PROVIDER"] == "local-file"
@@ -351,6 +359,10 @@ def test_migrations_run_in_a_pre_install_and_pre_upgrade_hook(
         (
             {"secrets": {"pkcs11": {"existingSecret": "", "keys": {}}}},
             "secrets.pkcs11.existingSecret is required",
+        ),
+        (
+            {"trustList": {"existingConfigMap": "", "key": "k"}},
+            "trustList.existingConfigMap is required",
         ),
         (
             {"registry": {"actingServicePrincipals": ["prn-1"]}},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import stat
 from pathlib import Path
 
@@ -106,6 +107,33 @@ async def test_a_configured_registry_is_always_the_he_adapter_source(tmp_path: P
         LocalPeftAdapterSource,
     )
     assert adapter_source(HeRuntimeConfig(**common)) is None  # type: ignore[arg-type]
+    # Outside dev mode the runtime verifies against a pinned trust list, never the
+    # registry's own list alone.
+    with pytest.raises(ConfigError, match="TENSAFE_TRUST_LIST_FILE"):
+        HeRuntimeConfig(**common, registry_url="127.0.0.1:2")  # type: ignore[arg-type]
+    trust_file = tmp_path / "trust.json"
+    trust_file.write_text(
+        json.dumps(
+            tgsp.TrustList(
+                [
+                    tgsp.TrustedSigner(
+                        key=tgsp.SigningKey.generate().verifying_key,
+                        tenants=frozenset({tgsp.EVERY_TENANT}),
+                    )
+                ]
+            ).to_json()
+        )
+    )
+    pinned = adapter_source(
+        HeRuntimeConfig(**common, registry_url="127.0.0.1:2", trust_list_file=trust_file)  # type: ignore[arg-type]
+    )
+    assert isinstance(pinned, RegistryAdapterSource)
+    await pinned.close()
+    trust_file.write_text("{}")
+    with pytest.raises(ConfigError, match="TENSAFE_TRUST_LIST_FILE"):
+        adapter_source(
+            HeRuntimeConfig(**common, registry_url="127.0.0.1:2", trust_list_file=trust_file)  # type: ignore[arg-type]
+        )
     with pytest.raises(ConfigError, match="TENSAFE_SERVICE_API_KEY"):
         adapter_source(
             HeRuntimeConfig(
@@ -113,5 +141,6 @@ async def test_a_configured_registry_is_always_the_he_adapter_source(tmp_path: P
                 database_url="sqlite+aiosqlite:///:memory:",
                 auth_url="127.0.0.1:1",
                 registry_url="x:1",
+                dev_mode=True,
             )
         )

@@ -232,7 +232,8 @@ async def start_registry(
         "registry_acting_service_principals": (he_principal,),
         "registry_platform_tenant_id": boot.tenant.id,
     }
-    values.update(overrides)
+    # A callable override is given the two tenants (their ids exist only now).
+    values.update({k: v(tenant_a, tenant_b) if callable(v) else v for k, v in overrides.items()})
     config = RegistryConfig(**values)
     # The registry verifies tokens remotely, as in production: JWKS and revocations
     # from the auth server, with the registry's own service-account credentials.

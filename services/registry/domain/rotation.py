@@ -198,7 +198,7 @@ class KekRotations:
                     wrapped = rewrap_to(
                         source,
                         cast(BinaryIO, _StagedWriter(staged)),
-                        trusted_keys=self._keys.verifying_keys,
+                        trusted_keys=self._keys.trust_list,
                         kek_provider=self._kek,
                         tenant_id=tenant_id,
                     )

@@ -141,3 +141,18 @@ itself must be in the image. local-file (devMode only): a folder of plain key fi
   emptyDir: {}
 {{- end }}
 {{- end -}}
+
+{{/* The pinned trust list of package signers (registry and HE runtime). */}}
+{{- define "tensafe.trustListFile" -}}
+{{- printf "/etc/tensafe/trust-list/%s" .Values.trustList.key -}}
+{{- end -}}
+{{- define "tensafe.trustListMount" -}}
+- name: trust-list
+  mountPath: /etc/tensafe/trust-list
+  readOnly: true
+{{- end -}}
+{{- define "tensafe.trustListVolume" -}}
+- name: trust-list
+  configMap:
+    name: {{ .Values.trustList.existingConfigMap }}
+{{- end -}}

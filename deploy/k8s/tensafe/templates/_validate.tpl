@@ -18,6 +18,9 @@ two values together). Each failure names the value to set.
 {{- end }}
 {{- end }}
 {{- end }}
+{{- if and (not $v.devMode) $v.heRuntime.adaptersFromRegistry (not $v.trustList.existingConfigMap) }}
+{{- fail "trustList.existingConfigMap is required outside devMode: the HE runtime verifies packages against a pinned trust list of signers bound to tenants" -}}
+{{- end }}
 {{- if and (eq $v.kekProvider "local-file") (not $v.devMode) }}
 {{- fail "kekProvider=local-file keeps KEKs in plain files and is accepted only with devMode; set kekProvider=pkcs11 and secrets.pkcs11" -}}
 {{- end }}
