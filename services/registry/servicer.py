@@ -6,7 +6,6 @@ status codes (IntegrityError → FAILED_PRECONDITION naming the failed check).
 
 from __future__ import annotations
 
-import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -17,14 +16,18 @@ from tensafe.common.errors import InvalidArgument, PermissionDenied
 from tensafe.proto.registry.v1 import registry_service_pb2 as pb
 from tensafe.proto.registry.v1 import registry_service_pb2_grpc
 from tensafe.registry import serde
-from tensafe.registry.domain.access import ACTING_TENANT_HEADER, AccessPolicy, Action, Caller
+from tensafe.registry.domain.access import (
+    ACTING_TENANT_HEADER,
+    TENANT_ID,
+    AccessPolicy,
+    Action,
+    Caller,
+)
 from tensafe.registry.domain.model import VersionRecord
 from tensafe.registry.domain.rotation import KekRotations
 from tensafe.registry.domain.service import PublishRequest, RegistryDomain
 
 Context = grpc.aio.ServicerContext[Any, Any]
-
-_TENANT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 def _acting_tenant(context: Context) -> str:
@@ -186,7 +189,7 @@ class RegistryServiceServicer(registry_service_pb2_grpc.RegistryServiceServicer)
                 reason="MISSING_SCOPE",
                 metadata={"scopes": "platform_admin"},
             )
-        if not _TENANT_ID.fullmatch(request.tenant_id):
+        if not TENANT_ID.fullmatch(request.tenant_id):
             raise InvalidArgument("tenant_id", "is not a tenant id")
         report = await self._rotations.rotate(request.tenant_id)
         return pb.RotateTenantKekResponse(

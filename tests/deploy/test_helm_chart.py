@@ -402,25 +402,7 @@ DEV_VALUES: dict[str, Any] = {
 
 
 def test_dev_mode_renders_without_secrets_or_claims() -> None:
-    documents = render(
-        {
-            "devMode": True,
-            "kekProvider": "local-file",
-            "secrets": {
-                "authKeyEncryption": {"existingSecret": "", "key": "k"},
-                "serviceApiKeys": {
-                    "existingSecret": "",
-                    "keys": {"trainer": "t", "registry": "r", "heRuntime": "h"},
-                },
-                "registrySigningKey": {"existingSecret": "", "key": "k"},
-                "datasetKek": {"existingSecret": "", "key": "k"},
-            },
-            "trainer": {"persistence": {"existingClaim": ""}, "baseModels": {"existingClaim": ""}},
-            "registry": {"persistence": {"existingClaim": ""}},
-            "heRuntime": {"persistence": {"existingClaim": ""}},
-            "keks": {"existingClaim": ""},
-        }
-    )
+    documents = render({**DEV_VALUES, "keks": {"existingClaim": ""}})
     for doc in documents:
         kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
     registry = by_kind(documents, "Deployment")["registry"]["spec"]["template"]["spec"]
