@@ -2,9 +2,21 @@
 # Install TenSafe with its dev tools into .venv (a real, non-editable install) and run
 # every check: generated code fresh, buf lint, ruff, mypy --strict, then pytest.
 # Needs: python3.11, node + npm, PostgreSQL at 127.0.0.1:5432 (tests create and drop
-# their own database). NATS servers are started by the tests themselves.
+# their own database). NATS servers are started by the tests themselves; SoftHSM2 (the
+# PKCS#11 token the KEK-provider tests use, each test with its own token folder) is
+# installed here when missing (Debian package softhsm2; CI runs as root).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+if ! command -v softhsm2-util >/dev/null 2>&1; then
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "SoftHSM2 is missing: run 'apt-get install softhsm2' as root" >&2
+        exit 1
+    fi
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq >/dev/null
+    apt-get install -y -qq --no-install-recommends softhsm2 >/dev/null
+fi
 
 python3 -m venv .venv
 . .venv/bin/activate

@@ -1,10 +1,13 @@
-"""TGSP: the signed, encrypted package format for LoRA adapters (format version 1).
+"""TGSP: the signed, encrypted package format for LoRA adapters (format version 2).
 
 A TGSP package seals one adapter: a public manifest (what the adapter is, how it was
 trained, its differential-privacy certificate, who made it), the weights as an
 encrypted safetensors payload, the key that decrypts them wrapped for the owning
-tenant, and an Ed25519 signature over all of it. The registry, the trainer's publisher,
-the HE runtime and the SDK all read and write packages through this library, offline.
+tenant, and an Ed25519 signature over the manifest and the ciphertext (the wrapped key
+is bound to the package by its own AEAD associated data, so it can be re-wrapped under
+a new KEK version without re-signing; format version 1, still read, signed it too).
+The registry, the trainer's publisher, the HE runtime and the SDK all read and write
+packages through this library, offline.
 The byte format is specified in docs/tgsp.md.
 
 Vocabulary, used throughout this package:
@@ -65,12 +68,15 @@ from tensafe.tgsp.manifest import (
 )
 from tensafe.tgsp.package import (
     MAGIC,
+    Envelope,
     OpenedAdapter,
     PackageSource,
     Weights,
     decrypt_to_file,
     inspect,
     open_package,
+    read_envelope,
+    rewrap_to,
     signer_key_id,
     verify,
     write,
@@ -87,6 +93,7 @@ from tensafe.tgsp.peft_dir import (
     write_peft_dir,
 )
 from tensafe.tgsp.signing import SigningKey, VerifyingKey, key_id_for
+from tensafe.tgsp.trust import EVERY_TENANT, TrustedSigner, TrustList
 
 open = open_package
 """Alias of :func:`open_package`: ``tensafe.tgsp.open(package, ...)``."""
@@ -95,6 +102,7 @@ __all__ = [
     "ADAPTER_CONFIG_NAME",
     "ADAPTER_WEIGHTS_NAME",
     "DEFAULT_CHUNK_SIZE",
+    "EVERY_TENANT",
     "FORMAT_VERSION",
     "MAGIC",
     "AdapterRef",
@@ -102,6 +110,7 @@ __all__ = [
     "ClientBatches",
     "DPCertificate",
     "DPGuarantee",
+    "Envelope",
     "KekProvider",
     "KmsKekProvider",
     "LocalFileKekProvider",
@@ -118,6 +127,8 @@ __all__ = [
     "SigningKey",
     "StepGroup",
     "TensorInfo",
+    "TrustList",
+    "TrustedSigner",
     "VerifyingKey",
     "Weights",
     "WrappedKey",
@@ -131,7 +142,9 @@ __all__ = [
     "package_peft_dir",
     "parse_canonical_json",
     "peft_adapter_config_text",
+    "read_envelope",
     "read_peft_dir",
+    "rewrap_to",
     "serialize_tensors",
     "signer_key_id",
     "verify",

@@ -10,13 +10,23 @@ Who may call ``unwrap`` is the caller's decision, not the provider's: the regist
 unwraps only for the owning tenant's principals and for internal services acting for
 that tenant, and records each unwrap as an audit event (docs/design §8).
 
-Two implementations of :class:`KekProvider`:
+Implementations of :class:`KekProvider`:
 
-* :class:`LocalFileKekProvider`: one KEK file per tenant in a directory (mode 0600),
-  created only by :meth:`LocalFileKekProvider.create_tenant_kek`.
-* :class:`KmsKekProvider`: the shape of a provider backed by a key management service
-  (AWS KMS, Google Cloud KMS, HashiCorp Vault transit, ...). It is abstract: a
-  deployment subclasses it with the three calls of its KMS client.
+* :class:`tensafe.tgsp.hsm.Pkcs11KekProvider`: KEKs generated inside a PKCS#11 token
+  (an HSM; SoftHSM2 in tests), non-extractable, every wrap and unwrap done by the token.
+  The production provider.
+* :class:`LocalFileKekProvider`: KEK files in a directory (mode 0600), created only by
+  :meth:`LocalFileKekProvider.create_tenant_kek`. A KEK file is the key in the clear:
+  anyone who can read the folder can unwrap every package of the tenant, so the services
+  accept this provider only in explicit dev mode (:mod:`tensafe.tgsp.kek_settings`).
+* :class:`KmsKekProvider`: the shape of a provider backed by a cloud key management
+  service (AWS KMS, Google Cloud KMS, HashiCorp Vault transit, ...). It is abstract and
+  no service can be configured with it: a deployment that needs one subclasses it with
+  the three calls of its KMS client and wires it in.
+
+**KEK versions.** A tenant's KEK has versions (rotation, ``tensafe admin rotate-kek``):
+the newest wraps, every version still present unwraps what it wrapped (a wrapped key
+names its KEK by id), and an old version is destroyed only once no package needs it.
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ from __future__ import annotations
 import abc
 import base64
 import binascii
+import glob
 import os
 import re
 import secrets
@@ -184,6 +195,60 @@ class KekProvider(abc.ABC):
             NotFound: The tenant has no KEK.
         """
 
+    def close(self) -> None:  # noqa: B027 - optional hook, most providers hold nothing
+        """Release what the provider holds open (a token session); nothing by default."""
+
+    def has_tenant_kek(self, tenant_id: str) -> bool:
+        """Return whether the tenant has a KEK (any version)."""
+        return bool(self.tenant_kek_ids(tenant_id))
+
+    def tenant_kek_ids(self, tenant_id: str) -> list[str]:
+        """Return the ids of the tenant's KEK versions, oldest first; the last one wraps.
+
+        Raises:
+            FailedPrecondition: The provider does not manage KEK versions.
+        """
+        raise FailedPrecondition(f"KEK provider {self.provider_id!r} does not manage KEKs")
+
+    def create_tenant_kek(self, tenant_id: str) -> str:
+        """Create the tenant's first KEK; the only way a tenant gets one.
+
+        Returns:
+            The new KEK's id.
+
+        Raises:
+            AlreadyExists: The tenant has a KEK already (use :meth:`rotate_tenant_kek`).
+            FailedPrecondition: The provider does not manage KEKs.
+        """
+        raise FailedPrecondition(f"KEK provider {self.provider_id!r} does not manage KEKs")
+
+    def rotate_tenant_kek(self, tenant_id: str) -> str:
+        """Create a new KEK version for the tenant; it wraps from now on.
+
+        Older versions keep unwrapping what they wrapped until destroyed.
+
+        Returns:
+            The new version's id.
+
+        Raises:
+            NotFound: The tenant has no KEK to rotate.
+            FailedPrecondition: The provider does not manage KEKs.
+        """
+        raise FailedPrecondition(f"KEK provider {self.provider_id!r} does not manage KEKs")
+
+    def destroy_tenant_kek(self, tenant_id: str, kek_id: str) -> None:
+        """Destroy one of the tenant's older KEK versions (never the current one).
+
+        Whatever it wrapped can never be unwrapped again: the caller checks first that
+        no package needs it.
+
+        Raises:
+            NotFound: No such version.
+            FailedPrecondition: ``kek_id`` is the current version, or the provider does
+                not manage KEKs.
+        """
+        raise FailedPrecondition(f"KEK provider {self.provider_id!r} does not manage KEKs")
+
     def check_binding(self, tenant_id: str, wrapped: WrappedKey) -> None:
         """Refuse a wrapped key made for another tenant or by another provider kind.
 
@@ -208,15 +273,21 @@ def _length_prefixed(*parts: bytes) -> bytes:
 
 
 class LocalFileKekProvider(KekProvider):
-    """KEKs in files, one per tenant: ``<directory>/<tenant_id>.kek``, mode 0600.
+    """KEKs in files: ``<directory>/<tenant_id>.kek`` (version 1) and
+    ``<tenant_id>@<n>.kek`` (version n >= 2, after rotations), mode 0600. Dev mode only.
 
     A KEK file is canonical JSON ``{"format": "tensafe.local-kek.v1", "kek_id": <32 hex>,
     "key": <base64 of 32 random bytes>, "tenant_id": ...}``. Keys wrap DEKs with
     AES-256-GCM, a fresh random 96-bit nonce per wrap (NIST SP 800-38D §8.2.2: safe for
     far more wraps than one KEK will see) and associated data that binds the tenant, the
-    KEK id and the caller's AAD. The wrapped form is nonce || ciphertext || tag.
+    KEK id and the caller's AAD. The wrapped form is nonce || ciphertext || tag. The
+    highest version wraps; every version present unwraps what it wrapped.
 
-    Tenant ids must be usable as file names: ``[A-Za-z0-9][A-Za-z0-9._-]{0,127}``.
+    The key is in the clear in the file: the folder's permissions are all that protect
+    it, which is why the services refuse this provider outside dev mode.
+
+    Tenant ids must be usable as file names: ``[A-Za-z0-9][A-Za-z0-9._-]{0,127}`` (``@``
+    cannot occur in one, so version files never collide with another tenant's).
 
     Args:
         directory: Existing directory holding the KEK files (keep it 0700).
@@ -239,7 +310,7 @@ class LocalFileKekProvider(KekProvider):
         return self.PROVIDER_ID
 
     def create_tenant_kek(self, tenant_id: str) -> str:
-        """Create a tenant's KEK file; the only way a local KEK comes into being.
+        """Create a tenant's first KEK file; the only way a local KEK comes into being.
 
         Args:
             tenant_id: The tenant.
@@ -252,7 +323,36 @@ class LocalFileKekProvider(KekProvider):
                 make every package of the tenant undecryptable).
             InvalidArgument: The tenant id cannot be a file name.
         """
-        path = self._path(tenant_id)
+        if self._versions(tenant_id):
+            raise AlreadyExists(f"tenant {tenant_id!r} has a key-encryption key already")
+        return self._create(tenant_id, 1)
+
+    def rotate_tenant_kek(self, tenant_id: str) -> str:
+        """Create the next KEK version; see :meth:`KekProvider.rotate_tenant_kek`."""
+        versions = self._versions(tenant_id)
+        if not versions:
+            raise NotFound(f"tenant {tenant_id!r} has no key-encryption key")
+        return self._create(tenant_id, max(versions) + 1)
+
+    def tenant_kek_ids(self, tenant_id: str) -> list[str]:
+        """Ids of the tenant's KEK versions, oldest first."""
+        return [self._read(tenant_id, version)[0] for version in sorted(self._versions(tenant_id))]
+
+    def destroy_tenant_kek(self, tenant_id: str, kek_id: str) -> None:
+        """Delete an old version's file; see :meth:`KekProvider.destroy_tenant_kek`."""
+        versions = sorted(self._versions(tenant_id))
+        for version in versions:
+            if self._read(tenant_id, version)[0] == kek_id:
+                if version == versions[-1]:
+                    raise FailedPrecondition(
+                        f"KEK {kek_id} is tenant {tenant_id!r}'s current KEK; rotate first"
+                    )
+                self._path(tenant_id, version).unlink()
+                return
+        raise NotFound(f"tenant {tenant_id!r} has no KEK {kek_id!r}")
+
+    def _create(self, tenant_id: str, version: int) -> str:
+        path = self._path(tenant_id, version)
         kek_id = secrets.token_hex(16)
         document = canonical_json(
             {
@@ -266,7 +366,9 @@ class LocalFileKekProvider(KekProvider):
         try:
             descriptor = os.open(path, flags, 0o600)
         except FileExistsError as exc:
-            raise AlreadyExists(f"tenant {tenant_id!r} has a key-encryption key already") from exc
+            raise AlreadyExists(
+                f"tenant {tenant_id!r} has KEK version {version} already"
+            ) from exc
         try:
             os.fchmod(descriptor, 0o600)  # the umask may only have narrowed it; be explicit
             os.write(descriptor, document)
@@ -278,15 +380,14 @@ class LocalFileKekProvider(KekProvider):
         os.close(descriptor)
         return kek_id
 
-    def has_tenant_kek(self, tenant_id: str) -> bool:
-        """Return whether the tenant has a KEK file."""
-        return self._path(tenant_id).exists()
-
     def wrap(self, tenant_id: str, dek: bytes, aad: bytes) -> WrappedKey:
-        """Wrap ``dek`` under the tenant's KEK; see :meth:`KekProvider.wrap`."""
+        """Wrap ``dek`` under the tenant's current KEK; see :meth:`KekProvider.wrap`."""
         if len(dek) != KEY_LENGTH:
             raise InvalidArgument("dek", f"must be {KEY_LENGTH} bytes")
-        kek_id, key = self._load(tenant_id)
+        versions = self._versions(tenant_id)
+        if not versions:
+            raise NotFound(f"tenant {tenant_id!r} has no key-encryption key")
+        kek_id, key = self._read(tenant_id, max(versions))
         nonce = secrets.token_bytes(_GCM_NONCE_LENGTH)
         sealed = AESGCM(key).encrypt(nonce, dek, self._aad(tenant_id, kek_id, aad))
         return WrappedKey(
@@ -298,15 +399,25 @@ class LocalFileKekProvider(KekProvider):
         )
 
     def unwrap(self, tenant_id: str, wrapped: WrappedKey, aad: bytes) -> bytes:
-        """Unwrap a key for the tenant; see :meth:`KekProvider.unwrap`."""
+        """Unwrap a key for the tenant with the KEK version that wrapped it; see
+        :meth:`KekProvider.unwrap`."""
         self.check_binding(tenant_id, wrapped)
         if wrapped.algorithm != self.ALGORITHM:
             raise integrity_failure("wrapped key", f"unknown algorithm {wrapped.algorithm!r}")
-        kek_id, key = self._load(tenant_id)
-        if wrapped.kek_id != kek_id:
+        versions = self._versions(tenant_id)
+        if not versions:
+            raise NotFound(f"tenant {tenant_id!r} has no key-encryption key")
+        key = None
+        for version in versions:
+            kek_id, candidate = self._read(tenant_id, version)
+            if kek_id == wrapped.kek_id:
+                key = candidate
+                break
+        if key is None:
             raise integrity_failure(
                 "wrapped key",
-                f"wrapped under KEK {wrapped.kek_id!r}; tenant {tenant_id!r} has KEK {kek_id!r}",
+                f"wrapped under KEK {wrapped.kek_id!r}, which tenant {tenant_id!r} does not "
+                "have (another deployment's, or a destroyed version)",
             )
         blob = wrapped.ciphertext
         if len(blob) != _GCM_NONCE_LENGTH + KEY_LENGTH + 16:
@@ -315,7 +426,7 @@ class LocalFileKekProvider(KekProvider):
             return AESGCM(key).decrypt(
                 blob[:_GCM_NONCE_LENGTH],
                 blob[_GCM_NONCE_LENGTH:],
-                self._aad(tenant_id, kek_id, aad),
+                self._aad(tenant_id, wrapped.kek_id, aad),
             )
         except InvalidTag as exc:
             raise integrity_failure(
@@ -330,15 +441,28 @@ class LocalFileKekProvider(KekProvider):
             tenant_id.encode("utf-8"), kek_id.encode("utf-8"), aad
         )
 
-    def _path(self, tenant_id: str) -> Path:
+    def _path(self, tenant_id: str, version: int = 1) -> Path:
         if not isinstance(tenant_id, str) or not _TENANT_FILE_NAME.fullmatch(tenant_id):
             raise InvalidArgument(
                 "tenant_id", "must match [A-Za-z0-9][A-Za-z0-9._-]{0,127} for a local KEK"
             )
-        return self._directory / f"{tenant_id}.kek"
+        suffix = "" if version == 1 else f"@{version}"
+        return self._directory / f"{tenant_id}{suffix}.kek"
 
-    def _load(self, tenant_id: str) -> tuple[str, bytes]:
-        path = self._path(tenant_id)
+    def _versions(self, tenant_id: str) -> list[int]:
+        first = self._path(tenant_id)
+        found = [1] if first.exists() or first.is_symlink() else []
+        prefix = f"{tenant_id}@"
+        for path in self._directory.glob(f"{glob.escape(tenant_id)}@*.kek"):
+            number = path.name[len(prefix) : -len(".kek")]
+            if number.isdigit() and int(number) >= 2 and path.name == self._path(
+                tenant_id, int(number)
+            ).name:
+                found.append(int(number))
+        return found
+
+    def _read(self, tenant_id: str, version: int) -> tuple[str, bytes]:
+        path = self._path(tenant_id, version)
         try:
             descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
         except FileNotFoundError as exc:
@@ -480,18 +604,25 @@ class KmsKekProvider(KekProvider):
 
 
 def dek_aad(
-    *, tenant_id: str, adapter_id: str, adapter_version: str, manifest_sha256: str
+    *,
+    tenant_id: str,
+    adapter_id: str,
+    adapter_version: str,
+    manifest_sha256: str,
+    format_version: int,
 ) -> bytes:
     """Return the associated data a TGSP package's DEK is wrapped with.
 
     Canonical JSON of the tenant, the adapter id and version, the format version, the
     manifest's SHA-256 and a purpose string, so the wrapped key unwraps only for the
-    package it was made for (docs/tgsp.md, "Wrapped key").
+    package it was made for (docs/tgsp.md, "Wrapped key"). In format version 2 this
+    binding is what authenticates the wrapped key (the signature no longer covers it,
+    so that re-wrapping under a new KEK version keeps the signature valid).
     """
     return canonical_json(
         {
-            "purpose": "tensafe.tgsp.v1.dek",
-            "format_version": 1,
+            "purpose": f"tensafe.tgsp.v{format_version}.dek",
+            "format_version": format_version,
             "tenant_id": tenant_id,
             "adapter_id": adapter_id,
             "adapter_version": adapter_version,

@@ -20,8 +20,12 @@ from typing import ClassVar, TypeAlias
 from tensafe.common.errors import InvalidArgument
 from tensafe.tgsp.canonical import JsonValue, canonical_json, parse_json_strictly
 
-FORMAT_VERSION = 1
-"""The TGSP format version this library writes and the only one it reads."""
+FORMAT_VERSION = 2
+"""The TGSP format version this library writes (docs/tgsp.md §2: version 2 signs what
+re-wrapping the data key does not change)."""
+
+READABLE_FORMAT_VERSIONS = (1, 2)
+"""The format versions this library reads."""
 
 PAYLOAD_FORMAT = "safetensors"
 """The plaintext payload is one safetensors file."""
@@ -701,11 +705,13 @@ class Manifest:
     format_version: int = field(default=FORMAT_VERSION)
 
     def __post_init__(self) -> None:
-        if self.format_version != FORMAT_VERSION:
+        if self.format_version not in READABLE_FORMAT_VERSIONS or isinstance(
+            self.format_version, bool
+        ):
             raise InvalidArgument(
                 "manifest.format_version",
                 f"unsupported format version {self.format_version}; this library reads "
-                f"{FORMAT_VERSION}",
+                f"{READABLE_FORMAT_VERSIONS}",
             )
         if not self.tensors:
             raise InvalidArgument("manifest.tensors", "must list at least one tensor")
@@ -766,11 +772,11 @@ class Manifest:
         """
         members = _Members(value, "manifest")
         format_version = members.take("format_version")
-        if format_version != FORMAT_VERSION or isinstance(format_version, bool):
+        if format_version not in READABLE_FORMAT_VERSIONS or isinstance(format_version, bool):
             raise InvalidArgument(
                 "manifest.format_version",
                 f"unsupported format version {format_version!r}; this library reads "
-                f"{FORMAT_VERSION}",
+                f"{READABLE_FORMAT_VERSIONS}",
             )
         adapter = _Members(members.take("adapter"), "adapter")
         adapter_ref = AdapterRef(adapter_id=adapter.text("id"), version=adapter.text("version"))
@@ -818,6 +824,7 @@ class Manifest:
             dp_certificate=_certificate_from_json(members.take("dp_certificate")),
             provenance=Provenance.from_json(members.take("provenance")),
             payload=payload_info,
+            format_version=int(format_version),
         )
         members.done()
         return manifest

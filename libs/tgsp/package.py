@@ -1,8 +1,8 @@
-r"""The TGSP container: write, inspect, verify and open packages (format version 1).
+r"""The TGSP container: write, inspect, verify, open and re-wrap packages (format 2; 1 read).
 
 Byte layout (all integers big-endian; docs/tgsp.md is the full specification)::
 
-    header      28 bytes   magic "\x89TGSP\r\n\x1a", u16 format_version = 1,
+    header      28 bytes   magic "\x89TGSP\r\n\x1a", u16 format_version (1 or 2),
                            u16 flags = 0, u32 manifest_length,
                            u32 wrapped_key_length, u64 ciphertext_length
     manifest    canonical JSON (RFC 8785), see tensafe.tgsp.manifest
@@ -20,11 +20,18 @@ so counter nonces never repeat under one key; the index stops reordering and the
 flag stops truncation at a chunk boundary. Chunks let a reader verify and decrypt with
 memory bounded by one chunk, and tell which chunk failed.
 
-The signature covers ``"tensafe.tgsp.v1.signature\0" || trailer[0:128]``: the signer
-and the three section digests. One Ed25519 verification thus authenticates every byte
-of the file (the header holds only constants and the section lengths, which the digests
-fix), and a reader checks the signer and the signature first and then each digest,
-naming the part that was altered.
+Format version 1 signs ``"tensafe.tgsp.v1.signature\0" || trailer[0:128]``: the signer
+and the three section digests. Format version 2 signs ``"tensafe.tgsp.v2.signature\0"
+|| trailer[0:64] || trailer[96:128]``: the signer, the manifest digest and the
+ciphertext digest, **not** the wrapped key's, which stays in the trailer as an unsigned
+checksum. The wrapped key is authenticated instead by its own AEAD: the KEK provider
+binds the tenant, the adapter id and version, the format version and the manifest's
+digest as associated data (:func:`tensafe.tgsp.dek_aad`), so only a holder of the
+tenant's KEK can make a wrapped key that opens this package, and the DEK it yields
+must then pass every chunk's GCM tag under the signed ciphertext digest. What this
+buys: :func:`rewrap_to` re-wraps the DEK under a new KEK version (rotation) without
+touching the signature. A reader checks the signer and the signature first and then
+each digest, naming the part that was altered.
 
 Order of checks on reading (each failure raises and nothing is returned):
 structure of header and lengths → trusted signer → signature → manifest digest →
@@ -62,6 +69,7 @@ from tensafe.tgsp.kek import KEY_LENGTH, KekProvider, WrappedKey, dek_aad, integ
 from tensafe.tgsp.manifest import (
     DEFAULT_CHUNK_SIZE,
     FORMAT_VERSION,
+    READABLE_FORMAT_VERSIONS,
     AdapterRef,
     BaseModelRef,
     DPCertificate,
@@ -82,6 +90,7 @@ from tensafe.tgsp.payload import (
     torch_tensors,
 )
 from tensafe.tgsp.signing import SigningKey, VerifyingKey, trusted_key_map
+from tensafe.tgsp.trust import TrustList
 
 if TYPE_CHECKING:
     import torch
@@ -95,7 +104,10 @@ TRAILER_LENGTH = 192
 GCM_TAG_LENGTH = 16
 MAX_MANIFEST_LENGTH = 16 * 1024 * 1024
 MAX_WRAPPED_KEY_LENGTH = 64 * 1024
-SIGNATURE_DOMAIN = b"tensafe.tgsp.v1.signature\x00"
+SIGNATURE_DOMAINS = {
+    1: b"tensafe.tgsp.v1.signature\x00",
+    2: b"tensafe.tgsp.v2.signature\x00",
+}
 CHUNK_AAD_DOMAIN = b"tensafe.tgsp.v1.chunk\x00"
 
 _HEADER = struct.Struct(">8sHHIIQ")
@@ -149,6 +161,7 @@ def write(
     kek_provider: KekProvider,
     signing_key: SigningKey,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    format_version: int = FORMAT_VERSION,
 ) -> bytes:
     """Seal an adapter into a TGSP package and return its bytes.
 
@@ -165,6 +178,9 @@ def write(
         kek_provider: Provider holding the tenant's KEK.
         signing_key: Key that signs the package.
         chunk_size: Plaintext bytes per AEAD chunk.
+        format_version: 2 (the default); 1 only for readers that know no other (a
+            version-1 package's signature covers its wrapped key, so it cannot be
+            re-wrapped when the tenant's KEK rotates).
 
     Returns:
         The package.
@@ -186,6 +202,7 @@ def write(
         kek_provider=kek_provider,
         signing_key=signing_key,
         chunk_size=chunk_size,
+        format_version=format_version,
     )
     return buffer.getvalue()
 
@@ -203,6 +220,7 @@ def write_to(
     signing_key: SigningKey,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     durable: bool = True,
+    format_version: int = FORMAT_VERSION,
 ) -> int:
     """Seal an adapter into a TGSP package written to a stream or file.
 
@@ -222,6 +240,7 @@ def write_to(
         chunk_size: Plaintext bytes per AEAD chunk.
         durable: For a path, fsync the file before renaming it into place, so a package
             that exists survives a crash. Ignored for streams (the caller owns them).
+        format_version: See :func:`write`.
 
     Returns:
         Number of bytes written.
@@ -244,6 +263,7 @@ def write_to(
             signing_key=signing_key,
             chunk_size=chunk_size,
             durable=durable,
+            format_version=format_version,
         )
 
 
@@ -260,6 +280,7 @@ def _write_to(
     signing_key: SigningKey,
     chunk_size: int,
     durable: bool,
+    format_version: int,
 ) -> int:
     layout, digests = plaintext.scan()
     manifest = Manifest(
@@ -273,6 +294,7 @@ def _write_to(
         dp_certificate=dp_certificate,
         provenance=provenance,
         payload=PayloadInfo(chunk_size=chunk_size, plaintext_size=plaintext.size),
+        format_version=format_version,
     )
     manifest_bytes = manifest.canonical_bytes()
     if len(manifest_bytes) > MAX_MANIFEST_LENGTH:
@@ -287,7 +309,7 @@ def _write_to(
         raise InvalidArgument("kek_provider", "wrapped key over the format's 64 KiB limit")
     ciphertext_length = plaintext.size + GCM_TAG_LENGTH * manifest.payload.chunk_count
     header = _HEADER.pack(
-        MAGIC, FORMAT_VERSION, 0, len(manifest_bytes), len(wrapped_bytes), ciphertext_length
+        MAGIC, format_version, 0, len(manifest_bytes), len(wrapped_bytes), ciphertext_length
     )
     if isinstance(destination, os.PathLike):
         return _write_file_atomically(
@@ -336,7 +358,7 @@ def _emit(
         + hashlib.sha256(wrapped_bytes).digest()
         + ciphertext_digest
     )
-    signature = signing_key.sign(SIGNATURE_DOMAIN + body)
+    signature = signing_key.sign(_signed_message(manifest.format_version, body))
     written += _write_all(stream, body + signature)
     return written
 
@@ -545,7 +567,9 @@ def verify(
 
     Args:
         source: The package (bytes, path or binary stream).
-        trusted_keys: Public keys whose signatures are accepted.
+        trusted_keys: Public keys whose signatures are accepted, or a
+            :class:`~tensafe.tgsp.trust.TrustList` that also binds each key to the
+            tenants it may sign for.
         expected_tenant: If given, the tenant the package must belong to.
 
     Returns:
@@ -559,8 +583,9 @@ def verify(
     trusted = trusted_key_map(trusted_keys)
     with _source(source) as reader:
         sections = _read_sections(reader, hash_ciphertext=True)
-    _check_authenticity(sections, trusted)
+    signer = _check_authenticity(sections, trusted)
     manifest, _ = _parse_contents(sections)
+    _check_signer_binding(trusted_keys, signer, manifest)
     if expected_tenant is not None:
         _check_tenant(manifest, expected_tenant)
     return manifest
@@ -604,6 +629,7 @@ def open_package(
     with _seekable_source(source) as reader:
         prefix = _authenticate_prefix(reader, trusted)
         manifest, wrapped = _parse_contents(prefix)
+        _check_signer_binding(trusted_keys, prefix.signer_key_id, manifest)
         _check_tenant(manifest, tenant_id)
         dek = _unwrap(kek_provider, tenant_id, wrapped, manifest, prefix.manifest_bytes)
         info = manifest.payload
@@ -664,6 +690,7 @@ def decrypt_to_file(
             raise InvalidArgument("source", "must be a path or a seekable stream")
         prefix = _authenticate_prefix(reader, trusted)
         manifest, wrapped = _parse_contents(prefix)
+        _check_signer_binding(trusted_keys, prefix.signer_key_id, manifest)
         _check_tenant(manifest, tenant_id)
         dek = _unwrap(kek_provider, tenant_id, wrapped, manifest, prefix.manifest_bytes)
         info = manifest.payload
@@ -692,12 +719,122 @@ def decrypt_to_file(
     return manifest
 
 
+# --------------------------------------------------------------------------- re-wrapping
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """A package's format version and wrapped key, as stated (not verified)."""
+
+    format_version: int
+    """1 or 2; only version 2 can be re-wrapped."""
+    wrapped_key: WrappedKey
+    """Which provider and KEK version wrapped the DEK."""
+
+
+def read_envelope(source: PackageSource) -> Envelope:
+    """Return a package's format version and wrapped key without any key or check of
+    the signature: enough to tell which KEK version a stored package needs.
+
+    Raises:
+        InvalidArgument: The package is malformed.
+        IntegrityError: ``wrapped key digest`` (the trailer's checksum).
+    """
+    with _source(source) as reader:
+        sections = _read_sections(reader, hash_ciphertext=False)
+    _check_digest(
+        "wrapped key digest", sections.wrapped_key_bytes, sections.trailer.wrapped_key_sha256
+    )
+    return Envelope(
+        format_version=sections.header.version,
+        wrapped_key=WrappedKey.from_canonical_bytes(sections.wrapped_key_bytes),
+    )
+
+
+def rewrap_to(
+    source: os.PathLike[str] | BinaryIO,
+    destination: BinaryIO,
+    *,
+    trusted_keys: Iterable[VerifyingKey],
+    kek_provider: KekProvider,
+    tenant_id: str,
+) -> WrappedKey:
+    """Copy a version-2 package with its DEK re-wrapped under the tenant's current KEK.
+
+    The signer, the signature, the manifest digest, the structure and the tenant are
+    checked, the DEK is unwrapped with the KEK version that wrapped it and wrapped again
+    under the current one (same associated data), and the package is written with the
+    new wrapped-key section and the trailer's wrapped-key checksum updated. The
+    manifest, the ciphertext and the signature are copied unchanged (the signature
+    does not cover the wrapped key in version 2), and the ciphertext is hashed on the
+    way and compared with the signed digest, so a damaged copy is never propagated.
+    Memory is bounded by one block.
+
+    Args:
+        source: A path, or a seekable binary stream at the package's start.
+        destination: Where the re-wrapped package is written (the caller commits it).
+        trusted_keys: Public keys whose signatures are accepted.
+        kek_provider: Holds the tenant's KEK versions (the old one must still exist).
+        tenant_id: The owning tenant.
+
+    Returns:
+        The new wrapped key (its ``kek_id`` is the current KEK version).
+
+    Raises:
+        FailedPrecondition: A version-1 package (its signature covers the wrapped key:
+            re-wrapping it would void the signature; the old KEK must stay until it is
+            re-published), or a source that is not seekable.
+        IntegrityError: As for :func:`open_package`, up to the ciphertext digest.
+        NotFound: The tenant has no KEK.
+    """
+    trusted = trusted_key_map(trusted_keys)
+    with _source(source) as reader:
+        if not reader.seekable:
+            raise InvalidArgument("source", "must be a path or a seekable stream")
+        prefix = _authenticate_prefix(reader, trusted)
+        if prefix.header.version == 1:
+            raise FailedPrecondition(
+                "format version 1 signs the wrapped key: re-wrapping would void the "
+                "signature; the package keeps its KEK version until it is re-published",
+                reason="TGSP_V1_NOT_REWRAPPABLE",
+            )
+        manifest, wrapped = _parse_contents(prefix)
+        _check_signer_binding(trusted_keys, prefix.signer_key_id, manifest)
+        _check_tenant(manifest, tenant_id)
+        dek = _unwrap(kek_provider, tenant_id, wrapped, manifest, prefix.manifest_bytes)
+        rewrapped = kek_provider.wrap(tenant_id, dek, _dek_aad(manifest, prefix.manifest_bytes))
+        if rewrapped.tenant_id != tenant_id:
+            raise integrity_failure(
+                "tenant mismatch", "the KEK provider wrapped for another tenant"
+            )
+        wrapped_bytes = rewrapped.canonical_bytes()
+        if len(wrapped_bytes) > MAX_WRAPPED_KEY_LENGTH:
+            raise InvalidArgument("kek_provider", "wrapped key over the format's 64 KiB limit")
+        length = prefix.header.ciphertext_length
+        header = _HEADER.pack(
+            MAGIC, prefix.header.version, 0, len(prefix.manifest_bytes), len(wrapped_bytes), length
+        )
+        for part in (header, prefix.manifest_bytes, wrapped_bytes):
+            _write_all(destination, part)
+        hasher = hashlib.sha256()
+        for start in range(0, length, _STREAM_BLOCK):
+            block = reader.read(min(_STREAM_BLOCK, length - start), "ciphertext")
+            hasher.update(block)
+            _write_all(destination, block)
+        if hasher.digest() != prefix.trailer.ciphertext_sha256:
+            raise integrity_failure("ciphertext digest", "SHA-256 differs from the signed digest")
+        raw = prefix.trailer.raw
+        _write_all(destination, raw[:64] + hashlib.sha256(wrapped_bytes).digest() + raw[96:])
+    return rewrapped
+
+
 # --------------------------------------------------------------------------- internals
 
 
 @dataclass(frozen=True)
 class _Header:
     raw: bytes
+    version: int
     manifest_length: int
     wrapped_key_length: int
     ciphertext_length: int
@@ -917,10 +1054,11 @@ def _parse_header(raw: bytes, total_size: int | None) -> _Header:
     magic, version, flags, manifest_length, wrapped_length, ciphertext_length = _HEADER.unpack(raw)
     if magic != MAGIC:
         raise InvalidArgument("header.magic", "not a TGSP package")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_FORMAT_VERSIONS:
         raise InvalidArgument(
             "header.format_version",
-            f"unsupported format version {version}; this reader supports {FORMAT_VERSION}",
+            f"unsupported format version {version}; this reader supports "
+            f"{READABLE_FORMAT_VERSIONS}",
         )
     if flags != 0:
         raise InvalidArgument("header.flags", f"reserved flags must be 0, found {flags:#06x}")
@@ -943,7 +1081,7 @@ def _parse_header(raw: bytes, total_size: int | None) -> _Header:
             f"the header's section lengths add up to {total} bytes but the package has "
             f"{total_size} (truncated, extended or a corrupted header)",
         )
-    return _Header(raw, manifest_length, wrapped_length, ciphertext_length)
+    return _Header(raw, version, manifest_length, wrapped_length, ciphertext_length)
 
 
 def _read_sections(reader: _Source, *, hash_ciphertext: bool) -> _Sections:
@@ -1000,7 +1138,7 @@ def _authenticate_prefix(reader: _Source, trusted: Mapping[str, VerifyingKey]) -
     reader.rewind(ciphertext_offset + header.ciphertext_length)
     trailer = _parse_trailer(bytes(reader.read(TRAILER_LENGTH, "trailer")))
     reader.ensure_end()
-    signer = _check_signature(trailer, trusted)
+    signer = _check_signature(trailer, trusted, header.version)
     _check_digest("manifest digest", manifest_bytes, trailer.manifest_sha256)
     _check_digest("wrapped key digest", wrapped_bytes, trailer.wrapped_key_sha256)
     reader.rewind(ciphertext_offset)
@@ -1156,21 +1294,29 @@ def _parse_trailer(raw: bytes) -> _Trailer:
     )
 
 
-def _check_signature(trailer: _Trailer, trusted: Mapping[str, VerifyingKey]) -> str:
+def _signed_message(version: int, trailer_body: bytes) -> bytes:
+    """What the signature covers (module docstring): in version 2 not the wrapped-key
+    digest, trailer bytes 64..96."""
+    if version == 1:
+        return SIGNATURE_DOMAINS[1] + trailer_body[:128]
+    return SIGNATURE_DOMAINS[version] + trailer_body[:64] + trailer_body[96:128]
+
+
+def _check_signature(trailer: _Trailer, trusted: Mapping[str, VerifyingKey], version: int) -> str:
     key_id = trailer.signer_key_id.hex()
     key = trusted.get(key_id)
     if key is None:
         raise integrity_failure(
             "unknown signer", f"key id {key_id} is not among the {len(trusted)} trusted keys"
         )
-    if not key.verify(trailer.signature, SIGNATURE_DOMAIN + trailer.raw[:128]):
+    if not key.verify(trailer.signature, _signed_message(version, trailer.raw)):
         raise integrity_failure("signature", f"Ed25519 signature by {key_id} does not verify")
     return key_id
 
 
 def _check_authenticity(sections: _Sections, trusted: Mapping[str, VerifyingKey]) -> str:
     trailer = sections.trailer
-    key_id = _check_signature(trailer, trusted)
+    key_id = _check_signature(trailer, trusted, sections.header.version)
     _check_digest("manifest digest", sections.manifest_bytes, trailer.manifest_sha256)
     _check_digest("wrapped key digest", sections.wrapped_key_bytes, trailer.wrapped_key_sha256)
     if sections.ciphertext_sha256 != trailer.ciphertext_sha256:
@@ -1185,6 +1331,11 @@ def _check_digest(check: str, data: bytes, expected: bytes) -> None:
 
 def _parse_contents(sections: _Sections | _Prefix) -> tuple[Manifest, WrappedKey]:
     manifest = Manifest.from_canonical_bytes(sections.manifest_bytes)
+    if manifest.format_version != sections.header.version:
+        raise InvalidArgument(
+            "manifest.format_version",
+            f"is {manifest.format_version}; the header says {sections.header.version}",
+        )
     wrapped = WrappedKey.from_canonical_bytes(sections.wrapped_key_bytes)
     if wrapped.tenant_id != manifest.tenant_id:
         raise integrity_failure(
@@ -1202,6 +1353,15 @@ def _parse_contents(sections: _Sections | _Prefix) -> tuple[Manifest, WrappedKey
     return manifest, wrapped
 
 
+def _check_signer_binding(
+    trusted_keys: Iterable[VerifyingKey], signer_key_id: str, manifest: Manifest
+) -> None:
+    """With a :class:`~tensafe.tgsp.trust.TrustList`, the signer must be bound to the
+    package's tenant (a plain set of keys binds every key to every tenant)."""
+    if isinstance(trusted_keys, TrustList):
+        trusted_keys.check(signer_key_id, manifest.tenant_id)
+
+
 def _check_tenant(manifest: Manifest, tenant_id: str) -> None:
     if manifest.tenant_id != tenant_id:
         raise integrity_failure(
@@ -1216,6 +1376,7 @@ def _dek_aad(manifest: Manifest, manifest_bytes: bytes) -> bytes:
         adapter_id=manifest.adapter.adapter_id,
         adapter_version=manifest.adapter.version,
         manifest_sha256=hashlib.sha256(manifest_bytes).hexdigest(),
+        format_version=manifest.format_version,
     )
 
 
@@ -1287,12 +1448,15 @@ def _check_tensors(
 
 __all__ = [
     "MAGIC",
+    "Envelope",
     "OpenedAdapter",
     "PackageSource",
     "Weights",
     "decrypt_to_file",
     "inspect",
     "open_package",
+    "read_envelope",
+    "rewrap_to",
     "signer_key_id",
     "verify",
     "write",

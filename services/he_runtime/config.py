@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 from tensafe.common.config import ServiceConfig, env_name, setting
 from tensafe.common.errors import ConfigError
@@ -48,6 +49,13 @@ class HeRuntimeConfig(ServiceConfig):
         "mode serves adapters, from unverified PEFT folders under data_dir/adapters.",
         default="",
     )
+    trust_list_file: Path | None = setting(
+        "JSON trust list (tensafe.tgsp.TrustList) of the keys that may sign packages, each "
+        "bound to the tenants it may sign for, pinned here rather than taken from the "
+        "registry (docs/he.md §7). Required with registry_url outside dev mode; in dev "
+        "mode, when unset, the registry's published keys are trusted for every tenant.",
+        default=None,
+    )
     evaluation_threads: int = setting(
         "Threads that run SEAL work off the event loop. seal-python holds the GIL during "
         "each SEAL call, so more threads add concurrency between sessions, not speed.",
@@ -69,6 +77,12 @@ class HeRuntimeConfig(ServiceConfig):
             raise ConfigError(
                 env_name("max_key_bytes_per_tenant"),
                 "must be at least max_session_key_bytes (else no session of maximal size fits)",
+            )
+        if self.registry_url and self.trust_list_file is None and not self.dev_mode:
+            raise ConfigError(
+                env_name("trust_list_file"),
+                "required with TENSAFE_REGISTRY_URL outside dev mode: the runtime verifies "
+                "packages against a pinned trust list, not the registry's own word",
             )
         if self.session_idle_ttl_seconds <= 0:
             raise ConfigError(env_name("session_idle_ttl_seconds"), "must be positive")

@@ -10,9 +10,12 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from tensafe import tgsp
 from tensafe.common import tls
 from tensafe.common.auth import connect_authentication
+from tensafe.common.config import env_name
 from tensafe.common.db import Database
+from tensafe.common.errors import ConfigError, InvalidArgument
 from tensafe.common.grpc_errors import ServerInterceptorBase
 from tensafe.common.grpc_server import Assembly, ServiceRegistration, run_service
 from tensafe.common.registry_client import RegistryClient
@@ -60,13 +63,20 @@ def adapter_source(config: HeRuntimeConfig) -> AdapterSource | None:
         ConfigError: A registry is configured without the service's credentials.
     """
     if config.registry_url:
+        trust = None
+        if config.trust_list_file is not None:
+            try:
+                trust = tgsp.TrustList.from_file(config.trust_list_file)
+            except InvalidArgument as error:
+                raise ConfigError(env_name("trust_list_file"), error.message) from error
         return RegistryAdapterSource(
             RegistryClient.connect(
                 registry_url=config.registry_url,
                 auth_url=config.auth_url,
                 service_api_key=config.service_api_key,
                 channel_credentials=tls.channel_credentials(config),
-            )
+            ),
+            trust=trust,
         )
     if config.dev_mode:
         return LocalPeftAdapterSource(local_adapters_dir(config))

@@ -7,13 +7,15 @@ from pathlib import Path
 
 from tensafe.common.config import ServiceConfig, env_name, setting
 from tensafe.common.errors import ConfigError
+from tensafe.tgsp.kek_settings import KekSettings
 
 MIB = 1024 * 1024
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class RegistryConfig(ServiceConfig):
-    """Settings of the registry service."""
+class RegistryConfig(KekSettings, ServiceConfig):
+    """Settings of the registry service (the KEK provider's settings come from
+    :class:`~tensafe.tgsp.kek_settings.KekSettings`)."""
 
     registry_signing_key_file: Path | None = setting(
         "PEM file (PKCS#8) of this deployment's Ed25519 package-signing key. Required "
@@ -26,9 +28,16 @@ class RegistryConfig(ServiceConfig):
         "whose package signatures the registry accepts, e.g. the trainer's publisher key.",
         default=(),
     )
+    registry_trust_list_file: Path | None = setting(
+        "JSON trust list binding further signing keys to the tenants they may sign "
+        "packages for (docs/tgsp.md §13, tensafe.tgsp.TrustList); a package signed by a "
+        "key not bound to its tenant is refused. The registry's own key and the keys of "
+        "registry_trusted_signing_key_files may sign for every tenant.",
+        default=None,
+    )
     registry_kek_dir: Path | None = setting(
-        "Folder of the local-file KEK provider (one <tenant>.kek per tenant, mode 0600); "
-        "default data_dir/keks.",
+        "Folder of the local-file KEK provider (kek_provider=local-file, dev mode only; one "
+        "<tenant>.kek per tenant, mode 0600); default data_dir/keks.",
         default=None,
     )
     registry_object_dir: Path | None = setting(
@@ -66,6 +75,7 @@ class RegistryConfig(ServiceConfig):
                 "required outside dev mode (TENSAFE_DEV_MODE=1): the registry's "
                 "package-signing key is never generated silently",
             )
+        self.check_kek_settings(dev_mode=self.dev_mode)
         if self.registry_max_package_bytes < 1024:
             raise ConfigError(env_name("registry_max_package_bytes"), "must be >= 1024")
         if self.registry_max_storage_bytes_per_tenant < 1:

@@ -14,11 +14,11 @@ from tensafe.proto.registry.v1 import registry_service_pb2_grpc
 from tensafe.registry.config import RegistryConfig
 from tensafe.registry.domain.access import AccessPolicy
 from tensafe.registry.domain.keys import load_signing_keys
+from tensafe.registry.domain.rotation import KekRotations
 from tensafe.registry.domain.service import RegistryDomain
 from tensafe.registry.servicer import RegistryServiceServicer
 from tensafe.registry.store.objects import LocalObjectStore
 from tensafe.registry.store.sql import RegistryStore
-from tensafe.tgsp import LocalFileKekProvider
 
 log = logging.getLogger(__name__)
 
@@ -48,21 +48,23 @@ async def build_service(
         trusted_key_files=config.registry_trusted_signing_key_files,
         dev_mode=config.dev_mode,
         data_dir=Path(config.data_dir),
+        trust_list_file=config.registry_trust_list_file,
     )
-    kek_dir = config.kek_dir
-    kek_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    kek_provider = config.open_kek_provider(config.kek_dir)
     database = Database.from_url(config.database_url, application_name="tensafe-registry")
     store = RegistryStore(database)
     try:
         await store.migrate()
     except BaseException:
+        kek_provider.close()
         await database.dispose()
         raise
+    objects = LocalObjectStore(config.object_dir)
     domain = RegistryDomain(
         store=store,
-        objects=LocalObjectStore(config.object_dir),
+        objects=objects,
         keys=keys,
-        kek_provider=LocalFileKekProvider(kek_dir),
+        kek_provider=kek_provider,
         audit=audit,
         max_package_bytes=config.registry_max_package_bytes,
         max_storage_bytes_per_tenant=config.registry_max_storage_bytes_per_tenant,
@@ -73,22 +75,38 @@ async def build_service(
         platform_tenant_id=config.registry_platform_tenant_id,
     )
     log.info(
-        "registry signing key %s; %d trusted keys; objects in %s; KEKs in %s",
+        "registry signing key %s; %d trusted keys; objects in %s; KEK provider %s",
         keys.signing_key.key_id,
         len(keys.trusted),
         config.object_dir,
-        kek_dir,
+        config.kek_provider,
     )
+
+    async def close() -> None:
+        try:
+            await database.dispose()
+        finally:
+            kek_provider.close()
+
     assembly = Assembly(
         services=[
             ServiceRegistration(
                 "tensafe.registry.v1.RegistryService",
                 registry_service_pb2_grpc.add_RegistryServiceServicer_to_server,
-                RegistryServiceServicer(domain, policy),
+                RegistryServiceServicer(
+                    domain,
+                    policy,
+                    KekRotations(
+                        store=store,
+                        objects=objects,
+                        keys=keys,
+                        kek_provider=kek_provider,
+                    ),
+                ),
             )
         ],
         interceptors=list(interceptors),
-        close=database.dispose,
+        close=close,
     )
     return assembly, domain
 

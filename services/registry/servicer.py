@@ -12,12 +12,19 @@ from typing import Any
 import grpc.aio
 
 from tensafe.common.auth import current_identity
-from tensafe.common.errors import InvalidArgument
+from tensafe.common.errors import InvalidArgument, PermissionDenied
 from tensafe.proto.registry.v1 import registry_service_pb2 as pb
 from tensafe.proto.registry.v1 import registry_service_pb2_grpc
 from tensafe.registry import serde
-from tensafe.registry.domain.access import ACTING_TENANT_HEADER, AccessPolicy, Action, Caller
+from tensafe.registry.domain.access import (
+    ACTING_TENANT_HEADER,
+    TENANT_ID,
+    AccessPolicy,
+    Action,
+    Caller,
+)
 from tensafe.registry.domain.model import VersionRecord
+from tensafe.registry.domain.rotation import KekRotations
 from tensafe.registry.domain.service import PublishRequest, RegistryDomain
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -40,11 +47,15 @@ class RegistryServiceServicer(registry_service_pb2_grpc.RegistryServiceServicer)
     Args:
         domain: The registry's use cases.
         policy: Who may act for other tenants.
+        rotations: KEK rotation of tenants.
     """
 
-    def __init__(self, domain: RegistryDomain, policy: AccessPolicy) -> None:
+    def __init__(
+        self, domain: RegistryDomain, policy: AccessPolicy, rotations: KekRotations
+    ) -> None:
         self._domain = domain
         self._policy = policy
+        self._rotations = rotations
 
     def _caller(self, context: Context, action: Action) -> Caller:
         return self._policy.authorize(current_identity(), action, _acting_tenant(context))
@@ -166,3 +177,26 @@ class RegistryServiceServicer(registry_service_pb2_grpc.RegistryServiceServicer)
         caller = self._caller(context, Action.UNWRAP)
         key = await self._domain.unwrap_data_key(caller, request.adapter_name, request.version)
         return pb.UnwrapDataKeyResponse(data_key=key)
+
+    async def RotateTenantKek(
+        self, request: pb.RotateTenantKekRequest, context: Context
+    ) -> pb.RotateTenantKekResponse:
+        """Rotate (or resume rotating) a tenant's KEK; platform admins only."""
+        identity = current_identity()
+        if not identity.is_platform_admin:
+            raise PermissionDenied(
+                "rotating a tenant's KEK needs the platform_admin scope",
+                reason="MISSING_SCOPE",
+                metadata={"scopes": "platform_admin"},
+            )
+        if not TENANT_ID.fullmatch(request.tenant_id):
+            raise InvalidArgument("tenant_id", "is not a tenant id")
+        report = await self._rotations.rotate(request.tenant_id)
+        return pb.RotateTenantKekResponse(
+            tenant_id=report.tenant_id,
+            kek_id=report.kek_id,
+            resumed=report.resumed,
+            rewrapped=report.rewrapped,
+            pinned_versions=list(report.pinned),
+            kek_ids=list(report.kek_ids),
+        )

@@ -7,12 +7,14 @@ from pathlib import Path
 
 from tensafe.common.config import ServiceConfig, env_name, setting
 from tensafe.common.errors import ConfigError
+from tensafe.tgsp.kek_settings import KekSettings
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class TrainerConfig(ServiceConfig):
+class TrainerConfig(KekSettings, ServiceConfig):
     """Settings of the trainer API (``python -m tensafe.trainer``) and its workers
-    (``python -m tensafe.trainer.worker``)."""
+    (``python -m tensafe.trainer.worker``). The KEK provider that seals published
+    adapters comes from :class:`~tensafe.tgsp.kek_settings.KekSettings`."""
 
     nats_url: str = setting("NATS server with JetStream, e.g. nats://127.0.0.1:4222.")
     jobs_stream: str = setting("JetStream stream of training jobs.", default="TENSAFE_TRAINER")
@@ -99,7 +101,8 @@ class TrainerConfig(ServiceConfig):
     )
     kek_dir: Path | None = setting(
         "Folder of the local-file KEK provider shared with the registry (the registry's "
-        "TENSAFE_REGISTRY_KEK_DIR; a KMS in production). Required with registry_url.",
+        "TENSAFE_REGISTRY_KEK_DIR). Required with registry_url and kek_provider=local-file "
+        "(dev mode only); production uses kek_provider=pkcs11, the registry's token.",
         default=None,
     )
     trainer_signing_key_file: Path | None = setting(
@@ -139,17 +142,19 @@ class TrainerConfig(ServiceConfig):
                 "required outside dev mode (TENSAFE_DEV_MODE=1): it wraps every tenant's "
                 "dataset key, and none is ever generated silently",
             )
-        if self.registry_url and self.kek_dir is None:
-            raise ConfigError(
-                env_name("kek_dir"),
-                "required with TENSAFE_REGISTRY_URL: packages are sealed under the tenant's "
-                "KEK, from the same provider the registry uses",
-            )
         if self.registry_url and self.trainer_signing_key_file is None and not self.dev_mode:
             raise ConfigError(
                 env_name("trainer_signing_key_file"),
                 "required with TENSAFE_REGISTRY_URL outside dev mode (TENSAFE_DEV_MODE=1): "
                 "the trainer signs the packages it publishes",
+            )
+        if self.registry_url:
+            self.check_kek_settings(dev_mode=self.dev_mode)
+        if self.registry_url and self.kek_provider == "local-file" and self.kek_dir is None:
+            raise ConfigError(
+                env_name("kek_dir"),
+                "required with TENSAFE_REGISTRY_URL and the local-file KEK provider: packages "
+                "are sealed under the tenant's KEK, from the same provider the registry uses",
             )
         for name in (
             "max_dataset_bytes",

@@ -24,8 +24,9 @@ produced. :class:`AdapterPublisher` then:
 5. publishes to the registry acting for the tenant (``x-tensafe-acting-tenant``).
 
 KEKs: the KEK provider is deployment infrastructure shared by the services that seal
-and open packages (a KMS in production; a local folder, ``TENSAFE_KEK_DIR``, pointing
-at the registry's ``TENSAFE_REGISTRY_KEK_DIR`` in development). In explicit dev mode a
+and open packages (``TENSAFE_KEK_PROVIDER``: the registry's PKCS#11 token in
+production; in dev mode a local folder, ``TENSAFE_KEK_DIR``, pointing at the registry's
+``TENSAFE_REGISTRY_KEK_DIR``). In explicit dev mode a
 tenant without a KEK gets one, created explicitly and logged; outside dev mode a
 missing KEK is FAILED_PRECONDITION (create it with
 ``python -m tensafe.registry.admin create-tenant-kek TENANT``).
@@ -244,7 +245,7 @@ class AdapterPublisher:
         database: Database,
         base_models: BaseModelRegistry,
         registry: RegistryClient,
-        kek_provider: tgsp.LocalFileKekProvider,
+        kek_provider: tgsp.KekProvider,
         signing_key: tgsp.SigningKey,
         staging_dir: Path,
         dev_mode: bool,
@@ -261,8 +262,11 @@ class AdapterPublisher:
         staging_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     async def close(self) -> None:
-        """Close the registry client."""
-        await self._registry.close()
+        """Close the registry client and the KEK provider's session."""
+        try:
+            await self._registry.close()
+        finally:
+            self._kek.close()
 
     def _staged_path(self, future_id: str) -> Path:
         return self._staging / f"{uuid.UUID(hex=future_id).hex}.tgsp"

@@ -79,7 +79,6 @@ from tensafe.common.registry_client import RegistryClient
 from tensafe.common.telemetry import setup_telemetry
 from tensafe.common.wakeups import FutureWakeups
 from tensafe.proto.trainer.v1 import trainer_service_pb2 as pb
-from tensafe.tgsp import LocalFileKekProvider
 from tensafe.trainer import serde
 from tensafe.trainer.audit.job import run_audit_job
 from tensafe.trainer.base_models import BaseModelRegistry
@@ -758,12 +757,11 @@ def adapter_publisher(
     """
     if not config.registry_url:
         return None
-    assert config.kek_dir is not None  # checked by TrainerConfig
     data_dir = Path(config.data_dir)
     signing_key = load_signing_key(
         config.trainer_signing_key_file, dev_mode=config.dev_mode, data_dir=data_dir
     )
-    config.kek_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    kek_provider = config.open_kek_provider(config.kek_dir or data_dir / "keks")
     registry = RegistryClient.connect(
         registry_url=config.registry_url,
         auth_url=config.auth_url,
@@ -771,16 +769,16 @@ def adapter_publisher(
         channel_credentials=tls.channel_credentials(config),
     )
     log.info(
-        "SaveAdapter publishes to %s, signed by trainer key %s, KEKs in %s",
+        "SaveAdapter publishes to %s, signed by trainer key %s, KEK provider %s",
         config.registry_url,
         signing_key.key_id,
-        config.kek_dir,
+        config.kek_provider,
     )
     return AdapterPublisher(
         database=database,
         base_models=BaseModelRegistry(config.base_models_path),
         registry=registry,
-        kek_provider=LocalFileKekProvider(config.kek_dir),
+        kek_provider=kek_provider,
         signing_key=signing_key,
         staging_dir=data_dir / "trainer" / "sealed-adapters",
         dev_mode=config.dev_mode,

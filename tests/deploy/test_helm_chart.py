@@ -38,6 +38,9 @@ SECRET_SETTINGS = {
     "TENSAFE_DATABASE_URL",
     "TENSAFE_SERVICE_API_KEY",
     "TENSAFE_SIGNING_KEY_ENCRYPTION_KEY",
+    "TENSAFE_KEK_PKCS11_MODULE",
+    "TENSAFE_KEK_PKCS11_TOKEN_LABEL",
+    "TENSAFE_KEK_PKCS11_PIN",
 }
 
 
@@ -179,6 +182,8 @@ def test_secrets_are_referenced_never_inlined(manifests: list[dict[str, Any]]) -
         "tensafe-dataset-kek",
         "tensafe-trainer-signing-key",
     } <= referenced
+    # The PKCS#11 token's module, label and PIN (default and production Secret names).
+    assert referenced & {"tensafe-pkcs11", "tensafe-prod-hsm"}
 
 
 def test_every_setting_the_chart_sets_is_a_real_config_field(
@@ -226,10 +231,50 @@ def _env_and_mounts(deployment: dict[str, Any]) -> tuple[dict[str, str], dict[st
     return env, mounts
 
 
-def test_the_trainer_publishes_to_the_registry_through_a_shared_kek_folder() -> None:
+def _secret_env(deployment: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    return {
+        e["name"]: (e["valueFrom"]["secretKeyRef"]["name"], e["valueFrom"]["secretKeyRef"]["key"])
+        for e in container["env"]
+        if "valueFrom" in e
+    }
+
+
+def test_the_trainer_and_the_registry_share_the_pkcs11_token() -> None:
     deployments = by_kind(render(PRODUCTION), "Deployment")
-    registry_env, registry_mounts = _env_and_mounts(deployments["registry"])
-    assert registry_mounts[registry_env["TENSAFE_REGISTRY_KEK_DIR"]] == "tensafe-prod-keks"
+    token = {
+        "TENSAFE_KEK_PKCS11_MODULE": ("tensafe-prod-hsm", "module"),
+        "TENSAFE_KEK_PKCS11_TOKEN_LABEL": ("tensafe-prod-hsm", "token-label"),
+        "TENSAFE_KEK_PKCS11_PIN": ("tensafe-prod-hsm", "pin"),
+    }
+    for name in ("registry", "trainer", "trainer-worker"):
+        env, mounts = _env_and_mounts(deployments[name])
+        assert env["TENSAFE_KEK_PROVIDER"] == "pkcs11", name
+        assert token.items() <= _secret_env(deployments[name]).items(), name
+        # No KEK folder and no KEK volume: the keys never leave the token.
+        assert "TENSAFE_KEK_DIR" not in env and "TENSAFE_REGISTRY_KEK_DIR" not in env
+        assert "/var/lib/tensafe-keks" not in mounts
+    # The HE runtime holds no KEK: the registry unwraps one data key per load for it.
+    he_env, _ = _env_and_mounts(deployments["he-runtime"])
+    assert not {k for k in he_env if k.startswith("TENSAFE_KEK")}
+    # Both pin the same trust list of signers, from a ConfigMap (not from each other).
+    registry_env, _ = _env_and_mounts(deployments["registry"])
+    trust_file = "/etc/tensafe/trust-list/trust-list.json"
+    assert he_env["TENSAFE_TRUST_LIST_FILE"] == trust_file
+    assert registry_env["TENSAFE_REGISTRY_TRUST_LIST_FILE"] == trust_file
+    for name in ("registry", "he-runtime"):
+        volumes = deployments[name]["spec"]["template"]["spec"]["volumes"]
+        assert {"name": "trust-list", "configMap": {"name": "tensafe-trust-list"}} in volumes
+    local = by_kind(render({**DEV_VALUES, "kekProvider": "local-file"}), "Deployment")
+    env, mounts = _env_and_mounts(local["registry"])
+    assert env["TENSAFE_KEK_PROVIDER"] == "local-file"
+    assert env["TENSAFE_REGISTRY_KEK_DIR"] in mounts
+    assert "TENSAFE_KEK_PKCS11_PIN" not in _secret_env(local["registry"])
+
+
+def test_the_trainer_publishes_to_the_registry() -> None:
+    deployments = by_kind(render(PRODUCTION), "Deployment")
+    registry_env, _ = _env_and_mounts(deployments["registry"])
     assert registry_env["TENSAFE_REGISTRY_TRUSTED_SIGNING_KEY_FILES"] == (
         "/etc/tensafe/trusted-keys/trainer-2026.pub.pem,"
         "/etc/tensafe/trusted-keys/trainer-2025.pub.pem"
@@ -237,7 +282,6 @@ def test_the_trainer_publishes_to_the_registry_through_a_shared_kek_folder() -> 
     for name in ("trainer", "trainer-worker"):
         env, mounts = _env_and_mounts(deployments[name])
         assert env["TENSAFE_REGISTRY_URL"] == "tensafe-registry:50051"
-        assert mounts[env["TENSAFE_KEK_DIR"]] == "tensafe-prod-keks"
         assert mounts[env["TENSAFE_BASE_MODELS_DIR"]] == "tensafe-base-models"
         assert env["TENSAFE_TRAINER_SIGNING_KEY_FILE"].startswith("/var/run/tensafe/keys/")
         init = deployments[name]["spec"]["template"]["spec"]["initContainers"]
@@ -256,7 +300,7 @@ def test_the_trainer_publishes_to_the_registry_through_a_shared_kek_folder() -> 
     assert registry_env["TENSAFE_REGISTRY_PLATFORM_TENANT_ID"] == "tnt-platform"
     unpublished = by_kind(render({"publishing": {"enabled": False}}), "Deployment")
     env, _ = _env_and_mounts(unpublished["trainer-worker"])
-    assert "TENSAFE_REGISTRY_URL" not in env and "TENSAFE_KEK_DIR" not in env
+    assert "TENSAFE_REGISTRY_URL" not in env and "TENSAFE_KEK_PROVIDER" not in env
 
 
 def test_workers_scale_independently_of_the_api() -> None:
@@ -310,7 +354,16 @@ def test_migrations_run_in_a_pre_install_and_pre_upgrade_hook(
             {"registry": {"trustedSigningKeys": {"keys": []}}},
             "registry.trustedSigningKeys (existingConfigMap and keys) is required",
         ),
-        ({"keks": {"existingClaim": ""}}, "keks.existingClaim is required"),
+        ({"kekProvider": "local-file"}, "kekProvider=local-file keeps KEKs in plain files"),
+        ({"kekProvider": "vault"}, "kekProvider"),
+        (
+            {"secrets": {"pkcs11": {"existingSecret": "", "keys": {}}}},
+            "secrets.pkcs11.existingSecret is required",
+        ),
+        (
+            {"trustList": {"existingConfigMap": "", "key": "k"}},
+            "trustList.existingConfigMap is required",
+        ),
         (
             {"registry": {"actingServicePrincipals": ["prn-1"]}},
             "registry.platformTenantId is required",
@@ -330,25 +383,26 @@ def test_bad_values_fail_the_render_naming_the_value(values: dict[str, Any], mes
         render(values)
 
 
+DEV_VALUES: dict[str, Any] = {
+    "devMode": True,
+    "kekProvider": "local-file",
+    "secrets": {
+        "authKeyEncryption": {"existingSecret": "", "key": "k"},
+        "serviceApiKeys": {
+            "existingSecret": "",
+            "keys": {"trainer": "t", "registry": "r", "heRuntime": "h"},
+        },
+        "registrySigningKey": {"existingSecret": "", "key": "k"},
+        "datasetKek": {"existingSecret": "", "key": "k"},
+    },
+    "trainer": {"persistence": {"existingClaim": ""}, "baseModels": {"existingClaim": ""}},
+    "registry": {"persistence": {"existingClaim": ""}},
+    "heRuntime": {"persistence": {"existingClaim": ""}},
+}
+
+
 def test_dev_mode_renders_without_secrets_or_claims() -> None:
-    documents = render(
-        {
-            "devMode": True,
-            "secrets": {
-                "authKeyEncryption": {"existingSecret": "", "key": "k"},
-                "serviceApiKeys": {
-                    "existingSecret": "",
-                    "keys": {"trainer": "t", "registry": "r", "heRuntime": "h"},
-                },
-                "registrySigningKey": {"existingSecret": "", "key": "k"},
-                "datasetKek": {"existingSecret": "", "key": "k"},
-            },
-            "trainer": {"persistence": {"existingClaim": ""}, "baseModels": {"existingClaim": ""}},
-            "registry": {"persistence": {"existingClaim": ""}},
-            "heRuntime": {"persistence": {"existingClaim": ""}},
-            "keks": {"existingClaim": ""},
-        }
-    )
+    documents = render({**DEV_VALUES, "keks": {"existingClaim": ""}})
     for doc in documents:
         kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
     registry = by_kind(documents, "Deployment")["registry"]["spec"]["template"]["spec"]

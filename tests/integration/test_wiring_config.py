@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import stat
 from pathlib import Path
 
@@ -42,13 +43,32 @@ def test_a_trainer_with_a_registry_needs_the_shared_kek_dir_and_its_signing_key(
         trainer_config(tmp_path, registry_url="127.0.0.1:1", dev_mode=True)
     with pytest.raises(ConfigError, match="TENSAFE_TRAINER_SIGNING_KEY_FILE"):
         trainer_config(tmp_path, registry_url="127.0.0.1:1", kek_dir=tmp_path / "keks")
+    publishing = {
+        "registry_url": "127.0.0.1:1",
+        "kek_dir": tmp_path / "keks",
+        "trainer_signing_key_file": tmp_path / "key.pem",
+    }
+    # Outside dev mode the local-file KEK provider is refused, naming the setting.
+    with pytest.raises(ConfigError, match="TENSAFE_KEK_PROVIDER: local-file"):
+        trainer_config(tmp_path, **publishing)
+    assert trainer_config(tmp_path, **publishing, dev_mode=True).kek_dir == tmp_path / "keks"
+    with pytest.raises(ConfigError, match="TENSAFE_KEK_PKCS11_PIN"):
+        trainer_config(
+            tmp_path,
+            **publishing,
+            kek_provider="pkcs11",
+            kek_pkcs11_module=tmp_path / "module.so",
+            kek_pkcs11_token_label="tensafe",
+        )
     configured = trainer_config(
         tmp_path,
-        registry_url="127.0.0.1:1",
-        kek_dir=tmp_path / "keks",
-        trainer_signing_key_file=tmp_path / "key.pem",
+        **{**publishing, "kek_dir": None},
+        kek_provider="pkcs11",
+        kek_pkcs11_module=tmp_path / "module.so",
+        kek_pkcs11_token_label="tensafe",
+        kek_pkcs11_pin="1234",
     )
-    assert configured.kek_dir == tmp_path / "keks"
+    assert configured.kek_provider == "pkcs11"  # no KEK folder needed
 
 
 def test_the_trainer_signing_key_is_created_only_in_dev_mode(tmp_path: Path) -> None:
@@ -87,6 +107,33 @@ async def test_a_configured_registry_is_always_the_he_adapter_source(tmp_path: P
         LocalPeftAdapterSource,
     )
     assert adapter_source(HeRuntimeConfig(**common)) is None  # type: ignore[arg-type]
+    # Outside dev mode the runtime verifies against a pinned trust list, never the
+    # registry's own list alone.
+    with pytest.raises(ConfigError, match="TENSAFE_TRUST_LIST_FILE"):
+        HeRuntimeConfig(**common, registry_url="127.0.0.1:2")  # type: ignore[arg-type]
+    trust_file = tmp_path / "trust.json"
+    trust_file.write_text(
+        json.dumps(
+            tgsp.TrustList(
+                [
+                    tgsp.TrustedSigner(
+                        key=tgsp.SigningKey.generate().verifying_key,
+                        tenants=frozenset({tgsp.EVERY_TENANT}),
+                    )
+                ]
+            ).to_json()
+        )
+    )
+    pinned = adapter_source(
+        HeRuntimeConfig(**common, registry_url="127.0.0.1:2", trust_list_file=trust_file)  # type: ignore[arg-type]
+    )
+    assert isinstance(pinned, RegistryAdapterSource)
+    await pinned.close()
+    trust_file.write_text("{}")
+    with pytest.raises(ConfigError, match="TENSAFE_TRUST_LIST_FILE"):
+        adapter_source(
+            HeRuntimeConfig(**common, registry_url="127.0.0.1:2", trust_list_file=trust_file)  # type: ignore[arg-type]
+        )
     with pytest.raises(ConfigError, match="TENSAFE_SERVICE_API_KEY"):
         adapter_source(
             HeRuntimeConfig(
@@ -94,5 +141,6 @@ async def test_a_configured_registry_is_always_the_he_adapter_source(tmp_path: P
                 database_url="sqlite+aiosqlite:///:memory:",
                 auth_url="127.0.0.1:1",
                 registry_url="x:1",
+                dev_mode=True,
             )
         )

@@ -109,12 +109,14 @@ class Registry:
     domain: RegistryDomain
     channel: grpc.aio.Channel
     audit: RecordedAudit
-    kek: tgsp.LocalFileKekProvider
+    kek: tgsp.KekProvider
     signing_key: tgsp.SigningKey
     tenant_a: TenantUsers
     tenant_b: TenantUsers
     he_runtime: Metadata
     he_runtime_principal: str
+    he_runtime_api_key: str
+    root_api_key: str
     root: Metadata
     address: str
     auth_address: str
@@ -140,7 +142,7 @@ class Registry:
         version: str = "1",
         signing_key: tgsp.SigningKey | None = None,
     ) -> bytes:
-        """A real TGSP package of ``tenant_id`` sealed with the registry's KEK folder."""
+        """A real TGSP package of ``tenant_id`` sealed under the registry's KEK provider."""
         return tgsp.write(
             weights=lora_tensors(seed),
             kek_provider=self.kek,
@@ -230,7 +232,8 @@ async def start_registry(
         "registry_acting_service_principals": (he_principal,),
         "registry_platform_tenant_id": boot.tenant.id,
     }
-    values.update(overrides)
+    # A callable override is given the two tenants (their ids exist only now).
+    values.update({k: v(tenant_a, tenant_b) if callable(v) else v for k, v in overrides.items()})
     config = RegistryConfig(**values)
     # The registry verifies tokens remotely, as in production: JWKS and revocations
     # from the auth server, with the registry's own service-account credentials.
@@ -247,7 +250,7 @@ async def start_registry(
     )
     port = await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    kek = tgsp.LocalFileKekProvider(config.kek_dir)
+    kek = config.open_kek_provider(config.kek_dir)  # the registry's provider, a 2nd handle
     for tenant in (tenant_a, tenant_b):
         # The explicit administrative path (`python -m tensafe.registry.admin`).
         kek.create_tenant_kek(tenant.tenant_id)
@@ -264,11 +267,14 @@ async def start_registry(
             tenant_b=tenant_b,
             he_runtime=he_runtime,
             he_runtime_principal=he_principal,
+            he_runtime_api_key=boot.service_api_keys["he_runtime"],
+            root_api_key=boot.admin_api_key,
             root=root,
             address=f"127.0.0.1:{port}",
             auth_address=auth_address,
         )
     finally:
+        kek.close()
         await channel.close()
         await server.stop()
         assert assembly.close is not None

@@ -309,5 +309,5 @@ async def test_schema_has_its_own_version_table(registry: Registry) -> None:
             await connection.execute(sa.text(f"SELECT version_num FROM {VERSION_TABLE}"))
         ).scalar_one()
         tables = await connection.run_sync(lambda c: sa.inspect(c).get_table_names())
-    assert revision == "0001"
+    assert revision == "0002"  # 0002: KEK rotations
     assert {"registry_adapters", "registry_versions", "registry_aliases"} <= set(tables)

@@ -66,6 +66,11 @@ def test_configured_keys_and_trusted_keys(tmp_path: Path) -> None:
         **base_env(tmp_path),
         "TENSAFE_REGISTRY_SIGNING_KEY_FILE": str(own_file),
         "TENSAFE_REGISTRY_TRUSTED_SIGNING_KEY_FILES": f"{trainer_file},{own_file}.missing",
+        # Outside dev mode the KEKs must be in a PKCS#11 token (not opened here).
+        "TENSAFE_KEK_PROVIDER": "pkcs11",
+        "TENSAFE_KEK_PKCS11_MODULE": str(tmp_path / "module.so"),
+        "TENSAFE_KEK_PKCS11_TOKEN_LABEL": "tensafe",
+        "TENSAFE_KEK_PKCS11_PIN": "1234",
     }
     config = load_config(RegistryConfig, env)
     assert config.registry_trusted_signing_key_files == (

@@ -1,6 +1,6 @@
 """The production wiring (``tensafe.registry.server.build``): remote token verification
-against a real auth server and audit events through a real NATS JetStream into auth's
-hash chain."""
+against a real auth server, KEKs in a real PKCS#11 token (SoftHSM2), and audit events
+through a real NATS JetStream into auth's hash chain."""
 
 from __future__ import annotations
 
@@ -15,15 +15,18 @@ import pytest
 
 from tensafe import tgsp
 from tensafe.auth.audit_stream import AuditStreamConsumer
+from tensafe.common.config import load_config
 from tensafe.common.errors import ConfigError
 from tensafe.common.grpc_server import GrpcServer
 from tensafe.common.nats_server import NatsServer, NatsServerConfig
 from tensafe.proto.auth.v1 import auth_service_pb2 as auth_pb
 from tensafe.proto.registry.v1 import registry_service_pb2 as pb
 from tensafe.proto.registry.v1 import registry_service_pb2_grpc
+from tensafe.registry import admin
 from tensafe.registry.config import RegistryConfig
 from tensafe.registry.domain.service import UNWRAP_AUDIT_KIND
 from tensafe.registry.server import build
+from testkit.softhsm import SoftHsmToken
 from tests.auth.conftest import AuthHarness
 from tests.auth.helpers import make_tenant
 
@@ -37,7 +40,7 @@ def nats(tmp_path: Path) -> Iterator[NatsServer]:
 
 
 async def test_build_serves_with_remote_auth_and_audits_unwraps(
-    auth_sqlite: AuthHarness, nats: NatsServer, tmp_path: Path
+    auth_sqlite: AuthHarness, nats: NatsServer, tmp_path: Path, softhsm: SoftHsmToken
 ) -> None:
     signing_key = tgsp.SigningKey.generate()
     key_file = tmp_path / "registry-signing.pem"
@@ -50,12 +53,18 @@ async def test_build_serves_with_remote_auth_and_audits_unwraps(
         service_api_key=auth_sqlite.bootstrap.service_api_keys["registry"],
         nats_url=nats.url,
         registry_signing_key_file=key_file,
+        **softhsm.settings(),
     )
     root = await auth_sqlite.bearer(auth_sqlite.bootstrap.admin_api_key)
     tenant = await make_tenant(auth_sqlite.stub, root, "tenant-w")
     assembly = await build(config)
-    kek = tgsp.LocalFileKekProvider(config.kek_dir)  # build created the folder
-    kek.create_tenant_kek(tenant.tenant_id)
+    # The operator's path: `python -m tensafe.registry.admin create-tenant-kek TENANT`.
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in {**softhsm.env(), **registry_env(config)}.items():
+            patch.setenv(name, value)
+        assert admin.main(["create-tenant-kek", tenant.tenant_id]) == 0
+        assert admin.main(["create-tenant-kek", tenant.tenant_id]) == 3  # never replaced
+    kek = config.open_kek_provider(config.kek_dir)  # the trainer's side of the token
     server = GrpcServer(
         config=config, services=assembly.services, interceptors=assembly.interceptors
     )
@@ -97,10 +106,12 @@ async def test_build_serves_with_remote_auth_and_audits_unwraps(
             assert len(key.data_key) == 32
             events = await wait_for_events(auth_sqlite, root, 3)
     finally:
+        kek.close()
         await consumer.close()
         await server.stop()
         assert assembly.close is not None
         await assembly.close()
+    assert not config.kek_dir.exists()  # no key file anywhere: the KEK is in the token
     kinds = sorted(e.kind for e in events)
     assert kinds == ["auth.failed", "permission.denied", UNWRAP_AUDIT_KIND]
     unwrap = next(e for e in events if e.kind == UNWRAP_AUDIT_KIND)
@@ -123,7 +134,46 @@ async def wait_for_events(
         await asyncio.sleep(0.05)  # polling a condition with a deadline, not a fixed wait
 
 
+def registry_env(config: RegistryConfig) -> dict[str, str]:
+    return {
+        "TENSAFE_DATABASE_URL": config.database_url,
+        "TENSAFE_DATA_DIR": str(config.data_dir),
+        "TENSAFE_REGISTRY_SIGNING_KEY_FILE": str(config.registry_signing_key_file),
+    }
+
+
 async def test_build_refuses_to_start_without_a_signing_key(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         RegistryConfig(database_url=f"sqlite+aiosqlite:///{tmp_path / 'r.db'}", data_dir=tmp_path)
     assert info.value.setting == "TENSAFE_REGISTRY_SIGNING_KEY_FILE"
+
+
+def test_the_local_file_kek_provider_is_refused_outside_dev_mode(tmp_path: Path) -> None:
+    key_file = tmp_path / "registry-signing.pem"
+    key_file.write_bytes(tgsp.SigningKey.generate().to_pem())
+    key_file.chmod(0o600)
+    common = {
+        "database_url": f"sqlite+aiosqlite:///{tmp_path / 'r.db'}",
+        "data_dir": tmp_path,
+        "registry_signing_key_file": key_file,
+    }
+    with pytest.raises(ConfigError, match="dev mode") as info:
+        RegistryConfig(**common)  # local-file is the default, and only for dev mode
+    assert info.value.setting == "TENSAFE_KEK_PROVIDER"
+    with pytest.raises(ConfigError) as info:
+        RegistryConfig(**common, kek_provider="local-file")
+    assert info.value.setting == "TENSAFE_KEK_PROVIDER"
+    with pytest.raises(ConfigError) as info:
+        RegistryConfig(**common, kek_provider="pkcs11", kek_pkcs11_module=Path("/x.so"))
+    assert info.value.setting == "TENSAFE_KEK_PKCS11_TOKEN_LABEL"
+    # From the environment, as the process starts: the error names the setting.
+    environ = {
+        "TENSAFE_DATABASE_URL": str(common["database_url"]),
+        "TENSAFE_DATA_DIR": str(tmp_path),
+        "TENSAFE_REGISTRY_SIGNING_KEY_FILE": str(key_file),
+        "TENSAFE_KEK_PROVIDER": "local-file",
+    }
+    with pytest.raises(ConfigError) as info:
+        load_config(RegistryConfig, environ)
+    assert info.value.setting == "TENSAFE_KEK_PROVIDER"
+    assert RegistryConfig(**common, dev_mode=True).kek_provider == "local-file"

@@ -91,11 +91,13 @@ def fields(
 
 def small_package(env: Env, **overrides: Any) -> bytes:
     weights = overrides.pop("weights", None)
+    format_version = overrides.pop("format_version", tgsp.FORMAT_VERSION)
     return tgsp.write(
         weights=small_tensors() if weights is None else weights,
         kek_provider=env.kek,
         signing_key=env.key,
         chunk_size=SMALL_CHUNK,
+        format_version=format_version,
         **fields(**overrides),
     )
 
@@ -130,7 +132,7 @@ class Parts:
 
 def split(package: bytes) -> Parts:
     magic, version, flags, m_len, k_len, c_len = HEADER.unpack(package[:28])
-    assert magic == b"\x89TGSP\r\n\x1a" and version == 1 and flags == 0
+    assert magic == b"\x89TGSP\r\n\x1a" and version in (1, 2) and flags == 0
     assert len(package) == 28 + m_len + k_len + c_len + TRAILER_LENGTH
     m0 = 28
     k0 = m0 + m_len
@@ -139,8 +141,11 @@ def split(package: bytes) -> Parts:
     return Parts(package[:28], package[m0:k0], package[k0:c0], package[c0:t0], package[t0:])
 
 
-def signed_message(trailer_body: bytes) -> bytes:
-    return b"tensafe.tgsp.v1.signature\x00" + trailer_body
+def signed_message(trailer_body: bytes, version: int = 2) -> bytes:
+    """Version 1 signs the whole trailer body; version 2 all but the wrapped-key digest."""
+    if version == 1:
+        return b"tensafe.tgsp.v1.signature\x00" + trailer_body
+    return b"tensafe.tgsp.v2.signature\x00" + trailer_body[:64] + trailer_body[96:128]
 
 
 def assemble(
@@ -150,10 +155,14 @@ def assemble(
     wrapped_key: bytes,
     ciphertext: bytes,
     key_id: bytes | None = None,
+    version: int | None = None,
 ) -> bytes:
-    """Build and sign a package from its three sections, as docs/tgsp.md describes."""
+    """Build and sign a package from its three sections, as docs/tgsp.md describes (the
+    format version is the manifest's unless given)."""
+    if version is None:
+        version = int(json.loads(manifest)["format_version"])
     header = HEADER.pack(
-        b"\x89TGSP\r\n\x1a", 1, 0, len(manifest), len(wrapped_key), len(ciphertext)
+        b"\x89TGSP\r\n\x1a", version, 0, len(manifest), len(wrapped_key), len(ciphertext)
     )
     public_raw = signing_key.verifying_key.to_raw()
     body = (
@@ -162,7 +171,7 @@ def assemble(
         + hashlib.sha256(wrapped_key).digest()
         + hashlib.sha256(ciphertext).digest()
     )
-    signature = signing_key.sign(signed_message(body))
+    signature = signing_key.sign(signed_message(body, version))
     return header + manifest + wrapped_key + ciphertext + body + signature
 
 
@@ -176,7 +185,7 @@ def resign(package: bytes, signing_key: tgsp.SigningKey, **replace: bytes) -> by
         "ciphertext": parts.ciphertext,
     }
     sections.update(replace)
-    return assemble(signing_key, **sections)
+    return assemble(signing_key, **sections, version=HEADER.unpack(parts.header)[1])
 
 
 def chunk_nonce(index: int) -> bytes:
@@ -217,13 +226,14 @@ def decrypt_payload(dek: bytes, ciphertext: bytes, chunk_size: int, plaintext_si
 
 def dek_aad(manifest_json: dict[str, Any], manifest_bytes: bytes) -> bytes:
     # All members are ASCII here, where sorted compact JSON is RFC 8785 canonical JSON.
+    version = manifest_json["format_version"]
     return json.dumps(
         {
             "adapter_id": manifest_json["adapter"]["id"],
             "adapter_version": manifest_json["adapter"]["version"],
-            "format_version": 1,
+            "format_version": version,
             "manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest(),
-            "purpose": "tensafe.tgsp.v1.dek",
+            "purpose": f"tensafe.tgsp.v{version}.dek",
             "tenant_id": manifest_json["provenance"]["tenant_id"],
         },
         sort_keys=True,

@@ -159,7 +159,7 @@ def test_manifest_refuses_unknown_missing_and_denormalised_members() -> None:
             **value,
             "provenance": {k: v for k, v in value["provenance"].items() if k != "tenant_id"},
         },
-        "manifest.format_version": {**value, "format_version": 2},
+        "manifest.format_version": {**value, "format_version": 3},
         "lora.target_modules": {**value, "lora": {**value["lora"], "target_modules": []}},
         "dp_certificate.guarantee": {**value, "dp_certificate": {"guarantee": "maybe"}},
         "payload.aead": {**value, "payload": {**value["payload"], "aead": "AES-128-GCM"}},

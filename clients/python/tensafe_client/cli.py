@@ -26,7 +26,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tensafe.client import audit_cli, demo, plot_cli, registry_cli, token_cli, train_cli
+from tensafe.client import audit_cli, demo, kek_cli, plot_cli, registry_cli, token_cli, train_cli
 from tensafe.client.connection import DEFAULT_DATA_DIR, load_connection
 from tensafe.client.stack import SERVICES, WORKER_MODULE, LocalStack, StackError, StackOptions
 
@@ -394,6 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
         admin_sub.add_parser("rotate-signing-key", help="start signing tokens with a new key")
     )
     rotate.set_defaults(func=_cmd_admin_rotate_signing_key)
+    kek_cli.register(admin_sub)
 
     audit = sub.add_parser("audit", help="the security audit log")
     audit_sub = audit.add_subparsers(dest="audit_command", required=True)

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from tensafe.client.channels import OwnedChannels
+from tensafe.client.he_verify import DeltaVerifier
 from tensafe.client.retry import call_with_retry
 from tensafe.client.training import ChannelOptions, authenticated_channels
 from tensafe.common import errors
@@ -289,6 +290,9 @@ class HeLoraSession:
         self.plan = plan
         self.stats: dict[str, LayerStats] = {}
         """Per-layer cost so far."""
+        self.verifier: DeltaVerifier | None = None
+        """Set it (owning tenant: ``DeltaVerifier.from_opened``) to check sampled results
+        against the plaintext adapter (:mod:`tensafe.client.he_verify`)."""
 
     @classmethod
     def create(
@@ -376,7 +380,9 @@ class HeLoraSession:
 
         Raises:
             TenSafeError: The runtime refused.
-            IntegrityError: The runtime reports other operations than the plan's.
+            IntegrityError: The runtime reports other operations than the plan's (a
+                consistency check, not proof), or, with :attr:`verifier` set, the delta
+                fails its random projection check (``he result``).
         """
         started = time.perf_counter()
         values = np.asarray(activations, dtype=np.float64)
@@ -406,6 +412,8 @@ class HeLoraSession:
                 f"the runtime reports {counts} for {layer!r}, the plan has {planned}"
             )
         delta = self._crypto.decrypt_delta(plan, results)
+        if self.verifier is not None:
+            self.verifier.check(layer, values, delta)
         stats = self.stats.setdefault(layer, LayerStats())
         stats.calls += 1
         stats.tokens += plan.tokens

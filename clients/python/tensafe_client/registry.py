@@ -22,7 +22,7 @@ import os
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -73,6 +73,11 @@ class RegistryClient(OwnedChannels):
         retry: Retries of UNAVAILABLE.
         sleep: Pauses between retries (``time.sleep``; tests may pass a recorder).
         also_close: Other channels to close with this one (e.g. to auth).
+        trust_list: A pinned :class:`tensafe.tgsp.TrustList` (signing keys bound to the
+            tenants they may sign for): ``verify`` and ``open`` then check against it
+            and not against the keys the registry publishes, so a compromised registry
+            cannot vouch for its own packages. ``None``: the registry's keys, for every
+            tenant.
     """
 
     def __init__(
@@ -83,7 +88,9 @@ class RegistryClient(OwnedChannels):
         retry: RetryPolicy | None = None,
         sleep: Callable[[float], None] = time.sleep,
         also_close: Sequence[grpc.Channel] = (),
+        trust_list: tgsp.TrustList | None = None,
     ) -> None:
+        self._trust_list = trust_list
         self._timeout = call_timeout_seconds
         self._retry = retry or RetryPolicy()
         self._sleep = sleep
@@ -100,6 +107,7 @@ class RegistryClient(OwnedChannels):
         ca_file: str | os.PathLike[str] | None = None,
         client_cert_file: str | os.PathLike[str] | None = None,
         client_key_file: str | os.PathLike[str] | None = None,
+        trust_list: tgsp.TrustList | None = None,
     ) -> RegistryClient:
         """Connect to the registry listed in the connection file, with an API key.
 
@@ -111,6 +119,7 @@ class RegistryClient(OwnedChannels):
                 ``$TENSAFE_CA_FILE``, else the connection file's ``tls`` block.
             client_cert_file: PEM client certificate for mutual TLS.
             client_key_file: Its private key.
+            trust_list: A pinned trust list (see the class).
 
         Raises:
             FileNotFoundError: No connection file.
@@ -130,6 +139,7 @@ class RegistryClient(OwnedChannels):
             authenticated_channel(registry_channel, provider),
             call_timeout_seconds=call_timeout_seconds,
             also_close=(registry_channel, auth_channel),
+            trust_list=trust_list,
         )
 
     def _call(self, method: Any, request: Any, *, idempotent: bool = True) -> Any:
@@ -311,10 +321,12 @@ class RegistryClient(OwnedChannels):
     def verify(
         self, package: tgsp.PackageSource, *, expected_tenant: str | None = None
     ) -> tgsp.Manifest:
-        """Verify a package against the registry's published keys (no decryption)."""
-        return tgsp.verify(
-            package, trusted_keys=self.signing_keys(), expected_tenant=expected_tenant
-        )
+        """Verify a package (no decryption) against the pinned trust list, or else the
+        registry's published keys."""
+        return tgsp.verify(package, trusted_keys=self._trusted(), expected_tenant=expected_tenant)
+
+    def _trusted(self) -> Iterable[tgsp.VerifyingKey]:
+        return self._trust_list if self._trust_list is not None else self.signing_keys()
 
     def open(self, adapter_name: str, *, version: int = 0, alias: str = "") -> tgsp.OpenedAdapter:
         """Download, verify and decrypt an adapter; its DEK comes from ``UnwrapDataKey``.
@@ -323,7 +335,7 @@ class RegistryClient(OwnedChannels):
             IntegrityError: Any failed check of the package, named.
         """
         downloaded = self.download(adapter_name, version=version, alias=alias)
-        trusted = self.signing_keys()
+        trusted = self._trusted()
         manifest = tgsp.verify(downloaded.package, trusted_keys=trusted)
         provider = RegistryKekProvider(self, adapter_name, downloaded.version.version)
         return tgsp.open(

@@ -24,7 +24,7 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -171,10 +171,14 @@ class RegistryAdapterSource(AdapterSource):
 
     Args:
         registry: The registry client (the HE runtime's service credentials).
+        trust: The pinned trust list (signing keys bound to tenants); ``None`` trusts
+            the registry's published keys for every tenant (dev mode only, checked by
+            the configuration).
     """
 
-    def __init__(self, registry: RegistryClient) -> None:
+    def __init__(self, registry: RegistryClient, *, trust: tgsp.TrustList | None = None) -> None:
         self._registry = registry
+        self._trust = trust
 
     async def close(self) -> None:
         """Close the registry client."""
@@ -196,7 +200,7 @@ class RegistryAdapterSource(AdapterSource):
         if version < 0:
             raise InvalidArgument("header.adapter_version", "must be >= 0 (0: the latest)")
         downloaded = await self._registry.download(name, version=version, acting_tenant=tenant_id)
-        trusted = [
+        trusted: Iterable[tgsp.VerifyingKey] = self._trust or [
             _verifying_key(key.key_id, key.public_key)
             for key in await self._registry.signing_keys()
         ]

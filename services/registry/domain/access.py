@@ -27,7 +27,8 @@ from tensafe.common.errors import InvalidArgument, PermissionDenied
 ACTING_TENANT_HEADER = "x-tensafe-acting-tenant"
 """Call metadata naming the tenant a platform service account acts for."""
 
-_TENANT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+TENANT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+"""What a tenant id looks like."""
 
 
 class Action(enum.Enum):
@@ -98,7 +99,7 @@ class AccessPolicy:
                     "a service acting for a tenant may not delete adapters or move aliases",
                     reason="ACTING_TENANT_NOT_ALLOWED",
                 )
-            if not _TENANT_ID.fullmatch(acting_tenant):
+            if not TENANT_ID.fullmatch(acting_tenant):
                 raise InvalidArgument(ACTING_TENANT_HEADER, "is not a tenant id")
             return Caller(
                 tenant_id=acting_tenant,

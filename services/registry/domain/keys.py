@@ -22,7 +22,7 @@ from pathlib import Path
 
 from tensafe.common.config import env_name
 from tensafe.common.errors import ConfigError, InvalidArgument
-from tensafe.tgsp import SigningKey, VerifyingKey
+from tensafe.tgsp import EVERY_TENANT, SigningKey, TrustedSigner, TrustList, VerifyingKey
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +54,25 @@ class SigningKeys:
 
     signing_key: SigningKey
     trusted: tuple[TrustedKey, ...]
+    bound: tuple[TrustedSigner, ...] = ()
 
     @property
     def verifying_keys(self) -> list[VerifyingKey]:
-        """The trusted public keys, as :func:`tensafe.tgsp.verify` takes them."""
+        """The trusted public keys (every tenant's signers together)."""
         return [key.verifying_key for key in self.trusted]
+
+    @property
+    def trust_list(self) -> TrustList:
+        """What packages are verified against: the registry's own key and the platform
+        keys (``TENSAFE_REGISTRY_TRUSTED_SIGNING_KEY_FILES``) for every tenant, the
+        keys of ``TENSAFE_REGISTRY_TRUST_LIST_FILE`` for the tenants listed there."""
+        bound_ids = {signer.key.key_id for signer in self.bound}
+        platform = [
+            TrustedSigner(key=key.verifying_key, tenants=frozenset({EVERY_TENANT}))
+            for key in self.trusted
+            if key.verifying_key.key_id not in bound_ids
+        ]
+        return TrustList([*platform, *self.bound])
 
 
 def _mtime(path: Path) -> datetime:
@@ -102,6 +116,7 @@ def load_signing_keys(
     trusted_key_files: Sequence[Path],
     dev_mode: bool,
     data_dir: Path,
+    trust_list_file: Path | None = None,
 ) -> SigningKeys:
     """Load the registry's signing key and the trusted public keys.
 
@@ -110,6 +125,7 @@ def load_signing_keys(
         trusted_key_files: Further public keys (PEM).
         dev_mode: Whether explicit dev mode is on.
         data_dir: Where the dev-mode key lives.
+        trust_list_file: Keys bound to tenants (:class:`tensafe.tgsp.TrustList` JSON).
 
     Returns:
         The keys.
@@ -139,4 +155,15 @@ def load_signing_keys(
             raise ConfigError(trusted_setting, f"{path}: {error.description}") from error
         if all(key.key_id != known.verifying_key.key_id for known in trusted):
             trusted.append(TrustedKey(key, _mtime(path)))
-    return SigningKeys(signing_key=signing_key, trusted=tuple(trusted))
+    bound: tuple[TrustedSigner, ...] = ()
+    if trust_list_file is not None:
+        try:
+            listed = TrustList.from_file(trust_list_file)
+        except InvalidArgument as error:
+            raise ConfigError(env_name("registry_trust_list_file"), error.message) from error
+        own = signing_key.key_id
+        bound = tuple(s for s in listed.signers if s.key.key_id != own)
+        for signer in bound:
+            if all(signer.key.key_id != known.verifying_key.key_id for known in trusted):
+                trusted.append(TrustedKey(signer.key, _mtime(trust_list_file)))
+    return SigningKeys(signing_key=signing_key, trusted=tuple(trusted), bound=bound)

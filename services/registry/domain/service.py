@@ -279,7 +279,7 @@ class RegistryDomain:
     def _verify_upload(self, staged: StagedObject, caller: Caller) -> tuple[Manifest, str]:
         manifest = verify(
             staged.path,
-            trusted_keys=self._keys.verifying_keys,
+            trusted_keys=self._keys.trust_list,
             expected_tenant=caller.tenant_id,
         )
         with open(staged.path, "rb") as file:
@@ -468,7 +468,7 @@ class RegistryDomain:
     def _verify_stored(self, file: BinaryIO, record: VersionRecord, caller: Caller) -> Manifest:
         file.seek(0)
         manifest = verify(
-            file, trusted_keys=self._keys.verifying_keys, expected_tenant=caller.tenant_id
+            file, trusted_keys=self._keys.trust_list, expected_tenant=caller.tenant_id
         )
         if manifest.canonical_bytes().decode("utf-8") != record.manifest_json:
             raise FailedPrecondition(
@@ -485,6 +485,7 @@ class RegistryDomain:
             adapter_id=manifest.adapter.adapter_id,
             adapter_version=manifest.adapter.version,
             manifest_sha256=hashlib.sha256(prefix.manifest_bytes).hexdigest(),
+            format_version=manifest.format_version,
         )
         try:
             dek: bytes = self._kek.unwrap(manifest.tenant_id, wrapped, aad)

@@ -58,6 +58,17 @@ versions = sa.Table(
     sa.Column("create_time_us", sa.BigInteger(), nullable=False),
     sa.Column("request_id", sa.String(128), nullable=True),
 )
+kek_rotations = sa.Table(
+    "registry_kek_rotations",
+    metadata,
+    sa.Column("tenant_id", sa.String(128), primary_key=True),
+    sa.Column("kek_id", sa.String(2048), primary_key=True),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("rewrapped", sa.BigInteger(), nullable=False),
+    sa.Column("pinned", sa.BigInteger(), nullable=False),
+    sa.Column("create_time_us", sa.BigInteger(), nullable=False),
+    sa.Column("finish_time_us", sa.BigInteger(), nullable=True),
+)
 aliases = sa.Table(
     "registry_aliases",
     metadata,
@@ -286,6 +297,75 @@ class RegistryTransaction:
         """Delete the adapter row (its versions and aliases must be gone)."""
         await self._session.execute(sa.delete(adapters).where(adapters.c.id == adapter_id))
 
+    async def tenant_objects(self, tenant_id: str) -> list[tuple[str, list[str]]]:
+        """Each distinct package object of the tenant's versions, with the versions
+        (``name@version``) that reference it, in a stable order."""
+        rows = await self._session.execute(
+            sa.select(versions.c.package_sha256, adapters.c.name, versions.c.version)
+            .join(adapters, adapters.c.id == versions.c.adapter_id)
+            .where(versions.c.tenant_id == tenant_id)
+            .order_by(versions.c.package_sha256, adapters.c.name, versions.c.version)
+        )
+        found: dict[str, list[str]] = {}
+        for digest, name, version in rows:
+            found.setdefault(str(digest), []).append(f"{name}@{int(version)}")
+        return list(found.items())
+
+    async def replace_object(self, tenant_id: str, old: str, new: str, size_bytes: int) -> int:
+        """Point the tenant's versions that reference object ``old`` at ``new``.
+
+        Returns:
+            How many versions moved.
+        """
+        result = await self._session.execute(
+            sa.update(versions)
+            .where(versions.c.tenant_id == tenant_id, versions.c.package_sha256 == old)
+            .values(package_sha256=new, size_bytes=size_bytes)
+        )
+        return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+    async def running_rotation(self, tenant_id: str) -> RotationRow | None:
+        """The tenant's unfinished KEK rotation, if any."""
+        row = (
+            await self._session.execute(
+                sa.select(kek_rotations).where(
+                    kek_rotations.c.tenant_id == tenant_id, kek_rotations.c.state == "running"
+                )
+            )
+        ).first()
+        return None if row is None else _rotation_row(row)
+
+    async def insert_rotation(self, tenant_id: str, kek_id: str, now: datetime) -> None:
+        """Record a new rotation to ``kek_id`` as running."""
+        await self._session.execute(
+            sa.insert(kek_rotations).values(
+                tenant_id=tenant_id,
+                kek_id=kek_id,
+                state="running",
+                rewrapped=0,
+                pinned=0,
+                create_time_us=epoch_micros(now),
+            )
+        )
+
+    async def count_rewrapped(self, tenant_id: str, kek_id: str) -> None:
+        """Count one more re-wrapped package object."""
+        await self._session.execute(
+            sa.update(kek_rotations)
+            .where(kek_rotations.c.tenant_id == tenant_id, kek_rotations.c.kek_id == kek_id)
+            .values(rewrapped=kek_rotations.c.rewrapped + 1)
+        )
+
+    async def finish_rotation(
+        self, tenant_id: str, kek_id: str, *, pinned: int, now: datetime
+    ) -> None:
+        """Mark the rotation done."""
+        await self._session.execute(
+            sa.update(kek_rotations)
+            .where(kek_rotations.c.tenant_id == tenant_id, kek_rotations.c.kek_id == kek_id)
+            .values(state="done", pinned=pinned, finish_time_us=epoch_micros(now))
+        )
+
     async def object_referenced(self, digest: str) -> bool:
         """Whether any version of any tenant references the object."""
         row = (
@@ -311,6 +391,33 @@ class AdapterRow:
     name: str
     next_version: int
     create_time_us: int
+
+
+@dataclasses.dataclass(frozen=True)
+class RotationRow:
+    """A KEK rotation's row.
+
+    Attributes:
+        tenant_id: The tenant.
+        kek_id: The KEK version packages are re-wrapped under.
+        state: ``running`` or ``done``.
+        rewrapped: Package objects re-wrapped so far.
+    """
+
+    tenant_id: str
+    kek_id: str
+    state: str
+    rewrapped: int
+
+
+def _rotation_row(row: sa.Row[Any]) -> RotationRow:
+    mapping = row._mapping
+    return RotationRow(
+        tenant_id=str(mapping["tenant_id"]),
+        kek_id=str(mapping["kek_id"]),
+        state=str(mapping["state"]),
+        rewrapped=int(mapping["rewrapped"]),
+    )
 
 
 def _adapter_row(row: sa.Row[Any]) -> AdapterRow:

@@ -12,8 +12,7 @@
 {{- if .Values.publishing.enabled }}
 - name: TENSAFE_REGISTRY_URL
   value: {{ printf "%s:%v" (include "tensafe.componentName" (dict "root" . "component" "registry")) .Values.grpcPort | quote }}
-- name: TENSAFE_KEK_DIR
-  value: /var/lib/tensafe-keks
+{{ include "tensafe.kekEnv" (dict "root" . "dirSetting" "TENSAFE_KEK_DIR") }}
 {{- if .Values.secrets.trainerSigningKey.existingSecret }}
 - name: TENSAFE_TRAINER_SIGNING_KEY_FILE
   value: /var/run/tensafe/keys/trainer-signing-key.pem
@@ -36,7 +35,7 @@ true
 - name: models
   mountPath: /models
   readOnly: true
-{{- if .Values.publishing.enabled }}
+{{- if and .Values.publishing.enabled (eq .Values.kekProvider "local-file") }}
 - name: keks
   mountPath: /var/lib/tensafe-keks
 {{- end }}
@@ -58,7 +57,7 @@ true
 - name: models
   emptyDir: {}
 {{- end }}
-{{- if .Values.publishing.enabled }}
+{{- if and .Values.publishing.enabled (eq .Values.kekProvider "local-file") }}
 {{ include "tensafe.kekVolume" . }}
 {{- end }}
 {{- if include "tensafe.trainerHasKeys" . }}
@@ -100,7 +99,39 @@ true
 {{- end }}
 {{- end -}}
 
-{{/* The KEK folder shared by the registry and the trainer. */}}
+{{/*
+The KEK provider of the services that wrap or unwrap data keys (registry, trainer).
+pkcs11: module path, token label and PIN from one Secret (secrets.pkcs11); the module
+itself must be in the image. local-file (devMode only): a folder of plain key files.
+*/}}
+{{- define "tensafe.kekEnv" -}}
+- name: TENSAFE_KEK_PROVIDER
+  value: {{ .root.Values.kekProvider | quote }}
+{{- if eq .root.Values.kekProvider "pkcs11" }}
+{{- with .root.Values.secrets.pkcs11 }}
+- name: TENSAFE_KEK_PKCS11_MODULE
+  valueFrom:
+    secretKeyRef:
+      name: {{ .existingSecret }}
+      key: {{ .keys.module }}
+- name: TENSAFE_KEK_PKCS11_TOKEN_LABEL
+  valueFrom:
+    secretKeyRef:
+      name: {{ .existingSecret }}
+      key: {{ .keys.tokenLabel }}
+- name: TENSAFE_KEK_PKCS11_PIN
+  valueFrom:
+    secretKeyRef:
+      name: {{ .existingSecret }}
+      key: {{ .keys.pin }}
+{{- end }}
+{{- else }}
+- name: {{ .dirSetting }}
+  value: /var/lib/tensafe-keks
+{{- end }}
+{{- end -}}
+
+{{/* The local-file KEK folder shared by the registry and the trainer (devMode only). */}}
 {{- define "tensafe.kekVolume" -}}
 - name: keks
 {{- if .Values.keks.existingClaim }}
@@ -109,4 +140,19 @@ true
 {{- else }}
   emptyDir: {}
 {{- end }}
+{{- end -}}
+
+{{/* The pinned trust list of package signers (registry and HE runtime). */}}
+{{- define "tensafe.trustListFile" -}}
+{{- printf "/etc/tensafe/trust-list/%s" .Values.trustList.key -}}
+{{- end -}}
+{{- define "tensafe.trustListMount" -}}
+- name: trust-list
+  mountPath: /etc/tensafe/trust-list
+  readOnly: true
+{{- end -}}
+{{- define "tensafe.trustListVolume" -}}
+- name: trust-list
+  configMap:
+    name: {{ .Values.trustList.existingConfigMap }}
 {{- end -}}

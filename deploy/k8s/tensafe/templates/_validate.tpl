@@ -13,11 +13,19 @@ two values together). Each failure names the value to set.
 {{- $_ := required "trainer.baseModels.existingClaim is required outside devMode: the base models the trainer serves" $v.trainer.baseModels.existingClaim -}}
 {{- if $v.publishing.enabled }}
 {{- $_ := required "secrets.trainerSigningKey.existingSecret is required with publishing.enabled outside devMode" $v.secrets.trainerSigningKey.existingSecret -}}
-{{- $_ := required "keks.existingClaim is required with publishing.enabled outside devMode: the trainer and the registry share the tenants' KEKs" $v.keks.existingClaim -}}
 {{- if not (and $v.registry.trustedSigningKeys.existingConfigMap $v.registry.trustedSigningKeys.keys) }}
 {{- fail "registry.trustedSigningKeys (existingConfigMap and keys) is required with publishing.enabled: the registry must trust the trainer's public key" -}}
 {{- end }}
 {{- end }}
+{{- end }}
+{{- if and (not $v.devMode) $v.heRuntime.adaptersFromRegistry (not $v.trustList.existingConfigMap) }}
+{{- fail "trustList.existingConfigMap is required outside devMode: the HE runtime verifies packages against a pinned trust list of signers bound to tenants" -}}
+{{- end }}
+{{- if and (eq $v.kekProvider "local-file") (not $v.devMode) }}
+{{- fail "kekProvider=local-file keeps KEKs in plain files and is accepted only with devMode; set kekProvider=pkcs11 and secrets.pkcs11" -}}
+{{- end }}
+{{- if eq $v.kekProvider "pkcs11" }}
+{{- $_ := required "secrets.pkcs11.existingSecret is required with kekProvider=pkcs11: a Secret with the PKCS#11 module path, token label and PIN" $v.secrets.pkcs11.existingSecret -}}
 {{- end }}
 {{- if and $v.registry.actingServicePrincipals (not $v.registry.platformTenantId) }}
 {{- fail "registry.platformTenantId is required with registry.actingServicePrincipals" -}}

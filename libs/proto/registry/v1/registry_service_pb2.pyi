@@ -642,3 +642,71 @@ class UnwrapDataKeyResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___UnwrapDataKeyResponse: _TypeAlias = UnwrapDataKeyResponse  # noqa: Y015
+
+@_typing.final
+class RotateTenantKekRequest(_message.Message):
+    """Request of RotateTenantKek."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    """The tenant whose KEK rotates."""
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tenant_id", b"tenant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RotateTenantKekRequest: _TypeAlias = RotateTenantKekRequest  # noqa: Y015
+
+@_typing.final
+class RotateTenantKekResponse(_message.Message):
+    """Response of RotateTenantKek: what the (possibly resumed) rotation did."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    KEK_ID_FIELD_NUMBER: _builtins.int
+    RESUMED_FIELD_NUMBER: _builtins.int
+    REWRAPPED_FIELD_NUMBER: _builtins.int
+    PINNED_VERSIONS_FIELD_NUMBER: _builtins.int
+    KEK_IDS_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    """The tenant."""
+    kek_id: _builtins.str
+    """The KEK version every re-wrappable package is now under."""
+    resumed: _builtins.bool
+    """Whether an interrupted rotation was continued."""
+    rewrapped: _builtins.int
+    """Package objects re-wrapped by this call."""
+    @_builtins.property
+    def pinned_versions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Versions (name@version) of format-1 packages that keep an older KEK version."""
+
+    @_builtins.property
+    def kek_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The tenant's KEK versions after the call, oldest first."""
+
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        kek_id: _builtins.str = ...,
+        resumed: _builtins.bool = ...,
+        rewrapped: _builtins.int = ...,
+        pinned_versions: _abc.Iterable[_builtins.str] | None = ...,
+        kek_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kek_id", b"kek_id", "kek_ids", b"kek_ids", "pinned_versions", b"pinned_versions", "resumed", b"resumed", "rewrapped", b"rewrapped", "tenant_id", b"tenant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RotateTenantKekResponse: _TypeAlias = RotateTenantKekResponse  # noqa: Y015

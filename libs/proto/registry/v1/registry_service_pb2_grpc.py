@@ -81,6 +81,11 @@ class RegistryServiceStub:
                 request_serializer=tensafe_dot_registry_dot_v1_dot_registry__service__pb2.UnwrapDataKeyRequest.SerializeToString,
                 response_deserializer=tensafe_dot_registry_dot_v1_dot_registry__service__pb2.UnwrapDataKeyResponse.FromString,
                 _registered_method=True)
+        self.RotateTenantKek = channel.unary_unary(
+                '/tensafe.registry.v1.RegistryService/RotateTenantKek',
+                request_serializer=tensafe_dot_registry_dot_v1_dot_registry__service__pb2.RotateTenantKekRequest.SerializeToString,
+                response_deserializer=tensafe_dot_registry_dot_v1_dot_registry__service__pb2.RotateTenantKekResponse.FromString,
+                _registered_method=True)
 
 
 class RegistryServiceServicer:
@@ -152,6 +157,15 @@ class RegistryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RotateTenantKek(self, request, context):
+        """Gives a tenant a new KEK version and re-wraps every stored package's data key
+        under it (platform admins only). Resumable: called again after an interruption,
+        it continues the same rotation. Manifests and signatures do not change.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RegistryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -199,6 +213,11 @@ def add_RegistryServiceServicer_to_server(servicer, server):
                     servicer.UnwrapDataKey,
                     request_deserializer=tensafe_dot_registry_dot_v1_dot_registry__service__pb2.UnwrapDataKeyRequest.FromString,
                     response_serializer=tensafe_dot_registry_dot_v1_dot_registry__service__pb2.UnwrapDataKeyResponse.SerializeToString,
+            ),
+            'RotateTenantKek': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateTenantKek,
+                    request_deserializer=tensafe_dot_registry_dot_v1_dot_registry__service__pb2.RotateTenantKekRequest.FromString,
+                    response_serializer=tensafe_dot_registry_dot_v1_dot_registry__service__pb2.RotateTenantKekResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -446,6 +465,33 @@ class RegistryService:
             '/tensafe.registry.v1.RegistryService/UnwrapDataKey',
             tensafe_dot_registry_dot_v1_dot_registry__service__pb2.UnwrapDataKeyRequest.SerializeToString,
             tensafe_dot_registry_dot_v1_dot_registry__service__pb2.UnwrapDataKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateTenantKek(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensafe.registry.v1.RegistryService/RotateTenantKek',
+            tensafe_dot_registry_dot_v1_dot_registry__service__pb2.RotateTenantKekRequest.SerializeToString,
+            tensafe_dot_registry_dot_v1_dot_registry__service__pb2.RotateTenantKekResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -55,6 +55,11 @@ class RegistryServiceStub:
     """Unwraps a package's data key for the owning tenant (its principals, or an
     internal service acting for it). Every unwrap is an audit event.
     """
+    RotateTenantKek: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.RotateTenantKekRequest, _registry_service_pb2.RotateTenantKekResponse]
+    """Gives a tenant a new KEK version and re-wraps every stored package's data key
+    under it (platform admins only). Resumable: called again after an interruption,
+    it continues the same rotation. Manifests and signatures do not change.
+    """
 
 @_typing.type_check_only
 class RegistryServiceAsyncStub(RegistryServiceStub):
@@ -82,6 +87,11 @@ class RegistryServiceAsyncStub(RegistryServiceStub):
     UnwrapDataKey: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.UnwrapDataKeyRequest, _registry_service_pb2.UnwrapDataKeyResponse]  # type: ignore[assignment]
     """Unwraps a package's data key for the owning tenant (its principals, or an
     internal service acting for it). Every unwrap is an audit event.
+    """
+    RotateTenantKek: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.RotateTenantKekRequest, _registry_service_pb2.RotateTenantKekResponse]  # type: ignore[assignment]
+    """Gives a tenant a new KEK version and re-wraps every stored package's data key
+    under it (platform admins only). Resumable: called again after an interruption,
+    it continues the same rotation. Manifests and signatures do not change.
     """
 
 class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -161,6 +171,17 @@ class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_registry_service_pb2.UnwrapDataKeyResponse, _abc.Awaitable[_registry_service_pb2.UnwrapDataKeyResponse]]:
         """Unwraps a package's data key for the owning tenant (its principals, or an
         internal service acting for it). Every unwrap is an audit event.
+        """
+
+    @_abc_1.abstractmethod
+    def RotateTenantKek(
+        self,
+        request: _registry_service_pb2.RotateTenantKekRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_service_pb2.RotateTenantKekResponse, _abc.Awaitable[_registry_service_pb2.RotateTenantKekResponse]]:
+        """Gives a tenant a new KEK version and re-wraps every stored package's data key
+        under it (platform admins only). Resumable: called again after an interruption,
+        it continues the same rotation. Manifests and signatures do not change.
         """
 
 def add_RegistryServiceServicer_to_server(servicer: RegistryServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -642,6 +642,81 @@ export declare type UnwrapDataKeyResponse = Message<"tensafe.registry.v1.UnwrapD
 export declare const UnwrapDataKeyResponseSchema: GenMessage<UnwrapDataKeyResponse>;
 
 /**
+ * Request of RotateTenantKek.
+ *
+ * @generated from message tensafe.registry.v1.RotateTenantKekRequest
+ */
+export declare type RotateTenantKekRequest = Message<"tensafe.registry.v1.RotateTenantKekRequest"> & {
+  /**
+   * The tenant whose KEK rotates.
+   *
+   * @generated from field: string tenant_id = 1;
+   */
+  tenantId: string;
+};
+
+/**
+ * Describes the message tensafe.registry.v1.RotateTenantKekRequest.
+ * Use `create(RotateTenantKekRequestSchema)` to create a new message.
+ */
+export declare const RotateTenantKekRequestSchema: GenMessage<RotateTenantKekRequest>;
+
+/**
+ * Response of RotateTenantKek: what the (possibly resumed) rotation did.
+ *
+ * @generated from message tensafe.registry.v1.RotateTenantKekResponse
+ */
+export declare type RotateTenantKekResponse = Message<"tensafe.registry.v1.RotateTenantKekResponse"> & {
+  /**
+   * The tenant.
+   *
+   * @generated from field: string tenant_id = 1;
+   */
+  tenantId: string;
+
+  /**
+   * The KEK version every re-wrappable package is now under.
+   *
+   * @generated from field: string kek_id = 2;
+   */
+  kekId: string;
+
+  /**
+   * Whether an interrupted rotation was continued.
+   *
+   * @generated from field: bool resumed = 3;
+   */
+  resumed: boolean;
+
+  /**
+   * Package objects re-wrapped by this call.
+   *
+   * @generated from field: int64 rewrapped = 4;
+   */
+  rewrapped: bigint;
+
+  /**
+   * Versions (name@version) of format-1 packages that keep an older KEK version.
+   *
+   * @generated from field: repeated string pinned_versions = 5;
+   */
+  pinnedVersions: string[];
+
+  /**
+   * The tenant's KEK versions after the call, oldest first.
+   *
+   * @generated from field: repeated string kek_ids = 6;
+   */
+  kekIds: string[];
+};
+
+/**
+ * Describes the message tensafe.registry.v1.RotateTenantKekResponse.
+ * Use `create(RotateTenantKekResponseSchema)` to create a new message.
+ */
+export declare const RotateTenantKekResponseSchema: GenMessage<RotateTenantKekResponse>;
+
+/**
  * Signed, encrypted TGSP adapter packages: versions, aliases, content-addressed
  * storage. Every package is verified when published and again on every read.
  *
@@ -738,6 +813,18 @@ export declare const RegistryService: GenService<{
     methodKind: "unary";
     input: typeof UnwrapDataKeyRequestSchema;
     output: typeof UnwrapDataKeyResponseSchema;
+  },
+  /**
+   * Gives a tenant a new KEK version and re-wraps every stored package's data key
+   * under it (platform admins only). Resumable: called again after an interruption,
+   * it continues the same rotation. Manifests and signatures do not change.
+   *
+   * @generated from rpc tensafe.registry.v1.RegistryService.RotateTenantKek
+   */
+  rotateTenantKek: {
+    methodKind: "unary";
+    input: typeof RotateTenantKekRequestSchema;
+    output: typeof RotateTenantKekResponseSchema;
   },
 }>;
 
