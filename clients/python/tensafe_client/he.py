@@ -42,7 +42,7 @@ from tensafe.client.training import ChannelOptions, authenticated_channels
 from tensafe.common import errors
 from tensafe.helora.client import HeLoraClient
 from tensafe.helora.params import CkksParams, default_params
-from tensafe.helora.plan import OpCounts, Packing, Plan, choose_plan, compile_plan
+from tensafe.helora.plan import OpCounts, Packing, Plan, Variant, choose_plan, compile_plan
 from tensafe.proto.he.v1 import he_service_pb2 as pb
 from tensafe.proto.he.v1 import he_service_pb2_grpc
 
@@ -54,6 +54,11 @@ CHUNK_BYTES = 1024 * 1024
 _PACKING_TO_PROTO = {
     Packing.PER_TOKEN: pb.PACKING_PER_TOKEN,
     Packing.BATCH_FIRST: pb.PACKING_BATCH_FIRST,
+}
+_VARIANT_TO_PROTO = {
+    Variant.SERVER_BABY_STEPS: pb.PLAN_VARIANT_SERVER_BABY_STEPS,
+    Variant.CLIENT_BABY_STEPS: pb.PLAN_VARIANT_CLIENT_BABY_STEPS,
+    Variant.TWO_PRIMES: pb.PLAN_VARIANT_TWO_PRIMES,
 }
 
 
@@ -251,8 +256,9 @@ def plan_spec(
     tokens: int,
     params: CkksParams,
     packing: Packing | None,
+    variant: Variant | None = None,
 ) -> pb.PlanSpec:
-    """The contract's PlanSpec."""
+    """The contract's PlanSpec (``variant`` None: the compiler chooses)."""
     return pb.PlanSpec(
         hidden_size=hidden_size,
         output_size=output_size,
@@ -265,6 +271,7 @@ def plan_spec(
             scale_bits=params.scale_bits,
         ),
         packing=_PACKING_TO_PROTO[packing] if packing is not None else pb.PACKING_UNSPECIFIED,
+        variant=_VARIANT_TO_PROTO[variant] if variant is not None else pb.PLAN_VARIANT_UNSPECIFIED,
     )
 
 
@@ -289,6 +296,7 @@ class HeLoraSession:
         self.plan = plan
         self.stats: dict[str, LayerStats] = {}
         """Per-layer cost so far."""
+        self._plans: dict[tuple[int, int, int], Plan] = {}
 
     @classmethod
     def create(
@@ -305,6 +313,7 @@ class HeLoraSession:
         packing: Packing | None = None,
         adapter_version: int = 0,
         request_id: str | None = None,
+        variant: Variant | None = None,
     ) -> HeLoraSession:
         """Make keys, compile the plan, upload the public material, open the session.
 
@@ -321,6 +330,9 @@ class HeLoraSession:
             packing: Force a packing.
             adapter_version: The adapter's version (0: latest).
             request_id: Idempotency key (a fresh one by default).
+            variant: Force a variant of ``packing`` (e.g. SERVER_BABY_STEPS, the
+                compiler-version-1 layout, for comparisons); None: the compiler's
+                choice. Needs ``packing``.
 
         Raises:
             TenSafeError: The runtime refused (the status the runtime returned).
@@ -337,14 +349,16 @@ class HeLoraSession:
             "params": params,
         }
         if packing is None:
+            if variant is not None:
+                raise errors.InvalidArgument("variant", "needs packing to be given")
             plan, _ = choose_plan(**shapes)
         else:
-            plan = compile_plan(packing=packing, **shapes)
+            plan = compile_plan(packing=packing, variant=variant, **shapes)
         material = crypto.public_material(plan)
         header = pb.CreateSessionHeader(
             adapter_name=adapter_name,
             adapter_version=adapter_version,
-            spec=plan_spec(packing=packing, **shapes),
+            spec=plan_spec(packing=packing, variant=variant, **shapes),
             seal_parameters=material.parameters,
             galois_keys_size=len(material.galois_keys or b""),
             request_id=request_id or uuid.uuid4().hex,
@@ -382,15 +396,7 @@ class HeLoraSession:
         values = np.asarray(activations, dtype=np.float64)
         if values.ndim != 2:
             raise errors.InvalidArgument("activations", "must be a [tokens, d] matrix")
-        plan = compile_plan(
-            hidden_size=values.shape[1],
-            output_size=output_size,
-            rank=self.plan.rank,
-            alpha=self.plan.alpha,
-            tokens=values.shape[0],
-            params=self.plan.params,
-            packing=self.plan.packing,
-        )
+        plan = self._call_plan(values.shape[1], output_size, values.shape[0])
         ciphertexts = self._crypto.encrypt_activations(plan, values)
         results, summary = self._rpc.apply_lora(self.session.id, layer, ciphertexts)
         counts = OpCounts(
@@ -413,6 +419,27 @@ class HeLoraSession:
         stats.server_ms += summary.server_ms
         stats.round_trip_ms += (time.perf_counter() - started) * 1000.0
         return delta
+
+    def _call_plan(self, hidden_size: int, output_size: int, tokens: int) -> Plan:
+        """The plan of one call, with the session plan's packing and variant (as the
+        runtime derives it); cached, since generation repeats the same few shapes."""
+        key = (hidden_size, output_size, tokens)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = compile_plan(
+                hidden_size=hidden_size,
+                output_size=output_size,
+                rank=self.plan.rank,
+                alpha=self.plan.alpha,
+                tokens=tokens,
+                params=self.plan.params,
+                packing=self.plan.packing,
+                variant=self.plan.variant,
+            )
+            if len(self._plans) >= 256:
+                self._plans.pop(next(iter(self._plans)))
+            self._plans[key] = plan
+        return plan
 
     def refresh(self) -> pb.Session:
         """``GetSession``: the session as the runtime holds it (keeps it alive)."""
@@ -481,6 +508,7 @@ class HeLoraModel:
         params: CkksParams | None = None,
         packing: Packing | None = None,
         adapter_version: int = 0,
+        variant: Variant | None = None,
     ) -> HeLoraModel:
         """Open a session for ``model``'s adapted layers and install the hooks.
 
@@ -495,6 +523,7 @@ class HeLoraModel:
             params: CKKS parameters.
             packing: Force a packing.
             adapter_version: The adapter's version.
+            variant: Force a variant of ``packing`` (see :meth:`HeLoraSession.create`).
 
         Raises:
             InvalidArgument: No linear layer matches ``target_modules``.
@@ -513,6 +542,7 @@ class HeLoraModel:
             params=params,
             packing=packing,
             adapter_version=adapter_version,
+            variant=variant,
         )
         try:
             return cls(model, session)
