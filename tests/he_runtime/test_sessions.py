@@ -80,6 +80,9 @@ def test_lifecycle_applies_the_adapters_delta_and_closes(runtime: Runtime, data_
     # steps, the 3 fold steps (64 / 8 = 2^3) and u·B's 3 baby and 1 giant step.
     assert session.plan.input_copies == 2
     assert (stats.calls, stats.tokens, stats.counts.rotations) == (1, 5, 30)
+    # The second call had the same activations: its ciphertexts were re-sent, not
+    # re-encrypted, and its delta (checked above) is still right.
+    assert stats.reused_inputs == 0 and session.stats[LAYERS[1]].reused_inputs == 1
     assert runtime.usage(tenant) == (1, session.session.key_bytes)
     session.close()
     assert runtime.usage(tenant) == (0, 0)
