@@ -34,7 +34,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tensafe.client.he import HeLoraModel
-from tensafe.helora import Packing
+from tensafe.helora import Packing, default_params
 from tensafe.helora.plan import OpCounts, Variant
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -122,6 +122,8 @@ def run(
             target_modules=TARGET_MODULES,
             packing=Packing.PER_TOKEN,
             variant=variant,
+            # v1 needs three data primes; the current plan runs on the SDK's default.
+            params=default_params() if variant is Variant.SERVER_BABY_STEPS else None,
         )
     round_trip: dict[str, list[float]] = {name: [] for name in PLANS}
     server: dict[str, list[float]] = {name: [] for name in PLANS}

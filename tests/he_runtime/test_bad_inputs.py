@@ -44,6 +44,9 @@ def session(runtime: Runtime, tenant: str) -> Iterator[HeLoraSession]:
         alpha=ALPHA,
         hidden_size=64,
         output_size=64,
+        # The bad inputs below are made under DEFAULT (its three-prime chain has a level
+        # that is not the plan's input level); the SDK's own default is compact_params.
+        params=DEFAULT,
     )
     yield opened
     opened.close()

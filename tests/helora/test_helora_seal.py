@@ -10,7 +10,7 @@ import seal
 
 from tensafe.common.errors import FailedPrecondition, InvalidArgument
 from tensafe.he_runtime.domain.executor import HeLoraExecutor, LoraWeights
-from tensafe.helora import CkksParams, Packing, Plan, compile_plan, default_params
+from tensafe.helora import CkksParams, Packing, Plan, compact_params, compile_plan, default_params
 from tensafe.helora.client import HeLoraClient
 from tensafe.helora.packing import reference_delta
 from tensafe.helora.plan import Variant
@@ -426,3 +426,29 @@ def test_wire_carries_only_public_material_and_ciphertexts(client: HeLoraClient)
     assert len(windows) > 50
     for blob in blobs:
         assert not any(window in blob for window in windows)
+
+
+def test_compact_params_halve_the_keys_and_keep_the_error() -> None:
+    compact = compact_params()
+    assert compact.total_bits <= seal.CoeffModulus.MaxBitCount(8192, seal.sec_level_type.tc128)
+    plan = make_plan(Packing.PER_TOKEN, hidden_size=256, rank=4, tokens=2, params=compact)
+    assert plan.variant is Variant.CLIENT_BABY_STEPS and plan.input_primes == 2
+    compact_client = HeLoraClient(compact)
+    run_and_check(compact_client, plan, seed=9)
+    default_plan = make_plan(Packing.PER_TOKEN, hidden_size=256, rank=4, tokens=2)
+    assert default_plan.rotation_steps == plan.rotation_steps
+    compact_keys = compact_client.public_material(plan).galois_keys
+    default_keys = HeLoraClient(DEFAULT).public_material(default_plan).galois_keys
+    assert compact_keys is not None and default_keys is not None
+    assert len(compact_keys) < 0.55 * len(default_keys)
+    # The v1 layout needs a third data prime.
+    with pytest.raises(InvalidArgument) as caught:
+        make_plan(
+            Packing.PER_TOKEN,
+            hidden_size=256,
+            rank=4,
+            tokens=1,
+            params=compact,
+            variant=Variant.SERVER_BABY_STEPS,
+        )
+    assert caught.value.field == "params.coeff_modulus_bits"

@@ -41,7 +41,7 @@ from tensafe.client.retry import call_with_retry
 from tensafe.client.training import ChannelOptions, authenticated_channels
 from tensafe.common import errors
 from tensafe.helora.client import HeLoraClient
-from tensafe.helora.params import CkksParams, default_params
+from tensafe.helora.params import CkksParams, compact_params
 from tensafe.helora.plan import OpCounts, Packing, Plan, Variant, choose_plan, compile_plan
 from tensafe.proto.he.v1 import he_service_pb2 as pb
 from tensafe.proto.he.v1 import he_service_pb2_grpc
@@ -330,7 +330,10 @@ class HeLoraSession:
                 that plan cover every smaller layer).
             output_size: Largest output size of the adapted layers.
             tokens: Typical tokens per call; decides the packing when ``packing`` is None.
-            params: CKKS parameters (:func:`~tensafe.helora.params.default_params`).
+            params: CKKS parameters (default
+                :func:`~tensafe.helora.params.compact_params`: two data primes, half
+                the Galois-key bytes; a forced SERVER_BABY_STEPS variant needs
+                :func:`~tensafe.helora.params.default_params`).
             packing: Force a packing.
             adapter_version: The adapter's version (0: latest).
             request_id: Idempotency key (a fresh one by default).
@@ -342,7 +345,7 @@ class HeLoraSession:
             TenSafeError: The runtime refused (the status the runtime returned).
             FailedPrecondition: The runtime's plan differs from the local one.
         """
-        params = params or default_params()
+        params = params or compact_params()
         crypto = HeLoraClient(params)
         shapes: dict[str, Any] = {
             "hidden_size": hidden_size,
