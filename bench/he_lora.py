@@ -2,7 +2,8 @@
 
 Rows, measured in one run with repetitions interleaved (medians reported):
 
-1. PER_TOKEN plan, one token, and two tokens (one complex unit), in the compiler's
+1. PER_TOKEN plan, one token, and two tokens (one complex unit), with the SDK's
+   default (compact) parameters and with the default parameters, in the compiler's
    current variant (CLIENT_BABY_STEPS: the client sends the baby-step rotations of x,
    the runtime rotates giant steps only) and in the compiler-version-1 layout
    (SERVER_BABY_STEPS), so old and new plans are compared in the same run.
@@ -45,6 +46,7 @@ from tensafe.helora import (
     Packing,
     Plan,
     break_even_tokens,
+    compact_params,
     compile_plan,
     default_params,
 )
@@ -202,9 +204,39 @@ def main() -> None:
         )
 
     check_security(params)
+    compact = compact_params()
+    check_security(compact)
+    compact_client = HeLoraClient(compact)
+
+    def compact_plan(tokens: int) -> Plan:
+        return compile_plan(
+            hidden_size=HIDDEN,
+            output_size=HIDDEN,
+            rank=RANK,
+            alpha=ALPHA,
+            tokens=tokens,
+            params=compact,
+            packing=Packing.PER_TOKEN,
+        )
+
     print("preparing keys, adapters and inputs ...", flush=True)
     old = Variant.SERVER_BABY_STEPS
     cases: list[HeCase] = [
+        # The SDK's defaults: compact parameters, the compiler's variant.
+        HeCase(
+            Row("PER_TOKEN, 1 token, compact params", 1),
+            compact_plan(1),
+            compact_client,
+            weights,
+            x,
+        ),
+        HeCase(
+            Row("PER_TOKEN, 2 tokens, compact params", 2),
+            compact_plan(2),
+            compact_client,
+            weights,
+            x,
+        ),
         HeCase(Row("PER_TOKEN, 1 token", 1), plan(1, Packing.PER_TOKEN), client, weights, x),
         HeCase(
             Row("PER_TOKEN, 2 tokens (complex pair)", 2),
@@ -311,7 +343,7 @@ def report(
         for name, (tokens, _) in plain_rows.items()
         if name.startswith("numpy")
     }
-    baseline = cases[0].row.median_server()  # PER_TOKEN, 1 token (current compiler)
+    baseline = cases[0].row.median_server()  # PER_TOKEN, 1 token (SDK defaults)
     header = (
         f"{'row':44} {'tokens':>6} {'server ms':>10} {'ms/token':>9} {'client ms/tok':>13} "
         f"{'rot/token':>9} {'GK MiB':>7} {'max rel err':>11} {'/PT1':>7} {'/numpy':>9}"
@@ -393,7 +425,7 @@ def break_even(cases: list[HeCase], params: Any) -> None:
     batch = [case for case in cases if case.plan.packing is Packing.BATCH_FIRST]
     if not batch:
         return
-    pair = cases[1]  # PER_TOKEN, 2 tokens (current compiler): the cheaper per-token cost
+    pair = cases[1]  # PER_TOKEN, 2 tokens (SDK defaults): the cheaper per-token cost
     per_token_server = pair.row.median_server() / pair.row.tokens
     per_token_total = (pair.row.median_server() + pair.row.median_client()) / pair.row.tokens
     for case in batch:
