@@ -14,7 +14,12 @@ The server side (applying a plan with public keys only) lives in
 ``tensafe.he_runtime.domain.executor``.
 """
 
-from tensafe.helora.params import MAX_COEFF_MODULUS_BITS_128, CkksParams, default_params
+from tensafe.helora.params import (
+    MAX_COEFF_MODULUS_BITS_128,
+    CkksParams,
+    compact_params,
+    default_params,
+)
 from tensafe.helora.plan import (
     CostModel,
     OpCounts,
@@ -34,6 +39,7 @@ __all__ = [
     "Plan",
     "break_even_tokens",
     "choose_plan",
+    "compact_params",
     "compile_plan",
     "default_params",
 ]

@@ -50,7 +50,11 @@ def activation_slots(plan: Plan, activations: FloatArray) -> list[SlotArray]:
     """Return the slot vectors to encrypt, one per input ciphertext, in plan order.
 
     PER_TOKEN: unit j holds token j (or tokens 2j and 2j+1 as real and imaginary
-    parts), zero-padded to the block length and tiled across all slots.
+    parts), zero-padded to the block length and tiled across all slots; with
+    ``plan.input_copies`` = n1 > 1 (client-side baby steps) unit j is n1 consecutive
+    ciphertexts, that vector rotated left by 0, 1, ..., n1 - 1 slots, which is exactly
+    what the runtime's baby-step rotations would have made (the tiling makes a rotation
+    of the slot vector a cyclic rotation within every block).
     BATCH_FIRST: ciphertext ``g * d + i`` holds feature i of token group g, tokens in
     slots (the second half of a complex group in the imaginary parts).
     """
@@ -62,9 +66,10 @@ def activation_slots(plan: Plan, activations: FloatArray) -> list[SlotArray]:
         block = np.zeros((padded.shape[0], plan.block_length), dtype=np.float64)
         block[:, : plan.hidden_size] = padded
         tiled = np.tile(block, (1, slots // plan.block_length))
-        if plan.complex_packing:
-            return list(tiled[0::2] + 1j * tiled[1::2])
-        return list(tiled)
+        units: list[SlotArray] = (
+            list(tiled[0::2] + 1j * tiled[1::2]) if plan.complex_packing else list(tiled)
+        )
+        return [np.roll(unit, -step) for unit in units for step in range(plan.input_copies)]
     vectors: list[SlotArray] = []
     for group in range(plan.units):
         rows = padded[group * per_unit : (group + 1) * per_unit]
@@ -120,7 +125,7 @@ def input_diagonals(plan: Plan, lora_a: FloatArray) -> list[list[FloatArray]]:
     index = np.arange(block)
     rows = (index[None, :] + np.arange(rank)[:, None]) % block
     diagonals = np.tile(padded[rows, index % rank], (1, plan.slot_count // block))
-    return _bsgs_arrange(plan, diagonals)
+    return _bsgs_arrange(diagonals, plan.baby_steps, plan.giant_steps)
 
 
 def output_diagonals(plan: Plan, scaled_lora_b: FloatArray) -> list[list[FloatArray]]:
@@ -128,7 +133,7 @@ def output_diagonals(plan: Plan, scaled_lora_b: FloatArray) -> list[list[FloatAr
 
     ``u = x·A`` arrives replicated with period r (slot i holds u[i mod r]), so
     ``P_k[i] = B[(i + k) mod r, i]`` for i < d_out (zero beyond) gives
-    ``y[i] = sum_k P_k[i] * u[(i + k) mod r]``.
+    ``y[i] = sum_k P_k[i] * u[(i + k) mod r]``, arranged for the output BSGS split.
 
     Args:
         plan: A PER_TOKEN plan.
@@ -142,14 +147,13 @@ def output_diagonals(plan: Plan, scaled_lora_b: FloatArray) -> list[list[FloatAr
     rows = (index[None, :] + np.arange(rank)[:, None]) % rank
     diagonals = np.zeros((rank, plan.slot_count), dtype=np.float64)
     diagonals[:, : plan.output_size] = padded[rows, index]
-    return _bsgs_arrange(plan, diagonals)
+    return _bsgs_arrange(diagonals, plan.output_baby_steps, plan.output_giant_steps)
 
 
-def _bsgs_arrange(plan: Plan, diagonals: FloatArray) -> list[list[FloatArray]]:
-    baby = plan.baby_steps
+def _bsgs_arrange(diagonals: FloatArray, baby: int, giants: int) -> list[list[FloatArray]]:
     return [
         [np.roll(diagonals[giant * baby + step], giant * baby) for step in range(baby)]
-        for giant in range(plan.giant_steps)
+        for giant in range(giants)
     ]
 
 

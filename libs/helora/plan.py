@@ -60,7 +60,7 @@ from tensafe.common.errors import InvalidArgument
 from tensafe.helora.params import CkksParams
 
 #: Bumped whenever the compiler's output for the same inputs changes.
-COMPILER_VERSION = 1
+COMPILER_VERSION = 2
 
 #: Default bound on |activation| the client promises (and checks) before encrypting.
 #: Hidden states entering attention/MLP projections after RMSNorm are typically well
@@ -73,6 +73,55 @@ _BATCH_SCALE_RESERVE_BITS = 2
 #: Smallest activation scale (bits) a BATCH_FIRST plan accepts; below it the rescale
 #: rounding noise (a few units) is no longer far below the 1e-3 accuracy target.
 _MIN_BATCH_SCALE_BITS = 16
+#: Bits taken off half the first prime for the activation scale of CLIENT_BABY_STEPS,
+#: whose last product is not rescaled: the
+#: first prime holds scale(x) * scale(weights) * |delta|, so a smaller activation scale
+#: leaves more bits to the fixed-point weights (see _fixed_point_input_scale_bits).
+_FIXED_POINT_SCALE_RESERVE_BITS = 5
+
+#: Default largest relative error (max |error| / max |delta|) a plan may state; the
+#: compiler only picks a variant whose stated bound is within it. 1e-3 is HE-LoRA's
+#: accuracy target throughout (params.MIN_SCALE_BITS, executor.MIN_FIXED_POINT_BITS).
+DEFAULT_MAX_RELATIVE_ERROR = 1e-3
+
+
+class Variant(enum.StrEnum):
+    """How a packing spends its levels and who makes the baby-step rotations.
+
+    Each variant states a bound on the decoded relative error (:data:`ERROR_BOUNDS`),
+    max |error| / max |delta|, for activations within the plan's bound and adapters the
+    executor accepts (it refuses an adapter whose fixed-point precision is too low).
+    """
+
+    SERVER_BABY_STEPS = "SERVER_BABY_STEPS"
+    """PER_TOKEN as in compiler version 1: one ciphertext per unit at three primes, the
+    runtime rotates baby and giant steps of both products, both products rescaled."""
+    CLIENT_BABY_STEPS = "CLIENT_BABY_STEPS"
+    """PER_TOKEN: the client encrypts the n1 rotated copies of x the baby steps need
+    (free in plaintext), at two primes; the runtime rotates only giant steps for x·A,
+    rescales once, then folds and multiplies by B at the lowest level with B in fixed
+    point (no second rescale, so every later rotation is at one prime)."""
+    TWO_PRIMES = "TWO_PRIMES"
+    """BATCH_FIRST: x·A at two primes, rescaled once per output, then ·B in fixed point
+    at one prime. (A one-prime variant with A in fixed point too was measured and
+    dropped: with the worst-case overflow bound at activation_bound 64, A and B keep
+    only ~9 bits each in one 60-bit prime; docs/he.md.)"""
+
+
+#: Stated bound on max |error| / max |delta| per variant. Measured with SEAL on LoRA-like
+#: weights (kaiming-uniform A, B ~ N(0, 0.02), |x| ~ N(0, 2), d = 4096, r = 16): the
+#: rescaled variants stay below 1e-6 / 3e-5, the fixed-point ones below 2e-4 (figures in
+#: docs/he.md); the bounds keep a margin over those.
+ERROR_BOUNDS: Mapping[Variant, float] = {
+    Variant.SERVER_BABY_STEPS: 1e-5,
+    Variant.CLIENT_BABY_STEPS: 1e-3,
+    Variant.TWO_PRIMES: 1e-4,
+}
+
+_VARIANTS: Mapping[str, tuple[Variant, ...]] = {
+    "PER_TOKEN": (Variant.CLIENT_BABY_STEPS, Variant.SERVER_BABY_STEPS),
+    "BATCH_FIRST": (Variant.TWO_PRIMES,),
+}
 
 
 class Packing(enum.StrEnum):
@@ -203,8 +252,13 @@ class Plan:
         padded_rank: PER_TOKEN: r rounded up to a power of two (A gets zero columns,
             B zero rows). BATCH_FIRST: r.
         block_length: PER_TOKEN: L, d rounded up to a power of two. BATCH_FIRST: 0.
-        baby_steps: PER_TOKEN: n1 of the BSGS split of the r diagonals. BATCH_FIRST: 0.
+        variant: How the packing spends levels and who rotates the baby steps.
+        baby_steps: PER_TOKEN: n1 of the BSGS split of x·A's r diagonals. BATCH_FIRST: 0.
         giant_steps: PER_TOKEN: n2 = padded_rank / n1. BATCH_FIRST: 0.
+        output_baby_steps: PER_TOKEN: n1 of the BSGS split of u·B's diagonals.
+        output_giant_steps: PER_TOKEN: its n2.
+        input_copies: Ciphertexts the client sends per unit: the n1 rotated copies of x
+            (CLIENT_BABY_STEPS), 1 (SERVER_BABY_STEPS) or d (BATCH_FIRST).
         tokens_per_unit: Tokens per ciphertext (PER_TOKEN) or per ciphertext group
             (BATCH_FIRST).
         units: Ciphertexts (PER_TOKEN) or token groups (BATCH_FIRST) in the request.
@@ -220,6 +274,7 @@ class Plan:
         counts: Operations for the whole request.
         estimated_server_ms: Cost-model estimate of the runtime's evaluation.
         estimated_client_ms: Cost-model estimate of client encryption + decryption.
+        error_bound: Stated bound on max |error| / max |delta| (:data:`ERROR_BOUNDS`).
     """
 
     compiler_version: int
@@ -236,8 +291,12 @@ class Plan:
     slot_count: int
     padded_rank: int
     block_length: int
+    variant: Variant
     baby_steps: int
     giant_steps: int
+    output_baby_steps: int
+    output_giant_steps: int
+    input_copies: int
     tokens_per_unit: int
     units: int
     input_ciphertexts: int
@@ -252,6 +311,7 @@ class Plan:
     counts: OpCounts
     estimated_server_ms: float
     estimated_client_ms: float
+    error_bound: float
 
     @property
     def lora_scaling(self) -> float:
@@ -302,8 +362,11 @@ class Plan:
             "activation_bound": self.activation_bound,
             "padded_rank": self.padded_rank,
             "block_length": self.block_length,
+            "variant": self.variant.value,
             "baby_steps": self.baby_steps,
             "giant_steps": self.giant_steps,
+            "output_baby_steps": self.output_baby_steps,
+            "output_giant_steps": self.output_giant_steps,
             "input_primes": self.input_primes,
             "input_scale_bits": self.input_scale_bits,
         }
@@ -336,6 +399,12 @@ class Plan:
                 raise InvalidArgument(
                     "plan.packing", f"unknown packing {data['packing']!r}"
                 ) from None
+            try:
+                variant = Variant(data["variant"])
+            except ValueError:
+                raise InvalidArgument(
+                    "plan.variant", f"unknown variant {data['variant']!r}"
+                ) from None
             cost = data["cost_model"]
             if not isinstance(cost, Mapping):
                 raise InvalidArgument("plan.cost_model", "must be an object")
@@ -354,6 +423,7 @@ class Plan:
                 complex_packing=data["complex_packing"],
                 activation_bound=data["activation_bound"],
                 cost_model=cost_model,
+                variant=variant,
             )
         except KeyError as missing:
             raise InvalidArgument(f"plan.{missing.args[0]}", "is required") from None
@@ -415,6 +485,17 @@ def _batch_input_scale_bits(params: CkksParams) -> int:
     return params.data_prime_bits[0] // 2 - _BATCH_SCALE_RESERVE_BITS
 
 
+def _fixed_point_input_scale_bits(params: CkksParams) -> int:
+    # CLIENT_BABY_STEPS ends with a product that is not rescaled, so q0 holds
+    # scale(x) * scale(B) * |delta|: the activations get
+    # fewer bits than in TWO_PRIMES (2^25 for q0 = 60) and the weights the rest. Two
+    # errors trade off: a rescale's rounding noise (~2^11 units at N = 8192, so
+    # ~2^(11 - scale bits) of the value) and the encoding error of B's fixed-point
+    # diagonals (~sqrt(N/12) units of B's scale, which gets what the activations leave).
+    # Measured (d = 256 / 4096, r = 4 / 16, LoRA-like weights): see ERROR_BOUNDS.
+    return params.data_prime_bits[0] // 2 - _FIXED_POINT_SCALE_RESERVE_BITS
+
+
 def compile_plan(
     *,
     hidden_size: int,
@@ -427,6 +508,8 @@ def compile_plan(
     complex_packing: bool = True,
     activation_bound: float = DEFAULT_ACTIVATION_BOUND,
     cost_model: CostModel | None = None,
+    variant: Variant | None = None,
+    max_relative_error: float = DEFAULT_MAX_RELATIVE_ERROR,
 ) -> Plan:
     """Compile the plan for one adapted layer and one request.
 
@@ -441,6 +524,10 @@ def compile_plan(
         complex_packing: Pack a second set of tokens into the imaginary parts.
         activation_bound: Bound on |x| the client checks before encrypting.
         cost_model: Per-operation costs; :class:`CostModel` defaults if None.
+        variant: Force a variant of the packing; None: the cheapest (by
+            :attr:`Plan.estimated_total_ms`) whose error bound is within
+            ``max_relative_error`` and whose levels the parameters have.
+        max_relative_error: The precision bound the plan must state at most.
 
     Returns:
         The plan. Same inputs, same plan, always.
@@ -455,6 +542,7 @@ def compile_plan(
     tokens = _positive_int(tokens, "tokens")
     alpha = _positive_float(alpha, "alpha")
     activation_bound = _positive_float(activation_bound, "activation_bound")
+    max_relative_error = _positive_float(max_relative_error, "max_relative_error")
     if not isinstance(params, CkksParams):
         raise InvalidArgument("params", "must be a CkksParams")
     if not isinstance(complex_packing, bool):
@@ -464,29 +552,54 @@ def compile_plan(
     if rank > hidden_size:
         raise InvalidArgument("rank", f"rank {rank} exceeds hidden_size {hidden_size}")
     cost_model = cost_model if cost_model is not None else CostModel()
-    if packing is Packing.PER_TOKEN:
-        return _compile_per_token(
-            hidden_size=hidden_size,
-            output_size=output_size,
-            rank=rank,
-            alpha=alpha,
-            tokens=tokens,
-            params=params,
-            complex_packing=complex_packing,
-            activation_bound=activation_bound,
-            cost_model=cost_model,
+    allowed = _VARIANTS[packing.value]
+    if variant is not None:
+        if variant not in allowed:
+            raise InvalidArgument(
+                "variant",
+                f"{variant.value} is not a variant of {packing.value} "
+                f"(one of {[v.value for v in allowed]})",
+            )
+        candidates: tuple[Variant, ...] = (variant,)
+    else:
+        candidates = allowed
+    plans: list[Plan] = []
+    errors: list[InvalidArgument] = []
+    for candidate in candidates:
+        if ERROR_BOUNDS[candidate] > max_relative_error:
+            errors.append(
+                InvalidArgument(
+                    "max_relative_error",
+                    f"{candidate.value} states a relative error bound of "
+                    f"{ERROR_BOUNDS[candidate]:g}, over the requested {max_relative_error:g}",
+                )
+            )
+            continue
+        compile_variant = (
+            _compile_per_token if packing is Packing.PER_TOKEN else _compile_batch_first
         )
-    return _compile_batch_first(
-        hidden_size=hidden_size,
-        output_size=output_size,
-        rank=rank,
-        alpha=alpha,
-        tokens=tokens,
-        params=params,
-        complex_packing=complex_packing,
-        activation_bound=activation_bound,
-        cost_model=cost_model,
-    )
+        try:
+            plans.append(
+                compile_variant(
+                    hidden_size=hidden_size,
+                    output_size=output_size,
+                    rank=rank,
+                    alpha=alpha,
+                    tokens=tokens,
+                    params=params,
+                    complex_packing=complex_packing,
+                    activation_bound=activation_bound,
+                    cost_model=cost_model,
+                    variant=candidate,
+                )
+            )
+        except InvalidArgument as error:
+            errors.append(error)
+    if not plans:
+        # The error of the most capable variant says what to change.
+        raise errors[-1]
+    # Ties go to the first candidate (the newer variant, listed first).
+    return min(plans, key=lambda plan: plan.estimated_total_ms)
 
 
 def _compile_per_token(
@@ -500,6 +613,7 @@ def _compile_per_token(
     complex_packing: bool,
     activation_bound: float,
     cost_model: CostModel,
+    variant: Variant,
 ) -> Plan:
     slots = params.slot_count
     if hidden_size > slots:
@@ -513,12 +627,15 @@ def _compile_per_token(
             "output_size",
             f"PER_TOKEN packing needs output_size <= slot count {slots}, got {output_size}",
         )
+    client_baby = variant is Variant.CLIENT_BABY_STEPS
     depth = 2
-    if params.max_depth < depth:
+    # SERVER_BABY_STEPS rescales both products; CLIENT_BABY_STEPS only x·A.
+    rescales = 1 if client_baby else 2
+    if params.max_depth < rescales:
         raise InvalidArgument(
             "params.coeff_modulus_bits",
-            f"PER_TOKEN packing needs {depth} rescales ({depth + 1} data primes), the "
-            f"parameter set has {params.max_depth}",
+            f"{variant.value} PER_TOKEN packing needs {rescales} rescales ({rescales + 1} "
+            f"data primes), the parameter set has {params.max_depth}",
         )
     block = _next_power_of_two(hidden_size)
     padded_rank = _next_power_of_two(rank)
@@ -526,40 +643,81 @@ def _compile_per_token(
         raise InvalidArgument(
             "rank", f"rank {rank} rounded up to {padded_rank} exceeds the block length {block}"
         )
-    baby, giant = _bsgs_split(padded_rank)
+    input_primes = rescales + 1
+    degree = params.poly_modulus_degree
+    if client_baby:
+        input_scale_bits = _fixed_point_input_scale_bits(params)
+        if input_scale_bits < _MIN_BATCH_SCALE_BITS:
+            raise InvalidArgument(
+                "params.coeff_modulus_bits",
+                f"the first prime ({params.data_prime_bits[0]} bits) is too small for "
+                f"{variant.value}, which needs an activation scale of at least "
+                f"2^{_MIN_BATCH_SCALE_BITS}",
+            )
+        baby, giant = _client_bsgs_split(padded_rank, cost_model, degree, input_primes)
+    else:
+        input_scale_bits = params.scale_bits
+        baby, giant = _bsgs_split(padded_rank)
+    out_baby, out_giant = _bsgs_split(padded_rank)
     fold_rotations = (block // padded_rank).bit_length() - 1
-    steps = set(range(1, baby))
+    steps: set[int] = set()
+    if not client_baby:
+        steps.update(range(1, baby))
     steps.update(baby * g for g in range(1, giant))
     steps.update(padded_rank << i for i in range(fold_rotations))
-    input_primes = depth + 1
-    bsgs_rotations = (baby - 1) + (giant - 1)
-    # x·A at the input level: baby and giant rotations, r products, r - 1 additions,
-    # one rescale. Then, one prime lower, the fold and u·B.
-    top = OpCounts(
-        rotations=bsgs_rotations,
-        key_switches=bsgs_rotations,
-        multiply_plain=padded_rank,
-        additions=padded_rank - 1,
-        rescales=1,
-    )
-    middle_rotations = fold_rotations + bsgs_rotations
-    middle = OpCounts(
-        rotations=middle_rotations,
-        key_switches=middle_rotations,
-        multiply_plain=padded_rank,
-        additions=fold_rotations + padded_rank - 1,
-        rescales=1,
-    )
+    steps.update(range(1, out_baby))
+    steps.update(out_baby * g for g in range(1, out_giant))
+    fold = OpCounts(rotations=fold_rotations, key_switches=fold_rotations, additions=fold_rotations)
+    if client_baby:
+        # Key switching adds ~2^14.5 units of noise per rotation at one prime (the
+        # digit is as large as the special prime), far too much at this plan's small
+        # activation scale, so every rotation before the fixed-point product stays at
+        # two primes: x·A's giant steps, the fold and u·B's baby steps; then each baby
+        # copy is rescaled and the products and giant steps run at one prime, where the
+        # scale is scale(x) * scale(B) and the noise is negligible.
+        top_rotations = (giant - 1) + fold_rotations + (out_baby - 1)
+        top = OpCounts(
+            rotations=top_rotations,
+            key_switches=top_rotations,
+            multiply_plain=padded_rank,
+            additions=padded_rank - 1 + fold_rotations,
+            rescales=out_baby,
+        )
+        middle = OpCounts(
+            rotations=out_giant - 1,
+            key_switches=out_giant - 1,
+            multiply_plain=padded_rank,
+            additions=padded_rank - 1,
+        )
+    else:
+        # x·A at the input level: baby and giant rotations, r products, r - 1
+        # additions, one rescale. Then, one prime lower, the fold and u·B.
+        top_rotations = (giant - 1) + (baby - 1)
+        top = OpCounts(
+            rotations=top_rotations,
+            key_switches=top_rotations,
+            multiply_plain=padded_rank,
+            additions=padded_rank - 1,
+            rescales=1,
+        )
+        middle_rotations = (out_baby - 1) + (out_giant - 1)
+        middle = fold + OpCounts(
+            rotations=middle_rotations,
+            key_switches=middle_rotations,
+            multiply_plain=padded_rank,
+            additions=padded_rank - 1,
+            rescales=1,
+        )
     tokens_per_unit = 2 if complex_packing else 1
     units = -(-tokens // tokens_per_unit)
-    degree = params.poly_modulus_degree
+    copies = baby if client_baby else 1
     server_ms = units * (
         cost_model.server_ms(top, poly_modulus_degree=degree, primes=input_primes)
         + cost_model.server_ms(middle, poly_modulus_degree=degree, primes=input_primes - 1)
     )
     client_ms = units * (
-        cost_model.encrypt_ms * cost_model.level_factor(degree, input_primes)
-        + cost_model.decrypt_ms * cost_model.level_factor(degree, input_primes - depth)
+        copies * cost_model.encrypt_ms * cost_model.level_factor(degree, input_primes)
+        + cost_model.decrypt_ms * cost_model.level_factor(degree, input_primes - rescales)
     )
     per_unit = top + middle
     return Plan(
@@ -577,23 +735,49 @@ def _compile_per_token(
         slot_count=slots,
         padded_rank=padded_rank,
         block_length=block,
+        variant=variant,
         baby_steps=baby,
         giant_steps=giant,
+        output_baby_steps=out_baby,
+        output_giant_steps=out_giant,
+        input_copies=copies,
         tokens_per_unit=tokens_per_unit,
         units=units,
-        input_ciphertexts=units,
+        input_ciphertexts=units * copies,
         output_ciphertexts=units,
         input_primes=input_primes,
-        output_primes=input_primes - depth,
-        input_scale_bits=params.scale_bits,
+        output_primes=input_primes - rescales,
+        input_scale_bits=input_scale_bits,
         depth=depth,
-        levels_used=depth,
+        levels_used=rescales,
         rotation_steps=tuple(sorted(steps)),
         counts_per_unit=per_unit,
         counts=per_unit.times(units),
         estimated_server_ms=server_ms,
         estimated_client_ms=client_ms,
+        error_bound=ERROR_BOUNDS[variant],
     )
+
+
+def _client_bsgs_split(
+    padded_rank: int, cost_model: CostModel, degree: int, input_primes: int
+) -> tuple[int, int]:
+    # With client-side baby steps a baby step costs the client one more encryption
+    # (and upload) and a giant step costs the runtime one rotation; pick the power-of-two
+    # split with the lowest total estimate (ties: the larger baby step, less server work).
+    # Depends only on the rank and the level, so every layer of a session shares it (and
+    # the Galois keys of the largest layer cover every smaller one).
+    factor = cost_model.level_factor(degree, input_primes)
+    best: tuple[float, int] | None = None
+    baby = padded_rank
+    while baby >= 1:
+        giant = padded_rank // baby
+        cost = factor * (baby * cost_model.encrypt_ms + (giant - 1) * cost_model.rotate_ms)
+        if best is None or cost < best[0]:
+            best = (cost, baby)
+        baby //= 2
+    assert best is not None
+    return best[1], padded_rank // best[1]
 
 
 def _compile_batch_first(
@@ -607,6 +791,7 @@ def _compile_batch_first(
     complex_packing: bool,
     activation_bound: float,
     cost_model: CostModel,
+    variant: Variant,
 ) -> Plan:
     if params.max_depth < 1:
         raise InvalidArgument(
@@ -663,8 +848,12 @@ def _compile_batch_first(
         slot_count=slots,
         padded_rank=rank,
         block_length=0,
+        variant=variant,
         baby_steps=0,
         giant_steps=0,
+        output_baby_steps=0,
+        output_giant_steps=0,
+        input_copies=hidden_size,
         tokens_per_unit=tokens_per_unit,
         units=units,
         input_ciphertexts=units * hidden_size,
@@ -679,6 +868,7 @@ def _compile_batch_first(
         counts=per_unit.times(units),
         estimated_server_ms=server_ms,
         estimated_client_ms=client_ms,
+        error_bound=ERROR_BOUNDS[variant],
     )
 
 

@@ -12,7 +12,7 @@ from tensafe.common.errors import InvalidArgument
 from tensafe.he_runtime.domain.plans import PlanRequest
 from tensafe.he_runtime.domain.sessions import Session, SessionHeader
 from tensafe.helora.params import CkksParams
-from tensafe.helora.plan import OpCounts, Packing, Plan
+from tensafe.helora.plan import OpCounts, Packing, Plan, Variant
 from tensafe.proto.he.v1 import he_service_pb2 as pb
 
 PACKING_TO_PROTO: dict[Packing, pb.Packing.ValueType] = {
@@ -20,6 +20,31 @@ PACKING_TO_PROTO: dict[Packing, pb.Packing.ValueType] = {
     Packing.BATCH_FIRST: pb.PACKING_BATCH_FIRST,
 }
 PACKING_FROM_PROTO: dict[int, Packing] = {int(v): k for k, v in PACKING_TO_PROTO.items()}
+VARIANT_TO_PROTO: dict[Variant, pb.PlanVariant.ValueType] = {
+    Variant.SERVER_BABY_STEPS: pb.PLAN_VARIANT_SERVER_BABY_STEPS,
+    Variant.CLIENT_BABY_STEPS: pb.PLAN_VARIANT_CLIENT_BABY_STEPS,
+    Variant.TWO_PRIMES: pb.PLAN_VARIANT_TWO_PRIMES,
+}
+VARIANT_FROM_PROTO: dict[int, Variant] = {int(v): k for k, v in VARIANT_TO_PROTO.items()}
+
+
+def variant_from_proto(value: int, *, field: str) -> Variant | None:
+    """Map the contract's plan variant; UNSPECIFIED is None (the compiler chooses).
+
+    Raises:
+        InvalidArgument: An unknown enum value.
+    """
+    if value == pb.PLAN_VARIANT_UNSPECIFIED:
+        return None
+    try:
+        return VARIANT_FROM_PROTO[value]
+    except KeyError:
+        raise InvalidArgument(
+            field,
+            f"unknown plan variant {value}; use one of "
+            f"{', '.join(pb.PlanVariant.Name(v) for v in VARIANT_TO_PROTO.values())} or "
+            "PLAN_VARIANT_UNSPECIFIED",
+        ) from None
 
 
 def params_from_proto(message: pb.CkksParameters, *, field: str) -> CkksParams:
@@ -88,6 +113,7 @@ def spec_from_proto(spec: pb.PlanSpec, *, field: str) -> PlanRequest:
         tokens=int(spec.tokens),
         params=params_from_proto(spec.parameters, field=f"{field}.parameters"),
         packing=packing_from_proto(int(spec.packing), field=f"{field}.packing"),
+        variant=variant_from_proto(int(spec.variant), field=f"{field}.variant"),
     )
 
 

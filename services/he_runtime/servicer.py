@@ -106,12 +106,14 @@ class HeRuntimeServiceServicer(he_service_pb2_grpc.HeRuntimeServiceServicer):
             raise InvalidArgument("header.layer", "is required")
         if header.ciphertexts < 1:
             raise InvalidArgument("header.ciphertexts", "must be at least 1")
-        # Fail fast on an unknown or expired session before reading the payload.
-        await self._sessions.get(tenant, header.session_id)
+        # Fail fast on an unknown or expired session or layer before reading the
+        # payload; the session found here is the one evaluated (one lookup per call).
+        session = await self._sessions.get(tenant, header.session_id)
+        session.check_layer(header.layer)
         ciphertexts = await _assemble(
             messages, count=int(header.ciphertexts), max_bytes=self._sessions.limits.max_apply_bytes
         )
-        result = await self._sessions.apply(tenant, header.session_id, header.layer, ciphertexts)
+        result = await self._sessions.evaluate(session, header.layer, ciphertexts)
         for index, blob in enumerate(result.ciphertexts):
             for start in range(0, len(blob), RESPONSE_CHUNK_BYTES):
                 end = start + RESPONSE_CHUNK_BYTES

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import seal
 
 from tensafe.client.he import HeLoraSession, HeRuntimeRpc, plan_spec
 from tensafe.common.errors import (
@@ -43,6 +44,9 @@ def session(runtime: Runtime, tenant: str) -> Iterator[HeLoraSession]:
         alpha=ALPHA,
         hidden_size=64,
         output_size=64,
+        # The bad inputs below are made under DEFAULT (its three-prime chain has a level
+        # that is not the plan's input level); the SDK's own default is compact_params.
+        params=DEFAULT,
     )
     yield opened
     opened.close()
@@ -117,7 +121,9 @@ def test_bad_ciphertexts(
 ) -> None:
     make, kind, detail = BAD_CIPHERTEXTS[case]
     rpc = runtime.rpc(tenant)
-    error = raises(kind, rpc.apply_lora, session.session.id, LAYER, make())
+    # One unit: the plan's input_copies ciphertexts (client-side baby steps), all bad.
+    blobs = make() * session.plan.input_copies
+    error = raises(kind, rpc.apply_lora, session.session.id, LAYER, blobs)
     if isinstance(error, InvalidArgument):
         assert error.field == detail, error.message
     else:
@@ -185,6 +191,7 @@ def _header(
     keys_rank: int | None = None,
     truncate_keys: int = 0,
     garbage_keys: bool = False,
+    extra_step: int = 0,
 ) -> tuple[object, bytes | None]:
     from tensafe.proto.he.v1 import he_service_pb2 as pb
 
@@ -201,6 +208,10 @@ def _header(
     )
     keys = keys_client.public_material(key_plan).galois_keys
     assert keys is not None
+    if extra_step:
+        extended = seal.GaloisKeys()
+        keys_client._keygen.create_galois_keys([*key_plan.rotation_steps, extra_step], extended)
+        keys = pack(WireKind.GALOIS_KEYS, keys_client.fingerprint, extended.to_string())
     if garbage_keys:
         keys = pack(WireKind.GALOIS_KEYS, client.fingerprint, b"\xa1\x5e" + b"\x03" * 5000)
     declared = len(keys)
@@ -248,6 +259,11 @@ BAD_SESSIONS: dict[
         "PARAMETER_SET_MISMATCH",
     ),
     "malformed galois keys": (lambda: _header(garbage_keys=True), InvalidArgument, "galois_keys"),
+    "a galois key the plan does not need": (
+        lambda: _header(extra_step=5),
+        InvalidArgument,
+        "galois_keys",
+    ),
     "fewer key bytes than declared": (
         lambda: _header(truncate_keys=10),
         InvalidArgument,
@@ -265,6 +281,8 @@ def test_bad_sessions(runtime: Runtime, case: str) -> None:
     error = raises(kind, rpc.create_session, header, keys)
     if isinstance(error, InvalidArgument):
         assert error.field == detail, error.message
+        if case == "a galois key the plan does not need":
+            assert "rotation step 5," in error.message
     else:
         assert error.reason == detail, error.message
     assert runtime.usage(tenant) == (0, 0)  # nothing reserved or kept
@@ -280,6 +298,13 @@ def test_insecure_and_unknown_spec_fields(runtime: Runtime) -> None:
     error = raises(InvalidArgument, rpc.create_session, header, keys)
     assert error.field == "header.spec.packing"  # type: ignore[attr-defined]
     header.spec.packing = pb.PACKING_PER_TOKEN
+    header.spec.variant = 99  # type: ignore[assignment]
+    error = raises(InvalidArgument, rpc.create_session, header, keys)
+    assert error.field == "header.spec.variant"  # type: ignore[attr-defined]
+    header.spec.variant = pb.PLAN_VARIANT_TWO_PRIMES  # not a PER_TOKEN variant
+    error = raises(InvalidArgument, rpc.create_session, header, keys)
+    assert error.field == "header.spec.variant"  # type: ignore[attr-defined]
+    header.spec.variant = pb.PLAN_VARIANT_UNSPECIFIED
     header.spec.parameters.coeff_modulus_bits[:] = [60, 60, 60, 60]
     error = raises(InvalidArgument, rpc.create_session, header, keys)
     assert error.field == "header.spec.parameters.coeff_modulus_bits"  # type: ignore[attr-defined]

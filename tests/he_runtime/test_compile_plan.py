@@ -41,15 +41,17 @@ def test_unspecified_packing_is_the_compilers_choice_with_its_counts(runtime: Ru
     assert Plan.from_dict(json.loads(plan.plan_json)) == expected
     assert plan.packing == pb.PACKING_PER_TOKEN
     assert plan.reason == reason and "BATCH_FIRST" in plan.reason
-    assert list(plan.rotation_steps) == [1, 2, 3, 4, 8, 16, 32]
+    # CLIENT_BABY_STEPS: the client sends x rotated by 0 and 1; the runtime rotates
+    # x·A's giant steps 2, 4, 6, the fold 8, 16, 32, and u·B's steps 1, 2, 3 and 4.
+    assert list(plan.rotation_steps) == [1, 2, 3, 4, 6, 8, 16, 32]
     assert plan.plan_id == expected.fingerprint()
     assert (plan.rotations, plan.key_switches, plan.plaintext_multiplies, plan.rescales) == (
-        11,
-        11,
+        10,
+        10,
         16,
-        2,
+        4,
     )
-    assert (plan.depth, plan.input_ciphertexts, plan.output_ciphertexts) == (2, 1, 1)
+    assert (plan.depth, plan.input_ciphertexts, plan.output_ciphertexts) == (2, 2, 1)
 
 
 def test_forced_batch_first_needs_no_rotation(runtime: Runtime) -> None:

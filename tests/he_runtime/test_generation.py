@@ -94,6 +94,10 @@ def test_he_lora_generation_equals_plaintext_lora(
         assert error <= 1e-3 * peaks[layer], (layer, error, peaks[layer])
     stats = he_model.session.stats
     assert sum(s.calls for s in stats.values()) == 8 * NEW_TOKENS
+    # k_proj and v_proj read q_proj's input: their calls re-send its ciphertexts.
+    for layer, layer_stats in stats.items():
+        shared = layer.endswith(("k_proj", "v_proj"))
+        assert layer_stats.reused_inputs == (layer_stats.calls if shared else 0), layer
     print()
     print(f"prompt tokens {input_ids.shape[1]}, generated {he_tokens}")
     header = ("layer", "max|err|", "max|delta|", "calls", "server ms", "rt ms")

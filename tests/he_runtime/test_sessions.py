@@ -75,8 +75,14 @@ def test_lifecycle_applies_the_adapters_delta_and_closes(runtime: Runtime, data_
         assert delta.shape == (5, width)
         assert np.max(np.abs(delta - expected)) <= 1e-3 * np.max(np.abs(expected))
     stats = session.stats["model.layers.1.self_attn.k_proj"]
-    # Three ciphertexts (two tokens each, complex packing) x 11 rotations.
-    assert (stats.calls, stats.tokens, stats.counts.rotations) == (1, 5, 33)
+    # Three units (two tokens each, complex packing) x 10 rotations: CLIENT_BABY_STEPS
+    # with n1 = 2 copies sent by the client, so the runtime rotates x·A's 3 giant
+    # steps, the 3 fold steps (64 / 8 = 2^3) and u·B's 3 baby and 1 giant step.
+    assert session.plan.input_copies == 2
+    assert (stats.calls, stats.tokens, stats.counts.rotations) == (1, 5, 30)
+    # The second call had the same activations: its ciphertexts were re-sent, not
+    # re-encrypted, and its delta (checked above) is still right.
+    assert stats.reused_inputs == 0 and session.stats[LAYERS[1]].reused_inputs == 1
     assert runtime.usage(tenant) == (1, session.session.key_bytes)
     session.close()
     assert runtime.usage(tenant) == (0, 0)
@@ -249,7 +255,9 @@ def test_only_public_material_and_ciphertexts_cross_the_wire(runtime: Runtime) -
     assert methods == {"CreateSession", "ApplyLora", "CloseSession"}
     kinds = [wire_kind(blob) for blob in blobs]
     assert sorted(set(kinds)) == [WireKind.PARAMETERS, WireKind.GALOIS_KEYS, WireKind.CIPHERTEXT]
-    assert kinds.count(WireKind.CIPHERTEXT) == 2  # three tokens, two per ciphertext
+    # Three tokens, two per unit, each unit as its n1 = 2 client-rotated copies.
+    assert session.plan.input_copies == 2
+    assert kinds.count(WireKind.CIPHERTEXT) == 2 * 2
     # The secret key's bytes appear nowhere in what was sent.
     secret = session._crypto._keygen.secret_key().to_string()
     wire = b"".join(blobs)

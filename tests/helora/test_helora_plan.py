@@ -23,6 +23,7 @@ from tensafe.helora import (
     default_params,
 )
 from tensafe.helora import packing as slots
+from tensafe.helora.plan import ERROR_BOUNDS, Variant
 
 DEFAULT = default_params()
 
@@ -124,8 +125,53 @@ def test_params_dict_round_trip_and_prefixed_errors() -> None:
 # -- plans --------------------------------------------------------------------------
 
 
-def test_per_token_plan_for_4096_rank_16_needs_20_rotations() -> None:
+def test_per_token_client_baby_steps_plan_for_4096_rank_16() -> None:
     plan = per_token_plan(tokens=1)
+    # The compiler's default: the client sends the baby-step copies of x.
+    assert plan.variant is Variant.CLIENT_BABY_STEPS
+    assert (plan.baby_steps, plan.giant_steps, plan.input_copies) == (4, 4, 4)
+    assert plan.input_ciphertexts == 4 and plan.output_ciphertexts == 1
+    # The runtime: x·A's giant steps 4, 8, 12, the fold 16..2048 and u·B's baby steps
+    # 1, 2, 3 at two primes, then u·B's giant steps at one prime. x·A's baby steps are
+    # the client's.
+    per_unit = plan.counts_per_unit
+    assert per_unit.rotations == 3 + 8 + 3 + 3 == per_unit.key_switches
+    assert (per_unit.multiply_plain, per_unit.rescales) == (32, 4)
+    assert (plan.input_primes, plan.output_primes, plan.levels_used) == (2, 1, 1)
+    assert plan.input_scale_bits == 25
+    assert plan.error_bound == ERROR_BOUNDS[Variant.CLIENT_BABY_STEPS] <= 1e-3
+    assert (
+        plan.estimated_server_ms
+        < per_token_plan(variant=Variant.SERVER_BABY_STEPS).estimated_server_ms
+    )
+    # Two tokens per complex unit: 5 tokens are 3 units of 4 copies.
+    assert per_token_plan(tokens=5).input_ciphertexts == 12
+
+
+def test_client_baby_steps_copies_are_rotations_of_the_tiled_vector() -> None:
+    plan = per_token_plan(hidden_size=8, output_size=8, rank=4, tokens=2)
+    x = np.arange(16, dtype=np.float64).reshape(2, 8) + 1
+    vectors = slots.activation_slots(plan, x)
+    assert len(vectors) == plan.input_ciphertexts == plan.input_copies
+    base = vectors[0]
+    assert base[:8] == pytest.approx(x[0] + 1j * x[1]) and base[8:16] == pytest.approx(base[:8])
+    for step, vector in enumerate(vectors):
+        np.testing.assert_array_equal(vector, np.roll(base, -step))
+
+
+def test_a_stricter_precision_bound_picks_the_rescaled_variant() -> None:
+    plan = per_token_plan(max_relative_error=1e-4)
+    assert plan.variant is Variant.SERVER_BABY_STEPS and plan.error_bound <= 1e-4
+    with pytest.raises(InvalidArgument) as caught:
+        per_token_plan(max_relative_error=1e-7)
+    assert caught.value.field == "max_relative_error"
+    with pytest.raises(InvalidArgument) as caught:
+        per_token_plan(variant=Variant.TWO_PRIMES)
+    assert caught.value.field == "variant"
+
+
+def test_per_token_plan_for_4096_rank_16_needs_20_rotations() -> None:
+    plan = per_token_plan(tokens=1, variant=Variant.SERVER_BABY_STEPS)
     # Baby steps 1..3, giant steps 4, 8, 12, fold steps 16..2048.
     assert plan.rotation_steps == (1, 2, 3, 4, 8, 12, 16, 32, 64, 128, 256, 512, 1024, 2048)
     assert plan.counts_per_unit.rotations == 20
@@ -136,13 +182,16 @@ def test_per_token_plan_for_4096_rank_16_needs_20_rotations() -> None:
     assert (plan.depth, plan.levels_used, plan.input_primes, plan.output_primes) == (2, 2, 3, 1)
     assert (plan.baby_steps, plan.giant_steps, plan.block_length) == (4, 4, 4096)
     # Complex packing: two tokens share one ciphertext.
-    assert per_token_plan(tokens=5).units == 3
-    assert per_token_plan(tokens=5, complex_packing=False).units == 5
-    assert per_token_plan(tokens=5).counts == plan.counts_per_unit.times(3)
+    legacy = Variant.SERVER_BABY_STEPS
+    assert per_token_plan(tokens=5, variant=legacy).units == 3
+    assert per_token_plan(tokens=5, complex_packing=False, variant=legacy).units == 5
+    assert per_token_plan(tokens=5, variant=legacy).counts == plan.counts_per_unit.times(3)
 
 
 def test_per_token_pads_rank_and_hidden_size_to_powers_of_two() -> None:
-    plan = per_token_plan(hidden_size=300, output_size=200, rank=5)
+    plan = per_token_plan(
+        hidden_size=300, output_size=200, rank=5, variant=Variant.SERVER_BABY_STEPS
+    )
     assert (plan.padded_rank, plan.block_length) == (8, 512)
     assert plan.rotation_steps == (1, 2, 3, 4, 8, 16, 32, 64, 128, 256)
     assert plan.counts_per_unit.rotations == 2 * (3 + 1) + 6
@@ -227,11 +276,21 @@ def test_plan_dict_missing_field_is_refused() -> None:
         (
             dict(
                 params=CkksParams(
-                    poly_modulus_degree=8192, coeff_modulus_bits=(60, 40, 60), scale_bits=40
+                    poly_modulus_degree=8192, coeff_modulus_bits=(60, 60), scale_bits=40
                 )
             ),
             "params.coeff_modulus_bits",
         ),
+        (
+            dict(
+                params=CkksParams(
+                    poly_modulus_degree=8192, coeff_modulus_bits=(60, 40, 60), scale_bits=40
+                ),
+                variant=Variant.SERVER_BABY_STEPS,
+            ),
+            "params.coeff_modulus_bits",
+        ),
+        (dict(max_relative_error=0.0), "max_relative_error"),
     ],
 )
 def test_compile_refuses_bad_inputs_naming_the_field(
@@ -283,28 +342,41 @@ def simulate(plan: Plan, x: np.ndarray, lora_a: np.ndarray, lora_b: np.ndarray):
         counts["rotations"] += 1
         return np.roll(vector, -step)
 
-    def bsgs(vector: np.ndarray, diagonals: list[list[np.ndarray]]) -> np.ndarray:
-        rotated = [vector] + [rotate(vector, b) for b in range(1, plan.baby_steps)]
+    def bsgs(rotated: list[np.ndarray], diagonals: list[list[np.ndarray]], baby: int) -> np.ndarray:
         total = None
         for giant, row in enumerate(diagonals):
-            partial = sum(rotated[b] * row[b] for b in range(plan.baby_steps))
-            counts["multiply_plain"] += plan.baby_steps
+            partial = sum(rotated[b] * row[b] for b in range(baby))
+            counts["multiply_plain"] += baby
             if giant:
-                partial = rotate(partial, giant * plan.baby_steps)
+                partial = rotate(partial, giant * baby)
             total = partial if total is None else total + partial
         return total  # type: ignore[return-value]
+
+    def baby_steps(vector: np.ndarray, baby: int) -> list[np.ndarray]:
+        return [vector] + [rotate(vector, b) for b in range(1, baby)]
 
     outputs = []
     if plan.packing is Packing.PER_TOKEN:
         inner_diagonals = slots.input_diagonals(plan, lora_a)
         outer_diagonals = slots.output_diagonals(plan, lora_b * plan.lora_scaling)
-        for vector in slots.activation_slots(plan, x):
-            inner = bsgs(vector, inner_diagonals)
+        vectors = slots.activation_slots(plan, x)
+        copies = plan.input_copies
+        for unit in range(plan.units):
+            sent = vectors[unit * copies : (unit + 1) * copies]
+            if plan.variant is not Variant.CLIENT_BABY_STEPS:
+                sent = baby_steps(sent[0], plan.baby_steps)
+            inner = bsgs(sent, inner_diagonals, plan.baby_steps)
             step = plan.padded_rank
             while step < plan.block_length:
                 inner = inner + rotate(inner, step)
                 step *= 2
-            outputs.append(bsgs(inner, outer_diagonals))
+            outputs.append(
+                bsgs(
+                    baby_steps(inner, plan.output_baby_steps),
+                    outer_diagonals,
+                    plan.output_baby_steps,
+                )
+            )
     else:
         vectors = slots.activation_slots(plan, x)
         for group in range(plan.units):
@@ -321,10 +393,17 @@ def simulate(plan: Plan, x: np.ndarray, lora_a: np.ndarray, lora_b: np.ndarray):
     rank=st.integers(1, 20),
     tokens=st.integers(1, 5),
     complex_packing=st.booleans(),
+    variant=st.sampled_from([Variant.CLIENT_BABY_STEPS, Variant.SERVER_BABY_STEPS]),
     seed=st.integers(0, 2**32 - 1),
 )
 def test_per_token_layout_computes_the_lora_delta(
-    hidden_size: int, output_size: int, rank: int, tokens: int, complex_packing: bool, seed: int
+    hidden_size: int,
+    output_size: int,
+    rank: int,
+    tokens: int,
+    complex_packing: bool,
+    variant: Variant,
+    seed: int,
 ) -> None:
     rank = min(rank, hidden_size)
     plan = per_token_plan(
@@ -334,6 +413,7 @@ def test_per_token_layout_computes_the_lora_delta(
         alpha=2.0 * rank,
         tokens=tokens,
         complex_packing=complex_packing,
+        variant=variant,
     )
     rng = np.random.default_rng(seed)
     x = rng.uniform(-1, 1, (tokens, hidden_size))

@@ -10,9 +10,10 @@ import seal
 
 from tensafe.common.errors import FailedPrecondition, InvalidArgument
 from tensafe.he_runtime.domain.executor import HeLoraExecutor, LoraWeights
-from tensafe.helora import CkksParams, Packing, Plan, compile_plan, default_params
+from tensafe.helora import CkksParams, Packing, Plan, compact_params, compile_plan, default_params
 from tensafe.helora.client import HeLoraClient
 from tensafe.helora.packing import reference_delta
+from tensafe.helora.plan import Variant
 from tensafe.helora.wire import WireKind, pack, unpack, wire_kind
 
 DEFAULT = default_params()
@@ -39,6 +40,7 @@ def make_plan(
     output_size: int | None = None,
     params: CkksParams = DEFAULT,
     complex_packing: bool = True,
+    variant: Variant | None = None,
 ) -> Plan:
     return compile_plan(
         hidden_size=hidden_size,
@@ -49,6 +51,7 @@ def make_plan(
         params=params,
         packing=packing,
         complex_packing=complex_packing,
+        variant=variant,
     )
 
 
@@ -75,7 +78,9 @@ def run_and_check(client: HeLoraClient, plan: Plan, seed: int = 0) -> None:
     delta = client.decrypt_delta(plan, result.ciphertexts)
     expected = reference_delta(x, weights.lora_a, weights.lora_b, scaling=plan.lora_scaling)
     assert delta.shape == (plan.tokens, plan.output_size)
-    assert np.max(np.abs(delta - expected)) <= 1e-3 * np.max(np.abs(expected))
+    # Within the plan's stated bound (1e-3 or tighter), and the counted operations are
+    # the plan's.
+    assert np.max(np.abs(delta - expected)) <= plan.error_bound * np.max(np.abs(expected))
     assert result.counts == plan.counts
     assert len(result.ciphertexts) == plan.output_ciphertexts
 
@@ -88,8 +93,13 @@ def run_and_check(client: HeLoraClient, plan: Plan, seed: int = 0) -> None:
     "hidden_size",
     [256, 1024, pytest.param(4096, marks=pytest.mark.slow)],
 )
-def test_per_token_delta_matches_numpy(client: HeLoraClient, hidden_size: int, rank: int) -> None:
-    plan = make_plan(Packing.PER_TOKEN, hidden_size=hidden_size, rank=rank, tokens=3)
+@pytest.mark.parametrize("variant", [Variant.CLIENT_BABY_STEPS, Variant.SERVER_BABY_STEPS])
+def test_per_token_delta_matches_numpy(
+    client: HeLoraClient, hidden_size: int, rank: int, variant: Variant
+) -> None:
+    plan = make_plan(
+        Packing.PER_TOKEN, hidden_size=hidden_size, rank=rank, tokens=3, variant=variant
+    )
     run_and_check(client, plan, seed=hidden_size + rank)
 
 
@@ -115,7 +125,7 @@ def test_per_token_at_n16384_encrypts_below_the_top_level() -> None:
         poly_modulus_degree=16384, coeff_modulus_bits=(60, 40, 40, 40, 40, 60), scale_bits=40
     )
     plan = make_plan(Packing.PER_TOKEN, hidden_size=4096, rank=16, tokens=2, params=params)
-    assert plan.input_primes == 3 and plan.block_length == 4096 and plan.slot_count == 8192
+    assert plan.input_primes == 2 and plan.block_length == 4096 and plan.slot_count == 8192
     run_and_check(HeLoraClient(params), plan, seed=7)
 
 
@@ -241,8 +251,38 @@ def test_missing_galois_key_is_refused(client: HeLoraClient) -> None:
         without_keys.check_plan(small)
 
 
+def test_galois_keys_for_steps_the_plan_does_not_need_are_refused(
+    client: HeLoraClient,
+) -> None:
+    small = make_plan(Packing.PER_TOKEN, hidden_size=256, rank=4, tokens=1)
+    large = make_plan(Packing.PER_TOKEN, hidden_size=256, rank=16, tokens=1)
+    extra = sorted(set(large.rotation_steps) - set(small.rotation_steps))
+    assert extra
+    executor = session(client, large)
+    executor.refuse_unneeded_keys(large)  # exactly the plan's keys: accepted
+    with pytest.raises(InvalidArgument) as caught:
+        executor.refuse_unneeded_keys(small)
+    assert caught.value.field == "galois_keys"
+    assert caught.value.metadata["step"] == str(extra[0])
+    assert f"rotation step {extra[0]}," in caught.value.description
+    # A key for a right rotation is named by its negative step.
+    keys = seal.GaloisKeys()
+    client._keygen.create_galois_keys([*small.rotation_steps, -5], keys)
+    blob = pack(WireKind.GALOIS_KEYS, client.fingerprint, keys.to_string())
+    with_right = HeLoraExecutor(parameters=client.parameters_blob(), galois_keys=blob)
+    with pytest.raises(InvalidArgument) as caught:
+        with_right.refuse_unneeded_keys(small)
+    assert caught.value.metadata["step"] == "-5"
+    # Keys for a plan that rotates nothing (BATCH_FIRST) are all refused.
+    batch = make_plan(Packing.BATCH_FIRST, hidden_size=64, rank=4, tokens=1)
+    with pytest.raises(InvalidArgument):
+        session(client, small).refuse_unneeded_keys(batch)
+
+
 def test_malformed_ciphertexts_are_refused(client: HeLoraClient) -> None:
-    plan = make_plan(Packing.PER_TOKEN, hidden_size=64, rank=4, tokens=2)
+    plan = make_plan(
+        Packing.PER_TOKEN, hidden_size=64, rank=4, tokens=2, variant=Variant.SERVER_BABY_STEPS
+    )
     x, weights = lora_case(plan, 0)
     executor = session(client, plan)
     adapter = executor.encode_adapter(plan, weights)
@@ -268,7 +308,9 @@ def test_malformed_ciphertexts_are_refused(client: HeLoraClient) -> None:
 
 
 def test_ciphertext_at_the_wrong_level_or_scale_is_refused(client: HeLoraClient) -> None:
-    per_token = make_plan(Packing.PER_TOKEN, hidden_size=64, rank=4, tokens=1)
+    per_token = make_plan(
+        Packing.PER_TOKEN, hidden_size=64, rank=4, tokens=1, variant=Variant.SERVER_BABY_STEPS
+    )
     batch = make_plan(Packing.BATCH_FIRST, hidden_size=1, output_size=64, rank=1, tokens=1)
     executor = session(client, per_token)
     adapter = executor.encode_adapter(per_token, lora_case(per_token, 0)[1])
@@ -384,3 +426,29 @@ def test_wire_carries_only_public_material_and_ciphertexts(client: HeLoraClient)
     assert len(windows) > 50
     for blob in blobs:
         assert not any(window in blob for window in windows)
+
+
+def test_compact_params_halve_the_keys_and_keep_the_error() -> None:
+    compact = compact_params()
+    assert compact.total_bits <= seal.CoeffModulus.MaxBitCount(8192, seal.sec_level_type.tc128)
+    plan = make_plan(Packing.PER_TOKEN, hidden_size=256, rank=4, tokens=2, params=compact)
+    assert plan.variant is Variant.CLIENT_BABY_STEPS and plan.input_primes == 2
+    compact_client = HeLoraClient(compact)
+    run_and_check(compact_client, plan, seed=9)
+    default_plan = make_plan(Packing.PER_TOKEN, hidden_size=256, rank=4, tokens=2)
+    assert default_plan.rotation_steps == plan.rotation_steps
+    compact_keys = compact_client.public_material(plan).galois_keys
+    default_keys = HeLoraClient(DEFAULT).public_material(default_plan).galois_keys
+    assert compact_keys is not None and default_keys is not None
+    assert len(compact_keys) < 0.55 * len(default_keys)
+    # The v1 layout needs a third data prime.
+    with pytest.raises(InvalidArgument) as caught:
+        make_plan(
+            Packing.PER_TOKEN,
+            hidden_size=256,
+            rank=4,
+            tokens=1,
+            params=compact,
+            variant=Variant.SERVER_BABY_STEPS,
+        )
+    assert caught.value.field == "params.coeff_modulus_bits"

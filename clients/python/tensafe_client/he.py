@@ -42,8 +42,8 @@ from tensafe.client.retry import call_with_retry
 from tensafe.client.training import ChannelOptions, authenticated_channels
 from tensafe.common import errors
 from tensafe.helora.client import HeLoraClient
-from tensafe.helora.params import CkksParams, default_params
-from tensafe.helora.plan import OpCounts, Packing, Plan, choose_plan, compile_plan
+from tensafe.helora.params import CkksParams, compact_params
+from tensafe.helora.plan import OpCounts, Packing, Plan, Variant, choose_plan, compile_plan
 from tensafe.proto.he.v1 import he_service_pb2 as pb
 from tensafe.proto.he.v1 import he_service_pb2_grpc
 
@@ -55,6 +55,11 @@ CHUNK_BYTES = 1024 * 1024
 _PACKING_TO_PROTO = {
     Packing.PER_TOKEN: pb.PACKING_PER_TOKEN,
     Packing.BATCH_FIRST: pb.PACKING_BATCH_FIRST,
+}
+_VARIANT_TO_PROTO = {
+    Variant.SERVER_BABY_STEPS: pb.PLAN_VARIANT_SERVER_BABY_STEPS,
+    Variant.CLIENT_BABY_STEPS: pb.PLAN_VARIANT_CLIENT_BABY_STEPS,
+    Variant.TWO_PRIMES: pb.PLAN_VARIANT_TWO_PRIMES,
 }
 
 
@@ -234,6 +239,8 @@ class LayerStats:
         counts: SEAL operations the runtime performed.
         server_ms: Runtime evaluation time, summed.
         round_trip_ms: Wall time of the calls including encryption and decryption.
+        reused_inputs: Calls that re-sent the previous call's ciphertexts (the same
+            activations, e.g. k_proj and v_proj after q_proj) instead of encrypting.
     """
 
     calls: int = 0
@@ -241,6 +248,7 @@ class LayerStats:
     counts: OpCounts = dataclasses.field(default_factory=OpCounts)
     server_ms: float = 0.0
     round_trip_ms: float = 0.0
+    reused_inputs: int = 0
 
 
 def plan_spec(
@@ -252,8 +260,9 @@ def plan_spec(
     tokens: int,
     params: CkksParams,
     packing: Packing | None,
+    variant: Variant | None = None,
 ) -> pb.PlanSpec:
-    """The contract's PlanSpec."""
+    """The contract's PlanSpec (``variant`` None: the compiler chooses)."""
     return pb.PlanSpec(
         hidden_size=hidden_size,
         output_size=output_size,
@@ -266,6 +275,7 @@ def plan_spec(
             scale_bits=params.scale_bits,
         ),
         packing=_PACKING_TO_PROTO[packing] if packing is not None else pb.PACKING_UNSPECIFIED,
+        variant=_VARIANT_TO_PROTO[variant] if variant is not None else pb.PLAN_VARIANT_UNSPECIFIED,
     )
 
 
@@ -293,6 +303,8 @@ class HeLoraSession:
         self.verifier: DeltaVerifier | None = None
         """Set it (owning tenant: ``DeltaVerifier.from_opened``) to check sampled results
         against the plaintext adapter (:mod:`tensafe.client.he_verify`)."""
+        self._plans: dict[tuple[int, int, int], Plan] = {}
+        self._last_input: tuple[tuple[int, int, int], np.ndarray, list[bytes]] | None = None
 
     @classmethod
     def create(
@@ -309,6 +321,7 @@ class HeLoraSession:
         packing: Packing | None = None,
         adapter_version: int = 0,
         request_id: str | None = None,
+        variant: Variant | None = None,
     ) -> HeLoraSession:
         """Make keys, compile the plan, upload the public material, open the session.
 
@@ -321,16 +334,22 @@ class HeLoraSession:
                 that plan cover every smaller layer).
             output_size: Largest output size of the adapted layers.
             tokens: Typical tokens per call; decides the packing when ``packing`` is None.
-            params: CKKS parameters (:func:`~tensafe.helora.params.default_params`).
+            params: CKKS parameters (default
+                :func:`~tensafe.helora.params.compact_params`: two data primes, half
+                the Galois-key bytes; a forced SERVER_BABY_STEPS variant needs
+                :func:`~tensafe.helora.params.default_params`).
             packing: Force a packing.
             adapter_version: The adapter's version (0: latest).
             request_id: Idempotency key (a fresh one by default).
+            variant: Force a variant of ``packing`` (e.g. SERVER_BABY_STEPS, the
+                compiler-version-1 layout, for comparisons); None: the compiler's
+                choice. Needs ``packing``.
 
         Raises:
             TenSafeError: The runtime refused (the status the runtime returned).
             FailedPrecondition: The runtime's plan differs from the local one.
         """
-        params = params or default_params()
+        params = params or compact_params()
         crypto = HeLoraClient(params)
         shapes: dict[str, Any] = {
             "hidden_size": hidden_size,
@@ -341,14 +360,16 @@ class HeLoraSession:
             "params": params,
         }
         if packing is None:
+            if variant is not None:
+                raise errors.InvalidArgument("variant", "needs packing to be given")
             plan, _ = choose_plan(**shapes)
         else:
-            plan = compile_plan(packing=packing, **shapes)
+            plan = compile_plan(packing=packing, variant=variant, **shapes)
         material = crypto.public_material(plan)
         header = pb.CreateSessionHeader(
             adapter_name=adapter_name,
             adapter_version=adapter_version,
-            spec=plan_spec(packing=packing, **shapes),
+            spec=plan_spec(packing=packing, variant=variant, **shapes),
             seal_parameters=material.parameters,
             galois_keys_size=len(material.galois_keys or b""),
             request_id=request_id or uuid.uuid4().hex,
@@ -388,16 +409,8 @@ class HeLoraSession:
         values = np.asarray(activations, dtype=np.float64)
         if values.ndim != 2:
             raise errors.InvalidArgument("activations", "must be a [tokens, d] matrix")
-        plan = compile_plan(
-            hidden_size=values.shape[1],
-            output_size=output_size,
-            rank=self.plan.rank,
-            alpha=self.plan.alpha,
-            tokens=values.shape[0],
-            params=self.plan.params,
-            packing=self.plan.packing,
-        )
-        ciphertexts = self._crypto.encrypt_activations(plan, values)
+        plan = self._call_plan(values.shape[1], output_size, values.shape[0])
+        ciphertexts, reused = self._encrypt(plan, values)
         results, summary = self._rpc.apply_lora(self.session.id, layer, ciphertexts)
         counts = OpCounts(
             rotations=summary.counts.rotations,
@@ -420,7 +433,46 @@ class HeLoraSession:
         stats.counts = stats.counts + counts
         stats.server_ms += summary.server_ms
         stats.round_trip_ms += (time.perf_counter() - started) * 1000.0
+        stats.reused_inputs += int(reused)
         return delta
+
+    def _encrypt(self, plan: Plan, values: np.ndarray) -> tuple[list[bytes], bool]:
+        """Encrypt ``values`` for ``plan``, or re-send the previous call's ciphertexts.
+
+        The layers of one block that read the same input (q, k and v projections) get
+        the same activations in a row; their input ciphertexts depend only on the
+        values and the plan's input layout (not on the layer's output size), so the
+        first encryption serves them all. Re-sending a ciphertext tells the runtime only
+        that the inputs are equal, which the model's structure already says.
+        """
+        layout = (plan.hidden_size, plan.tokens, plan.input_ciphertexts)
+        cached = self._last_input
+        if cached is not None and cached[0] == layout and np.array_equal(cached[1], values):
+            return cached[2], True
+        ciphertexts = self._crypto.encrypt_activations(plan, values)
+        self._last_input = (layout, values.copy(), ciphertexts)
+        return ciphertexts, False
+
+    def _call_plan(self, hidden_size: int, output_size: int, tokens: int) -> Plan:
+        """The plan of one call, with the session plan's packing and variant (as the
+        runtime derives it); cached, since generation repeats the same few shapes."""
+        key = (hidden_size, output_size, tokens)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = compile_plan(
+                hidden_size=hidden_size,
+                output_size=output_size,
+                rank=self.plan.rank,
+                alpha=self.plan.alpha,
+                tokens=tokens,
+                params=self.plan.params,
+                packing=self.plan.packing,
+                variant=self.plan.variant,
+            )
+            if len(self._plans) >= 256:
+                self._plans.pop(next(iter(self._plans)))
+            self._plans[key] = plan
+        return plan
 
     def refresh(self) -> pb.Session:
         """``GetSession``: the session as the runtime holds it (keeps it alive)."""
@@ -489,6 +541,7 @@ class HeLoraModel:
         params: CkksParams | None = None,
         packing: Packing | None = None,
         adapter_version: int = 0,
+        variant: Variant | None = None,
     ) -> HeLoraModel:
         """Open a session for ``model``'s adapted layers and install the hooks.
 
@@ -503,6 +556,7 @@ class HeLoraModel:
             params: CKKS parameters.
             packing: Force a packing.
             adapter_version: The adapter's version.
+            variant: Force a variant of ``packing`` (see :meth:`HeLoraSession.create`).
 
         Raises:
             InvalidArgument: No linear layer matches ``target_modules``.
@@ -521,6 +575,7 @@ class HeLoraModel:
             params=params,
             packing=packing,
             adapter_version=adapter_version,
+            variant=variant,
         )
         try:
             return cls(model, session)

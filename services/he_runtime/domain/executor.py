@@ -41,7 +41,7 @@ from tensafe.common.errors import FailedPrecondition, InvalidArgument
 from tensafe.helora import packing
 from tensafe.helora.ckks import CkksContext, ParmsId
 from tensafe.helora.params import CkksParams
-from tensafe.helora.plan import OpCounts, Packing, Plan
+from tensafe.helora.plan import OpCounts, Packing, Plan, Variant
 from tensafe.helora.wire import WireKind, pack, unpack
 
 #: Fewest bits of fixed-point precision (relative to the largest entry of B) a
@@ -240,6 +240,45 @@ class HeLoraExecutor:
                     metadata={"step": str(step)},
                 )
 
+    def refuse_unneeded_keys(self, plan: Plan) -> None:
+        """Refuse Galois keys for rotation steps ``plan`` does not need (key hygiene).
+
+        A session holds exactly the evaluation keys of its plan: a key the plan never
+        uses is tenant key material kept for nothing (and would let a later plan rotate
+        by a step the client did not agree to), so it is refused rather than ignored.
+
+        Raises:
+            InvalidArgument: ``galois_keys`` holds a key for another step (the message
+                and the ``step`` metadata name it; a non-rotation automorphism such as
+                complex conjugation is named by its Galois element).
+        """
+        if self._galois_keys is None:
+            return
+        degree = self._context.params.poly_modulus_degree
+        needed = {self._context.galois_element(step) for step in plan.rotation_steps}
+        slots = degree // 2
+        steps_by_element = {pow(3, step, 2 * degree): step for step in range(1, slots)}
+        for element in range(1, 2 * degree, 2):
+            if element in needed or not self._galois_keys.has_key(element):
+                continue
+            step = steps_by_element.get(element)
+            if step is None:
+                raise InvalidArgument(
+                    "galois_keys",
+                    f"holds a key for Galois element {element}, which is not a rotation the "
+                    f"plan needs (its rotation_steps are {list(plan.rotation_steps)})",
+                    metadata={"galois_element": str(element)},
+                )
+            # SEAL names a right rotation by k as the left rotation by slots - k.
+            named = step if step <= slots // 2 else step - slots
+            raise InvalidArgument(
+                "galois_keys",
+                f"holds a key for rotation step {named}, which the plan does not need "
+                f"(its rotation_steps are {list(plan.rotation_steps)}); upload exactly "
+                f"the plan's keys",
+                metadata={"step": str(named)},
+            )
+
     def adapter(
         self, plan: Plan, adapter_key: str, load_weights: Callable[[], LoraWeights]
     ) -> EncodedAdapter:
@@ -294,7 +333,13 @@ class HeLoraExecutor:
         inputs = self._load_inputs(plan, ciphertexts)
         evaluator = CountingEvaluator(self._context, self._galois_keys)
         if plan.packing is Packing.PER_TOKEN:
-            outputs = [self._per_token_unit(plan, adapter, evaluator, ct) for ct in inputs]
+            copies = plan.input_copies
+            outputs = [
+                self._per_token_unit(
+                    plan, adapter, evaluator, inputs[unit * copies : (unit + 1) * copies]
+                )
+                for unit in range(plan.units)
+            ]
         else:
             outputs = []
             for group in range(plan.units):
@@ -360,19 +405,29 @@ class HeLoraExecutor:
     ) -> EncodedAdapter:
         context = self._context
         top, middle = plan.input_primes, plan.input_primes - 1
-        # Each product is encoded at the exact prime its rescale drops, so the scale
-        # returns to 2^input_scale_bits with no drift after both rescales.
-        input_scale, output_scale = context.rescale_prime(top), context.rescale_prime(middle)
+        # x·A is encoded at the exact prime its rescale drops, so the scale returns to
+        # 2^input_scale_bits with no drift. SERVER_BABY_STEPS does the same for u·B;
+        # CLIENT_BABY_STEPS keeps u·B at the lowest level with B in fixed point.
+        input_scale = context.rescale_prime(top)
         activation = plan.activation_bound * (math.sqrt(2.0) if plan.complex_packing else 1.0)
         inner_bound = activation * float(np.max(np.sum(np.abs(lora_a), axis=0)))
         output_bound = _output_bound(activation, lora_a, scaled_b)
         scale = 2.0**plan.input_scale_bits
         self._require_fits(inner_bound * scale * input_scale, top, "x·A before its rescale")
         self._require_fits(inner_bound * scale, middle, "x·A")
-        self._require_fits(
-            output_bound * scale * output_scale, middle, "the delta before its rescale"
-        )
-        self._require_fits(output_bound * scale, middle - 1, "the delta")
+        fixed_point_bits = math.inf
+        if plan.variant is Variant.CLIENT_BABY_STEPS:
+            b_scale_bits, fixed_point_bits = self._fixed_point_scale(
+                plan, output_bound, scaled_b, plan.input_scale_bits
+            )
+            output_scale = 2.0**b_scale_bits
+            self._require_fits(output_bound * scale * output_scale, middle, "the delta")
+        else:
+            output_scale = context.rescale_prime(middle)
+            self._require_fits(
+                output_bound * scale * output_scale, middle, "the delta before its rescale"
+            )
+            self._require_fits(output_bound * scale, middle - 1, "the delta")
         return EncodedAdapter(
             encoding_key=plan.encoding_key(),
             input_diagonals=self._encode_vectors(
@@ -382,7 +437,44 @@ class HeLoraExecutor:
                 packing.output_diagonals(plan, scaled_b), output_scale, middle
             ),
             output_bound=output_bound,
+            fixed_point_bits=fixed_point_bits,
         )
+
+    def _fixed_point_scale(
+        self, plan: Plan, output_bound: float, weights: FloatArray, scale_bits_before: float
+    ) -> tuple[int, float]:
+        """Choose the fixed-point scale of the last, unrescaled product's weights.
+
+        The largest power of two for which 2^scale_bits_before * scale * |delta| still
+        fits the last prime with headroom, capped so that the product's scale itself
+        stays well inside the prime when the weights are (near) zero.
+
+        Returns:
+            (scale bits, fixed-point bits kept by the largest weight).
+
+        Raises:
+            FailedPrecondition: The weights would keep fewer than
+                :data:`MIN_FIXED_POINT_BITS` bits.
+        """
+        budget_bits = self._context.params.data_prime_bits[0] - _HEADROOM_BITS
+        cap_bits = math.floor(budget_bits - 2 - scale_bits_before)
+        if output_bound > 0:
+            scale_bits = min(
+                cap_bits, math.floor(budget_bits - scale_bits_before - math.log2(output_bound))
+            )
+        else:
+            scale_bits = cap_bits
+        peak = float(np.max(np.abs(weights)))
+        fixed_point_bits = scale_bits + math.log2(peak) if peak > 0 else math.inf
+        if fixed_point_bits < MIN_FIXED_POINT_BITS:
+            raise FailedPrecondition(
+                f"with activation_bound {plan.activation_bound:g} the adapter's worst-case delta "
+                f"({output_bound:.4g}) leaves its weights only {fixed_point_bits:.1f} bits of "
+                f"fixed-point precision (< {MIN_FIXED_POINT_BITS}) in the {plan.variant.value} "
+                f"variant; compile with a tighter activation bound or another variant",
+                reason="ADAPTER_OUT_OF_RANGE",
+            )
+        return scale_bits, fixed_point_bits
 
     def _encode_vectors(
         self, vectors: list[list[FloatArray]], scale: float, primes: int
@@ -405,16 +497,36 @@ class HeLoraExecutor:
         return tuple(encoded)
 
     def _per_token_unit(
-        self, plan: Plan, adapter: EncodedAdapter, evaluator: CountingEvaluator, ciphertext: Any
+        self,
+        plan: Plan,
+        adapter: EncodedAdapter,
+        evaluator: CountingEvaluator,
+        copies: Sequence[Any],
     ) -> Any:
-        inner = _bsgs(plan, evaluator, ciphertext, adapter.input_diagonals)
+        if plan.variant is Variant.CLIENT_BABY_STEPS:
+            rotated = list(copies)  # the client sent the baby-step rotations
+        else:
+            rotated = _baby_steps(evaluator, copies[0], plan.baby_steps)
+        inner = _giant_steps(evaluator, rotated, adapter.input_diagonals, plan.baby_steps)
+        if plan.variant is Variant.CLIENT_BABY_STEPS:
+            # Every rotation before the fixed-point product at two primes (a rotation at
+            # one prime adds noise far above this plan's small activation scale; see
+            # the compiler), then the baby copies are rescaled one by one.
+            _fold(plan, evaluator, inner)
+            copies_of_u = _baby_steps(evaluator, inner, plan.output_baby_steps)
+            for copy in copies_of_u:
+                evaluator.rescale_inplace(copy)
+            return _giant_steps(
+                evaluator, copies_of_u, adapter.output_diagonals, plan.output_baby_steps
+            )
         evaluator.rescale_inplace(inner)
-        # Fold the L / r partial sums; afterwards slot i holds u[i mod r] everywhere.
-        step = plan.padded_rank
-        while step < plan.block_length:
-            evaluator.add_inplace(inner, evaluator.rotate(inner, step))
-            step *= 2
-        result = _bsgs(plan, evaluator, inner, adapter.output_diagonals)
+        _fold(plan, evaluator, inner)
+        result = _giant_steps(
+            evaluator,
+            _baby_steps(evaluator, inner, plan.output_baby_steps),
+            adapter.output_diagonals,
+            plan.output_baby_steps,
+        )
         evaluator.rescale_inplace(result)
         return result
 
@@ -426,35 +538,17 @@ class HeLoraExecutor:
         context = self._context
         activation = plan.activation_bound * (math.sqrt(2.0) if plan.complex_packing else 1.0)
         input_scale = 2.0**plan.input_scale_bits
-        a_scale = float(context.rescale_prime(plan.input_primes))
         inner_bound = activation * float(np.max(np.sum(np.abs(lora_a), axis=0)))
         output_bound = _output_bound(activation, lora_a, scaled_b)
+        a_scale = float(context.rescale_prime(plan.input_primes))
         self._require_fits(
             inner_bound * input_scale * a_scale, plan.input_primes, "x·A before its rescale"
         )
         self._require_fits(inner_bound * input_scale, plan.output_primes, "x·A")
-        # B's fixed-point scale: the largest power of two for which scale(x) * scale(B)
-        # * |delta| still fits the last prime with headroom, capped so that the product
-        # scale itself stays well inside the prime when B is (near) zero.
-        budget_bits = context.params.data_prime_bits[0] - _HEADROOM_BITS
-        cap_bits = budget_bits - 2 - plan.input_scale_bits
-        if output_bound > 0:
-            b_scale_bits = min(
-                cap_bits, math.floor(budget_bits - plan.input_scale_bits - math.log2(output_bound))
-            )
-        else:
-            b_scale_bits = cap_bits
+        b_scale_bits, fixed_point_bits = self._fixed_point_scale(
+            plan, output_bound, scaled_b, plan.input_scale_bits
+        )
         b_scale = 2.0**b_scale_bits
-        b_peak = float(np.max(np.abs(scaled_b)))
-        fixed_point_bits = b_scale_bits + math.log2(b_peak) if b_peak > 0 else math.inf
-        if fixed_point_bits < MIN_FIXED_POINT_BITS:
-            raise FailedPrecondition(
-                f"with activation_bound {plan.activation_bound:g} the adapter's worst-case delta "
-                f"({output_bound:.4g}) leaves B only {fixed_point_bits:.1f} bits of fixed-point "
-                f"precision (< {MIN_FIXED_POINT_BITS}); compile with a tighter activation bound "
-                f"or use PER_TOKEN",
-                reason="ADAPTER_OUT_OF_RANGE",
-            )
         return EncodedAdapter(
             encoding_key=plan.encoding_key(),
             lora_a_values=_quantize_nonzero(lora_a, a_scale),
@@ -520,15 +614,26 @@ class HeLoraExecutor:
             )
 
 
-def _bsgs(
-    plan: Plan,
+def _fold(plan: Plan, evaluator: CountingEvaluator, inner: Any) -> None:
+    """Fold the L / r partial sums; afterwards slot i holds u[i mod r] everywhere."""
+    step = plan.padded_rank
+    while step < plan.block_length:
+        evaluator.add_inplace(inner, evaluator.rotate(inner, step))
+        step *= 2
+
+
+def _baby_steps(evaluator: CountingEvaluator, ciphertext: Any, baby: int) -> list[Any]:
+    """The baby-step rotations rot(x, 0), ..., rot(x, n1 - 1)."""
+    return [ciphertext] + [evaluator.rotate(ciphertext, step) for step in range(1, baby)]
+
+
+def _giant_steps(
     evaluator: CountingEvaluator,
-    ciphertext: Any,
+    rotated: Sequence[Any],
     diagonals: tuple[tuple[Any, ...], ...],
+    baby: int,
 ) -> Any:
-    """Baby-step giant-step diagonal product: sum_g rot(sum_b D'_{g,b} * rot(x, b), g*n1)."""
-    baby = plan.baby_steps
-    rotated = [ciphertext] + [evaluator.rotate(ciphertext, step) for step in range(1, baby)]
+    """Giant steps of the BSGS diagonal product: sum_g rot(sum_b D'_{g,b} * rotated[b], g*n1)."""
     total = None
     for giant, row in enumerate(diagonals):
         partial = evaluator.multiply_plain(rotated[0], row[0])

@@ -17,7 +17,7 @@ import dataclasses
 
 from tensafe.common.errors import InvalidArgument
 from tensafe.helora.params import CkksParams
-from tensafe.helora.plan import Packing, Plan, choose_plan, compile_plan
+from tensafe.helora.plan import Packing, Plan, Variant, choose_plan, compile_plan
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -32,6 +32,7 @@ class PlanRequest:
         tokens: Tokens per request.
         params: The CKKS parameter set (128-bit secure by construction).
         packing: A forced packing, or None to let the compiler choose.
+        variant: A forced variant of the packing, or None to let the compiler choose.
     """
 
     hidden_size: int
@@ -41,6 +42,7 @@ class PlanRequest:
     tokens: int
     params: CkksParams
     packing: Packing | None
+    variant: Variant | None = None
 
 
 def rename_field(error: InvalidArgument, prefix: str) -> InvalidArgument:
@@ -72,6 +74,10 @@ def compile_for(request: PlanRequest, *, field_prefix: str = "spec.") -> tuple[P
     """
     try:
         if request.packing is None:
+            if request.variant is not None:
+                raise InvalidArgument(
+                    "variant", "a variant needs its packing (spec.packing) to be given"
+                )
             return choose_plan(
                 hidden_size=request.hidden_size,
                 output_size=request.output_size,
@@ -88,10 +94,13 @@ def compile_for(request: PlanRequest, *, field_prefix: str = "spec.") -> tuple[P
             tokens=request.tokens,
             params=request.params,
             packing=request.packing,
+            variant=request.variant,
         )
     except InvalidArgument as error:
         raise rename_field(error, field_prefix) from None
-    return plan, f"{request.packing.value} requested by the client"
+    if request.variant is not None:
+        return plan, (f"{request.packing.value} {request.variant.value} requested by the client")
+    return plan, f"{request.packing.value} ({plan.variant.value}) requested by the client"
 
 
 def plan_for_units(template: Plan, *, hidden_size: int, output_size: int, units: int) -> Plan:
@@ -112,4 +121,5 @@ def plan_for_units(template: Plan, *, hidden_size: int, output_size: int, units:
         complex_packing=template.complex_packing,
         activation_bound=template.activation_bound,
         cost_model=template.cost_model,
+        variant=template.variant,
     )

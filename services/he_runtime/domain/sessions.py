@@ -55,12 +55,15 @@ from tensafe.he_runtime.domain.plans import PlanRequest, compile_for, plan_for_u
 from tensafe.he_runtime.store.keys import KeyFiles
 from tensafe.he_runtime.store.sql import SessionRecord, SessionStore, SessionTransaction, micros
 from tensafe.helora.params import CkksParams
-from tensafe.helora.plan import OpCounts, Packing, Plan
+from tensafe.helora.plan import OpCounts, Packing, Plan, Variant
 from tensafe.helora.wire import WireKind, unpack
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+#: Per-call layer plans a session keeps (oldest dropped first).
+_MAX_CACHED_PLANS = 256
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -159,6 +162,7 @@ class Session:
         self._executor: HeLoraExecutor | None = executor
         # SEAL objects of one session are used by one thread at a time.
         self._lock = threading.Lock()
+        self._plans: dict[tuple[str, int], Plan] = {}
 
     @property
     def layers(self) -> list[str]:
@@ -175,12 +179,29 @@ class Session:
             raise NotFound(f"session {self.id} not found")
         return self._executor
 
+    def check_layer(self, layer: str) -> None:
+        """Raise InvalidArgument ``header.layer`` unless the adapter adapts ``layer``."""
+        if layer not in self.adapter.layers:
+            raise InvalidArgument(
+                "header.layer",
+                f"{layer!r} is not adapted by this session's adapter (layers: "
+                f"{', '.join(self.layers[:8])}{', ...' if len(self.layers) > 8 else ''})",
+            )
+
     def layer_plan(self, layer: str, units: int) -> Plan:
-        """The plan that evaluates ``units`` units of ``layer``."""
-        shape = self.adapter.shape(layer)
-        return plan_for_units(
-            self.plan, hidden_size=shape.input_size, output_size=shape.output_size, units=units
-        )
+        """The plan that evaluates ``units`` units of ``layer`` (cached per session:
+        generation asks for the same few plans on every call)."""
+        key = (layer, units)
+        plan = self._plans.get(key)
+        if plan is None:
+            shape = self.adapter.shape(layer)
+            plan = plan_for_units(
+                self.plan, hidden_size=shape.input_size, output_size=shape.output_size, units=units
+            )
+            if len(self._plans) >= _MAX_CACHED_PLANS:
+                self._plans.pop(next(iter(self._plans)))
+            self._plans[key] = plan
+        return plan
 
     def evaluate(self, layer: str, plan: Plan, ciphertexts: Sequence[bytes]) -> ApplyResult:
         """Apply ``layer``'s delta to ``ciphertexts`` (blocking; run it on a worker thread)."""
@@ -654,13 +675,21 @@ class HeSessions:
             InvalidArgument: Unknown layer, wrong number of ciphertexts, malformed ones.
             FailedPrecondition: Ciphertexts from another parameter set, a missing key.
         """
-        session = await self.get(tenant_id, session_id)
-        if layer not in session.adapter.layers:
-            raise InvalidArgument(
-                "header.layer",
-                f"{layer!r} is not adapted by this session's adapter (layers: "
-                f"{', '.join(session.layers[:8])}{', ...' if len(session.layers) > 8 else ''})",
-            )
+        return await self.evaluate(await self.get(tenant_id, session_id), layer, ciphertexts)
+
+    async def evaluate(
+        self, session: Session, layer: str, ciphertexts: Sequence[bytes]
+    ) -> ApplyResult:
+        """Apply ``layer``'s delta on a session already found with :meth:`get`.
+
+        The gRPC layer looks the session up once, before it reads the ciphertexts (to
+        fail fast), and evaluates on that object rather than looking it up again: a
+        closed or expired session is still refused (its executor is gone: NotFound).
+
+        Raises:
+            As :meth:`apply`.
+        """
+        session.check_layer(layer)
         units = _units(session, layer, len(ciphertexts))
         plan = session.layer_plan(layer, units)
         session.in_flight += 1
@@ -697,6 +726,7 @@ def spec_to_json(spec: PlanRequest) -> str:
             "tokens": spec.tokens,
             "params": spec.params.to_dict(),
             "packing": None if spec.packing is None else spec.packing.value,
+            "variant": None if spec.variant is None else spec.variant.value,
         },
         sort_keys=True,
     )
@@ -706,6 +736,8 @@ def spec_from_json(text: str) -> PlanRequest:
     """Inverse of :func:`spec_to_json`."""
     data = json.loads(text)
     packing = data["packing"]
+    # Rows written before plan variants existed have no "variant": the compiler chooses.
+    variant = data.get("variant")
     return PlanRequest(
         hidden_size=int(data["hidden_size"]),
         output_size=int(data["output_size"]),
@@ -714,6 +746,7 @@ def spec_from_json(text: str) -> PlanRequest:
         tokens=int(data["tokens"]),
         params=CkksParams.from_dict(data["params"]),
         packing=None if packing is None else Packing(packing),
+        variant=None if variant is None else Variant(variant),
     )
 
 
@@ -721,7 +754,16 @@ def _units(session: Session, layer: str, count: int) -> int:
     if count < 1:
         raise InvalidArgument("header.ciphertexts", "must be at least 1")
     if session.plan.packing is Packing.PER_TOKEN:
-        return count
+        # One unit is input_copies ciphertexts (the client-side baby steps); the split
+        # depends only on the rank, so every layer of the session shares it.
+        copies = session.plan.input_copies
+        if count % copies:
+            raise InvalidArgument(
+                "header.ciphertexts",
+                f"a {session.plan.variant.value} request takes a multiple of {copies} "
+                f"ciphertexts (the rotated copies of each unit), got {count}",
+            )
+        return count // copies
     input_size = session.adapter.shape(layer).input_size
     if count % input_size:
         raise InvalidArgument(
@@ -791,6 +833,9 @@ def _build(
         # Missing Galois keys and adapters that could overflow the modulus fail here,
         # before the client sends a single ciphertext.
         executor.adapter(layer_plan, f"{adapter.digest}:{layer}", _returning(weights))
+    # Key hygiene: exactly the plan's keys. The session plan is the one for the largest
+    # layer; its steps cover every layer's (checked just above, per layer).
+    executor.refuse_unneeded_keys(plan)
     return executor
 
 

@@ -42,6 +42,37 @@ PACKING_BATCH_FIRST: Packing.ValueType  # 2
 """Tokens in slots, features across ciphertexts; no rotations."""
 Global___Packing: _TypeAlias = Packing  # noqa: Y015
 
+class _PlanVariant:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PlanVariantEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PlanVariant.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PLAN_VARIANT_UNSPECIFIED: _PlanVariant.ValueType  # 0
+    """The compiler chooses the cheapest variant (both sides use the same cost model)."""
+    PLAN_VARIANT_SERVER_BABY_STEPS: _PlanVariant.ValueType  # 1
+    """PER_TOKEN, compiler version 1: the runtime rotates every baby and giant step."""
+    PLAN_VARIANT_CLIENT_BABY_STEPS: _PlanVariant.ValueType  # 2
+    """PER_TOKEN: the client sends the rotated copies of x the baby steps need."""
+    PLAN_VARIANT_TWO_PRIMES: _PlanVariant.ValueType  # 3
+    """BATCH_FIRST: x·A at two primes, then ·B in fixed point."""
+
+class PlanVariant(_PlanVariant, metaclass=_PlanVariantEnumTypeWrapper):
+    """How a packing spends its levels and who makes the baby-step rotations
+    (tensafe.helora.plan.Variant). Each variant states a bound on the decoded
+    relative error in the plan.
+    """
+
+PLAN_VARIANT_UNSPECIFIED: PlanVariant.ValueType  # 0
+"""The compiler chooses the cheapest variant (both sides use the same cost model)."""
+PLAN_VARIANT_SERVER_BABY_STEPS: PlanVariant.ValueType  # 1
+"""PER_TOKEN, compiler version 1: the runtime rotates every baby and giant step."""
+PLAN_VARIANT_CLIENT_BABY_STEPS: PlanVariant.ValueType  # 2
+"""PER_TOKEN: the client sends the rotated copies of x the baby steps need."""
+PLAN_VARIANT_TWO_PRIMES: PlanVariant.ValueType  # 3
+"""BATCH_FIRST: x·A at two primes, then ·B in fixed point."""
+Global___PlanVariant: _TypeAlias = PlanVariant  # noqa: Y015
+
 @_typing.final
 class CkksParameters(_message.Message):
     """CKKS parameters. Must meet 128-bit security (HomomorphicEncryption.org standard)."""
@@ -87,6 +118,7 @@ class PlanSpec(_message.Message):
     TOKENS_FIELD_NUMBER: _builtins.int
     PARAMETERS_FIELD_NUMBER: _builtins.int
     PACKING_FIELD_NUMBER: _builtins.int
+    VARIANT_FIELD_NUMBER: _builtins.int
     hidden_size: _builtins.int
     """Input hidden size d."""
     output_size: _builtins.int
@@ -99,6 +131,8 @@ class PlanSpec(_message.Message):
     """Tokens per request."""
     packing: Global___Packing.ValueType
     """Force a packing; unspecified lets the compiler choose."""
+    variant: Global___PlanVariant.ValueType
+    """Force a variant of the packing; unspecified lets the compiler choose."""
     @_builtins.property
     def parameters(self) -> Global___CkksParameters:
         """CKKS parameters."""
@@ -113,10 +147,11 @@ class PlanSpec(_message.Message):
         tokens: _builtins.int = ...,
         parameters: Global___CkksParameters | None = ...,
         packing: Global___Packing.ValueType = ...,
+        variant: Global___PlanVariant.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["parameters", b"parameters"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alpha", b"alpha", "hidden_size", b"hidden_size", "output_size", b"output_size", "packing", b"packing", "parameters", b"parameters", "rank", b"rank", "tokens", b"tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alpha", b"alpha", "hidden_size", b"hidden_size", "output_size", b"output_size", "packing", b"packing", "parameters", b"parameters", "rank", b"rank", "tokens", b"tokens", "variant", b"variant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

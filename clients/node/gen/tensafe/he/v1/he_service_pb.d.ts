@@ -99,6 +99,13 @@ export declare type PlanSpec = Message<"tensafe.he.v1.PlanSpec"> & {
    * @generated from field: tensafe.he.v1.Packing packing = 7;
    */
   packing: Packing;
+
+  /**
+   * Force a variant of the packing; unspecified lets the compiler choose.
+   *
+   * @generated from field: tensafe.he.v1.PlanVariant variant = 8;
+   */
+  variant: PlanVariant;
 };
 
 /**
@@ -729,6 +736,48 @@ export enum Packing {
  * Describes the enum tensafe.he.v1.Packing.
  */
 export declare const PackingSchema: GenEnum<Packing>;
+
+/**
+ * How a packing spends its levels and who makes the baby-step rotations
+ * (tensafe.helora.plan.Variant). Each variant states a bound on the decoded
+ * relative error in the plan.
+ *
+ * @generated from enum tensafe.he.v1.PlanVariant
+ */
+export enum PlanVariant {
+  /**
+   * The compiler chooses the cheapest variant (both sides use the same cost model).
+   *
+   * @generated from enum value: PLAN_VARIANT_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * PER_TOKEN, compiler version 1: the runtime rotates every baby and giant step.
+   *
+   * @generated from enum value: PLAN_VARIANT_SERVER_BABY_STEPS = 1;
+   */
+  SERVER_BABY_STEPS = 1,
+
+  /**
+   * PER_TOKEN: the client sends the rotated copies of x the baby steps need.
+   *
+   * @generated from enum value: PLAN_VARIANT_CLIENT_BABY_STEPS = 2;
+   */
+  CLIENT_BABY_STEPS = 2,
+
+  /**
+   * BATCH_FIRST: x·A at two primes, then ·B in fixed point.
+   *
+   * @generated from enum value: PLAN_VARIANT_TWO_PRIMES = 3;
+   */
+  TWO_PRIMES = 3,
+}
+
+/**
+ * Describes the enum tensafe.he.v1.PlanVariant.
+ */
+export declare const PlanVariantSchema: GenEnum<PlanVariant>;
 
 /**
  * HE-LoRA: the LoRA delta (alpha/r) * x A B of adapted layers computed on
