@@ -7,21 +7,24 @@ exactly this). The batch size is therefore Binomial(N, q): it varies, it may be 
 the update divides the noised gradient sum by the *expected* batch size ``q · N`` (see
 :mod:`tensafe.trainer.engine.training`).
 
-Randomness: a numpy ``PCG64`` generator seeded with 128 bits from the operating system's
-CSPRNG (:mod:`secrets`) per run attempt. The seed is never stored or returned, so nobody
-can replay which records were drawn; PCG64 itself is a statistical, not a cryptographic,
-generator.
+Randomness: the AES-256-CTR keystream of :mod:`tensafe.trainer.engine.noise` (the DP
+noise's CSPRNG construction) under a key of 32 bytes from the operating system's CSPRNG
+per run attempt, never stored or returned, so nobody can predict or replay which records
+were drawn. Record i of a draw is included when the top 53 bits of its 64-bit keystream
+word, read as ``u = k · 2^-53``, satisfy ``u < q``: an inclusion probability within
+``2^-53`` of q (``ceil(q · 2^53) / 2^53``), independently across records and steps.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
-import secrets
 
 import numpy as np
 import numpy.typing as npt
 
 from tensafe.common.errors import InvalidArgument
+from tensafe.trainer.engine.noise import AesCtrStream, fresh_key
 
 
 def resolve_sample_rate(
@@ -62,8 +65,8 @@ class PoissonSampler:
     Args:
         records: N, the number of records.
         sample_rate: q in (0, 1].
-        seed: Seed of the generator; None draws 128 bits from the OS CSPRNG (production
-            always passes None; tests pass a seed to be reproducible).
+        seed: Derive the key from this seed (tests, to be reproducible); None draws a
+            fresh key from the OS CSPRNG (production always passes None).
     """
 
     def __init__(self, *, records: int, sample_rate: float, seed: int | None = None) -> None:
@@ -73,9 +76,10 @@ class PoissonSampler:
             raise InvalidArgument("sample_rate", f"must be in (0, 1], got {sample_rate!r}")
         self._records = records
         self._rate = sample_rate
-        self._generator = np.random.Generator(
-            np.random.PCG64(secrets.randbits(128) if seed is None else seed)
-        )
+        key = fresh_key() if seed is None else hashlib.sha256(str(seed).encode()).digest()
+        self._stream = AesCtrStream(key)
+        self._zeros = memoryview(bytes(8 * records))
+        self._buffer = bytearray(8 * records + 16)
 
     @property
     def expected_batch_size(self) -> float:
@@ -84,5 +88,7 @@ class PoissonSampler:
 
     def draw(self) -> npt.NDArray[np.int64]:
         """One batch: the indices of the records included, in increasing order."""
-        included = self._generator.random(self._records) < self._rate
-        return np.flatnonzero(included).astype(np.int64)
+        self._stream.keystream_into(self._zeros, self._buffer)
+        words = np.frombuffer(self._buffer, dtype=np.uint64, count=self._records)
+        uniforms = (words >> np.uint64(11)).astype(np.float64) * 2.0**-53
+        return np.flatnonzero(uniforms < self._rate).astype(np.int64)
