@@ -6,7 +6,9 @@ raised anywhere below a servicer becomes its status code with ``google.rpc`` det
 AIP-193) in the ``grpc-status-details-bin`` trailer. Any other exception is logged
 with its stack trace under an error id and reaches the client as INTERNAL with that id
 only: never a stack trace. Request bytes that do not decode as the method's message get
-INVALID_ARGUMENT (field ``request``), not grpc's UNKNOWN.
+INVALID_ARGUMENT (field ``request``), not grpc's UNKNOWN, and a decoded request whose
+text fields break the one rule for text (:mod:`tensafe.common.text`: no control
+characters) gets INVALID_ARGUMENT naming the field, before any servicer runs.
 
 Clients call :func:`from_rpc_error` to get the same typed error back.
 """
@@ -24,10 +26,11 @@ from typing import TYPE_CHECKING, Any, cast
 import grpc
 import grpc.aio
 from google.protobuf import any_pb2
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 from google.rpc import error_details_pb2, status_pb2
 
 from tensafe.common import errors
+from tensafe.common.text import check_request_text
 
 log = logging.getLogger(__name__)
 
@@ -203,6 +206,8 @@ def _lenient(
 def _decoded(request: Any) -> Any:
     if isinstance(request, _Undecodable):
         raise errors.InvalidArgument("request", f"is not a valid message: {request.reason}")
+    if isinstance(request, Message):
+        check_request_text(request)
     return request
 
 

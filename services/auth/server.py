@@ -98,7 +98,7 @@ async def build(config: AuthConfig) -> Assembly:
     domain = components.domain
     verifier = TokenVerifier(
         DomainKeySource(domain),
-        options=VerifierOptions(revocation_ttl_seconds=config.revocation_ttl_seconds),
+        options=VerifierOptions.from_config(config),
     )
     interceptor = AuthInterceptor(
         verifier, domain, service=SERVICE_NAME, public_methods=AUTH_PUBLIC_METHODS
