@@ -278,3 +278,15 @@ async def test_streamed_requests_are_checked_too(
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     typed = from_rpc_error(info.value)
     assert isinstance(typed, errors.InvalidArgument) and typed.field == "header.adapter_name"
+
+
+async def test_the_helm_test_healthcheck_command(
+    served: tuple[GrpcServer, ProbeFutureService, str],
+) -> None:
+    from tensafe.common import healthcheck
+
+    address = served[2]
+    assert await asyncio.to_thread(healthcheck.main, [address]) == 0
+    # A port nobody serves: UNAVAILABLE, and the command fails naming it.
+    closed = "127.0.0.1:1"
+    assert await asyncio.to_thread(healthcheck.main, [address, closed, "--timeout", "2"]) == 1
