@@ -416,6 +416,7 @@ class TokenVerifier:
         self._revocations: Revocations | None = None
         self._revocations_fetched_at = -float("inf")
         self._refresh: asyncio.Task[None] | None = None
+        self._refresh_started = -float("inf")
         self._refresh_failed_at = -float("inf")
         self._refresh_error: errors.TenSafeError | None = None
         self._verified: OrderedDict[str, Identity] = OrderedDict()
@@ -549,7 +550,7 @@ class TokenVerifier:
         """Start one fetch; its outcome is kept for every caller that joins it."""
         task = asyncio.create_task(self._fetch_revocations())
         task.add_done_callback(_consume_task_error)
-        self._refresh = task
+        self._refresh, self._refresh_started = task, self._monotonic()
         return task
 
     async def _refresh_revocations(self, *, join: bool) -> None:
@@ -560,7 +561,9 @@ class TokenVerifier:
                 ``revocation_retry_seconds`` ago (no new fetch is tried then).
         """
         task = self._refresh
-        if not join or task is None or task.done():
+        # A fetch that started more than the bound ago cannot vouch for the bound.
+        stale = self._monotonic() - self._refresh_started > self._options.revocation_bound_seconds
+        if not join or task is None or task.done() or stale:
             since_failure = self._monotonic() - self._refresh_failed_at
             retry = self._options.revocation_retry_seconds
             if join and self._refresh_error is not None and since_failure < retry:

@@ -209,6 +209,20 @@ async def test_verifier_refreshes_a_list_past_the_bound_before_admitting() -> No
     source.gate.set()
     assert all(i.token_id == "j2" for i in await asyncio.gather(*calls))
     assert source.revocation_calls == 4
+
+    # A fetch in flight for longer than the bound is not joined: it cannot vouch for
+    # revocations made after it started, so a new one starts.
+    source.gate = asyncio.Event()
+    now[0] += 3  # past the soft TTL: admitted, a background fetch hangs
+    await verifier.verify(other)
+    await asyncio.sleep(0)
+    assert source.revocation_calls == 5
+    now[0] += 6  # the hanging fetch started 6 s ago
+    waiting = asyncio.create_task(verifier.verify(other))
+    await asyncio.sleep(0.01)
+    assert source.revocation_calls == 6
+    source.gate.set()
+    await waiting
     source.gate = None
 
     # Auth down: past the bound, calls are admitted on the last list (one fetch tried,
@@ -217,7 +231,7 @@ async def test_verifier_refreshes_a_list_past_the_bound_before_admitting() -> No
     now[0] += 6
     await verifier.verify(other)
     await verifier.verify(other)
-    assert source.revocation_calls == 5
+    assert source.revocation_calls == 7
     now[0] += 25  # the list is 31 s old
     with pytest.raises(errors.Unavailable) as unavailable:
         await verifier.verify(other)
