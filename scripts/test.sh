@@ -32,3 +32,10 @@ python scripts/typecheck.py
 
 # Tests import the installed wheel, not the source folders.
 python -m pytest -ra "$@"
+
+# The fuzz suite once more against a stack on PostgreSQL (NUL and other control
+# characters must get INVALID_ARGUMENT there too, never INTERNAL), at fewer examples.
+if [ "$#" -eq 0 ]; then
+  TENSAFE_FUZZ_DATABASE=postgresql TENSAFE_FUZZ_EXAMPLES=3 \
+    python -m pytest -ra -q -p no:cacheprovider tests/fuzz/test_fuzz_rpcs.py
+fi

@@ -17,11 +17,17 @@ serialisation RFC 8037) and carries ``kid`` (header), ``iss``, ``aud``, ``sub``,
 * a token whose exact bytes verified before is found in a bounded cache of verified
   tokens, so the hot path costs a dictionary lookup plus the expiry and revocation
   checks, not an Ed25519 verification;
-* revocations (token ids and disabled principals/tenants) are cached for
-  ``revocation_ttl_seconds`` and refreshed in the background when stale, so no request
-  waits for the auth service; if the list could not be refreshed for
-  ``max_revocation_staleness_seconds`` the verifier refuses tokens (UNAVAILABLE) rather
-  than accept ones that may have been revoked.
+* revocations (token ids and disabled principals/tenants) are cached. Revocation is a
+  bound, not a hope (DESIGN §8): a list older than ``revocation_bound_seconds`` (5 s by
+  default) is refreshed **before** the call is admitted, so a revocation takes effect on
+  every service within that bound whether the service was idle or busy. A busy service
+  refreshes in the background once the list is ``revocation_ttl_seconds`` old (half the
+  bound), so its calls rarely wait. Refreshes are single-flight: however many calls find
+  the list stale, one fetch runs and they all await it. If a refresh fails (auth
+  unreachable), calls are admitted on the last list until it is
+  ``max_revocation_staleness_seconds`` old (30 s by default) and then fail closed with
+  UNAVAILABLE; a failed fetch is retried at most once per
+  ``revocation_retry_seconds``, so a down auth is not stampeded either.
 
 A missing, malformed, expired, badly signed, wrong-``kid``, ``alg=none`` or revoked
 token ends the call with UNAUTHENTICATED and an ``auth.failed`` audit record. A valid
@@ -319,12 +325,22 @@ class AuditSink(Protocol):
 class VerifierOptions:
     """Caching policy of a :class:`TokenVerifier`."""
 
-    revocation_ttl_seconds: float = 5.0
-    """Age after which the revocation list is refreshed in the background; 0 fetches it
-    on every call (no caching)."""
+    revocation_ttl_seconds: float = 2.5
+    """Age after which the revocation list is refreshed in the background (a busy
+    service keeps its list fresh without any call waiting); 0 fetches it on every call
+    (no caching)."""
 
-    max_revocation_staleness_seconds: float = 60.0
-    """Age after which a call waits for a refresh, and fails UNAVAILABLE if it fails."""
+    revocation_bound_seconds: float = 5.0
+    """Age past which the list is refreshed before the call is admitted: a revocation
+    takes effect within this many seconds (plus one fetch) on an idle or a busy service."""
+
+    max_revocation_staleness_seconds: float = 30.0
+    """When refreshing fails, calls are still admitted on the last list until it is this
+    old; past it they fail UNAVAILABLE (fail closed)."""
+
+    revocation_retry_seconds: float = 1.0
+    """After a failed refresh, calls within this interval do not fetch again (they use
+    the stale list, or fail UNAVAILABLE past the staleness bound)."""
 
     min_jwks_refresh_interval_seconds: float = 1.0
     """Shortest interval between two JWKS fetches caused by unknown ``kid`` values; a
@@ -340,14 +356,31 @@ class VerifierOptions:
     def __post_init__(self) -> None:
         if self.revocation_ttl_seconds < 0:
             raise errors.ConfigError("revocation_ttl_seconds", "must be >= 0")
-        if self.max_revocation_staleness_seconds < self.revocation_ttl_seconds:
+        if self.revocation_bound_seconds < self.revocation_ttl_seconds:
             raise errors.ConfigError(
-                "max_revocation_staleness_seconds", "must be >= revocation_ttl_seconds"
+                "revocation_bound_seconds", "must be >= revocation_ttl_seconds"
             )
+        if self.max_revocation_staleness_seconds < self.revocation_bound_seconds:
+            raise errors.ConfigError(
+                "max_revocation_staleness_seconds", "must be >= revocation_bound_seconds"
+            )
+        if self.revocation_retry_seconds < 0:
+            raise errors.ConfigError("revocation_retry_seconds", "must be >= 0")
         if not 0 <= self.clock_skew_seconds <= 300:
             raise errors.ConfigError("clock_skew_seconds", "must be in 0..300")
         if self.verified_token_cache_size < 0:
             raise errors.ConfigError("verified_token_cache_size", "must be >= 0")
+
+    @classmethod
+    def from_config(cls, config: ServiceConfig) -> VerifierOptions:
+        """The policy a service's settings ask for (``revocation_bound_seconds`` and
+        ``revocation_outage_seconds``; the background refresh starts at half the bound)."""
+        return cls(
+            revocation_ttl_seconds=config.revocation_bound_seconds / 2,
+            revocation_bound_seconds=config.revocation_bound_seconds,
+            max_revocation_staleness_seconds=config.revocation_outage_seconds,
+            revocation_retry_seconds=min(1.0, config.revocation_bound_seconds),
+        )
 
 
 def _unauthenticated(message: str, reason: str) -> errors.Unauthenticated:
@@ -361,6 +394,8 @@ class TokenVerifier:
         source: Where keys and revocations come from.
         options: Caching policy.
         clock: Seconds since the epoch (injectable for tests of expiry).
+        monotonic: Monotonic seconds, for the age of the revocation list (injectable
+            for tests of the bounds).
     """
 
     def __init__(
@@ -369,17 +404,21 @@ class TokenVerifier:
         *,
         options: VerifierOptions | None = None,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._source = source
         self._options = options or VerifierOptions()
         self._clock = clock
+        self._monotonic = monotonic
         self._keys: dict[str, Ed25519PublicKey] = {}
         self._keys_fetched_at = -float("inf")
         self._keys_lock = asyncio.Lock()
         self._revocations: Revocations | None = None
         self._revocations_fetched_at = -float("inf")
-        self._revocations_lock = asyncio.Lock()
-        self._background: asyncio.Task[None] | None = None
+        self._refresh: asyncio.Task[None] | None = None
+        self._refresh_started = -float("inf")
+        self._refresh_failed_at = -float("inf")
+        self._refresh_error: errors.TenSafeError | None = None
         self._verified: OrderedDict[str, Identity] = OrderedDict()
 
     async def verify(self, token: str) -> Identity:
@@ -416,18 +455,20 @@ class TokenVerifier:
     async def refresh_revocations(self) -> None:
         """Fetch the revocation list now (after a local revocation, or at start-up).
 
+        A fetch already in flight may have started before the revocation, so this one
+        always starts a new fetch.
+
         Raises:
             Unavailable: The source cannot be reached.
         """
-        async with self._revocations_lock:
-            await self._fetch_revocations()
+        await self._refresh_revocations(join=False)
 
     async def close(self) -> None:
-        """Stop a background refresh that is still running."""
-        if self._background is not None and not self._background.done():
-            self._background.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._background
+        """Stop a refresh that is still running."""
+        if self._refresh is not None and not self._refresh.done():
+            self._refresh.cancel()
+            with contextlib.suppress(asyncio.CancelledError, errors.TenSafeError):
+                await self._refresh
 
     async def _verify_signature(self, token: str) -> Identity:
         try:
@@ -479,42 +520,82 @@ class TokenVerifier:
         return key
 
     async def _current_revocations(self) -> Revocations:
-        age = time.monotonic() - self._revocations_fetched_at
         options = self._options
+        age = self._monotonic() - self._revocations_fetched_at
         if (
             self._revocations is None
             or options.revocation_ttl_seconds == 0
-            or age > options.max_revocation_staleness_seconds
+            or age > options.revocation_bound_seconds
         ):
-            async with self._revocations_lock:
-                age = time.monotonic() - self._revocations_fetched_at
-                if (
-                    self._revocations is None
-                    or options.revocation_ttl_seconds == 0
-                    or age > options.max_revocation_staleness_seconds
-                ):
-                    await self._fetch_revocations()
+            # Past the bound: the call waits for a fresh list (DESIGN §8).
+            try:
+                await self._refresh_revocations(join=options.revocation_ttl_seconds != 0)
+            except errors.TenSafeError as error:
+                age = self._monotonic() - self._revocations_fetched_at
+                if self._revocations is None or age > options.max_revocation_staleness_seconds:
+                    raise errors.Unavailable(
+                        f"cannot check token revocation: the revocation list is "
+                        f"{'missing' if self._revocations is None else f'{age:.0f} s old'} "
+                        f"and cannot be refreshed ({error.message})",
+                        reason="REVOCATIONS_UNAVAILABLE",
+                    ) from None
         elif age > options.revocation_ttl_seconds and (
-            self._background is None or self._background.done()
+            self._refresh is None or self._refresh.done()
         ):
-            self._background = asyncio.create_task(self._refresh_in_background())
-        assert self._revocations is not None  # set by _fetch_revocations or earlier
+            self._start_refresh()
+        assert self._revocations is not None  # set by a fetch or earlier
         return self._revocations
 
-    async def _fetch_revocations(self) -> None:
-        self._revocations = await self._source.revocations()
-        self._revocations_fetched_at = time.monotonic()
+    def _start_refresh(self) -> asyncio.Task[None]:
+        """Start one fetch; its outcome is kept for every caller that joins it."""
+        task = asyncio.create_task(self._fetch_revocations())
+        task.add_done_callback(_consume_task_error)
+        self._refresh, self._refresh_started = task, self._monotonic()
+        return task
 
-    async def _refresh_in_background(self) -> None:
+    async def _refresh_revocations(self, *, join: bool) -> None:
+        """Single-flight refresh: join the fetch in flight (if ``join``) or start one.
+
+        Raises:
+            TenSafeError: The fetch failed, or failed less than
+                ``revocation_retry_seconds`` ago (no new fetch is tried then).
+        """
+        task = self._refresh
+        # A fetch that started more than the bound ago cannot vouch for the bound.
+        stale = self._monotonic() - self._refresh_started > self._options.revocation_bound_seconds
+        if not join or task is None or task.done() or stale:
+            since_failure = self._monotonic() - self._refresh_failed_at
+            retry = self._options.revocation_retry_seconds
+            if join and self._refresh_error is not None and since_failure < retry:
+                raise self._refresh_error
+            task = self._start_refresh()
+        # Shielded: a caller whose RPC is cancelled does not cancel the others' fetch.
+        await asyncio.shield(task)
+
+    async def _fetch_revocations(self) -> None:
+        # The list is as old as the moment the fetch started: a revocation committed
+        # while the fetch was in flight may be missing from it.
+        started = self._monotonic()
         try:
-            async with self._revocations_lock:
-                if time.monotonic() - self._revocations_fetched_at > (
-                    self._options.revocation_ttl_seconds
-                ):
-                    await self._fetch_revocations()
-        except errors.TenSafeError as error:
-            # The next call retries; past max staleness calls fail UNAVAILABLE.
+            revocations = await self._source.revocations()
+        except Exception as error:
+            typed = (
+                error
+                if isinstance(error, errors.TenSafeError)
+                else errors.Unavailable(f"revocation source failed: {type(error).__name__}")
+            )
+            self._refresh_failed_at, self._refresh_error = self._monotonic(), typed
             log.warning("revocation list refresh failed: %s", error)
+            raise typed from None
+        self._revocations = revocations
+        self._revocations_fetched_at = max(self._revocations_fetched_at, started)
+        self._refresh_error = None
+
+
+def _consume_task_error(task: asyncio.Task[None]) -> None:
+    """Mark a background refresh's exception as seen (its callers handle it)."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _identity_from_claims(claims: Mapping[str, Any]) -> Identity:
@@ -1006,7 +1087,8 @@ async def connect_authentication(
         config: The service's :class:`~tensafe.common.config.ServiceConfig`
             (``auth_url``, ``service_api_key`` and ``nats_url`` are required).
         service: The service's name (audit events and NATS client name).
-        options: Verifier caching policy.
+        options: Verifier caching policy; by default the one the config's
+            ``revocation_bound_seconds`` and ``revocation_outage_seconds`` ask for.
 
     Returns:
         The interceptor, the audit sink and a close function.
@@ -1034,7 +1116,11 @@ async def connect_authentication(
         raise
     channel = tls.service_channel(config.auth_url, config)
     credentials = ServiceCredentials(channel, config.service_api_key)
-    verifier = TokenVerifier(GrpcKeySource(channel, credentials), options=options)
+    verifier = TokenVerifier(
+        # A fetch that blocks calls must give up well within the revocation bound.
+        GrpcKeySource(channel, credentials, timeout_seconds=2.0),
+        options=options or VerifierOptions.from_config(config),
+    )
     sink = JetStreamAuditSink(jetstream)
 
     async def close() -> None:

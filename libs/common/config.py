@@ -89,6 +89,29 @@ class ServiceConfig:
         "audit events to it and auth consumes them into its hash chain.",
         default="",
     )
+    metrics_port: int = setting(
+        "Port of the Prometheus /metrics listener (on TENSAFE_HOST, separate from gRPC); "
+        "0 picks a free one (reported in the ready file); -1 serves no metrics.",
+        default=-1,
+    )
+    metrics_sample_seconds: float = setting(
+        "How often gauges kept in the database (steps and epsilon per training client, "
+        "queued jobs, audit chain length) are re-read for /metrics, seconds.",
+        default=15.0,
+    )
+    revocation_bound_seconds: float = setting(
+        "Revocation bound: a cached token-revocation list older than this is refreshed "
+        "from auth before a call is admitted, so a revoked API key, a disabled principal or "
+        "a revoked token is refused on this service within this many seconds, idle or busy "
+        "(at most 5).",
+        default=5.0,
+    )
+    revocation_outage_seconds: float = setting(
+        "Fail-closed bound: while the revocation list cannot be refreshed (auth "
+        "unreachable), calls are admitted on the last list until it is this old, then "
+        "refused with UNAVAILABLE.",
+        default=30.0,
+    )
     ready_file: str = setting(
         'If set, the process writes {"port": N} here once it serves (used by `tensafe up`).',
         default="",
@@ -143,6 +166,19 @@ class ServiceConfig:
             raise ConfigError(env_name("otel_exporter"), "must be none, console or otlp")
         if self.nats_url and not self.nats_url.startswith(("nats://", "tls://")):
             raise ConfigError(env_name("nats_url"), "must start with nats:// or tls://")
+        if not -1 <= self.metrics_port <= 65535:
+            raise ConfigError(env_name("metrics_port"), "must be -1 (off) or in 0..65535")
+        if self.metrics_port > 0 and self.metrics_port == self.port:
+            raise ConfigError(env_name("metrics_port"), "must differ from TENSAFE_PORT")
+        if self.metrics_sample_seconds <= 0:
+            raise ConfigError(env_name("metrics_sample_seconds"), "must be > 0")
+        if not 0 < self.revocation_bound_seconds <= 5:
+            raise ConfigError(env_name("revocation_bound_seconds"), "must be in (0, 5]")
+        if not self.revocation_bound_seconds <= self.revocation_outage_seconds <= 300:
+            raise ConfigError(
+                env_name("revocation_outage_seconds"),
+                "must be between revocation_bound_seconds and 300",
+            )
         if self.otel_exporter == "otlp" and not self.otel_endpoint:
             raise ConfigError(env_name("otel_endpoint"), "required when otel_exporter=otlp")
         tls.validate(self)

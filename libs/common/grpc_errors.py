@@ -6,7 +6,9 @@ raised anywhere below a servicer becomes its status code with ``google.rpc`` det
 AIP-193) in the ``grpc-status-details-bin`` trailer. Any other exception is logged
 with its stack trace under an error id and reaches the client as INTERNAL with that id
 only: never a stack trace. Request bytes that do not decode as the method's message get
-INVALID_ARGUMENT (field ``request``), not grpc's UNKNOWN.
+INVALID_ARGUMENT (field ``request``), not grpc's UNKNOWN, and a decoded request whose
+text fields break the one rule for text (:mod:`tensafe.common.text`: no control
+characters) gets INVALID_ARGUMENT naming the field, before any servicer runs.
 
 Clients call :func:`from_rpc_error` to get the same typed error back.
 """
@@ -24,10 +26,12 @@ from typing import TYPE_CHECKING, Any, cast
 import grpc
 import grpc.aio
 from google.protobuf import any_pb2
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 from google.rpc import error_details_pb2, status_pb2
+from opentelemetry import metrics
 
 from tensafe.common import errors
+from tensafe.common.text import check_request_text
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +156,20 @@ def _internal(method: str, exc: BaseException) -> errors.TenSafeError:
 
 
 class ErrorInterceptor(ServerInterceptorBase):
-    """Maps exceptions raised by servicers to statuses, for all four call shapes."""
+    """Maps exceptions raised by servicers to statuses, for all four call shapes.
+
+    It also counts the calls refused with RESOURCE_EXHAUSTED (quotas, rate limits) in
+    ``tensafe.rpc.refusals`` by method, reason and limit: the status code alone (in
+    ``rpc.server.duration``) does not say which limit a tenant hit.
+    """
+
+    def __init__(self) -> None:
+        self._refusals = metrics.get_meter(__name__).create_counter(
+            "tensafe.rpc.refusals",
+            unit="{call}",
+            description="Calls refused with RESOURCE_EXHAUSTED (quota, rate limit, size), "
+            "by method, reason and limit.",
+        )
 
     async def intercept_service(
         self,
@@ -166,7 +183,9 @@ class ErrorInterceptor(ServerInterceptorBase):
         if handler is None:
             return handler
         guard = _ErrorGuard(
-            handler_call_details.method, request_streaming=handler.request_streaming
+            handler_call_details.method,
+            request_streaming=handler.request_streaming,
+            refusals=self._refusals,
         )
         return wrap_handler(
             handler, guard, request_deserializer=_lenient(handler.request_deserializer)
@@ -203,6 +222,8 @@ def _lenient(
 def _decoded(request: Any) -> Any:
     if isinstance(request, _Undecodable):
         raise errors.InvalidArgument("request", f"is not a valid message: {request.reason}")
+    if isinstance(request, Message):
+        check_request_text(request)
     return request
 
 
@@ -234,30 +255,40 @@ def _as_error(method: str, exc: Exception) -> errors.TenSafeError:
 
 
 class _ErrorGuard(BehaviorWrapper):
-    def __init__(self, method: str, *, request_streaming: bool) -> None:
+    def __init__(self, method: str, *, request_streaming: bool, refusals: metrics.Counter) -> None:
         self._method = method
         self._request_streaming = request_streaming
+        self._refusals = refusals
+
+    async def _abort(self, context: grpc.aio.ServicerContext[Any, Any], exc: Exception) -> None:
+        error = _as_error(self._method, exc)
+        if error.code is errors.ErrorCode.RESOURCE_EXHAUSTED:
+            self._refusals.add(
+                1,
+                {
+                    "rpc.method": self._method,
+                    "reason": error.reason,
+                    "limit": error.metadata.get("limit", ""),
+                },
+            )
+        await abort_with(context, error)
 
     def _checked(self, request: Any) -> Any:
         """The request, or an iterator of requests, with undecodable ones refused."""
         return _decoded_stream(request) if self._request_streaming else _decoded(request)
 
     def unary(self, inner: Behavior) -> Behavior:
-        method = self._method
-
         async def behavior(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             try:
                 return await _call(inner, self._checked(request), context)
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:  # the boundary: nothing escapes unmapped
-                await abort_with(context, _as_error(method, exc))
+                await self._abort(context, exc)
 
         return behavior
 
     def streaming(self, inner: Behavior) -> Behavior:
-        method = self._method
-
         async def behavior(
             request: Any, context: grpc.aio.ServicerContext[Any, Any]
         ) -> AsyncIterator[Any]:
@@ -267,7 +298,7 @@ class _ErrorGuard(BehaviorWrapper):
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:  # the boundary: nothing escapes unmapped
-                await abort_with(context, _as_error(method, exc))
+                await self._abort(context, exc)
 
         return behavior
 

@@ -160,7 +160,11 @@ def run_service(
         return 2
     configure_logging(name, level=config.log_level, fmt=config.log_format)
     shutdown_telemetry = setup_telemetry(
-        f"tensafe-{name}", exporter=config.otel_exporter, endpoint=config.otel_endpoint
+        f"tensafe-{name}",
+        exporter=config.otel_exporter,
+        endpoint=config.otel_endpoint,
+        metrics_port=config.metrics_port,
+        metrics_host=config.host,
     )
     # Everything imported so far (torch, transformers, SEAL bindings, ...) lives as long
     # as the process: freezing it keeps the collector, and the interpreter's final
@@ -168,7 +172,15 @@ def run_service(
     # worker's exit after SIGTERM fell from 2-3 s to under 1 s on a loaded machine).
     gc.freeze()
     try:
-        asyncio.run(_serve(name, config, build, trace.get_tracer("tensafe")))
+        asyncio.run(
+            _serve(
+                name,
+                config,
+                build,
+                trace.get_tracer("tensafe"),
+                metrics_port=shutdown_telemetry.metrics_port,
+            )
+        )
     except ConfigError as exc:
         print(f"tensafe-{name}: configuration error: {exc}", file=sys.stderr)
         return 2
@@ -178,7 +190,12 @@ def run_service(
 
 
 async def _serve(
-    name: str, config: C, build: Callable[[C], Awaitable[Assembly]], tracer: trace.Tracer
+    name: str,
+    config: C,
+    build: Callable[[C], Awaitable[Assembly]],
+    tracer: trace.Tracer,
+    *,
+    metrics_port: int | None,
 ) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -204,7 +221,10 @@ async def _serve(
         )
         log.info("serving", extra={"address": f"{config.host}:{port}", "security": security})
         if config.ready_file:
-            ready = json.dumps({"port": port, "pid": os.getpid()})
+            fields = {"port": port, "pid": os.getpid()}
+            if metrics_port is not None:
+                fields["metrics_port"] = metrics_port
+            ready = json.dumps(fields)
             _write_atomically(Path(config.ready_file), ready)
         await stop.wait()
         log.info("SIGTERM: draining")

@@ -34,6 +34,7 @@ from tensafe.common.grpc_errors import (
     ServerInterceptorBase,
     wrap_handler,
 )
+from tensafe.common.metrics import MetricsEndpoint, prometheus_reader
 
 
 def setup_tracing(
@@ -220,22 +221,62 @@ class _SpanWrapper(BehaviorWrapper):
         return behavior
 
 
-def setup_telemetry(service: str, *, exporter: str, endpoint: str) -> Callable[[], None]:
+class Telemetry:
+    """The process's telemetry: call it to flush and shut everything down.
+
+    Attributes:
+        metrics_port: The port ``/metrics`` is served on, or ``None`` when off.
+    """
+
+    def __init__(self, shutdown: Callable[[], None], metrics_port: int | None) -> None:
+        self._shutdown = shutdown
+        self.metrics_port = metrics_port
+
+    def __call__(self) -> None:
+        """Flush and shut down (at exit)."""
+        self._shutdown()
+
+
+def setup_telemetry(
+    service: str,
+    *,
+    exporter: str,
+    endpoint: str,
+    metrics_port: int = -1,
+    metrics_host: str = "127.0.0.1",
+) -> Telemetry:
     """Set up the process's traces and metrics in one call (services and workers).
 
     Args:
         service: ``service.name`` resource attribute.
         exporter: ``none``, ``console`` or ``otlp``.
         endpoint: OTLP collector endpoint when ``exporter`` is ``otlp``.
+        metrics_port: ``>= 0`` serves Prometheus ``/metrics`` on this port (0: a free
+            one) of ``metrics_host``; ``-1`` serves none
+            (:mod:`tensafe.common.metrics`).
+        metrics_host: Interface of the metrics listener.
 
     Returns:
-        A function that flushes and shuts both providers down; call it at exit.
+        Call it at exit to flush and shut both providers (and ``/metrics``) down.
+
+    Raises:
+        OSError: The metrics port cannot be bound.
     """
     tracer_provider = setup_tracing(service, exporter=exporter, endpoint=endpoint)
-    meter_provider = setup_metrics(service, exporter=exporter, endpoint=endpoint)
+    readers: list[MetricReader] = []
+    endpoint_server: MetricsEndpoint | None = None
+    if metrics_port >= 0:
+        reader, registry = prometheus_reader()
+        readers.append(reader)
+        endpoint_server = MetricsEndpoint.start(registry, host=metrics_host, port=metrics_port)
+    meter_provider = setup_metrics(
+        service, exporter=exporter, endpoint=endpoint, extra_readers=readers
+    )
 
     def shutdown() -> None:
+        if endpoint_server is not None:
+            endpoint_server.close()
         tracer_provider.shutdown()
         meter_provider.shutdown()
 
-    return shutdown
+    return Telemetry(shutdown, endpoint_server.port if endpoint_server else None)

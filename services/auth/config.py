@@ -29,11 +29,6 @@ class AuthConfig(ServiceConfig):
         secret=True,
     )
     token_ttl_seconds: int = setting("Lifetime of access tokens, seconds.", default=900)
-    revocation_ttl_seconds: float = setting(
-        "How long the service's own interceptor caches the revocation list, seconds "
-        "(local revocations refresh it at once).",
-        default=5.0,
-    )
     api_key_hash_time_cost: int = setting(
         "argon2id passes for API-key hashes (RFC 9106 §4 recommends 3 at 64 MiB).", default=3
     )
@@ -63,8 +58,6 @@ class AuthConfig(ServiceConfig):
             _decode_kek(name, self.signing_key_encryption_key)
         if not 60 <= self.token_ttl_seconds <= 3600:
             raise ConfigError(env_name("token_ttl_seconds"), "must be in 60..3600")
-        if not 0 <= self.revocation_ttl_seconds <= 60:
-            raise ConfigError(env_name("revocation_ttl_seconds"), "must be in 0..60")
         if self.api_key_hash_time_cost < 1:
             raise ConfigError(env_name("api_key_hash_time_cost"), "must be >= 1")
         if self.api_key_hash_parallelism < 1:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import timedelta
 
 from tensafe.auth.audit_stream import AuditStreamConsumer
@@ -25,6 +25,7 @@ from tensafe.common.auth import (
 )
 from tensafe.common.db import Database
 from tensafe.common.grpc_server import Assembly, ServiceRegistration, run_service
+from tensafe.common.metrics import DbGauges, GaugeSpec, Sample
 from tensafe.proto.auth.v1 import auth_service_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -92,17 +93,38 @@ async def build_domain(config: AuthConfig) -> AuthComponents:
     return AuthComponents(database=database, domain=domain)
 
 
+def _audit_sample(domain: AuthDomain) -> Callable[[], Awaitable[Sample]]:
+    async def sample() -> Sample:
+        return {"tensafe.audit.chain.length": [({}, await domain.audit_chain_length())]}
+
+    return sample
+
+
 async def build(config: AuthConfig) -> Assembly:
     """Build the auth service's gRPC services from its config."""
     components = await build_domain(config)
     domain = components.domain
     verifier = TokenVerifier(
         DomainKeySource(domain),
-        options=VerifierOptions(revocation_ttl_seconds=config.revocation_ttl_seconds),
+        options=VerifierOptions.from_config(config),
     )
     interceptor = AuthInterceptor(
         verifier, domain, service=SERVICE_NAME, public_methods=AUTH_PUBLIC_METHODS
     )
+    gauges: DbGauges | None = None
+    if config.metrics_port >= 0:
+        gauges = DbGauges(
+            [
+                GaugeSpec(
+                    "tensafe.audit.chain.length",
+                    "Entries in the audit hash chain (the recorded head's seq).",
+                    "{event}",
+                )
+            ],
+            _audit_sample(domain),
+            interval=config.metrics_sample_seconds,
+        )
+        gauges.start()
     consumer: AuditStreamConsumer | None = None
     if config.nats_url:
         consumer = await AuditStreamConsumer.connect(
@@ -116,6 +138,8 @@ async def build(config: AuthConfig) -> Assembly:
         )
 
     async def close() -> None:
+        if gauges is not None:
+            await gauges.close()
         if consumer is not None:
             await consumer.close()
         await verifier.close()

@@ -30,6 +30,12 @@ class TrainerConfig(KekSettings, ServiceConfig):
         "named after the folder (loaded with from_pretrained). Unset: <data_dir>/base_models.",
         default=None,
     )
+    heartbeat_file: Path | None = setting(
+        "Workers only: a file the worker touches every 5 s while its event loop runs, for "
+        "a liveness probe (`python -m tensafe.common.heartbeat FILE --max-age S`). Unset: "
+        "no heartbeat.",
+        default=None,
+    )
     job_ack_wait_seconds: float = setting(
         "Seconds without an ack or progress signal before JetStream redelivers a job to "
         "another worker (a killed worker's job is retried after this).",

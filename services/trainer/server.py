@@ -14,6 +14,7 @@ from tensafe.common.futures import SqlFutureStore
 from tensafe.common.grpc_errors import ServerInterceptorBase
 from tensafe.common.grpc_server import Assembly, ServiceRegistration, run_service
 from tensafe.common.jetstream import JetStream
+from tensafe.common.metrics import DbGauges, GaugeSpec, Sample
 from tensafe.common.wakeups import FutureWakeups
 from tensafe.proto.common.v1 import common_pb2_grpc
 from tensafe.proto.trainer.v1 import trainer_service_pb2_grpc
@@ -26,6 +27,7 @@ from tensafe.trainer.jobs import future_wakeup_prefix
 from tensafe.trainer.ledger import PrivacyLedger
 from tensafe.trainer.objects import ObjectFolder
 from tensafe.trainer.servicer import TrainerFutureServicer, TrainerServiceServicer
+from tensafe.trainer.store import repository
 from tensafe.trainer.store.models import FUTURES, MIGRATIONS, VERSION_TABLE
 from tensafe.trainer.worker import jobs_stream_config
 
@@ -110,12 +112,15 @@ async def build_api(
         max_upload_bytes=config.max_dataset_bytes,
         max_storage_bytes_per_tenant=config.max_dataset_storage_bytes_per_tenant,
     )
+    gauges = _trainer_gauges(database, config) if config.metrics_port >= 0 else None
     stop_outbox = asyncio.Event()
     outbox = asyncio.create_task(
         api.run_outbox(interval=config.outbox_interval_seconds, stop=stop_outbox)
     )
 
     async def close() -> None:
+        if gauges is not None:
+            await gauges.close()
         stop_outbox.set()
         with contextlib.suppress(asyncio.CancelledError):
             await outbox
@@ -140,6 +145,61 @@ async def build_api(
         close=close,
     )
     return assembly, api
+
+
+METRICS_MAX_CLIENTS = 1000
+"""Training clients with a series of their own in /metrics (the newest active ones):
+one series per client per gauge bounds the cardinality at a few thousand."""
+
+
+def _trainer_gauges(database: Database, config: TrainerConfig) -> DbGauges:
+    """Steps and ε per training client and the queued jobs, sampled from the database.
+
+    Clients are labelled by id and tenant: a client belongs to one tenant, so the tenant
+    label adds no series (the per-client series are capped at :data:`METRICS_MAX_CLIENTS`).
+    """
+
+    async def sample() -> Sample:
+        async with database.transaction(read_only=True) as session:
+            clients = await repository.client_progress(session, limit=METRICS_MAX_CLIENTS)
+            queued = await repository.count_queued_jobs(session)
+        labels = [{"training_client": c.client_id, "tenant": c.tenant} for c in clients]
+        return {
+            "tensafe.trainer.client.steps": [
+                (label, c.step) for label, c in zip(labels, clients, strict=True)
+            ],
+            "tensafe.trainer.client.dp_steps": [
+                (label, c.dp_steps) for label, c in zip(labels, clients, strict=True)
+            ],
+            "tensafe.trainer.client.epsilon_spent": [
+                (label, c.epsilon_spent) for label, c in zip(labels, clients, strict=True)
+            ],
+            "tensafe.trainer.jobs.queued": [({}, queued)],
+        }
+
+    gauges = DbGauges(
+        [
+            GaugeSpec("tensafe.trainer.client.steps", "Optimizer steps committed.", "{step}"),
+            GaugeSpec(
+                "tensafe.trainer.client.dp_steps",
+                "DP steps composed by the accountant (never rolled back).",
+                "{step}",
+            ),
+            GaugeSpec(
+                "tensafe.trainer.client.epsilon_spent",
+                "Privacy spent (epsilon at the client's delta) per training client.",
+            ),
+            GaugeSpec(
+                "tensafe.trainer.jobs.queued",
+                "Jobs accepted and not yet committed by a worker.",
+                "{job}",
+            ),
+        ],
+        sample,
+        interval=config.metrics_sample_seconds,
+    )
+    gauges.start()
+    return gauges
 
 
 async def build(config: TrainerConfig) -> Assembly:

@@ -66,6 +66,7 @@ from tensafe.common.errors import (
     Unavailable,
 )
 from tensafe.common.futures import FutureStatus, SqlFutureStore
+from tensafe.common.heartbeat import beating
 from tensafe.common.jetstream import (
     Consumer,
     Delivery,
@@ -903,7 +904,11 @@ def main() -> int:
         return 2
     configure_logging("trainer-worker", level=config.log_level, fmt=config.log_format)
     shutdown_telemetry = setup_telemetry(
-        "tensafe-trainer-worker", exporter=config.otel_exporter, endpoint=config.otel_endpoint
+        "tensafe-trainer-worker",
+        exporter=config.otel_exporter,
+        endpoint=config.otel_endpoint,
+        metrics_port=config.metrics_port,
+        metrics_host=config.host,
     )
 
     async def serve() -> None:
@@ -911,7 +916,10 @@ def main() -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await run_worker(config, stop=stop)
+        if config.heartbeat_file is not None:  # the chart's liveness probe reads it
+            await beating(run_worker(config, stop=stop), config.heartbeat_file)
+        else:
+            await run_worker(config, stop=stop)
 
     # As in tensafe.common.grpc_server.run_service: the imports (torch, transformers,
     # scipy) are frozen out of the collector, so the exit after SIGTERM is not seconds

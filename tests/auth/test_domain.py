@@ -3,6 +3,7 @@ caching policy, canonical JSON and configuration."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 from collections.abc import Sequence
@@ -136,12 +137,16 @@ class ScriptedSource:
     revoked: set[str] = dataclasses.field(default_factory=set)
     down: bool = False
     revocation_calls: int = 0
+    gate: asyncio.Event | None = None
+    """Set, a fetch waits for it (to hold one fetch in flight)."""
 
     async def jwks(self) -> Sequence[JsonWebKey]:
         return list(self.keys)
 
     async def revocations(self) -> Revocations:
         self.revocation_calls += 1
+        if self.gate is not None:
+            await self.gate.wait()
         if self.down:
             raise errors.Unavailable("auth is down")
         return Revocations(token_ids=frozenset(self.revoked))
@@ -163,29 +168,78 @@ def _token(private: Ed25519PrivateKey, kid: str, jti: str, lifetime: int = 600) 
     return jwt.encode(claims, private, algorithm="EdDSA", headers={"kid": kid})
 
 
-async def test_verifier_fails_closed_when_revocations_are_too_old() -> None:
+async def test_verifier_refreshes_a_list_past_the_bound_before_admitting() -> None:
     private = Ed25519PrivateKey.generate()
     source = ScriptedSource([jwk_from_public_key("k1", private.public_key())])
-    options = VerifierOptions(revocation_ttl_seconds=5, max_revocation_staleness_seconds=30)
-    verifier = TokenVerifier(source, options=options)
-    token = _token(private, "k1", "j1")
+    options = VerifierOptions(
+        revocation_ttl_seconds=2.5,
+        revocation_bound_seconds=5,
+        max_revocation_staleness_seconds=30,
+        revocation_retry_seconds=1,
+    )
+    now = [1000.0]
+    verifier = TokenVerifier(source, options=options, monotonic=lambda: now[0])
+    token, other = _token(private, "k1", "j1"), _token(private, "k1", "j2")
     identity = await verifier.verify(token)
     assert (identity.tenant_id, identity.scopes) == ("t", frozenset({"read"}))
-    assert source.revocation_calls == 1
-    # Cached: more calls do not fetch.
-    for _ in range(5):
+    for _ in range(5):  # cached: more calls do not fetch
         await verifier.verify(token)
     assert source.revocation_calls == 1
-    # Older than the staleness bound with auth down: refuse rather than accept.
-    source.down = True
-    verifier._revocations_fetched_at -= 31  # age the cache without waiting
-    with pytest.raises(errors.Unavailable):
-        await verifier.verify(token)
-    source.down = False
+
+    # Busy: past the soft TTL the call is admitted and a refresh runs in the background.
+    now[0] += 3
+    await verifier.verify(token)
+    await asyncio.sleep(0)
+    assert source.revocation_calls == 2
+
+    # Idle past the bound after a revocation: the first call already sees it (the
+    # stale list is never used for it).
     source.revoked.add("j1")
+    now[0] += 5.1
     with pytest.raises(errors.Unauthenticated) as info:
         await verifier.verify(token)
     assert info.value.reason == "TOKEN_REVOKED"
+    assert source.revocation_calls == 3
+
+    # Single flight: ten calls that find the list stale share one fetch.
+    now[0] += 6
+    source.gate = asyncio.Event()
+    calls = [asyncio.create_task(verifier.verify(other)) for _ in range(10)]
+    await asyncio.sleep(0.01)
+    source.gate.set()
+    assert all(i.token_id == "j2" for i in await asyncio.gather(*calls))
+    assert source.revocation_calls == 4
+
+    # A fetch in flight for longer than the bound is not joined: it cannot vouch for
+    # revocations made after it started, so a new one starts.
+    source.gate = asyncio.Event()
+    now[0] += 3  # past the soft TTL: admitted, a background fetch hangs
+    await verifier.verify(other)
+    await asyncio.sleep(0)
+    assert source.revocation_calls == 5
+    now[0] += 6  # the hanging fetch started 6 s ago
+    waiting = asyncio.create_task(verifier.verify(other))
+    await asyncio.sleep(0.01)
+    assert source.revocation_calls == 6
+    source.gate.set()
+    await waiting
+    source.gate = None
+
+    # Auth down: past the bound, calls are admitted on the last list (one fetch tried,
+    # then none within the retry interval) until it is 30 s old, then fail closed.
+    source.down = True
+    now[0] += 6
+    await verifier.verify(other)
+    await verifier.verify(other)
+    assert source.revocation_calls == 7
+    now[0] += 25  # the list is 31 s old
+    with pytest.raises(errors.Unavailable) as unavailable:
+        await verifier.verify(other)
+    assert unavailable.value.reason == "REVOCATIONS_UNAVAILABLE"
+    # Auth back: the next fetch (after the retry interval) admits again.
+    source.down = False
+    now[0] += 1.1
+    await verifier.verify(other)
     await verifier.close()
 
 

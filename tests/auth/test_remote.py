@@ -101,7 +101,14 @@ async def remote(
         auth_channel, auth_sqlite.bootstrap.service_api_keys["registry"]
     )
     source = CountingSource(GrpcKeySource(auth_channel, credentials))
-    verifier = TokenVerifier(source, options=VerifierOptions(revocation_ttl_seconds=30))
+    verifier = TokenVerifier(
+        source,
+        options=VerifierOptions(
+            revocation_ttl_seconds=30,
+            revocation_bound_seconds=30,
+            max_revocation_staleness_seconds=60,
+        ),
+    )
     jetstream = await JetStream.connect(audit_stream_config(nats.url), client_name="probe")
     await jetstream.ensure_stream()
     server = GrpcServer(

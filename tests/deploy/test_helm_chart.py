@@ -71,9 +71,23 @@ def containers(pod_spec: dict[str, Any]) -> Iterator[dict[str, Any]]:
 
 def pod_specs(documents: list[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
     for doc in documents:
-        if doc["kind"] in {"Deployment", "Job"}:
+        if doc["kind"] in {"Deployment", "Job", "Pod"}:
             component = doc["metadata"]["labels"]["app.kubernetes.io/component"]
-            yield component, doc["spec"]["template"]["spec"]
+            yield (
+                component,
+                doc["spec"] if doc["kind"] == "Pod" else doc["spec"]["template"]["spec"],
+            )
+
+
+PROMETHEUS_OPERATOR_KINDS = {"ServiceMonitor", "PodMonitor"}
+"""Custom resources: kubernetes-validate has no schema for them (checked by shape)."""
+
+
+def validate_all(documents: list[dict[str, Any]]) -> None:
+    """Strict OpenAPI validation of every built-in object (unknown fields are errors)."""
+    for doc in documents:
+        if doc["kind"] not in PROMETHEUS_OPERATOR_KINDS:
+            kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
 
 
 @pytest.fixture(scope="module", params=["default", "production"])
@@ -88,10 +102,15 @@ def test_the_engine_is_helm_itself() -> None:
 
 def test_every_manifest_is_valid_kubernetes(manifests: list[dict[str, Any]]) -> None:
     kinds = sorted(doc["kind"] for doc in manifests)
-    assert kinds == ["Deployment"] * 5 + ["Job"] + ["Service"] * 4 + ["ServiceAccount"]
-    for doc in manifests:
-        # strict: an unknown field (a typo such as `readOnlyRootFileSystem`) is an error.
-        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+    assert kinds == (
+        ["Deployment"] * 5
+        + ["Job", "Pod"]
+        + ["PodDisruptionBudget"] * 5
+        + ["Service"] * 4
+        + ["ServiceAccount"]
+    )
+    # strict: an unknown field (a typo such as `readOnlyRootFileSystem`) is an error.
+    validate_all(manifests)
 
 
 def test_a_deployment_and_service_per_service_and_workers_apart(
@@ -113,7 +132,14 @@ def test_a_deployment_and_service_per_service_and_workers_apart(
                 "targetPort": "grpc",
                 "protocol": "TCP",
                 "appProtocol": "grpc",
-            }
+            },
+            {
+                "name": "metrics",
+                "port": 9464,
+                "targetPort": "metrics",
+                "protocol": "TCP",
+                "appProtocol": "http",
+            },
         ]
     modules = {
         name: deployment["spec"]["template"]["spec"]["containers"][0]["args"]
@@ -134,7 +160,18 @@ def test_probes_are_native_grpc_probes_on_the_served_port(
     for name, deployment in by_kind(manifests, "Deployment").items():
         container = deployment["spec"]["template"]["spec"]["containers"][0]
         if name == "trainer-worker":
-            assert "ports" not in container and "livenessProbe" not in container
+            # No gRPC: only the metrics port, and a heartbeat-file liveness probe.
+            assert [p["name"] for p in container["ports"]] == ["metrics"]
+            env = {e["name"]: e.get("value") for e in container["env"]}
+            assert container["livenessProbe"]["exec"]["command"] == [
+                "python",
+                "-m",
+                "tensafe.common.heartbeat",
+                env["TENSAFE_HEARTBEAT_FILE"],
+                "--max-age",
+                "60",
+            ]
+            assert "readinessProbe" not in container
             continue
         port = container["ports"][0]["containerPort"]
         for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
@@ -160,7 +197,7 @@ def test_pods_run_non_root_on_a_read_only_root_with_requests(
             mounts = {m["mountPath"] for m in container.get("volumeMounts", [])}
             if not container["name"].startswith("install-"):
                 assert "/tmp" in mounts, "the read-only root needs a writable /tmp"
-    assert seen == GRPC_SERVICES | {"trainer-worker", "migrate"}
+    assert seen == GRPC_SERVICES | {"trainer-worker", "migrate", "test-health"}
 
 
 def test_secrets_are_referenced_never_inlined(manifests: list[dict[str, Any]]) -> None:
@@ -190,7 +227,7 @@ def test_every_setting_the_chart_sets_is_a_real_config_field(
     manifests: list[dict[str, Any]],
 ) -> None:
     for component, spec in pod_specs(manifests):
-        if component == "migrate":
+        if component in ("migrate", "test-health"):
             continue
         known = {name for name, _, _ in describe(CONFIG_OF[component])}
         env = {e["name"] for e in spec["containers"][0]["env"]}
@@ -376,6 +413,20 @@ def test_migrations_run_in_a_pre_install_and_pre_upgrade_hook(
             {"heRuntime": {"persistence": {"existingClaim": ""}}},
             "heRuntime.persistence.existingClaim is required",
         ),
+        (
+            {
+                "trainerWorker": {
+                    "autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 2}
+                }
+            },
+            "trainerWorker.autoscaling.minReplicas must not exceed maxReplicas",
+        ),
+        ({"metrics": {"port": 0}}, "port"),
+        ({"metrics": {"serviceMonitor": {"interval": "often"}}}, "interval"),
+        ({"podDisruptionBudget": {"maxUnavailable": 0}}, "maxUnavailable"),
+        ({"networkPolicy": {"enabeld": True}}, "enabeld"),
+        ({"auth": {"nodeSelector": {"disk": 1}}}, "nodeSelector"),
+        ({"trainerWorker": {"heartbeatMaxAgeSeconds": 5}}, "heartbeatMaxAgeSeconds"),
     ],
 )
 def test_bad_values_fail_the_render_naming_the_value(values: dict[str, Any], message: str) -> None:
@@ -403,8 +454,7 @@ DEV_VALUES: dict[str, Any] = {
 
 def test_dev_mode_renders_without_secrets_or_claims() -> None:
     documents = render({**DEV_VALUES, "keks": {"existingClaim": ""}})
-    for doc in documents:
-        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+    validate_all(documents)
     registry = by_kind(documents, "Deployment")["registry"]["spec"]["template"]["spec"]
     assert "initContainers" not in registry
     assert {"name": "data", "emptyDir": {}} in registry["volumes"]
@@ -460,3 +510,210 @@ def test_he_sessions_keys_live_on_a_claim(manifests: list[dict[str, Any]]) -> No
         "name": "data",
         "persistentVolumeClaim": {"claimName": "tensafe-he-runtime-data"},
     }
+
+
+COMPONENTS = GRPC_SERVICES | {"trainer-worker"}
+VALUE_KEYS = {
+    "auth": "auth",
+    "trainer": "trainer",
+    "trainer-worker": "trainerWorker",
+    "registry": "registry",
+    "he-runtime": "heRuntime",
+}
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+EVERYTHING_ON: dict[str, Any] = {
+    "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}}},
+    "networkPolicy": {
+        "enabled": True,
+        "clientsFrom": [{"namespaceSelector": {"matchLabels": {"tensafe-client": "yes"}}}],
+        "metricsFrom": [{"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}],
+        "postgresql": {"to": [{"ipBlock": {"cidr": "10.20.0.0/16"}}]},
+        "nats": {"to": [{"namespaceSelector": {"matchLabels": {"name": "nats"}}}]},
+        "extraEgress": [{"ports": [{"port": 4317, "protocol": "TCP"}]}],
+    },
+}
+SCHEDULING: dict[str, Any] = {
+    **{
+        key: {
+            "nodeSelector": {"pool": component},
+            "tolerations": [{"key": "dedicated", "operator": "Equal", "value": component}],
+            "affinity": {
+                "podAntiAffinity": {
+                    "preferredDuringSchedulingIgnoredDuringExecution": [
+                        {
+                            "weight": 100,
+                            "podAffinityTerm": {
+                                "topologyKey": "kubernetes.io/hostname",
+                                "labelSelector": {
+                                    "matchLabels": {"app.kubernetes.io/component": component}
+                                },
+                            },
+                        }
+                    ]
+                }
+            },
+            "podAnnotations": {"example.com/owner": component},
+        }
+        for component, key in VALUE_KEYS.items()
+    },
+}
+EVERYTHING_ON = _merge(
+    _merge(EVERYTHING_ON, SCHEDULING),
+    {
+        "trainerWorker": {
+            "autoscaling": {"enabled": True, "minReplicas": 2, "maxReplicas": 6},
+            "extraEnv": [{"name": "TENSAFE_RESIDENT_CLIENTS", "value": "4"}],
+        }
+    },
+)
+
+
+@pytest.mark.parametrize("base", ["default", "production"])
+def test_every_new_value_on_renders_valid_objects(base: str) -> None:
+    values = _merge({} if base == "default" else PRODUCTION, EVERYTHING_ON)
+    documents = render(values)
+    validate_all(documents)
+    deployments = by_kind(documents, "Deployment")
+
+    # Scheduling and annotations land on each component's pods.
+    for component in COMPONENTS:
+        template = deployments[component]["spec"]["template"]
+        spec = template["spec"]
+        assert spec["nodeSelector"] == {"pool": component}
+        assert spec["tolerations"][0]["value"] == component
+        assert "podAntiAffinity" in spec["affinity"]
+        assert template["metadata"]["annotations"] == {"example.com/owner": component}
+
+    # One PDB per component, selecting exactly its pods.
+    budgets = by_kind(documents, "PodDisruptionBudget")
+    assert set(budgets) == COMPONENTS
+    for component, budget in budgets.items():
+        assert budget["spec"]["maxUnavailable"] == 1
+        labels = deployments[component]["spec"]["template"]["metadata"]["labels"]
+        assert labels.items() >= budget["spec"]["selector"]["matchLabels"].items()
+
+    # The HPA owns the worker count; the Deployment no longer pins replicas.
+    (hpa,) = [d for d in documents if d["kind"] == "HorizontalPodAutoscaler"]
+    worker = deployments["trainer-worker"]
+    assert hpa["spec"]["scaleTargetRef"]["name"] == worker["metadata"]["name"]
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 6)
+    assert "replicas" not in worker["spec"]
+    worker_env = [e["name"] for e in worker["spec"]["template"]["spec"]["containers"][0]["env"]]
+    assert worker_env[-1] == "TENSAFE_RESIDENT_CLIENTS"
+
+    # Prometheus Operator objects, by shape (no OpenAPI schema for custom resources).
+    monitors = {d["kind"]: d for d in documents if d["kind"] in PROMETHEUS_OPERATOR_KINDS}
+    assert set(monitors) == PROMETHEUS_OPERATOR_KINDS
+    for monitor in monitors.values():
+        assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+        assert monitor["metadata"]["labels"]["release"] == "prometheus"
+    assert monitors["ServiceMonitor"]["spec"]["endpoints"][0]["port"] == "metrics"
+    assert monitors["PodMonitor"]["spec"]["selector"]["matchLabels"] == {
+        k: v for k, v in worker["spec"]["selector"]["matchLabels"].items()
+    }
+
+
+def _peers_of(rule: dict[str, Any]) -> list[str]:
+    """The components a rule's pod selectors name (``*`` for the whole release)."""
+    names = []
+    for peer in rule.get("to", rule.get("from", [])):
+        labels = peer.get("podSelector", {}).get("matchLabels", {})
+        if labels:
+            names.append(labels.get("app.kubernetes.io/component", "*"))
+    return names
+
+
+def test_network_policies_allow_only_the_architecture_paths() -> None:
+    policies = by_kind(render(EVERYTHING_ON), "NetworkPolicy")
+    assert set(policies) == COMPONENTS
+    for component, policy in policies.items():
+        assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
+        ingress = {rule["ports"][0]["port"]: rule for rule in policy["spec"]["ingress"]}
+        egress = [peer for rule in policy["spec"]["egress"] for peer in _peers_of(rule)]
+        # Everyone reaches auth (tokens, revocations) but auth itself; only the
+        # trainer, its workers and the HE runtime reach the registry.
+        expected = set()
+        if component != "auth":
+            expected.add("auth")
+        if component in ("trainer", "trainer-worker", "he-runtime"):
+            expected.add("registry")
+        assert set(egress) == expected, component
+        ports = [rule["ports"][0]["port"] for rule in policy["spec"]["egress"]]
+        assert {53, 5432, 4222, 4317} <= set(ports)
+        # Scrapers reach the metrics port; workers accept nothing else.
+        assert ingress["metrics"]["from"] == [
+            {"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}
+        ]
+        if component == "trainer-worker":
+            assert set(ingress) == {"metrics"}
+            continue
+        callers = _peers_of(ingress["grpc"])
+        assert "test-health" in callers
+        if component == "auth":
+            assert "*" in callers
+        if component == "registry":
+            assert {"trainer", "trainer-worker", "he-runtime"} <= set(callers)
+
+
+def test_new_values_off_render_nothing_of_theirs() -> None:
+    documents = render(
+        {
+            "metrics": {"enabled": False},
+            "podDisruptionBudget": {"enabled": False},
+            "tests": {"enabled": False},
+        }
+    )
+    validate_all(documents)
+    kinds = {doc["kind"] for doc in documents}
+    assert kinds == {"Deployment", "Job", "Service", "ServiceAccount"}
+    for _component, spec in pod_specs(documents):
+        for container in spec["containers"]:
+            assert "TENSAFE_METRICS_PORT" not in {e["name"] for e in container.get("env", [])}
+            assert all(p["name"] != "metrics" for p in container.get("ports", []))
+    for service in by_kind(documents, "Service").values():
+        assert [p["name"] for p in service["spec"]["ports"]] == ["grpc"]
+    # Metrics on, ServiceMonitor off (the default): no custom resources to install.
+    assert not PROMETHEUS_OPERATOR_KINDS & {doc["kind"] for doc in render({})}
+
+
+@pytest.mark.parametrize("tls", [False, True])
+def test_helm_test_checks_every_service_health(tls: bool) -> None:
+    documents = render({"tls": {"enabled": tls}})
+    validate_all(documents)
+    (pod,) = [d for d in documents if d["kind"] == "Pod"]
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    assert pod["spec"]["restartPolicy"] == "Never"
+    (container,) = pod["spec"]["containers"]
+    args = container["args"]
+    assert args[0] == "tensafe.common.healthcheck"
+    assert args[-4:] == [
+        f"tensafe-{name}:50051" for name in ("auth", "trainer", "registry", "he-runtime")
+    ]
+    assert ("--tls-dir" in args) is tls
+    services = {s["metadata"]["name"] for s in by_kind(documents, "Service").values()}
+    assert {a.split(":")[0] for a in args[-4:]} == services
+
+
+def test_the_chart_readme_is_generated_from_the_param_lines() -> None:
+    import importlib.util
+
+    path = ROOT / "scripts" / "gen_chart_readme.py"
+    spec = importlib.util.spec_from_file_location("gen_chart_readme", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    readme = (CHART / "README.md").read_text()
+    assert module.generate() == readme, "run python scripts/gen_chart_readme.py"
+    assert "| `trainerWorker.autoscaling.enabled` |" in readme
+    assert "| `metrics.port` | Container (and Service) port of /metrics | `9464` |" in readme

@@ -48,6 +48,16 @@ class ProbeFutureService(common_pb2_grpc.FutureServiceServicer):
         return common_pb2.GetFutureResponse(future=common_pb2.Future(id=request.future_id))
 
 
+class ReadingRegistry(registry_service_pb2_grpc.RegistryServiceServicer):
+    """The generated base (every RPC unimplemented), except that PublishAdapter reads
+    its request stream first, as a real servicer does."""
+
+    async def PublishAdapter(self, request_iterator: Any, context: Any) -> Any:
+        async for _ in request_iterator:
+            pass
+        raise NotImplementedError
+
+
 def _config(tmp_path: Path, grace: float = 5.0) -> ServiceConfig:
     return ServiceConfig(
         database_url="sqlite+aiosqlite:///unused.db",
@@ -72,7 +82,7 @@ async def served(tmp_path: Path) -> AsyncIterator[tuple[GrpcServer, ProbeFutureS
                 registry_service_pb2_grpc.add_RegistryServiceServicer_to_server,
                 # The generated base: every RPC unimplemented, as a servicer that does
                 # not override a method.
-                registry_service_pb2_grpc.RegistryServiceServicer(),
+                ReadingRegistry(),
             ),
         ],
     )
@@ -234,3 +244,49 @@ async def test_stop_flips_health_then_drains_in_flight_calls(
         response = await in_flight
         assert response.future.id == "slow"
         await stopping
+
+
+@pytest.mark.parametrize("character", ["\x00", "\n", "\r", "\x1b", "\x7f", "\x85"])
+async def test_control_characters_in_text_are_invalid_argument_naming_the_field(
+    served: tuple[GrpcServer, ProbeFutureService, str], character: str
+) -> None:
+    # Before the rule, NUL reached the servicer: asyncpg refused it (INTERNAL) where
+    # SQLite answered NOT_FOUND.
+    error = await _status(served[2], f"f-1{character}")
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    typed = from_rpc_error(error)
+    assert isinstance(typed, errors.InvalidArgument) and typed.field == "future_id"
+    assert f"U+{ord(character):04X} at position 3" in typed.description
+    assert typed.reason == "CONTROL_CHARACTER"
+    # Printable unicode is text: the servicer answers.
+    async with grpc.aio.insecure_channel(served[2]) as channel:
+        stub = common_pb2_grpc.FutureServiceStub(channel)
+        ok = await stub.GetFuture(common_pb2.GetFutureRequest(future_id="f-1 é中🙂"))
+    assert ok.future.id == "f-1 é中🙂"
+
+
+async def test_streamed_requests_are_checked_too(
+    served: tuple[GrpcServer, ProbeFutureService, str],
+) -> None:
+    async with grpc.aio.insecure_channel(served[2]) as channel:
+        stub = registry_service_pb2_grpc.RegistryServiceStub(channel)
+        header = registry_service_pb2.PublishAdapterHeader(adapter_name="a\x00b")
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.PublishAdapter(
+                iter([registry_service_pb2.PublishAdapterRequest(header=header)])
+            )
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    typed = from_rpc_error(info.value)
+    assert isinstance(typed, errors.InvalidArgument) and typed.field == "header.adapter_name"
+
+
+async def test_the_helm_test_healthcheck_command(
+    served: tuple[GrpcServer, ProbeFutureService, str],
+) -> None:
+    from tensafe.common import healthcheck
+
+    address = served[2]
+    assert await asyncio.to_thread(healthcheck.main, [address]) == 0
+    # A port nobody serves: UNAVAILABLE, and the command fails naming it.
+    closed = "127.0.0.1:1"
+    assert await asyncio.to_thread(healthcheck.main, [address, closed, "--timeout", "2"]) == 1

@@ -1,7 +1,8 @@
 """One real local stack for the fuzz tests, seeded with objects the fuzzer can name.
 
 ``tensafe up``'s :class:`~tensafe.client.stack.LocalStack` runs every service as its own
-process (SQLite, embedded NATS, local objects). Before the fuzzer starts, the platform
+process (SQLite, or PostgreSQL with ``TENSAFE_FUZZ_DATABASE=postgresql``; embedded NATS,
+local objects). Before the fuzzer starts, the platform
 admin creates a *caller* tenant, which DP-trains one step on the tiny model, saves a
 state, publishes an adapter, uploads a dataset and opens an HE session on the adapter,
 and a separate *victim* tenant with a principal and an API key. Their ids and names go
@@ -42,6 +43,7 @@ from tensafe.proto.he.v1 import he_service_pb2 as he_pb
 from tensafe.proto.registry.v1 import registry_service_pb2 as registry_pb
 from tensafe.proto.trainer.v1 import trainer_service_pb2 as trainer_pb
 from tensafe.tinker import ServiceClient, types
+from testkit.postgres import postgres_database
 
 from .strategies import Pool
 
@@ -316,12 +318,31 @@ def _seed_caller(
     return bases, streams
 
 
+FUZZ_DATABASE = os.environ.get("TENSAFE_FUZZ_DATABASE", "sqlite")
+"""``sqlite`` (one file per service, the default) or ``postgresql`` (one fresh database
+on the machine's server, shared by the services as in production)."""
+
+
 @pytest.fixture(scope="package")
-def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FuzzTarget]:
+def database_url() -> Iterator[str | None]:
+    """The stack's database: ``None`` for SQLite files, or a fresh PostgreSQL URL."""
+    if FUZZ_DATABASE == "sqlite":
+        yield None
+    elif FUZZ_DATABASE == "postgresql":
+        with postgres_database("tensafe_fuzz") as database:
+            yield database.url
+    else:
+        raise pytest.UsageError(f"TENSAFE_FUZZ_DATABASE={FUZZ_DATABASE!r}: sqlite or postgresql")
+
+
+@pytest.fixture(scope="package")
+def target(
+    tmp_path_factory: pytest.TempPathFactory, database_url: str | None
+) -> Iterator[FuzzTarget]:
     """The seeded stack of this module's docstring (stopped after the package's tests)."""
     data_dir = tmp_path_factory.mktemp("fuzz-stack")
     build_tiny_model(data_dir / "models" / BASE_MODEL, seed=0)
-    with LocalStack(StackOptions(data_dir=data_dir)) as stack:
+    with LocalStack(StackOptions(data_dir=data_dir, database_url=database_url)) as stack:
         stack.start()
         connection = load_connection(stack.connection_file)
         channels = {name: connection.channel(name) for name in connection.services}

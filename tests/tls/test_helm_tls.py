@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import helm_python as helm
-import kubernetes_validate
 import pytest
 
 from tensafe.common.config import ServiceConfig, describe
@@ -46,8 +45,7 @@ def _with_tls(**tls: Any) -> dict[str, Any]:
 
 def test_tls_mounts_the_secret_and_configures_every_process() -> None:
     documents = chart.render(_with_tls(secretName="prod-tls"))
-    for doc in documents:
-        kubernetes_validate.validate(doc, chart.KUBERNETES_VERSION, strict=True)
+    chart.validate_all(documents)
     settings = {name for name, _, _ in describe(ServiceConfig)}
     deployments = chart.by_kind(documents, "Deployment")
     assert set(deployments) == chart.GRPC_SERVICES | {"trainer-worker"}
@@ -66,8 +64,10 @@ def test_tls_mounts_the_secret_and_configures_every_process() -> None:
             for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
                 assert container[probe]["tcpSocket"]["port"] == port, (name, probe)
                 assert "grpc" not in container[probe]
-            # One port, the TLS one: no plaintext side door for probes.
-            assert [p["name"] for p in container["ports"]] == ["grpc"]
+            # One gRPC port, the TLS one: no plaintext side door for probes. (The
+            # metrics port speaks plain HTTP /metrics only, no gRPC; see
+            # docs/operations.md on restricting it with networkPolicy.metricsFrom.)
+            assert [p["name"] for p in container["ports"]] == ["grpc", "metrics"]
 
 
 def test_without_tls_nothing_changes() -> None:

@@ -29,10 +29,13 @@ from tensafe.client.auth import BearerInterceptor
 from tensafe.client.he import HeRuntimeRpc, plan_spec
 from tensafe.client.tiny_model import build_tiny_model
 from tensafe.client.training import ChannelOptions, TrainerRpc, make_channel
-from tensafe.common.grpc_server import GrpcServer
+from tensafe.common.config import ServiceConfig
+from tensafe.common.grpc_server import GrpcServer, ServiceRegistration
 from tensafe.common.nats_server import NatsServer, NatsServerConfig
+from tensafe.common.quotas import quota_exceeded
 from tensafe.common.telemetry import setup_metrics
 from tensafe.helora import default_params
+from tensafe.proto.common.v1 import common_pb2, common_pb2_grpc
 from tensafe.proto.trainer.v1 import trainer_service_pb2 as pb
 from tensafe.trainer.server import build_api
 from tensafe.trainer.worker import run_worker
@@ -345,4 +348,50 @@ def test_an_he_call_joins_the_callers_trace(
     assert (
         _delta(durations_before, durations, **method, **{"rpc.grpc.status": "INVALID_ARGUMENT"})
         == 1
+    )
+
+
+class _QuotaProbe(common_pb2_grpc.FutureServiceServicer):
+    """Refuses every GetFuture as a per-tenant quota would."""
+
+    async def GetFuture(self, request: Any, context: Any) -> Any:
+        raise quota_exceeded("max_pending_jobs_per_tenant", 3, "3 queued jobs")
+
+
+async def test_quota_refusals_are_counted_by_method_reason_and_limit(
+    tmp_path: Path, readings: InMemoryMetricReader
+) -> None:
+    server = GrpcServer(
+        config=ServiceConfig(database_url="sqlite+aiosqlite:///unused.db", data_dir=tmp_path),
+        services=[
+            ServiceRegistration(
+                "tensafe.common.v1.FutureService",
+                common_pb2_grpc.add_FutureServiceServicer_to_server,
+                _QuotaProbe(),
+            )
+        ],
+    )
+    port = await server.start()
+    before = _points(readings, "tensafe.rpc.refusals")
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = common_pb2_grpc.FutureServiceStub(channel)
+            for _ in range(2):
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await stub.GetFuture(common_pb2.GetFutureRequest(future_id="f"))
+                assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    finally:
+        await server.stop()
+    after = _points(readings, "tensafe.rpc.refusals")
+    assert (
+        _delta(
+            before,
+            after,
+            **{
+                "rpc.method": "/tensafe.common.v1.FutureService/GetFuture",
+                "reason": "QUOTA_EXCEEDED",
+                "limit": "max_pending_jobs_per_tenant",
+            },
+        )
+        == 2
     )

@@ -93,6 +93,10 @@ class StackOptions:
     """Install the package's built-in pretrained ``tiny-llama`` into ``<data_dir>/models``
     when that folder holds no model yet (``tensafe up`` does, unless
     ``--no-base-model``; :mod:`tensafe.client.base_models`)."""
+    metrics: bool = False
+    """Serve Prometheus ``/metrics`` from every process on a free loopback port of its
+    own (``TENSAFE_METRICS_PORT=0``); the addresses go into the connection file's
+    ``metrics`` block. Off by default."""
 
 
 @dataclasses.dataclass
@@ -103,6 +107,7 @@ class _Child:
     log_path: Path
     log: IO[bytes]
     port: int = 0
+    metrics_port: int | None = None
     argv: list[str] = dataclasses.field(default_factory=list)
     env: dict[str, str] = dataclasses.field(default_factory=dict)
 
@@ -237,6 +242,12 @@ class LocalStack:
             "kek_dir": str(data / KEK_DIR),
             "pid": os.getpid(),
         }
+        if opts.metrics:
+            connection["metrics"] = {
+                c.name: f"{opts.host}:{c.metrics_port}"
+                for c in self._children
+                if c.metrics_port is not None
+            }
         if user_tls is not None:
             connection["tls"] = user_tls.to_json()
         _write_private(self.connection_file, json.dumps(connection, indent=2))
@@ -253,6 +264,7 @@ class LocalStack:
             "TENSAFE_NATS_URL": nats_url,
             "TENSAFE_DATA_DIR": str(data / "objects" / name),
             "TENSAFE_DEV_MODE": "1",
+            **({"TENSAFE_METRICS_PORT": "0"} if opts.metrics else {}),
             **self._tls_env(name),
         }
 
@@ -370,7 +382,10 @@ class LocalStack:
         delay = 0.01
         while time.monotonic() < deadline:
             if child.ready_file.exists():
-                return int(json.loads(child.ready_file.read_text())["port"])
+                ready = json.loads(child.ready_file.read_text())
+                if "metrics_port" in ready:
+                    child.metrics_port = int(ready["metrics_port"])
+                return int(ready["port"])
             if child.process.poll() is not None:
                 raise StackError(
                     f"{child.name} exited with code {child.process.returncode}:\n"

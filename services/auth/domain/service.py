@@ -248,6 +248,12 @@ class AuthDomain:
         _require(caller, SCOPE_PLATFORM_ADMIN)
         return await self.verify_chain()
 
+    async def audit_chain_length(self) -> int:
+        """Entries in the audit chain (its recorded head), for ``/metrics``."""
+        async with self._store.transaction(read_only=True) as tx:
+            head_seq, _ = await tx.audit_head()
+        return head_seq
+
     async def verify_chain(self) -> ChainVerdict:
         """Verify the chain without an authorisation check (``tensafe audit verify``)."""
         verifier = ChainVerifier()

@@ -395,3 +395,37 @@ async def checkpoints_of(session: AsyncSession, client_id: str) -> Sequence[Chec
             )
         ).scalars()
     )
+
+
+@dataclass(frozen=True)
+class ClientProgress:
+    """What ``/metrics`` shows of one active training client."""
+
+    client_id: str
+    tenant: str
+    step: int
+    dp_steps: int
+    epsilon_spent: float
+
+
+async def client_progress(session: AsyncSession, *, limit: int) -> list[ClientProgress]:
+    """Progress of the ``limit`` newest active clients (bounded metric cardinality)."""
+    query = (
+        sa.select(
+            TrainingClientRow.id,
+            TrainingClientRow.tenant,
+            TrainingClientRow.step,
+            TrainingClientRow.dp_steps,
+            TrainingClientRow.epsilon_spent,
+        )
+        .where(TrainingClientRow.state == CLIENT_ACTIVE)
+        .order_by(TrainingClientRow.created_at.desc(), TrainingClientRow.id.desc())
+        .limit(limit)
+    )
+    return [ClientProgress(*row) for row in (await session.execute(query)).all()]
+
+
+async def count_queued_jobs(session: AsyncSession) -> int:
+    """Jobs accepted and not yet committed by a worker (the work queue's depth)."""
+    query = sa.select(sa.func.count()).select_from(JobRow).where(JobRow.status == JOB_QUEUED)
+    return int((await session.execute(query)).scalar_one())

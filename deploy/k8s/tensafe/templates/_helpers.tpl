@@ -222,8 +222,13 @@ spec:
     metadata:
       labels:
         {{- include "tensafe.labels" $ctx | nindent 8 }}
+      {{- with .values.podAnnotations }}
+      annotations:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
     spec:
       {{- include "tensafe.podSpecCommon" $root | nindent 6 }}
+      {{- include "tensafe.scheduling" .values | nindent 6 }}
       {{- with .initContainers }}
       initContainers:
         {{- . | nindent 8 }}
@@ -237,8 +242,10 @@ spec:
             - name: grpc
               containerPort: {{ $root.Values.grpcPort }}
               protocol: TCP
+            {{- include "tensafe.metricsPort" $root | nindent 12 }}
           env:
             {{- include "tensafe.commonEnv" $root | nindent 12 }}
+            {{- include "tensafe.metricsEnv" $root | nindent 12 }}
             {{- with .env }}
             {{- . | nindent 12 }}
             {{- end }}
@@ -286,6 +293,13 @@ spec:
       targetPort: grpc
       protocol: TCP
       appProtocol: grpc
+    {{- if $root.Values.metrics.enabled }}
+    - name: metrics
+      port: {{ $root.Values.metrics.port }}
+      targetPort: metrics
+      protocol: TCP
+      appProtocol: http
+    {{- end }}
 {{- end -}}
 
 {{/* The data volume of a component: its claim when given, else an emptyDir. */}}
@@ -321,4 +335,41 @@ Args: root, name (volume prefix), secret, key, file (name under /var/run/tensafe
       readOnly: true
     - name: keys
       mountPath: /var/run/tensafe/keys
+{{- end -}}
+
+{{/* nodeSelector, tolerations and affinity of a component's pods. Arg: its values. */}}
+{{- define "tensafe.scheduling" -}}
+{{- with .nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}
+
+{{/* The /metrics container port and setting (metrics.enabled). Arg: root. */}}
+{{- define "tensafe.metricsPort" -}}
+{{- if .Values.metrics.enabled }}
+- name: metrics
+  containerPort: {{ .Values.metrics.port }}
+  protocol: TCP
+{{- end }}
+{{- end -}}
+
+{{- define "tensafe.metricsEnv" -}}
+{{- if .Values.metrics.enabled }}
+- name: TENSAFE_METRICS_PORT
+  value: {{ .Values.metrics.port | quote }}
+{{- end }}
+{{- end -}}
+
+{{/* Components with pods, in the order their objects are rendered. */}}
+{{- define "tensafe.components" -}}
+auth trainer trainer-worker registry he-runtime
 {{- end -}}

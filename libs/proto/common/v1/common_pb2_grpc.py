@@ -26,7 +26,8 @@ if _version_not_supported:
 
 
 class FutureServiceStub:
-    """Futures of the service this is served by (trainer, HE runtime).
+    """Futures of the service this is served by: the trainer. (The HE runtime has no
+    long-running work: its RPCs answer synchronously and it does not serve this.)
     """
 
     def __init__(self, channel):
@@ -58,7 +59,8 @@ class FutureServiceStub:
 
 
 class FutureServiceServicer:
-    """Futures of the service this is served by (trainer, HE runtime).
+    """Futures of the service this is served by: the trainer. (The HE runtime has no
+    long-running work: its RPCs answer synchronously and it does not serve this.)
     """
 
     def GetFuture(self, request, context):
@@ -121,7 +123,8 @@ def add_FutureServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class FutureService:
-    """Futures of the service this is served by (trainer, HE runtime).
+    """Futures of the service this is served by: the trainer. (The HE runtime has no
+    long-running work: its RPCs answer synchronously and it does not serve this.)
     """
 
     @staticmethod

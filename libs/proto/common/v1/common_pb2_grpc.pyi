@@ -27,7 +27,9 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class FutureServiceStub:
-    """Futures of the service this is served by (trainer, HE runtime)."""
+    """Futures of the service this is served by: the trainer. (The HE runtime has no
+    long-running work: its RPCs answer synchronously and it does not serve this.)
+    """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
@@ -44,7 +46,9 @@ class FutureServiceStub:
 
 @_typing.type_check_only
 class FutureServiceAsyncStub(FutureServiceStub):
-    """Futures of the service this is served by (trainer, HE runtime)."""
+    """Futures of the service this is served by: the trainer. (The HE runtime has no
+    long-running work: its RPCs answer synchronously and it does not serve this.)
+    """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     GetFuture: _aio.UnaryUnaryMultiCallable[_common_pb2.GetFutureRequest, _common_pb2.GetFutureResponse]  # type: ignore[assignment]
@@ -57,7 +61,9 @@ class FutureServiceAsyncStub(FutureServiceStub):
     """Lists the caller's futures, newest first."""
 
 class FutureServiceServicer(metaclass=_abc_1.ABCMeta):
-    """Futures of the service this is served by (trainer, HE runtime)."""
+    """Futures of the service this is served by: the trainer. (The HE runtime has no
+    long-running work: its RPCs answer synchronously and it does not serve this.)
+    """
 
     @_abc_1.abstractmethod
     def GetFuture(

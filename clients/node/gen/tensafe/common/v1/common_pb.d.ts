@@ -367,7 +367,8 @@ export enum FutureStatus {
 export declare const FutureStatusSchema: GenEnum<FutureStatus>;
 
 /**
- * Futures of the service this is served by (trainer, HE runtime).
+ * Futures of the service this is served by: the trainer. (The HE runtime has no
+ * long-running work: its RPCs answer synchronously and it does not serve this.)
  *
  * @generated from service tensafe.common.v1.FutureService
  */

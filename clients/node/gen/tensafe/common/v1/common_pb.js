@@ -96,7 +96,8 @@ export const FutureStatus = /*@__PURE__*/
   tsEnum(FutureStatusSchema);
 
 /**
- * Futures of the service this is served by (trainer, HE runtime).
+ * Futures of the service this is served by: the trainer. (The HE runtime has no
+ * long-running work: its RPCs answer synchronously and it does not serve this.)
  *
  * @generated from service tensafe.common.v1.FutureService
  */
