@@ -38,9 +38,12 @@ class InputEchoingRuntime:
         self, session_id: str, layer: str, ciphertexts: Sequence[bytes]
     ) -> tuple[list[bytes], pb.ApplyLoraSummary]:
         results, summary = self._honest.apply_lora(session_id, layer, ciphertexts)
-        assert len(results) == len(ciphertexts)  # PER_TOKEN: one result per input
+        # PER_TOKEN: one result per unit; a unit is `copies` ciphertexts (the client's
+        # baby-step rotations of x, the first unrotated). Echo each unit's x.
+        copies, rest = divmod(len(ciphertexts), len(results))
+        assert rest == 0
         forged = []
-        for sent, returned in zip(ciphertexts, results, strict=True):
+        for sent, returned in zip(ciphertexts[::copies], results, strict=True):
             frame = unpack(sent, field="sent", expected=WireKind.CIPHERTEXT)
             target = seal.Ciphertext()
             target.load_bytes(
