@@ -87,8 +87,9 @@ SEQUENCE_LENGTH = 16
 _SCORE_BATCH = 64
 """Canaries per forward pass when their losses or gradients are measured."""
 
-MICRO_BATCH = steps.MICRO_BATCH
-"""Records per ``forward_backward`` call of a client-batch step (as the dataset runner)."""
+CLIENT_BATCH = 64
+"""Records per ``forward_backward`` call of a client-batch step (a client's batch; the
+Poisson steps use the dataset runner's own micro-batches)."""
 
 NoisySumObserver = Callable[[Mapping[str, torch.Tensor]], None]
 
@@ -310,9 +311,9 @@ def _cross_entropy_inputs(
 
 
 def _train_on(engine: LoraTrainingEngine, sequences: torch.Tensor) -> None:
-    """The rows through ``forward_backward`` (per-example clipping), in micro-batches."""
-    for start in range(0, sequences.shape[0], MICRO_BATCH):
-        batch, inputs = _cross_entropy_inputs(sequences[start : start + MICRO_BATCH])
+    """The rows through ``forward_backward`` (per-example clipping), in client batches."""
+    for start in range(0, sequences.shape[0], CLIENT_BATCH):
+        batch, inputs = _cross_entropy_inputs(sequences[start : start + CLIENT_BATCH])
         engine.forward_backward(batch, "cross_entropy", inputs)
 
 
