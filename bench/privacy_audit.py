@@ -2,10 +2,13 @@
 
 Builds the tiny Llama used by the tests (``build_tiny_model``), then for each claimed
 epsilon in {1, 4, 8} runs the white-box audit (m = 1000 canaries, k = 100 per side,
-client batches) on the production engine, and the same audit on a broken engine that
-adds a tenth of the noise the accountant is told about. The baseline is the same
-shadow run without canaries (filler batches only, same steps), measured interleaved in
-the same process; the table reports medians and the audit/baseline ratio.
+client batches) on the production engine, and the same audit on two deliberately broken
+mechanisms: an engine that adds a tenth of the noise the accountant is told about, and
+(epsilon 1 only) the production engine with its per-example clipping disabled (the clip
+factor replaced by 1 inside this process only, as the audit tests do). The canaries are
+data through the production clipping (see ``tensafe.trainer.audit.run``). The baseline is
+the same shadow run without canaries (filler batches only, same steps), measured
+interleaved in the same process; the table reports medians and the audit/baseline ratio.
 
 Run: ``python bench/privacy_audit.py [--steps 100] [--repeats 3]``.
 """
@@ -13,10 +16,12 @@ Run: ``python bench/privacy_audit.py [--steps 100] [--repeats 3]``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -29,6 +34,7 @@ from tensafe.trainer.audit.run import (
     AuditConfig,
     run_privacy_audit,
 )
+from tensafe.trainer.engine import clipping
 from tensafe.trainer.engine.accounting import BatchSampling, calibrate_noise_multiplier
 from tensafe.trainer.engine.config import AdamConfig, DpConfig, LoraConfig
 from tensafe.trainer.engine.training import LoraTrainingEngine
@@ -46,6 +52,18 @@ def _engine(model_dir: Path, sigma: float) -> LoraTrainingEngine:
         dp=DpConfig(noise_multiplier=sigma, max_grad_norm=1.0),
         seed=0,
     )
+
+
+@contextlib.contextmanager
+def _clipping(enabled: bool) -> Iterator[None]:
+    """BENCH ONLY: with ``enabled`` False, every clip factor is 1 inside the block."""
+    production = clipping.clip_factors_of
+    if not enabled:
+        clipping.clip_factors_of = lambda norms, *, max_grad_norm: torch.ones_like(norms)
+    try:
+        yield
+    finally:
+        clipping.clip_factors_of = production
 
 
 def _baseline(model_dir: Path, sigma: float, steps: int) -> float:
@@ -98,16 +116,20 @@ def main() -> None:
                 noise_multiplier=sigma,
                 delta=DELTA,
             )
-            for label, engine_sigma in (("correct", sigma), ("sigma/10", sigma / 10)):
+            mechanisms = [("correct", sigma, True), ("sigma/10", sigma / 10, True)]
+            if epsilon == 1.0:
+                mechanisms.append(("no clip", sigma, False))
+            for label, engine_sigma, clipped in mechanisms:
                 audit_times, base_times, bounds, corrects = [], [], [], []
                 claimed = 0.0
                 for repeat in range(args.repeats):
-                    base_times.append(_baseline(model_dir, engine_sigma, args.steps))
-                    engine = _engine(model_dir, engine_sigma)
-                    start = time.perf_counter()
-                    report = run_privacy_audit(engine, config, seed=repeat)
-                    audit_times.append(time.perf_counter() - start)
-                    engine.close()
+                    with _clipping(clipped):
+                        base_times.append(_baseline(model_dir, engine_sigma, args.steps))
+                        engine = _engine(model_dir, engine_sigma)
+                        start = time.perf_counter()
+                        report = run_privacy_audit(engine, config, seed=repeat)
+                        audit_times.append(time.perf_counter() - start)
+                        engine.close()
                     bounds.append(report.epsilon_lower_bound)
                     corrects.append(report.correct_guesses)
                     claimed = report.claimed_epsilon

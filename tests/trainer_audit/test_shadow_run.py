@@ -1,24 +1,38 @@
-"""The shadow run on the production engine: sound for the production mechanism, catches
-a broken one, and is bounded only by m and the confidence without noise."""
+"""The shadow run on the production DP-SGD path: canaries enter as data through the
+production clipping, Poisson audits through the production sampler and step; the audit
+is sound for the production mechanism and catches missing clipping and too little noise.
+
+Sizes (documented in docs/privacy.md): the tiny model (7,168 LoRA parameters at r = 8),
+m = 200 canaries, k = 20 guesses per side, 5 steps, delta = 1e-5, C = 1.
+"""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
+import numpy as np
+import numpy.typing as npt
 import pytest
 import torch
 
 from tensafe.common.errors import InvalidArgument
+from tensafe.trainer.audit import run as audit_run
 from tensafe.trainer.audit.bound import epsilon_lower_bound
 from tensafe.trainer.audit.run import (
     AuditConfig,
+    AuditReport,
     CanaryKind,
     claimed_epsilon,
     run_privacy_audit,
+    white_box_step_scores,
 )
+from tensafe.trainer.datasets import steps as dataset_steps
+from tensafe.trainer.datasets.sampling import PoissonSampler
+from tensafe.trainer.engine import clipping
 from tensafe.trainer.engine.accounting import BatchSampling, calibrate_noise_multiplier
-from tensafe.trainer.engine.config import AdamConfig, DpConfig, LoraConfig
+from tensafe.trainer.engine.config import DpConfig, LoraConfig
 from tensafe.trainer.engine.training import LoraTrainingEngine
 
 MODEL = "tiny-llama"
@@ -56,53 +70,151 @@ def _config(sigma: float, **fields: object) -> AuditConfig:
     return AuditConfig(**values)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("epsilon", [1.0, 4.0, 8.0])
-def test_production_mechanism_is_never_refuted(base_models_dir: Path, epsilon: float) -> None:
-    sigma = _sigma(epsilon)
-    for seed in range(3):
-        engine = _engine(base_models_dir, sigma)
-        report = run_privacy_audit(engine, _config(sigma), seed=seed)
+def _audit(
+    base_models_dir: Path, config: AuditConfig, *, engine_sigma: float, seed: int
+) -> AuditReport:
+    engine = _engine(base_models_dir, engine_sigma)
+    try:
+        return run_privacy_audit(engine, config, seed=seed)
+    finally:
         engine.close()
+
+
+def _no_clipping(norms: torch.Tensor, *, max_grad_norm: float) -> torch.Tensor:
+    """TEST ONLY: the clip factor of a mechanism that forgot to clip (every factor 1).
+
+    Installed with monkeypatch in place of ``clipping.clip_factors_of``, the one place
+    the production clipping computes its factor; no request can reach it.
+    """
+    del max_grad_norm
+    return torch.ones_like(norms)
+
+
+def test_production_mechanism_stays_below_the_claim(base_models_dir: Path) -> None:
+    # (c) The correct mechanism is never refuted, and the audit does see the canaries
+    # (at epsilon 8 well above chance), or it would prove nothing.
+    for epsilon, seed in ((1.0, 0), (8.0, 2)):
+        sigma = _sigma(epsilon)
+        report = _audit(base_models_dir, _config(sigma), engine_sigma=sigma, seed=seed)
         assert report.claimed_epsilon == pytest.approx(epsilon, rel=1e-2)
         assert report.claimed_epsilon <= epsilon
         assert report.epsilon_lower_bound <= report.claimed_epsilon
         assert report.guesses == 40
-        # Well above chance: the audit does see the canaries (or it would prove nothing).
         if epsilon == 8.0:
             assert report.correct_guesses >= 30
 
 
-def test_black_box_and_poisson_audits_stay_below_the_claim(base_models_dir: Path) -> None:
-    sigma = _sigma(8.0)
-    engine = _engine(base_models_dir, sigma)
-    report = run_privacy_audit(engine, _config(sigma, canary_kind=CanaryKind.BLACK_BOX), seed=5)
+def test_missing_clipping_is_caught(base_models_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # (a) The canaries are data: with the production clipping disabled their gradients
+    # (norm ~14 against C = 1) reach the noised sum whole, and the audit refutes the
+    # claim. The old gradient canaries (norm exactly C) could not see this.
+    engine = _engine(base_models_dir, 1.0)
+    canaries = torch.randint(0, engine.vocab_size, (8, audit_run.SEQUENCE_LENGTH))
+    batch = [row[:-1] for row in canaries]
+    inputs = [{"target_tokens": row[1:], "weights": torch.ones(len(row) - 1)} for row in canaries]
+    gradients = engine.per_example_gradients(batch, "cross_entropy", inputs)
+    norms = torch.sqrt(sum(g.flatten(1).pow(2).sum(dim=1) for g in gradients.values()))
+    assert bool((norms > 5.0).all())  # far above C = 1: clipping matters for every canary
     engine.close()
-    assert report.epsilon_lower_bound <= report.claimed_epsilon
-    config = _config(1.0, sampling=BatchSampling.POISSON, batch_size=100)
-    poisson_sigma = _sigma(4.0, BatchSampling.POISSON, config.sampling_probability)
-    config = _config(poisson_sigma, sampling=BatchSampling.POISSON, batch_size=100)
-    engine = _engine(base_models_dir, poisson_sigma)
-    report = run_privacy_audit(engine, config, seed=6)
-    engine.close()
-    assert report.claimed_epsilon == pytest.approx(4.0, rel=1e-2)
-    assert report.epsilon_lower_bound <= report.claimed_epsilon
+
+    monkeypatch.setattr(clipping, "clip_factors_of", _no_clipping)
+    sigma = _sigma(1.0)
+    report = _audit(base_models_dir, _config(sigma), engine_sigma=sigma, seed=3)
+    assert report.claimed_epsilon <= 1.0
+    assert report.epsilon_lower_bound > report.claimed_epsilon
 
 
 def test_broken_noise_is_caught(base_models_dir: Path) -> None:
-    # The engine adds a tenth of the noise the accountant is told about.
+    # (b) The engine adds a tenth of the noise the accountant is told about.
     sigma = _sigma(1.0)
-    for seed in range(3):
-        engine = _engine(base_models_dir, sigma / 10)
-        report = run_privacy_audit(engine, _config(sigma), seed=seed)
-        engine.close()
-        assert report.claimed_epsilon <= 1.0
-        assert report.epsilon_lower_bound > report.claimed_epsilon
+    report = _audit(base_models_dir, _config(sigma), engine_sigma=sigma / 10, seed=4)
+    assert report.claimed_epsilon <= 1.0
+    assert report.epsilon_lower_bound > report.claimed_epsilon
+
+
+class _Spies:
+    """Records what the Poisson shadow run hands the production sampler and step."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.draws: list[npt.NDArray[np.int64]] = []
+        self.steps: list[dict[str, Any]] = []
+        self.samplers: list[dict[str, Any]] = []
+        draw, init, run_step = PoissonSampler.draw, PoissonSampler.__init__, dataset_steps.run_step
+
+        def spy_init(sampler: PoissonSampler, **kwargs: Any) -> None:
+            init(sampler, **kwargs)
+            self.samplers.append(kwargs)
+
+        def spy_draw(sampler: PoissonSampler) -> npt.NDArray[np.int64]:
+            batch = draw(sampler)
+            self.draws.append(batch)
+            return batch
+
+        def spy_run_step(*args: Any, **kwargs: Any) -> dataset_steps.StepOutcome:
+            outcome = run_step(*args, **kwargs)
+            self.steps.append({"batch": args[2], "outcome": outcome, **kwargs})
+            return outcome
+
+        monkeypatch.setattr(PoissonSampler, "__init__", spy_init)
+        monkeypatch.setattr(PoissonSampler, "draw", spy_draw)
+        monkeypatch.setattr(dataset_steps, "run_step", spy_run_step)
+
+
+def test_poisson_audit_runs_the_production_sampler_and_step(
+    base_models_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # (d) Membership of a step is the production sampler's draw over the shadow
+    # dataset, and the step is the production run_step; the bound stays below the claim.
+    spies = _Spies(monkeypatch)
+    config = _config(1.0, sampling=BatchSampling.POISSON, batch_size=100)
+    sigma = _sigma(4.0, BatchSampling.POISSON, config.sampling_probability)
+    config = _config(sigma, sampling=BatchSampling.POISSON, batch_size=100)
+    report = _audit(base_models_dir, config, engine_sigma=sigma, seed=6)
+    assert report.claimed_epsilon == pytest.approx(4.0, rel=1e-2)
+    assert report.epsilon_lower_bound <= report.claimed_epsilon
+    assert len(spies.samplers) == 1
+    # m filler records plus the included canaries, sampled at the accountant's q.
+    assert 200 < spies.samplers[0]["records"] < 400
+    assert spies.samplers[0]["sample_rate"] == config.sampling_probability == 0.25
+    assert len(spies.draws) == len(spies.steps) == STEPS
+    for drawn, step in zip(spies.draws, spies.steps, strict=True):
+        assert step["batch"] is drawn  # the draw goes to the step untouched
+        assert step["expected_batch_size"] == 100.0
+        assert step["outcome"].batch_size == len(drawn)
+        assert step["noisy_sum_observer"] is not None
+
+
+def test_poisson_audit_applies_empty_batches_as_noise_only_steps(
+    base_models_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # q = 1 / 20 over ~15 records: about half the steps draw nothing, and run_step
+    # applies them as the noise-only update, as TrainOnDataset does.
+    spies = _Spies(monkeypatch)
+    sigma = 2.0
+    config = _config(
+        sigma,
+        canaries=10,
+        guesses_per_side=2,
+        sampling=BatchSampling.POISSON,
+        batch_size=1,
+        steps=12,
+    )
+    report = _audit(base_models_dir, config, engine_sigma=sigma, seed=7)
+    assert report.epsilon_lower_bound <= report.claimed_epsilon
+    sizes = [step["outcome"].batch_size for step in spies.steps]
+    assert 0 in sizes and any(sizes)
+    assert [step["outcome"].step for step in spies.steps] == list(range(1, 13))
+
+
+def test_black_box_audit_stays_below_the_claim(base_models_dir: Path) -> None:
+    sigma = _sigma(8.0)
+    config = _config(sigma, canary_kind=CanaryKind.BLACK_BOX)
+    report = _audit(base_models_dir, config, engine_sigma=sigma, seed=5)
+    assert report.epsilon_lower_bound <= report.claimed_epsilon
 
 
 def test_no_noise_gives_the_largest_bound_m_allows(base_models_dir: Path) -> None:
-    engine = _engine(base_models_dir, 0.0)
-    report = run_privacy_audit(engine, _config(0.0), seed=0)
-    engine.close()
+    report = _audit(base_models_dir, _config(0.0), engine_sigma=0.0, seed=0)
     assert math.isinf(report.claimed_epsilon)
     assert report.correct_guesses == report.guesses
     limit = epsilon_lower_bound(canaries=200, guesses=40, correct=40, delta=DELTA, confidence=0.95)
@@ -129,36 +241,60 @@ def test_bad_configs_are_invalid_arguments(base_models_dir: Path) -> None:
             _config(1.0, **fields)
         assert raised.value.field == field
     engine = _engine(base_models_dir, 1.0)
-    engine.add_clipped_gradients(
-        {name: torch.zeros(1, *t.shape) for name, t in engine.pending_gradient_sum().items()}
+    row = torch.arange(6)
+    engine.forward_backward(
+        [row[:-1]], "cross_entropy", [{"target_tokens": row[1:], "weights": torch.ones(5)}]
     )
     with pytest.raises(InvalidArgument):
         run_privacy_audit(engine, _config(1.0), seed=0)
     engine.close()
 
 
-def test_canary_gradients_are_clipped_and_noised_like_data(base_models_dir: Path) -> None:
+def test_per_example_gradients_are_the_datums_own_and_change_nothing(
+    base_models_dir: Path,
+) -> None:
     engine = _engine(base_models_dir, 0.0)
-    shapes = {name: t.shape for name, t in engine.pending_gradient_sum().items()}
-    # Example 0 has norm 3 (clipped to 1), example 1 norm 0.5 (kept).
-    gradients = {}
-    total = sum(math.prod(shape) for shape in shapes.values())
-    for name, shape in shapes.items():
-        gradients[name] = torch.stack(
-            [torch.full(shape, 3.0 / math.sqrt(total)), torch.full(shape, 0.5 / math.sqrt(total))]
+    rows = torch.randint(0, engine.vocab_size, (3, 9), generator=torch.Generator().manual_seed(0))
+    batch = [row[:-1] for row in rows]
+    inputs = [{"target_tokens": row[1:], "weights": torch.ones(8)} for row in rows]
+    state = engine.state_dict()
+    gradients = engine.per_example_gradients(batch, "cross_entropy", inputs)
+    assert engine.state_dict() == state
+    assert engine.accumulated_examples == 0
+    # Each row's gradient equals forward_backward of that datum alone with no noise and
+    # a clipping bound it does not reach (the accumulator holds its raw gradient).
+    for index in range(3):
+        reference = LoraTrainingEngine(
+            base_models_dir / MODEL,
+            lora=LoraConfig(rank=8, alpha=16.0),
+            dp=DpConfig(noise_multiplier=0.0, max_grad_norm=1e6),
+            seed=1,
         )
-    factors = engine.add_clipped_gradients(gradients)
-    assert factors[0].item() == pytest.approx(1 / 3, rel=1e-5)
-    assert factors[1].item() == 1.0
-    assert engine.accumulated_examples == 2
-    pending = engine.pending_gradient_sum()
-    norm = math.sqrt(sum(float(t.pow(2).sum()) for t in pending.values()))
-    assert norm == pytest.approx(1.5, rel=1e-5)
-    observed: dict[str, torch.Tensor] = {}
-    engine.optim_step(
-        AdamConfig(learning_rate=1e-3),
-        noisy_sum_observer=lambda noisy: observed.update({k: v.clone() for k, v in noisy.items()}),
-    )
-    for name, value in pending.items():
-        assert torch.equal(observed[name], value)
+        reference.forward_backward([batch[index]], "cross_entropy", [inputs[index]])
+        for name, total in reference.pending_gradient_sum().items():
+            torch.testing.assert_close(gradients[name][index], total, rtol=1e-4, atol=1e-7)
+        reference.close()
     engine.close()
+
+
+def test_white_box_scores_undo_correlated_directions() -> None:
+    # Directions sharing a component in varying amounts, and canaries that contribute 8
+    # against a claimed C = 1 and unit noise (clipping missing): each plain projection
+    # also carries the other included canaries' contributions and the two groups
+    # overlap; the least-squares scores separate them.
+    generator = torch.Generator().manual_seed(0)
+    shared = torch.randn(1, 4000, generator=generator)
+    weights = 1.5 * torch.rand(50, 1, generator=generator)
+    raw = torch.randn(50, 4000, generator=generator) + weights * shared
+    directions = raw / raw.norm(dim=1, keepdim=True)
+    included = torch.zeros(50, dtype=torch.bool)
+    included[torch.randperm(50, generator=generator)[:25]] = True
+    noisy_sum = directions.T @ (8.0 * included.float()) + torch.randn(4000, generator=generator)
+    scores = white_box_step_scores(directions, noisy_sum)
+    assert float(scores[included].min()) > float(scores[~included].max())
+    projections = directions @ noisy_sum
+    assert float(projections[included].min()) < float(projections[~included].max())
+    # Without noise the scores are the contributions themselves (to float32 round-off
+    # through the Gram matrix the shared component makes ill-conditioned).
+    exact = white_box_step_scores(directions, directions.T @ (8.0 * included.float()))
+    torch.testing.assert_close(exact, 8.0 * included.double(), rtol=0, atol=0.05)

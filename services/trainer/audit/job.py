@@ -7,8 +7,10 @@ needs no fencing beyond the job row: a job already done is only acked, a redeliv
 an unfinished one runs the audit again (the result of a shadow run depends on fresh DP
 noise anyway), and a result that arrives after the future was cancelled is dropped.
 
-An audit holds its worker for the length of the shadow run (seconds for the tiny model
-and m = 1000 white-box canaries; see ``bench/privacy_audit.py``).
+An audit holds its worker for the length of the shadow run: every step runs the model
+over the included canaries (as data) and, for white-box canaries, computes all m canary
+gradients, so a step costs about 1.5 m sequences of forward and backward (seconds per
+step for the bench's tiny model at m = 1000; see ``bench/privacy_audit.py``).
 """
 
 from __future__ import annotations

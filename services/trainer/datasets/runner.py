@@ -31,10 +31,6 @@ import asyncio
 import enum
 import json
 import math
-from dataclasses import dataclass
-
-import numpy as np
-import numpy.typing as npt
 
 from tensafe.common.db import Database
 from tensafe.common.errors import FailedPrecondition, NotFound
@@ -42,20 +38,15 @@ from tensafe.common.futures import FutureStatus, SqlFutureStore
 from tensafe.common.jetstream import RetryLater
 from tensafe.proto.trainer.v1 import trainer_service_pb2 as pb
 from tensafe.trainer import serde
-from tensafe.trainer.datasets.records import TokenizedDataset
 from tensafe.trainer.datasets.sampling import PoissonSampler
 from tensafe.trainer.datasets.service import DatasetVault, get_dataset
+from tensafe.trainer.datasets.steps import StepOutcome, run_step
 from tensafe.trainer.engine.accounting import PrivacyAccountant, StepMechanism
-from tensafe.trainer.engine.config import AdamConfig
 from tensafe.trainer.engine.training import LoraTrainingEngine
 from tensafe.trainer.ledger import PrivacyLedger, client_dp
 from tensafe.trainer.objects import ObjectFolder
 from tensafe.trainer.store import repository as repo
 from tensafe.trainer.store.models import DatasetRunRow, JobRow, TrainingClientRow
-
-MICRO_BATCH = 8
-"""Records per forward/backward pass within one step (bounds activation memory; the
-clipped sum over the step is the same whatever the split)."""
 
 
 class RunEnd(enum.Enum):
@@ -65,63 +56,6 @@ class RunEnd(enum.Enum):
     """Every step committed and the future succeeded."""
     CANCELLED = "cancelled"
     """The future was cancelled; committed steps stay, the rest is released."""
-
-
-@dataclass(frozen=True)
-class StepOutcome:
-    """What one Poisson step produced, before its commit."""
-
-    batch_size: int
-    mean_loss: float | None
-    """Mean cross-entropy per trained token; None for an empty batch."""
-    state: bytes
-    step: int
-
-
-def run_step(
-    engine: LoraTrainingEngine,
-    dataset: TokenizedDataset,
-    batch: npt.NDArray[np.int64],
-    *,
-    adam: AdamConfig,
-    expected_batch_size: float,
-) -> StepOutcome:
-    """One DP-SGD step on a drawn batch (runs in a worker thread).
-
-    Args:
-        engine: The client's engine, with nothing accumulated.
-        dataset: The decrypted records.
-        batch: Indices of the records drawn (possibly none).
-        adam: AdamW hyper-parameters.
-        expected_batch_size: q · N, the divisor of the noised sum.
-
-    Returns:
-        The batch size, the mean loss and the new engine state.
-    """
-    loss_sum = 0.0
-    trained_tokens = 0.0
-    indices = [int(index) for index in batch]
-    for start in range(0, len(indices), MICRO_BATCH):
-        sequences = []
-        inputs = []
-        for index in indices[start : start + MICRO_BATCH]:
-            tokens, loss_inputs = dataset.datum(index)
-            sequences.append(tokens)
-            inputs.append(loss_inputs)
-            trained_tokens += float(sum(loss_inputs["weights"]))
-        # Two records of the dataset are two data even when their contents are equal.
-        result = engine.forward_backward(
-            sequences, "cross_entropy", inputs, refuse_duplicates=False
-        )
-        loss_sum += result.metrics["loss:sum"]
-    result_step = engine.optim_step(adam, expected_batch_size=expected_batch_size)
-    mean_loss = loss_sum / trained_tokens if indices and trained_tokens > 0 else None
-    return StepOutcome(
-        batch_size=len(indices),
-        mean_loss=mean_loss,
-        state=engine.state_dict(),
-        step=result_step.step,
-    )
 
 
 class DatasetRunner:

@@ -242,8 +242,8 @@ def _clipped_layer_sum(layer: _LayerRecord, clip_factors: torch.Tensor) -> torch
 def clip_factors_of(norms: torch.Tensor, *, max_grad_norm: float) -> torch.Tensor:
     """The per-example clip factors ``w_i = min(1, C / (‖G_i‖ + 1e-6))`` (Opacus's formula).
 
-    The one place the factor is computed: :func:`clip_per_example` and
-    ``LoraTrainingEngine.add_clipped_gradients`` (privacy-audit canaries) both use it.
+    The one place the factor is computed (:func:`clip_per_example`). The privacy
+    audit's tests replace it to build a mechanism without clipping.
 
     Args:
         norms: ``[B]`` per-example gradient norms over all LoRA parameters.
@@ -253,6 +253,37 @@ def clip_factors_of(norms: torch.Tensor, *, max_grad_norm: float) -> torch.Tenso
         ``[B]`` factors in (0, 1].
     """
     return (max_grad_norm / (norms + CLIP_NORM_EPSILON)).clamp(max=1.0)
+
+
+def _backward(loss: torch.Tensor, record: LoraForwardRecord) -> list[_LayerRecord]:
+    """The single backward pass of a recorded forward pass; the hooks fill the layers.
+
+    Raises:
+        RuntimeError: As for :func:`clip_per_example`.
+    """
+    if record.consumed:
+        raise RuntimeError("this forward record was already used for clipping")
+    record.consumed = True
+    if not record.layers:
+        raise RuntimeError("no LoRA layer ran in the forward pass")
+    names = [layer.parameter_name for layer in record.layers]
+    if len(set(names)) != len(names):
+        raise RuntimeError("a LoRA layer ran more than once in one forward pass")
+
+    requested, record.requested_outputs = record.requested_outputs, []
+    record.recorded_outputs = {}
+    record.armed = True
+    try:
+        # The single backward pass; the hooks do the per-layer work.
+        torch.autograd.grad(loss, requested)
+    finally:
+        record.armed = False
+    del requested
+    for layer in record.layers:
+        if layer.squared_norms is None:
+            raise RuntimeError(f"{layer.parameter_name} received no output gradient")
+    layers, record.layers = record.layers, []
+    return layers
 
 
 def clip_per_example(
@@ -274,39 +305,52 @@ def clip_per_example(
             (its per-example gradient would not factor per call), a layer received no
             gradient, or the record was already used.
     """
-    if record.consumed:
-        raise RuntimeError("this forward record was already used for clipping")
-    record.consumed = True
-    if not record.layers:
-        raise RuntimeError("no LoRA layer ran in the forward pass")
-    names = [layer.parameter_name for layer in record.layers]
-    if len(set(names)) != len(names):
-        raise RuntimeError("a LoRA layer ran more than once in one forward pass")
-
-    requested, record.requested_outputs = record.requested_outputs, []
-    record.recorded_outputs = {}
-    record.armed = True
-    try:
-        # The single backward pass; the hooks do the per-layer work.
-        torch.autograd.grad(loss, requested)
-    finally:
-        record.armed = False
-    del requested
-
+    layers = _backward(loss, record)
     squared_norms = torch.zeros(record.batch_size, dtype=torch.float32)
-    for layer in record.layers:
-        if layer.squared_norms is None:
-            raise RuntimeError(f"{layer.parameter_name} received no output gradient")
+    for layer in layers:
+        assert layer.squared_norms is not None
         squared_norms += layer.squared_norms
     norms = squared_norms.sqrt()
     clip_factors = clip_factors_of(norms, max_grad_norm=max_grad_norm)
     clipped_sum = {
-        layer.parameter_name: _clipped_layer_sum(layer, clip_factors) for layer in record.layers
+        layer.parameter_name: _clipped_layer_sum(layer, clip_factors) for layer in layers
     }
-    record.layers = []
     return ClippedGradient(
         clipped_sum=clipped_sum, per_example_norms=norms, clip_factors=clip_factors
     )
+
+
+def per_example_gradients(loss: torch.Tensor, record: LoraForwardRecord) -> dict[str, torch.Tensor]:
+    """Every example's unclipped LoRA gradient, materialised, from one backward pass.
+
+    The same hooks and backward pass as :func:`clip_per_example`, for a record captured
+    with :attr:`~.config.NormMethod.DIRECT` (which forms ``G_i``). Memory is
+    ``B × (LoRA parameters)`` floats: for inspecting a few data (the privacy audit's
+    white-box scores), not for training.
+
+    Args:
+        loss: Scalar sum of the per-example losses of the recorded batch.
+        record: The record, captured with ``NormMethod.DIRECT``; consumed.
+
+    Returns:
+        Parameter name to ``[B, *weight.shape]`` (the weight's ``[out, in]`` layout).
+
+    Raises:
+        RuntimeError: As for :func:`clip_per_example`, or the record was not captured
+            with ``NormMethod.DIRECT``.
+    """
+    if record.norm_method is not NormMethod.DIRECT:
+        raise RuntimeError("per-example gradients need a record captured with DIRECT")
+    gradients: dict[str, torch.Tensor] = {}
+    for layer in _backward(loss, record):
+        example_grads = layer.example_grads
+        if example_grads is None:
+            raise RuntimeError(f"{layer.parameter_name} formed no per-example gradient")
+        if layer.out_features > layer.in_features:
+            # Stored as [B, in, out] (see on_output_grad); the weight is [out, in].
+            example_grads = example_grads.transpose(1, 2)
+        gradients[layer.parameter_name] = example_grads.contiguous()
+    return gradients
 
 
 def lora_linear_layers(model: nn.Module, adapter_name: str) -> dict[nn.Linear, str]:

@@ -55,8 +55,13 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from tensafe.common.errors import FailedPrecondition, InvalidArgument, NotFound
 
-from .clipping import LoraActivationTap, clip_factors_of, clip_per_example, lora_linear_layers
-from .config import AdamConfig, DpConfig, EngineOptions, LoraConfig, LossConfig
+from .clipping import (
+    LoraActivationTap,
+    clip_per_example,
+    lora_linear_layers,
+    per_example_gradients,
+)
+from .config import AdamConfig, DpConfig, EngineOptions, LoraConfig, LossConfig, NormMethod
 from .losses import (
     LossFn,
     PaddedBatch,
@@ -383,53 +388,48 @@ class LoraTrainingEngine:
         _check_finite_losses(example_losses)
         return _result(padded, target_logprobs, example_losses)
 
-    def add_clipped_gradients(self, gradients: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Add per-example gradients given directly, clipped like ``forward_backward``'s.
+    def per_example_gradients(
+        self,
+        batch: Sequence[TokenSequence],
+        loss_fn: str | LossFn,
+        loss_fn_inputs: Sequence[Mapping[str, PerTokenValues]],
+        loss_fn_config: Mapping[str, float] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Each datum's unclipped LoRA gradient at the current weights; nothing changes.
 
-        The privacy audit (:mod:`tensafe.trainer.audit`) inserts white-box canaries this
-        way: each is one more example of the step whose gradient is chosen by the
-        auditor instead of computed from a datum. The gradients are clipped with the
-        same factor as every datum's (:func:`.clipping.clip_factors_of`), summed into the
-        step's accumulator and counted as accumulated examples, so the following
-        :meth:`optim_step` noises them exactly as it noises real data.
+        The privacy audit's white-box auditor (:mod:`tensafe.trainer.audit`) uses it to
+        know, in every step, the direction in which a canary datum pushes the gradient
+        sum; the canary itself enters the step through :meth:`forward_backward` like any
+        datum. The same forward pass and loss as :meth:`forward_backward`, with dropout
+        off; no accumulator, counter or dropout stream is touched. Private under DP:
+        never for a client.
 
         Args:
-            gradients: For every trainable parameter (:attr:`parameter_names`) a tensor
-                ``[n, *parameter.shape]``: the gradients of n examples.
+            batch: As for :meth:`forward_backward`.
+            loss_fn: As for :meth:`forward_backward`.
+            loss_fn_inputs: As for :meth:`forward_backward`.
+            loss_fn_config: As for :meth:`forward_backward`.
 
         Returns:
-            ``[n]`` the clip factors applied.
+            Parameter name (:attr:`parameter_names`) to ``[B, *parameter.shape]``.
 
         Raises:
-            InvalidArgument: Not private, names or shapes that do not match the
-                adapter, or non-finite values; the engine is unchanged.
+            InvalidArgument: As for :meth:`forward_backward`.
         """
-        if self._dp is None:
-            raise InvalidArgument("gradients", "per-example gradients need a DP engine")
-        if set(gradients) != set(self._parameters):
-            raise InvalidArgument("gradients", "must name exactly the adapter's parameters")
-        count = -1
-        for name, parameter in self._parameters.items():
-            value = gradients[name]
-            if value.dim() != parameter.dim() + 1 or value.shape[1:] != parameter.shape:
-                raise InvalidArgument("gradients", f"{name} has shape {tuple(value.shape)}")
-            if count not in (-1, value.shape[0]):
-                raise InvalidArgument("gradients", "every parameter needs the same count")
-            count = value.shape[0]
-            if not bool(torch.isfinite(value).all()):
-                raise InvalidArgument("gradients", f"{name} holds non-finite values")
-        if count == 0:
-            return torch.zeros(0)
-        squared_norms = torch.zeros(count, dtype=torch.float32)
-        for name in self._parameters:
-            squared_norms += gradients[name].reshape(count, -1).pow(2).sum(dim=1)
-        factors = clip_factors_of(squared_norms.sqrt(), max_grad_norm=self._dp.max_grad_norm)
-        with torch.no_grad():
-            for name in self._parameters:
-                flat = factors @ gradients[name].reshape(count, -1)
-                self._accumulator[name].add_(flat.view_as(self._accumulator[name]))
-        self._accumulated_examples += count
-        return factors
+        loss_kind = LossFn.parse(loss_fn)
+        loss_config = loss_config_from_options(loss_kind, loss_fn_config or {}, self._loss_config)
+        padded = validate_batch(
+            batch,
+            loss_kind,
+            loss_fn_inputs,
+            vocab_size=self._vocab_size,
+            max_length=self._max_length,
+        )
+        self._model.eval()
+        with torch.enable_grad(), self._tap.capture(NormMethod.DIRECT) as record:
+            _, example_losses = self._forward(padded, loss_kind, loss_config)
+        _check_finite_losses(example_losses)
+        return per_example_gradients(example_losses.sum(), record)
 
     def optim_step(
         self,
