@@ -200,7 +200,8 @@ def _log_excerpt(target: FuzzTarget, details: str) -> str:
 
 def assert_stack_alive(target: FuzzTarget) -> None:
     """Every stack process runs and every service reports SERVING."""
-    assert len(target.pids) == len(target.channels) + 1, target.pids  # + the trainer worker
+    # The gRPC services, the trainer worker and the Tinker API (HTTP, no gRPC channel).
+    assert len(target.pids) == len(target.channels) + 2, target.pids
     for pid, command in target.pids.items():
         try:
             state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
