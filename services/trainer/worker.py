@@ -53,6 +53,7 @@ from typing import Any
 
 import torch
 from google.protobuf.message import Message
+from opentelemetry import metrics
 from transformers import AutoTokenizer
 
 from tensafe.common import tls
@@ -179,6 +180,12 @@ class TrainerWorker:
     ) -> None:
         self._db = database
         self._ledger = ledger
+        self._engine_loads = metrics.get_meter(__name__).create_counter(
+            "tensafe.trainer.engine_loads",
+            unit="{load}",
+            description="LoRA engines built (base model loaded) by this worker, by base "
+            "model and reason: a client not resident, or resident at another seq.",
+        )
         self._futures = futures
         self._objects = objects
         self._base_models = base_models
@@ -395,6 +402,13 @@ class TrainerWorker:
                 self._objects.read, client.state_path, sha256=client.state_sha256
             )
         engine = await asyncio.to_thread(self._build_engine, client, state)
+        self._engine_loads.add(
+            1,
+            {
+                "base_model": client.base_model,
+                "reason": "stale" if resident is not None else "not_resident",
+            },
+        )
         resident = _Resident(engine, client.applied_seq)
         self._resident[client.id] = resident
         while len(self._resident) > self._capacity:
@@ -831,12 +845,15 @@ def waking(
     return handle
 
 
-async def run_worker(config: TrainerConfig, *, stop: asyncio.Event) -> None:
+async def run_worker(
+    config: TrainerConfig, *, stop: asyncio.Event, metrics_port: int | None = None
+) -> None:
     """Migrate, connect and consume jobs until ``stop`` is set.
 
     Args:
         config: The trainer configuration.
         stop: Set to drain the current job and exit.
+        metrics_port: The port ``/metrics`` is served on (written to the ready file).
     """
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
@@ -876,7 +893,10 @@ async def run_worker(config: TrainerConfig, *, stop: asyncio.Event) -> None:
                 # Same shape as the servers' ready file; port 0: a worker serves no RPC.
                 ready = Path(config.ready_file)
                 temporary = ready.with_suffix(ready.suffix + ".tmp")
-                temporary.write_text(json.dumps({"port": 0, "pid": os.getpid()}))
+                fields: dict[str, int] = {"port": 0, "pid": os.getpid()}
+                if metrics_port is not None:
+                    fields["metrics_port"] = metrics_port
+                temporary.write_text(json.dumps(fields))
                 os.replace(temporary, ready)
             wakeups = await FutureWakeups.start(
                 jetstream.connection, future_wakeup_prefix(config.jobs_subject_prefix)
@@ -917,9 +937,12 @@ def main() -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         if config.heartbeat_file is not None:  # the chart's liveness probe reads it
-            await beating(run_worker(config, stop=stop), config.heartbeat_file)
+            await beating(
+                run_worker(config, stop=stop, metrics_port=shutdown_telemetry.metrics_port),
+                config.heartbeat_file,
+            )
         else:
-            await run_worker(config, stop=stop)
+            await run_worker(config, stop=stop, metrics_port=shutdown_telemetry.metrics_port)
 
     # As in tensafe.common.grpc_server.run_service: the imports (torch, transformers,
     # scipy) are frozen out of the collector, so the exit after SIGTERM is not seconds

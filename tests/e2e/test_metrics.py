@@ -65,8 +65,7 @@ def test_every_service_serves_metrics_that_move(
         connection = stack.start()
         endpoints = connection["metrics"]
         assert isinstance(endpoints, dict)
-        # The worker serves /metrics too, on a port its log names (it reports no port).
-        assert set(endpoints) == {"auth", "registry", "he_runtime", "trainer"}
+        assert set(endpoints) == {"auth", "registry", "he_runtime", "trainer", "trainer-worker"}
         for name, address in endpoints.items():
             page = scrape(str(address))
             assert value(page, "process_resident_memory_bytes") > 10e6, name
@@ -107,6 +106,14 @@ def test_every_service_serves_metrics_that_move(
         wait_for(trained)
         page = scrape(trainer_address)
         assert value(page, "tensafe_trainer_client_dp_steps", training_client=client_id) == 2
+        # The worker built the client's engine once (the base model loaded once).
+        worker_page = scrape(str(endpoints["trainer-worker"]))
+        assert value(
+            worker_page,
+            "tensafe_trainer_engine_loads_total",
+            base_model="tiny-llama",
+            reason="not_resident",
+        ) == 1
         epsilon = value(page, "tensafe_trainer_client_epsilon_spent", training_client=client_id)
         assert 0 < epsilon < 1e6
         assert value(page, histogram, rpc_method="CreateTrainingClient", rpc_grpc_status="OK") == 1
