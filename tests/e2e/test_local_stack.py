@@ -4,6 +4,7 @@ and SIGTERM ends every process it started within 10 s."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -171,6 +172,58 @@ def test_up_serves_everything_and_stops_cleanly(tmp_path: Path) -> None:
             time.sleep(0.05)
         assert not [p for p in started if _alive(p)], "orphaned processes"
         assert not connection_file.exists()
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
+
+
+def test_up_restarts_a_killed_worker_and_keeps_serving(tmp_path: Path) -> None:
+    """`tensafe up` supervises its processes: a worker killed with SIGKILL is restarted
+    (logged), the stack stays up and the next DP step succeeds."""
+    from tensafe.client.demo import create_tenant
+    from tensafe.client.train_cli import to_datum
+    from tensafe.tinker import ServiceClient, types
+
+    data_dir = tmp_path / "state"
+    up = subprocess.Popen(
+        [sys.executable, "-m", "tensafe.client.cli", "up", "--data-dir", str(data_dir)],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        connection_file = data_dir / "connection.json"
+        _wait_for(connection_file, up, timeout=120)
+        ready = data_dir / "run" / "trainer-worker.ready"
+        killed = int(json.loads(ready.read_text())["pid"])
+        os.kill(killed, signal.SIGKILL)
+        deadline = time.monotonic() + 90
+        while True:
+            assert up.poll() is None, "tensafe up stopped when its worker was killed"
+            assert time.monotonic() < deadline, "the worker was not restarted"
+            try:
+                pid = int(json.loads(ready.read_text())["pid"])
+            except (OSError, ValueError, KeyError):
+                pid = killed
+            if pid != killed:
+                break
+            time.sleep(0.1)  # polling a file another process writes
+
+        tenant = create_tenant(connection_file, name="supervised")
+        with ServiceClient(api_key=tenant.api_key, connection_file=connection_file) as service:
+            client = service.create_lora_training_client(
+                base_model="tiny-llama", rank=2, dp_noise_multiplier=1.0
+            )
+            client.forward_backward([to_datum([1, 2, 3, 4, 5])], "cross_entropy").result()
+            result = client.optim_step(types.AdamParams(learning_rate=1e-3)).result()
+        assert result.step == 1
+
+        up.send_signal(signal.SIGTERM)
+        output = up.communicate(timeout=30)[0].decode(errors="replace")
+        assert up.returncode == 0, output
+        assert "trainer-worker exited with code -9; restarting in 1 s" in output, output
+        assert f"trainer-worker restarted (pid {pid})" in output, output
     finally:
         if up.poll() is None:
             up.kill()

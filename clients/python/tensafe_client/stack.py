@@ -59,6 +59,23 @@ TRAINER_VERIFYING_KEY = Path("keys") / "trainer-signing-key.pub.pem"
 KEK_DIR = "keks"
 
 
+RESTART_BACKOFF = 1.0
+"""First pause before :meth:`LocalStack.wait` restarts a process that exited (seconds)."""
+
+MAX_RESTART_BACKOFF = 30.0
+"""Longest pause between restarts of one process (seconds)."""
+
+MAX_RESTARTS = 5
+"""Restarts in a row (none of which stayed up) after which the stack gives up."""
+
+STABLE_SECONDS = 60.0
+"""A process up this long counts as recovered: its next exit starts the backoff anew."""
+
+
+def _say(message: str) -> None:
+    print(f"tensafe up: {message}", file=sys.stderr, flush=True)
+
+
 class StackError(RuntimeError):
     """A service of the local stack failed to start or died."""
 
@@ -396,23 +413,61 @@ class LocalStack:
         raise StackError(f"{child.name} not ready in time:\n" + _tail(child.log_path))
 
     def wait(self) -> str:
-        """Block until SIGTERM/SIGINT or until a service dies.
+        """Supervise the processes until SIGTERM/SIGINT.
+
+        A process that exits (a crash, a ``kill -9``) is restarted on its port with its
+        environment after a backoff of 1, 2, 4 ... up to 30 s, and each exit and restart
+        is logged to stderr; the backoff starts again once a process has stayed up for
+        :data:`STABLE_SECONDS`. After :data:`MAX_RESTARTS` restarts in a row that did
+        not come up (or did not stay up), the stack gives up and returns.
 
         Returns:
-            Why it returned: ``"signal"`` or ``"<service> exited"``.
+            Why it returned: ``"signal"`` or ``"<process> keeps failing ..."``.
         """
         received: list[int] = []
 
         def on_signal(signum: int, _frame: object) -> None:
             received.append(signum)
 
+        def pause(seconds: float) -> None:
+            until = time.monotonic() + seconds
+            while not received and time.monotonic() < until:
+                time.sleep(0.1)  # a signal runs on_signal; the loop then sees it
+
         previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        attempts: dict[str, int] = {}
+        up_since: dict[str, float] = {c.name: time.monotonic() for c in self._children}
         try:
             while not received:
                 for child in self._children:
-                    if child.process.poll() is not None:
-                        return f"{child.name} exited with code {child.process.returncode}"
-                time.sleep(0.2)  # a signal runs on_signal; the loop then sees it
+                    code = child.process.poll()
+                    if code is None:
+                        if time.monotonic() - up_since[child.name] > STABLE_SECONDS:
+                            attempts.pop(child.name, None)
+                        continue
+                    attempt = attempts.get(child.name, 0) + 1
+                    if attempt > MAX_RESTARTS:
+                        return (
+                            f"{child.name} keeps failing (exit code {code} after "
+                            f"{MAX_RESTARTS} restarts)"
+                        )
+                    attempts[child.name] = attempt
+                    delay = min(RESTART_BACKOFF * 2 ** (attempt - 1), MAX_RESTART_BACKOFF)
+                    _say(
+                        f"{child.name} exited with code {code}; restarting in {delay:g} s "
+                        f"(attempt {attempt} of {MAX_RESTARTS})"
+                    )
+                    pause(delay)
+                    if received:
+                        break
+                    try:
+                        self.restart(child.name)
+                    except StackError as error:
+                        _say(f"{child.name} did not come back: {str(error).splitlines()[0]}")
+                        continue
+                    up_since[child.name] = time.monotonic()
+                    _say(f"{child.name} restarted (pid {child.process.pid})")
+                pause(0.2)
             return "signal"
         finally:
             for s, handler in previous.items():
