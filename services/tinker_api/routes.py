@@ -367,14 +367,16 @@ class TinkerRoutes:
         return _json({"request_id": future_id, "model_id": model_id})
 
     async def load_weights(self, request: web.Request) -> web.Response:
-        """load_state(_with_optimizer) into the training client that saved the path."""
+        """load_state(_with_optimizer) into an existing training client (its privacy
+        lineage takes on the checkpoint's)."""
         body = await self._body(request)
         token = _token(request)
         if body.get("session_id") is not None or body.get("model_id") is None:
             raise Unimplemented(
-                "creating a training client from a checkpoint is not supported: TenSafe "
-                "restores a checkpoint into a training client of its own lineage; load it "
-                "into the training client that saved it",
+                "creating a training client from a checkpoint is not served over HTTP yet "
+                "(the SDK names the new client by an id this service cannot resolve): "
+                "create a training client and load_state the checkpoint into it, or use "
+                "tensafe.tinker",
                 reason="CREATE_FROM_STATE_UNSUPPORTED",
             )
         model_id = serde.field(body, "model_id", str)

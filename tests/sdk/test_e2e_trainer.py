@@ -169,7 +169,11 @@ async def test_tinker_minimal_loop_trains_checkpoints_and_samples(
             restored_logprobs = scored_again.compute_logprobs(prompt).result()
             resumed = service.create_training_client_from_state(saved.path)
             return {
-                "resumed": (resumed.model_id == training_client.model_id, resumed.get_info()),
+                "resumed": (
+                    resumed.model_id != training_client.model_id,
+                    resumed.get_info(),
+                    resumed.get_privacy_spent(),
+                ),
                 "before": before,
                 "after": after,
                 "fb": fwd_bwd_result,
@@ -206,8 +210,12 @@ async def test_tinker_minimal_loop_trains_checkpoints_and_samples(
     assert all(lp is not None and lp < 0 for lp in logprobs[1:])
     assert out["restored_logprobs"] == pytest.approx(logprobs, abs=1e-5)
     assert out["info"].model_data.model_name == BASE_MODEL and out["info"].model_data.private
-    same_client, resumed_info = out["resumed"]
-    assert same_client and resumed_info.model_data.step == steps
+    new_client, resumed_info, resumed_spent = out["resumed"]
+    assert new_client and resumed_info.model_data.step == steps
+    # The new client's weights carry the checkpoint's 12 steps (not the 13th, taken
+    # after the checkpoint): epsilon follows the weights.
+    assert (resumed_spent.steps, resumed_spent.inherited_steps) == (steps, steps)
+    assert resumed_spent.epsilon == pytest.approx(expected, rel=1e-6)
 
 
 async def test_budget_refusal_is_a_typed_error(trainer: Trainer, base_models_dir: Path) -> None:

@@ -301,34 +301,67 @@ class ServiceClient:
         )
 
     def create_training_client_from_state(
-        self, path: str, *, tokenizer_dir: str | os.PathLike[str] | None = None
+        self,
+        path: str,
+        *,
+        tokenizer_dir: str | os.PathLike[str] | None = None,
+        user_metadata: dict[str, str] | None = None,
     ) -> TrainingClient:
-        """Resume from a checkpoint written by ``save_state``.
+        """A new training client that continues a checkpoint written by ``save_state``.
 
-        Unlike Tinker, which starts a new client from the weights, this reattaches to
-        the training client that wrote the checkpoint and restores it there: a DP run's
-        privacy ledger belongs to that client and must keep counting (a fresh client
-        would start again at epsilon 0 on the same data).
+        As in Tinker, a new client starts from the checkpoint's weights, with the saving
+        client's base model, LoRA and DP settings. Privacy follows the weights: the new
+        client's epsilon, budget and DP certificate cover every step the checkpoint's
+        weights have seen (the server merges their lineage), so a new client never
+        starts again at epsilon 0 on the same data. Unlike Tinker, the optimizer moments
+        are restored too (as by :meth:`TrainingClient.load_state`).
 
         Args:
             path: ``tensafe://training_clients/<id>/checkpoints/<name>``.
             tokenizer_dir: As for :meth:`create_lora_training_client`.
+            user_metadata: Accepted for Tinker compatibility; not stored.
 
         Returns:
-            The training client, restored to the checkpoint's step.
+            The new training client, restored to the checkpoint's step.
 
         Raises:
             InvalidArgument: A path of another form; NotFound: no such client or
                 checkpoint for the caller.
         """
+        del user_metadata
         match = _CHECKPOINT_PATH.match(path)
         if match is None:
             raise InvalidArgument(
                 "path", "expected tensafe://training_clients/<id>/checkpoints/<name>"
             )
-        client = self.get_training_client(match.group(1), tokenizer_dir=tokenizer_dir)
+        source = self._rpc.get_training_client(match.group(1))
+        request = pb.CreateTrainingClientRequest(
+            base_model=source.base_model, request_id=new_request_id()
+        )
+        request.lora.CopyFrom(source.lora)
+        if source.private:
+            request.dp.CopyFrom(source.dp)
+        created = self._rpc.create_training_client(request)
+        client = TrainingClient(
+            self._rpc,
+            created,
+            tokenizer_dir=self._tokenizer_dir(created.base_model, tokenizer_dir),
+        )
         client.load_state(path).result()
         return client
+
+    def create_training_client_from_state_with_optimizer(
+        self,
+        path: str,
+        *,
+        tokenizer_dir: str | os.PathLike[str] | None = None,
+        user_metadata: dict[str, str] | None = None,
+    ) -> TrainingClient:
+        """Same as :meth:`create_training_client_from_state` (which restores the
+        optimizer moments already)."""
+        return self.create_training_client_from_state(
+            path, tokenizer_dir=tokenizer_dir, user_metadata=user_metadata
+        )
 
     async def create_training_client_from_state_async(
         self, path: str, *, tokenizer_dir: str | os.PathLike[str] | None = None
