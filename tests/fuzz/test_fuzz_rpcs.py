@@ -55,6 +55,8 @@ from .strategies import corrupted, message_strategy, mutated
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 EXAMPLES = int(os.environ.get("TENSAFE_FUZZ_EXAMPLES", "12"))
+COVERAGE_EXAMPLES = 10
+"""Examples per RPC from which the share of RPCs answered OK is checked."""
 CALL_TIMEOUT = 30.0
 """Seconds per call. Every RPC answers well within it (WaitFuture is bounded by the
 deadline), so DEADLINE_EXCEEDED means a request made a server hang: a finding."""
@@ -369,8 +371,11 @@ def test_stack_survived_and_its_state_holds_every_invariant(target: FuzzTarget) 
     _drain(target)
     for rpc, codes in sorted(OUTCOMES.items()):
         print(f"{rpc:45} {dict(codes.most_common())}")
-    if len(OUTCOMES) == len(RPCS):
-        # The seeded ids and valid bases get the fuzzer past the first validation.
+    if len(OUTCOMES) == len(RPCS) and EXAMPLES >= COVERAGE_EXAMPLES:
+        # The seeded ids and valid bases get the fuzzer past the first validation. A
+        # short pass (the PostgreSQL one in scripts/test.sh, 3 examples per RPC, which
+        # is there to catch INTERNAL on that database) draws too few examples per RPC
+        # for this share to be a property of the fuzzer rather than of the draw.
         answered_ok = [rpc for rpc, codes in OUTCOMES.items() if codes["OK"]]
         assert len(answered_ok) >= len(RPCS) // 3, sorted(answered_ok)
     if FUZZ_DATABASE != "sqlite":
