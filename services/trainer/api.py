@@ -48,8 +48,8 @@ from tensafe.trainer.engine.accounting import BatchSampling, calibrate_noise_mul
 from tensafe.trainer.engine.config import LossConfig
 from tensafe.trainer.engine.losses import (
     LossFn,
+    check_distinct,
     datum_digests,
-    first_duplicate,
     loss_config_from_options,
     validate_batch,
     validate_token_sequences,
@@ -318,15 +318,7 @@ class TrainerApi:
         if row.private and kind is JobKind.FORWARD_BACKWARD:
             # Refused here before anything is queued; duplicates across the calls of one
             # step are refused by the engine (it holds the step's data digests).
-            duplicate = first_duplicate(datum_digests(batch.sequences, loss, batch.loss_fn_inputs))
-            if duplicate is not None:
-                later, earlier = duplicate
-                raise InvalidArgument(
-                    f"data[{later}]",
-                    f"is identical to data[{earlier}]: under DP a datum may appear once per "
-                    "optimizer step (its sensitivity would double)",
-                    reason="DUPLICATE_DATUM",
-                )
+            check_distinct(datum_digests(batch.sequences, loss, batch.loss_fn_inputs))
         return await self._admit(caller, request.training_client_id, kind, request)
 
     async def optim_step(self, caller: Caller, request: pb.OptimStepRequest) -> Future:

@@ -327,23 +327,25 @@ class PrivacyLedger:
                 },
             )
 
-    async def dataset_accountant(self, session: AsyncSession, dataset_id: str) -> PrivacyAccountant:
-        """Every step any client committed or reserved on a dataset, composed."""
+    async def dataset_accountant(
+        self, session: AsyncSession, dataset_id: str, *, reserved: bool = True
+    ) -> PrivacyAccountant:
+        """Every step any client committed (and, with ``reserved``, still holds
+        reserved) on a dataset, composed."""
         accountant = create_accountant(DATASET_ACCOUNTANT)
         for entry in await repo.dataset_ledger(session, dataset_id):
             accountant.record(_row_mechanism(entry))
-        for reservation in await repo.dataset_reservations(session, dataset_id):
-            accountant.record(_row_mechanism(reservation), steps=int(reservation.steps))
+        if reserved:
+            for reservation in await repo.dataset_reservations(session, dataset_id):
+                accountant.record(_row_mechanism(reservation), steps=int(reservation.steps))
         return accountant
 
     async def dataset_epsilon(self, session: AsyncSession, dataset: DatasetRow) -> float | None:
         """Epsilon committed on a dataset at its budget's delta (None: no budget)."""
         if dataset.delta is None:
             return None
-        accountant = create_accountant(DATASET_ACCOUNTANT)
-        for entry in await repo.dataset_ledger(session, dataset.id):
-            accountant.record(_row_mechanism(entry))
-        return accountant.epsilon(dataset.delta)
+        committed = await self.dataset_accountant(session, dataset.id, reserved=False)
+        return committed.epsilon(dataset.delta)
 
     def _admitted(
         self,

@@ -377,14 +377,22 @@ def datum_digests(
     return digests
 
 
-def first_duplicate(digests: Sequence[str]) -> tuple[int, int] | None:
-    """``(later, earlier)`` indexes of the first datum identical to an earlier one."""
+def check_distinct(digests: Sequence[str]) -> None:
+    """Refuse a batch that holds the same datum twice (see :func:`datum_digests`).
+
+    Raises:
+        InvalidArgument: ``data[later]`` names both indexes; reason ``DUPLICATE_DATUM``.
+    """
     seen: dict[str, int] = {}
     for index, digest in enumerate(digests):
         if digest in seen:
-            return index, seen[digest]
+            raise InvalidArgument(
+                f"data[{index}]",
+                f"is identical to data[{seen[digest]}]: under DP a datum may appear once "
+                "per optimizer step (its sensitivity would double)",
+                reason="DUPLICATE_DATUM",
+            )
         seen[digest] = index
-    return None
 
 
 def _as_list_bytes(values: TokenSequence | PerTokenValues) -> bytes:

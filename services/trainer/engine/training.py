@@ -67,8 +67,8 @@ from .losses import (
     PaddedBatch,
     PerTokenValues,
     TokenSequence,
+    check_distinct,
     datum_digests,
-    first_duplicate,
     loss_config_from_options,
     per_token_loss,
     token_logprobs,
@@ -330,15 +330,7 @@ class LoraTrainingEngine:
         return _result(padded, target_logprobs, example_losses)
 
     def _check_distinct(self, digests: list[str]) -> None:
-        duplicate = first_duplicate(digests)
-        if duplicate is not None:
-            later, earlier = duplicate
-            raise InvalidArgument(
-                f"data[{later}]",
-                f"is identical to data[{earlier}]: under DP a datum may appear once per "
-                "optimizer step (its sensitivity would double)",
-                reason="DUPLICATE_DATUM",
-            )
+        check_distinct(digests)
         for index, digest in enumerate(digests):
             if digest in self._step_digests:
                 raise InvalidArgument(
@@ -618,9 +610,7 @@ class LoraTrainingEngine:
         if metadata.get("dp") != dp_json and accumulated:
             # Weights and moments carry over between DP settings (the privacy ledger
             # follows them); a half-accumulated step clipped under other settings does not.
-            raise InvalidArgument(
-                "state", "written mid-step under a different DP configuration"
-            )
+            raise InvalidArgument("state", "written mid-step under a different DP configuration")
         try:
             # States written before duplicates were tracked have none.
             step_digests = json.loads(metadata.get("step_digests", "{}"))
