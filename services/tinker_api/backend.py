@@ -111,6 +111,17 @@ class Backend:
         )
         return response.training_client
 
+    async def get_training_client_by_request(
+        self, request_id: str, token: str
+    ) -> pb.TrainingClient:
+        """The caller's training client a CreateTrainingClient with ``request_id`` made."""
+        response: pb.GetTrainingClientResponse = await self._call(
+            self._trainer.GetTrainingClient,
+            pb.GetTrainingClientRequest(request_id=request_id),
+            token,
+        )
+        return response.training_client
+
     async def privacy_spent(self, client_id: str, token: str) -> pb.PrivacySpent:
         """The privacy a training client has spent."""
         response: pb.GetPrivacySpentResponse = await self._call(

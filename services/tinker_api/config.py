@@ -27,6 +27,16 @@ class TinkerApiConfig:
     auth_url: str = setting(
         "host:port of the auth service (for /api/v1/auth/token with an API key)."
     )
+    public_trainer_url: str = setting(
+        "host:port of the trainer's gRPC endpoint as clients outside reach it, announced "
+        "at GET /api/v1/tensafe/endpoints (empty: trainer_url).",
+        default="",
+    )
+    public_auth_url: str = setting(
+        "host:port of auth as clients outside reach it, announced at GET "
+        "/api/v1/tensafe/endpoints (empty: auth_url).",
+        default="",
+    )
     dev_mode: bool = setting("Explicit development mode (logged as such).", default=False)
     log_level: str = setting("Logging level: DEBUG, INFO, WARNING, ERROR.", default="INFO")
     log_format: str = setting("Log format: json or text.", default="json")
@@ -93,8 +103,10 @@ class TinkerApiConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ConfigError(env_name("port"), f"must be in 0..65535, got {self.port}")
-        for name in ("trainer_url", "auth_url"):
+        for name in ("trainer_url", "auth_url", "public_trainer_url", "public_auth_url"):
             value = getattr(self, name)
+            if name.startswith("public_") and not value:
+                continue
             if ":" not in value or value.startswith(("http://", "https://")):
                 raise ConfigError(env_name(name), f"must be host:port, got {value!r}")
         if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:

@@ -16,7 +16,7 @@ from typing import Any
 import zstandard
 from aiohttp import web
 
-from tensafe.common.errors import InvalidArgument, TenSafeError, Unauthenticated, Unimplemented
+from tensafe.common.errors import InvalidArgument, TenSafeError, Unauthenticated
 from tensafe.proto.common.v1 import common_pb2
 from tensafe.proto.trainer.v1 import trainer_service_pb2 as pb
 from tensafe.tinker_api import errors, privacy, serde
@@ -93,6 +93,7 @@ class TinkerRoutes:
         }
         get = {
             "healthz": self.healthz,
+            "tensafe/endpoints": self.endpoints,
             "get_server_capabilities": self.capabilities,
             "samplers/{sampler_id}": self.get_sampler,
         }
@@ -133,6 +134,18 @@ class TinkerRoutes:
     async def healthz(self, request: web.Request) -> web.Response:
         """Liveness."""
         return _json({"status": "ok"})
+
+    async def endpoints(self, request: web.Request) -> web.Response:
+        """TenSafe's own route: the gRPC endpoints behind this front door, so that
+        ``tensafe.tinker.ServiceClient(base_url=<this URL>, api_key=...)`` needs one
+        address (docs/tinker.md). Addresses only: no credential is needed or given."""
+        return _json(
+            {
+                "trainer": self._config.public_trainer_url or self._config.trainer_url,
+                "auth": self._config.public_auth_url or self._config.auth_url,
+                "tls": self._config.tls_ca_file is not None,
+            }
+        )
 
     async def client_config(self, request: web.Request) -> web.Response:
         """Feature flags: JWT exchange on (so TINKER_CREDENTIAL_CMD works), newer features
@@ -272,12 +285,14 @@ class TinkerRoutes:
         body = await self._body(request)
         token = _token(request)
         model_id = serde.field(body, "model_id", str)
-        client = await self._backend.get_training_client(model_id, token)
-        spent = await self._backend.privacy_spent(model_id, token)
+        client = await self._backend.get_training_client(
+            await self._client_id(token, model_id), token
+        )
+        spent = await self._backend.privacy_spent(client.id, token)
         return _json(
             {
                 "type": "get_info",
-                "model_id": client.id,
+                "model_id": model_id,
                 "model_name": client.base_model,
                 "model_data": {"model_name": client.base_model, "arch": None},
                 "is_lora": True,
@@ -286,6 +301,17 @@ class TinkerRoutes:
                 "privacy": serde.privacy_json(spent),
             }
         )
+
+    async def _client_id(self, token: str, model_id: str) -> str:
+        """The TenSafe training client behind an SDK model id: itself, or for a client
+        the SDK created from a checkpoint (it names those ``<session>:train:<n>``), the
+        client the trainer made under the matching creation request id."""
+        if serde.LOADED_MODEL_MARK not in model_id:
+            return model_id
+        found = await self._backend.get_training_client_by_request(
+            serde.loaded_client_request_id(model_id), token
+        )
+        return found.id
 
     async def _submitted(
         self, token: str, message: Any, kind: str, model_id: str, seq_id: object
@@ -313,7 +339,7 @@ class TinkerRoutes:
         message: pb.ForwardRequest | pb.ForwardBackwardRequest
         cls = pb.ForwardRequest if wire_request.forward_only else pb.ForwardBackwardRequest
         message = cls(
-            training_client_id=wire_request.model_id,
+            training_client_id=await self._client_id(token, wire_request.model_id),
             data=data,
             loss_fn=wire_request.loss_fn,
             loss_fn_config=config,
@@ -341,7 +367,7 @@ class TinkerRoutes:
                 "client's max_grad_norm (user_metadata tensafe.dp.max_grad_norm) instead",
             )
         message = pb.OptimStepRequest(
-            training_client_id=model_id,
+            training_client_id=await self._client_id(token, model_id),
             adam_params=pb.AdamParams(
                 learning_rate=serde.field(adam, "learning_rate", float),
                 beta1=serde.number(adam, "beta1", 0.9),
@@ -362,26 +388,46 @@ class TinkerRoutes:
         model_id = serde.field(body, "model_id", str)
         seq_id = body.get("seq_id")
         name = serde.field(body, "path", str, required=False) or f"state-{seq_id}"
-        message = pb.SaveStateRequest(training_client_id=model_id, name=name)
+        message = pb.SaveStateRequest(
+            training_client_id=await self._client_id(token, model_id), name=name
+        )
         future_id = await self._submitted(token, message, "save_state", model_id, seq_id)
         return _json({"request_id": future_id, "model_id": model_id})
 
     async def load_weights(self, request: web.Request) -> web.Response:
-        """load_state(_with_optimizer) into an existing training client (its privacy
-        lineage takes on the checkpoint's)."""
+        """load_state(_with_optimizer) into a training client (its privacy lineage takes
+        on the checkpoint's); with ``session_id`` + ``model_seq_id`` instead of a
+        ``model_id``, the SDK's create_training_client_from_state(_with_optimizer): a new
+        client with the checkpoint client's base model, LoRA and DP settings, created
+        under a request id derived from the model id the SDK gives it, then loaded."""
         body = await self._body(request)
         token = _token(request)
-        if body.get("session_id") is not None or body.get("model_id") is None:
-            raise Unimplemented(
-                "creating a training client from a checkpoint is not served over HTTP yet "
-                "(the SDK names the new client by an id this service cannot resolve): "
-                "create a training client and load_state the checkpoint into it, or use "
-                "tensafe.tinker",
-                reason="CREATE_FROM_STATE_UNSUPPORTED",
-            )
-        model_id = serde.field(body, "model_id", str)
         path = serde.to_tensafe_path("path", serde.field(body, "path", str))
-        message = pb.LoadStateRequest(training_client_id=model_id, path=path)
+        if body.get("model_id") is None:
+            model_id = serde.loaded_model_id(
+                serde.field(body, "session_id", str), serde.field(body, "model_seq_id", int)
+            )
+            if body.get("base_model") is not None:
+                raise InvalidArgument(
+                    "base_model", "is taken from the checkpoint; overriding it is not supported"
+                )
+            source = await self._backend.get_training_client(
+                serde.client_of_path("path", path), token
+            )
+            create = pb.CreateTrainingClientRequest(
+                base_model=source.base_model,
+                request_id=serde.loaded_client_request_id(model_id),
+            )
+            create.lora.CopyFrom(source.lora)
+            if source.private:
+                create.dp.CopyFrom(source.dp)
+            created = await self._backend.create_training_client(create, token)
+            log.info("tinker create-from-state %s as %s from %s", model_id, created.id, path)
+            client_id = created.id
+        else:
+            model_id = serde.field(body, "model_id", str)
+            client_id = await self._client_id(token, model_id)
+        message = pb.LoadStateRequest(training_client_id=client_id, path=path)
         future_id = await self._submitted(
             token, message, "load_state", model_id, body.get("seq_id")
         )
@@ -396,7 +442,9 @@ class TinkerRoutes:
             raise InvalidArgument("kind", "only snapshot sampling clients are supported")
         seq_id = body.get("seq_id")
         name = serde.field(body, "path", str, required=False) or f"sampler-{seq_id}"
-        message = pb.SaveWeightsForSamplerRequest(training_client_id=model_id, name=name)
+        message = pb.SaveWeightsForSamplerRequest(
+            training_client_id=await self._client_id(token, model_id), name=name
+        )
         future_id = await self._submitted(
             token, message, "save_weights_for_sampler", model_id, seq_id
         )
@@ -446,8 +494,9 @@ class TinkerRoutes:
         """Sample completions; the future's sequence ids are ``<future id>.<i>``."""
         body = await self._body(request)
         token = _token(request)
+        # record_stability_info is accepted and not acted on: it only serves Tinker's
+        # stable_reinforce loss, which the trainer refuses by name (docs/tinker.md).
         for unsupported in (
-            "record_stability_info",
             "target_prompt_logprobs",
             "prompt_logprobs_last_n",
         ):

@@ -96,6 +96,24 @@ def split_paired_request_id(request_id: str) -> tuple[str, str] | None:
     return parts[0], parts[1]
 
 
+LOADED_MODEL_MARK = ":train:"
+"""In the model ids the SDK derives itself for a client created from a checkpoint."""
+
+
+def loaded_model_id(session_id: str, model_seq_id: int) -> str:
+    """The model id the SDK derives for create_training_client_from_state (0.38.0:
+    ``f"{session_id}:train:{model_seq_id}"``)."""
+    if not session_id or LOADED_MODEL_MARK in session_id:
+        raise InvalidArgument("session_id", "must be a session id this service handed out")
+    return f"{session_id}{LOADED_MODEL_MARK}{model_seq_id}"
+
+
+def loaded_client_request_id(model_id: str) -> str:
+    """The CreateTrainingClient request id of the client behind such a model id: the
+    trainer finds the client by it (tenant-scoped), so this service keeps no table."""
+    return "tinker-load:" + model_id
+
+
 def idempotency_key(kind: str, scope: str, seq_id: object, request: Any) -> str:
     """The trainer's ``request_id`` of a submission: the same SDK request (retried) maps
     to the same key; another request with the same seq id does not."""

@@ -34,6 +34,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from tensafe.common.db import Database
 from tensafe.common.errors import (
     InvalidArgument,
+    NotFound,
     ResourceExhausted,
     TenSafeError,
 )
@@ -43,7 +44,7 @@ from tensafe.common.quotas import QUOTA_EXCEEDED, lock_tenant, quota_exceeded
 from tensafe.proto.trainer.v1 import trainer_service_pb2 as pb
 from tensafe.trainer import serde
 from tensafe.trainer.audit.service import audit_plan
-from tensafe.trainer.base_models import BaseModelInfo, BaseModelRegistry
+from tensafe.trainer.base_models import BaseModelInfo, BaseModelRegistry, tokenizer_files
 from tensafe.trainer.engine.accounting import BatchSampling, calibrate_noise_multiplier
 from tensafe.trainer.engine.config import LossConfig
 from tensafe.trainer.engine.losses import (
@@ -166,6 +167,21 @@ class TrainerApi:
         """One base model (NotFound if unknown)."""
         return await asyncio.to_thread(self._base_models.get, name)
 
+    async def base_model_tokenizer(self, name: str) -> tuple[list[tuple[str, bytes]], str]:
+        """A base model's tokenizer files and their digest (sha256 over each file's name,
+        a NUL, its length and its content, in order).
+
+        Raises:
+            NotFound: Unknown base model. FailedPrecondition: it has no tokenizer.
+        """
+        info = await self.base_model(name)
+        files = await asyncio.to_thread(tokenizer_files, info)
+        digest = hashlib.sha256()
+        for file_name, content in files:
+            digest.update(f"{file_name}\0{len(content)}\0".encode())
+            digest.update(content)
+        return files, digest.hexdigest()
+
     # ---------------------------------------------------------------- clients
 
     async def create_client(
@@ -257,6 +273,18 @@ class TrainerApi:
         """A client of the caller's tenant (NotFound otherwise)."""
         async with self._db.transaction(read_only=True) as session:
             return await repo.get_client(session, caller.tenant, client_id)
+
+    async def client_by_request(self, caller: Caller, request_id: str) -> TrainingClientRow:
+        """The caller's client that a CreateTrainingClient with ``request_id`` made.
+
+        Raises:
+            NotFound: None did (or it is another tenant's).
+        """
+        async with self._db.transaction(read_only=True) as session:
+            row = await repo.client_by_request(session, caller.tenant, request_id)
+        if row is None or row.state != repo.CLIENT_ACTIVE:
+            raise NotFound(f"no training client was created with request id {request_id!r}")
+        return row
 
     async def list_clients(
         self, caller: Caller, *, page_size: int, page_token: str

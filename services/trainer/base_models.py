@@ -173,3 +173,52 @@ def _file_sha256(path: Path) -> str:
         for chunk in iter(lambda: stream.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+TOKENIZER_FILE_NAMES = (
+    "config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+"""What ``AutoTokenizer.from_pretrained`` may read from a model folder (config.json: the
+tokenizer class of a model whose tokenizer_config.json does not name one). A fixed list,
+not a glob, so that nothing else in the folder (weights, notes) is ever served."""
+
+MAX_TOKENIZER_BYTES = 64 * 1024 * 1024
+"""Refuse to serve a tokenizer larger than this (it travels in one gRPC message)."""
+
+
+def tokenizer_files(info: BaseModelInfo) -> list[tuple[str, bytes]]:
+    """The tokenizer files of a base model, by name, in :data:`TOKENIZER_FILE_NAMES` order.
+
+    Args:
+        info: The base model (from :meth:`BaseModelRegistry.get`).
+
+    Returns:
+        ``(file name, content)`` of each listed file present in the model folder.
+
+    Raises:
+        FailedPrecondition: The folder holds no tokenizer, or one too large to serve.
+    """
+    files: list[tuple[str, bytes]] = []
+    total = 0
+    for name in TOKENIZER_FILE_NAMES:
+        path = info.path / name
+        if path.is_file():
+            total += path.stat().st_size
+            if total > MAX_TOKENIZER_BYTES:
+                raise FailedPrecondition(
+                    f"the tokenizer of {info.name} is over {MAX_TOKENIZER_BYTES} bytes"
+                )
+            files.append((name, path.read_bytes()))
+    if all(name == "config.json" for name, _ in files):
+        raise FailedPrecondition(f"base model {info.name} has no tokenizer files")
+    return files

@@ -82,6 +82,18 @@ class TrainerServiceServicer(trainer_service_pb2_grpc.TrainerServiceServicer):
         self._api = api
         self._datasets = datasets
 
+    async def GetBaseModelTokenizer(
+        self, request: pb.GetBaseModelTokenizerRequest, context: Context
+    ) -> pb.GetBaseModelTokenizerResponse:
+        """A base model's tokenizer files (authorized as ListBaseModels: the files are as
+        public within the deployment as the model names)."""
+        caller(SCOPE_READ)
+        files, digest = await self._api.base_model_tokenizer(request.base_model)
+        return pb.GetBaseModelTokenizerResponse(
+            files=[pb.TokenizerFile(name=name, content=content) for name, content in files],
+            sha256=digest,
+        )
+
     async def ListBaseModels(
         self, request: pb.ListBaseModelsRequest, context: Context
     ) -> pb.ListBaseModelsResponse:
@@ -111,8 +123,14 @@ class TrainerServiceServicer(trainer_service_pb2_grpc.TrainerServiceServicer):
     async def GetTrainingClient(
         self, request: pb.GetTrainingClientRequest, context: Context
     ) -> pb.GetTrainingClientResponse:
-        """Return a training client."""
-        row = await self._api.get_client(caller(SCOPE_READ), request.training_client_id)
+        """Return a training client, by id or by the request id that created it."""
+        who = caller(SCOPE_READ)
+        if request.request_id:
+            if request.training_client_id:
+                raise InvalidArgument("request_id", "give training_client_id or request_id")
+            row = await self._api.client_by_request(who, request.request_id)
+        else:
+            row = await self._api.get_client(who, request.training_client_id)
         return pb.GetTrainingClientResponse(training_client=client_to_proto(row))
 
     async def ListTrainingClients(

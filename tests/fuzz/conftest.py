@@ -292,6 +292,9 @@ def _seed_caller(
                 dp=trainer_pb.DpConfig(noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5),
             )
         ],
+        trainer + "GetBaseModelTokenizer": [
+            trainer_pb.GetBaseModelTokenizerRequest(base_model=BASE_MODEL)
+        ],
         trainer + "LoadState": [
             trainer_pb.LoadStateRequest(training_client_id=client_id, path=state.path)
         ],

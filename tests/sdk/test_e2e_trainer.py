@@ -28,6 +28,7 @@ from tensafe.client.auth import BearerInterceptor
 from tensafe.client.progress import TrainingProgress
 from tensafe.client.tiny_model import tiny_corpus
 from tensafe.common.auth import AuthInterceptor
+from tensafe.common.errors import InvalidArgument
 from tensafe.common.grpc_server import GrpcServer
 from tensafe.common.nats_server import NatsServer, NatsServerConfig
 from tensafe.tinker import BudgetExhausted, ServiceClient, types
@@ -216,6 +217,73 @@ async def test_tinker_minimal_loop_trains_checkpoints_and_samples(
     # after the checkpoint): epsilon follows the weights.
     assert (resumed_spent.steps, resumed_spent.inherited_steps) == (steps, steps)
     assert resumed_spent.epsilon == pytest.approx(expected, rel=1e-6)
+
+
+async def test_forward_backward_custom_sends_the_loss_gradient_as_linear_weights(
+    trainer: Trainer, base_models_dir: Path
+) -> None:
+    import torch
+
+    def squared_sums(
+        data: list[types.Datum], logprobs: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        # Non-linear per datum: dC/dlp_t = 2 S_d, so the surrogate -Σ w·lp with
+        # w = -dC/dlp = -2 S_d sums to 2 Σ S_d² = 2 C (weights of the wrong sign: -2 C).
+        sums = torch.stack([lp.sum() for lp in logprobs])
+        return (sums**2).sum(), {"custom/mean_sum": float(sums.detach().mean())}
+
+    def scenario() -> dict[str, Any]:
+        with trainer.service(base_models_dir) as service:
+            client = service.create_lora_training_client(
+                base_model=BASE_MODEL, rank=4, dp_noise_multiplier=1.0
+            )
+            data = _datums(client.get_tokenizer(), 3)
+            forward = client.forward(data, "cross_entropy").result()
+            custom = client.forward_backward_custom(data, squared_sums)
+            step = client.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+            return {"forward": forward, "custom": custom.result(), "step": step}
+
+    out = await asyncio.to_thread(scenario)
+    sums = [float(o["logprobs"].to_numpy().sum()) for o in out["forward"].loss_fn_outputs]
+    metrics = out["custom"].metrics
+    assert metrics["loss:sum"] == pytest.approx(sum(x * x for x in sums), rel=1e-4)
+    assert metrics["surrogate_loss:sum"] == pytest.approx(2 * metrics["loss:sum"], rel=1e-4)
+    assert metrics["custom/mean_sum"] == pytest.approx(sum(sums) / 3, rel=1e-4)
+    # A DP step over the surrogate: charged like any other.
+    assert out["step"].step == 1 and out["step"].privacy_spent.epsilon > 0
+
+
+async def test_cispo_and_dro_train_and_stable_reinforce_is_refused(
+    trainer: Trainer, base_models_dir: Path
+) -> None:
+    def rl_datum(tokens: list[int], advantage: float) -> types.Datum:
+        n = len(tokens) - 1
+        return types.Datum(
+            model_input=types.ModelInput.from_ints(tokens[:-1]),
+            loss_fn_inputs={
+                "target_tokens": tokens[1:],
+                "logprobs": [-2.0] * n,
+                "advantages": [advantage] * n,
+            },
+        )
+
+    def scenario() -> tuple[dict[str, float], dict[str, float], InvalidArgument]:
+        with trainer.service(base_models_dir) as service:
+            client = service.create_lora_training_client(
+                base_model=BASE_MODEL, rank=4, dp_noise_multiplier=1.0
+            )
+            tokens = client.get_tokenizer().encode(" ".join(tiny_corpus()[:3]))[:12]
+            data = [rl_datum(tokens, 1.0), rl_datum(tokens[:8], -0.5)]
+            cispo = client.forward_backward(data, "cispo", {"clip_high_threshold": 1.1}).result()
+            client.optim_step(types.AdamParams(learning_rate=1e-3)).result()
+            dro = client.forward_backward(data, "dro", {"beta": 0.1}).result()
+            with pytest.raises(InvalidArgument) as refused:
+                client.forward_backward(data, "stable_reinforce").result()  # type: ignore[arg-type]
+            return cispo.metrics, dro.metrics, refused.value
+
+    cispo, dro, refused = await asyncio.to_thread(scenario)
+    assert math.isfinite(cispo["loss:sum"]) and math.isfinite(dro["loss:sum"])
+    assert refused.field == "loss_fn" and "not published" in str(refused)
 
 
 async def test_budget_refusal_is_a_typed_error(trainer: Trainer, base_models_dir: Path) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from pathlib import Path
 
 import dp_accounting
 import grpc
@@ -14,6 +15,7 @@ import jwt
 import numpy as np
 import pytest
 import tinker
+import torch
 from dp_accounting.rdp import rdp_privacy_accountant
 from tinker import types
 from tinker.lib.client_connection_pool_type import ClientConnectionPoolType
@@ -26,7 +28,7 @@ from tensafe.proto.common.v1 import common_pb2, common_pb2_grpc
 from tensafe.proto.trainer.v1 import trainer_service_pb2 as pb
 from tensafe.proto.trainer.v1 import trainer_service_pb2_grpc
 
-from .conftest import BASE_MODEL, Stack
+from .conftest import BASE_MODEL, Stack, tiny_path
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -152,6 +154,130 @@ def test_train_sample_save_load_with_dp_by_default(
     from_path = service.create_sampling_client(model_path=named.path).result()
     again = from_path.sample(prompt, 1, types.SamplingParams(max_tokens=3, seed=3)).result()
     assert len(again.sequences) == 1
+    service.close("success").result()
+
+
+def _rl_datum(seed: int, advantage: float, length: int = 10) -> types.Datum:
+    tokens = np.random.default_rng(seed).integers(5, 400, size=length + 1).tolist()
+    return types.Datum(
+        model_input=types.ModelInput.from_ints(tokens[:-1]),
+        loss_fn_inputs={
+            "target_tokens": types.TensorData.from_numpy(np.asarray(tokens[1:], dtype=np.int64)),
+            "logprobs": types.TensorData.from_numpy(np.full(length, -6.0, dtype=np.float32)),
+            "advantages": types.TensorData.from_numpy(np.full(length, advantage, np.float32)),
+        },
+    )
+
+
+def test_rl_losses_custom_loss_and_stable_reinforce_through_the_sdk(tinker_env: Stack) -> None:
+    service = tinker.ServiceClient()
+    training = service.create_lora_training_client(
+        base_model=BASE_MODEL, rank=2, user_metadata={"tensafe.dp.noise_multiplier": "1.0"}
+    ).result()
+    data = [_rl_datum(30, 1.0), _rl_datum(31, -0.5)]
+    q = -6.0
+    # cispo: the loss the server reports is Tinker's formula of the logprobs it returns.
+    low, high = 0.9, 1.1
+    cispo = training.forward(
+        data, "cispo", {"clip_low_threshold": low, "clip_high_threshold": high}
+    ).result()
+    expected = 0.0
+    for datum, out in zip(data, cispo.loss_fn_outputs, strict=True):
+        p = out["logprobs"].to_numpy().astype(np.float64)
+        a = datum.loss_fn_inputs["advantages"].to_numpy()
+        expected += float(-(np.clip(np.exp(p - q), low, high) * p * a).sum())
+    assert cispo.metrics["loss:sum"] == pytest.approx(expected, rel=1e-4)
+    # dro, with beta: -Σ (p·A − ½β(p − q)²).
+    dro = training.forward(data, "dro", {"beta": 0.2}).result()
+    expected = 0.0
+    for datum, out in zip(data, dro.loss_fn_outputs, strict=True):
+        p = out["logprobs"].to_numpy().astype(np.float64)
+        a = datum.loss_fn_inputs["advantages"].to_numpy()
+        expected += float(-(p * a - 0.1 * (p - q) ** 2).sum())
+    assert dro.metrics["loss:sum"] == pytest.approx(expected, rel=1e-4)
+    training.forward_backward(data, "cispo").result()
+    assert training.optim_step(types.AdamParams(learning_rate=1e-3)).result().metrics
+
+    # The SDK's own forward_backward_custom (forward, client loss, linear surrogate).
+    def squared_sums(
+        batch: list[types.Datum], logprobs: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        sums = torch.stack([lp.sum() for lp in logprobs])
+        return (sums**2).sum(), {}
+
+    custom = training.forward_backward_custom([_datum(32), _datum(33)], squared_sums).result()
+    assert custom.metrics["surrogate_loss:sum"] == pytest.approx(
+        2 * custom.metrics["loss:sum"], rel=1e-3
+    )
+    metrics = training.optim_step(types.AdamParams(learning_rate=1e-3)).result().metrics
+    assert metrics is not None and metrics["dp/steps"] == 2.0
+
+    # stable_reinforce: sampling with record_stability_info works (and names sequences);
+    # the loss itself is refused by name.
+    sampler = training.save_weights_and_get_sampling_client(record_stability_info=True).result()
+    prompt = types.ModelInput.from_ints([5, 6, 7, 8])
+    sequence = sampler.sample(prompt, 1, types.SamplingParams(max_tokens=4, seed=1)).result()
+    sampled = sequence.sequences[0]
+    assert sampled.sequence_id
+    datum = types.Datum(
+        model_input=prompt.append(types.EncodedTextChunk(tokens=sampled.tokens[:-1])),
+        loss_fn_inputs={
+            "target_tokens": [6, 7, 8, *sampled.tokens],
+            "logprobs": [0.0, 0.0, 0.0, *(sampled.logprobs or [])],
+            "advantages": [0.0, 0.0, 0.0] + [1.0] * len(sampled.tokens),
+        },
+    ).with_provenance(
+        model_input=[
+            types.PromptProvenanceSpan(sequence_id=sampled.sequence_id, length=4),
+            types.SampledProvenanceSpan(
+                sequence_id=sampled.sequence_id, length=len(sampled.tokens) - 1
+            ),
+        ],
+        loss_fn_inputs=[
+            types.PromptProvenanceSpan(sequence_id=sampled.sequence_id, offset=1, length=3),
+            types.SampledProvenanceSpan(
+                sequence_id=sampled.sequence_id, length=len(sampled.tokens)
+            ),
+        ],
+    )
+    with pytest.raises(tinker.BadRequestError) as refused:
+        training.forward_backward([datum], "stable_reinforce").result()
+    assert "stable_reinforce is not served" in str(refused.value)
+    service.close("success").result()
+
+
+def test_create_training_client_from_state_inherits_epsilon(tinker_env: Stack) -> None:
+    service = tinker.ServiceClient()
+    training = service.create_lora_training_client(
+        base_model=BASE_MODEL, rank=2, user_metadata={"tensafe.dp.noise_multiplier": "1.0"}
+    ).result()
+    batch = [_datum(40), _datum(41)]
+    training.forward_backward(batch, "cross_entropy").result()
+    training.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+    saved = training.save_state("resume-me").result()
+    expected = _one_step_epsilons(1.0, 2)
+    for create in (
+        service.create_training_client_from_state,
+        service.create_training_client_from_state_with_optimizer,
+    ):
+        resumed = create(saved.path).result()
+        # The SDK names the client itself (<session>:train:<n>); the Tinker API resolves it.
+        assert ":train:" in resumed.model_id
+        assert resumed.get_info().model_data.model_name == BASE_MODEL
+        assert _raw_get_info(resumed)["privacy"]["steps"] == 1  # the checkpoint's step
+        forward = resumed.forward(batch, "cross_entropy").result()
+        before = training.forward(batch, "cross_entropy").result()
+        # Same weights as the checkpoint (the source took no step since).
+        np.testing.assert_allclose(
+            forward.loss_fn_outputs[0]["logprobs"].to_numpy(),
+            before.loss_fn_outputs[0]["logprobs"].to_numpy(),
+            rtol=1e-5,
+        )
+        resumed.forward_backward(batch, "cross_entropy").result()
+        metrics = resumed.optim_step(types.AdamParams(learning_rate=1e-2)).result().metrics
+        # ε follows the weights: the checkpoint's step and this one.
+        assert metrics is not None and metrics["dp/steps"] == 2.0
+        assert metrics["dp/epsilon"] == pytest.approx(expected[1], rel=1e-3)
     service.close("success").result()
 
 
@@ -296,3 +422,37 @@ def _wait_for_pending_future(stack: Stack, *, kind_suffix: str) -> None:
                 return
             time.sleep(0.2)
     raise AssertionError(f"no pending {kind_suffix} future appeared ({uuid.uuid4().hex})")
+
+
+def test_tensafe_tinker_needs_one_address_and_no_tokenizer_folder(
+    stack: Stack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tinker's quickstart through tensafe.tinker with only base_url and api_key: no
+    connection file, no local tokenizer folder."""
+    from transformers import AutoTokenizer
+
+    from tensafe.tinker import ServiceClient
+    from tensafe.tinker import types as tensafe_types
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TENSAFE_CONNECTION_FILE", str(tmp_path / "absent.json"))
+    monkeypatch.delenv("TENSAFE_BASE_MODELS_DIR", raising=False)
+    monkeypatch.delenv("TENSAFE_API_KEY", raising=False)
+    monkeypatch.setenv("TENSAFE_TOKENIZER_CACHE", str(tmp_path / "cache"))
+    with ServiceClient(base_url=stack.base_url, api_key=stack.tenant.api_key) as service:
+        training = service.create_lora_training_client(base_model=BASE_MODEL, rank=2)
+        tokenizer = training.get_tokenizer()
+        text = "the cat sat on the mat"
+        reference = AutoTokenizer.from_pretrained(str(tiny_path(stack)))
+        assert tokenizer.encode(text) == reference.encode(text)
+        (cached,) = (tmp_path / "cache").iterdir()
+        assert len(cached.name) == 64 and (cached / "tokenizer.json").is_file()
+        assert not (cached / "model.safetensors").exists()  # only tokenizer files travel
+        tokens = tokenizer.encode(text)
+        datum = tensafe_types.Datum(
+            model_input=tensafe_types.ModelInput.from_ints(tokens[:-1]),
+            loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * (len(tokens) - 1)},
+        )
+        training.forward_backward([datum], "cross_entropy").result()
+        step = training.optim_step(tensafe_types.AdamParams(learning_rate=1e-3)).result()
+        assert step.step == 1 and step.privacy_spent is not None and step.privacy_spent.private

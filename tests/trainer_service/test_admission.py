@@ -404,3 +404,60 @@ async def test_a_datum_twice_in_one_step_is_refused_at_admission(
         metadata=stack.auth,
     )
     assert await _count(database_url, JobRow, client_id=plain.id) == 1
+
+
+async def test_a_client_is_found_by_its_creation_request_id_in_its_tenant_only(
+    make_stack: Any,
+) -> None:
+    stack = await make_stack(worker=False)
+    request = pb.CreateTrainingClientRequest(
+        base_model=BASE_MODEL, lora=pb.LoraConfig(rank=2, alpha=4), request_id="tinker-load:s:1"
+    )
+    created = (
+        await stack.trainer.CreateTrainingClient(request, metadata=stack.auth)
+    ).training_client
+    found = await stack.trainer.GetTrainingClient(
+        pb.GetTrainingClientRequest(request_id="tinker-load:s:1"), metadata=stack.auth
+    )
+    assert found.training_client.id == created.id
+    other = stack.tokens.metadata("another-tenant")
+    by_request = pb.GetTrainingClientRequest(request_id="tinker-load:s:1")
+    await expect_code(
+        stack.trainer.GetTrainingClient(by_request, metadata=other), grpc.StatusCode.NOT_FOUND
+    )
+    unknown = pb.GetTrainingClientRequest(request_id="tinker-load:s:2")
+    await expect_code(
+        stack.trainer.GetTrainingClient(unknown, metadata=stack.auth), grpc.StatusCode.NOT_FOUND
+    )
+    both = pb.GetTrainingClientRequest(training_client_id=created.id, request_id="tinker-load:s:1")
+    error = await expect_code(
+        stack.trainer.GetTrainingClient(both, metadata=stack.auth),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+    assert _field(error) == "request_id"
+
+
+async def test_base_model_tokenizer_files_are_served_and_nothing_else(
+    make_stack: Any, base_models_dir: Path
+) -> None:
+    stack = await make_stack(worker=False)
+    served = await stack.trainer.GetBaseModelTokenizer(
+        pb.GetBaseModelTokenizerRequest(base_model=BASE_MODEL), metadata=stack.auth
+    )
+    folder = base_models_dir / BASE_MODEL
+    names = [f.name for f in served.files]
+    assert "tokenizer.json" in names and "config.json" in names
+    assert not any(name.endswith(".safetensors") for name in names)
+    for file in served.files:
+        assert file.content == (folder / file.name).read_bytes()
+    assert len(served.sha256) == 64
+    await expect_code(
+        stack.trainer.GetBaseModelTokenizer(
+            pb.GetBaseModelTokenizerRequest(base_model="no-such-model"), metadata=stack.auth
+        ),
+        grpc.StatusCode.NOT_FOUND,
+    )
+    await expect_code(
+        stack.trainer.GetBaseModelTokenizer(pb.GetBaseModelTokenizerRequest(base_model=BASE_MODEL)),
+        grpc.StatusCode.UNAUTHENTICATED,
+    )

@@ -199,6 +199,14 @@ class TrainerRpc(OwnedChannels):
         response = self.call(self._trainer.ListBaseModels, pb.ListBaseModelsRequest())
         return list(response.base_models)
 
+    def base_model_tokenizer(self, base_model: str) -> pb.GetBaseModelTokenizerResponse:
+        """A base model's tokenizer files, as the trainer serves them."""
+        request = pb.GetBaseModelTokenizerRequest(base_model=base_model)
+        response: pb.GetBaseModelTokenizerResponse = self.call(
+            self._trainer.GetBaseModelTokenizer, request
+        )
+        return response
+
     def create_training_client(self, request: pb.CreateTrainingClientRequest) -> pb.TrainingClient:
         """Create a training client (``request.request_id`` must be set)."""
         _require_request_id(request.request_id)

@@ -18,11 +18,14 @@ other defaults below.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import re
+import shutil
+import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,13 +38,19 @@ from tensafe.client.training import (
     new_request_id,
     open_trainer,
 )
-from tensafe.common.errors import FailedPrecondition, InvalidArgument
+from tensafe.common.errors import FailedPrecondition, InvalidArgument, Unavailable
 from tensafe.proto.trainer.v1 import trainer_service_pb2 as pb
 from tensafe.tinker import serde, types
 from tensafe.tinker.futures import APIFuture, CombinedFuture, MappedFuture, ServerFuture
 
 if TYPE_CHECKING:
+    import torch
     from transformers import PreTrainedTokenizerBase
+
+CustomLossFn = Callable[
+    [list[types.Datum], list["torch.Tensor"]], tuple["torch.Tensor", dict[str, float]]
+]
+"""A ``forward_backward_custom`` loss: ``(data, logprobs) -> (loss, metrics)`` (Tinker's)."""
 
 DEFAULT_NOISE_MULTIPLIER = 1.0
 """sigma of a DP client created without ``dp_noise_multiplier``/``target_epsilon``.
@@ -88,9 +97,11 @@ class ServiceClient:
     ``auth``).
 
     Args:
-        base_url: Trainer address.
+        base_url: The Tinker API's URL (``http(s)://...``, printed by ``tensafe up``: the
+            one address a user needs; it announces the trainer's and auth's gRPC
+            endpoints, see :func:`discover_endpoints`), or the trainer's gRPC address.
         api_key: TenSafe API key.
-        auth_url: Auth service address.
+        auth_url: Auth service address (only with a gRPC ``base_url``).
         connection_file: Connection file (default ``$TENSAFE_CONNECTION_FILE`` or
             ``.tensafe/connection.json``).
         base_models_dir: Local folder of base models, for ``get_tokenizer`` (default
@@ -125,6 +136,12 @@ class ServiceClient:
                 raise InvalidArgument("channel", "give a channel or endpoints, not both")
             self._rpc = TrainerRpc(channel, options=options)
         else:
+            if base_url is not None and base_url.startswith(("http://", "https://")):
+                if auth_url:
+                    raise InvalidArgument(
+                        "auth_url", "not with a Tinker API base_url, which announces auth"
+                    )
+                base_url, auth_url = discover_endpoints(base_url)
             self._rpc = open_trainer(
                 base_url=base_url,
                 api_key=api_key,
@@ -372,17 +389,24 @@ class ServiceClient:
         )
 
     def create_sampling_client(
-        self, model_path: str | None = None, base_model: str | None = None
+        self,
+        model_path: str | None = None,
+        base_model: str | None = None,
+        *,
+        record_stability_info: bool = False,
     ) -> SamplingClient:
         """A sampling client on weights saved with ``save_weights_for_sampler``.
 
         Args:
             model_path: The ``tensafe://`` path.
             base_model: Not supported: TenSafe samples from trained adapters only.
+            record_stability_info: Accepted and not acted on: it only serves Tinker's
+                ``stable_reinforce``, which the server refuses (docs/tinker.md).
 
         Raises:
             InvalidArgument: No ``model_path``, or a ``base_model``.
         """
+        del record_stability_info
         if base_model is not None:
             raise InvalidArgument(
                 "base_model", "sampling the bare base model is not offered; pass model_path"
@@ -392,10 +416,16 @@ class ServiceClient:
         return SamplingClient(self._rpc, model_path=model_path)
 
     async def create_sampling_client_async(
-        self, model_path: str | None = None, base_model: str | None = None
+        self,
+        model_path: str | None = None,
+        base_model: str | None = None,
+        *,
+        record_stability_info: bool = False,
     ) -> SamplingClient:
         """Async :meth:`create_sampling_client`."""
-        return self.create_sampling_client(model_path, base_model)
+        return self.create_sampling_client(
+            model_path, base_model, record_stability_info=record_stability_info
+        )
 
     def _tokenizer_dir(
         self, base_model: str, explicit: str | os.PathLike[str] | None
@@ -471,8 +501,9 @@ class TrainingClient:
 
         Args:
             data: The batch.
-            loss_fn: ``cross_entropy``, ``importance_sampling`` or ``ppo``.
-            loss_fn_config: Loss options, e.g. ppo clip thresholds.
+            loss_fn: ``cross_entropy``, ``importance_sampling``, ``ppo``, ``cispo`` or
+                ``dro``.
+            loss_fn_config: Loss options: ppo/cispo clip thresholds, dro ``beta``.
 
         Returns:
             Future of per-datum outputs (``logprobs``, ...) and metrics.
@@ -527,6 +558,71 @@ class TrainingClient:
     ) -> APIFuture[types.ForwardBackwardOutput]:
         """Async :meth:`forward`."""
         return self.forward(data, loss_fn, loss_fn_config)
+
+    def forward_backward_custom(
+        self, data: Sequence[types.Datum], loss_fn: CustomLossFn
+    ) -> APIFuture[types.ForwardBackwardOutput]:
+        """Forward and backward with a loss computed here, on the logprobs, as Tinker does.
+
+        Like the official SDK: a ``forward`` gives each datum's ``logprobs``; ``loss_fn(data,
+        logprobs)`` runs here in torch; its gradient ``g`` with respect to each datum's
+        logprobs goes back as a ``cross_entropy`` forward_backward with ``weights = -g``
+        (``-Σ_t w_t log p_t`` has exactly the gradient ``Σ_t g_t ∇log p_t``). Only
+        ``target_tokens`` and ``weights`` are sent to the server.
+
+        Under DP each datum's surrogate is its own linear loss, so its gradient is clipped
+        exactly as any datum's. The guarantee needs a loss that is a sum of per-datum terms:
+        if ``loss_fn`` couples data (a batch mean of a non-linear function, pairs as in DPO),
+        one datum's weights depend on another's logprobs, which per-example clipping does not
+        bound (docs/tinker.md).
+
+        Unlike the SDK, this call blocks until the forward pass is done and the backward is
+        submitted (the server then applies it before anything submitted later); the future
+        returned is the backward's.
+
+        Args:
+            data: The batch; each datum needs ``target_tokens``.
+            loss_fn: ``(data, logprobs) -> (loss, metrics)``, ``logprobs`` a list of float32
+                tensors (one per datum, the shape of its ``target_tokens``); ``loss`` a
+                torch scalar differentiable in them.
+
+        Returns:
+            Future of the backward's outputs; its ``loss:sum`` is the custom loss, and the
+            surrogate's sum is ``surrogate_loss:sum``, as in the SDK.
+
+        Raises:
+            ValueError: A datum without ``target_tokens``, or a loss with no gradient for
+                some datum's logprobs.
+        """
+        forward_data = [_surrogate_datum(datum, None) for datum in data]
+        forward = self.forward(forward_data, "cross_entropy").result()
+        logprobs = [
+            output["logprobs"].to_torch().float().clone().requires_grad_(True)
+            for output in forward.loss_fn_outputs
+        ]
+        loss, metrics = loss_fn(list(data), logprobs)
+        custom_loss_sum = float(loss.detach().sum().item())
+        loss.backward()  # type: ignore[no-untyped-call]
+        backward_data = []
+        for index, (datum, logprob) in enumerate(zip(data, logprobs, strict=True)):
+            if logprob.grad is None:
+                raise ValueError(f"the custom loss has no gradient for data[{index}]'s logprobs")
+            backward_data.append(_surrogate_datum(datum, -logprob.grad))
+
+        def relabel(output: types.ForwardBackwardOutput) -> types.ForwardBackwardOutput:
+            merged = dict(output.metrics)
+            merged["surrogate_loss:sum"] = merged.pop("loss:sum", 0.0)
+            merged.update(metrics)
+            merged["loss:sum"] = custom_loss_sum
+            return dataclasses.replace(output, metrics=merged)
+
+        return MappedFuture(self.forward_backward(backward_data, "cross_entropy"), relabel)
+
+    async def forward_backward_custom_async(
+        self, data: Sequence[types.Datum], loss_fn: CustomLossFn
+    ) -> APIFuture[types.ForwardBackwardOutput]:
+        """Async :meth:`forward_backward_custom` (the forward pass runs in a thread)."""
+        return await asyncio.to_thread(self.forward_backward_custom, data, loss_fn)
 
     def optim_step(self, adam_params: types.AdamParams) -> APIFuture[types.OptimStepResponse]:
         """One optimizer step (on a DP client: noise once, privacy charged).
@@ -660,27 +756,37 @@ class TrainingClient:
         """Async :meth:`save_adapter`."""
         return self.save_adapter(adapter_name)
 
-    def save_weights_and_get_sampling_client(self, name: str | None = None) -> SamplingClient:
+    def save_weights_and_get_sampling_client(
+        self, name: str | None = None, *, record_stability_info: bool = False
+    ) -> SamplingClient:
         """Freeze the current weights and return a client that samples from them.
 
         Args:
             name: Name of the frozen weights (Tinker ignores it; TenSafe keeps it);
                 ``None`` draws one.
+            record_stability_info: Accepted and not acted on: it only serves Tinker's
+                ``stable_reinforce``, which the server refuses (docs/tinker.md).
         """
+        del record_stability_info
         return self._save_and_sample(name).result()
 
     async def save_weights_and_get_sampling_client_async(
-        self, name: str | None = None
+        self, name: str | None = None, *, record_stability_info: bool = False
     ) -> SamplingClient:
         """Async :meth:`save_weights_and_get_sampling_client`."""
+        del record_stability_info
         return await self._save_and_sample(name)
 
     def _save_and_sample(self, name: str | None) -> APIFuture[SamplingClient]:
         saved = self.save_weights_for_sampler(name or f"sampler-{new_request_id()[:16]}")
         return MappedFuture(saved, lambda result: SamplingClient(self._rpc, model_path=result.path))
 
-    def create_sampling_client(self, model_path: str) -> SamplingClient:
-        """A sampling client on saved weights."""
+    def create_sampling_client(
+        self, model_path: str, *, record_stability_info: bool = False
+    ) -> SamplingClient:
+        """A sampling client on saved weights (``record_stability_info``: as for
+        :meth:`save_weights_and_get_sampling_client`)."""
+        del record_stability_info
         return SamplingClient(self._rpc, model_path=model_path)
 
     # -- information ---------------------------------------------------------------
@@ -714,21 +820,20 @@ class TrainingClient:
         """The base model's tokenizer, loaded with ``AutoTokenizer.from_pretrained``.
 
         Tinker downloads it from the Hugging Face Hub; TenSafe reads it from a local
-        folder (``tokenizer_dir``, else ``<base_models_dir>/<base_model>``; see
-        :class:`ServiceClient`), since base models are registered as local folders.
+        folder when one is configured (``tokenizer_dir``, else
+        ``<base_models_dir>/<base_model>``; see :class:`ServiceClient`), else fetches the
+        files from the trainer (``GetBaseModelTokenizer``) into a cache folder named by
+        their digest (``$TENSAFE_TOKENIZER_CACHE``, default
+        ``~/.cache/tensafe/tokenizers``), written once and reused.
 
         Raises:
-            FailedPrecondition: No folder is configured, or it holds no tokenizer.
+            FailedPrecondition: The folder holds no tokenizer (or the base model has none).
         """
         if self._tokenizer is not None:
             return self._tokenizer
         folder = self._tokenizer_dir
         if folder is None:
-            raise FailedPrecondition(
-                f"no tokenizer folder for base model {self.base_model!r}: pass "
-                f"tokenizer_dir=, base_models_dir= or set {BASE_MODELS_DIR_ENV}",
-                reason="NO_TOKENIZER",
-            )
+            folder = _cached_tokenizer(self._rpc.base_model_tokenizer(self.base_model))
         if not folder.is_dir():
             raise FailedPrecondition(f"tokenizer folder {folder} does not exist")
         from tensafe.client.extras import require
@@ -844,3 +949,84 @@ class SamplingClient:
 def _check_name(field: str, name: str) -> None:
     if not _NAME.match(name):
         raise InvalidArgument(field, f"{name!r} must match [A-Za-z0-9._-]{{1,64}}")
+
+
+def _surrogate_datum(datum: types.Datum, weights: torch.Tensor | None) -> types.Datum:
+    """The datum as a ``cross_entropy`` one: its ``target_tokens`` and ``weights`` (zeros
+    when ``None`` and the datum has none: a forward pass only needs the tokens)."""
+    targets = datum.loss_fn_inputs.get("target_tokens")
+    if targets is None:
+        raise ValueError("forward_backward_custom needs target_tokens in every datum")
+    if weights is not None:
+        weight_data = types.TensorData.from_torch(weights.reshape(-1).float())
+    else:
+        weight_data = datum.loss_fn_inputs.get("weights") or types.TensorData(
+            data=[0.0] * len(targets.data), dtype="float32"
+        )
+    return types.Datum(
+        model_input=datum.model_input,
+        loss_fn_inputs={"target_tokens": targets, "weights": weight_data},
+    )
+
+
+TOKENIZER_CACHE_ENV = "TENSAFE_TOKENIZER_CACHE"
+"""Where tokenizers fetched from the trainer are kept (default ~/.cache/tensafe/tokenizers)."""
+
+
+def _cached_tokenizer(served: pb.GetBaseModelTokenizerResponse) -> Path:
+    """The folder holding the served tokenizer files, written on first use.
+
+    The folder is named by the server's digest of the files; it is filled in a temporary
+    sibling and renamed into place, so a reader never sees a half-written tokenizer.
+    """
+    if not re.fullmatch(r"[0-9a-f]{64}", served.sha256):
+        raise FailedPrecondition("the trainer sent a tokenizer without a valid digest")
+    root = Path(
+        os.environ.get(TOKENIZER_CACHE_ENV) or Path.home() / ".cache" / "tensafe" / "tokenizers"
+    )
+    folder = root / served.sha256
+    if folder.is_dir():
+        return folder
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".partial-", dir=root))
+    for file in served.files:
+        if Path(file.name).name != file.name or file.name in ("", ".", ".."):
+            raise FailedPrecondition(f"the trainer sent a tokenizer file named {file.name!r}")
+        (staging / file.name).write_bytes(file.content)
+    try:
+        staging.rename(folder)
+    except OSError:
+        # Another process put the same digest in place first: theirs is as good.
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+ENDPOINTS_ROUTE = "/api/v1/tensafe/endpoints"
+"""The Tinker API's route announcing the gRPC endpoints behind it."""
+
+
+def discover_endpoints(tinker_base_url: str, *, timeout: float = 10.0) -> tuple[str, str]:
+    """The trainer's and auth's gRPC addresses, as the Tinker API at ``tinker_base_url``
+    announces them (``GET /api/v1/tensafe/endpoints``, no credential involved).
+
+    Raises:
+        Unavailable: The Tinker API cannot be reached.
+        FailedPrecondition: It answered something other than the two addresses.
+    """
+    import urllib.error
+    import urllib.request
+
+    url = tinker_base_url.rstrip("/") + ENDPOINTS_ROUTE
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 (http(s) only)
+            body = json.loads(response.read())
+    except (urllib.error.URLError, OSError) as exc:
+        raise Unavailable(f"cannot reach the Tinker API at {url}: {exc}") from None
+    except ValueError:
+        raise FailedPrecondition(f"{url} did not answer JSON") from None
+    trainer, auth = (
+        body.get(key) if isinstance(body, dict) else None for key in ("trainer", "auth")
+    )
+    if not (isinstance(trainer, str) and trainer and isinstance(auth, str) and auth):
+        raise FailedPrecondition(f"{url} did not announce the trainer and auth endpoints")
+    return trainer, auth

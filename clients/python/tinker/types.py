@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 TensorDtype: TypeAlias = Literal["int64", "float32"]
 """Element type of a :class:`TensorData` (the two Tinker uses)."""
 
-LossFnType: TypeAlias = Literal["cross_entropy", "importance_sampling", "ppo"]
+LossFnType: TypeAlias = Literal["cross_entropy", "importance_sampling", "ppo", "cispo", "dro"]
 """Loss functions the server implements."""
 
 StopReason: TypeAlias = Literal["length", "stop"]
@@ -217,7 +217,7 @@ class Datum:
     """One training example: model input and the loss function's per-token inputs.
 
     ``cross_entropy`` takes ``target_tokens`` (int64) and ``weights`` (float32), one per
-    input token; ``importance_sampling`` and ``ppo`` also take ``logprobs`` (the
+    input token; ``importance_sampling``, ``ppo``, ``cispo`` and ``dro`` take ``logprobs`` (the
     sampler's) and ``advantages``.
 
     Attributes:

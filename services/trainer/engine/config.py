@@ -149,9 +149,16 @@ class LossConfig:
     ppo_clip_low: float = 0.2
     """Lower clip epsilon, in [0, 1)."""
     ppo_clip_high: float = 0.2
-    """Upper clip epsilon; non-negative."""
+    """Upper clip epsilon; non-negative. ``cispo`` clips its ratio to the same range."""
+    dro_beta: float = 0.05
+    """Weight β of ``dro``'s quadratic penalty ``½β(log p_θ − log q)²``. Tinker does not
+    publish its default; 0.05 is the value of its documentation's example."""
 
     def __post_init__(self) -> None:
+        if not _finite(self.dro_beta) or self.dro_beta < 0:
+            raise InvalidArgument(
+                "loss.dro_beta", f"must be non-negative and finite, got {self.dro_beta}"
+            )
         if not _finite(self.ppo_clip_low) or not 0.0 <= self.ppo_clip_low < 1.0:
             raise InvalidArgument(
                 "loss.ppo_clip_low", f"must be in [0, 1), got {self.ppo_clip_low}"

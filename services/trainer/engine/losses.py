@@ -11,6 +11,15 @@ Tinker docs, "Loss functions": https://tinker-docs.thinkingmachines.ai/losses):
   ``advantages``): ``loss = -Σ_t exp(log p_θ − log q)_t · A_t``.
 - ``ppo`` (same inputs): ``loss = -Σ_t min(r_t A_t, clip(r_t, 1 − ε_low, 1 + ε_high) A_t)``
   with ``r_t = exp(log p_θ − log q)_t`` (Schulman et al., 2017).
+- ``cispo`` (same inputs): ``loss = -Σ_t sg(clip(r_t, 1 − ε_low, 1 + ε_high)) · log p_θ(t) · A_t``,
+  the clipped ratio a constant weight of the policy gradient (MiniMax-M1, Chen et al.,
+  2025, arXiv:2506.13585; Tinker's "CISPO" page).
+- ``dro`` (same inputs): ``loss = -Σ_t (log p_θ(t) · A_t − ½β (log p_θ − log q)_t²)``
+  (Richemond et al., 2024, arXiv:2405.19107; Tinker's "DRO" page).
+
+Tinker's ``stable_reinforce`` is refused by name: its objective is not published (Tinker
+documents only that it reads information its sampler records per sequence), so nothing
+here could compute what a Tinker user asked for.
 
 A datum's loss is the sum over its tokens; the batch loss is the sum over data. Under
 DP-SGD each datum is one example: its gradient is clipped as a whole.
@@ -30,6 +39,9 @@ from tensafe.common.errors import InvalidArgument
 
 from .config import LossConfig
 
+STABLE_REINFORCE = "stable_reinforce"
+"""Tinker's loss refused by name (see the module docstring)."""
+
 
 class LossFn(enum.Enum):
     """The loss functions ``forward_backward`` accepts, by their Tinker names."""
@@ -37,6 +49,8 @@ class LossFn(enum.Enum):
     CROSS_ENTROPY = "cross_entropy"
     IMPORTANCE_SAMPLING = "importance_sampling"
     PPO = "ppo"
+    CISPO = "cispo"
+    DRO = "dro"
 
     @classmethod
     def parse(cls, name: str | LossFn) -> LossFn:
@@ -57,11 +71,29 @@ class LossFn(enum.Enum):
             if member.value == name:
                 return member
         supported = ", ".join(member.value for member in cls)
+        if name == STABLE_REINFORCE:
+            raise InvalidArgument(
+                "loss_fn",
+                "stable_reinforce is not served: Tinker has not published its objective, so "
+                f"TenSafe cannot compute it; use one of {supported} (e.g. the cookbook's "
+                "rl_loop with loss_fn=cispo)",
+                reason="UNSUPPORTED_LOSS",
+            )
         raise InvalidArgument("loss_fn", f"unknown loss {name!r}; supported: {supported}")
 
 
 CLIP_LOW_THRESHOLD = "clip_low_threshold"
 CLIP_HIGH_THRESHOLD = "clip_high_threshold"
+BETA = "beta"
+
+# The loss_fn_config options each loss reads (Tinker's names).
+_OPTIONS: dict[LossFn, tuple[str, ...]] = {
+    LossFn.CROSS_ENTROPY: (),
+    LossFn.IMPORTANCE_SAMPLING: (),
+    LossFn.PPO: (CLIP_LOW_THRESHOLD, CLIP_HIGH_THRESHOLD),
+    LossFn.CISPO: (CLIP_LOW_THRESHOLD, CLIP_HIGH_THRESHOLD),
+    LossFn.DRO: (BETA,),
+}
 
 
 def loss_config_from_options(
@@ -69,10 +101,11 @@ def loss_config_from_options(
 ) -> LossConfig:
     """Apply a call's ``loss_fn_config`` (Tinker's per-call loss options) to ``default``.
 
-    Tinker names the PPO clip range by the ratio's bounds: ``clip_low_threshold``
-    (default 0.8) and ``clip_high_threshold`` (default 1.2), the ratio being clipped to
-    ``[clip_low_threshold, clip_high_threshold]``. Options that the chosen loss does not
-    read are refused rather than ignored, so a typo cannot silently train with defaults.
+    Tinker names the PPO and CISPO clip range by the ratio's bounds:
+    ``clip_low_threshold`` (default 0.8) and ``clip_high_threshold`` (default 1.2), the
+    ratio being clipped to ``[clip_low_threshold, clip_high_threshold]``; DRO takes
+    ``beta``. Options that the chosen loss does not read are refused rather than
+    ignored, so a typo cannot silently train with defaults.
 
     Args:
         loss_fn: The call's loss.
@@ -88,7 +121,7 @@ def loss_config_from_options(
     """
     if not options:
         return default
-    accepted = (CLIP_LOW_THRESHOLD, CLIP_HIGH_THRESHOLD) if loss_fn is LossFn.PPO else ()
+    accepted = _OPTIONS[loss_fn]
     for key in options:
         if key not in accepted:
             takes = ", ".join(accepted) or "no options"
@@ -103,7 +136,10 @@ def loss_config_from_options(
         raise InvalidArgument(
             f"loss_fn_config.{CLIP_HIGH_THRESHOLD}", f"must be finite and >= 1, got {high}"
         )
-    return LossConfig(ppo_clip_low=1.0 - low, ppo_clip_high=high - 1.0)
+    beta = float(options.get(BETA, default.dro_beta))
+    if not 0.0 <= beta < float("inf"):
+        raise InvalidArgument(f"loss_fn_config.{BETA}", f"must be finite and >= 0, got {beta}")
+    return LossConfig(ppo_clip_low=1.0 - low, ppo_clip_high=high - 1.0, dro_beta=beta)
 
 
 TARGET_TOKENS = "target_tokens"
@@ -116,6 +152,8 @@ _FLOAT_INPUTS: dict[LossFn, tuple[str, ...]] = {
     LossFn.CROSS_ENTROPY: (WEIGHTS,),
     LossFn.IMPORTANCE_SAMPLING: (SAMPLING_LOGPROBS, ADVANTAGES),
     LossFn.PPO: (SAMPLING_LOGPROBS, ADVANTAGES),
+    LossFn.CISPO: (SAMPLING_LOGPROBS, ADVANTAGES),
+    LossFn.DRO: (SAMPLING_LOGPROBS, ADVANTAGES),
 }
 
 TokenSequence = Sequence[int] | torch.Tensor
@@ -335,7 +373,7 @@ def per_token_loss(
         loss_fn: Which loss.
         target_logprobs: ``[B, T]`` learner log-probabilities of the target tokens.
         batch: The padded batch holding the loss inputs.
-        config: PPO clip range.
+        config: The clip range (``ppo``, ``cispo``) and β (``dro``).
 
     Returns:
         ``[B, T]`` float32; the datum loss is its row sum.
@@ -344,12 +382,21 @@ def per_token_loss(
         loss = -target_logprobs * batch.float_inputs[WEIGHTS]
     else:
         advantages = batch.float_inputs[ADVANTAGES]
-        ratio = torch.exp(target_logprobs - batch.float_inputs[SAMPLING_LOGPROBS])
+        log_ratio = target_logprobs - batch.float_inputs[SAMPLING_LOGPROBS]
+        ratio = torch.exp(log_ratio)
         if loss_fn is LossFn.IMPORTANCE_SAMPLING:
             loss = -ratio * advantages
-        else:
+        elif loss_fn is LossFn.PPO:
             clipped = torch.clamp(ratio, 1.0 - config.ppo_clip_low, 1.0 + config.ppo_clip_high)
             loss = -torch.minimum(ratio * advantages, clipped * advantages)
+        elif loss_fn is LossFn.CISPO:
+            # detach(): the clipped ratio weighs the gradient of log p_θ, it is not one.
+            weight = torch.clamp(
+                ratio, 1.0 - config.ppo_clip_low, 1.0 + config.ppo_clip_high
+            ).detach()
+            loss = -weight * target_logprobs * advantages
+        else:
+            loss = -(target_logprobs * advantages - 0.5 * config.dro_beta * log_ratio**2)
     # where(), not a multiplication by the mask: a pad position can never leak a NaN or
     # an infinity into the sum or the gradient.
     return torch.where(batch.mask, loss, torch.zeros_like(loss))

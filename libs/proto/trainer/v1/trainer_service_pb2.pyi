@@ -233,6 +233,82 @@ class ListBaseModelsRequest(_message.Message):
 Global___ListBaseModelsRequest: _TypeAlias = ListBaseModelsRequest  # noqa: Y015
 
 @_typing.final
+class GetBaseModelTokenizerRequest(_message.Message):
+    """Request of GetBaseModelTokenizer."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BASE_MODEL_FIELD_NUMBER: _builtins.int
+    base_model: _builtins.str
+    """Registered base model name."""
+    def __init__(
+        self,
+        *,
+        base_model: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_model", b"base_model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetBaseModelTokenizerRequest: _TypeAlias = GetBaseModelTokenizerRequest  # noqa: Y015
+
+@_typing.final
+class TokenizerFile(_message.Message):
+    """One file of a tokenizer, as stored beside the base model."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    CONTENT_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """File name (no folder), e.g. `tokenizer.json`."""
+    content: _builtins.bytes
+    """The file's bytes."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        content: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TokenizerFile: _TypeAlias = TokenizerFile  # noqa: Y015
+
+@_typing.final
+class GetBaseModelTokenizerResponse(_message.Message):
+    """Response of GetBaseModelTokenizer."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FILES_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    sha256: _builtins.str
+    """SHA-256 (hex) over the files' names and contents in order: a client caches by it."""
+    @_builtins.property
+    def files(self) -> _containers.RepeatedCompositeFieldContainer[Global___TokenizerFile]:
+        """The files `transformers.AutoTokenizer.from_pretrained` reads from the folder."""
+
+    def __init__(
+        self,
+        *,
+        files: _abc.Iterable[Global___TokenizerFile] | None = ...,
+        sha256: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["files", b"files", "sha256", b"sha256"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetBaseModelTokenizerResponse: _TypeAlias = GetBaseModelTokenizerResponse  # noqa: Y015
+
+@_typing.final
 class ListBaseModelsResponse(_message.Message):
     """Response of ListBaseModels."""
 
@@ -511,16 +587,23 @@ class GetTrainingClientRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     TRAINING_CLIENT_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     training_client_id: _builtins.str
     """The client's id."""
+    request_id: _builtins.str
+    """Instead of the id: the `request_id` of the CreateTrainingClient that made the
+    client (a caller that names clients by its own keys, e.g. the Tinker API, resolves
+    them without keeping a table).
+    """
     def __init__(
         self,
         *,
         training_client_id: _builtins.str = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["training_client_id", b"training_client_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id", "training_client_id", b"training_client_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -940,7 +1023,7 @@ class ForwardBackwardRequest(_message.Message):
     training_client_id: _builtins.str
     """The client's id."""
     loss_fn: _builtins.str
-    """`cross_entropy`, `importance_sampling` or `ppo`."""
+    """`cross_entropy`, `importance_sampling`, `ppo`, `cispo` or `dro`."""
     request_id: _builtins.str
     """Idempotency key."""
     @_builtins.property
@@ -949,7 +1032,7 @@ class ForwardBackwardRequest(_message.Message):
 
     @_builtins.property
     def loss_fn_config(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
-        """Loss options, e.g. ppo `clip_low_threshold`, `clip_high_threshold`."""
+        """Loss options: ppo and cispo `clip_low_threshold`, `clip_high_threshold`; dro `beta`."""
 
     def __init__(
         self,

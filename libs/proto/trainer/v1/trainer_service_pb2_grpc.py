@@ -44,6 +44,11 @@ class TrainerServiceStub:
                 request_serializer=tensafe_dot_trainer_dot_v1_dot_trainer__service__pb2.ListBaseModelsRequest.SerializeToString,
                 response_deserializer=tensafe_dot_trainer_dot_v1_dot_trainer__service__pb2.ListBaseModelsResponse.FromString,
                 _registered_method=True)
+        self.GetBaseModelTokenizer = channel.unary_unary(
+                '/tensafe.trainer.v1.TrainerService/GetBaseModelTokenizer',
+                request_serializer=tensafe_dot_trainer_dot_v1_dot_trainer__service__pb2.GetBaseModelTokenizerRequest.SerializeToString,
+                response_deserializer=tensafe_dot_trainer_dot_v1_dot_trainer__service__pb2.GetBaseModelTokenizerResponse.FromString,
+                _registered_method=True)
         self.CreateTrainingClient = channel.unary_unary(
                 '/tensafe.trainer.v1.TrainerService/CreateTrainingClient',
                 request_serializer=tensafe_dot_trainer_dot_v1_dot_trainer__service__pb2.CreateTrainingClientRequest.SerializeToString,
@@ -156,6 +161,13 @@ class TrainerServiceServicer:
 
     def ListBaseModels(self, request, context):
         """Lists the base models this deployment can fine-tune.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetBaseModelTokenizer(self, request, context):
+        """The tokenizer files of a base model, so that a client needs no local copy of it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -317,6 +329,11 @@ def add_TrainerServiceServicer_to_server(servicer, server):
                     request_deserializer=tensafe_dot_trainer_dot_v1_dot_trainer__service__pb2.ListBaseModelsRequest.FromString,
                     response_serializer=tensafe_dot_trainer_dot_v1_dot_trainer__service__pb2.ListBaseModelsResponse.SerializeToString,
             ),
+            'GetBaseModelTokenizer': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetBaseModelTokenizer,
+                    request_deserializer=tensafe_dot_trainer_dot_v1_dot_trainer__service__pb2.GetBaseModelTokenizerRequest.FromString,
+                    response_serializer=tensafe_dot_trainer_dot_v1_dot_trainer__service__pb2.GetBaseModelTokenizerResponse.SerializeToString,
+            ),
             'CreateTrainingClient': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateTrainingClient,
                     request_deserializer=tensafe_dot_trainer_dot_v1_dot_trainer__service__pb2.CreateTrainingClientRequest.FromString,
@@ -450,6 +467,33 @@ class TrainerService:
             '/tensafe.trainer.v1.TrainerService/ListBaseModels',
             tensafe_dot_trainer_dot_v1_dot_trainer__service__pb2.ListBaseModelsRequest.SerializeToString,
             tensafe_dot_trainer_dot_v1_dot_trainer__service__pb2.ListBaseModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetBaseModelTokenizer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensafe.trainer.v1.TrainerService/GetBaseModelTokenizer',
+            tensafe_dot_trainer_dot_v1_dot_trainer__service__pb2.GetBaseModelTokenizerRequest.SerializeToString,
+            tensafe_dot_trainer_dot_v1_dot_trainer__service__pb2.GetBaseModelTokenizerResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -40,6 +40,8 @@ class TrainerServiceStub:
     def __new__(cls, channel: _aio.Channel) -> TrainerServiceAsyncStub: ...
     ListBaseModels: _grpc.UnaryUnaryMultiCallable[_trainer_service_pb2.ListBaseModelsRequest, _trainer_service_pb2.ListBaseModelsResponse]
     """Lists the base models this deployment can fine-tune."""
+    GetBaseModelTokenizer: _grpc.UnaryUnaryMultiCallable[_trainer_service_pb2.GetBaseModelTokenizerRequest, _trainer_service_pb2.GetBaseModelTokenizerResponse]
+    """The tokenizer files of a base model, so that a client needs no local copy of it."""
     CreateTrainingClient: _grpc.UnaryUnaryMultiCallable[_trainer_service_pb2.CreateTrainingClientRequest, _trainer_service_pb2.CreateTrainingClientResponse]
     """Creates a LoRA training client on a base model."""
     GetTrainingClient: _grpc.UnaryUnaryMultiCallable[_trainer_service_pb2.GetTrainingClientRequest, _trainer_service_pb2.GetTrainingClientResponse]
@@ -108,6 +110,8 @@ class TrainerServiceAsyncStub(TrainerServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     ListBaseModels: _aio.UnaryUnaryMultiCallable[_trainer_service_pb2.ListBaseModelsRequest, _trainer_service_pb2.ListBaseModelsResponse]  # type: ignore[assignment]
     """Lists the base models this deployment can fine-tune."""
+    GetBaseModelTokenizer: _aio.UnaryUnaryMultiCallable[_trainer_service_pb2.GetBaseModelTokenizerRequest, _trainer_service_pb2.GetBaseModelTokenizerResponse]  # type: ignore[assignment]
+    """The tokenizer files of a base model, so that a client needs no local copy of it."""
     CreateTrainingClient: _aio.UnaryUnaryMultiCallable[_trainer_service_pb2.CreateTrainingClientRequest, _trainer_service_pb2.CreateTrainingClientResponse]  # type: ignore[assignment]
     """Creates a LoRA training client on a base model."""
     GetTrainingClient: _aio.UnaryUnaryMultiCallable[_trainer_service_pb2.GetTrainingClientRequest, _trainer_service_pb2.GetTrainingClientResponse]  # type: ignore[assignment]
@@ -179,6 +183,14 @@ class TrainerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_trainer_service_pb2.ListBaseModelsResponse, _abc.Awaitable[_trainer_service_pb2.ListBaseModelsResponse]]:
         """Lists the base models this deployment can fine-tune."""
+
+    @_abc_1.abstractmethod
+    def GetBaseModelTokenizer(
+        self,
+        request: _trainer_service_pb2.GetBaseModelTokenizerRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_trainer_service_pb2.GetBaseModelTokenizerResponse, _abc.Awaitable[_trainer_service_pb2.GetBaseModelTokenizerResponse]]:
+        """The tokenizer files of a base model, so that a client needs no local copy of it."""
 
     @_abc_1.abstractmethod
     def CreateTrainingClient(

@@ -75,6 +75,80 @@ export declare type ListBaseModelsRequest = Message<"tensafe.trainer.v1.ListBase
 export declare const ListBaseModelsRequestSchema: GenMessage<ListBaseModelsRequest>;
 
 /**
+ * Request of GetBaseModelTokenizer.
+ *
+ * @generated from message tensafe.trainer.v1.GetBaseModelTokenizerRequest
+ */
+export declare type GetBaseModelTokenizerRequest = Message<"tensafe.trainer.v1.GetBaseModelTokenizerRequest"> & {
+  /**
+   * Registered base model name.
+   *
+   * @generated from field: string base_model = 1;
+   */
+  baseModel: string;
+};
+
+/**
+ * Describes the message tensafe.trainer.v1.GetBaseModelTokenizerRequest.
+ * Use `create(GetBaseModelTokenizerRequestSchema)` to create a new message.
+ */
+export declare const GetBaseModelTokenizerRequestSchema: GenMessage<GetBaseModelTokenizerRequest>;
+
+/**
+ * One file of a tokenizer, as stored beside the base model.
+ *
+ * @generated from message tensafe.trainer.v1.TokenizerFile
+ */
+export declare type TokenizerFile = Message<"tensafe.trainer.v1.TokenizerFile"> & {
+  /**
+   * File name (no folder), e.g. `tokenizer.json`.
+   *
+   * @generated from field: string name = 1;
+   */
+  name: string;
+
+  /**
+   * The file's bytes.
+   *
+   * @generated from field: bytes content = 2;
+   */
+  content: Uint8Array;
+};
+
+/**
+ * Describes the message tensafe.trainer.v1.TokenizerFile.
+ * Use `create(TokenizerFileSchema)` to create a new message.
+ */
+export declare const TokenizerFileSchema: GenMessage<TokenizerFile>;
+
+/**
+ * Response of GetBaseModelTokenizer.
+ *
+ * @generated from message tensafe.trainer.v1.GetBaseModelTokenizerResponse
+ */
+export declare type GetBaseModelTokenizerResponse = Message<"tensafe.trainer.v1.GetBaseModelTokenizerResponse"> & {
+  /**
+   * The files `transformers.AutoTokenizer.from_pretrained` reads from the folder.
+   *
+   * @generated from field: repeated tensafe.trainer.v1.TokenizerFile files = 1;
+   */
+  files: TokenizerFile[];
+
+  /**
+   * SHA-256 (hex) over the files' names and contents in order: a client caches by it.
+   *
+   * @generated from field: string sha256 = 2;
+   */
+  sha256: string;
+};
+
+/**
+ * Describes the message tensafe.trainer.v1.GetBaseModelTokenizerResponse.
+ * Use `create(GetBaseModelTokenizerResponseSchema)` to create a new message.
+ */
+export declare const GetBaseModelTokenizerResponseSchema: GenMessage<GetBaseModelTokenizerResponse>;
+
+/**
  * Response of ListBaseModels.
  *
  * @generated from message tensafe.trainer.v1.ListBaseModelsResponse
@@ -405,6 +479,15 @@ export declare type GetTrainingClientRequest = Message<"tensafe.trainer.v1.GetTr
    * @generated from field: string training_client_id = 1;
    */
   trainingClientId: string;
+
+  /**
+   * Instead of the id: the `request_id` of the CreateTrainingClient that made the
+   * client (a caller that names clients by its own keys, e.g. the Tinker API, resolves
+   * them without keeping a table).
+   *
+   * @generated from field: string request_id = 2;
+   */
+  requestId: string;
 };
 
 /**
@@ -727,14 +810,14 @@ export declare type ForwardBackwardRequest = Message<"tensafe.trainer.v1.Forward
   data: Datum[];
 
   /**
-   * `cross_entropy`, `importance_sampling` or `ppo`.
+   * `cross_entropy`, `importance_sampling`, `ppo`, `cispo` or `dro`.
    *
    * @generated from field: string loss_fn = 3;
    */
   lossFn: string;
 
   /**
-   * Loss options, e.g. ppo `clip_low_threshold`, `clip_high_threshold`.
+   * Loss options: ppo and cispo `clip_low_threshold`, `clip_high_threshold`; dro `beta`.
    *
    * @generated from field: map<string, double> loss_fn_config = 4;
    */
@@ -2529,6 +2612,16 @@ export declare const TrainerService: GenService<{
     methodKind: "unary";
     input: typeof ListBaseModelsRequestSchema;
     output: typeof ListBaseModelsResponseSchema;
+  },
+  /**
+   * The tokenizer files of a base model, so that a client needs no local copy of it.
+   *
+   * @generated from rpc tensafe.trainer.v1.TrainerService.GetBaseModelTokenizer
+   */
+  getBaseModelTokenizer: {
+    methodKind: "unary";
+    input: typeof GetBaseModelTokenizerRequestSchema;
+    output: typeof GetBaseModelTokenizerResponseSchema;
   },
   /**
    * Creates a LoRA training client on a base model.
