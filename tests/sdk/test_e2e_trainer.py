@@ -286,6 +286,34 @@ async def test_cispo_and_dro_train_and_stable_reinforce_is_refused(
     assert refused.field == "loss_fn" and "not published" in str(refused)
 
 
+async def test_the_cookbooks_calls_run_as_written_for_tinker(
+    trainer: Trainer, base_models_dir: Path
+) -> None:
+    def scenario() -> tuple[Any, Any, Any]:
+        with trainer.service(base_models_dir) as service:
+            # Tinker 0.38: create_* return futures of the clients.
+            client = service.create_lora_training_client(
+                base_model=BASE_MODEL, rank=4, dp_noise_multiplier=1.0
+            ).result()
+            saved = client.save_state("cookbook", ttl_seconds=3600).result()
+            sampler_path = client.save_weights_for_sampler("cb", ttl_seconds=None).result().path
+            resumed = service.create_training_client_from_state_with_optimizer(saved.path).result()
+            sampler = client.save_weights_and_get_sampling_client(
+                record_stability_info=False
+            ).result()
+            sample = sampler.sample(
+                types.ModelInput.from_ints([5, 6, 7]),
+                num_samples=3,
+                sampling_params=types.SamplingParams(max_tokens=3, seed=1),
+            ).result()
+            return resumed, sampler_path, sample
+
+    resumed, sampler_path, sample = await asyncio.to_thread(scenario)
+    assert resumed.model_id and sampler_path.endswith("/sampler_weights/cb")
+    ids = [sequence.sequence_id for sequence in sample.sequences]
+    assert len(set(ids)) == 3 and all(i and i.endswith(f".{n}") for n, i in enumerate(ids))
+
+
 async def test_budget_refusal_is_a_typed_error(trainer: Trainer, base_models_dir: Path) -> None:
     one_step = _reference_rdp_epsilon(1.0, 1, 1e-5)
 

@@ -27,7 +27,7 @@ import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 import grpc
 
@@ -87,6 +87,22 @@ _CHECKPOINT_PATH = re.compile(
 )
 
 
+class _ClientIsItsOwnFuture:
+    """Tinker 0.38's ``create_*`` return a future of the client (``.result()``, ``await``);
+    TenSafe's create the client before returning, so the client stands for its own
+    resolved future and code written either way runs."""
+
+    def result(self, timeout: float | None = None) -> Self:
+        """This client (already created; ``timeout`` has nothing to wait for)."""
+        del timeout
+        return self
+
+    async def result_async(self, timeout: float | None = None) -> Self:
+        """This client."""
+        del timeout
+        return self
+
+
 class ServiceClient:
     """Entry point: creates training and sampling clients (Tinker's ``ServiceClient``).
 
@@ -115,6 +131,9 @@ class ServiceClient:
         client_cert_file: PEM client certificate where the services require mutual TLS
             (default ``$TENSAFE_CLIENT_CERT_FILE``, else the connection file's).
         client_key_file: Its private key (default ``$TENSAFE_CLIENT_KEY_FILE``).
+        user_metadata: Tinker's session metadata; accepted, not stored.
+        display_name: Tinker's session name; accepted, not stored.
+        project_id: Tinker's project; accepted, not used.
     """
 
     def __init__(
@@ -130,7 +149,12 @@ class ServiceClient:
         ca_file: str | os.PathLike[str] | None = None,
         client_cert_file: str | os.PathLike[str] | None = None,
         client_key_file: str | os.PathLike[str] | None = None,
+        user_metadata: dict[str, str] | None = None,
+        display_name: str | None = None,
+        project_id: str | None = None,
     ) -> None:
+        # A Tinker session's labels: accepted, not stored (TenSafe has no sessions).
+        del user_metadata, display_name, project_id
         if channel is not None:
             if base_url or api_key or auth_url:
                 raise InvalidArgument("channel", "give a channel or endpoints, not both")
@@ -443,7 +467,7 @@ class ServiceClient:
         return root / base_model if root is not None else None
 
 
-class TrainingClient:
+class TrainingClient(_ClientIsItsOwnFuture):
     """A LoRA training client on the server (Tinker's ``TrainingClient``).
 
     Made by :meth:`ServiceClient.create_lora_training_client`.
@@ -670,8 +694,13 @@ class TrainingClient:
 
     # -- checkpoints ---------------------------------------------------------------
 
-    def save_state(self, name: str) -> APIFuture[types.SaveWeightsResponse]:
-        """Save weights, optimizer moments and accountant state under ``name``."""
+    def save_state(
+        self, name: str, ttl_seconds: int | None = None
+    ) -> APIFuture[types.SaveWeightsResponse]:
+        """Save weights, optimizer moments and accountant state under ``name``
+        (``ttl_seconds`` is accepted and not applied: TenSafe checkpoints go with their
+        training client)."""
+        del ttl_seconds
         _check_name("name", name)
         request = pb.SaveStateRequest(training_client_id=self.model_id, name=name)
         return ServerFuture(
@@ -681,9 +710,11 @@ class TrainingClient:
             lambda result: types.SaveWeightsResponse(path=result.path, step=result.step),
         )
 
-    async def save_state_async(self, name: str) -> APIFuture[types.SaveWeightsResponse]:
+    async def save_state_async(
+        self, name: str, ttl_seconds: int | None = None
+    ) -> APIFuture[types.SaveWeightsResponse]:
         """Async :meth:`save_state`."""
-        return self.save_state(name)
+        return self.save_state(name, ttl_seconds)
 
     def load_state(self, path: str) -> APIFuture[types.LoadWeightsResponse]:
         """Restore a checkpoint of this client's lineage.
@@ -713,8 +744,12 @@ class TrainingClient:
         """Async :meth:`load_state_with_optimizer`."""
         return self.load_state(path)
 
-    def save_weights_for_sampler(self, name: str) -> APIFuture[types.SaveWeightsForSamplerResponse]:
-        """Freeze the current weights for sampling under ``name``."""
+    def save_weights_for_sampler(
+        self, name: str, ttl_seconds: int | None = None
+    ) -> APIFuture[types.SaveWeightsForSamplerResponse]:
+        """Freeze the current weights for sampling under ``name`` (``ttl_seconds``: as
+        for :meth:`save_state`)."""
+        del ttl_seconds
         _check_name("name", name)
         request = pb.SaveWeightsForSamplerRequest(training_client_id=self.model_id, name=name)
         return ServerFuture(
@@ -725,10 +760,10 @@ class TrainingClient:
         )
 
     async def save_weights_for_sampler_async(
-        self, name: str
+        self, name: str, ttl_seconds: int | None = None
     ) -> APIFuture[types.SaveWeightsForSamplerResponse]:
         """Async :meth:`save_weights_for_sampler`."""
-        return self.save_weights_for_sampler(name)
+        return self.save_weights_for_sampler(name, ttl_seconds)
 
     def save_adapter(self, adapter_name: str) -> APIFuture[types.SaveAdapterResponse]:
         """Publish the current adapter to the registry (TenSafe addition).
@@ -852,7 +887,7 @@ class TrainingClient:
         return tokenizer
 
 
-class SamplingClient:
+class SamplingClient(_ClientIsItsOwnFuture):
     """Samples from frozen weights (Tinker's ``SamplingClient``).
 
     Args:
@@ -896,12 +931,17 @@ class SamplingClient:
         sampled: ServerFuture[pb.SampleResult] = ServerFuture(
             self._rpc, self._rpc.submit("Sample", request), pb.SampleResult, lambda m: m
         )
+        future_id = sampled.future_id
         if not include_prompt_logprobs:
-            return MappedFuture(sampled, serde.sample_response_from_proto)
+            return MappedFuture(
+                sampled, lambda m: serde.sample_response_from_proto(m, future_id=future_id)
+            )
         scored = self.compute_logprobs(prompt)
 
         def combine(results: list[Any]) -> types.SampleResponse:
-            return serde.sample_response_from_proto(results[0], prompt_logprobs=results[1])
+            return serde.sample_response_from_proto(
+                results[0], prompt_logprobs=results[1], future_id=future_id
+            )
 
         return CombinedFuture([sampled, scored], combine)
 

@@ -289,11 +289,15 @@ def sampling_params_from_proto(message: pb.SamplingParams) -> types.SamplingPara
 
 
 def sample_response_from_proto(
-    message: pb.SampleResult, *, prompt_logprobs: list[float | None] | None = None
+    message: pb.SampleResult,
+    *,
+    prompt_logprobs: list[float | None] | None = None,
+    future_id: str | None = None,
 ) -> types.SampleResponse:
-    """The result of Sample (with prompt logprobs when they were requested)."""
+    """The result of Sample (with prompt logprobs when they were requested); with the
+    Sample future's id, each sequence is named ``<future id>.<index>``."""
     sequences = []
-    for sequence in message.sequences:
+    for index, sequence in enumerate(message.sequences):
         if sequence.stop_reason not in _STOP_REASON:
             raise InvalidArgument("sequences.stop_reason", "unspecified in the server's reply")
         sequences.append(
@@ -301,6 +305,7 @@ def sample_response_from_proto(
                 stop_reason=_STOP_REASON[sequence.stop_reason],
                 tokens=list(sequence.tokens),
                 logprobs=list(sequence.logprobs),
+                sequence_id=f"{future_id}.{index}" if future_id else None,
             )
         )
     return types.SampleResponse(sequences=sequences, prompt_logprobs=prompt_logprobs)

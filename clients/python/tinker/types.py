@@ -351,11 +351,14 @@ class SampledSequence:
         stop_reason: ``"length"`` or ``"stop"``.
         tokens: Generated token ids.
         logprobs: Log-probability of each token under the distribution sampled from.
+        sequence_id: Names this sequence (``<sample future id>.<index>``, as the Tinker
+            API names it); Tinker's ``stable_reinforce`` provenance refers to it.
     """
 
     stop_reason: StopReason
     tokens: list[int]
     logprobs: list[float] | None = None
+    sequence_id: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
