@@ -213,7 +213,8 @@ def test_async_variants_are_awaitable(served: Served) -> None:
 
     with _service(served) as service:
         response = asyncio.run(scenario(service))
-    assert response.step == 1 and response.metrics == {"examples": 8.0}
+    assert response.step == 1 and response.metrics["examples"] == 8.0
+    assert response.metrics["dp/epsilon"] == 0.5  # ε in the metrics a loop logs
     assert response.privacy_spent is not None and response.privacy_spent.epsilon == 0.5
 
 

@@ -276,3 +276,50 @@ def test_datums_to_proto_names_the_bad_item() -> None:
         serde.datums_to_proto([good, {"model_input": [1]}])  # type: ignore[list-item]
     assert info.value.field == "data[1]"
     assert len(serde.datums_to_proto([good])) == 1
+
+
+def test_a_datum_of_the_official_sdk_is_taken_as_ours() -> None:
+    """The cookbook's own modules build data with the official ``tinker``; a recipe whose
+    import alone was switched hands those over."""
+    import tinker as official
+
+    tokens = [5, 6, 7, 8]
+    theirs = official.Datum(
+        model_input=official.ModelInput.from_ints(tokens[:-1]),
+        loss_fn_inputs={
+            "target_tokens": official.TensorData(data=tokens[1:], dtype="int64", shape=[3]),
+            "weights": official.TensorData(data=[0.0, 1.0, 1.0], dtype="float32", shape=[3]),
+        },
+    )
+    ours = types.Datum(
+        model_input=types.ModelInput.from_ints(tokens[:-1]),
+        loss_fn_inputs={"target_tokens": tokens[1:], "weights": [0.0, 1.0, 1.0]},
+    )
+    assert serde.datums_to_proto([theirs]) == serde.datums_to_proto([ours])
+    image = official.Datum(
+        model_input=official.ModelInput(
+            chunks=[official.types.ImageChunk(data=b"\x89PNG", format="png", expected_tokens=4)]
+        ),
+        loss_fn_inputs={},
+    )
+    with pytest.raises(InvalidArgument) as caught:
+        serde.datums_to_proto([image])
+    assert caught.value.field == "data[0].model_input.chunks[0]"
+
+
+def test_optim_step_metrics_carry_epsilon_under_the_tinker_api_keys() -> None:
+    message = pb.OptimStepResult(step=3)
+    message.metrics["examples"] = 4.0
+    message.privacy_spent.CopyFrom(
+        pb.PrivacySpent(
+            private=True,
+            epsilon=1.5,
+            delta=1e-5,
+            steps=3,
+            noise_multiplier=1.0,
+            accountant=pb.ACCOUNTANT_RDP,
+        )
+    )
+    metrics = serde.optim_step_response_from_proto(message).metrics
+    assert metrics["examples"] == 4.0
+    assert (metrics["dp/epsilon"], metrics["dp/steps"], metrics["dp/private"]) == (1.5, 3.0, 1.0)

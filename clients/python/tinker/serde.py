@@ -215,14 +215,24 @@ def accountant_to_proto(accountant: str) -> pb.Accountant.ValueType:
 
 
 def optim_step_response_from_proto(message: pb.OptimStepResult) -> types.OptimStepResponse:
-    """The result of OptimStep."""
-    return types.OptimStepResponse(
-        metrics=dict(message.metrics),
-        step=message.step,
-        privacy_spent=privacy_spent_from_proto(message.privacy_spent)
+    """The result of OptimStep; ε spent is also in ``metrics`` under the Tinker API's
+    ``dp/*`` keys, so a loop that logs a step's metrics (the cookbook's) logs ε."""
+    spent = (
+        privacy_spent_from_proto(message.privacy_spent)
         if message.HasField("privacy_spent")
-        else None,
+        else None
     )
+    metrics = dict(message.metrics)
+    if spent is not None:
+        metrics["dp/private"] = 1.0 if spent.private else 0.0
+        if spent.private:
+            metrics["dp/epsilon"] = spent.epsilon
+            metrics["dp/delta"] = spent.delta
+            metrics["dp/steps"] = float(spent.steps)
+            metrics["dp/noise_multiplier"] = spent.noise_multiplier
+            if spent.epsilon_budget is not None:
+                metrics["dp/epsilon_budget"] = spent.epsilon_budget
+    return types.OptimStepResponse(metrics=metrics, step=message.step, privacy_spent=spent)
 
 
 def sampling_params_to_proto(params: types.SamplingParams) -> pb.SamplingParams:
@@ -390,6 +400,39 @@ def datums_to_proto(data: Sequence[types.Datum]) -> list[pb.Datum]:
     messages = []
     for index, datum in enumerate(data):
         if not isinstance(datum, types.Datum):
-            raise InvalidArgument(f"data[{index}]", f"expected Datum, got {type(datum).__name__}")
+            datum = _from_official_datum(index, datum)
         messages.append(datum_to_proto(datum))
     return messages
+
+
+def _from_official_datum(index: int, datum: object) -> types.Datum:
+    """A datum of the official ``tinker`` SDK as ours: the cookbook builds its data with
+    ``import tinker`` inside its own modules, so a recipe whose import alone was switched
+    hands those to this SDK. Same fields; image chunks are refused here as on the server.
+
+    Raises:
+        InvalidArgument: Not a datum of either SDK, or one with a non-text chunk.
+    """
+    model_input = getattr(datum, "model_input", None)
+    inputs = getattr(datum, "loss_fn_inputs", None)
+    chunks = getattr(model_input, "chunks", None)
+    if chunks is None or not isinstance(inputs, dict):
+        raise InvalidArgument(f"data[{index}]", f"expected Datum, got {type(datum).__name__}")
+    text_chunks = []
+    for position, chunk in enumerate(chunks):
+        tokens = getattr(chunk, "tokens", None)
+        if tokens is None:
+            raise InvalidArgument(
+                f"data[{index}].model_input.chunks[{position}]",
+                f"{type(chunk).__name__} is not supported: TenSafe trains text models only",
+            )
+        text_chunks.append(types.EncodedTextChunk(tokens=list(tokens)))
+    converted: dict[str, types.TensorData] = {}
+    for key, value in inputs.items():
+        if hasattr(value, "data") and hasattr(value, "dtype"):
+            converted[key] = types.TensorData(
+                data=list(value.data), dtype=value.dtype, shape=getattr(value, "shape", None)
+            )
+        else:
+            converted[key] = types.to_tensor_data(key, value)
+    return types.Datum(model_input=types.ModelInput(chunks=text_chunks), loss_fn_inputs=converted)
