@@ -233,8 +233,12 @@ class ConsoleRoutes:
     async def login_form(
         self, request: web.Request, *, error: str = "", status: int = 200
     ) -> web.Response:
-        """The sign-in form, with a fresh double-submit nonce."""
-        nonce = new_login_nonce()
+        """The sign-in form with its double-submit nonce: the browser's current one if it
+        has one (two tabs, or a favicon fetch redirected here, must not invalidate the
+        form on screen), else a fresh one."""
+        nonce = request.cookies.get(LOGIN_COOKIE, "")
+        if len(nonce) < 32:
+            nonce = new_login_nonce()
         response = self.render(
             request, "login.html", {"login_nonce": nonce, "error": error}, status=status
         )

@@ -37,7 +37,8 @@
     width: Math.max(box.clientWidth, 280),
     height: 320,
     scales: { x: { time: false } },
-    axes: [{ label: "optimizer step" }, { label: "ε spent" }],
+    // Steps are whole numbers: no ticks between them.
+    axes: [{ label: "optimizer step", incrs: [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000] }, { label: "ε spent" }],
     series: [
       { label: "step" },
       { label: "ε", stroke: "#b3261e", width: 2, points: { show: true, size: 6 } },
