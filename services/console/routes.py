@@ -180,6 +180,7 @@ class ConsoleRoutes:
         """The routes."""
         return [
             web.get("/", self.home),
+            web.get("/healthz", self.healthz),
             web.get("/login", self.login_form),
             web.post("/login", self.login),
             web.post("/logout", self.logout),
@@ -225,6 +226,10 @@ class ConsoleRoutes:
         )
 
     # -- sign-in -----------------------------------------------------------------------
+
+    async def healthz(self, request: web.Request) -> web.StreamResponse:
+        """Liveness and readiness: the process serves HTTP (it holds no other state)."""
+        return web.Response(text="ok")
 
     async def home(self, request: web.Request) -> web.StreamResponse:
         """The training clients are the front page."""

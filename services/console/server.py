@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).parent / "static"
 """The vendored htmx and uPlot (with their licences), the stylesheet and run.js."""
 
-_PUBLIC = ("/login", "/static/")
+_PUBLIC = ("/login", "/static/", "/healthz")
 
 _SECURITY_HEADERS = {
     # Scripts and styles only from the console itself; no framing (clickjacking).
