@@ -2,11 +2,10 @@
 events (issue 21: each page within 300 ms with 64 training clients and 1,000 audit
 events).
 
-Starts ``tensafe up``'s LocalStack in a temporary folder (the built-in tiny-llama; the
-auth service's ExchangeApiKey rate limit raised so the events can be made quickly),
+Starts ``tensafe up``'s LocalStack in a temporary folder (the built-in tiny-llama),
 creates a tenant with ``--clients`` DP training clients (``--stepped`` of them take one
-DP step), publishes one adapter, and exchanges the tenant's API key ``--events`` times
-(one ``token.issued`` audit event each). Then one signed-in HTTP client per principal
+DP step), publishes one adapter, and makes ``--events`` audit events (API keys of the
+tenant's principal created and exchanged). Then one signed-in HTTP client per principal
 (the tenant's trainer; the platform admin for the audit log, which needs the admin scope)
 fetches every page once per round, pages in a rotating order, for ``--rounds`` rounds.
 
@@ -30,8 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import grpc
 
+from tensafe.client.auth import TokenProvider, authenticated_channel
+from tensafe.client.connection import load_connection
 from tensafe.client.demo import TenantCredentials, create_tenant
 from tensafe.client.stack import LocalStack, StackOptions
 from tensafe.proto.auth.v1 import auth_service_pb2 as auth_pb
@@ -39,6 +39,7 @@ from tensafe.proto.auth.v1 import auth_service_pb2_grpc
 from tensafe.tinker import ServiceClient, types
 
 TARGET_MS = 300.0
+EXCHANGES_PER_KEY = 50
 BASELINE = "/static/console.css"
 NONCE = re.compile(r'name="login_nonce" value="([^"]+)"')
 CSRF = re.compile(r'name="csrf_token" value="([^"]+)"')
@@ -74,14 +75,29 @@ def populate(
             client.forward_backward(_datums(), loss_fn="cross_entropy")
             client.optim_step(types.AdamParams(learning_rate=1e-2)).result()
         saved = clients[0].save_adapter("bench-adapter").result()
-    connection = _connection(connection_file)
-    with grpc.insecure_channel(connection["services"]["auth"]) as channel:
-        stub = auth_service_pb2_grpc.AuthServiceStub(channel)
-        for _ in range(args.events):
-            stub.ExchangeApiKey(auth_pb.ExchangeApiKeyRequest(api_key=tenant.api_key))
+    # ExchangeApiKey is rate-limited per key (a burst of 60 by default): the events come
+    # from EXCHANGES_PER_KEY exchanges of each of several fresh API keys of the tenant's
+    # principal (each key's creation is an api_key.created event too).
+    connection = load_connection(connection_file)
+    admin_key = str(_connection(connection_file)["api_key"])
+    made = 0
+    with connection.channel("auth") as channel:
+        admin = auth_service_pb2_grpc.AuthServiceStub(
+            authenticated_channel(channel, TokenProvider(channel, admin_key))
+        )
+        plain = auth_service_pb2_grpc.AuthServiceStub(channel)
+        while made < args.events:
+            key = admin.CreateApiKey(
+                auth_pb.CreateApiKeyRequest(principal_id=tenant.principal_id, description="bench")
+            ).secret
+            made += 1
+            for _ in range(min(EXCHANGES_PER_KEY, args.events - made)):
+                plain.ExchangeApiKey(auth_pb.ExchangeApiKeyRequest(api_key=key), timeout=30)
+                made += 1
     print(
         f"populated: {args.clients} training clients ({args.stepped} stepped), 1 adapter, "
-        f"{args.events} token.issued events in {time.perf_counter() - started:.0f} s"
+        f"{made} audit events (api_key.created, token.issued) "
+        f"in {time.perf_counter() - started:.0f} s"
     )
     return {
         "client_id": clients[0].model_id,
@@ -183,8 +199,6 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=15)
     args = parser.parse_args()
     os.environ.setdefault("TENSAFE_TORCH_THREADS", "1")
-    os.environ["TENSAFE_EXCHANGE_API_KEY_RATE_PER_MINUTE"] = "1000000"
-    os.environ["TENSAFE_EXCHANGE_API_KEY_BURST"] = "1000000"
     with tempfile.TemporaryDirectory(prefix="tensafe-console-bench-") as folder:
         stack = LocalStack(StackOptions(data_dir=Path(folder), builtin_base_model=True))
         with stack:

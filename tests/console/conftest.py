@@ -13,10 +13,9 @@ import pytest
 
 from tensafe.client.demo import TenantCredentials, create_tenant
 from tensafe.client.stack import LocalStack, StackOptions
-from tensafe.client.tiny_model import build_tiny_model
 from tensafe.tinker import ServiceClient, types
+from testkit.models import BASE_MODEL, build_tiny_llama
 
-BASE_MODEL = "tiny-llama"
 STACK_ENV = {"TENSAFE_TORCH_THREADS": "1", "TENSAFE_CONSOLE_POLL_SECONDS": "0.5"}
 
 
@@ -39,16 +38,7 @@ class Stack:
 @pytest.fixture(scope="package")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     data_dir = tmp_path_factory.mktemp("console")
-    build_tiny_model(
-        data_dir / "models" / BASE_MODEL,
-        seed=0,
-        vocab_size=512,
-        hidden_size=64,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        max_position_embeddings=128,
-    )
+    build_tiny_llama(data_dir / "models" / BASE_MODEL)
     with pytest.MonkeyPatch.context() as env:
         for key, value in STACK_ENV.items():
             env.setenv(key, value)
