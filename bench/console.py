@@ -199,6 +199,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=15)
     args = parser.parse_args()
     os.environ.setdefault("TENSAFE_TORCH_THREADS", "1")
+    # The trainer's per-tenant quota of live training clients is 32 by default.
+    os.environ["TENSAFE_MAX_TRAINING_CLIENTS_PER_TENANT"] = str(max(32, args.clients))
     with tempfile.TemporaryDirectory(prefix="tensafe-console-bench-") as folder:
         stack = LocalStack(StackOptions(data_dir=Path(folder), builtin_base_model=True))
         with stack:

@@ -19,9 +19,9 @@ from typing import Any
 
 from tensafe.auth.config import AuthConfig
 from tensafe.common.config import ServiceConfig, describe
+from tensafe.console.config import ConsoleConfig
 from tensafe.he_runtime.config import HeRuntimeConfig
 from tensafe.registry.config import RegistryConfig
-from tensafe.console.config import ConsoleConfig
 from tensafe.tinker_api.config import TinkerApiConfig
 from tensafe.trainer.config import TrainerConfig
 

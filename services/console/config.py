@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from tensafe.common import tls
 from tensafe.common.config import env_name, setting
 from tensafe.common.errors import ConfigError
 
@@ -84,21 +85,7 @@ class ConsoleConfig:
             raise ConfigError(env_name("log_format"), "must be json or text")
         if self.shutdown_grace_seconds < 0:
             raise ConfigError(env_name("shutdown_grace_seconds"), "must be >= 0")
-        if (self.tls_cert_file is None) != (self.tls_key_file is None):
-            raise ConfigError(
-                env_name("tls_key_file"), "tls_cert_file and tls_key_file go together"
-            )
-        if (self.tls_client_cert_file is None) != (self.tls_client_key_file is None):
-            raise ConfigError(
-                env_name("tls_client_key_file"),
-                "tls_client_cert_file and tls_client_key_file go together",
-            )
-        if self.tls_client_cert_file is not None and self.tls_ca_file is None:
-            raise ConfigError(env_name("tls_ca_file"), "required with TENSAFE_TLS_CLIENT_CERT_FILE")
-        for name in ("tls_cert_file", "tls_key_file", "tls_ca_file", "tls_client_cert_file"):
-            path = getattr(self, name)
-            if path is not None and not Path(path).is_file():
-                raise ConfigError(env_name(name), f"{path} is not a readable file")
+        tls.validate(self)
         if self.console_call_timeout_seconds <= 0:
             raise ConfigError(env_name("console_call_timeout_seconds"), "must be > 0")
         if not 0.2 <= self.console_poll_seconds <= 60:

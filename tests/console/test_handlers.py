@@ -44,6 +44,21 @@ def test_config_names_the_bad_setting() -> None:
     base = {"TENSAFE_TRAINER_URL": "h:1", "TENSAFE_AUTH_URL": "h:2"}
     with pytest.raises(ConfigError, match="TENSAFE_REGISTRY_URL"):
         load_config(ConsoleConfig, {**base, "TENSAFE_REGISTRY_URL": "http://h:3"})
+    with pytest.raises(ConfigError, match="TENSAFE_TLS_KEY_FILE"):
+        load_config(
+            ConsoleConfig,
+            {**base, "TENSAFE_REGISTRY_URL": "h:3", "TENSAFE_TLS_CERT_FILE": __file__},
+        )
+    with pytest.raises(ConfigError, match="TENSAFE_TLS_CA_FILE"):
+        load_config(
+            ConsoleConfig,
+            {
+                **base,
+                "TENSAFE_REGISTRY_URL": "h:3",
+                "TENSAFE_TLS_CLIENT_CERT_FILE": __file__,
+                "TENSAFE_TLS_CLIENT_KEY_FILE": __file__,
+            },
+        )
     config = load_config(ConsoleConfig, {**base, "TENSAFE_REGISTRY_URL": "h:3"})
     assert not config.secure_cookie
     assert dataclasses.replace(config, console_secure_cookie=True).secure_cookie
