@@ -118,6 +118,9 @@ def test_a_tenant_watches_a_run_and_opens_its_package(
         status = driver.find_element(By.ID, "chart-status").text
         epsilon = client.get_privacy_spent().epsilon
         assert f"ε {epsilon:.3f}" in status, status
+        bar = driver.find_element(By.CSS_SELECTOR, "#privacy-bar .bar-text").text
+        assert bar == f"ε {epsilon:.3f} / 4.000", bar  # the budget bar followed the run
+        assert driver.find_element(By.ID, "dp-steps").text == "3"
         shoot(driver, screenshots, "run")
 
     driver.get(f"{stack.console_url}/registry")

@@ -47,6 +47,19 @@
   }, series(), box);
   box.dataset.points = String(points.length);
 
+  // The "Privacy spent" card follows the run too: DP steps, the bar and its label.
+  function showSpent(progress) {
+    const dpSteps = document.getElementById("dp-steps");
+    if (dpSteps) dpSteps.textContent = String(progress.dp_steps);
+    const meter = document.querySelector("#privacy-bar meter");
+    const label = document.querySelector("#privacy-bar .bar-text");
+    if (!meter || !label || progress.epsilon === null || !progress.epsilon_budget) return;
+    const spent = progress.epsilon.toFixed(3), budget = progress.epsilon_budget.toFixed(3);
+    meter.value = Math.min(progress.epsilon / progress.epsilon_budget, 1);
+    meter.setAttribute("aria-label", "Privacy budget: ε spent " + spent + " of budget " + budget);
+    label.textContent = "ε " + spent + " / " + budget;
+  }
+
   function describe(progress) {
     const eps = progress.epsilon === null ? "not private" : "ε " + progress.epsilon.toFixed(3);
     status.textContent = points.length + " points; step " + progress.step + ", " + eps;
@@ -63,6 +76,7 @@
           box.dataset.points = String(points.length);
         }
         if (stepCount) stepCount.textContent = String(progress.step);
+        showSpent(progress);
         describe(progress);
       } else if (response.status === 401 || response.status === 303) {
         status.textContent = "Signed out: sign in again to keep following the run.";
