@@ -19,6 +19,7 @@ from typing import Any
 
 from tensafe.auth.config import AuthConfig
 from tensafe.common.config import ServiceConfig, describe
+from tensafe.console.config import ConsoleConfig
 from tensafe.he_runtime.config import HeRuntimeConfig
 from tensafe.registry.config import RegistryConfig
 from tensafe.tinker_api.config import TinkerApiConfig
@@ -39,6 +40,7 @@ SECTIONS: tuple[tuple[str, type[Any]], ...] = (
     ("he_runtime (`python -m tensafe.he_runtime`)", HeRuntimeConfig),
     # Not a ServiceConfig: no database or data folder (docs/tinker.md); every row is its own.
     ("tinker_api (`python -m tensafe.tinker_api`, HTTP)", TinkerApiConfig),
+    ("console (`python -m tensafe.console`, HTTP)", ConsoleConfig),
 )
 
 

@@ -17,6 +17,17 @@ if ! command -v softhsm2-util >/dev/null 2>&1; then
     apt-get update -qq >/dev/null
     apt-get install -y -qq --no-install-recommends softhsm2 >/dev/null
 fi
+# Chromium and its WebDriver from Debian drive tests/console's browser tests (no browser
+# is downloaded at install).
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "Chromium is missing: run 'apt-get install chromium chromium-driver' as root" >&2
+        exit 1
+    fi
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq >/dev/null
+    apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null
+fi
 
 python3 -m venv .venv
 . .venv/bin/activate

@@ -187,8 +187,12 @@ def nats_client_context(config: ServiceConfig) -> ssl.SSLContext | None:
     return context
 
 
-def validate(config: ServiceConfig) -> None:
+def validate(config: object) -> None:
     """Check the TLS settings of a config (called by its ``__post_init__``).
+
+    ``config`` is a :class:`ServiceConfig` or any config with the same ``tls_*`` fields
+    (an HTTP front door has no ``tls_client_ca_file``: its listener takes no client
+    certificates).
 
     Raises:
         ConfigError: Half a pair is set, mTLS without a server certificate, a client
@@ -206,13 +210,16 @@ def validate(config: ServiceConfig) -> None:
             raise ConfigError(
                 f"TENSAFE_{missing.upper()}", f"required with TENSAFE_{given.upper()}"
             )
-    if config.tls_client_ca_file is not None and config.tls_cert_file is None:
+    client_ca_file = getattr(config, "tls_client_ca_file", None)
+    if client_ca_file is not None and getattr(config, "tls_cert_file", None) is None:
         raise ConfigError(
             "TENSAFE_TLS_CLIENT_CA_FILE",
             "mutual TLS needs the server's own certificate: set TENSAFE_TLS_CERT_FILE and "
             "TENSAFE_TLS_KEY_FILE",
         )
-    if config.tls_client_cert_file is not None and config.tls_ca_file is None:
+    if getattr(config, "tls_client_cert_file", None) is not None and (
+        getattr(config, "tls_ca_file", None) is None
+    ):
         raise ConfigError(
             "TENSAFE_TLS_CA_FILE",
             "required with TENSAFE_TLS_CLIENT_CERT_FILE: without it outgoing channels are "
@@ -227,6 +234,6 @@ def validate(config: ServiceConfig) -> None:
         "tls_client_key_file": PEM_PRIVATE_KEY,
     }
     for name, kind in kinds.items():
-        path = getattr(config, name)
+        path = getattr(config, name, None)
         if path is not None:
             read_pem(f"TENSAFE_{name.upper()}", path, kind)

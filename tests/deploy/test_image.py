@@ -87,7 +87,7 @@ def test_the_package_is_built_as_a_wheel_and_installed_from_it() -> None:
     (install,) = installs
     assert "--no-index" in install, "the runtime installs only the wheels built above"
     version = PYPROJECT["project"]["version"]
-    assert f"tensafe[trainer,he,tinker-api]=={version}" in install
+    assert f"tensafe[trainer,he,tinker-api,console]=={version}" in install
     assert not [
         c
         for c in built["runtime"]
@@ -148,6 +148,7 @@ def test_one_entry_point_per_process_and_each_module_exists() -> None:
         "tensafe.he_runtime",
         "tensafe.trainer.worker",
         "tensafe.tinker_api",
+        "tensafe.console",
     }
     for module in modules:
         spec = importlib.util.find_spec(module)

@@ -64,6 +64,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
         print(f"  {name:<11} {address}")
     print(f"  {'nats':<11} {connection['nats_url']}")
     print(f"  {'tinker api':<11} {connection['tinker_base_url']}  (TINKER_BASE_URL)")
+    print(f"  {'console':<11} {connection['console_url']}  (sign in with an API key)")
     if stack.installed_base_model is not None:
         print(
             f"base model: installed the built-in pretrained tiny-llama in "

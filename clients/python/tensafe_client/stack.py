@@ -47,10 +47,13 @@ SERVICES: tuple[str, ...] = ("auth", "registry", "he_runtime", "trainer")
 
 CONNECTION_FILE = "connection.json"
 WORKER_MODULE = "tensafe.trainer.worker"
+"""The trainer's job consumer: a process of its own, started beside the trainer API."""
 TINKER_API = "tinker_api"
 """The HTTP server of the official ``tinker`` SDK (docs/tinker.md); a client of the
 trainer and auth, started after them."""
-"""The trainer's job consumer: a process of its own, started beside the trainer API."""
+CONSOLE = "console"
+"""The web console for tenants (docs/console.md); a client of the trainer, registry and
+auth, started after them."""
 _ALREADY_BOOTSTRAPPED = 3  # exit code of tensafe.auth.bootstrap when an admin exists
 ACTING_SERVICES = ("trainer", "he_runtime")
 """Service accounts the registry lets act for tenants (publish; download and unwrap)."""
@@ -247,10 +250,24 @@ class LocalStack:
         )
         self._children.append(tinker_api)
         tinker_api.port = self._await_ready(tinker_api, deadline)
+        console = self._spawn(
+            CONSOLE,
+            data,
+            nats_url,
+            {
+                "TENSAFE_TRAINER_URL": f"{opts.host}:{self._child('trainer').port}",
+                "TENSAFE_REGISTRY_URL": registry_url,
+                "TENSAFE_AUTH_URL": auth_url,
+            },
+        )
+        self._children.append(console)
+        console.port = self._await_ready(console, deadline)
         connection: dict[str, object] = {
             "services": {c.name: f"{opts.host}:{c.port}" for c in grpc_children},
             # The official `tinker` SDK's TINKER_BASE_URL (plain HTTP on the stack's host).
             "tinker_base_url": f"http://{opts.host}:{tinker_api.port}",
+            # The web console (plain HTTP on the stack's host; sign in with an API key).
+            "console_url": f"http://{opts.host}:{console.port}",
             "nats_url": nats_url,
             "data_dir": str(data),
             "dev_mode": True,
@@ -290,9 +307,9 @@ class LocalStack:
         certificates = self._certificates
         if certificates is None:
             return {}
-        if name == TINKER_API:
-            # A client of the trainer and auth (mTLS); its own listener is plain HTTP on
-            # the stack's host, which the SDK reaches without a private CA.
+        if name in (TINKER_API, CONSOLE):
+            # A client of the services (mTLS); its own listener is plain HTTP on the
+            # stack's host, which the SDK and a browser reach without a private CA.
             client = certificates.clients[name]
             return {
                 "TENSAFE_TLS_CA_FILE": str(certificates.ca_file),
@@ -584,7 +601,7 @@ def _ensure_certificates(data: Path, host: str) -> DevCertificates:
     certificates = ensure_dev_certificates(
         data / "tls",
         servers=(*SERVICES, "nats"),
-        clients=(*SERVICES, TINKER_API),
+        clients=(*SERVICES, TINKER_API, CONSOLE),
         hosts=("127.0.0.1", "localhost", host),
     )
     if certificates.created:
