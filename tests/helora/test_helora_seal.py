@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -521,3 +522,22 @@ def test_a_dead_peer_process_fails_the_request_as_unavailable(client: HeLoraClie
             executor.apply(plan, adapter, client.encrypt_activations(plan, x))
     finally:
         pool.close()
+
+
+def test_the_peer_drops_a_session_and_its_adapters_with_the_executor(
+    client: HeLoraClient, peers: EvaluationPeers
+) -> None:
+    plan = make_plan(Packing.PER_TOKEN, hidden_size=256, rank=8, tokens=1)
+    _, weights = lora_case(plan, seed=3)
+    material = client.public_material(plan)
+    worker = peers.worker()  # a pool of one: the executor's worker too
+    before = worker.held()
+    executor = HeLoraExecutor(
+        parameters=material.parameters, galois_keys=material.galois_keys, peers=peers
+    )
+    adapter = executor.encode_adapter(plan, weights)
+    assert worker.held() == (before[0] + 1, before[1] + 1)
+    del executor, adapter
+    gc.collect()
+    # Key hygiene: the peer's copy of the keys goes with the session.
+    assert worker.held() == before

@@ -67,8 +67,17 @@ class PeerWorker:
         return pid
 
     def defer(self, message: tuple[Any, ...]) -> None:
-        """Queue a fire-and-forget message (session or adapter release)."""
+        """Send a fire-and-forget message (a session or adapter release) now if the pipe
+        is free, else when the task holding it ends (never blocks: a finalizer may run
+        while its own thread holds the pipe)."""
         self._deferred.append(message)
+        if self._lock.acquire(blocking=False):
+            try:
+                self._flush()
+            except PeerFailed:
+                pass  # the worker is gone, and with it what the message would release
+            finally:
+                self._lock.release()
 
     def call(self, message: tuple[Any, ...]) -> Any:
         """Send ``message`` and wait for the reply."""
@@ -83,8 +92,7 @@ class PeerWorker:
         self._lock.acquire()
         try:
             self._check()
-            while self._deferred:
-                self._send(self._deferred.pop())
+            self._flush()
             self._send(message)
         except BaseException:
             self._lock.release()
@@ -100,11 +108,18 @@ class PeerWorker:
             except (EOFError, OSError) as error:
                 self._broken = f"{self.name} exited ({error or 'pipe closed'})"
                 raise PeerFailed(f"HE evaluation peer {self._broken}") from None
+            with contextlib.suppress(PeerFailed):  # the next task reports a dead worker
+                self._flush()
         finally:
             self._lock.release()
         if status != "ok":
             raise PeerFailed(f"HE evaluation peer {self.name} failed a task: {value}")
         return value
+
+    def held(self) -> tuple[int, int]:
+        """(sessions, encoded adapters) the worker holds (after pending releases)."""
+        sessions, adapters = self.call(("held",))
+        return int(sessions), int(adapters)
 
     def close(self) -> None:
         """Stop the worker process (waits up to 5 s, then terminates it)."""
@@ -118,6 +133,11 @@ class PeerWorker:
         if self._process.is_alive():
             self._process.terminate()
             self._process.join(timeout=5.0)
+
+    def _flush(self) -> None:
+        # Called with the lock held.
+        while self._deferred and self._broken is None:
+            self._send(self._deferred.pop(0))
 
     def _send(self, message: tuple[Any, ...]) -> None:
         try:
@@ -233,6 +253,8 @@ class _WorkerState:
         if kind == "drop_adapter":
             self.adapters.pop((message[1], message[2]), None)
             return None
+        if kind == "held":
+            return len(self.sessions), len(self.adapters)
         if kind == "task":
             _, session, adapter_id, plan_text, task, arguments = message
             executor = self.sessions[session]
