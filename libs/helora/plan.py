@@ -327,10 +327,11 @@ class Plan:
         """Estimate the runtime's wall time for this plan with ``cores`` cores.
 
         The HE runtime's executor uses at most two processes per request (itself and
-        one peer): several units are split half and half; one CLIENT_BABY_STEPS unit
-        runs half of x·A's giant steps and half of u·B's baby steps (with their
-        products) in the peer while the fold and u·B's giant rotations stay on the
-        critical path. Every other single unit runs on one core. Shipping ciphertexts
+        one peer): several units are split half and half, and so is the work of one
+        BATCH_FIRST token group (by features); one CLIENT_BABY_STEPS unit runs half of
+        x·A's giant steps and half of u·B's baby steps (with their products) in the
+        peer while the fold and u·B's giant rotations stay on the critical path. A
+        single SERVER_BABY_STEPS unit runs on one core. Shipping ciphertexts
         between the processes (~0.03 ms to serialize 0.26 MiB) is not modelled.
 
         Args:
@@ -345,6 +346,8 @@ class Plan:
             return self.estimated_server_ms
         if self.units >= 2:
             return self.estimated_server_ms * ((self.units + 1) // 2) / self.units
+        if self.packing is Packing.BATCH_FIRST:
+            return self.estimated_server_ms / 2
         if self.variant is not Variant.CLIENT_BABY_STEPS:
             return self.estimated_server_ms
         model, degree = self.cost_model, self.params.poly_modulus_degree

@@ -476,6 +476,7 @@ def peers() -> Iterator[EvaluationPeers]:
         (Packing.PER_TOKEN, Variant.CLIENT_BABY_STEPS, 5),  # three units, 2 + 1
         (Packing.PER_TOKEN, Variant.SERVER_BABY_STEPS, 4),  # two units
         (Packing.BATCH_FIRST, Variant.TWO_PRIMES, 2 * 4096 + 3),  # two token groups
+        (Packing.BATCH_FIRST, Variant.TWO_PRIMES, 300),  # one group, split by features
     ],
 )
 def test_a_peer_process_gives_the_serial_result_with_the_planned_counts(

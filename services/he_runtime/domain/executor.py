@@ -26,8 +26,9 @@ executor opens its session in a peer process too and splits each request: severa
 units (ciphertexts or token groups) half and half; one PER_TOKEN CLIENT_BABY_STEPS unit
 by giant steps of x·A and by baby steps of u·B, the parts that do not depend on each
 other (the fold in between is a chain of dependent rotations and stays in this
-process). The peer's counted operations are added to this process's, and the sum
-equals the plan.
+process); one BATCH_FIRST token group by input features of x·A (the partial sums are
+added before the rescale) and by output features of u·B. The peer's counted
+operations are added to this process's, and the sum equals the plan.
 """
 
 from __future__ import annotations
@@ -395,6 +396,8 @@ class HeLoraExecutor:
             and plan.variant is Variant.CLIENT_BABY_STEPS
         ):
             outputs = [self._split_unit(plan, adapter, evaluator, inputs, payloads, peer)]
+        elif peer is not None and plan.packing is Packing.BATCH_FIRST:
+            outputs = self._split_group(plan, adapter, evaluator, inputs, payloads, peer)
         else:
             outputs = self._units(plan, adapter, evaluator, inputs)
         blobs = tuple(
@@ -410,8 +413,9 @@ class HeLoraExecutor:
         Args:
             plan: The request's plan.
             adapter: This process's encoding of the request's adapter.
-            task: ``units`` (whole units), ``x_giant`` (some giant steps of x·A) or
-                ``u_baby`` (some baby steps of u·B).
+            task: ``units`` (whole units), ``x_giant`` (some giant steps of x·A),
+                ``u_baby`` (some baby steps of u·B), ``batch_upper`` (x·A over some
+                input features) or ``batch_lower`` (u·B for some output features).
             arguments: The task's ciphertexts (SEAL bytes) and indices.
 
         Returns:
@@ -431,6 +435,15 @@ class HeLoraExecutor:
                     giants,
                 )
             ]
+        elif task == "batch_upper":
+            payloads, features = arguments
+            outputs = self._batch_upper(
+                plan, adapter, evaluator, self._load_raw(payloads), features
+            )
+        elif task == "batch_lower":
+            payloads, features = arguments
+            inner = self._load_raw(payloads)
+            outputs = self._batch_lower(plan, adapter, evaluator, inner, features)
         elif task == "u_baby":
             payload, babies = arguments
             outputs = _baby_partials(
@@ -739,17 +752,28 @@ class HeLoraExecutor:
         evaluator: CountingEvaluator,
         inputs: Sequence[Any],
     ) -> list[Any]:
-        lora_a, lora_b = adapter.lora_a_values, adapter.lora_b_values
-        if lora_a is None or lora_b is None:
-            raise FailedPrecondition(
-                "the adapter was not encoded for a BATCH_FIRST plan", reason="PLAN_MISMATCH"
-            )
+        inner = self._batch_upper(plan, adapter, evaluator, inputs, range(plan.hidden_size))
+        for accumulator in inner:
+            # One rescale per accumulated output, not per product.
+            evaluator.rescale_inplace(accumulator)
+        return self._batch_lower(plan, adapter, evaluator, inner, range(plan.output_size))
+
+    def _batch_upper(
+        self,
+        plan: Plan,
+        adapter: EncodedAdapter,
+        evaluator: CountingEvaluator,
+        inputs: Sequence[Any],
+        features: range,
+    ) -> list[Any]:
+        """x·A over some input features: per column of A, sum_i A[i, j] * inputs[i]
+        (not rescaled; ``inputs`` holds the ciphertexts of ``features`` in order)."""
+        lora_a, _ = _batch_weights(adapter)
         upper = self._context.parms_id_for_primes(plan.input_primes)
-        lower = self._context.parms_id_for_primes(plan.output_primes)
         inner: list[Any] = []
-        for column in range(plan.rank):
+        for column in range(lora_a.shape[1]):
             accumulator = None
-            for feature, ciphertext in enumerate(inputs):
+            for feature, ciphertext in zip(features, inputs, strict=True):
                 weight = evaluator.encode_scalar(
                     float(lora_a[feature, column]), adapter.lora_a_scale, upper
                 )
@@ -758,11 +782,22 @@ class HeLoraExecutor:
                     accumulator = product
                 else:
                     evaluator.add_inplace(accumulator, product)
-            # One rescale per accumulated output, not per product.
-            evaluator.rescale_inplace(accumulator)
             inner.append(accumulator)
-        outputs: list[Any] = []
-        for feature in range(plan.output_size):
+        return inner
+
+    def _batch_lower(
+        self,
+        plan: Plan,
+        adapter: EncodedAdapter,
+        evaluator: CountingEvaluator,
+        inner: Sequence[Any],
+        outputs: range,
+    ) -> list[Any]:
+        """u·B for some output features, from the r rescaled columns of x·A."""
+        _, lora_b = _batch_weights(adapter)
+        lower = self._context.parms_id_for_primes(plan.output_primes)
+        results: list[Any] = []
+        for feature in outputs:
             accumulator = None
             for column, ciphertext in enumerate(inner):
                 weight = evaluator.encode_scalar(
@@ -773,8 +808,45 @@ class HeLoraExecutor:
                     accumulator = product
                 else:
                     evaluator.add_inplace(accumulator, product)
-            outputs.append(accumulator)
-        return outputs
+            results.append(accumulator)
+        return results
+
+    def _split_group(
+        self,
+        plan: Plan,
+        adapter: EncodedAdapter,
+        evaluator: CountingEvaluator,
+        inputs: list[Any],
+        payloads: list[bytes],
+        peer: PeerWorker,
+    ) -> list[Any]:
+        """One BATCH_FIRST token group on two cores (same operations as the serial one).
+
+        x·A: the peer sums the second half of the input features for every column,
+        this process the first half; the partial sums are added and rescaled here. u·B:
+        the peer computes the second half of the output features.
+        """
+        features = range(plan.hidden_size)
+        half = (len(features) + 1) // 2
+        pending = peer.submit(
+            self._task(plan, adapter, "batch_upper", (payloads[half:], features[half:]))
+        )
+        try:
+            inner = self._batch_upper(plan, adapter, evaluator, inputs[:half], features[:half])
+        finally:
+            theirs = self._absorb(evaluator, pending.result())
+        for accumulator, their in zip(inner, theirs, strict=True):
+            evaluator.add_inplace(accumulator, their)
+            evaluator.rescale_inplace(accumulator)
+        outputs = range(plan.output_size)
+        half = (len(outputs) + 1) // 2
+        blobs = [ciphertext.to_string() for ciphertext in inner]
+        pending = peer.submit(self._task(plan, adapter, "batch_lower", (blobs, outputs[half:])))
+        try:
+            results = self._batch_lower(plan, adapter, evaluator, inner, outputs[:half])
+        finally:
+            theirs = self._absorb(evaluator, pending.result())
+        return results + theirs
 
     def _require_fits(self, bound: float, primes: int, what: str) -> None:
         bits = sum(self._context.params.data_prime_bits[:primes]) - _HEADROOM_BITS
@@ -861,6 +933,14 @@ def _sum_giant_partials(evaluator: CountingEvaluator, partials: Sequence[Any], b
     for giant in range(1, len(partials)):
         evaluator.add_inplace(total, evaluator.rotate(partials[giant], giant * baby))
     return total
+
+
+def _batch_weights(adapter: EncodedAdapter) -> tuple[FloatArray, FloatArray]:
+    if adapter.lora_a_values is None or adapter.lora_b_values is None:
+        raise FailedPrecondition(
+            "the adapter was not encoded for a BATCH_FIRST plan", reason="PLAN_MISMATCH"
+        )
+    return adapter.lora_a_values, adapter.lora_b_values
 
 
 def _checked_weights(plan: Plan, weights: LoraWeights) -> tuple[FloatArray, FloatArray]:

@@ -284,4 +284,3 @@ def serve(conn: Connection) -> None:
         except Exception:  # reported to the caller, which raises UNAVAILABLE
             reply = ("error", traceback.format_exc(limit=4))
         conn.send(reply)
-
