@@ -8,8 +8,9 @@ Rows, measured in one run with repetitions interleaved (medians reported):
    current variant (CLIENT_BABY_STEPS: the client sends the baby-step rotations of x,
    the runtime rotates giant steps only) and in the compiler-version-1 layout
    (SERVER_BABY_STEPS), so old and new plans are compared in the same run.
-2. BATCH_FIRST plan, a full token group: 2 x slot count tokens with complex packing
-   (and, with --batch-real, slot-count tokens in real slots); per-token amortised server
+2. BATCH_FIRST plan, a full token group: 2 x slot count tokens with complex packing,
+   on one core and on ``--cores`` cores (and, with --batch-real, slot-count tokens in
+   real slots); per-token amortised server
    time and the token count from which batch packing beats per-token packing.
 3. TenSEAL ``CKKSVector.matmul`` of the same x·A·B (bench-only comparison; skipped with a
    message if tenseal is not installed: ``pip install tenseal==0.3.18``).
@@ -328,14 +329,14 @@ def run(args: argparse.Namespace, peers: EvaluationPeers | None) -> None:
             )
         )
         if peers is not None:
-            # Two token groups, one per core.
+            # One token group, its features split between the cores.
             cases.append(
                 HeCase(
-                    Row(f"BATCH_FIRST, {2 * batch_tokens} tokens, {cores}", 2 * batch_tokens),
-                    plan(2 * batch_tokens, Packing.BATCH_FIRST),
+                    Row(f"BATCH_FIRST, {batch_tokens} tokens, {cores}", batch_tokens),
+                    plan(batch_tokens, Packing.BATCH_FIRST),
                     client,
                     weights,
-                    np.concatenate([x, x[::-1]]),
+                    x,
                     peers,
                 )
             )
