@@ -171,7 +171,7 @@ async def build_service(
             ServiceRegistration(
                 "tensafe.he.v1.HeRuntimeService",
                 he_service_pb2_grpc.add_HeRuntimeServiceServicer_to_server,
-                HeRuntimeServiceServicer(sessions),
+                HeRuntimeServiceServicer(sessions, max_message_bytes=config.max_message_bytes),
             )
         ],
         interceptors=list(interceptors),

@@ -251,8 +251,11 @@ def test_only_public_material_and_ciphertexts_cross_the_wire(runtime: Runtime) -
             if message.chunk.last:
                 blobs.append(bytes(pending))
                 pending = bytearray()
+        elif isinstance(message, pb.ApplyLoraInlineRequest):
+            blobs.extend(message.ciphertexts)
     blobs.append(bytes(keys))
-    assert methods == {"CreateSession", "ApplyLora", "CloseSession"}
+    # A small call goes in one message (ApplyLoraInline), not streamed.
+    assert methods == {"CreateSession", "ApplyLoraInline", "CloseSession"}
     kinds = [wire_kind(blob) for blob in blobs]
     assert sorted(set(kinds)) == [WireKind.PARAMETERS, WireKind.GALOIS_KEYS, WireKind.CIPHERTEXT]
     # Three tokens, two per unit, each unit as its n1 = 2 client-rotated copies.
