@@ -15,9 +15,10 @@ can be fine-grained.
 The worker reports the operations it performed; the executor adds them to its own,
 so the counts of a request are still what really ran and must equal the plan's.
 
-A worker that exits (killed, out of memory) makes every later call that needs it fail
-with UNAVAILABLE, naming the worker; the runtime does not silently evaluate on one core
-instead.
+A worker that exits (killed, out of memory) fails the calls that need it with
+UNAVAILABLE, naming the worker; the runtime does not silently evaluate on one core
+instead. The sessions domain then drops the session's executor, so the client's retry
+rebuilds it (from its row and key file, like after a restart) on a new worker process.
 """
 
 from __future__ import annotations
@@ -59,6 +60,11 @@ class PeerWorker:
         # the same thread, so they must not take the lock); sent before the next task.
         self._deferred: list[tuple[Any, ...]] = []
         self._broken: str | None = None
+
+    @property
+    def alive(self) -> bool:
+        """False once the worker has exited or its pipe broke."""
+        return self._broken is None and self._process.is_alive()
 
     @property
     def pid(self) -> int | None:
@@ -183,8 +189,8 @@ class EvaluationPeers:
     def __init__(self, processes: int) -> None:
         if processes < 1:
             raise ValueError("processes must be at least 1")
-        context = multiprocessing.get_context("spawn")
-        self._workers = [PeerWorker(context, index) for index in range(processes)]
+        self._context = multiprocessing.get_context("spawn")
+        self._workers = [PeerWorker(self._context, index) for index in range(processes)]
         self._next = itertools.cycle(range(processes))
         self._pick = threading.Lock()
 
@@ -192,9 +198,15 @@ class EvaluationPeers:
         return len(self._workers)
 
     def worker(self) -> PeerWorker:
-        """The next worker, round robin (sessions spread over the workers)."""
+        """The next worker, round robin (sessions spread over the workers); a worker
+        that has exited is replaced by a new process first."""
         with self._pick:
-            return self._workers[next(self._next)]
+            index = next(self._next)
+            worker = self._workers[index]
+            if not worker.alive:
+                worker.close()
+                worker = self._workers[index] = PeerWorker(self._context, index)
+            return worker
 
     def close(self) -> None:
         """Stop every worker."""

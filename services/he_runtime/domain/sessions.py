@@ -51,7 +51,7 @@ from tensafe.common.errors import (
 from tensafe.common.quotas import quota_exceeded
 from tensafe.he_runtime.domain.adapters import AdapterSource, LoadedAdapter
 from tensafe.he_runtime.domain.executor import HeLoraExecutor, LoraWeights
-from tensafe.he_runtime.domain.parallel import EvaluationPeers
+from tensafe.he_runtime.domain.parallel import EvaluationPeers, PeerFailed
 from tensafe.he_runtime.domain.plans import PlanRequest, compile_for, plan_for_units
 from tensafe.he_runtime.store.keys import KeyFiles
 from tensafe.he_runtime.store.sql import SessionRecord, SessionStore, SessionTransaction, micros
@@ -295,6 +295,11 @@ class HeSessions:
         # awaits); the tenant's DB lock makes them one step across replicas.
         self._reserving = asyncio.Lock()
         self._loading = _KeyedLocks()
+
+    @property
+    def peers(self) -> EvaluationPeers | None:
+        """The peer processes executors share their work with (None: one core)."""
+        return self._peers
 
     # -- limits --------------------------------------------------------------------
 
@@ -699,6 +704,12 @@ class HeSessions:
         session.in_flight += 1
         try:
             return await self._run(lambda: session.evaluate(layer, plan, ciphertexts))
+        except PeerFailed:
+            # The executor's peer process is gone: drop the executor, so the client's
+            # retry (UNAVAILABLE) rebuilds the session on a new peer process.
+            log.error("HE peer process failed; session %s will be rebuilt", session.id)
+            self._drop_cached(session)
+            raise
         finally:
             session.in_flight -= 1
             session.last_used = self._clock()
