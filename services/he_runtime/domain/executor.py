@@ -39,7 +39,7 @@ import json
 import math
 import uuid
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -772,17 +772,11 @@ class HeLoraExecutor:
         upper = self._context.parms_id_for_primes(plan.input_primes)
         inner: list[Any] = []
         for column in range(lora_a.shape[1]):
-            accumulator = None
-            for feature, ciphertext in zip(features, inputs, strict=True):
-                weight = evaluator.encode_scalar(
-                    float(lora_a[feature, column]), adapter.lora_a_scale, upper
-                )
-                product = evaluator.multiply_plain(ciphertext, weight)
-                if accumulator is None:
-                    accumulator = product
-                else:
-                    evaluator.add_inplace(accumulator, product)
-            inner.append(accumulator)
+            weights = (
+                evaluator.encode_scalar(float(lora_a[feature, column]), adapter.lora_a_scale, upper)
+                for feature in features
+            )
+            inner.append(_sum_of_products(evaluator, zip(inputs, weights, strict=True)))
         return inner
 
     def _batch_lower(
@@ -798,17 +792,11 @@ class HeLoraExecutor:
         lower = self._context.parms_id_for_primes(plan.output_primes)
         results: list[Any] = []
         for feature in outputs:
-            accumulator = None
-            for column, ciphertext in enumerate(inner):
-                weight = evaluator.encode_scalar(
-                    float(lora_b[column, feature]), adapter.lora_b_scale, lower
-                )
-                product = evaluator.multiply_plain(ciphertext, weight)
-                if accumulator is None:
-                    accumulator = product
-                else:
-                    evaluator.add_inplace(accumulator, product)
-            results.append(accumulator)
+            weights = (
+                evaluator.encode_scalar(float(lora_b[column, feature]), adapter.lora_b_scale, lower)
+                for column in range(len(inner))
+            )
+            results.append(_sum_of_products(evaluator, zip(inner, weights, strict=True)))
         return results
 
     def _split_group(
@@ -885,16 +873,25 @@ def _giant_steps(
     """
     total = None
     for giant in range(len(diagonals)) if giants is None else giants:
-        row = diagonals[giant]
-        partial = evaluator.multiply_plain(rotated[0], row[0])
-        for step in range(1, baby):
-            evaluator.add_inplace(partial, evaluator.multiply_plain(rotated[step], row[step]))
+        partial = _sum_of_products(evaluator, zip(rotated[:baby], diagonals[giant], strict=True))
         if giant:
             partial = evaluator.rotate(partial, giant * baby)
         if total is None:
             total = partial
         else:
             evaluator.add_inplace(total, partial)
+    return total
+
+
+def _sum_of_products(evaluator: CountingEvaluator, pairs: Iterable[tuple[Any, Any]]) -> Any:
+    """sum_k ciphertext_k * plaintext_k: n products and n - 1 additions, in order."""
+    total = None
+    for ciphertext, plaintext in pairs:
+        product = evaluator.multiply_plain(ciphertext, plaintext)
+        if total is None:
+            total = product
+        else:
+            evaluator.add_inplace(total, product)
     return total
 
 
@@ -914,17 +911,10 @@ def _baby_partials(
     copies = [inner if step == 0 else evaluator.rotate(inner, step) for step in babies]
     for copy in copies:
         evaluator.rescale_inplace(copy)
-    partials: list[Any] = []
-    for row in diagonals:
-        partial = None
-        for step, copy in zip(babies, copies, strict=True):
-            product = evaluator.multiply_plain(copy, row[step])
-            if partial is None:
-                partial = product
-            else:
-                evaluator.add_inplace(partial, product)
-        partials.append(partial)
-    return partials
+    return [
+        _sum_of_products(evaluator, zip(copies, (row[step] for step in babies), strict=True))
+        for row in diagonals
+    ]
 
 
 def _sum_giant_partials(evaluator: CountingEvaluator, partials: Sequence[Any], baby: int) -> Any:
