@@ -141,24 +141,11 @@ def test_bad_apply_requests(
     error = raises(InvalidArgument, rpc.apply_lora, session.session.id, "", [good])
     assert error.field == "header.layer"  # type: ignore[attr-defined]
     # The header announces two ciphertexts, one arrives: streamed, then in one message.
-    error = raises(
-        InvalidArgument,
-        _apply_announcing,
-        rpc.apply_lora_streamed,
-        session.session.id,
-        announced=2,
-        blobs=[good],
-    )
-    assert error.field == "chunk"  # type: ignore[attr-defined]
-    error = raises(
-        InvalidArgument,
-        _apply_announcing,
-        rpc.apply_lora,
-        session.session.id,
-        announced=2,
-        blobs=[good],
-    )
-    assert error.field == "ciphertexts"  # type: ignore[attr-defined]
+    for apply, field in ((rpc.apply_lora_streamed, "chunk"), (rpc.apply_lora, "ciphertexts")):
+        error = raises(
+            InvalidArgument, _apply_announcing, apply, session.session.id, announced=2, blobs=[good]
+        )
+        assert error.field == field  # type: ignore[attr-defined]
     assert_still_serving(session, data_dir)
 
 
