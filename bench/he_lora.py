@@ -69,6 +69,10 @@ class Row:
     name: str
     tokens: int
     server_ms: list[float] = dataclasses.field(default_factory=list)
+    # CPU time of the serving process during the evaluation: on a loaded machine the
+    # wall time measures the scheduler; this measures the work left on the critical
+    # process once the peer takes its share.
+    server_cpu_ms: list[float] = dataclasses.field(default_factory=list)
     client_ms: list[float] = dataclasses.field(default_factory=list)
     rotations_per_token: float | None = None
     galois_key_bytes: int | None = None
@@ -127,7 +131,9 @@ class HeCase:
         started = time.perf_counter()
         uploads = self.client.encrypt_activations(self.plan, self.x)
         encrypted = time.perf_counter()
+        cpu = time.process_time()
         result = self.executor.apply(self.plan, self.adapter, uploads)
+        self.row.server_cpu_ms.append((time.process_time() - cpu) * 1e3)
         applied = time.perf_counter()
         delta = self.client.decrypt_delta(self.plan, result.ciphertexts)
         decrypted = time.perf_counter()
@@ -459,6 +465,9 @@ def report(
             f"  {case.row.name:44} est. {estimate:10.1f}  measured "
             f"{case.row.median_server():10.1f}  adapter encode {case.adapter_encode_ms:8.1f} ms"
         )
+    print("Serving-process CPU ms per request (median; the peer's share is not included):")
+    for case in cases:
+        print(f"  {case.row.name:44} {statistics.median(case.row.server_cpu_ms):10.1f}")
     print("Plans: variant, stated error bound vs measured max relative error, per-unit ops:")
     for case in cases:
         plan, row = case.plan, case.row
