@@ -19,7 +19,9 @@ Rows, measured in one run with repetitions interleaved (medians reported):
 The machine has 2 cores shared with other jobs: figures are noisy; compare ratios
 within one run rather than absolute times across runs.
 
-Every HE row prints its plan's stated error bound next to the measured max relative
+Every HE row also prints the serving process's CPU time per request (with a peer
+process, the work left on the critical process: a load-independent view of what the
+second core takes over), its plan's stated error bound next to the measured max relative
 error, and its per-token operation counts (load-independent, unlike the times). Every
 parameter set used is checked for 128-bit security (HomomorphicEncryption.org Table 1
 and SEAL's ``CoeffModulus.MaxBitCount``).
