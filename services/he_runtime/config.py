@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 from tensafe.common.config import ServiceConfig, env_name, setting
@@ -61,6 +62,19 @@ class HeRuntimeConfig(ServiceConfig):
         "each SEAL call, so more threads add concurrency between sessions, not speed.",
         default=2,
     )
+    evaluation_cores: int = setting(
+        "Cores one request's SEAL work may use: the serving process plus "
+        "evaluation_cores - 1 long-lived peer processes that hold each session's keys and "
+        "adapter plaintexts too and take the independent part of every request (other "
+        "units; for one token, half of x·A's giant steps and of u·B's baby steps). "
+        "0: one per core (os.cpu_count()); 1: no peer process.",
+        default=0,
+    )
+
+    @property
+    def cores(self) -> int:
+        """:attr:`evaluation_cores` with 0 resolved to the machine's core count."""
+        return self.evaluation_cores or os.cpu_count() or 1
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -73,6 +87,8 @@ class HeRuntimeConfig(ServiceConfig):
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(env_name(name), "must be at least 1")
+        if self.evaluation_cores < 0:
+            raise ConfigError(env_name("evaluation_cores"), "must be 0 (one per core) or more")
         if self.max_key_bytes_per_tenant < self.max_session_key_bytes:
             raise ConfigError(
                 env_name("max_key_bytes_per_tenant"),

@@ -25,6 +25,7 @@ from tensafe.he_runtime.domain.adapters import (
     LocalPeftAdapterSource,
     RegistryAdapterSource,
 )
+from tensafe.he_runtime.domain.parallel import EvaluationPeers
 from tensafe.he_runtime.domain.sessions import HeSessions, SessionLimits
 from tensafe.he_runtime.servicer import HeRuntimeServiceServicer
 from tensafe.he_runtime.store.keys import KeyFiles
@@ -111,6 +112,7 @@ async def build_service(
     pool = ThreadPoolExecutor(
         max_workers=config.evaluation_threads, thread_name_prefix="he-evaluation"
     )
+    peers = EvaluationPeers(config.cores - 1) if config.cores > 1 else None
     source = adapter_source(config)
     sessions = HeSessions(
         limits=SessionLimits(
@@ -125,6 +127,7 @@ async def build_service(
         store=store,
         keys=keys,
         clock=clock,
+        peers=peers,
     )
     removed = await sessions.sweep_files(grace_seconds=ORPHAN_KEY_FILE_GRACE_SECONDS)
     if removed:
@@ -157,6 +160,8 @@ async def build_service(
             await reaper
         await sessions.close_all()
         pool.shutdown(wait=True, cancel_futures=True)
+        if peers is not None:
+            peers.close()
         if isinstance(source, RegistryAdapterSource):
             await source.close()
         await database.dispose()
@@ -166,7 +171,7 @@ async def build_service(
             ServiceRegistration(
                 "tensafe.he.v1.HeRuntimeService",
                 he_service_pb2_grpc.add_HeRuntimeServiceServicer_to_server,
-                HeRuntimeServiceServicer(sessions),
+                HeRuntimeServiceServicer(sessions, max_message_bytes=config.max_message_bytes),
             )
         ],
         interceptors=list(interceptors),

@@ -19,7 +19,7 @@ from tensafe.common.auth import SCOPE_READ, SCOPE_TRAIN, require_scope
 from tensafe.common.errors import InvalidArgument, ResourceExhausted
 from tensafe.he_runtime import serde
 from tensafe.he_runtime.domain.plans import compile_for
-from tensafe.he_runtime.domain.sessions import HeSessions
+from tensafe.he_runtime.domain.sessions import HeSessions, Session
 from tensafe.proto.he.v1 import he_service_pb2 as pb
 from tensafe.proto.he.v1 import he_service_pb2_grpc
 
@@ -27,6 +27,9 @@ Context = grpc.aio.ServicerContext[Any, Any]
 
 RESPONSE_CHUNK_BYTES = 1024 * 1024
 """Largest ciphertext chunk sent back (1 MiB), well under any message limit."""
+
+_INLINE_RESPONSE_MARGIN = 64 * 1024
+"""Bytes of an ApplyLoraInline response kept for its framing and summary."""
 
 
 def caller_tenant(*scopes: str) -> str:
@@ -44,10 +47,13 @@ class HeRuntimeServiceServicer(he_service_pb2_grpc.HeRuntimeServiceServicer):
 
     Args:
         sessions: The HE sessions domain.
+        max_message_bytes: The server's message size limit (an ApplyLoraInline
+            response must fit it).
     """
 
-    def __init__(self, sessions: HeSessions) -> None:
+    def __init__(self, sessions: HeSessions, *, max_message_bytes: int) -> None:
         self._sessions = sessions
+        self._max_message_bytes = max_message_bytes
 
     async def CompilePlan(
         self, request: pb.CompilePlanRequest, context: Context
@@ -99,21 +105,13 @@ class HeRuntimeServiceServicer(he_service_pb2_grpc.HeRuntimeServiceServicer):
         first = await anext(messages, None)
         if first is None or first.WhichOneof("part") != "header":
             raise InvalidArgument("header", "the first message must be the header")
-        header = first.header
-        if not header.session_id:
-            raise InvalidArgument("header.session_id", "is required")
-        if not header.layer:
-            raise InvalidArgument("header.layer", "is required")
-        if header.ciphertexts < 1:
-            raise InvalidArgument("header.ciphertexts", "must be at least 1")
-        # Fail fast on an unknown or expired session or layer before reading the
-        # payload; the session found here is the one evaluated (one lookup per call).
-        session = await self._sessions.get(tenant, header.session_id)
-        session.check_layer(header.layer)
+        session = await self._session_for(tenant, first.header)
         ciphertexts = await _assemble(
-            messages, count=int(header.ciphertexts), max_bytes=self._sessions.limits.max_apply_bytes
+            messages,
+            count=int(first.header.ciphertexts),
+            max_bytes=self._sessions.limits.max_apply_bytes,
         )
-        result = await self._sessions.evaluate(session, header.layer, ciphertexts)
+        result = await self._sessions.evaluate(session, first.header.layer, ciphertexts)
         for index, blob in enumerate(result.ciphertexts):
             for start in range(0, len(blob), RESPONSE_CHUNK_BYTES):
                 end = start + RESPONSE_CHUNK_BYTES
@@ -127,6 +125,54 @@ class HeRuntimeServiceServicer(he_service_pb2_grpc.HeRuntimeServiceServicer):
                 counts=serde.counts_to_proto(result.counts), server_ms=result.server_ms
             )
         )
+
+    async def ApplyLoraInline(
+        self, request: pb.ApplyLoraInlineRequest, context: Context
+    ) -> pb.ApplyLoraInlineResponse:
+        """ApplyLora with the ciphertexts and results in one message each."""
+        tenant = caller_tenant(SCOPE_TRAIN)
+        if not request.HasField("header"):
+            raise InvalidArgument("header", "is required")
+        session = await self._session_for(tenant, request.header)
+        ciphertexts = list(request.ciphertexts)
+        if len(ciphertexts) != request.header.ciphertexts:
+            raise InvalidArgument(
+                "ciphertexts",
+                f"got {len(ciphertexts)}, header.ciphertexts={request.header.ciphertexts}",
+            )
+        limit = self._sessions.limits.max_apply_bytes
+        if sum(len(blob) for blob in ciphertexts) > limit:
+            raise _over_apply_bytes(limit)
+        result = await self._sessions.evaluate(session, request.header.layer, ciphertexts)
+        size = sum(len(blob) for blob in result.ciphertexts)
+        if size > self._max_message_bytes - _INLINE_RESPONSE_MARGIN:
+            raise ResourceExhausted(
+                f"the results ({size} bytes) do not fit one message (max_message_bytes="
+                f"{self._max_message_bytes}); use ApplyLora, which streams them",
+                metadata={"limit": "max_message_bytes"},
+            )
+        return pb.ApplyLoraInlineResponse(
+            ciphertexts=result.ciphertexts,
+            summary=pb.ApplyLoraSummary(
+                counts=serde.counts_to_proto(result.counts), server_ms=result.server_ms
+            ),
+        )
+
+    async def _session_for(self, tenant: str, header: pb.ApplyLoraHeader) -> Session:
+        """Check an ApplyLora header and find its session and layer.
+
+        Fails fast on an unknown or expired session or layer before the payload is
+        read; the session found here is the one evaluated (one lookup per call).
+        """
+        if not header.session_id:
+            raise InvalidArgument("header.session_id", "is required")
+        if not header.layer:
+            raise InvalidArgument("header.layer", "is required")
+        if header.ciphertexts < 1:
+            raise InvalidArgument("header.ciphertexts", "must be at least 1")
+        session = await self._sessions.get(tenant, header.session_id)
+        session.check_layer(header.layer)
+        return session
 
     async def CloseSession(
         self, request: pb.CloseSessionRequest, context: Context
@@ -155,11 +201,7 @@ async def _assemble(
             )
         total += len(chunk.data)
         if total > max_bytes:
-            raise ResourceExhausted(
-                f"the request carries more than max_apply_bytes={max_bytes} ciphertext bytes; "
-                "split the batch",
-                metadata={"limit": "max_apply_bytes"},
-            )
+            raise _over_apply_bytes(max_bytes)
         current += chunk.data
         if chunk.last:
             blobs.append(bytes(current))
@@ -170,3 +212,10 @@ async def _assemble(
             f"received {len(blobs)} complete ciphertexts, header.ciphertexts={count}",
         )
     return blobs
+
+
+def _over_apply_bytes(limit: int) -> ResourceExhausted:
+    return ResourceExhausted(
+        f"the request carries more than max_apply_bytes={limit} ciphertext bytes; split the batch",
+        metadata={"limit": "max_apply_bytes"},
+    )

@@ -584,7 +584,9 @@ class CrashingHeRpc(HeRuntimeRpc):
                     pending.pop()()
                 return super().__iter__()
 
-        return super().apply_lora(session_id, layer, Crashing(ciphertexts), **kwargs)
+        # Streamed (not ApplyLoraInline), so the crash falls between the header and the
+        # ciphertexts.
+        return self.apply_lora_streamed(session_id, layer, Crashing(ciphertexts), **kwargs)
 
 
 def test_he_runtime_killed_mid_request(stack: Stack) -> None:

@@ -309,6 +309,13 @@ def _seed_caller(
                 )
             )
         ],
+        "/tensafe.he.v1.HeRuntimeService/ApplyLoraInline": [
+            he_pb.ApplyLoraInlineRequest(
+                header=he_pb.ApplyLoraHeader(
+                    session_id=session.id, layer=session.layers[0], ciphertexts=1
+                )
+            )
+        ],
         "/tensafe.registry.v1.RegistryService/DownloadAdapter": [
             registry_pb.DownloadAdapterRequest(adapter_name=ADAPTER_NAME, version=saved.version)
         ],

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import seal
 
-from tensafe.client.he import HeLoraSession, HeRuntimeRpc, plan_spec
+from tensafe.client.he import HeLoraSession, plan_spec
 from tensafe.common.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -140,23 +140,28 @@ def test_bad_apply_requests(
     assert error.field == "header.layer"  # type: ignore[attr-defined]
     error = raises(InvalidArgument, rpc.apply_lora, session.session.id, "", [good])
     assert error.field == "header.layer"  # type: ignore[attr-defined]
-    # The header announces two ciphertexts, one arrives.
-    error = raises(
-        InvalidArgument, _apply_announcing, rpc, session.session.id, announced=2, blobs=[good]
-    )
-    assert error.field == "chunk"  # type: ignore[attr-defined]
+    # The header announces two ciphertexts, one arrives: streamed, then in one message.
+    for apply, field in ((rpc.apply_lora_streamed, "chunk"), (rpc.apply_lora, "ciphertexts")):
+        error = raises(
+            InvalidArgument, _apply_announcing, apply, session.session.id, announced=2, blobs=[good]
+        )
+        assert error.field == field  # type: ignore[attr-defined]
     assert_still_serving(session, data_dir)
 
 
 def _apply_announcing(
-    rpc: HeRuntimeRpc, session_id: str, *, announced: int, blobs: list[bytes]
+    apply: Callable[[str, str, list[bytes]], object],
+    session_id: str,
+    *,
+    announced: int,
+    blobs: list[bytes],
 ) -> object:
     # The SDK always announces len(blobs); pad the list with a lying length instead.
     class Announce(list[bytes]):
         def __len__(self) -> int:
             return announced
 
-    return rpc.apply_lora(session_id, LAYER, Announce(blobs))
+    return apply(session_id, LAYER, Announce(blobs))
 
 
 def test_oversized_messages_are_resource_exhausted(

@@ -4,6 +4,8 @@ limits, idempotency, what crosses the wire, and the no-adapter-source refusal.""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -251,8 +253,11 @@ def test_only_public_material_and_ciphertexts_cross_the_wire(runtime: Runtime) -
             if message.chunk.last:
                 blobs.append(bytes(pending))
                 pending = bytearray()
+        elif isinstance(message, pb.ApplyLoraInlineRequest):
+            blobs.extend(message.ciphertexts)
     blobs.append(bytes(keys))
-    assert methods == {"CreateSession", "ApplyLora", "CloseSession"}
+    # A small call goes in one message (ApplyLoraInline), not streamed.
+    assert methods == {"CreateSession", "ApplyLoraInline", "CloseSession"}
     kinds = [wire_kind(blob) for blob in blobs]
     assert sorted(set(kinds)) == [WireKind.PARAMETERS, WireKind.GALOIS_KEYS, WireKind.CIPHERTEXT]
     # Three tokens, two per unit, each unit as its n1 = 2 client-rotated copies.
@@ -356,3 +361,25 @@ def test_open_he_runtime_needs_endpoints_and_a_key(tmp_path: Path) -> None:
     connection.write_text(json.dumps({"services": {"auth": "127.0.0.1:1"}}))
     error = raises(FailedPrecondition, open_he_runtime, connection_file=connection)
     assert "he_runtime" in error.message
+
+
+def test_a_killed_peer_process_is_replaced_and_the_retry_succeeds(data_dir: Path) -> None:
+    served = Runtime(runtime_config(data_dir, evaluation_cores=2))
+    try:
+        peers = served.sessions.peers
+        assert peers is not None and len(peers) == 1
+        session = open_session(served, new_tenant())
+        x = activations(1, seed=21)
+        expected = reference(data_dir, LAYERS[1], x)
+        worker = peers.worker()  # a pool of one: the session's worker
+        assert worker.pid is not None
+        os.kill(worker.pid, signal.SIGKILL)
+        # The call meets the dead peer (UNAVAILABLE), the SDK retries, and the runtime
+        # rebuilds the session on a new peer process: same delta, no silent fallback.
+        delta = session.apply(LAYERS[1], x, output_size=64)
+        assert np.max(np.abs(delta - expected)) <= 1e-3 * np.max(np.abs(expected))
+        replacement = peers.worker()
+        assert replacement.alive and replacement.pid != worker.pid
+        session.close()
+    finally:
+        served.stop()

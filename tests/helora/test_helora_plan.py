@@ -148,6 +148,26 @@ def test_per_token_client_baby_steps_plan_for_4096_rank_16() -> None:
     assert per_token_plan(tokens=5).input_ciphertexts == 12
 
 
+def test_wall_time_estimate_follows_the_two_process_schedule() -> None:
+    one = per_token_plan(tokens=1)
+    assert one.estimated_wall_ms(1) == one.estimated_server_ms
+    # One unit: the fold (8 rotations at two primes) and u·B's giant rotations stay on
+    # the critical path, so a second core saves less than half.
+    assert one.estimated_server_ms / 2 < one.estimated_wall_ms(2) < one.estimated_server_ms
+    # More cores do not help one request (it uses one peer).
+    assert one.estimated_wall_ms(8) == one.estimated_wall_ms(2)
+    # Units split half and half (3 units: 2 + 1).
+    three = per_token_plan(tokens=5)
+    assert three.estimated_wall_ms(2) == pytest.approx(three.estimated_server_ms * 2 / 3)
+    old = per_token_plan(tokens=1, variant=Variant.SERVER_BABY_STEPS)
+    assert old.estimated_wall_ms(2) == old.estimated_server_ms  # one v1 unit: one core
+    batch = per_token_plan(tokens=100, packing=Packing.BATCH_FIRST, hidden_size=256)
+    assert batch.estimated_wall_ms(2) == pytest.approx(batch.estimated_server_ms / 2)
+    with pytest.raises(InvalidArgument) as error:
+        one.estimated_wall_ms(0)
+    assert error.value.field == "cores"
+
+
 def test_client_baby_steps_copies_are_rotations_of_the_tiled_vector() -> None:
     plan = per_token_plan(hidden_size=8, output_size=8, rank=4, tokens=2)
     x = np.arange(16, dtype=np.float64).reshape(2, 8) + 1

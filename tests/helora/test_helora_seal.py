@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import gc
 import json
+import os
+import signal
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
 import seal
 
-from tensafe.common.errors import FailedPrecondition, InvalidArgument
+from tensafe.common.errors import FailedPrecondition, InvalidArgument, Unavailable
 from tensafe.he_runtime.domain.executor import HeLoraExecutor, LoraWeights
+from tensafe.he_runtime.domain.parallel import EvaluationPeers
 from tensafe.helora import CkksParams, Packing, Plan, compact_params, compile_plan, default_params
 from tensafe.helora.client import HeLoraClient
 from tensafe.helora.packing import reference_delta
@@ -452,3 +457,88 @@ def test_compact_params_halve_the_keys_and_keep_the_error() -> None:
             variant=Variant.SERVER_BABY_STEPS,
         )
     assert caught.value.field == "params.coeff_modulus_bits"
+
+
+# -- a peer process shares the work -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def peers() -> Iterator[EvaluationPeers]:
+    pool = EvaluationPeers(1)
+    yield pool
+    pool.close()
+
+
+@pytest.mark.parametrize(
+    ("packing", "variant", "tokens"),
+    [
+        (Packing.PER_TOKEN, Variant.CLIENT_BABY_STEPS, 1),  # one unit split inside
+        (Packing.PER_TOKEN, Variant.CLIENT_BABY_STEPS, 5),  # three units, 2 + 1
+        (Packing.PER_TOKEN, Variant.SERVER_BABY_STEPS, 4),  # two units
+        (Packing.BATCH_FIRST, Variant.TWO_PRIMES, 2 * 4096 + 3),  # two token groups
+        (Packing.BATCH_FIRST, Variant.TWO_PRIMES, 300),  # one group, split by features
+    ],
+)
+def test_a_peer_process_gives_the_serial_result_with_the_planned_counts(
+    client: HeLoraClient,
+    peers: EvaluationPeers,
+    packing: Packing,
+    variant: Variant,
+    tokens: int,
+) -> None:
+    hidden = 64 if packing is Packing.BATCH_FIRST else 256
+    plan = make_plan(packing, hidden_size=hidden, rank=8, tokens=tokens, variant=variant)
+    x, weights = lora_case(plan, seed=tokens)
+    material = client.public_material(plan)
+    serial = HeLoraExecutor(parameters=material.parameters, galois_keys=material.galois_keys)
+    shared = HeLoraExecutor(
+        parameters=material.parameters, galois_keys=material.galois_keys, peers=peers
+    )
+    uploads = client.encrypt_activations(plan, x)
+    alone = serial.apply(plan, serial.encode_adapter(plan, weights), uploads)
+    split = shared.apply(plan, shared.encode_adapter(plan, weights), uploads)
+    # The peer's operations are counted, and the split reorders only exact modular
+    # additions, so the result ciphertexts are bit-identical to the serial ones.
+    assert split.counts == plan.counts
+    assert split.ciphertexts == alone.ciphertexts
+    delta = client.decrypt_delta(plan, split.ciphertexts)
+    expected = reference_delta(x, weights.lora_a, weights.lora_b, scaling=plan.lora_scaling)
+    assert np.max(np.abs(delta - expected)) <= plan.error_bound * np.max(np.abs(expected))
+
+
+def test_a_dead_peer_process_fails_the_request_as_unavailable(client: HeLoraClient) -> None:
+    plan = make_plan(Packing.PER_TOKEN, hidden_size=256, rank=8, tokens=1)
+    x, weights = lora_case(plan, seed=1)
+    material = client.public_material(plan)
+    pool = EvaluationPeers(1)
+    try:
+        executor = HeLoraExecutor(
+            parameters=material.parameters, galois_keys=material.galois_keys, peers=pool
+        )
+        adapter = executor.encode_adapter(plan, weights)
+        worker = pool.worker()
+        assert worker.pid is not None
+        os.kill(worker.pid, signal.SIGKILL)
+        with pytest.raises(Unavailable, match="tensafe-he-peer-0"):
+            executor.apply(plan, adapter, client.encrypt_activations(plan, x))
+    finally:
+        pool.close()
+
+
+def test_the_peer_drops_a_session_and_its_adapters_with_the_executor(
+    client: HeLoraClient, peers: EvaluationPeers
+) -> None:
+    plan = make_plan(Packing.PER_TOKEN, hidden_size=256, rank=8, tokens=1)
+    _, weights = lora_case(plan, seed=3)
+    material = client.public_material(plan)
+    worker = peers.worker()  # a pool of one: the executor's worker too
+    before = worker.held()
+    executor = HeLoraExecutor(
+        parameters=material.parameters, galois_keys=material.galois_keys, peers=peers
+    )
+    adapter = executor.encode_adapter(plan, weights)
+    assert worker.held() == (before[0] + 1, before[1] + 1)
+    del executor, adapter
+    gc.collect()
+    # Key hygiene: the peer's copy of the keys goes with the session.
+    assert worker.held() == before

@@ -52,6 +52,11 @@ Result = TypeVar("Result")
 CHUNK_BYTES = 1024 * 1024
 """Bytes per streamed chunk of keys or ciphertexts (1 MiB, far under message limits)."""
 
+INLINE_MAX_BYTES = 2 * 1024 * 1024
+"""Calls whose ciphertexts total at most this go in one message (``ApplyLoraInline``):
+a generation step (d = 4096, r = 16: four 0.26 MiB ciphertexts) skips the stream's
+framing. Under the runtime's smallest sensible message limit (4 MiB) with its results."""
+
 _PACKING_TO_PROTO = {
     Packing.PER_TOKEN: pb.PACKING_PER_TOKEN,
     Packing.BATCH_FIRST: pb.PACKING_BATCH_FIRST,
@@ -66,11 +71,11 @@ _VARIANT_TO_PROTO = {
 class HeRuntimeRpc(OwnedChannels):
     """The HE runtime's RPCs on one channel, raising typed errors.
 
-    ``CompilePlan``, ``GetSession`` and ``ApplyLora`` (a pure function of the session's
-    keys, plan and adapter and of the ciphertexts sent) are retried on UNAVAILABLE as
-    :mod:`tensafe.client.retry` describes; ``CreateSession`` and ``CloseSession`` are
-    sent once. Sessions live in the runtime's memory, so after a runtime restart a retry
-    meets NOT_FOUND: create a new session.
+    ``CompilePlan``, ``GetSession``, ``ApplyLora`` and ``ApplyLoraInline`` (a pure
+    function of the session's keys, plan and adapter and of the ciphertexts sent) are
+    retried on UNAVAILABLE as :mod:`tensafe.client.retry` describes; ``CreateSession``
+    and ``CloseSession`` are sent once. Sessions live in the runtime's memory, so after
+    a runtime restart a retry meets NOT_FOUND: create a new session.
 
     Args:
         channel: An (authenticated) channel to the HE runtime.
@@ -128,6 +133,34 @@ class HeRuntimeRpc(OwnedChannels):
         return response.session
 
     def apply_lora(
+        self,
+        session_id: str,
+        layer: str,
+        ciphertexts: Sequence[bytes],
+        *,
+        chunk_bytes: int = CHUNK_BYTES,
+    ) -> tuple[list[bytes], pb.ApplyLoraSummary]:
+        """Apply a layer's delta: ``ApplyLoraInline`` (one message each way) when the
+        ciphertexts total at most :data:`INLINE_MAX_BYTES`, else ``ApplyLora`` (streamed
+        in chunks).
+
+        Raises:
+            TenSafeError: The status the runtime returned.
+            IntegrityError: The response stream is out of order or has no summary.
+        """
+        if sum(len(blob) for blob in ciphertexts) <= INLINE_MAX_BYTES:
+            header = pb.ApplyLoraHeader(
+                session_id=session_id, layer=layer, ciphertexts=len(ciphertexts)
+            )
+            request = pb.ApplyLoraInlineRequest(header=header, ciphertexts=ciphertexts)
+            timeout = self._options.call_timeout_seconds
+            response = self._attempt(lambda: self._stub.ApplyLoraInline(request, timeout=timeout))
+            if not response.HasField("summary"):
+                raise errors.IntegrityError("ApplyLoraInline response has no summary")
+            return list(response.ciphertexts), response.summary
+        return self.apply_lora_streamed(session_id, layer, ciphertexts, chunk_bytes=chunk_bytes)
+
+    def apply_lora_streamed(
         self,
         session_id: str,
         layer: str,

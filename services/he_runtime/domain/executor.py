@@ -20,8 +20,15 @@ plaintext, one unit at the plaintext's scale: an error of at most 1/scale, the s
 order as the encoding's own rounding, and the operation counts stay independent of the
 weights.
 
-Concurrency. seal-python keeps the GIL during every SEAL call, so threads give no
-parallel speed-up; run one executor per worker process to use more cores.
+Parallelism. seal-python keeps the GIL during every SEAL call, so threads give no
+parallel speed-up. Given :class:`~tensafe.he_runtime.domain.parallel.EvaluationPeers`, an
+executor opens its session in a peer process too and splits each request: several
+units (ciphertexts or token groups) half and half; one PER_TOKEN CLIENT_BABY_STEPS unit
+by giant steps of x·A and by baby steps of u·B, the parts that do not depend on each
+other (the fold in between is a chain of dependent rotations and stays in this
+process); one BATCH_FIRST token group by input features of x·A (the partial sums are
+added before the rescale) and by output features of u·B. The peer's counted
+operations are added to this process's, and the sum equals the plan.
 """
 
 from __future__ import annotations
@@ -30,8 +37,10 @@ import collections
 import dataclasses
 import json
 import math
-from collections.abc import Callable, Sequence
-from typing import Any
+import uuid
+import weakref
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -43,6 +52,9 @@ from tensafe.helora.ckks import CkksContext, ParmsId
 from tensafe.helora.params import CkksParams
 from tensafe.helora.plan import OpCounts, Packing, Plan, Variant
 from tensafe.helora.wire import WireKind, pack, unpack
+
+if TYPE_CHECKING:
+    from tensafe.he_runtime.domain.parallel import EvaluationPeers, PeerWorker
 
 #: Fewest bits of fixed-point precision (relative to the largest entry of B) a
 #: BATCH_FIRST adapter may be encoded with; below this the 1e-3 accuracy target fails.
@@ -91,6 +103,7 @@ class EncodedAdapter:
         lora_b_scale: Fixed-point scale of the B plaintexts.
         output_bound: Worst-case |delta| given the plan's activation bound.
         fixed_point_bits: BATCH_FIRST: log2(scale · max|B|), the precision B keeps.
+        peer_id: Names the same encoding in the session's peer process.
     """
 
     encoding_key: str
@@ -102,6 +115,7 @@ class EncodedAdapter:
     lora_b_scale: float = 0.0
     output_bound: float = 0.0
     fixed_point_bits: float = math.inf
+    peer_id: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -150,6 +164,11 @@ class CountingEvaluator:
         self._counts["additions"] += 1
         self._evaluator.add_inplace(target, other)
 
+    def absorb(self, counts: OpCounts) -> None:
+        """Add operations another process performed for this request."""
+        for name, value in counts.to_dict().items():
+            self._counts[name] += value
+
     def rescale_inplace(self, ciphertext: Any) -> None:
         """Rescale, dropping the last data prime."""
         self._counts["rescales"] += 1
@@ -171,6 +190,8 @@ class HeLoraExecutor:
         galois_keys: Framed :data:`WireKind.GALOIS_KEYS`, or None (enough for plans that
             need no rotation).
         max_cached_adapters: Encoded adapters kept (least recently used evicted).
+        peers: Worker processes to share each request with (see the module docstring,
+            "Parallelism"); None: every operation runs in this process.
 
     Raises:
         InvalidArgument: A blob is malformed, the parameters are insecure or
@@ -184,6 +205,7 @@ class HeLoraExecutor:
         parameters: bytes,
         galois_keys: bytes | None,
         max_cached_adapters: int = 8,
+        peers: EvaluationPeers | None = None,
     ) -> None:
         if max_cached_adapters < 1:
             raise InvalidArgument("max_cached_adapters", "must be at least 1")
@@ -212,6 +234,14 @@ class HeLoraExecutor:
         self._adapters: collections.OrderedDict[tuple[str, str], EncodedAdapter] = (
             collections.OrderedDict()
         )
+        self._peer: PeerWorker | None = None
+        self._peer_session = uuid.uuid4().hex
+        if peers is not None:
+            worker = peers.worker()
+            worker.call(("open", self._peer_session, parameters, galois_keys))
+            self._peer = worker
+            # Deferred, not sent: a finalizer may run while this thread holds the pipe.
+            weakref.finalize(self, worker.defer, ("close", self._peer_session))
 
     @property
     def params(self) -> CkksParams:
@@ -311,8 +341,25 @@ class HeLoraExecutor:
         self.check_plan(plan)
         lora_a, scaled_b = _checked_weights(plan, weights)
         if plan.packing is Packing.PER_TOKEN:
-            return self._encode_per_token(plan, lora_a, scaled_b)
-        return self._encode_batch_first(plan, lora_a, scaled_b)
+            encoded = self._encode_per_token(plan, lora_a, scaled_b)
+        else:
+            encoded = self._encode_batch_first(plan, lora_a, scaled_b)
+        if self._peer is not None:
+            # The peer encodes the same plaintexts now, so no request waits for it.
+            self._peer.call(
+                (
+                    "adapter",
+                    self._peer_session,
+                    encoded.peer_id,
+                    plan.to_json(),
+                    np.asarray(weights.lora_a, dtype=np.float64),
+                    np.asarray(weights.lora_b, dtype=np.float64),
+                )
+            )
+            weakref.finalize(
+                encoded, self._peer.defer, ("drop_adapter", self._peer_session, encoded.peer_id)
+            )
+        return encoded
 
     def apply(
         self, plan: Plan, adapter: EncodedAdapter, ciphertexts: Sequence[bytes]
@@ -330,25 +377,162 @@ class HeLoraExecutor:
             raise FailedPrecondition(
                 "the adapter was encoded for another plan layout", reason="PLAN_MISMATCH"
             )
-        inputs = self._load_inputs(plan, ciphertexts)
+        inputs, payloads = self._load_inputs(plan, ciphertexts)
         evaluator = CountingEvaluator(self._context, self._galois_keys)
-        if plan.packing is Packing.PER_TOKEN:
-            copies = plan.input_copies
-            outputs = [
-                self._per_token_unit(
-                    plan, adapter, evaluator, inputs[unit * copies : (unit + 1) * copies]
-                )
-                for unit in range(plan.units)
-            ]
+        per_unit = plan.input_copies
+        peer = self._peer
+        if peer is not None and plan.units >= 2:
+            # Independent units: the peer takes the second half.
+            mine = (plan.units + 1) // 2
+            pending = peer.submit(self._task(plan, adapter, "units", payloads[mine * per_unit :]))
+            try:
+                outputs = self._units(plan, adapter, evaluator, inputs[: mine * per_unit])
+            finally:
+                theirs = self._absorb(evaluator, pending.result())
+            outputs.extend(theirs)
+        elif (
+            peer is not None
+            and plan.packing is Packing.PER_TOKEN
+            and plan.variant is Variant.CLIENT_BABY_STEPS
+        ):
+            outputs = [self._split_unit(plan, adapter, evaluator, inputs, payloads, peer)]
+        elif peer is not None and plan.packing is Packing.BATCH_FIRST:
+            outputs = self._split_group(plan, adapter, evaluator, inputs, payloads, peer)
         else:
-            outputs = []
-            for group in range(plan.units):
-                group_inputs = inputs[group * plan.hidden_size : (group + 1) * plan.hidden_size]
-                outputs.extend(self._batch_group(plan, adapter, evaluator, group_inputs))
+            outputs = self._units(plan, adapter, evaluator, inputs)
         blobs = tuple(
             pack(WireKind.CIPHERTEXT, self._context.fingerprint, ct.to_string()) for ct in outputs
         )
         return ExecutionResult(ciphertexts=blobs, counts=evaluator.counts())
+
+    def run_task(
+        self, plan: Plan, adapter: EncodedAdapter, task: str, arguments: Any
+    ) -> tuple[list[bytes], dict[str, int]]:
+        """Run a peer's part of a request (in the peer process; see :meth:`apply`).
+
+        Args:
+            plan: The request's plan.
+            adapter: This process's encoding of the request's adapter.
+            task: ``units`` (whole units), ``x_giant`` (some giant steps of x·A),
+                ``u_baby`` (some baby steps of u·B), ``batch_upper`` (x·A over some
+                input features) or ``batch_lower`` (u·B for some output features).
+            arguments: The task's ciphertexts (SEAL bytes) and indices.
+
+        Returns:
+            The resulting ciphertexts as SEAL bytes and the operations performed.
+        """
+        evaluator = CountingEvaluator(self._context, self._galois_keys)
+        if task == "units":
+            outputs = self._units(plan, adapter, evaluator, self._load_raw(arguments))
+        elif task == "x_giant":
+            payloads, giants = arguments
+            outputs = [
+                _giant_steps(
+                    evaluator,
+                    self._load_raw(payloads),
+                    adapter.input_diagonals,
+                    plan.baby_steps,
+                    giants,
+                )
+            ]
+        elif task == "batch_upper":
+            payloads, features = arguments
+            outputs = self._batch_upper(
+                plan, adapter, evaluator, self._load_raw(payloads), features
+            )
+        elif task == "batch_lower":
+            payloads, features = arguments
+            inner = self._load_raw(payloads)
+            outputs = self._batch_lower(plan, adapter, evaluator, inner, features)
+        elif task == "u_baby":
+            payload, babies = arguments
+            outputs = _baby_partials(
+                evaluator, self._load_raw([payload])[0], adapter.output_diagonals, babies
+            )
+        else:
+            raise InvalidArgument("task", f"unknown task {task!r}")
+        return [ciphertext.to_string() for ciphertext in outputs], evaluator.counts().to_dict()
+
+    def _task(
+        self, plan: Plan, adapter: EncodedAdapter, task: str, arguments: Any
+    ) -> tuple[Any, ...]:
+        return ("task", self._peer_session, adapter.peer_id, plan.to_json(), task, arguments)
+
+    def _absorb(
+        self, evaluator: CountingEvaluator, reply: tuple[list[bytes], dict[str, int]]
+    ) -> list[Any]:
+        blobs, counts = reply
+        evaluator.absorb(OpCounts(**counts))
+        return self._load_raw(blobs)
+
+    def _load_raw(self, blobs: Sequence[bytes]) -> list[Any]:
+        # Ciphertexts between this runtime's own processes (already checked on entry).
+        loaded = []
+        for blob in blobs:
+            ciphertext = seal.Ciphertext()
+            ciphertext.load_bytes(self._context.seal_context, blob)
+            loaded.append(ciphertext)
+        return loaded
+
+    def _units(
+        self, plan: Plan, adapter: EncodedAdapter, evaluator: CountingEvaluator, inputs: list[Any]
+    ) -> list[Any]:
+        per_unit = plan.input_copies
+        outputs: list[Any] = []
+        for start in range(0, len(inputs), per_unit):
+            unit = inputs[start : start + per_unit]
+            if plan.packing is Packing.PER_TOKEN:
+                outputs.append(self._per_token_unit(plan, adapter, evaluator, unit))
+            else:
+                outputs.extend(self._batch_group(plan, adapter, evaluator, unit))
+        return outputs
+
+    def _split_unit(
+        self,
+        plan: Plan,
+        adapter: EncodedAdapter,
+        evaluator: CountingEvaluator,
+        copies: list[Any],
+        payloads: list[bytes],
+        peer: PeerWorker,
+    ) -> Any:
+        """One CLIENT_BABY_STEPS unit on two cores (same operations as the serial one).
+
+        x·A: the peer sums the second half of the giant steps, this process the first.
+        The fold is a chain of dependent rotations and runs here. u·B: the peer makes
+        the second half of u's baby-step copies and their products for every giant step,
+        this process the first half; the giant-step rotations run here.
+        """
+        giants = list(range(plan.giant_steps))
+        half = (len(giants) + 1) // 2
+        pending = (
+            peer.submit(self._task(plan, adapter, "x_giant", (payloads, giants[half:])))
+            if giants[half:]
+            else None
+        )
+        try:
+            inner = _giant_steps(
+                evaluator, copies, adapter.input_diagonals, plan.baby_steps, giants[:half]
+            )
+        finally:
+            theirs = self._absorb(evaluator, pending.result()) if pending is not None else []
+        for partial in theirs:
+            evaluator.add_inplace(inner, partial)
+        _fold(plan, evaluator, inner)
+        babies = list(range(plan.output_baby_steps))
+        half = (len(babies) + 1) // 2
+        pending = (
+            peer.submit(self._task(plan, adapter, "u_baby", (inner.to_string(), babies[half:])))
+            if babies[half:]
+            else None
+        )
+        try:
+            partials = _baby_partials(evaluator, inner, adapter.output_diagonals, babies[:half])
+        finally:
+            theirs = self._absorb(evaluator, pending.result()) if pending is not None else []
+        for partial, their in zip(partials, theirs, strict=False):
+            evaluator.add_inplace(partial, their)
+        return _sum_giant_partials(evaluator, partials, plan.output_baby_steps)
 
     # -- validation ----------------------------------------------------------------
 
@@ -360,7 +544,9 @@ class HeLoraExecutor:
                 metadata={"field": field},
             )
 
-    def _load_inputs(self, plan: Plan, ciphertexts: Sequence[bytes]) -> list[Any]:
+    def _load_inputs(
+        self, plan: Plan, ciphertexts: Sequence[bytes]
+    ) -> tuple[list[Any], list[bytes]]:
         if len(ciphertexts) != plan.input_ciphertexts:
             raise InvalidArgument(
                 "ciphertexts",
@@ -369,6 +555,7 @@ class HeLoraExecutor:
         level = self._context.parms_id_for_primes(plan.input_primes)
         scale = 2.0**plan.input_scale_bits
         loaded: list[Any] = []
+        payloads: list[bytes] = []
         for index, blob in enumerate(ciphertexts):
             field = f"ciphertexts[{index}]"
             frame = unpack(blob, field=field, expected=WireKind.CIPHERTEXT)
@@ -396,7 +583,8 @@ class HeLoraExecutor:
             if ciphertext.is_transparent():
                 raise InvalidArgument(field, "is transparent (not encrypted)")
             loaded.append(ciphertext)
-        return loaded
+            payloads.append(frame.payload)
+        return loaded, payloads
 
     # -- PER_TOKEN -----------------------------------------------------------------
 
@@ -513,12 +701,10 @@ class HeLoraExecutor:
             # one prime adds noise far above this plan's small activation scale; see
             # the compiler), then the baby copies are rescaled one by one.
             _fold(plan, evaluator, inner)
-            copies_of_u = _baby_steps(evaluator, inner, plan.output_baby_steps)
-            for copy in copies_of_u:
-                evaluator.rescale_inplace(copy)
-            return _giant_steps(
-                evaluator, copies_of_u, adapter.output_diagonals, plan.output_baby_steps
+            partials = _baby_partials(
+                evaluator, inner, adapter.output_diagonals, range(plan.output_baby_steps)
             )
+            return _sum_giant_partials(evaluator, partials, plan.output_baby_steps)
         evaluator.rescale_inplace(inner)
         _fold(plan, evaluator, inner)
         result = _giant_steps(
@@ -566,42 +752,89 @@ class HeLoraExecutor:
         evaluator: CountingEvaluator,
         inputs: Sequence[Any],
     ) -> list[Any]:
-        lora_a, lora_b = adapter.lora_a_values, adapter.lora_b_values
-        if lora_a is None or lora_b is None:
-            raise FailedPrecondition(
-                "the adapter was not encoded for a BATCH_FIRST plan", reason="PLAN_MISMATCH"
-            )
-        upper = self._context.parms_id_for_primes(plan.input_primes)
-        lower = self._context.parms_id_for_primes(plan.output_primes)
-        inner: list[Any] = []
-        for column in range(plan.rank):
-            accumulator = None
-            for feature, ciphertext in enumerate(inputs):
-                weight = evaluator.encode_scalar(
-                    float(lora_a[feature, column]), adapter.lora_a_scale, upper
-                )
-                product = evaluator.multiply_plain(ciphertext, weight)
-                if accumulator is None:
-                    accumulator = product
-                else:
-                    evaluator.add_inplace(accumulator, product)
+        inner = self._batch_upper(plan, adapter, evaluator, inputs, range(plan.hidden_size))
+        for accumulator in inner:
             # One rescale per accumulated output, not per product.
             evaluator.rescale_inplace(accumulator)
-            inner.append(accumulator)
-        outputs: list[Any] = []
-        for feature in range(plan.output_size):
-            accumulator = None
-            for column, ciphertext in enumerate(inner):
-                weight = evaluator.encode_scalar(
-                    float(lora_b[column, feature]), adapter.lora_b_scale, lower
-                )
-                product = evaluator.multiply_plain(ciphertext, weight)
-                if accumulator is None:
-                    accumulator = product
-                else:
-                    evaluator.add_inplace(accumulator, product)
-            outputs.append(accumulator)
-        return outputs
+        return self._batch_lower(plan, adapter, evaluator, inner, range(plan.output_size))
+
+    def _batch_upper(
+        self,
+        plan: Plan,
+        adapter: EncodedAdapter,
+        evaluator: CountingEvaluator,
+        inputs: Sequence[Any],
+        features: range,
+    ) -> list[Any]:
+        """x·A over some input features: per column of A, sum_i A[i, j] * inputs[i]
+        (not rescaled; ``inputs`` holds the ciphertexts of ``features`` in order)."""
+        lora_a, _ = _batch_weights(adapter)
+        upper = self._context.parms_id_for_primes(plan.input_primes)
+        inner: list[Any] = []
+        for column in range(lora_a.shape[1]):
+            weights = (
+                evaluator.encode_scalar(float(lora_a[feature, column]), adapter.lora_a_scale, upper)
+                for feature in features
+            )
+            inner.append(_sum_of_products(evaluator, zip(inputs, weights, strict=True)))
+        return inner
+
+    def _batch_lower(
+        self,
+        plan: Plan,
+        adapter: EncodedAdapter,
+        evaluator: CountingEvaluator,
+        inner: Sequence[Any],
+        outputs: range,
+    ) -> list[Any]:
+        """u·B for some output features, from the r rescaled columns of x·A."""
+        _, lora_b = _batch_weights(adapter)
+        lower = self._context.parms_id_for_primes(plan.output_primes)
+        results: list[Any] = []
+        for feature in outputs:
+            weights = (
+                evaluator.encode_scalar(float(lora_b[column, feature]), adapter.lora_b_scale, lower)
+                for column in range(len(inner))
+            )
+            results.append(_sum_of_products(evaluator, zip(inner, weights, strict=True)))
+        return results
+
+    def _split_group(
+        self,
+        plan: Plan,
+        adapter: EncodedAdapter,
+        evaluator: CountingEvaluator,
+        inputs: list[Any],
+        payloads: list[bytes],
+        peer: PeerWorker,
+    ) -> list[Any]:
+        """One BATCH_FIRST token group on two cores (same operations as the serial one).
+
+        x·A: the peer sums the second half of the input features for every column,
+        this process the first half; the partial sums are added and rescaled here. u·B:
+        the peer computes the second half of the output features.
+        """
+        features = range(plan.hidden_size)
+        half = (len(features) + 1) // 2
+        pending = peer.submit(
+            self._task(plan, adapter, "batch_upper", (payloads[half:], features[half:]))
+        )
+        try:
+            inner = self._batch_upper(plan, adapter, evaluator, inputs[:half], features[:half])
+        finally:
+            theirs = self._absorb(evaluator, pending.result())
+        for accumulator, their in zip(inner, theirs, strict=True):
+            evaluator.add_inplace(accumulator, their)
+            evaluator.rescale_inplace(accumulator)
+        outputs = range(plan.output_size)
+        half = (len(outputs) + 1) // 2
+        blobs = [ciphertext.to_string() for ciphertext in inner]
+        pending = peer.submit(self._task(plan, adapter, "batch_lower", (blobs, outputs[half:])))
+        try:
+            results = self._batch_lower(plan, adapter, evaluator, inner, outputs[:half])
+        finally:
+            theirs = self._absorb(evaluator, pending.result())
+        return results + theirs
 
     def _require_fits(self, bound: float, primes: int, what: str) -> None:
         bits = sum(self._context.params.data_prime_bits[:primes]) - _HEADROOM_BITS
@@ -632,13 +865,15 @@ def _giant_steps(
     rotated: Sequence[Any],
     diagonals: tuple[tuple[Any, ...], ...],
     baby: int,
+    giants: Sequence[int] | None = None,
 ) -> Any:
-    """Giant steps of the BSGS diagonal product: sum_g rot(sum_b D'_{g,b} * rotated[b], g*n1)."""
+    """Giant steps of the BSGS diagonal product: sum_g rot(sum_b D'_{g,b} * rotated[b], g*n1).
+
+    ``giants`` restricts the sum to some giant steps (a peer sums the others).
+    """
     total = None
-    for giant, row in enumerate(diagonals):
-        partial = evaluator.multiply_plain(rotated[0], row[0])
-        for step in range(1, baby):
-            evaluator.add_inplace(partial, evaluator.multiply_plain(rotated[step], row[step]))
+    for giant in range(len(diagonals)) if giants is None else giants:
+        partial = _sum_of_products(evaluator, zip(rotated[:baby], diagonals[giant], strict=True))
         if giant:
             partial = evaluator.rotate(partial, giant * baby)
         if total is None:
@@ -646,6 +881,56 @@ def _giant_steps(
         else:
             evaluator.add_inplace(total, partial)
     return total
+
+
+def _sum_of_products(evaluator: CountingEvaluator, pairs: Iterable[tuple[Any, Any]]) -> Any:
+    """sum_k ciphertext_k * plaintext_k: n products and n - 1 additions, in order."""
+    total = None
+    for ciphertext, plaintext in pairs:
+        product = evaluator.multiply_plain(ciphertext, plaintext)
+        if total is None:
+            total = product
+        else:
+            evaluator.add_inplace(total, product)
+    return total
+
+
+def _baby_partials(
+    evaluator: CountingEvaluator,
+    inner: Any,
+    diagonals: tuple[tuple[Any, ...], ...],
+    babies: Sequence[int],
+) -> list[Any]:
+    """CLIENT_BABY_STEPS u·B before its giant rotations, over some baby steps.
+
+    Makes rot(u, b) for each b in ``babies`` (at two primes), rescales each copy, and
+    returns per giant step g the sum over those b of E_{g,b} * rot(u, b). Rotations come
+    before any rescale because the copies are rotated from ``inner`` itself, and the
+    copy for b = 0 is ``inner`` rescaled in place.
+    """
+    copies = [inner if step == 0 else evaluator.rotate(inner, step) for step in babies]
+    for copy in copies:
+        evaluator.rescale_inplace(copy)
+    return [
+        _sum_of_products(evaluator, zip(copies, (row[step] for step in babies), strict=True))
+        for row in diagonals
+    ]
+
+
+def _sum_giant_partials(evaluator: CountingEvaluator, partials: Sequence[Any], baby: int) -> Any:
+    """sum_g rot(partials[g], g * n1): the giant-step rotations of u·B."""
+    total = partials[0]
+    for giant in range(1, len(partials)):
+        evaluator.add_inplace(total, evaluator.rotate(partials[giant], giant * baby))
+    return total
+
+
+def _batch_weights(adapter: EncodedAdapter) -> tuple[FloatArray, FloatArray]:
+    if adapter.lora_a_values is None or adapter.lora_b_values is None:
+        raise FailedPrecondition(
+            "the adapter was not encoded for a BATCH_FIRST plan", reason="PLAN_MISMATCH"
+        )
+    return adapter.lora_a_values, adapter.lora_b_values
 
 
 def _checked_weights(plan: Plan, weights: LoraWeights) -> tuple[FloatArray, FloatArray]:

@@ -51,6 +51,7 @@ from tensafe.common.errors import (
 from tensafe.common.quotas import quota_exceeded
 from tensafe.he_runtime.domain.adapters import AdapterSource, LoadedAdapter
 from tensafe.he_runtime.domain.executor import HeLoraExecutor, LoraWeights
+from tensafe.he_runtime.domain.parallel import EvaluationPeers, PeerFailed
 from tensafe.he_runtime.domain.plans import PlanRequest, compile_for, plan_for_units
 from tensafe.he_runtime.store.keys import KeyFiles
 from tensafe.he_runtime.store.sql import SessionRecord, SessionStore, SessionTransaction, micros
@@ -266,6 +267,7 @@ class HeSessions:
         pool: Runs SEAL work off the event loop.
         store: The session rows.
         keys: The Galois-key files.
+        peers: Worker processes that share each request's SEAL work (None: one core).
         clock: Seconds (wall clock; injectable so tests can expire sessions).
     """
 
@@ -278,8 +280,10 @@ class HeSessions:
         store: SessionStore,
         keys: KeyFiles,
         clock: Callable[[], float] = time.time,
+        peers: EvaluationPeers | None = None,
     ) -> None:
         self.limits = limits
+        self._peers = peers
         self._adapter_source = adapter_source
         self._pool = pool
         self._store = store
@@ -291,6 +295,11 @@ class HeSessions:
         # awaits); the tenant's DB lock makes them one step across replicas.
         self._reserving = asyncio.Lock()
         self._loading = _KeyedLocks()
+
+    @property
+    def peers(self) -> EvaluationPeers | None:
+        """The peer processes executors share their work with (None: one core)."""
+        return self._peers
 
     # -- limits --------------------------------------------------------------------
 
@@ -396,7 +405,7 @@ class HeSessions:
             adapter = await self._adapter_source.load(
                 tenant_id=tenant_id, name=header.adapter_name, version=header.adapter_version
             )
-            executor = await self._run(lambda: _build(adapter, header, plan, keys))
+            executor = await self._run(lambda: _build(adapter, header, plan, keys, self._peers))
             now = self._clock()
             session = Session(
                 session_id=uuid.uuid4().hex,
@@ -551,7 +560,7 @@ class HeSessions:
                 f"{record.id} was created; create a new session",
                 reason="ADAPTER_CHANGED",
             )
-        executor = await self._run(lambda: _build(adapter, header, plan, keys or None))
+        executor = await self._run(lambda: _build(adapter, header, plan, keys or None, self._peers))
         return Session(
             session_id=record.id,
             tenant_id=record.tenant_id,
@@ -695,6 +704,12 @@ class HeSessions:
         session.in_flight += 1
         try:
             return await self._run(lambda: session.evaluate(layer, plan, ciphertexts))
+        except PeerFailed:
+            # The executor's peer process is gone: drop the executor, so the client's
+            # retry (UNAVAILABLE) rebuilds the session on a new peer process.
+            log.error("HE peer process failed; session %s will be rebuilt", session.id)
+            self._drop_cached(session)
+            raise
         finally:
             session.in_flight -= 1
             session.last_used = self._clock()
@@ -807,8 +822,10 @@ def _build(
     header: SessionHeader,
     plan: Plan,
     galois_keys: bytes | None,
+    peers: EvaluationPeers | None,
 ) -> HeLoraExecutor:
-    """Blocking part of session creation: check the adapter, parse keys, pre-encode."""
+    """Blocking part of session creation: check the adapter, parse keys, pre-encode
+    (here and in a peer process, if any)."""
     spec = header.spec
     _require_match("header.spec.rank", spec.rank, adapter.rank)
     if spec.alpha != adapter.alpha:
@@ -824,6 +841,7 @@ def _build(
         parameters=header.parameters,
         galois_keys=galois_keys,
         max_cached_adapters=max(1, len(adapter.layers)),
+        peers=peers,
     )
     for layer, weights in adapter.layers.items():
         shape = adapter.shape(layer)

@@ -558,6 +558,66 @@ class ApplyLoraRequest(_message.Message):
 Global___ApplyLoraRequest: _TypeAlias = ApplyLoraRequest  # noqa: Y015
 
 @_typing.final
+class ApplyLoraInlineRequest(_message.Message):
+    """Request of ApplyLoraInline."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    CIPHERTEXTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def header(self) -> Global___ApplyLoraHeader:
+        """Session and layer; header.ciphertexts must equal the number of ciphertexts."""
+
+    @_builtins.property
+    def ciphertexts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """Serialized input ciphertexts, in plan order."""
+
+    def __init__(
+        self,
+        *,
+        header: Global___ApplyLoraHeader | None = ...,
+        ciphertexts: _abc.Iterable[_builtins.bytes] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ciphertexts", b"ciphertexts", "header", b"header"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApplyLoraInlineRequest: _TypeAlias = ApplyLoraInlineRequest  # noqa: Y015
+
+@_typing.final
+class ApplyLoraInlineResponse(_message.Message):
+    """Response of ApplyLoraInline."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CIPHERTEXTS_FIELD_NUMBER: _builtins.int
+    SUMMARY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def ciphertexts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """Serialized output ciphertexts, in plan order."""
+
+    @_builtins.property
+    def summary(self) -> Global___ApplyLoraSummary:
+        """Operations performed and server time."""
+
+    def __init__(
+        self,
+        *,
+        ciphertexts: _abc.Iterable[_builtins.bytes] | None = ...,
+        summary: Global___ApplyLoraSummary | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["summary", b"summary"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ciphertexts", b"ciphertexts", "summary", b"summary"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApplyLoraInlineResponse: _TypeAlias = ApplyLoraInlineResponse  # noqa: Y015
+
+@_typing.final
 class OperationCounts(_message.Message):
     """Counts of the operations the executor performed."""
 

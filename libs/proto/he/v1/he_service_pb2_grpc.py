@@ -60,6 +60,11 @@ class HeRuntimeServiceStub:
                 request_serializer=tensafe_dot_he_dot_v1_dot_he__service__pb2.ApplyLoraRequest.SerializeToString,
                 response_deserializer=tensafe_dot_he_dot_v1_dot_he__service__pb2.ApplyLoraResponse.FromString,
                 _registered_method=True)
+        self.ApplyLoraInline = channel.unary_unary(
+                '/tensafe.he.v1.HeRuntimeService/ApplyLoraInline',
+                request_serializer=tensafe_dot_he_dot_v1_dot_he__service__pb2.ApplyLoraInlineRequest.SerializeToString,
+                response_deserializer=tensafe_dot_he_dot_v1_dot_he__service__pb2.ApplyLoraInlineResponse.FromString,
+                _registered_method=True)
         self.CloseSession = channel.unary_unary(
                 '/tensafe.he.v1.HeRuntimeService/CloseSession',
                 request_serializer=tensafe_dot_he_dot_v1_dot_he__service__pb2.CloseSessionRequest.SerializeToString,
@@ -104,6 +109,16 @@ class HeRuntimeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ApplyLoraInline(self, request, context):
+        """Applies one adapted layer's delta to ciphertexts sent in one message, results in
+        one message: the per-call path of generation, without the stream's framing
+        (a request and its results must each fit the runtime's max_message_bytes).
+        Same checks and errors as ApplyLora.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CloseSession(self, request, context):
         """Closes a session and deletes its keys.
         """
@@ -133,6 +148,11 @@ def add_HeRuntimeServiceServicer_to_server(servicer, server):
                     servicer.ApplyLora,
                     request_deserializer=tensafe_dot_he_dot_v1_dot_he__service__pb2.ApplyLoraRequest.FromString,
                     response_serializer=tensafe_dot_he_dot_v1_dot_he__service__pb2.ApplyLoraResponse.SerializeToString,
+            ),
+            'ApplyLoraInline': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApplyLoraInline,
+                    request_deserializer=tensafe_dot_he_dot_v1_dot_he__service__pb2.ApplyLoraInlineRequest.FromString,
+                    response_serializer=tensafe_dot_he_dot_v1_dot_he__service__pb2.ApplyLoraInlineResponse.SerializeToString,
             ),
             'CloseSession': grpc.unary_unary_rpc_method_handler(
                     servicer.CloseSession,
@@ -254,6 +274,33 @@ class HeRuntimeService:
             '/tensafe.he.v1.HeRuntimeService/ApplyLora',
             tensafe_dot_he_dot_v1_dot_he__service__pb2.ApplyLoraRequest.SerializeToString,
             tensafe_dot_he_dot_v1_dot_he__service__pb2.ApplyLoraResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApplyLoraInline(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensafe.he.v1.HeRuntimeService/ApplyLoraInline',
+            tensafe_dot_he_dot_v1_dot_he__service__pb2.ApplyLoraInlineRequest.SerializeToString,
+            tensafe_dot_he_dot_v1_dot_he__service__pb2.ApplyLoraInlineResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -47,6 +47,12 @@ class HeRuntimeServiceStub:
     """Returns a session."""
     ApplyLora: _grpc.StreamStreamMultiCallable[_he_service_pb2.ApplyLoraRequest, _he_service_pb2.ApplyLoraResponse]
     """Applies one adapted layer's delta to a batch of ciphertexts."""
+    ApplyLoraInline: _grpc.UnaryUnaryMultiCallable[_he_service_pb2.ApplyLoraInlineRequest, _he_service_pb2.ApplyLoraInlineResponse]
+    """Applies one adapted layer's delta to ciphertexts sent in one message, results in
+    one message: the per-call path of generation, without the stream's framing
+    (a request and its results must each fit the runtime's max_message_bytes).
+    Same checks and errors as ApplyLora.
+    """
     CloseSession: _grpc.UnaryUnaryMultiCallable[_he_service_pb2.CloseSessionRequest, _he_service_pb2.CloseSessionResponse]
     """Closes a session and deletes its keys."""
 
@@ -69,6 +75,12 @@ class HeRuntimeServiceAsyncStub(HeRuntimeServiceStub):
     """Returns a session."""
     ApplyLora: _aio.StreamStreamMultiCallable[_he_service_pb2.ApplyLoraRequest, _he_service_pb2.ApplyLoraResponse]  # type: ignore[assignment]
     """Applies one adapted layer's delta to a batch of ciphertexts."""
+    ApplyLoraInline: _aio.UnaryUnaryMultiCallable[_he_service_pb2.ApplyLoraInlineRequest, _he_service_pb2.ApplyLoraInlineResponse]  # type: ignore[assignment]
+    """Applies one adapted layer's delta to ciphertexts sent in one message, results in
+    one message: the per-call path of generation, without the stream's framing
+    (a request and its results must each fit the runtime's max_message_bytes).
+    Same checks and errors as ApplyLora.
+    """
     CloseSession: _aio.UnaryUnaryMultiCallable[_he_service_pb2.CloseSessionRequest, _he_service_pb2.CloseSessionResponse]  # type: ignore[assignment]
     """Closes a session and deletes its keys."""
 
@@ -112,6 +124,18 @@ class HeRuntimeServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_he_service_pb2.ApplyLoraResponse], _abc.AsyncIterator[_he_service_pb2.ApplyLoraResponse]]:
         """Applies one adapted layer's delta to a batch of ciphertexts."""
+
+    @_abc_1.abstractmethod
+    def ApplyLoraInline(
+        self,
+        request: _he_service_pb2.ApplyLoraInlineRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_he_service_pb2.ApplyLoraInlineResponse, _abc.Awaitable[_he_service_pb2.ApplyLoraInlineResponse]]:
+        """Applies one adapted layer's delta to ciphertexts sent in one message, results in
+        one message: the per-call path of generation, without the stream's framing
+        (a request and its results must each fit the runtime's max_message_bytes).
+        Same checks and errors as ApplyLora.
+        """
 
     @_abc_1.abstractmethod
     def CloseSession(

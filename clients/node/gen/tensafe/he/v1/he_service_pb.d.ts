@@ -562,6 +562,60 @@ export declare type ApplyLoraRequest = Message<"tensafe.he.v1.ApplyLoraRequest">
 export declare const ApplyLoraRequestSchema: GenMessage<ApplyLoraRequest>;
 
 /**
+ * Request of ApplyLoraInline.
+ *
+ * @generated from message tensafe.he.v1.ApplyLoraInlineRequest
+ */
+export declare type ApplyLoraInlineRequest = Message<"tensafe.he.v1.ApplyLoraInlineRequest"> & {
+  /**
+   * Session and layer; header.ciphertexts must equal the number of ciphertexts.
+   *
+   * @generated from field: tensafe.he.v1.ApplyLoraHeader header = 1;
+   */
+  header?: ApplyLoraHeader | undefined;
+
+  /**
+   * Serialized input ciphertexts, in plan order.
+   *
+   * @generated from field: repeated bytes ciphertexts = 2;
+   */
+  ciphertexts: Uint8Array[];
+};
+
+/**
+ * Describes the message tensafe.he.v1.ApplyLoraInlineRequest.
+ * Use `create(ApplyLoraInlineRequestSchema)` to create a new message.
+ */
+export declare const ApplyLoraInlineRequestSchema: GenMessage<ApplyLoraInlineRequest>;
+
+/**
+ * Response of ApplyLoraInline.
+ *
+ * @generated from message tensafe.he.v1.ApplyLoraInlineResponse
+ */
+export declare type ApplyLoraInlineResponse = Message<"tensafe.he.v1.ApplyLoraInlineResponse"> & {
+  /**
+   * Serialized output ciphertexts, in plan order.
+   *
+   * @generated from field: repeated bytes ciphertexts = 1;
+   */
+  ciphertexts: Uint8Array[];
+
+  /**
+   * Operations performed and server time.
+   *
+   * @generated from field: tensafe.he.v1.ApplyLoraSummary summary = 2;
+   */
+  summary?: ApplyLoraSummary | undefined;
+};
+
+/**
+ * Describes the message tensafe.he.v1.ApplyLoraInlineResponse.
+ * Use `create(ApplyLoraInlineResponseSchema)` to create a new message.
+ */
+export declare const ApplyLoraInlineResponseSchema: GenMessage<ApplyLoraInlineResponse>;
+
+/**
  * Counts of the operations the executor performed.
  *
  * @generated from message tensafe.he.v1.OperationCounts
@@ -829,6 +883,19 @@ export declare const HeRuntimeService: GenService<{
     methodKind: "bidi_streaming";
     input: typeof ApplyLoraRequestSchema;
     output: typeof ApplyLoraResponseSchema;
+  },
+  /**
+   * Applies one adapted layer's delta to ciphertexts sent in one message, results in
+   * one message: the per-call path of generation, without the stream's framing
+   * (a request and its results must each fit the runtime's max_message_bytes).
+   * Same checks and errors as ApplyLora.
+   *
+   * @generated from rpc tensafe.he.v1.HeRuntimeService.ApplyLoraInline
+   */
+  applyLoraInline: {
+    methodKind: "unary";
+    input: typeof ApplyLoraInlineRequestSchema;
+    output: typeof ApplyLoraInlineResponseSchema;
   },
   /**
    * Closes a session and deletes its keys.
