@@ -306,10 +306,15 @@ def clip_per_example(
             gradient, or the record was already used.
     """
     layers = _backward(loss, record)
-    squared_norms = torch.zeros(record.batch_size, dtype=torch.float32)
+    squared_norms: torch.Tensor | None = None
     for layer in layers:
         assert layer.squared_norms is not None
-        squared_norms += layer.squared_norms
+        squared_norms = (
+            layer.squared_norms.float()
+            if squared_norms is None
+            else squared_norms + layer.squared_norms
+        )
+    assert squared_norms is not None  # _backward refuses a record without layers
     norms = squared_norms.sqrt()
     clip_factors = clip_factors_of(norms, max_grad_norm=max_grad_norm)
     clipped_sum = {
@@ -353,12 +358,18 @@ def per_example_gradients(loss: torch.Tensor, record: LoraForwardRecord) -> dict
     return gradients
 
 
-def lora_linear_layers(model: nn.Module, adapter_name: str) -> dict[nn.Linear, str]:
+def lora_linear_layers(
+    model: nn.Module, adapter_name: str, *, label: str | None = None
+) -> dict[nn.Linear, str]:
     """Find the ``lora_A``/``lora_B`` linear layers of one peft LoRA adapter.
 
     Args:
         model: A peft-wrapped model.
         adapter_name: The adapter (peft's default is ``"default"``).
+        label: The adapter name written into the returned names (default
+            ``adapter_name``). Engines sharing a base (:mod:`.base`) each have their own
+            adapter name but label their factors alike, so checkpoints and gradients
+            carry the same names whichever adapter slot a client occupies.
 
     Returns:
         Each factor's linear layer mapped to the name of its weight in
@@ -376,5 +387,5 @@ def lora_linear_layers(model: nn.Module, adapter_name: str) -> dict[nn.Linear, s
             linear = getattr(module, factor)[adapter_name]
             if not isinstance(linear, nn.Linear):
                 raise RuntimeError(f"{module_name}.{factor} is not a linear layer")
-            layers[linear] = f"{module_name}.{factor}.{adapter_name}.weight"
+            layers[linear] = f"{module_name}.{factor}.{label or adapter_name}.weight"
     return layers

@@ -44,17 +44,16 @@ import hashlib
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-from peft import LoraConfig as PeftLoraConfig
-from peft import PeftModel, get_peft_model, get_peft_model_state_dict
+from peft import PeftModel, get_peft_model_state_dict
 from torch import nn
-from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from tensafe.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from tensafe.common.errors import FailedPrecondition, InvalidArgument
 
+from .base import SharedBase
 from .clipping import (
     LoraActivationTap,
     clip_per_example,
@@ -78,7 +77,8 @@ from .losses import (
 from .noise import add_gaussian_noise_
 from .state import decode_state, encode_state
 
-# peft's name for the single adapter an engine trains.
+# The adapter name in the parameter names of checkpoints and gradients (peft's default
+# name), whatever the adapter's name on its shared base.
 ADAPTER_NAME = "default"
 
 _LORA_PREFIX = "lora/"
@@ -121,8 +121,14 @@ class OptimStepResult:
 class LoraTrainingEngine:
     """A base model with one trainable LoRA adapter, AdamW and optional DP-SGD.
 
+    The engine's own state is its adapter, its AdamW moments and its gradient
+    accumulator; the base model is a :class:`~.base.SharedBase` that other engines may
+    share (each engine is one peft adapter on it, activated for each call). Engines on
+    one base are used by one thread at a time.
+
     Args:
-        base_model_dir: A local Hugging Face model directory (``from_pretrained``).
+        base_model: The shared base, or a local Hugging Face model directory
+            (``from_pretrained``) to load a float32 CPU base of this engine's own.
         lora: The adapter.
         dp: DP-SGD parameters, or ``None`` for explicit non-private training.
         seed: Seeds the adapter's initialisation and its dropout masks (derived per
@@ -132,14 +138,14 @@ class LoraTrainingEngine:
         options: Engine settings (per-example norm method, inference chunk size).
 
     Raises:
-        NotFound: ``base_model_dir`` is not a model directory.
+        NotFound: ``base_model`` is not a model directory.
         FailedPrecondition: The model cannot be loaded.
         InvalidArgument: ``lora.target_modules`` names no layer of the model.
     """
 
     def __init__(
         self,
-        base_model_dir: Path | str,
+        base_model: SharedBase | Path | str,
         *,
         lora: LoraConfig,
         dp: DpConfig | None,
@@ -147,48 +153,27 @@ class LoraTrainingEngine:
         loss: LossConfig | None = None,
         options: EngineOptions | None = None,
     ) -> None:
-        self._base_model_dir = Path(base_model_dir)
         self._lora = lora
         self._dp = dp
         self._seed = seed
         self._loss_config = loss if loss is not None else LossConfig()
         self._options = options if options is not None else EngineOptions()
 
-        base_model = _load_base_model(self._base_model_dir)
-        _check_target_modules(base_model, lora)
-        peft_config = PeftLoraConfig(
-            r=lora.rank,
-            # peft annotates lora_alpha as int but only divides by it; a float alpha is
-            # what the TenSafe contract allows.
-            lora_alpha=lora.alpha,  # type: ignore[arg-type]
-            lora_dropout=lora.dropout,
-            target_modules=list(lora.target_modules),
-            bias="none",
-            task_type="CAUSAL_LM",
-        )
-        # fork_rng: the seeded initialisation leaves the process's RNG state alone.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = get_peft_model(base_model, peft_config, adapter_name=ADAPTER_NAME)
-        self._model: PeftModel = model
-
-        layers = lora_linear_layers(model, ADAPTER_NAME)
-        self._parameters: dict[str, nn.Parameter] = {
-            name: parameter
-            for name, parameter in model.named_parameters()
-            if parameter.requires_grad
-        }
-        if set(self._parameters) != set(layers.values()):
-            # Per-example clipping covers exactly the lora_A/lora_B weights; any other
-            # trainable parameter would escape clipping.
-            raise RuntimeError("trainable parameters are not exactly the LoRA factors")
-        self._tap = LoraActivationTap(layers)
-
-        config = base_model.config
-        self._vocab_size = int(config.vocab_size)
-        self._max_length = int(getattr(config, "max_position_embeddings", 0) or 0)
-        if self._max_length <= 0:
-            raise FailedPrecondition("base model config has no max_position_embeddings")
+        self._base = base_model if isinstance(base_model, SharedBase) else SharedBase(base_model)
+        self._adapter, self._model = self._base.add_adapter(lora, seed)
+        try:
+            self._base.activate(self._adapter)
+            layers = lora_linear_layers(self._model, self._adapter, label=ADAPTER_NAME)
+            self._parameters: dict[str, torch.Tensor] = {
+                name: linear.weight for linear, name in layers.items()
+            }
+            self._tap = LoraActivationTap(layers)
+        except BaseException:
+            self._base.remove_adapter(self._adapter)
+            raise
+        self._device = self._base.device
+        self._vocab_size = self._base.vocab_size
+        self._max_length = self._base.max_length
 
         # Hyper-parameters are written into the parameter group from each step's
         # AdamConfig; the value given here is never used for an update.
@@ -222,8 +207,26 @@ class LoraTrainingEngine:
 
     @property
     def model(self) -> PeftModel:
-        """The peft-wrapped model (for sampling; train it only through this engine)."""
+        """The shared peft model with this engine's adapter active (for sampling; train
+        it only through this engine). Another engine's call switches the adapter."""
+        self._base.activate(self._adapter)
         return self._model
+
+    @property
+    def base(self) -> SharedBase:
+        """The (possibly shared) base model."""
+        return self._base
+
+    @property
+    def base_model_dir(self) -> Path:
+        """The base model's directory."""
+        return self._base.model_dir
+
+    def resident_bytes(self) -> int:
+        """Bytes this engine holds beyond the shared base: the adapter, the gradient
+        accumulator and the two AdamW moments (counted before Adam allocates them)."""
+        adapter = sum(p.numel() * p.element_size() for p in self._parameters.values())
+        return 4 * adapter
 
     @property
     def vocab_size(self) -> int:
@@ -298,6 +301,8 @@ class LoraTrainingEngine:
         if self._dp is not None and refuse_duplicates:
             digests = datum_digests(batch, loss_kind, loss_fn_inputs)
             self._check_distinct(digests)
+        padded = self._on_device(padded)
+        self._base.activate(self._adapter)
         self._model.train()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self._dropout_seed())
@@ -374,6 +379,8 @@ class LoraTrainingEngine:
             vocab_size=self._vocab_size,
             max_length=self._max_length,
         )
+        padded = self._on_device(padded)
+        self._base.activate(self._adapter)
         self._model.eval()
         with torch.no_grad():
             target_logprobs, example_losses = self._forward(padded, loss_kind, loss_config)
@@ -417,6 +424,8 @@ class LoraTrainingEngine:
             vocab_size=self._vocab_size,
             max_length=self._max_length,
         )
+        padded = self._on_device(padded)
+        self._base.activate(self._adapter)
         self._model.eval()
         with torch.enable_grad(), self._tap.capture(NormMethod.DIRECT) as record:
             _, example_losses = self._forward(padded, loss_kind, loss_config)
@@ -469,7 +478,15 @@ class LoraTrainingEngine:
         noise_std = 0.0
         if self._dp is not None and self._dp.noise_std > 0:
             noise_std = self._dp.noise_std
-            add_gaussian_noise_(list(gradients.values()), noise_std)
+            if self._device.type == "cpu":
+                add_gaussian_noise_(list(gradients.values()), noise_std)
+            else:
+                # The sampler works on CPU float64 (see .noise); the noised values are
+                # moved back to the device.
+                on_cpu = {name: value.cpu().contiguous() for name, value in gradients.items()}
+                add_gaussian_noise_(list(on_cpu.values()), noise_std)
+                for name, value in on_cpu.items():
+                    gradients[name].copy_(value)
 
         if noisy_sum_observer is not None:
             noisy_sum_observer(gradients)
@@ -523,6 +540,7 @@ class LoraTrainingEngine:
         tensors = validate_token_sequences(
             sequences, field="sequences", vocab_size=self._vocab_size, max_length=self._max_length
         )
+        self._base.activate(self._adapter)
         self._model.eval()
         results: list[list[float]] = []
         chunk = self._options.logprob_batch_size
@@ -533,9 +551,12 @@ class LoraTrainingEngine:
                 attention_mask = nn.utils.rnn.pad_sequence(
                     [torch.ones_like(t) for t in part], batch_first=True, padding_value=0
                 )
+                input_ids = input_ids.to(self._device)
                 logits = self._model(
-                    input_ids=input_ids, attention_mask=attention_mask, use_cache=False
-                ).logits
+                    input_ids=input_ids,
+                    attention_mask=attention_mask.to(self._device),
+                    use_cache=False,
+                ).logits.float()
                 targets = torch.roll(input_ids, shifts=-1, dims=1)
                 logprobs = token_logprobs(logits, targets)
                 results.extend(
@@ -648,8 +669,8 @@ class LoraTrainingEngine:
             for index, name in enumerate(self._parameters):
                 restored[index] = {
                     "step": torch.tensor(float(adam_steps)),
-                    "exp_avg": tensors[_EXP_AVG_PREFIX + name].clone(),
-                    "exp_avg_sq": tensors[_EXP_AVG_SQ_PREFIX + name].clone(),
+                    "exp_avg": tensors[_EXP_AVG_PREFIX + name].to(self._device, copy=True),
+                    "exp_avg_sq": tensors[_EXP_AVG_SQ_PREFIX + name].to(self._device, copy=True),
                 }
         optimizer_state["state"] = restored
         self._optimizer.load_state_dict(optimizer_state)
@@ -665,7 +686,7 @@ class LoraTrainingEngine:
             Names like ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``
             mapped to detached, contiguous CPU copies.
         """
-        state = get_peft_model_state_dict(self._model, adapter_name=ADAPTER_NAME)
+        state = get_peft_model_state_dict(self._model, adapter_name=self._adapter)
         return {name: tensor.detach().cpu().contiguous().clone() for name, tensor in state.items()}
 
     def adapter_config(self) -> dict[str, object]:
@@ -675,26 +696,40 @@ class LoraTrainingEngine:
         Returns:
             The peft ``LoraConfig`` as a dictionary.
         """
-        config = self._model.peft_config[ADAPTER_NAME].to_dict()
+        config = self._model.peft_config[self._adapter].to_dict()
         encoded = json.dumps(config, default=_json_default, sort_keys=True)
         decoded: dict[str, object] = json.loads(encoded)
         return decoded
 
     def close(self) -> None:
-        """Remove the engine's hooks; the engine must not be used afterwards."""
+        """Remove the engine's hooks and its adapter from the base (freeing them); the
+        engine must not be used afterwards. The base stays loaded."""
         self._tap.close()
+        self._base.remove_adapter(self._adapter)
 
     # ------------------------------------------------------------------ internals
 
     def _forward(
         self, padded: PaddedBatch, loss_fn: LossFn, loss_config: LossConfig
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        # float(): a bf16/fp16 base's logits are scored in float32 (a no-op for fp32).
         logits = self._model(
             input_ids=padded.input_ids, attention_mask=padded.attention_mask, use_cache=False
-        ).logits
+        ).logits.float()
         target_logprobs = token_logprobs(logits, padded.target_tokens)
         losses = per_token_loss(loss_fn, target_logprobs, padded, loss_config)
         return target_logprobs, losses.sum(dim=1)
+
+    def _on_device(self, padded: PaddedBatch) -> PaddedBatch:
+        if self._device.type == "cpu":
+            return padded
+        return replace(
+            padded,
+            input_ids=padded.input_ids.to(self._device),
+            attention_mask=padded.attention_mask.to(self._device),
+            target_tokens=padded.target_tokens.to(self._device),
+            float_inputs={k: v.to(self._device) for k, v in padded.float_inputs.items()},
+        )
 
     def _dropout_seed(self) -> int:
         material = f"{self._seed}:{self._step}:{self._micro_batches}".encode()
@@ -727,30 +762,3 @@ def _json_default(value: object) -> object:
     if isinstance(value, enum.Enum):
         return value.value
     return str(value)
-
-
-def _load_base_model(model_dir: Path) -> PreTrainedModel:
-    if not (model_dir / "config.json").is_file():
-        raise NotFound(f"base model directory {model_dir} has no config.json")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            model_dir, attn_implementation="eager", dtype=torch.float32
-        )
-    except (OSError, ValueError) as error:
-        raise FailedPrecondition(f"cannot load base model from {model_dir}: {error}") from error
-    if not isinstance(model, PreTrainedModel):
-        raise FailedPrecondition(f"{model_dir} did not load as a transformers model")
-    return model
-
-
-def _check_target_modules(model: nn.Module, lora: LoraConfig) -> None:
-    leaf_names = {
-        name.rsplit(".", 1)[-1]
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear)
-    }
-    missing = [name for name in lora.target_modules if name not in leaf_names]
-    if missing:
-        raise InvalidArgument(
-            "lora.target_modules", f"no linear layer named {', '.join(missing)} in the model"
-        )
