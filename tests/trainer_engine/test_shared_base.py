@@ -10,7 +10,12 @@ import torch
 
 from tensafe.trainer.engine.base import BaseDtype, BaseModelPool, BasePlacement, SharedBase
 from tensafe.trainer.engine.config import AdamConfig, DpConfig, LoraConfig
-from tensafe.trainer.engine.training import LoraTrainingEngine
+from tensafe.trainer.engine.state import decode_state, encode_state
+from tensafe.trainer.engine.training import (
+    ForwardBackwardCall,
+    LoraTrainingEngine,
+    forward_backward_jointly,
+)
 
 from .conftest import cross_entropy_batch
 
@@ -183,3 +188,105 @@ def test_a_half_precision_base_trains_float32_adapters(
     finally:
         half.close()
         full.close()
+
+
+def test_a_joint_step_gives_each_client_the_update_it_gets_alone(
+    tiny_model_dir: Path, corpus_sequences: list[list[int]]
+) -> None:
+    """Three clients' ForwardBackward calls in one forward/backward (each row through its
+    own adapter): each client's clipped sum, outputs and next step equal its own call
+    alone, so no client's clipped sum includes another client's row."""
+    configs = [
+        (LoraConfig(rank=4, alpha=8.0, target_modules=("q_proj", "v_proj")), 0.05, 11),
+        (LoraConfig(rank=4, alpha=8.0, target_modules=("q_proj", "v_proj")), 0.5, 12),
+        (LoraConfig(rank=2, alpha=4.0, target_modules=("k_proj", "o_proj")), 0.05, 13),
+    ]
+    base = SharedBase(tiny_model_dir)
+    joint = [
+        LoraTrainingEngine(
+            base, lora=lora, dp=DpConfig(noise_multiplier=0.0, max_grad_norm=bound), seed=seed
+        )
+        for lora, bound, seed in configs
+    ]
+    alone = [
+        LoraTrainingEngine(
+            tiny_model_dir,
+            lora=lora,
+            dp=DpConfig(noise_multiplier=0.0, max_grad_norm=bound),
+            seed=seed,
+        )
+        for lora, bound, seed in configs
+    ]
+    try:
+        for engine in (*joint, *alone):
+            _randomise(engine)
+        for step in range(2):
+            calls = []
+            for index in range(3):
+                # Different batch sizes and lengths per client.
+                start = 12 * index + 6 * step
+                batch, inputs = cross_entropy_batch(corpus_sequences[start : start + 2 + index])
+                calls.append(ForwardBackwardCall(batch, "cross_entropy", inputs))
+            results = forward_backward_jointly(list(zip(joint, calls, strict=True)))
+            for engine, partner, call, result in zip(joint, alone, calls, results, strict=True):
+                reference = partner.forward_backward(call.batch, call.loss_fn, call.loss_fn_inputs)
+                assert [o.loss for o in result.outputs] == pytest.approx(
+                    [o.loss for o in reference.outputs], rel=1e-5
+                )
+                assert engine.accumulated_examples == partner.accumulated_examples
+                ours, theirs = engine.pending_gradient_sum(), partner.pending_gradient_sum()
+                assert set(ours) == set(theirs)
+                for name in ours:
+                    torch.testing.assert_close(ours[name], theirs[name], rtol=1e-5, atol=1e-7)
+                assert any(bool(t.abs().sum() > 0) for t in ours.values())
+            for engine, partner in zip(joint, alone, strict=True):
+                engine.optim_step(ADAM)
+                partner.optim_step(ADAM)
+        for engine, partner in zip(joint, alone, strict=True):
+            mine, theirs = engine.adapter_tensors(), partner.adapter_tensors()
+            for name in mine:
+                torch.testing.assert_close(mine[name], theirs[name], rtol=1e-4, atol=1e-6)
+        # After a joint call, a single call trains only its own adapter again.
+        batch, inputs = cross_entropy_batch(corpus_sequences[40:42])
+        joint[0].forward_backward(batch, "cross_entropy", inputs)
+        alone[0].forward_backward(batch, "cross_entropy", inputs)
+        for name, value in joint[0].pending_gradient_sum().items():
+            torch.testing.assert_close(
+                value, alone[0].pending_gradient_sum()[name], rtol=1e-5, atol=1e-7
+            )
+    finally:
+        for engine in (*joint, *alone):
+            engine.close()
+
+
+def test_a_joint_step_refuses_what_it_cannot_do_exactly(tiny_model_dir: Path) -> None:
+    base = SharedBase(tiny_model_dir)
+    with_dropout = LoraTrainingEngine(base, lora=LORA, dp=DP, seed=1)
+    without_dropout = LoraTrainingEngine(base, lora=OTHER_LORA, dp=DP, seed=1)
+    non_private = LoraTrainingEngine(base, lora=OTHER_LORA, dp=None, seed=1)
+    other_base = LoraTrainingEngine(tiny_model_dir, lora=OTHER_LORA, dp=DP, seed=1)
+    call = ForwardBackwardCall([[1, 2, 3]], "cross_entropy", [{"target_tokens": [2, 3, 4]}])
+    try:
+        with pytest.raises(ValueError, match="dropout"):
+            forward_backward_jointly([(with_dropout, call)])
+        with pytest.raises(ValueError, match="DP engines"):
+            forward_backward_jointly([(non_private, call)])
+        with pytest.raises(ValueError, match="share one base"):
+            forward_backward_jointly([(without_dropout, call), (other_base, call)])
+        with pytest.raises(ValueError, match="twice"):
+            forward_backward_jointly([(without_dropout, call), (without_dropout, call)])
+        assert without_dropout.accumulated_examples == 0
+    finally:
+        for engine in (with_dropout, without_dropout, non_private, other_base):
+            engine.close()
+
+
+def _randomise(engine: LoraTrainingEngine) -> None:
+    """Non-zero factors (peft starts B at zero), seeded by parameter name only, so an
+    engine and its reference start equal; set through the engine's own state."""
+    tensors, metadata = decode_state(engine.state_dict())
+    for index, name in enumerate(sorted(n for n in tensors if n.startswith("lora/"))):
+        generator = torch.Generator().manual_seed(index)
+        tensors[name] = torch.randn(tensors[name].shape, generator=generator) * 0.2
+    del metadata["format"]
+    engine.load_state(encode_state(tensors, metadata))

@@ -25,6 +25,7 @@ from __future__ import annotations
 import enum
 import re
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -222,6 +223,27 @@ class SharedBase:
         if trainable != self._factors[name]:
             raise RuntimeError("trainable parameters are not exactly the LoRA factors")
         self._active = name
+
+    def train_together(self, names: Sequence[str]) -> PeftModel:
+        """Make exactly the factors of ``names`` trainable, for one forward/backward
+        whose rows each run through their own adapter (peft's ``adapter_names=``).
+
+        The next :meth:`activate` returns to a single active adapter.
+
+        Args:
+            names: Adapters on this base.
+
+        Returns:
+            The shared peft model.
+        """
+        model = self._require_model()
+        union: set[int] = set()
+        for name in names:
+            union |= self._factors[name]
+        for parameter in model.parameters():
+            parameter.requires_grad_(id(parameter) in union)
+        self._active = None
+        return model
 
     def remove_adapter(self, name: str) -> None:
         """Delete an adapter and free its weights; the base stays loaded."""

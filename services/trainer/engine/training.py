@@ -39,6 +39,7 @@ Thread safety: an engine is used by one thread at a time.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import hashlib
 import json
@@ -57,6 +58,7 @@ from .base import SharedBase
 from .clipping import (
     LoraActivationTap,
     clip_per_example,
+    clip_per_example_jointly,
     lora_linear_layers,
     per_example_gradients,
 )
@@ -116,6 +118,26 @@ class OptimStepResult:
     metrics: dict[str, float]
     """``learning_rate``, ``divisor`` (the normalisation) and ``noise_std`` (standard
     deviation of the noise in the normalised gradient; 0 without DP)."""
+
+
+@dataclass(frozen=True)
+class ForwardBackwardCall:
+    """The arguments of one :meth:`LoraTrainingEngine.forward_backward` call, for
+    :func:`forward_backward_jointly`."""
+
+    batch: Sequence[TokenSequence]
+    loss_fn: str | LossFn
+    loss_fn_inputs: Sequence[Mapping[str, PerTokenValues]]
+    loss_fn_config: Mapping[str, float] | None = None
+    refuse_duplicates: bool = True
+
+
+@dataclass(frozen=True)
+class _PreparedCall:
+    loss_kind: LossFn
+    loss_config: LossConfig
+    padded: PaddedBatch
+    digests: list[str]
 
 
 class LoraTrainingEngine:
@@ -289,19 +311,12 @@ class LoraTrainingEngine:
                 non-finite; the field names the culprit. The engine is unchanged.
         """
         loss_kind = LossFn.parse(loss_fn)
-        loss_config = loss_config_from_options(loss_kind, loss_fn_config or {}, self._loss_config)
-        padded = validate_batch(
-            batch,
-            loss_kind,
-            loss_fn_inputs,
-            vocab_size=self._vocab_size,
-            max_length=self._max_length,
+        call = self._prepare(
+            ForwardBackwardCall(
+                batch, loss_fn, loss_fn_inputs, loss_fn_config, refuse_duplicates=refuse_duplicates
+            )
         )
-        digests: list[str] = []
-        if self._dp is not None and refuse_duplicates:
-            digests = datum_digests(batch, loss_kind, loss_fn_inputs)
-            self._check_distinct(digests)
-        padded = self._on_device(padded)
+        loss_kind, loss_config, padded = call.loss_kind, call.loss_config, call.padded
         self._base.activate(self._adapter)
         self._model.train()
         with torch.random.fork_rng(devices=[]):
@@ -319,20 +334,38 @@ class LoraTrainingEngine:
                     example_losses.sum(), record, max_grad_norm=self._dp.max_grad_norm
                 )
                 update = clipped.clipped_sum
-        for value in update.values():
-            if not bool(torch.isfinite(value).all()):
-                raise InvalidArgument("loss_fn_inputs", "the batch gives a non-finite gradient")
+        _check_finite_update(update)
+        self._accumulate(call, update)
+        return _result(padded, target_logprobs, example_losses)
 
-        # Everything is validated and computed: only now does the engine change.
+    def _prepare(self, call: ForwardBackwardCall) -> _PreparedCall:
+        """Validate a ForwardBackward call without changing anything."""
+        loss_kind = LossFn.parse(call.loss_fn)
+        loss_config = loss_config_from_options(
+            loss_kind, call.loss_fn_config or {}, self._loss_config
+        )
+        padded = validate_batch(
+            call.batch,
+            loss_kind,
+            call.loss_fn_inputs,
+            vocab_size=self._vocab_size,
+            max_length=self._max_length,
+        )
+        digests: list[str] = []
+        if self._dp is not None and call.refuse_duplicates:
+            digests = datum_digests(call.batch, loss_kind, call.loss_fn_inputs)
+            self._check_distinct(digests)
+        return _PreparedCall(loss_kind, loss_config, self._on_device(padded), digests)
+
+    def _accumulate(self, call: _PreparedCall, update: Mapping[str, torch.Tensor]) -> None:
+        """Add a validated, computed call to the step: the only place it changes."""
         with torch.no_grad():
             for name, value in update.items():
                 self._accumulator[name].add_(value)
-        self._accumulated_examples += len(padded.lengths)
+        self._accumulated_examples += len(call.padded.lengths)
         self._micro_batches += 1
-        for index, digest in enumerate(digests):
+        for index, digest in enumerate(call.digests):
             self._step_digests[digest] = f"call {self._micro_batches}, data[{index}]"
-
-        return _result(padded, target_logprobs, example_losses)
 
     def _check_distinct(self, digests: list[str]) -> None:
         check_distinct(digests)
@@ -370,16 +403,12 @@ class LoraTrainingEngine:
         Raises:
             InvalidArgument: As for :meth:`forward_backward`.
         """
-        loss_kind = LossFn.parse(loss_fn)
-        loss_config = loss_config_from_options(loss_kind, loss_fn_config or {}, self._loss_config)
-        padded = validate_batch(
-            batch,
-            loss_kind,
-            loss_fn_inputs,
-            vocab_size=self._vocab_size,
-            max_length=self._max_length,
+        call = self._prepare(
+            ForwardBackwardCall(
+                batch, loss_fn, loss_fn_inputs, loss_fn_config, refuse_duplicates=False
+            )
         )
-        padded = self._on_device(padded)
+        loss_kind, loss_config, padded = call.loss_kind, call.loss_config, call.padded
         self._base.activate(self._adapter)
         self._model.eval()
         with torch.no_grad():
@@ -415,16 +444,12 @@ class LoraTrainingEngine:
         Raises:
             InvalidArgument: As for :meth:`forward_backward`.
         """
-        loss_kind = LossFn.parse(loss_fn)
-        loss_config = loss_config_from_options(loss_kind, loss_fn_config or {}, self._loss_config)
-        padded = validate_batch(
-            batch,
-            loss_kind,
-            loss_fn_inputs,
-            vocab_size=self._vocab_size,
-            max_length=self._max_length,
+        call = self._prepare(
+            ForwardBackwardCall(
+                batch, loss_fn, loss_fn_inputs, loss_fn_config, refuse_duplicates=False
+            )
         )
-        padded = self._on_device(padded)
+        loss_kind, loss_config, padded = call.loss_kind, call.loss_config, call.padded
         self._base.activate(self._adapter)
         self._model.eval()
         with torch.enable_grad(), self._tap.capture(NormMethod.DIRECT) as record:
@@ -734,6 +759,114 @@ class LoraTrainingEngine:
     def _dropout_seed(self) -> int:
         material = f"{self._seed}:{self._step}:{self._micro_batches}".encode()
         return int.from_bytes(hashlib.sha256(material).digest()[:8], "little")
+
+
+def forward_backward_jointly(
+    calls: Sequence[tuple[LoraTrainingEngine, ForwardBackwardCall]],
+) -> list[ForwardBackwardResult]:
+    """ForwardBackward of several engines on one shared base in one forward/backward.
+
+    The rows of every call run through one model pass, each row through its own
+    engine's adapter (peft's mixed-adapter batch, ``adapter_names=``: each LoRA layer
+    applies each adapter to its own rows only, Punica/S-LoRA's gather by adapter). A
+    row's gradient therefore reaches only its own adapter's factors; each engine's
+    activation tap records its own rows, and :func:`.clipping.clip_per_example_jointly`
+    clips them per example and sums them per engine from the one backward pass. The
+    clipped sum of one engine never includes a row of another; each engine's
+    accumulator, counters and duplicate check change exactly as
+    :meth:`LoraTrainingEngine.forward_backward` would change them, and its noise and
+    optimizer step stay its own (:meth:`LoraTrainingEngine.optim_step`). Results agree
+    with separate calls to float32 round-off (padding to the longest row of the joint
+    batch and the larger matrix products change the order of floating-point sums).
+
+    Conditions (otherwise ``ValueError``): at least one call; distinct engines on the
+    same :class:`~.base.SharedBase`; every engine under DP with LoRA dropout 0 (peft
+    runs mixed-adapter batches in eval mode only, and a per-row dropout stream would
+    not match the engine's own).
+
+    Args:
+        calls: Each engine with its call.
+
+    Returns:
+        Each call's result, in order.
+
+    Raises:
+        InvalidArgument: A call is invalid (as for ``forward_backward``, its field
+            names the culprit); no engine changes.
+        ValueError: The conditions above are not met.
+    """
+    if not calls:
+        raise ValueError("no calls")
+    engines = [engine for engine, _ in calls]
+    base = engines[0].base
+    if len({id(engine) for engine in engines}) != len(engines):
+        raise ValueError("an engine appears twice")
+    for engine in engines:
+        if engine.base is not base:
+            raise ValueError("the engines do not share one base")
+        if engine.dp is None or engine.lora.dropout != 0:
+            raise ValueError("joint calls need DP engines with LoRA dropout 0")
+    prepared = [engine._prepare(call) for engine, call in calls]
+
+    width = max(int(call.padded.input_ids.shape[1]) for call in prepared)
+    input_ids = torch.cat([_pad_to(call.padded.input_ids, width) for call in prepared])
+    attention_mask = torch.cat([_pad_to(call.padded.attention_mask, width) for call in prepared])
+    adapter_names = [
+        engine._adapter
+        for engine, call in zip(engines, prepared, strict=True)
+        for _ in call.padded.lengths
+    ]
+    model = base.train_together([engine._adapter for engine in engines])
+    model.eval()
+    with contextlib.ExitStack() as stack:
+        records = [
+            stack.enter_context(engine._tap.capture(engine._options.norm_method))
+            for engine in engines
+        ]
+        logits = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            use_cache=False,
+            adapter_names=adapter_names,
+        ).logits.float()
+    outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
+    start = 0
+    for call in prepared:
+        rows = len(call.padded.lengths)
+        own = logits[start : start + rows, : call.padded.input_ids.shape[1]]
+        target_logprobs = token_logprobs(own, call.padded.target_tokens)
+        losses = per_token_loss(call.loss_kind, target_logprobs, call.padded, call.loss_config)
+        example_losses = losses.sum(dim=1)
+        _check_finite_losses(example_losses)
+        outputs.append((target_logprobs, example_losses))
+        start += rows
+    total = torch.stack([losses.sum() for _, losses in outputs]).sum()
+    bounds = []
+    for engine in engines:
+        assert engine.dp is not None
+        bounds.append(engine.dp.max_grad_norm)
+    clipped = clip_per_example_jointly(total, list(zip(records, bounds, strict=True)))
+    for result in clipped:
+        _check_finite_update(result.clipped_sum)
+
+    # Everything is validated and computed: only now do the engines change.
+    for engine, call, result in zip(engines, prepared, clipped, strict=True):
+        engine._accumulate(call, result.clipped_sum)
+    return [
+        _result(call.padded, target_logprobs, example_losses)
+        for call, (target_logprobs, example_losses) in zip(prepared, outputs, strict=True)
+    ]
+
+
+def _pad_to(tensor: torch.Tensor, width: int) -> torch.Tensor:
+    """Right-pad ``[B, T]`` with zeros to ``[B, width]`` (pad tokens are masked out)."""
+    return nn.functional.pad(tensor, (0, width - tensor.shape[1]))
+
+
+def _check_finite_update(update: Mapping[str, torch.Tensor]) -> None:
+    for value in update.values():
+        if not bool(torch.isfinite(value).all()):
+            raise InvalidArgument("loss_fn_inputs", "the batch gives a non-finite gradient")
 
 
 def _result(
