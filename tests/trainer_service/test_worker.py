@@ -101,18 +101,7 @@ async def test_redelivered_jobs_apply_once(
     )
     try:
         for job in jobs:
-            message = JobMessage(job.future_id, job.client_id, job.seq)
-            await worker.handle(
-                Delivery(
-                    subject="x",
-                    data=message.encode(),
-                    headers={},
-                    msg_id=job.future_id,
-                    num_delivered=2,
-                    max_deliver=-1,
-                    stream_sequence=job.seq,
-                )
-            )
+            await _deliver(worker, job, num_delivered=2)
     finally:
         worker.close()
         await database.dispose()
@@ -408,14 +397,8 @@ async def _submit(stack: Stack, kind: str, client_id: str, batch: list[list[int]
     return str(response.future.id)
 
 
-async def _deliver(worker: TrainerWorker, url: str, future_id: str) -> None:
-    database = Database.from_url(url)
-    try:
-        async with database.transaction(read_only=True) as session:
-            job = await session.get(JobRow, future_id)
-            assert job is not None
-    finally:
-        await database.dispose()
+async def _deliver(worker: TrainerWorker, job: JobRow, *, num_delivered: int) -> None:
+    """Hand a job's message to ``worker`` as JetStream would deliver it."""
     message = JobMessage(job.future_id, job.client_id, job.seq)
     await worker.handle(
         Delivery(
@@ -423,7 +406,7 @@ async def _deliver(worker: TrainerWorker, url: str, future_id: str) -> None:
             data=message.encode(),
             headers={},
             msg_id=job.future_id,
-            num_delivered=1,
+            num_delivered=num_delivered,
             max_deliver=-1,
             stream_sequence=job.seq,
         )
@@ -474,11 +457,16 @@ async def test_clients_share_one_base_and_evicted_clients_continue_exactly(
         ledger=PrivacyLedger(),
     )
     try:
+        jobs = {
+            job.future_id: job
+            for client in (evicted, kept, other)
+            for job in await _rows(url, JobRow, client.id)
+        }
         for client_id, future_id in interleaved:
-            await _deliver(worker, url, future_id)
+            await _deliver(worker, jobs[future_id], num_delivered=1)
             assert worker.resident_client_ids == [client_id]
         for _, future_id in alone:
-            await _deliver(worker, url, future_id)
+            await _deliver(worker, jobs[future_id], num_delivered=1)
         assert pool.loads == 1
         assert pool.get(base_models_dir / BASE_MODEL).adapters == 1
     finally:
