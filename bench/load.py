@@ -722,6 +722,23 @@ def _rss_bytes(pid: int) -> int | None:
     return int(match.group(1)) * 1024 if match else None
 
 
+def import_rss_bytes() -> int | None:
+    """RSS of a fresh interpreter that has only imported the worker module (torch,
+    transformers, peft, gRPC, SQLAlchemy...): the part of the worker's memory no client
+    or base model accounts for, measured here because it is not a constant."""
+    code = (
+        "import re, tensafe.trainer.worker; "
+        "print(re.search(r'VmRSS:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1))"
+    )
+    try:
+        output = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return int(output.strip()) * 1024
+
+
 def print_worker_memory(connection_file: Path, training_clients: int) -> None:
     """Print the worker's RSS against the shared-base bound, and its load counters."""
     described = json.loads(connection_file.read_text())
@@ -750,6 +767,15 @@ def print_worker_memory(connection_file: Path, training_clients: int) -> None:
         f"300 MB ({verdict}); {resident:.0f} clients resident; base loads "
         f"{base_loads:.0f}, client engine loads {engine_loads:.0f} (since the stack started)"
     )
+    imports = import_rss_bytes()
+    if rss is not None and imports is not None:
+        above = rss - imports
+        print(
+            f"  of which the worker's imports alone (a fresh interpreter) {imports / MIB:.0f} "
+            f"MB; above them {above / MIB:.0f} MB vs {(bound - 300 * MIB) / MIB:.0f} MB "
+            f"(bound without its 300 MB): "
+            f"{'within' if above <= bound - 300 * MIB else 'OVER'}"
+        )
 
 
 def _run(args: argparse.Namespace, connection_file: Path) -> int:
