@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -53,7 +54,8 @@ class TrainerConfig(KekSettings, ServiceConfig):
         "base models: each client holds its LoRA adapter, gradient accumulator and two "
         "AdamW moments (4 x the adapter). The least recently used clients are evicted "
         "above it and reloaded from their last committed state when next used. 0: a "
-        "quarter of the machine's physical memory.",
+        "quarter of the machine's physical memory, or of the container's cgroup memory "
+        "limit if that is lower.",
         default=0,
     )
     base_dtype: str = setting(
@@ -201,7 +203,18 @@ class TrainerConfig(KekSettings, ServiceConfig):
 
     @property
     def resident_bytes_limit(self) -> int:
-        """The resident client budget: the setting, or a quarter of physical memory."""
+        """The resident client budget: the setting, or a quarter of the memory this
+        process may use (physical memory, or the container's cgroup limit if lower)."""
         if self.resident_bytes > 0:
             return self.resident_bytes
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        # A pod's limit, not the node's memory: cgroup v2, then v1 ("max" or an
+        # absurdly large number mean no limit).
+        for limit_file in (
+            "/sys/fs/cgroup/memory.max",
+            "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+        ):
+            with contextlib.suppress(OSError, ValueError):
+                memory = min(memory, int(Path(limit_file).read_text().strip()))
+                break
+        return memory // 4
