@@ -310,7 +310,6 @@ class LoraTrainingEngine:
             InvalidArgument: A malformed request, or inputs that make a datum's loss
                 non-finite; the field names the culprit. The engine is unchanged.
         """
-        loss_kind = LossFn.parse(loss_fn)
         call = self._prepare(
             ForwardBackwardCall(
                 batch, loss_fn, loss_fn_inputs, loss_fn_config, refuse_duplicates=refuse_duplicates
