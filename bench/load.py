@@ -34,6 +34,15 @@ dp-accounting for n Gaussian steps of the requested sigma at the requested delta
 ``tensafe audit verify`` must report the audit hash chain intact, and there must be zero
 non-retryable errors. The exit code is 1 when any of this fails.
 
+After each load the bench prints the trainer worker's resident memory (RSS, from
+``/proc``) against the bound "one base + N x (adapter + optimizer + accountant) x 1.5 +
+300 MB" (N the load's training clients; the base and per-client sizes from the worker's
+``/metrics``: ``tensafe_trainer_base_model_bytes``, ``tensafe_trainer_resident_client_bytes``
+over ``tensafe_trainer_resident_clients``) and the worker's base loads and client
+engine loads so far (``tensafe_trainer_base_loads_total``,
+``tensafe_trainer_engine_loads_total``): one base load per base model, whatever the
+number of clients. A stack given by ``--connection-file`` must serve ``/metrics``.
+
 ``--sweep 1x1,2x2,4x2,4x4`` runs several loads on one stack (fresh tenants each) and
 reports the highest that passes with zero non-retryable errors and every operation's
 p99 within ``--max-p99-ms``; it exits 1 if the ledger/step/audit check fails at any load
@@ -63,6 +72,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -689,6 +699,85 @@ def _parse_sweep(text: str) -> list[tuple[int, int]]:
     return loads
 
 
+# Per-client state not counted by the worker's resident_client_bytes: the accountant's
+# state (a few kB of RDP orders) and the engine's Python objects.
+ACCOUNTANT_BYTES = 64 * 1024
+MIB = 1024 * 1024
+
+
+def _prometheus(text: str, name: str) -> float | None:
+    """Sum of a metric's samples (all label sets) in Prometheus text, or None."""
+    pattern = re.compile(rf"^{re.escape(name)}(?:{{[^}}]*}})? ([0-9.eE+-]+)$", re.MULTILINE)
+    values = [float(value) for value in pattern.findall(text)]
+    return sum(values) if values else None
+
+
+def _rss_bytes(pid: int) -> int | None:
+    """Resident set size of a process (Linux /proc), or None elsewhere."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    match = re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE)
+    return int(match.group(1)) * 1024 if match else None
+
+
+def import_rss_bytes() -> int | None:
+    """RSS of a fresh interpreter that has only imported the worker module (torch,
+    transformers, peft, gRPC, SQLAlchemy...): the part of the worker's memory no client
+    or base model accounts for, measured here because it is not a constant."""
+    code = (
+        "import re, tensafe.trainer.worker; "
+        "print(re.search(r'VmRSS:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1))"
+    )
+    try:
+        output = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return int(output.strip()) * 1024
+
+
+def print_worker_memory(connection_file: Path, training_clients: int) -> None:
+    """Print the worker's RSS against the shared-base bound, and its load counters."""
+    described = json.loads(connection_file.read_text())
+    address = described.get("metrics", {}).get("trainer-worker")
+    ready = Path(str(described["data_dir"])) / "run" / "trainer-worker.ready"
+    if address is None or not ready.is_file():
+        print("worker memory: the stack serves no worker /metrics (start it with metrics)")
+        return
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    base = _prometheus(text, "tensafe_trainer_base_model_bytes") or 0.0
+    state = _prometheus(text, "tensafe_trainer_resident_client_bytes") or 0.0
+    resident = _prometheus(text, "tensafe_trainer_resident_clients") or 0.0
+    base_loads = _prometheus(text, "tensafe_trainer_base_loads_total") or 0.0
+    engine_loads = _prometheus(text, "tensafe_trainer_engine_loads_total") or 0.0
+    per_client = (state / resident if resident else 0.0) + ACCOUNTANT_BYTES
+    # Clients of earlier loads of a sweep may still be resident: count what is held.
+    clients = max(training_clients, int(resident))
+    bound = base + clients * per_client * 1.5 + 300 * MIB
+    rss = _rss_bytes(int(json.loads(ready.read_text())["pid"]))
+    verdict = "n/a" if rss is None else ("within" if rss <= bound else "OVER")
+    shown = "n/a" if rss is None else f"{rss / MIB:.0f} MB"
+    print(
+        f"worker memory: RSS {shown} vs bound {bound / MIB:.0f} MB = base "
+        f"{base / MIB:.1f} MB + {clients} x {per_client / MIB:.2f} MB x 1.5 + "
+        f"300 MB ({verdict}); {resident:.0f} clients resident; base loads "
+        f"{base_loads:.0f}, client engine loads {engine_loads:.0f} (since the stack started)"
+    )
+    imports = import_rss_bytes()
+    if rss is not None and imports is not None:
+        above = rss - imports
+        print(
+            f"  of which the worker's imports alone (a fresh interpreter) {imports / MIB:.0f} "
+            f"MB; above them {above / MIB:.0f} MB vs {(bound - 300 * MIB) / MIB:.0f} MB "
+            f"(bound without its 300 MB): "
+            f"{'within' if above <= bound - 300 * MIB else 'OVER'}"
+        )
+
+
 def _run(args: argparse.Namespace, connection_file: Path) -> int:
     described = json.loads(connection_file.read_text())
     data_dir = Path(str(described["data_dir"]))
@@ -719,7 +808,11 @@ def _run(args: argparse.Namespace, connection_file: Path) -> int:
         f"token(s) per call; {os.cpu_count()} CPUs"
     )
     loads = args.sweep or [(args.tenants, args.clients_per_tenant)]
-    results = [run_load(settings, t, c) for t, c in loads]
+    results = []
+    for tenants, clients in loads:
+        results.append(run_load(settings, tenants, clients))
+        # The publisher client of each tenant trains too.
+        print_worker_memory(connection_file, tenants * clients + tenants)
     if len(results) == 1:
         return 0 if results[0].passed(float("inf")) else 1
     print(
@@ -797,7 +890,7 @@ def main() -> int:
             hidden_size=args.hidden,
             num_layers=args.layers,
         )
-        with LocalStack(StackOptions(data_dir=data_dir)) as stack:
+        with LocalStack(StackOptions(data_dir=data_dir, metrics=True)) as stack:
             stack.start()
             return _run(args, stack.connection_file)
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
+import re
 from pathlib import Path
 
 from tensafe.common.config import ServiceConfig, env_name, setting
@@ -46,9 +49,24 @@ class TrainerConfig(KekSettings, ServiceConfig):
         "worker may take the client after it expires.",
         default=30.0,
     )
-    resident_clients: int = setting(
-        "Training clients a worker keeps loaded in memory (least recently used evicted).",
-        default=4,
+    resident_bytes: int = setting(
+        "Memory, bytes, a worker gives to resident training clients beyond its shared "
+        "base models: each client holds its LoRA adapter, gradient accumulator and two "
+        "AdamW moments (4 x the adapter). The least recently used clients are evicted "
+        "above it and reloaded from their last committed state when next used. 0: a "
+        "quarter of the machine's physical memory, or of the container's cgroup memory "
+        "limit if that is lower.",
+        default=0,
+    )
+    base_dtype: str = setting(
+        "dtype a worker holds base models in: fp32, bf16 or fp16 (LoRA adapters, "
+        "clipping, noise and AdamW stay float32).",
+        default="fp32",
+    )
+    device: str = setting(
+        "Device of a worker's base models and adapters: auto (the first CUDA device when "
+        "torch sees one, else the CPU), cpu, cuda or cuda:N.",
+        default="auto",
     )
     outbox_interval_seconds: float = setting(
         "Period of the API's re-publisher of accepted jobs whose publish failed.",
@@ -138,8 +156,12 @@ class TrainerConfig(KekSettings, ServiceConfig):
                 raise ConfigError(env_name(name), "must be positive")
         if self.outbox_grace_seconds < 0:
             raise ConfigError(env_name("outbox_grace_seconds"), "must be >= 0")
-        if self.resident_clients < 1:
-            raise ConfigError(env_name("resident_clients"), "must be at least 1")
+        if self.resident_bytes < 0:
+            raise ConfigError(env_name("resident_bytes"), "must be >= 0 (0: automatic)")
+        if self.base_dtype not in ("fp32", "bf16", "fp16"):
+            raise ConfigError(env_name("base_dtype"), "must be fp32, bf16 or fp16")
+        if not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", self.device):
+            raise ConfigError(env_name("device"), "must be auto, cpu, cuda or cuda:N")
         if self.torch_threads < 0:
             raise ConfigError(env_name("torch_threads"), "must be >= 0")
         if self.dataset_kek_file is None and not self.dev_mode:
@@ -178,3 +200,21 @@ class TrainerConfig(KekSettings, ServiceConfig):
         if self.base_models_dir is not None:
             return self.base_models_dir
         return Path(self.data_dir) / "base_models"
+
+    @property
+    def resident_bytes_limit(self) -> int:
+        """The resident client budget: the setting, or a quarter of the memory this
+        process may use (physical memory, or the container's cgroup limit if lower)."""
+        if self.resident_bytes > 0:
+            return self.resident_bytes
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        # A pod's limit, not the node's memory: cgroup v2, then v1 ("max" or an
+        # absurdly large number mean no limit).
+        for limit_file in (
+            "/sys/fs/cgroup/memory.max",
+            "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+        ):
+            with contextlib.suppress(OSError, ValueError):
+                memory = min(memory, int(Path(limit_file).read_text().strip()))
+                break
+        return memory // 4

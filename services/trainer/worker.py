@@ -54,6 +54,7 @@ from typing import Any
 import torch
 from google.protobuf.message import Message
 from opentelemetry import metrics
+from opentelemetry.metrics import Observation
 from transformers import AutoTokenizer
 
 from tensafe.common import tls
@@ -88,6 +89,12 @@ from tensafe.trainer.config import TrainerConfig
 from tensafe.trainer.datasets.crypto import keyring_from_settings
 from tensafe.trainer.datasets.runner import DatasetRunner, RunEnd
 from tensafe.trainer.datasets.service import DatasetVault
+from tensafe.trainer.engine.base import (
+    BaseDtype,
+    BaseModelPool,
+    BasePlacement,
+    resolve_device,
+)
 from tensafe.trainer.engine.config import DpConfig
 from tensafe.trainer.engine.sampling import StopReason, sample
 from tensafe.trainer.engine.training import LoraTrainingEngine
@@ -157,7 +164,9 @@ class TrainerWorker:
         owner: This worker's lease owner id (unique per process).
         lease_seconds: Lease duration.
         retry_delay: Delay of RetryLater for out-of-order jobs.
-        resident_clients: Engines kept in memory.
+        bases: The worker's shared base models (one per base model, loaded once).
+        resident_bytes: Memory for resident clients' own state (adapter, accumulator,
+            AdamW moments); least recently used clients are evicted above it.
         ledger: The privacy ledger.
         adapter_publisher: Seals and publishes SaveAdapter jobs (None: refused).
         dataset_runner: Runs TrainOnDataset jobs (None: refused).
@@ -173,18 +182,27 @@ class TrainerWorker:
         owner: str,
         lease_seconds: float,
         retry_delay: float,
-        resident_clients: int,
+        bases: BaseModelPool,
+        resident_bytes: int,
         ledger: PrivacyLedger,
         adapter_publisher: AdapterPublisher | None = None,
         dataset_runner: DatasetRunner | None = None,
     ) -> None:
         self._db = database
         self._ledger = ledger
-        self._engine_loads = metrics.get_meter(__name__).create_counter(
+        meter = metrics.get_meter(__name__)
+        self._engine_loads = meter.create_counter(
             "tensafe.trainer.engine_loads",
             unit="{load}",
-            description="LoRA engines built (base model loaded) by this worker, by base "
-            "model and reason: a client not resident, or resident at another seq.",
+            description="Client engines (adapter and state, on the shared base) built by "
+            "this worker, by base model and reason: a client not resident, or resident "
+            "at another seq.",
+        )
+        self._base_loads = meter.create_counter(
+            "tensafe.trainer.base_loads",
+            unit="{load}",
+            description="Base models loaded by this worker (once per base model: "
+            "switching clients never reloads one).",
         )
         self._futures = futures
         self._objects = objects
@@ -192,7 +210,27 @@ class TrainerWorker:
         self._owner = owner
         self._lease_seconds = lease_seconds
         self._retry_delay = retry_delay
-        self._capacity = resident_clients
+        self._bases = bases
+        self._resident_bytes = resident_bytes
+        meter.create_observable_gauge(
+            "tensafe.trainer.resident_clients",
+            callbacks=[lambda _options: [Observation(len(self._resident))]],
+            unit="{client}",
+            description="Training clients whose state this worker holds in memory.",
+        )
+        meter.create_observable_gauge(
+            "tensafe.trainer.resident_client_bytes",
+            callbacks=[lambda _options: [Observation(self._resident_state_bytes())]],
+            unit="By",
+            description="Memory of the resident clients' own state (adapters, accumulators, "
+            "AdamW moments), bounded by TENSAFE_RESIDENT_BYTES.",
+        )
+        meter.create_observable_gauge(
+            "tensafe.trainer.base_model_bytes",
+            callbacks=[lambda _options: [Observation(self._bases.resident_bytes())]],
+            unit="By",
+            description="Memory of the base models this worker has loaded (one copy each).",
+        )
         self._resident: OrderedDict[str, _Resident] = OrderedDict()
         self._tokenizers: dict[str, Any] = {}
         self._publisher = adapter_publisher
@@ -202,6 +240,16 @@ class TrainerWorker:
     def owner(self) -> str:
         """This worker's lease owner id."""
         return self._owner
+
+    @property
+    def bases(self) -> BaseModelPool:
+        """The shared base models this worker has loaded."""
+        return self._bases
+
+    @property
+    def resident_client_ids(self) -> list[str]:
+        """Clients whose engines are in memory, least recently used first."""
+        return list(self._resident)
 
     # ---------------------------------------------------------------- handler
 
@@ -411,17 +459,28 @@ class TrainerWorker:
         )
         resident = _Resident(engine, client.applied_seq)
         self._resident[client.id] = resident
-        while len(self._resident) > self._capacity:
+        # Evict by bytes, least recently used first; the client just loaded stays even
+        # when it alone exceeds the budget. An evicted client's state is in the database
+        # (every state-changing job commits it), so it is reloaded when next used.
+        while len(self._resident) > 1 and self._resident_state_bytes() > self._resident_bytes:
             _, evicted = self._resident.popitem(last=False)
             evicted.engine.close()
         return resident
+
+    def _resident_state_bytes(self) -> int:
+        # list(): the metrics exporter's thread reads this while the loop may evict.
+        return sum(r.engine.resident_bytes() for r in list(self._resident.values()))
 
     def _build_engine(self, client: TrainingClientRow, state: bytes | None) -> LoraTrainingEngine:
         info = self._base_models.get(client.base_model)
         lora, seed = serde.lora_from_json(client.lora_json)
         dp = client_dp(client)
+        loads = self._bases.loads
+        base = self._bases.get(info.path)
+        if self._bases.loads != loads:
+            self._base_loads.add(1, {"base_model": client.base_model})
         engine = LoraTrainingEngine(
-            info.path,
+            base,
             lora=lora,
             dp=(
                 DpConfig(noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm)
@@ -431,7 +490,11 @@ class TrainerWorker:
             seed=seed,
         )
         if state is not None:
-            engine.load_state(state)
+            try:
+                engine.load_state(state)
+            except BaseException:
+                engine.close()  # its adapter would otherwise stay on the shared base
+                raise
         return engine
 
     def _evict(self, client_id: str) -> None:
@@ -579,7 +642,7 @@ class TrainerWorker:
         return _Outcome(message)
 
     def _tokenizer(self, engine: LoraTrainingEngine) -> Any:
-        base_dir = str(engine.model.peft_config["default"].base_model_name_or_path or "")
+        base_dir = str(engine.base_model_dir)
         if base_dir not in self._tokenizers:
             try:
                 self._tokenizers[base_dir] = AutoTokenizer.from_pretrained(base_dir)
@@ -874,7 +937,12 @@ async def run_worker(
             owner=owner,
             lease_seconds=config.lease_seconds,
             retry_delay=config.retry_delay_seconds,
-            resident_clients=config.resident_clients,
+            bases=BaseModelPool(
+                BasePlacement(
+                    dtype=BaseDtype(config.base_dtype), device=resolve_device(config.device)
+                )
+            ),
+            resident_bytes=config.resident_bytes_limit,
             ledger=ledger,
             adapter_publisher=publisher,
             dataset_runner=dataset_runner(

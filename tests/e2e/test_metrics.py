@@ -84,9 +84,10 @@ def test_every_service_serves_metrics_that_move(
         channel.close()
         after = scrape(registry_address)
         assert value(after, histogram, rpc_method="ListAdapters") == before + 3
-        assert value(
-            after, histogram, rpc_method="ListAdapters", rpc_grpc_status="UNAUTHENTICATED"
-        ) >= 3
+        assert (
+            value(after, histogram, rpc_method="ListAdapters", rpc_grpc_status="UNAUTHENTICATED")
+            >= 3
+        )
 
         # Steps and ε of a training client, sampled from the trainer's database.
         trainer_address = str(endpoints["trainer"])
@@ -108,12 +109,17 @@ def test_every_service_serves_metrics_that_move(
         assert value(page, "tensafe_trainer_client_dp_steps", training_client=client_id) == 2
         # The worker built the client's engine once (the base model loaded once).
         worker_page = scrape(str(endpoints["trainer-worker"]))
-        assert value(
-            worker_page,
-            "tensafe_trainer_engine_loads_total",
-            base_model="tiny-llama",
-            reason="not_resident",
-        ) == 1
+        assert (
+            value(
+                worker_page,
+                "tensafe_trainer_engine_loads_total",
+                base_model="tiny-llama",
+                reason="not_resident",
+            )
+            == 1
+        )
+        assert value(worker_page, "tensafe_trainer_base_loads_total", base_model="tiny-llama") == 1
+        assert value(worker_page, "tensafe_trainer_resident_clients") == 1
         epsilon = value(page, "tensafe_trainer_client_epsilon_spent", training_client=client_id)
         assert 0 < epsilon < 1e6
         assert value(page, histogram, rpc_method="CreateTrainingClient", rpc_grpc_status="OK") == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -77,6 +78,40 @@ def test_trainer_needs_a_nats_url() -> None:
     with pytest.raises(ConfigError) as info:
         load_config(TrainerConfig, BASE)
     assert info.value.setting == "TENSAFE_NATS_URL"
+
+
+def _trainer_env(tmp_path: Path) -> dict[str, str]:
+    return {
+        **BASE,
+        "TENSAFE_NATS_URL": "nats://127.0.0.1:4222",
+        "TENSAFE_DEV_MODE": "1",
+        "TENSAFE_BASE_MODELS_DIR": str(tmp_path),
+    }
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [
+        ("TENSAFE_DEVICE", "gpu"),
+        ("TENSAFE_DEVICE", "cuda:x"),
+        ("TENSAFE_BASE_DTYPE", "int8"),
+        ("TENSAFE_RESIDENT_BYTES", "-1"),
+    ],
+)
+def test_trainer_placement_and_budget_are_checked(tmp_path: Path, setting: str, value: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(TrainerConfig, {**_trainer_env(tmp_path), setting: value})
+    assert info.value.setting == setting
+
+
+def test_trainer_resident_budget_defaults_to_a_share_of_memory(tmp_path: Path) -> None:
+    env = _trainer_env(tmp_path)
+    config = load_config(TrainerConfig, {**env, "TENSAFE_DEVICE": "cuda:1"})
+    assert (config.device, config.base_dtype) == ("cuda:1", "fp32")
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert 0 < config.resident_bytes_limit <= physical // 4
+    chosen = load_config(TrainerConfig, {**env, "TENSAFE_RESIDENT_BYTES": "12345"})
+    assert chosen.resident_bytes_limit == 12345
 
 
 def test_describe_documents_every_setting() -> None:

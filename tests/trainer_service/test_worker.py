@@ -21,6 +21,7 @@ from tensafe.common.nats_server import NatsServer, NatsServerConfig
 from tensafe.proto.common.v1 import common_pb2
 from tensafe.proto.trainer.v1 import trainer_service_pb2 as pb
 from tensafe.trainer.base_models import BaseModelRegistry
+from tensafe.trainer.engine.base import BaseModelPool
 from tensafe.trainer.jobs import JobMessage
 from tensafe.trainer.ledger import PrivacyLedger
 from tensafe.trainer.objects import ObjectFolder
@@ -94,23 +95,13 @@ async def test_redelivered_jobs_apply_once(
         owner="second-worker",
         lease_seconds=2.0,
         retry_delay=0.01,
-        resident_clients=1,
+        bases=BaseModelPool(),
+        resident_bytes=1,
         ledger=PrivacyLedger(),
     )
     try:
         for job in jobs:
-            message = JobMessage(job.future_id, job.client_id, job.seq)
-            await worker.handle(
-                Delivery(
-                    subject="x",
-                    data=message.encode(),
-                    headers={},
-                    msg_id=job.future_id,
-                    num_delivered=2,
-                    max_deliver=-1,
-                    stream_sequence=job.seq,
-                )
-            )
+            await _deliver(worker, job, num_delivered=2)
     finally:
         worker.close()
         await database.dispose()
@@ -381,3 +372,119 @@ async def test_two_workers_apply_each_clients_jobs_in_order(
             # Each step saw exactly its own two ForwardBackward calls (3 + 5 examples).
             assert message.step == expected_step
             assert message.metrics["examples"] == 8.0
+
+
+async def _submit(stack: Stack, kind: str, client_id: str, batch: list[list[int]]) -> str:
+    """Queue a ForwardBackward, Forward or OptimStep job; returns its future id."""
+    if kind == "optim":
+        response: Any = await stack.trainer.OptimStep(
+            pb.OptimStepRequest(
+                training_client_id=client_id, adam_params=pb.AdamParams(learning_rate=5e-2)
+            ),
+            metadata=stack.auth,
+        )
+    else:
+        call = stack.trainer.ForwardBackward if kind == "fb" else stack.trainer.Forward
+        request_type = pb.ForwardBackwardRequest if kind == "fb" else pb.ForwardRequest
+        response = await call(
+            request_type(
+                training_client_id=client_id,
+                data=[datum(s) for s in batch],
+                loss_fn="cross_entropy",
+            ),
+            metadata=stack.auth,
+        )
+    return str(response.future.id)
+
+
+async def _deliver(worker: TrainerWorker, job: JobRow, *, num_delivered: int) -> None:
+    """Hand a job's message to ``worker`` as JetStream would deliver it."""
+    message = JobMessage(job.future_id, job.client_id, job.seq)
+    await worker.handle(
+        Delivery(
+            subject="x",
+            data=message.encode(),
+            headers={},
+            msg_id=job.future_id,
+            num_delivered=num_delivered,
+            max_deliver=-1,
+            stream_sequence=job.seq,
+        )
+    )
+
+
+async def test_clients_share_one_base_and_evicted_clients_continue_exactly(
+    make_stack: Any, base_models_dir: Path
+) -> None:
+    """Three clients on one worker whose byte budget holds one client's state: the base
+    is loaded once; a client evicted after every job (reloaded from its committed state)
+    ends exactly where the same training without eviction ends."""
+    stack = await make_stack(worker=False)
+    url = stack.config.database_url
+    # Non-private, so that the two runs compare bit for bit (DP noise is fresh per step).
+    evicted = await create_client(stack, dp=None, seed=3)
+    kept = await create_client(stack, dp=None, seed=3)
+    other = await create_client(stack, dp=None, seed=5)
+    batches = [corpus_sequences(base_models_dir / BASE_MODEL, 3, offset=3 * i) for i in range(4)]
+    probe = corpus_sequences(base_models_dir / BASE_MODEL, 2, offset=30)
+
+    interleaved: list[tuple[str, str]] = []  # (client id, future id)
+    alone: list[tuple[str, str]] = []
+    for step in range(2):
+        for kind, batch in (
+            ("fb", batches[2 * step]),
+            ("fb", batches[2 * step + 1]),
+            ("optim", []),
+        ):
+            interleaved.append((evicted.id, await _submit(stack, kind, evicted.id, batch)))
+            interleaved.append((other.id, await _submit(stack, kind, other.id, batch[::-1])))
+            alone.append((kept.id, await _submit(stack, kind, kept.id, batch)))
+    interleaved.append((evicted.id, await _submit(stack, "forward", evicted.id, probe)))
+    alone.append((kept.id, await _submit(stack, "forward", kept.id, probe)))
+
+    database = Database.from_url(url)
+    pool = BaseModelPool()
+    worker = TrainerWorker(
+        database=database,
+        futures=SqlFutureStore(database, FUTURES),
+        objects=ObjectFolder(stack.config.data_dir / "trainer"),
+        base_models=BaseModelRegistry(base_models_dir),
+        owner="budget-worker",
+        lease_seconds=30.0,
+        retry_delay=0.01,
+        bases=pool,
+        resident_bytes=1,  # less than one client: only the last one used stays
+        ledger=PrivacyLedger(),
+    )
+    try:
+        jobs = {
+            job.future_id: job
+            for client in (evicted, kept, other)
+            for job in await _rows(url, JobRow, client.id)
+        }
+        for client_id, future_id in interleaved:
+            await _deliver(worker, jobs[future_id], num_delivered=1)
+            assert worker.resident_client_ids == [client_id]
+        for _, future_id in alone:
+            await _deliver(worker, jobs[future_id], num_delivered=1)
+        assert pool.loads == 1
+        assert pool.get(base_models_dir / BASE_MODEL).adapters == 1
+    finally:
+        worker.close()
+        await database.dispose()
+
+    results = []
+    for _, future_id in (interleaved[-1], alone[-1]):
+        future = await wait(stack, common_pb2.Future(id=future_id))
+        result = pb.ForwardBackwardResult()
+        assert future.status == common_pb2.FUTURE_STATUS_SUCCEEDED, future.error
+        assert future.result.Unpack(result)
+        results.append(result)
+    evicted_row = await _client_row(url, evicted.id)
+    kept_row = await _client_row(url, kept.id)
+    assert (evicted_row.step, kept_row.step) == (2, 2)
+    assert results[0].metrics["loss:sum"] == results[1].metrics["loss:sum"]
+    assert [o.outputs["logprobs"] for o in results[0].loss_fn_outputs] == [
+        o.outputs["logprobs"] for o in results[1].loss_fn_outputs
+    ]
+    assert evicted_row.state_sha256 == kept_row.state_sha256

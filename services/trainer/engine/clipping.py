@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -255,35 +255,64 @@ def clip_factors_of(norms: torch.Tensor, *, max_grad_norm: float) -> torch.Tenso
     return (max_grad_norm / (norms + CLIP_NORM_EPSILON)).clamp(max=1.0)
 
 
-def _backward(loss: torch.Tensor, record: LoraForwardRecord) -> list[_LayerRecord]:
-    """The single backward pass of a recorded forward pass; the hooks fill the layers.
+def _backward(loss: torch.Tensor, records: Sequence[LoraForwardRecord]) -> list[list[_LayerRecord]]:
+    """The single backward pass of recorded forward passes; the hooks fill the layers.
+
+    Several records (one per adapter of a multi-adapter batch) share the one pass.
 
     Raises:
         RuntimeError: As for :func:`clip_per_example`.
     """
-    if record.consumed:
-        raise RuntimeError("this forward record was already used for clipping")
-    record.consumed = True
-    if not record.layers:
-        raise RuntimeError("no LoRA layer ran in the forward pass")
-    names = [layer.parameter_name for layer in record.layers]
-    if len(set(names)) != len(names):
-        raise RuntimeError("a LoRA layer ran more than once in one forward pass")
-
-    requested, record.requested_outputs = record.requested_outputs, []
-    record.recorded_outputs = {}
-    record.armed = True
+    requested: list[torch.Tensor] = []
+    for record in records:
+        if record.consumed:
+            raise RuntimeError("this forward record was already used for clipping")
+        record.consumed = True
+        if not record.layers:
+            raise RuntimeError("no LoRA layer ran in the forward pass")
+        names = [layer.parameter_name for layer in record.layers]
+        if len(set(names)) != len(names):
+            raise RuntimeError("a LoRA layer ran more than once in one forward pass")
+        requested += record.requested_outputs
+        record.requested_outputs = []
+        record.recorded_outputs = {}
+    for record in records:
+        record.armed = True
     try:
         # The single backward pass; the hooks do the per-layer work.
         torch.autograd.grad(loss, requested)
     finally:
-        record.armed = False
+        for record in records:
+            record.armed = False
     del requested
-    for layer in record.layers:
-        if layer.squared_norms is None:
-            raise RuntimeError(f"{layer.parameter_name} received no output gradient")
-    layers, record.layers = record.layers, []
-    return layers
+    result = []
+    for record in records:
+        for layer in record.layers:
+            if layer.squared_norms is None:
+                raise RuntimeError(f"{layer.parameter_name} received no output gradient")
+        result.append(record.layers)
+        record.layers = []
+    return result
+
+
+def _clip(layers: list[_LayerRecord], *, max_grad_norm: float) -> ClippedGradient:
+    squared_norms: torch.Tensor | None = None
+    for layer in layers:
+        assert layer.squared_norms is not None
+        squared_norms = (
+            layer.squared_norms.float()
+            if squared_norms is None
+            else squared_norms + layer.squared_norms
+        )
+    assert squared_norms is not None  # _backward refuses a record without layers
+    norms = squared_norms.sqrt()
+    clip_factors = clip_factors_of(norms, max_grad_norm=max_grad_norm)
+    clipped_sum = {
+        layer.parameter_name: _clipped_layer_sum(layer, clip_factors) for layer in layers
+    }
+    return ClippedGradient(
+        clipped_sum=clipped_sum, per_example_norms=norms, clip_factors=clip_factors
+    )
 
 
 def clip_per_example(
@@ -305,19 +334,33 @@ def clip_per_example(
             (its per-example gradient would not factor per call), a layer received no
             gradient, or the record was already used.
     """
-    layers = _backward(loss, record)
-    squared_norms = torch.zeros(record.batch_size, dtype=torch.float32)
-    for layer in layers:
-        assert layer.squared_norms is not None
-        squared_norms += layer.squared_norms
-    norms = squared_norms.sqrt()
-    clip_factors = clip_factors_of(norms, max_grad_norm=max_grad_norm)
-    clipped_sum = {
-        layer.parameter_name: _clipped_layer_sum(layer, clip_factors) for layer in layers
-    }
-    return ClippedGradient(
-        clipped_sum=clipped_sum, per_example_norms=norms, clip_factors=clip_factors
-    )
+    return _clip(_backward(loss, [record])[0], max_grad_norm=max_grad_norm)
+
+
+def clip_per_example_jointly(
+    loss: torch.Tensor, records: Sequence[tuple[LoraForwardRecord, float]]
+) -> list[ClippedGradient]:
+    """:func:`clip_per_example` for a batch whose rows ran through different adapters.
+
+    Each record holds the layers of one adapter, which saw only that adapter's rows (a
+    row's gradient reaches only its own adapter's factors), so each clipped sum covers
+    exactly its own rows; the one backward pass serves them all.
+
+    Args:
+        loss: Scalar sum of the per-example losses of every row.
+        records: Each adapter's record (consumed) with its clipping bound.
+
+    Returns:
+        One result per record, in order.
+
+    Raises:
+        RuntimeError: As for :func:`clip_per_example`.
+    """
+    layers = _backward(loss, [record for record, _ in records])
+    return [
+        _clip(record_layers, max_grad_norm=bound)
+        for record_layers, (_, bound) in zip(layers, records, strict=True)
+    ]
 
 
 def per_example_gradients(loss: torch.Tensor, record: LoraForwardRecord) -> dict[str, torch.Tensor]:
@@ -342,7 +385,7 @@ def per_example_gradients(loss: torch.Tensor, record: LoraForwardRecord) -> dict
     if record.norm_method is not NormMethod.DIRECT:
         raise RuntimeError("per-example gradients need a record captured with DIRECT")
     gradients: dict[str, torch.Tensor] = {}
-    for layer in _backward(loss, record):
+    for layer in _backward(loss, [record])[0]:
         example_grads = layer.example_grads
         if example_grads is None:
             raise RuntimeError(f"{layer.parameter_name} formed no per-example gradient")
@@ -353,12 +396,18 @@ def per_example_gradients(loss: torch.Tensor, record: LoraForwardRecord) -> dict
     return gradients
 
 
-def lora_linear_layers(model: nn.Module, adapter_name: str) -> dict[nn.Linear, str]:
+def lora_linear_layers(
+    model: nn.Module, adapter_name: str, *, label: str | None = None
+) -> dict[nn.Linear, str]:
     """Find the ``lora_A``/``lora_B`` linear layers of one peft LoRA adapter.
 
     Args:
         model: A peft-wrapped model.
         adapter_name: The adapter (peft's default is ``"default"``).
+        label: The adapter name written into the returned names (default
+            ``adapter_name``). Engines sharing a base (:mod:`.base`) each have their own
+            adapter name but label their factors alike, so checkpoints and gradients
+            carry the same names whichever adapter slot a client occupies.
 
     Returns:
         Each factor's linear layer mapped to the name of its weight in
@@ -376,5 +425,5 @@ def lora_linear_layers(model: nn.Module, adapter_name: str) -> dict[nn.Linear, s
             linear = getattr(module, factor)[adapter_name]
             if not isinstance(linear, nn.Linear):
                 raise RuntimeError(f"{module_name}.{factor} is not a linear layer")
-            layers[linear] = f"{module_name}.{factor}.{adapter_name}.weight"
+            layers[linear] = f"{module_name}.{factor}.{label or adapter_name}.weight"
     return layers

@@ -39,25 +39,26 @@ Thread safety: an engine is used by one thread at a time.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import hashlib
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-from peft import LoraConfig as PeftLoraConfig
-from peft import PeftModel, get_peft_model, get_peft_model_state_dict
+from peft import PeftModel, get_peft_model_state_dict
 from torch import nn
-from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from tensafe.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from tensafe.common.errors import FailedPrecondition, InvalidArgument
 
+from .base import SharedBase
 from .clipping import (
     LoraActivationTap,
     clip_per_example,
+    clip_per_example_jointly,
     lora_linear_layers,
     per_example_gradients,
 )
@@ -78,7 +79,8 @@ from .losses import (
 from .noise import add_gaussian_noise_
 from .state import decode_state, encode_state
 
-# peft's name for the single adapter an engine trains.
+# The adapter name in the parameter names of checkpoints and gradients (peft's default
+# name), whatever the adapter's name on its shared base.
 ADAPTER_NAME = "default"
 
 _LORA_PREFIX = "lora/"
@@ -118,11 +120,37 @@ class OptimStepResult:
     deviation of the noise in the normalised gradient; 0 without DP)."""
 
 
+@dataclass(frozen=True)
+class ForwardBackwardCall:
+    """The arguments of one :meth:`LoraTrainingEngine.forward_backward` call, for
+    :func:`forward_backward_jointly`."""
+
+    batch: Sequence[TokenSequence]
+    loss_fn: str | LossFn
+    loss_fn_inputs: Sequence[Mapping[str, PerTokenValues]]
+    loss_fn_config: Mapping[str, float] | None = None
+    refuse_duplicates: bool = True
+
+
+@dataclass(frozen=True)
+class _PreparedCall:
+    loss_kind: LossFn
+    loss_config: LossConfig
+    padded: PaddedBatch
+    digests: list[str]
+
+
 class LoraTrainingEngine:
     """A base model with one trainable LoRA adapter, AdamW and optional DP-SGD.
 
+    The engine's own state is its adapter, its AdamW moments and its gradient
+    accumulator; the base model is a :class:`~.base.SharedBase` that other engines may
+    share (each engine is one peft adapter on it, activated for each call). Engines on
+    one base are used by one thread at a time.
+
     Args:
-        base_model_dir: A local Hugging Face model directory (``from_pretrained``).
+        base_model: The shared base, or a local Hugging Face model directory
+            (``from_pretrained``) to load a float32 CPU base of this engine's own.
         lora: The adapter.
         dp: DP-SGD parameters, or ``None`` for explicit non-private training.
         seed: Seeds the adapter's initialisation and its dropout masks (derived per
@@ -132,14 +160,14 @@ class LoraTrainingEngine:
         options: Engine settings (per-example norm method, inference chunk size).
 
     Raises:
-        NotFound: ``base_model_dir`` is not a model directory.
+        NotFound: ``base_model`` is not a model directory.
         FailedPrecondition: The model cannot be loaded.
         InvalidArgument: ``lora.target_modules`` names no layer of the model.
     """
 
     def __init__(
         self,
-        base_model_dir: Path | str,
+        base_model: SharedBase | Path | str,
         *,
         lora: LoraConfig,
         dp: DpConfig | None,
@@ -147,48 +175,27 @@ class LoraTrainingEngine:
         loss: LossConfig | None = None,
         options: EngineOptions | None = None,
     ) -> None:
-        self._base_model_dir = Path(base_model_dir)
         self._lora = lora
         self._dp = dp
         self._seed = seed
         self._loss_config = loss if loss is not None else LossConfig()
         self._options = options if options is not None else EngineOptions()
 
-        base_model = _load_base_model(self._base_model_dir)
-        _check_target_modules(base_model, lora)
-        peft_config = PeftLoraConfig(
-            r=lora.rank,
-            # peft annotates lora_alpha as int but only divides by it; a float alpha is
-            # what the TenSafe contract allows.
-            lora_alpha=lora.alpha,  # type: ignore[arg-type]
-            lora_dropout=lora.dropout,
-            target_modules=list(lora.target_modules),
-            bias="none",
-            task_type="CAUSAL_LM",
-        )
-        # fork_rng: the seeded initialisation leaves the process's RNG state alone.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = get_peft_model(base_model, peft_config, adapter_name=ADAPTER_NAME)
-        self._model: PeftModel = model
-
-        layers = lora_linear_layers(model, ADAPTER_NAME)
-        self._parameters: dict[str, nn.Parameter] = {
-            name: parameter
-            for name, parameter in model.named_parameters()
-            if parameter.requires_grad
-        }
-        if set(self._parameters) != set(layers.values()):
-            # Per-example clipping covers exactly the lora_A/lora_B weights; any other
-            # trainable parameter would escape clipping.
-            raise RuntimeError("trainable parameters are not exactly the LoRA factors")
-        self._tap = LoraActivationTap(layers)
-
-        config = base_model.config
-        self._vocab_size = int(config.vocab_size)
-        self._max_length = int(getattr(config, "max_position_embeddings", 0) or 0)
-        if self._max_length <= 0:
-            raise FailedPrecondition("base model config has no max_position_embeddings")
+        self._base = base_model if isinstance(base_model, SharedBase) else SharedBase(base_model)
+        self._adapter, self._model = self._base.add_adapter(lora, seed)
+        try:
+            self._base.activate(self._adapter)
+            layers = lora_linear_layers(self._model, self._adapter, label=ADAPTER_NAME)
+            self._parameters: dict[str, torch.Tensor] = {
+                name: linear.weight for linear, name in layers.items()
+            }
+            self._tap = LoraActivationTap(layers)
+        except BaseException:
+            self._base.remove_adapter(self._adapter)
+            raise
+        self._device = self._base.device
+        self._vocab_size = self._base.vocab_size
+        self._max_length = self._base.max_length
 
         # Hyper-parameters are written into the parameter group from each step's
         # AdamConfig; the value given here is never used for an update.
@@ -222,8 +229,26 @@ class LoraTrainingEngine:
 
     @property
     def model(self) -> PeftModel:
-        """The peft-wrapped model (for sampling; train it only through this engine)."""
+        """The shared peft model with this engine's adapter active (for sampling; train
+        it only through this engine). Another engine's call switches the adapter."""
+        self._base.activate(self._adapter)
         return self._model
+
+    @property
+    def base(self) -> SharedBase:
+        """The (possibly shared) base model."""
+        return self._base
+
+    @property
+    def base_model_dir(self) -> Path:
+        """The base model's directory."""
+        return self._base.model_dir
+
+    def resident_bytes(self) -> int:
+        """Bytes this engine holds beyond the shared base: the adapter, the gradient
+        accumulator and the two AdamW moments (counted before Adam allocates them)."""
+        adapter = sum(p.numel() * p.element_size() for p in self._parameters.values())
+        return 4 * adapter
 
     @property
     def vocab_size(self) -> int:
@@ -285,19 +310,13 @@ class LoraTrainingEngine:
             InvalidArgument: A malformed request, or inputs that make a datum's loss
                 non-finite; the field names the culprit. The engine is unchanged.
         """
-        loss_kind = LossFn.parse(loss_fn)
-        loss_config = loss_config_from_options(loss_kind, loss_fn_config or {}, self._loss_config)
-        padded = validate_batch(
-            batch,
-            loss_kind,
-            loss_fn_inputs,
-            vocab_size=self._vocab_size,
-            max_length=self._max_length,
+        call = self._prepare(
+            ForwardBackwardCall(
+                batch, loss_fn, loss_fn_inputs, loss_fn_config, refuse_duplicates=refuse_duplicates
+            )
         )
-        digests: list[str] = []
-        if self._dp is not None and refuse_duplicates:
-            digests = datum_digests(batch, loss_kind, loss_fn_inputs)
-            self._check_distinct(digests)
+        loss_kind, loss_config, padded = call.loss_kind, call.loss_config, call.padded
+        self._base.activate(self._adapter)
         self._model.train()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self._dropout_seed())
@@ -314,20 +333,38 @@ class LoraTrainingEngine:
                     example_losses.sum(), record, max_grad_norm=self._dp.max_grad_norm
                 )
                 update = clipped.clipped_sum
-        for value in update.values():
-            if not bool(torch.isfinite(value).all()):
-                raise InvalidArgument("loss_fn_inputs", "the batch gives a non-finite gradient")
+        _check_finite_update(update)
+        self._accumulate(call, update)
+        return _result(padded, target_logprobs, example_losses)
 
-        # Everything is validated and computed: only now does the engine change.
+    def _prepare(self, call: ForwardBackwardCall) -> _PreparedCall:
+        """Validate a ForwardBackward call without changing anything."""
+        loss_kind = LossFn.parse(call.loss_fn)
+        loss_config = loss_config_from_options(
+            loss_kind, call.loss_fn_config or {}, self._loss_config
+        )
+        padded = validate_batch(
+            call.batch,
+            loss_kind,
+            call.loss_fn_inputs,
+            vocab_size=self._vocab_size,
+            max_length=self._max_length,
+        )
+        digests: list[str] = []
+        if self._dp is not None and call.refuse_duplicates:
+            digests = datum_digests(call.batch, loss_kind, call.loss_fn_inputs)
+            self._check_distinct(digests)
+        return _PreparedCall(loss_kind, loss_config, self._on_device(padded), digests)
+
+    def _accumulate(self, call: _PreparedCall, update: Mapping[str, torch.Tensor]) -> None:
+        """Add a validated, computed call to the step: the only place it changes."""
         with torch.no_grad():
             for name, value in update.items():
                 self._accumulator[name].add_(value)
-        self._accumulated_examples += len(padded.lengths)
+        self._accumulated_examples += len(call.padded.lengths)
         self._micro_batches += 1
-        for index, digest in enumerate(digests):
+        for index, digest in enumerate(call.digests):
             self._step_digests[digest] = f"call {self._micro_batches}, data[{index}]"
-
-        return _result(padded, target_logprobs, example_losses)
 
     def _check_distinct(self, digests: list[str]) -> None:
         check_distinct(digests)
@@ -365,15 +402,13 @@ class LoraTrainingEngine:
         Raises:
             InvalidArgument: As for :meth:`forward_backward`.
         """
-        loss_kind = LossFn.parse(loss_fn)
-        loss_config = loss_config_from_options(loss_kind, loss_fn_config or {}, self._loss_config)
-        padded = validate_batch(
-            batch,
-            loss_kind,
-            loss_fn_inputs,
-            vocab_size=self._vocab_size,
-            max_length=self._max_length,
+        call = self._prepare(
+            ForwardBackwardCall(
+                batch, loss_fn, loss_fn_inputs, loss_fn_config, refuse_duplicates=False
+            )
         )
+        loss_kind, loss_config, padded = call.loss_kind, call.loss_config, call.padded
+        self._base.activate(self._adapter)
         self._model.eval()
         with torch.no_grad():
             target_logprobs, example_losses = self._forward(padded, loss_kind, loss_config)
@@ -408,15 +443,13 @@ class LoraTrainingEngine:
         Raises:
             InvalidArgument: As for :meth:`forward_backward`.
         """
-        loss_kind = LossFn.parse(loss_fn)
-        loss_config = loss_config_from_options(loss_kind, loss_fn_config or {}, self._loss_config)
-        padded = validate_batch(
-            batch,
-            loss_kind,
-            loss_fn_inputs,
-            vocab_size=self._vocab_size,
-            max_length=self._max_length,
+        call = self._prepare(
+            ForwardBackwardCall(
+                batch, loss_fn, loss_fn_inputs, loss_fn_config, refuse_duplicates=False
+            )
         )
+        loss_kind, loss_config, padded = call.loss_kind, call.loss_config, call.padded
+        self._base.activate(self._adapter)
         self._model.eval()
         with torch.enable_grad(), self._tap.capture(NormMethod.DIRECT) as record:
             _, example_losses = self._forward(padded, loss_kind, loss_config)
@@ -469,7 +502,15 @@ class LoraTrainingEngine:
         noise_std = 0.0
         if self._dp is not None and self._dp.noise_std > 0:
             noise_std = self._dp.noise_std
-            add_gaussian_noise_(list(gradients.values()), noise_std)
+            if self._device.type == "cpu":
+                add_gaussian_noise_(list(gradients.values()), noise_std)
+            else:
+                # The sampler works on CPU float64 (see .noise); the noised values are
+                # moved back to the device.
+                on_cpu = {name: value.cpu().contiguous() for name, value in gradients.items()}
+                add_gaussian_noise_(list(on_cpu.values()), noise_std)
+                for name, value in on_cpu.items():
+                    gradients[name].copy_(value)
 
         if noisy_sum_observer is not None:
             noisy_sum_observer(gradients)
@@ -523,6 +564,7 @@ class LoraTrainingEngine:
         tensors = validate_token_sequences(
             sequences, field="sequences", vocab_size=self._vocab_size, max_length=self._max_length
         )
+        self._base.activate(self._adapter)
         self._model.eval()
         results: list[list[float]] = []
         chunk = self._options.logprob_batch_size
@@ -533,9 +575,12 @@ class LoraTrainingEngine:
                 attention_mask = nn.utils.rnn.pad_sequence(
                     [torch.ones_like(t) for t in part], batch_first=True, padding_value=0
                 )
+                input_ids = input_ids.to(self._device)
                 logits = self._model(
-                    input_ids=input_ids, attention_mask=attention_mask, use_cache=False
-                ).logits
+                    input_ids=input_ids,
+                    attention_mask=attention_mask.to(self._device),
+                    use_cache=False,
+                ).logits.float()
                 targets = torch.roll(input_ids, shifts=-1, dims=1)
                 logprobs = token_logprobs(logits, targets)
                 results.extend(
@@ -648,8 +693,8 @@ class LoraTrainingEngine:
             for index, name in enumerate(self._parameters):
                 restored[index] = {
                     "step": torch.tensor(float(adam_steps)),
-                    "exp_avg": tensors[_EXP_AVG_PREFIX + name].clone(),
-                    "exp_avg_sq": tensors[_EXP_AVG_SQ_PREFIX + name].clone(),
+                    "exp_avg": tensors[_EXP_AVG_PREFIX + name].to(self._device, copy=True),
+                    "exp_avg_sq": tensors[_EXP_AVG_SQ_PREFIX + name].to(self._device, copy=True),
                 }
         optimizer_state["state"] = restored
         self._optimizer.load_state_dict(optimizer_state)
@@ -665,7 +710,7 @@ class LoraTrainingEngine:
             Names like ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``
             mapped to detached, contiguous CPU copies.
         """
-        state = get_peft_model_state_dict(self._model, adapter_name=ADAPTER_NAME)
+        state = get_peft_model_state_dict(self._model, adapter_name=self._adapter)
         return {name: tensor.detach().cpu().contiguous().clone() for name, tensor in state.items()}
 
     def adapter_config(self) -> dict[str, object]:
@@ -675,30 +720,152 @@ class LoraTrainingEngine:
         Returns:
             The peft ``LoraConfig`` as a dictionary.
         """
-        config = self._model.peft_config[ADAPTER_NAME].to_dict()
+        config = self._model.peft_config[self._adapter].to_dict()
         encoded = json.dumps(config, default=_json_default, sort_keys=True)
         decoded: dict[str, object] = json.loads(encoded)
         return decoded
 
     def close(self) -> None:
-        """Remove the engine's hooks; the engine must not be used afterwards."""
+        """Remove the engine's hooks and its adapter from the base (freeing them); the
+        engine must not be used afterwards. The base stays loaded."""
         self._tap.close()
+        self._base.remove_adapter(self._adapter)
 
     # ------------------------------------------------------------------ internals
 
     def _forward(
         self, padded: PaddedBatch, loss_fn: LossFn, loss_config: LossConfig
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        # float(): a bf16/fp16 base's logits are scored in float32 (a no-op for fp32).
         logits = self._model(
             input_ids=padded.input_ids, attention_mask=padded.attention_mask, use_cache=False
-        ).logits
+        ).logits.float()
         target_logprobs = token_logprobs(logits, padded.target_tokens)
         losses = per_token_loss(loss_fn, target_logprobs, padded, loss_config)
         return target_logprobs, losses.sum(dim=1)
 
+    def _on_device(self, padded: PaddedBatch) -> PaddedBatch:
+        if self._device.type == "cpu":
+            return padded
+        return replace(
+            padded,
+            input_ids=padded.input_ids.to(self._device),
+            attention_mask=padded.attention_mask.to(self._device),
+            target_tokens=padded.target_tokens.to(self._device),
+            float_inputs={k: v.to(self._device) for k, v in padded.float_inputs.items()},
+        )
+
     def _dropout_seed(self) -> int:
         material = f"{self._seed}:{self._step}:{self._micro_batches}".encode()
         return int.from_bytes(hashlib.sha256(material).digest()[:8], "little")
+
+
+def forward_backward_jointly(
+    calls: Sequence[tuple[LoraTrainingEngine, ForwardBackwardCall]],
+) -> list[ForwardBackwardResult]:
+    """ForwardBackward of several engines on one shared base in one forward/backward.
+
+    The rows of every call run through one model pass, each row through its own
+    engine's adapter (peft's mixed-adapter batch, ``adapter_names=``: each LoRA layer
+    applies each adapter to its own rows only, Punica/S-LoRA's gather by adapter). A
+    row's gradient therefore reaches only its own adapter's factors; each engine's
+    activation tap records its own rows, and :func:`.clipping.clip_per_example_jointly`
+    clips them per example and sums them per engine from the one backward pass. The
+    clipped sum of one engine never includes a row of another; each engine's
+    accumulator, counters and duplicate check change exactly as
+    :meth:`LoraTrainingEngine.forward_backward` would change them, and its noise and
+    optimizer step stay its own (:meth:`LoraTrainingEngine.optim_step`). Results agree
+    with separate calls to float32 round-off (padding to the longest row of the joint
+    batch and the larger matrix products change the order of floating-point sums).
+
+    Conditions (otherwise ``ValueError``): at least one call; distinct engines on the
+    same :class:`~.base.SharedBase`; every engine under DP with LoRA dropout 0 (peft
+    runs mixed-adapter batches in eval mode only, and a per-row dropout stream would
+    not match the engine's own).
+
+    Args:
+        calls: Each engine with its call.
+
+    Returns:
+        Each call's result, in order.
+
+    Raises:
+        InvalidArgument: A call is invalid (as for ``forward_backward``, its field
+            names the culprit); no engine changes.
+        ValueError: The conditions above are not met.
+    """
+    if not calls:
+        raise ValueError("no calls")
+    engines = [engine for engine, _ in calls]
+    base = engines[0].base
+    if len({id(engine) for engine in engines}) != len(engines):
+        raise ValueError("an engine appears twice")
+    for engine in engines:
+        if engine.base is not base:
+            raise ValueError("the engines do not share one base")
+        if engine.dp is None or engine.lora.dropout != 0:
+            raise ValueError("joint calls need DP engines with LoRA dropout 0")
+    prepared = [engine._prepare(call) for engine, call in calls]
+
+    width = max(int(call.padded.input_ids.shape[1]) for call in prepared)
+    input_ids = torch.cat([_pad_to(call.padded.input_ids, width) for call in prepared])
+    attention_mask = torch.cat([_pad_to(call.padded.attention_mask, width) for call in prepared])
+    adapter_names = [
+        engine._adapter
+        for engine, call in zip(engines, prepared, strict=True)
+        for _ in call.padded.lengths
+    ]
+    model = base.train_together([engine._adapter for engine in engines])
+    model.eval()
+    with contextlib.ExitStack() as stack:
+        records = [
+            stack.enter_context(engine._tap.capture(engine._options.norm_method))
+            for engine in engines
+        ]
+        logits = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            use_cache=False,
+            adapter_names=adapter_names,
+        ).logits.float()
+    outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
+    start = 0
+    for call in prepared:
+        rows = len(call.padded.lengths)
+        own = logits[start : start + rows, : call.padded.input_ids.shape[1]]
+        target_logprobs = token_logprobs(own, call.padded.target_tokens)
+        losses = per_token_loss(call.loss_kind, target_logprobs, call.padded, call.loss_config)
+        example_losses = losses.sum(dim=1)
+        _check_finite_losses(example_losses)
+        outputs.append((target_logprobs, example_losses))
+        start += rows
+    total = torch.stack([losses.sum() for _, losses in outputs]).sum()
+    bounds = []
+    for engine in engines:
+        assert engine.dp is not None
+        bounds.append(engine.dp.max_grad_norm)
+    clipped = clip_per_example_jointly(total, list(zip(records, bounds, strict=True)))
+    for result in clipped:
+        _check_finite_update(result.clipped_sum)
+
+    # Everything is validated and computed: only now do the engines change.
+    for engine, call, result in zip(engines, prepared, clipped, strict=True):
+        engine._accumulate(call, result.clipped_sum)
+    return [
+        _result(call.padded, target_logprobs, example_losses)
+        for call, (target_logprobs, example_losses) in zip(prepared, outputs, strict=True)
+    ]
+
+
+def _pad_to(tensor: torch.Tensor, width: int) -> torch.Tensor:
+    """Right-pad ``[B, T]`` with zeros to ``[B, width]`` (pad tokens are masked out)."""
+    return nn.functional.pad(tensor, (0, width - tensor.shape[1]))
+
+
+def _check_finite_update(update: Mapping[str, torch.Tensor]) -> None:
+    for value in update.values():
+        if not bool(torch.isfinite(value).all()):
+            raise InvalidArgument("loss_fn_inputs", "the batch gives a non-finite gradient")
 
 
 def _result(
@@ -727,30 +894,3 @@ def _json_default(value: object) -> object:
     if isinstance(value, enum.Enum):
         return value.value
     return str(value)
-
-
-def _load_base_model(model_dir: Path) -> PreTrainedModel:
-    if not (model_dir / "config.json").is_file():
-        raise NotFound(f"base model directory {model_dir} has no config.json")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            model_dir, attn_implementation="eager", dtype=torch.float32
-        )
-    except (OSError, ValueError) as error:
-        raise FailedPrecondition(f"cannot load base model from {model_dir}: {error}") from error
-    if not isinstance(model, PreTrainedModel):
-        raise FailedPrecondition(f"{model_dir} did not load as a transformers model")
-    return model
-
-
-def _check_target_modules(model: nn.Module, lora: LoraConfig) -> None:
-    leaf_names = {
-        name.rsplit(".", 1)[-1]
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear)
-    }
-    missing = [name for name in lora.target_modules if name not in leaf_names]
-    if missing:
-        raise InvalidArgument(
-            "lora.target_modules", f"no linear layer named {', '.join(missing)} in the model"
-        )

@@ -1,0 +1,317 @@
+"""One frozen base model shared by the LoRA adapters of many training clients.
+
+A worker loads each base model once (DESIGN §9, "One base, many adapters"): a
+:class:`SharedBase` holds the frozen weights, in the configured dtype on the configured
+device, wrapped once by peft; every resident training client is one named peft adapter
+on it (``add_adapter`` / ``set_adapter`` / ``delete_adapter``). A client's own state is
+its adapter, its AdamW moments, its gradient accumulator and its accountant — a few MB
+for the tiny model's r=8 adapter, ~270 MB for a 7B model's r=16 adapter with Adam —
+against ~28 GB per fp32 copy of a 7B base.
+
+Only one adapter is active at a time: :meth:`SharedBase.activate` switches peft's
+active adapter and checks that the trainable parameters are then exactly that
+adapter's ``lora_A``/``lora_B`` weights (per-example clipping covers those and nothing
+else). A shared base is used by one thread at a time (the worker runs one job at a
+time); activation is cheap (a walk over the LoRA layers), switching never reloads
+the base.
+
+Adapter factors stay float32 whatever the base dtype (peft computes the LoRA branch in
+the factors' dtype and casts back), so clipping, noise and AdamW run in float32 and a
+checkpoint loads on any base dtype.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, get_peft_model
+from torch import nn
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from tensafe.common.errors import FailedPrecondition, InvalidArgument, NotFound
+
+from .clipping import lora_linear_layers
+from .config import LoraConfig
+
+
+class BaseDtype(enum.Enum):
+    """The dtype the frozen base weights are held in."""
+
+    FLOAT32 = "fp32"
+    BFLOAT16 = "bf16"
+    FLOAT16 = "fp16"
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """The torch dtype."""
+        return {
+            BaseDtype.FLOAT32: torch.float32,
+            BaseDtype.BFLOAT16: torch.bfloat16,
+            BaseDtype.FLOAT16: torch.float16,
+        }[self]
+
+
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
+"""The device settings accepted: ``auto`` (the first CUDA device when there is one,
+else the CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
+
+
+def resolve_device(setting: str) -> torch.device:
+    """The torch device a device setting names.
+
+    Args:
+        setting: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+
+    Returns:
+        The device.
+
+    Raises:
+        InvalidArgument: The setting is none of those.
+        FailedPrecondition: A CUDA device is asked for and torch sees none (or not
+            that index).
+    """
+    if not DEVICE_PATTERN.fullmatch(setting):
+        raise InvalidArgument("device", f"{setting!r} is not auto, cpu, cuda or cuda:N")
+    if setting == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    device = torch.device(setting)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise FailedPrecondition(f"device {setting} asked for, but torch sees no CUDA device")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise FailedPrecondition(
+                f"device {setting} asked for, but torch sees {torch.cuda.device_count()}"
+            )
+    return device
+
+
+@dataclass(frozen=True)
+class BasePlacement:
+    """Where and how a base model is held."""
+
+    dtype: BaseDtype = BaseDtype.FLOAT32
+    """The base weights' dtype (adapters stay float32)."""
+    device: torch.device = torch.device("cpu")
+    """The device of the base and of every adapter, activation and optimizer state."""
+
+
+class SharedBase:
+    """One frozen base model and the peft adapters of the clients that share it.
+
+    Args:
+        model_dir: A local Hugging Face model directory (``from_pretrained``).
+        placement: The dtype and device.
+
+    Raises:
+        NotFound: ``model_dir`` is not a model directory.
+        FailedPrecondition: The model cannot be loaded.
+    """
+
+    def __init__(self, model_dir: Path | str, placement: BasePlacement | None = None) -> None:
+        self._dir = Path(model_dir)
+        self._placement = placement if placement is not None else BasePlacement()
+        base = _load_base_model(self._dir, self._placement)
+        self._base: PreTrainedModel = base
+        self._linear_names = {
+            name.rsplit(".", 1)[-1]
+            for name, module in base.named_modules()
+            if isinstance(module, nn.Linear)
+        }
+        self.base_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
+        """Bytes of the base weights."""
+        config = base.config
+        self.vocab_size = int(config.vocab_size)
+        """Token ids must be below this."""
+        self.max_length = int(getattr(config, "max_position_embeddings", 0) or 0)
+        """Longest sequence the model accepts."""
+        if self.max_length <= 0:
+            raise FailedPrecondition("base model config has no max_position_embeddings")
+        self._model: PeftModel | None = None
+        self._factors: dict[str, set[int]] = {}
+        """Adapter name -> ids of its factor weights (the trainable set when active)."""
+        self._active: str | None = None
+        self._next_index = 0
+
+    @property
+    def model_dir(self) -> Path:
+        """The base model's directory."""
+        return self._dir
+
+    @property
+    def device(self) -> torch.device:
+        """Where the base, the adapters and their states live."""
+        return self._placement.device
+
+    @property
+    def adapters(self) -> int:
+        """Adapters currently on this base."""
+        return len(self._factors)
+
+    def add_adapter(self, lora: LoraConfig, seed: int) -> tuple[str, PeftModel]:
+        """Add a freshly initialised adapter (not active yet).
+
+        The initialisation depends only on ``lora`` and ``seed``: the first adapter
+        (``get_peft_model``) and any later one (``add_adapter``) draw the same weights,
+        so a client's adapter does not depend on who else shares the base.
+
+        Args:
+            lora: The adapter.
+            seed: Seeds the initialisation; the process's RNG state is left alone.
+
+        Returns:
+            The adapter's name on this base and the shared peft model.
+
+        Raises:
+            InvalidArgument: ``lora.target_modules`` names no linear layer of the model.
+        """
+        missing = [name for name in lora.target_modules if name not in self._linear_names]
+        if missing:
+            raise InvalidArgument(
+                "lora.target_modules", f"no linear layer named {', '.join(missing)} in the model"
+            )
+        peft_config = PeftLoraConfig(
+            r=lora.rank,
+            # peft annotates lora_alpha as int but only divides by it; a float alpha is
+            # what the TenSafe contract allows.
+            lora_alpha=lora.alpha,  # type: ignore[arg-type]
+            lora_dropout=lora.dropout,
+            target_modules=list(lora.target_modules),
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        # peft's default name while it is free (a base of one engine looks like any
+        # single-adapter peft model); a numbered one otherwise.
+        name = "default"
+        if name in self._factors:
+            name = f"client{self._next_index}"
+            self._next_index += 1
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            if self._model is None:
+                self._model = get_peft_model(self._base, peft_config, adapter_name=name)
+            else:
+                self._model.add_adapter(name, peft_config)
+        model = self._model
+        layers = lora_linear_layers(model, name)
+        for linear in layers:
+            # Float32 factors on the base's device whatever the base dtype: the clipped
+            # sums, the noise and AdamW stay exact (see the module docstring).
+            linear.to(device=self.device, dtype=torch.float32)
+        self._factors[name] = {id(linear.weight) for linear in layers}
+        self._active = None
+        return name, model
+
+    def activate(self, name: str) -> None:
+        """Make ``name`` the adapter the shared model runs and trains.
+
+        Raises:
+            RuntimeError: The trainable parameters are not exactly the adapter's LoRA
+                factors (any other trainable parameter would escape clipping).
+        """
+        if self._active == name:
+            return
+        model = self._require_model()
+        model.set_adapter(name)
+        trainable = {id(p) for p in model.parameters() if p.requires_grad}
+        if trainable != self._factors[name]:
+            raise RuntimeError("trainable parameters are not exactly the LoRA factors")
+        self._active = name
+
+    def train_together(self, names: Sequence[str]) -> PeftModel:
+        """Make exactly the factors of ``names`` trainable, for one forward/backward
+        whose rows each run through their own adapter (peft's ``adapter_names=``).
+
+        The next :meth:`activate` returns to a single active adapter.
+
+        Args:
+            names: Adapters on this base.
+
+        Returns:
+            The shared peft model.
+        """
+        model = self._require_model()
+        union: set[int] = set()
+        for name in names:
+            union |= self._factors[name]
+        for parameter in model.parameters():
+            parameter.requires_grad_(id(parameter) in union)
+        self._active = None
+        return model
+
+    def remove_adapter(self, name: str) -> None:
+        """Delete an adapter and free its weights; the base stays loaded."""
+        if name not in self._factors:
+            return
+        del self._factors[name]
+        model = self._require_model()
+        with warnings.catch_warnings():
+            # peft warns when the deleted adapter was the active one; the next
+            # activate() sets the active adapter explicitly.
+            warnings.simplefilter("ignore", UserWarning)
+            model.delete_adapter(name)
+        self._active = None
+
+    def _require_model(self) -> PeftModel:
+        if self._model is None:
+            raise RuntimeError("no adapter was added to this base")
+        return self._model
+
+
+class BaseModelPool:
+    """The shared bases of one worker: each base model directory loaded once.
+
+    Args:
+        placement: The dtype and device every base is held in.
+    """
+
+    def __init__(self, placement: BasePlacement | None = None) -> None:
+        self._placement = placement if placement is not None else BasePlacement()
+        self._bases: dict[Path, SharedBase] = {}
+        self.loads = 0
+        """Base models loaded so far (one per directory unless it failed)."""
+
+    def __contains__(self, model_dir: object) -> bool:
+        return isinstance(model_dir, Path | str) and Path(model_dir) in self._bases
+
+    def get(self, model_dir: Path | str) -> SharedBase:
+        """The shared base of ``model_dir``, loading it the first time.
+
+        Raises:
+            NotFound: ``model_dir`` is not a model directory.
+            FailedPrecondition: The model cannot be loaded.
+        """
+        path = Path(model_dir)
+        base = self._bases.get(path)
+        if base is None:
+            base = SharedBase(path, self._placement)
+            self._bases[path] = base
+            self.loads += 1
+        return base
+
+    def resident_bytes(self) -> int:
+        """Bytes of the loaded base weights."""
+        return sum(base.base_bytes for base in self._bases.values())
+
+
+def _load_base_model(model_dir: Path, placement: BasePlacement) -> PreTrainedModel:
+    if not (model_dir / "config.json").is_file():
+        raise NotFound(f"base model directory {model_dir} has no config.json")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir, attn_implementation="eager", dtype=placement.dtype.torch_dtype
+        )
+    except (OSError, ValueError) as error:
+        raise FailedPrecondition(f"cannot load base model from {model_dir}: {error}") from error
+    if not isinstance(model, PreTrainedModel):
+        raise FailedPrecondition(f"{model_dir} did not load as a transformers model")
+    nn.Module.to(model, placement.device)  # (transformers types its own .to narrowly)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model
