@@ -5,17 +5,20 @@ Each round, in an order that alternates per round, installs the project from a f
 
 * pip  ``python -m pip install '.[all]'``  (what demo.sh ran before; the baseline)
 * uv   ``python -m pip install uv`` into the venv, then ``uv pip install
-       --find-links $PIP_FIND_LINKS '.[all]'`` (what demo.sh runs now; the find-links
-       folder is where this machine keeps the CPU torch wheel, which pip finds through
-       its configuration and uv only when told)
+       --compile-bytecode --find-links $PIP_FIND_LINKS '.[all]'`` (what demo.sh runs
+       now; the find-links folder is where this machine keeps the CPU torch wheel,
+       which pip finds through its configuration and uv only when told)
 
 and reports the medians of wall time and of the CPU time of the install processes,
-with uv's ratio to pip. Where pip's time goes shows in the CPU time: its bytecode
-compilation of every installed module (torch, transformers, ...; ``--no-compile``
-removes it) and a single-threaded unpack; uv unpacks in parallel and compiles nothing
-(modules compile on first import instead).
+with uv's ratio to pip. Where pip's time goes: resolving and downloading one package
+at a time, a single-threaded unpack, and the bytecode compilation of every installed
+module (torch, transformers, ...), about 40% of its CPU time. uv downloads and unpacks
+in parallel and compiles on every core. It compiles here too (``--compile-bytecode``;
+uv's default is not to) because with PYTHONDONTWRITEBYTECODE set, as on these
+machines, uncompiled modules are compiled again by every process that imports them:
+each service of ``tensafe up`` would pay for torch.
 
-Run: ``python bench/install.py [--rounds 3]``. Needs the network (PyPI) like a fresh
+Run: ``python bench/install.py [--rounds 2]``. Needs the network (PyPI) like a fresh
 clone's first command; on shared cores the wall times vary with the load, the ratio
 less so.
 """
@@ -49,8 +52,8 @@ def _commands(variant: str, venv: Path, cache: Path) -> list[list[str]]:
     links = ["--find-links", find_links] if find_links else []
     return [
         [python, "-m", "pip", "install", *quiet, UV],
-        [str(venv / "bin" / "uv"), "pip", "install", "-q", "--cache-dir", str(cache),
-         "--python", python, *links, ".[all]"],
+        [str(venv / "bin" / "uv"), "pip", "install", "-q", "--compile-bytecode",
+         "--cache-dir", str(cache), "--python", python, *links, ".[all]"],
     ]
 
 
@@ -67,7 +70,7 @@ def _install(variant: str) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
     variants = ["pip", "uv"]
     results: dict[str, list[tuple[float, float]]] = {v: [] for v in variants}

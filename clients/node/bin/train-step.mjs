@@ -15,7 +15,7 @@
 import process from "node:process";
 import { parseArgs } from "node:util";
 
-import { TenSafeClient, defaultConnectionPath, trainerV1 } from "@tensafe/client";
+import { TenSafeClient, defaultConnectionPath, nextTokenDatum, trainerV1 } from "@tensafe/client";
 
 const { values: args } = parseArgs({
   options: {
@@ -27,20 +27,6 @@ const { values: args } = parseArgs({
   },
 });
 
-// A short token sequence inside any vocabulary of >= 64 ids; the model predicts each
-// next token (cross_entropy on target_tokens = tokens shifted by one).
-function datum(tokens) {
-  const targets = tokens.slice(1).map(BigInt);
-  return {
-    modelInput: {
-      chunks: [{ chunk: { case: "encodedText", value: { tokens: tokens.slice(0, -1).map(BigInt) } } }],
-    },
-    lossFnInputs: {
-      target_tokens: { dtype: trainerV1.DType.INT64, intData: targets },
-      weights: { dtype: trainerV1.DType.FLOAT32, floatData: targets.map(() => 1.0) },
-    },
-  };
-}
 
 async function main() {
   const client = TenSafeClient.fromConnectionFile(args["connection-file"]);
@@ -62,7 +48,8 @@ async function main() {
         accountant: trainerV1.Accountant.RDP,
       },
     });
-    const batch = [datum([3, 9, 14, 22, 31, 40]), datum([5, 11, 17, 23, 29, 37])];
+    // Short token sequences inside any vocabulary of >= 64 ids.
+    const batch = [nextTokenDatum([3, 9, 14, 22, 31, 40]), nextTokenDatum([5, 11, 17, 23, 29, 37])];
     const forwardBackward = await (await training.forwardBackward(batch)).result();
     const optim = await (
       await training.optimStep({ learningRate: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8 })

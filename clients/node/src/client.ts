@@ -10,7 +10,6 @@
 // from protos/ (../gen), nothing is kept by hand.
 
 import { randomUUID } from "node:crypto";
-import { readFileSync } from "node:fs";
 import type * as http2 from "node:http2";
 
 import type {
@@ -58,6 +57,7 @@ import {
   type BaseModel,
   type CreateTrainingClientRequestSchema,
   type DatumSchema,
+  DType,
   ForwardBackwardResultSchema,
   OptimStepResultSchema,
   type PrivacySpent,
@@ -72,6 +72,7 @@ import {
   type TlsFiles,
   defaultConnectionPath,
   findApiKey,
+  http2TlsOptions,
   readConnection,
   resolveTls,
 } from "./connection.js";
@@ -180,6 +181,25 @@ export class PendingResult<Result> {
 
 /** A training data point (tensafe.trainer.v1.Datum), as an init object. */
 export type DatumInit = MessageInitShape<typeof DatumSchema>;
+
+/**
+ * A next-token-prediction datum for `cross_entropy`: the model reads `tokens` without
+ * the last and predicts each following token (targets = tokens shifted by one), each
+ * with weight 1.
+ */
+export function nextTokenDatum(tokens: ReadonlyArray<number | bigint>): DatumInit {
+  const ids = tokens.map((token) => BigInt(token));
+  const targets = ids.slice(1);
+  return {
+    modelInput: {
+      chunks: [{ chunk: { case: "encodedText", value: { tokens: ids.slice(0, -1) } } }],
+    },
+    lossFnInputs: {
+      target_tokens: { dtype: DType.INT64, intData: targets },
+      weights: { dtype: DType.FLOAT32, floatData: targets.map(() => 1) },
+    },
+  };
+}
 /** Adam settings (tensafe.trainer.v1.AdamParams), as an init object. */
 export type AdamParamsInit = MessageInitShape<typeof AdamParamsSchema>;
 /** The result types of the training calls. */
@@ -267,18 +287,6 @@ function required<T>(value: T | undefined, field: string): T {
   return value;
 }
 
-function readPem(setting: string, path: string | null | undefined): Buffer | undefined {
-  if (!path) return undefined;
-  try {
-    return readFileSync(path);
-  } catch (error) {
-    throw new TenSafeError(`${setting}: cannot read ${path}`, Code.InvalidArgument, {
-      where: setting,
-      cause: error,
-    });
-  }
-}
-
 function address(addresses: ServiceAddresses, service: string): string {
   const value = addresses[service];
   if (!value) {
@@ -342,13 +350,7 @@ export class TenSafeClient {
     this.addresses = addresses;
     const tls = options.tls ?? null;
     this.scheme = tls ? "https" : "http";
-    this.nodeOptions = tls
-      ? {
-          ca: readPem("caFile", tls.caFile),
-          cert: readPem("clientCertFile", tls.clientCertFile),
-          key: readPem("clientKeyFile", tls.clientKeyFile),
-        }
-      : {};
+    this.nodeOptions = http2TlsOptions(tls);
     address(addresses, "auth");
     this.exchanger = typedClient(AuthService, this.transport("auth", false));
     this.auth = typedClient(AuthService, this.transport("auth", true));

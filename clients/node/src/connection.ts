@@ -3,6 +3,7 @@
 // tensafe.client.channels.resolve_tls and tensafe.client.auth.find_api_key.
 
 import { readFileSync } from "node:fs";
+import type * as http2 from "node:http2";
 import process from "node:process";
 
 import { Code, TenSafeError } from "./errors.js";
@@ -154,4 +155,31 @@ export function findApiKey(
     Code.Unauthenticated,
     { where: "apiKey" },
   );
+}
+
+function readPem(setting: string, path: string | null | undefined): Buffer | undefined {
+  if (!path) return undefined;
+  try {
+    return readFileSync(path);
+  } catch (error) {
+    throw new TenSafeError(`cannot read ${path}`, Code.InvalidArgument, {
+      where: setting,
+      cause: error,
+    });
+  }
+}
+
+/**
+ * The options of Node's `http2.connect` for `tls` (the files are read now); empty for
+ * plaintext (null).
+ *
+ * @throws TenSafeError INVALID_ARGUMENT naming the setting whose file cannot be read.
+ */
+export function http2TlsOptions(tls: TlsFiles | null): http2.SecureClientSessionOptions {
+  if (tls === null) return {};
+  return {
+    ca: readPem("caFile", tls.caFile),
+    cert: readPem("clientCertFile", tls.clientCertFile),
+    key: readPem("clientKeyFile", tls.clientKeyFile),
+  };
 }

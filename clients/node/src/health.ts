@@ -1,7 +1,5 @@
 // grpc.health.v1.Health/Check on TenSafe services (no credentials needed).
 
-import { readFileSync } from "node:fs";
-
 import { createClient } from "@connectrpc/connect";
 import { Http2SessionManager, createGrpcTransport } from "@connectrpc/connect-node";
 
@@ -9,7 +7,7 @@ import {
   Health,
   HealthCheckResponse_ServingStatus as ServingStatus,
 } from "../gen/grpc/health/v1/health_pb.js";
-import type { TlsFiles } from "./connection.js";
+import { type TlsFiles, http2TlsOptions } from "./connection.js";
 import { TenSafeError } from "./errors.js";
 
 /** The answer of one service: SERVING, NOT_SERVING, ... or UNREACHABLE (code). */
@@ -29,11 +27,7 @@ export async function checkHealth(
   addresses: Record<string, string | undefined>,
   { tls = null, timeoutMs = 5_000 }: { tls?: TlsFiles | null; timeoutMs?: number } = {},
 ): Promise<HealthResult[]> {
-  const read = (path: string | null | undefined): Buffer | undefined =>
-    path ? readFileSync(path) : undefined;
-  const nodeOptions = tls
-    ? { ca: read(tls.caFile), cert: read(tls.clientCertFile), key: read(tls.clientKeyFile) }
-    : {};
+  const nodeOptions = http2TlsOptions(tls);
   const entries = Object.entries(addresses).filter(
     (entry): entry is [string, string] => entry[1] !== undefined,
   );

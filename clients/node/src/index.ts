@@ -19,6 +19,7 @@ export {
   TenSafeClient,
   type TenantCredentials,
   TrainingClient,
+  nextTokenDatum,
 } from "./client.js";
 export {
   type Connection,
@@ -28,6 +29,7 @@ export {
   type TlsFiles,
   defaultConnectionPath,
   findApiKey,
+  http2TlsOptions,
   readConnection,
   resolveTls,
 } from "./connection.js";

@@ -16,6 +16,7 @@ import {
   TenSafeError,
   checkHealth,
   commonV1,
+  nextTokenDatum,
   trainerV1,
 } from "@tensafe/client";
 
@@ -27,20 +28,6 @@ const BASE_MODEL = "tiny-llama"; // what `tensafe up` installs in a fresh data d
 const ADAPTER = "node-adapter";
 const LORA = { rank: 4, alpha: 8 };
 
-// A short token sequence inside the tiny model's vocabulary; the model predicts each
-// next token (cross_entropy against the sequence shifted by one).
-function datum(tokens) {
-  const targets = tokens.slice(1).map(BigInt);
-  return {
-    modelInput: {
-      chunks: [{ chunk: { case: "encodedText", value: { tokens: tokens.slice(0, -1).map(BigInt) } } }],
-    },
-    lossFnInputs: {
-      target_tokens: { dtype: trainerV1.DType.INT64, intData: targets },
-      weights: { dtype: trainerV1.DType.FLOAT32, floatData: targets.map(() => 1) },
-    },
-  };
-}
 
 /** Asserts that `promise` rejects with a TenSafeError of gRPC code `codeName`. */
 async function rejectsWith(promise, codeName, where) {
@@ -145,8 +132,8 @@ describe("against tensafe up", { timeout: 600_000 }, () => {
     assert.equal(training.info.private, true);
 
     const pending = await training.forwardBackward([
-      datum([3, 9, 14, 22, 31, 40]),
-      datum([5, 11, 17, 23, 29, 37]),
+      nextTokenDatum([3, 9, 14, 22, 31, 40]),
+      nextTokenDatum([5, 11, 17, 23, 29, 37]),
     ]);
     const state = await trainer.getFuture(pending.id);
     assert.equal(state.id, pending.id);
