@@ -81,11 +81,11 @@ def main() -> None:
             load = os.getloadavg()[0]
             print(f"round {round_ + 1} {variant:3s}: {wall:6.1f} s wall, {cpu:6.1f} s CPU "
                   f"(load {load:.1f})", flush=True)
-    wall = {v: statistics.median(w for w, _ in results[v]) for v in variants}
-    cpu = {v: statistics.median(c for _, c in results[v]) for v in variants}
+    walls = {v: statistics.median(w for w, _ in results[v]) for v in variants}
+    cpus = {v: statistics.median(c for _, c in results[v]) for v in variants}
     for v in variants:
-        print(f"median {v:3s}: {wall[v]:6.1f} s wall, {cpu[v]:6.1f} s CPU")
-    print(f"uv / pip: wall {wall['uv'] / wall['pip']:.2f}x, CPU {cpu['uv'] / cpu['pip']:.2f}x")
+        print(f"median {v:3s}: {walls[v]:6.1f} s wall, {cpus[v]:6.1f} s CPU")
+    print(f"uv / pip: wall {walls['uv'] / walls['pip']:.2f}x, CPU {cpus['uv'] / cpus['pip']:.2f}x")
 
 
 if __name__ == "__main__":
