@@ -5,13 +5,16 @@ its test gets the SEAL parameters and Galois keys a client would upload from
 tensafe.helora, the same code the Python SDK's HeLoraSession uses.
 
 Usage: python he_keys.py HIDDEN OUTPUT RANK ALPHA OUT_DIR
-Writes OUT_DIR/parameters.bin and OUT_DIR/galois_keys.bin; prints the plan's
-parameters and rotation steps as JSON.
+Writes OUT_DIR/parameters.bin, OUT_DIR/galois_keys.bin and the ciphertexts of one
+token's activations (OUT_DIR/ciphertext-<i>.bin, in plan order); prints the plan's
+parameters, rotation steps and ciphertext counts as JSON.
 """
 
 import json
 import sys
 from pathlib import Path
+
+import numpy as np
 
 from tensafe.helora.client import HeLoraClient
 from tensafe.helora.params import compact_params
@@ -27,10 +30,15 @@ plan, _ = choose_plan(
     tokens=1,
     params=params,
 )
-material = HeLoraClient(params).public_material(plan)
+crypto = HeLoraClient(params)
+material = crypto.public_material(plan)
 out = Path(out_dir)
 (out / "parameters.bin").write_bytes(material.parameters)
 (out / "galois_keys.bin").write_bytes(material.galois_keys or b"")
+activations = 0.5 * np.sin(np.arange(int(hidden), dtype=np.float64))[None, :]
+ciphertexts = crypto.encrypt_activations(plan, activations)
+for index, blob in enumerate(ciphertexts):
+    (out / f"ciphertext-{index}.bin").write_bytes(blob)
 print(
     json.dumps(
         {
@@ -38,6 +46,8 @@ print(
             "coeff_modulus_bits": list(params.coeff_modulus_bits),
             "scale_bits": params.scale_bits,
             "rotation_steps": list(plan.rotation_steps),
+            "input_ciphertexts": len(ciphertexts),
+            "output_ciphertexts": plan.output_ciphertexts,
         }
     )
 )

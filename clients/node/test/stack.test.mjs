@@ -185,7 +185,7 @@ describe("against tensafe up", { timeout: 600_000 }, () => {
     assert.ok(!(await admin.listAdapters()).some((a) => a.name === ADAPTER));
   });
 
-  it("opens, reads and closes an HE-LoRA session with real CKKS keys", async () => {
+  it("opens an HE-LoRA session with real CKKS keys, applies a layer, closes it", async () => {
     const config = JSON.parse(readFileSync(join(stack.dataDir, "models", BASE_MODEL, "config.json"), "utf8"));
     const hidden = config.hidden_size;
     const keysDir = mkdtempSync(join(tmpdir(), "tensafe-node-he-"));
@@ -223,6 +223,19 @@ describe("against tensafe up", { timeout: 600_000 }, () => {
       assert.equal(session.keyBytes, BigInt(galoisKeys.length));
       assert.ok(session.layers.length > 0);
       assert.equal((await trainer.getHeSession(session.id)).id, session.id);
+
+      // One token's encrypted activations through a square (hidden x hidden) layer:
+      // the runtime answers with the plan's ciphertexts and the work the plan states.
+      const layer = session.layers.find((name) => name.endsWith("q_proj"));
+      assert.ok(layer, session.layers.join(", "));
+      const ciphertexts = Array.from({ length: keys.input_ciphertexts }, (_, index) =>
+        readFileSync(join(keysDir, `ciphertext-${index}.bin`)));
+      const applied = await trainer.applyLora(session.id, layer, ciphertexts, { chunkBytes: 64 * 1024 });
+      assert.equal(applied.ciphertexts.length, keys.output_ciphertexts);
+      assert.ok(applied.ciphertexts.every((blob) => blob.length > 0));
+      assert.equal(applied.summary.counts.rotations, plan.rotations);
+      assert.equal(applied.summary.counts.rescales, plan.rescales);
+      await rejectsWith(trainer.applyLora(session.id, "no.such.layer", ciphertexts), "INVALID_ARGUMENT");
       await trainer.closeHeSession(session.id);
       await rejectsWith(trainer.getHeSession(session.id), "NOT_FOUND");
     } finally {
