@@ -6,7 +6,15 @@ cd "$(dirname "$0")/.."
 
 python3 -m venv .venv
 . .venv/bin/activate
-python -m pip install -q --disable-pip-version-check ".[all]" 2>&1 | { grep -v "is ignored: it is neither" || true; }
+# uv, not pip, installs the ~100 packages: it downloads, unpacks and compiles to
+# bytecode in parallel where pip does one thing at a time (bench/install.py compares
+# the two). Compiled now, not at first import: with PYTHONDONTWRITEBYTECODE set every
+# process of `tensafe up` would compile torch again. pip finds this machine's local
+# wheels (the CPU torch build) through its configuration ($PIP_FIND_LINKS or pip.conf's
+# find-links); uv is given the same folder.
+python -m pip install -q --disable-pip-version-check uv==0.13.8 2>&1 | { grep -v "is ignored: it is neither" || true; }
+find_links="${PIP_FIND_LINKS:-$(python -m pip config get global.find-links 2>/dev/null || true)}"
+uv pip install -q --compile-bytecode ${find_links:+--find-links "$find_links"} ".[all]"
 (cd clients/node && npm ci --no-audit --no-fund --loglevel=error)
 
 data_dir="${TENSAFE_DEMO_DATA_DIR:-.tensafe}"

@@ -29,8 +29,9 @@ OUT = NODE / "gen"
 def _generate(into_root: Path) -> Path:
     """Run buf in a copy of protos/ under ``into_root``; return the generated folder.
 
-    buf.gen.yaml writes to ``../clients/node/gen`` relative to protos/, so generating
-    in ``into_root/protos`` puts the output at ``into_root/clients/node/gen``.
+    buf.gen.yaml reads ``.`` and ``../clients/node/proto`` and writes to
+    ``../clients/node/gen`` relative to protos/, so generating in ``into_root/protos``
+    puts the output at ``into_root/clients/node/gen``.
     """
     plugin_dir = NODE / "node_modules" / ".bin"
     if not (plugin_dir / "protoc-gen-es").exists():
@@ -39,6 +40,8 @@ def _generate(into_root: Path) -> Path:
     if buf is None:
         sys.exit("buf is missing: install the dev extra (buf-bin)")
     shutil.copytree(PROTOS, into_root / "protos")
+    # buf.gen.yaml's second input: grpc.health.v1, kept beside the Node client.
+    shutil.copytree(NODE / "proto", into_root / "clients" / "node" / "proto")
     env = {**os.environ, "PATH": f"{plugin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
     subprocess.run([buf, "generate"], cwd=into_root / "protos", env=env, check=True)
     return into_root / "clients" / "node" / "gen"

@@ -49,4 +49,7 @@ python -m pytest -ra "$@"
 if [ "$#" -eq 0 ]; then
   TENSAFE_FUZZ_DATABASE=postgresql TENSAFE_FUZZ_EXAMPLES=3 \
     python -m pytest -ra -q -p no:cacheprovider tests/fuzz/test_fuzz_rpcs.py
+  # The Node client's own tests (node:test; `npm ci` above built it): against a
+  # `tensafe up` they start from this venv, and as a dependency of another package.
+  (cd clients/node && npm test)
 fi

@@ -6,29 +6,20 @@
 // Usage: node bin/train-step.mjs [--connection-file FILE] [--base-model NAME]
 //          [--noise-multiplier X] [--max-grad-norm C] [--delta D]
 // Reads the services and the API key from the connection file written by `tensafe up`
-// (default .tensafe/connection.json; $TENSAFE_API_KEY overrides the key), and its TLS
-// settings: the connection file's `tls` block (`tensafe up --tls`) or $TENSAFE_CA_FILE,
-// $TENSAFE_CLIENT_CERT_FILE, $TENSAFE_CLIENT_KEY_FILE. Prints one
-// JSON object with the client id, loss, step and privacy spent; exits 1 on an error.
+// (default $TENSAFE_CONNECTION_FILE, else .tensafe/connection.json; $TENSAFE_API_KEY
+// overrides the key), and its TLS settings: the connection file's `tls` block
+// (`tensafe up --tls`) or $TENSAFE_CA_FILE, $TENSAFE_CLIENT_CERT_FILE,
+// $TENSAFE_CLIENT_KEY_FILE. Prints one JSON object with the client id, loss, step and
+// privacy spent; exits 1 on an error.
 
-import { randomUUID } from "node:crypto";
 import process from "node:process";
 import { parseArgs } from "node:util";
 
-import {
-  Accountant,
-  DType,
-  ForwardBackwardResultSchema,
-  OptimStepResultSchema,
-} from "../gen/tensafe/trainer/v1/trainer_service_pb.js";
-import { TenSafeClient, readConnection, resolveTls } from "../lib/tensafe.mjs";
+import { TenSafeClient, defaultConnectionPath, nextTokenDatum, trainerV1 } from "@tensafe/client";
 
 const { values: args } = parseArgs({
   options: {
-    "connection-file": {
-      type: "string",
-      default: process.env.TENSAFE_CONNECTION_FILE || ".tensafe/connection.json",
-    },
+    "connection-file": { type: "string", default: defaultConnectionPath() },
     "base-model": { type: "string" },
     "noise-multiplier": { type: "string", default: "1.0" },
     "max-grad-norm": { type: "string", default: "1.0" },
@@ -36,81 +27,52 @@ const { values: args } = parseArgs({
   },
 });
 
-// A short token sequence inside any vocabulary of >= 64 ids; the model predicts each
-// next token (cross_entropy on target_tokens = tokens shifted by one).
-function datum(tokens) {
-  const inputs = tokens.slice(0, -1).map(BigInt);
-  const targets = tokens.slice(1).map(BigInt);
-  return {
-    modelInput: { chunks: [{ chunk: { case: "encodedText", value: { tokens: inputs } } }] },
-    lossFnInputs: {
-      target_tokens: { dtype: DType.INT64, intData: targets },
-      weights: { dtype: DType.FLOAT32, floatData: targets.map(() => 1.0) },
-    },
-  };
-}
 
 async function main() {
-  const connection = readConnection(args["connection-file"]);
-  const apiKey = process.env.TENSAFE_API_KEY || connection.api_key;
-  const client = new TenSafeClient(connection.services, { tls: resolveTls(connection) });
+  const client = TenSafeClient.fromConnectionFile(args["connection-file"]);
   try {
-    const exchanged = await client.exchangeApiKey(apiKey);
-
+    const exchanged = await client.login();
     let baseModel = args["base-model"];
     if (!baseModel) {
-      const { baseModels } = await client.callTrainer("listBaseModels", {});
-      if (baseModels.length === 0) throw new Error("the deployment serves no base model");
-      baseModel = baseModels[0].name;
+      const models = await client.listBaseModels();
+      if (models.length === 0) throw new Error("the deployment serves no base model");
+      baseModel = models[0].name;
     }
-    const { trainingClient } = await client.callTrainer("createTrainingClient", {
+    const training = await client.createTrainingClient({
       baseModel,
       lora: { rank: 4, alpha: 8, seed: 7n },
       dp: {
         noise: { case: "noiseMultiplier", value: Number(args["noise-multiplier"]) },
         maxGradNorm: Number(args["max-grad-norm"]),
         delta: Number(args.delta),
-        accountant: Accountant.RDP,
+        accountant: trainerV1.Accountant.RDP,
       },
-      requestId: randomUUID(),
     });
-
-    const batch = [datum([3, 9, 14, 22, 31, 40]), datum([5, 11, 17, 23, 29, 37])];
-    const forwardBackward = await client.callTrainer("forwardBackward", {
-      trainingClientId: trainingClient.id,
-      data: batch,
-      lossFn: "cross_entropy",
-      requestId: randomUUID(),
-    });
-    const fbResult = await client.waitFuture(forwardBackward.future, ForwardBackwardResultSchema);
-
-    const optim = await client.callTrainer("optimStep", {
-      trainingClientId: trainingClient.id,
-      adamParams: { learningRate: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8 },
-      requestId: randomUUID(),
-    });
-    const optimResult = await client.waitFuture(optim.future, OptimStepResultSchema);
-
-    const { privacySpent } = await client.callTrainer("getPrivacySpent", {
-      trainingClientId: trainingClient.id,
-    });
-    const report = {
-      tenant_id: exchanged.tenantId,
-      training_client_id: trainingClient.id,
-      base_model: baseModel,
-      private: trainingClient.private,
-      metrics: fbResult.metrics,
-      optim_step: Number(optimResult.step),
-      privacy_spent: {
-        epsilon: privacySpent.epsilon,
-        delta: privacySpent.delta,
-        steps: Number(privacySpent.steps),
-        noise_multiplier: privacySpent.noiseMultiplier,
-        accountant: Accountant[privacySpent.accountant],
-        private: privacySpent.private,
-      },
-    };
-    console.log(JSON.stringify(report));
+    // Short token sequences inside any vocabulary of >= 64 ids.
+    const batch = [nextTokenDatum([3, 9, 14, 22, 31, 40]), nextTokenDatum([5, 11, 17, 23, 29, 37])];
+    const forwardBackward = await (await training.forwardBackward(batch)).result();
+    const optim = await (
+      await training.optimStep({ learningRate: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8 })
+    ).result();
+    const spent = await training.privacySpent();
+    console.log(
+      JSON.stringify({
+        tenant_id: exchanged.tenantId,
+        training_client_id: training.id,
+        base_model: baseModel,
+        private: training.info.private,
+        metrics: forwardBackward.metrics,
+        optim_step: Number(optim.step),
+        privacy_spent: {
+          epsilon: spent.epsilon,
+          delta: spent.delta,
+          steps: Number(spent.steps),
+          noise_multiplier: spent.noiseMultiplier,
+          accountant: trainerV1.Accountant[spent.accountant],
+          private: spent.private,
+        },
+      }),
+    );
   } finally {
     client.close();
   }
