@@ -519,3 +519,18 @@ def test_official_sdk_get_tokenizer_from_the_hub_routes(
     assert httpx.get(f"{resolve}/tokenizer_config.json").status_code == 401
     unknown = httpx.get(f"{stack.base_url}/no-such-model/resolve/main/config.json", headers=bearer)
     assert unknown.status_code == 404 and unknown.headers["X-Error-Code"] == "RepoNotFound"
+    commit = config.headers["X-Repo-Commit"]
+    at_commit = httpx.get(
+        f"{stack.base_url}/{BASE_MODEL}/resolve/{commit}/tokenizer_config.json", headers=bearer
+    )
+    assert at_commit.status_code == 200 and at_commit.content == config.content
+    stale = httpx.get(
+        f"{stack.base_url}/{BASE_MODEL}/resolve/{'0' * 40}/tokenizer_config.json", headers=bearer
+    )
+    assert stale.status_code == 404 and stale.headers["X-Error-Code"] == "RevisionNotFound"
+    tree = httpx.get(f"{stack.base_url}/api/models/{BASE_MODEL}/tree/main", headers=bearer).json()
+    listed = {entry["path"]: entry["size"] for entry in tree}
+    assert listed["tokenizer_config.json"] == len(config.content)
+    assert not any(name.endswith(".safetensors") for name in listed)
+    info = httpx.get(f"{stack.base_url}/api/models/{BASE_MODEL}", headers=bearer).json()
+    assert info["sha"] == commit and {s["rfilename"] for s in info["siblings"]} == set(listed)
