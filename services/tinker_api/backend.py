@@ -84,6 +84,13 @@ class Backend:
         )
         return response.access_token
 
+    async def access_token(self, credential: str) -> str:
+        """The JWT of a caller's credential: a JWT (``eyJ...``) as it is (the trainer
+        checks it on use), a TenSafe API key exchanged at auth."""
+        if credential.startswith("eyJ"):
+            return credential
+        return await self.exchange_api_key(credential)
+
     # -- trainer -----------------------------------------------------------------------
 
     async def list_base_models(self, token: str) -> list[pb.BaseModel]:
@@ -92,6 +99,17 @@ class Backend:
             self._trainer.ListBaseModels, pb.ListBaseModelsRequest(), token
         )
         return list(response.base_models)
+
+    async def base_model_tokenizer(
+        self, base_model: str, token: str
+    ) -> pb.GetBaseModelTokenizerResponse:
+        """The tokenizer files of a base model and their digest (never the weights)."""
+        response: pb.GetBaseModelTokenizerResponse = await self._call(
+            self._trainer.GetBaseModelTokenizer,
+            pb.GetBaseModelTokenizerRequest(base_model=base_model),
+            token,
+        )
+        return response
 
     async def create_training_client(
         self, request: pb.CreateTrainingClientRequest, token: str

@@ -41,7 +41,7 @@ def _json(body: Mapping[str, Any], status: int = 200) -> web.Response:
     return web.Response(status=status, text=json.dumps(body), content_type="application/json")
 
 
-def _token(request: web.Request) -> str:
+def caller_token(request: web.Request) -> str:
     """The caller's credential: the SDK's ``X-API-Key`` (or ``Authorization: Bearer``)."""
     token = request.headers.get("X-API-Key", "").strip()
     if not token:
@@ -171,15 +171,15 @@ class TinkerRoutes:
     async def auth_token(self, request: web.Request) -> web.Response:
         """The JWT the SDK sends from now on. A TenSafe JWT is returned as it is once the
         trainer accepted it; a TenSafe API key is exchanged at auth."""
-        credential = _token(request)
-        if credential.startswith("eyJ"):
-            await self._backend.list_base_models(credential)
-            return _json({"jwt": credential})
-        return _json({"jwt": await self._backend.exchange_api_key(credential)})
+        credential = caller_token(request)
+        token = await self._backend.access_token(credential)
+        if token == credential:
+            await self._backend.list_base_models(token)
+        return _json({"jwt": token})
 
     async def capabilities(self, request: web.Request) -> web.Response:
         """The base models (trainable and sampleable from saved weights)."""
-        models = await self._backend.list_base_models(_token(request))
+        models = await self._backend.list_base_models(caller_token(request))
         return _json(
             {
                 "supported_models": [
@@ -197,17 +197,17 @@ class TinkerRoutes:
     async def create_session(self, request: web.Request) -> web.Response:
         """A session id; the credential is checked now so a revoked one fails at once."""
         await self._body(request)
-        await self._backend.list_base_models(_token(request))
+        await self._backend.list_base_models(caller_token(request))
         return _json({"type": "create_session", "session_id": f"sess-{uuid.uuid4().hex}"})
 
     async def session_heartbeat(self, request: web.Request) -> web.Response:
         """Sessions hold nothing on this server; a heartbeat is acknowledged."""
-        _token(request)
+        caller_token(request)
         return _json({"type": "session_heartbeat"})
 
     async def finish_session(self, request: web.Request) -> web.Response:
         """Acknowledged (training clients live on in the trainer, as on gRPC)."""
-        _token(request)
+        caller_token(request)
         return _json({})
 
     async def telemetry(self, request: web.Request) -> web.Response:
@@ -220,7 +220,7 @@ class TinkerRoutes:
     async def create_model(self, request: web.Request) -> web.Response:
         """``create_lora_training_client``: a DP training client (docs/tinker.md)."""
         body = await self._body(request)
-        token = _token(request)
+        token = caller_token(request)
         base_model = serde.field(body, "base_model", str)
         lora = body.get("lora_config") or {}
         if not isinstance(lora, dict):
@@ -283,7 +283,7 @@ class TinkerRoutes:
     async def get_info(self, request: web.Request) -> web.Response:
         """Model info, plus the ``privacy`` block (ε spent)."""
         body = await self._body(request)
-        token = _token(request)
+        token = caller_token(request)
         model_id = serde.field(body, "model_id", str)
         client = await self._backend.get_training_client(
             await self._client_id(token, model_id), token
@@ -294,7 +294,13 @@ class TinkerRoutes:
                 "type": "get_info",
                 "model_id": model_id,
                 "model_name": client.base_model,
-                "model_data": {"model_name": client.base_model, "arch": None},
+                # tokenizer_id: the SDK's get_tokenizer() loads it with from_pretrained,
+                # which HF_ENDPOINT=<this service> resolves on the Hub routes (hub.py).
+                "model_data": {
+                    "model_name": client.base_model,
+                    "arch": None,
+                    "tokenizer_id": client.base_model,
+                },
                 "is_lora": True,
                 "lora_rank": client.lora.rank,
                 "optimizer_config": {"type": "adamw"},
@@ -321,7 +327,7 @@ class TinkerRoutes:
 
     async def forward_backward(self, request: web.Request) -> web.Response:
         """forward_backward / forward: a protobuf body (zstd when configured)."""
-        token = _token(request)
+        token = caller_token(request)
         raw = await self._bytes(request)
         wire_request = wire.ForwardBackwardRequest()
         try:
@@ -353,7 +359,7 @@ class TinkerRoutes:
     async def optim_step(self, request: web.Request) -> web.Response:
         """optim_step with AdamParams; the trainer adds the DP noise and charges ε."""
         body = await self._body(request)
-        token = _token(request)
+        token = caller_token(request)
         model_id = serde.field(body, "model_id", str)
         if "optimizer_params" in body:
             raise InvalidArgument("optimizer_params", "only Adam (adam_params) is supported")
@@ -384,7 +390,7 @@ class TinkerRoutes:
     async def save_weights(self, request: web.Request) -> web.Response:
         """save_state: weights, optimizer and accountant state under a name."""
         body = await self._body(request)
-        token = _token(request)
+        token = caller_token(request)
         model_id = serde.field(body, "model_id", str)
         seq_id = body.get("seq_id")
         name = serde.field(body, "path", str, required=False) or f"state-{seq_id}"
@@ -401,7 +407,7 @@ class TinkerRoutes:
         client with the checkpoint client's base model, LoRA and DP settings, created
         under a request id derived from the model id the SDK gives it, then loaded."""
         body = await self._body(request)
-        token = _token(request)
+        token = caller_token(request)
         path = serde.to_tensafe_path("path", serde.field(body, "path", str))
         if body.get("model_id") is None:
             model_id = serde.loaded_model_id(
@@ -436,7 +442,7 @@ class TinkerRoutes:
     async def save_weights_for_sampler(self, request: web.Request) -> web.Response:
         """Freeze the weights for sampling, named or (for a sampling client) by seq id."""
         body = await self._body(request)
-        token = _token(request)
+        token = caller_token(request)
         model_id = serde.field(body, "model_id", str)
         if body.get("kind", "snapshot") != "snapshot":
             raise InvalidArgument("kind", "only snapshot sampling clients are supported")
@@ -469,7 +475,9 @@ class TinkerRoutes:
     async def create_sampling_session(self, request: web.Request) -> web.Response:
         """A sampling session on saved weights (its id encodes their path)."""
         body = await self._body(request)
-        path, _ = await self._sampler_path(_token(request), "model_path", body.get("model_path"))
+        path, _ = await self._sampler_path(
+            caller_token(request), "model_path", body.get("model_path")
+        )
         return _json(
             {
                 "type": "create_sampling_session",
@@ -481,7 +489,7 @@ class TinkerRoutes:
         """What a sampling session samples from."""
         session_id = request.match_info["sampler_id"]
         path = serde.path_of_sampling_session("sampler_id", session_id)
-        _, base_model = await self._sampler_path(_token(request), "sampler_id", path)
+        _, base_model = await self._sampler_path(caller_token(request), "sampler_id", path)
         return _json(
             {
                 "sampler_id": session_id,
@@ -493,7 +501,7 @@ class TinkerRoutes:
     async def asample(self, request: web.Request) -> web.Response:
         """Sample completions; the future's sequence ids are ``<future id>.<i>``."""
         body = await self._body(request)
-        token = _token(request)
+        token = caller_token(request)
         # record_stability_info is accepted and not acted on: it only serves Tinker's
         # stable_reinforce loss, which the trainer refuses by name (docs/tinker.md).
         for unsupported in (
@@ -553,7 +561,7 @@ class TinkerRoutes:
     async def retrieve_future(self, request: web.Request) -> web.Response:
         """A future's result; 408 try-again while pending; ``{"error"}`` when it failed."""
         body = await self._body(request)
-        token = _token(request)
+        token = caller_token(request)
         request_id = serde.field(body, "request_id", str)
         if request_id.startswith(serde.CREATED_PREFIX):
             model_id = request_id[len(serde.CREATED_PREFIX) :]
@@ -603,7 +611,7 @@ class TinkerRoutes:
     async def cancel_future(self, request: web.Request) -> web.Response:
         """Cancel an abandoned sample."""
         body = await self._body(request)
-        token = _token(request)
+        token = caller_token(request)
         request_id = serde.field(body, "request_id", str)
         for future_id in serde.split_paired_request_id(request_id) or (request_id,):
             await self._backend.cancel_future(future_id, token)

@@ -23,6 +23,7 @@ from tensafe.common.log import configure_logging
 from tensafe.tinker_api import errors
 from tensafe.tinker_api.backend import Backend
 from tensafe.tinker_api.config import TinkerApiConfig
+from tensafe.tinker_api.hub import HubRoutes
 from tensafe.tinker_api.routes import Handler, TinkerRoutes
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ def build_app(config: TinkerApiConfig, backend: Backend) -> web.Application:
     """The aiohttp application (also what tests serve in-process)."""
     app = web.Application(middlewares=[_errors], client_max_size=config.tinker_max_request_bytes)
     app.add_routes(TinkerRoutes(config, backend).table())
+    app.add_routes(HubRoutes(backend).table())
     return app
 
 

@@ -71,3 +71,33 @@ def test_with_tls_it_serves_https_and_presents_the_certificate() -> None:
 def test_a_bad_port_fails_the_render() -> None:
     with pytest.raises(Exception, match="port"):
         render(_enabled({}, port=0))
+
+
+def test_public_endpoints_are_announced_only_when_set() -> None:
+    """tensafe.tinker clients outside the cluster learn the gRPC endpoints from the Tinker
+    API (GET /api/v1/tensafe/endpoints); the chart passes the public addresses through,
+    and leaves them unset (the in-cluster Services are announced) by default."""
+
+    def env_of(documents: list[dict[str, Any]]) -> dict[str, Any]:
+        container = by_kind(documents, "Deployment")["tinker-api"]["spec"]["template"]["spec"][
+            "containers"
+        ][0]
+        return {e["name"]: e.get("value") for e in container["env"]}
+
+    public = env_of(
+        render(
+            _enabled(
+                {},
+                publicTrainerUrl="trainer.example.com:443",
+                publicAuthUrl="auth.example.com:443",
+            )
+        )
+    )
+    assert public["TENSAFE_PUBLIC_TRAINER_URL"] == "trainer.example.com:443"
+    assert public["TENSAFE_PUBLIC_AUTH_URL"] == "auth.example.com:443"
+    default = env_of(render(_enabled({})))
+    assert "TENSAFE_PUBLIC_TRAINER_URL" not in default
+    assert "TENSAFE_PUBLIC_AUTH_URL" not in default
+    # A URL with a scheme is what the service refuses at start-up; the schema says so first.
+    with pytest.raises(Exception, match="publicTrainerUrl"):
+        render(_enabled({}, publicTrainerUrl="https://trainer.example.com:443"))

@@ -323,3 +323,91 @@ def test_optim_step_metrics_carry_epsilon_under_the_tinker_api_keys() -> None:
     metrics = serde.optim_step_response_from_proto(message).metrics
     assert metrics["examples"] == 4.0
     assert (metrics["dp/epsilon"], metrics["dp/steps"], metrics["dp/private"]) == (1.5, 3.0, 1.0)
+
+
+def test_tinker_module_paths_of_tensor_data_and_provenance_spans() -> None:
+    """Code importing the official SDK's module paths imports ours with the prefix
+    changed, and gets the very classes ``types`` exports."""
+    from tensafe.tinker.types.provenance_spans import PromptProvenanceSpan, SampledProvenanceSpan
+    from tensafe.tinker.types.tensor_data import TensorData
+
+    assert TensorData is types.TensorData
+    assert PromptProvenanceSpan is types.PromptProvenanceSpan
+    assert SampledProvenanceSpan is types.SampledProvenanceSpan
+
+
+def test_datum_with_provenance_as_the_official_sdk() -> None:
+    """Same result and same refusals as ``tinker.Datum.with_provenance`` (0.38.0)."""
+    import tinker as official
+    from tinker.types import provenance_spans as official_spans
+
+    tokens = [5, 6, 7, 8, 9]
+    ours = types.Datum(
+        model_input=types.ModelInput.from_ints(tokens[:-1]),
+        loss_fn_inputs={"target_tokens": tokens[1:], "weights": [0.0, 0.0, 1.0, 1.0]},
+    )
+    theirs = official.Datum(
+        model_input=official.ModelInput.from_ints(tokens[:-1]),
+        loss_fn_inputs={"target_tokens": tokens[1:], "weights": [0.0, 0.0, 1.0, 1.0]},
+    )
+    prompt, sampled = (
+        types.PromptProvenanceSpan(sequence_id="f.0", length=2),
+        types.SampledProvenanceSpan(sequence_id="f.0", offset=0, length=2),
+    )
+    with_spans = ours.with_provenance(
+        model_input=[prompt, sampled], loss_fn_inputs=[sampled, prompt]
+    )
+    official_with = theirs.with_provenance(
+        model_input=[
+            official_spans.PromptProvenanceSpan(sequence_id="f.0", length=2),
+            official_spans.SampledProvenanceSpan(sequence_id="f.0", length=2),
+        ],
+        loss_fn_inputs=[
+            official_spans.SampledProvenanceSpan(sequence_id="f.0", length=2),
+            official_spans.PromptProvenanceSpan(sequence_id="f.0", length=2),
+        ],
+    )
+    assert ours.model_input_spans is None  # a copy: the original is unchanged
+    assert with_spans.model_input_spans == [prompt, sampled]
+    assert with_spans.loss_fn_input_spans == [sampled, prompt]
+    assert [(s.sequence_id, s.offset, s.length) for s in with_spans.model_input_spans] == [
+        (s.sequence_id, s.offset, s.length) for s in official_with.model_input_spans or []
+    ]
+    assert with_spans.loss_fn_inputs == ours.loss_fn_inputs
+
+    # Refusals: runs that do not tile the field, spans of another type, an unpaired list,
+    # a bad span. The official SDK refuses each of these too.
+    short = [types.SampledProvenanceSpan(sequence_id="f.0", length=3)]
+    with pytest.raises(ValueError, match="model_input spans cover 3 positions but the field has 4"):
+        ours.with_provenance(model_input=short, loss_fn_inputs=[prompt, sampled])
+    with pytest.raises(ValueError, match="loss_fn_inputs spans cover 3"):
+        ours.with_provenance(model_input=[prompt, sampled], loss_fn_inputs=short)
+    with pytest.raises(ValueError, match="loss_fn_inputs spans cover 3"):
+        theirs.with_provenance(
+            model_input=[official_spans.PromptProvenanceSpan(sequence_id="f.0", length=4)],
+            loss_fn_inputs=[official_spans.PromptProvenanceSpan(sequence_id="f.0", length=3)],
+        )
+    with pytest.raises(TypeError, match="PromptProvenanceSpan or SampledProvenanceSpan"):
+        types.Datum(
+            model_input=ours.model_input,
+            model_input_spans=[(0, 4)],  # type: ignore[list-item]
+            loss_fn_input_spans=[],
+        )
+    with pytest.raises(ValueError, match="as a pair"):
+        types.Datum(model_input=ours.model_input, model_input_spans=[prompt, sampled])
+    with pytest.raises(ValueError, match="length must be >= 0"):
+        types.PromptProvenanceSpan(sequence_id="f.0", length=-1)
+    with pytest.raises(ValueError, match="sequence_id must be non-empty"):
+        types.SampledProvenanceSpan(sequence_id="", length=1)
+
+
+def test_a_datum_with_provenance_is_sent_without_it() -> None:
+    """Spans are validated on the client and not sent (TenSafe refuses the one loss that
+    reads them): the proto of a datum with provenance is that of the datum without."""
+    datum = types.Datum(
+        model_input=types.ModelInput.from_ints([1, 2, 3]),
+        loss_fn_inputs={"target_tokens": [2, 3, 4], "weights": [1.0, 1.0, 1.0]},
+    )
+    span = types.SampledProvenanceSpan(sequence_id="f.0", length=3)
+    spanned = datum.with_provenance(model_input=[span], loss_fn_inputs=[span])
+    assert serde.datums_to_proto([spanned]) == serde.datums_to_proto([datum])

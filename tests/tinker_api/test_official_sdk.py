@@ -5,6 +5,10 @@ retrieve_future as the SDK sees them."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -456,3 +460,77 @@ def test_tensafe_tinker_needs_one_address_and_no_tokenizer_folder(
         training.forward_backward([datum], "cross_entropy").result()
         step = training.optim_step(tensafe_types.AdamParams(learning_rate=1e-3)).result()
         assert step.step == 1 and step.privacy_spent is not None and step.privacy_spent.private
+
+
+_GET_TOKENIZER = """
+import json, sys, tinker
+service = tinker.ServiceClient()
+training = service.create_lora_training_client(base_model=sys.argv[1], rank=2)
+print(json.dumps(training.get_tokenizer().encode(sys.argv[2])))
+"""
+
+
+def test_official_sdk_get_tokenizer_from_the_hub_routes(
+    tinker_env: Stack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The SDK's own get_tokenizer() (AutoTokenizer.from_pretrained of get_info's
+    tokenizer_id) with HF_ENDPOINT = the Tinker API and HF_TOKEN = a TenSafe credential:
+    in a fresh process (huggingface_hub reads HF_ENDPOINT at import), in a folder with no
+    model folder, with an empty Hugging Face cache."""
+    import httpx
+    from transformers import AutoTokenizer
+
+    stack = tinker_env
+    text = "the cat sat on the mat"
+    reference = AutoTokenizer.from_pretrained(str(tiny_path(stack))).encode(text)
+    env = {
+        **os.environ,
+        "HF_ENDPOINT": stack.base_url,
+        "HF_TOKEN": stack.tenant.api_key,  # an API key works as well as a JWT
+        "HF_HOME": str(tmp_path / "hf"),
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+    }
+    env.pop("HF_HUB_OFFLINE", None)
+    env.pop("TRANSFORMERS_OFFLINE", None)
+    done = subprocess.run(
+        [sys.executable, "-c", _GET_TOKENIZER, BASE_MODEL, text],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == reference
+    cached = {p.name for p in (tmp_path / "hf").rglob("*") if p.is_file() or p.is_symlink()}
+    assert "tokenizer_config.json" in cached
+    assert not any(name.endswith(".safetensors") for name in cached)
+
+    # Weights are never served; files need a credential; unknown models are the Hub's 404.
+    jwt_token = _jwt_for(stack, stack.tenant.api_key)
+    bearer = {"Authorization": f"Bearer {jwt_token}"}
+    resolve = f"{stack.base_url}/{BASE_MODEL}/resolve/main"
+    weights = httpx.head(f"{resolve}/model.safetensors", headers=bearer)
+    assert weights.status_code == 404 and weights.headers["X-Error-Code"] == "EntryNotFound"
+    config = httpx.get(f"{resolve}/tokenizer_config.json", headers=bearer)
+    assert config.status_code == 200 and len(config.headers["X-Repo-Commit"]) == 40
+    assert config.content == (tiny_path(stack) / "tokenizer_config.json").read_bytes()
+    assert httpx.get(f"{resolve}/tokenizer_config.json").status_code == 401
+    unknown = httpx.get(f"{stack.base_url}/no-such-model/resolve/main/config.json", headers=bearer)
+    assert unknown.status_code == 404 and unknown.headers["X-Error-Code"] == "RepoNotFound"
+    commit = config.headers["X-Repo-Commit"]
+    at_commit = httpx.get(
+        f"{stack.base_url}/{BASE_MODEL}/resolve/{commit}/tokenizer_config.json", headers=bearer
+    )
+    assert at_commit.status_code == 200 and at_commit.content == config.content
+    stale = httpx.get(
+        f"{stack.base_url}/{BASE_MODEL}/resolve/{'0' * 40}/tokenizer_config.json", headers=bearer
+    )
+    assert stale.status_code == 404 and stale.headers["X-Error-Code"] == "RevisionNotFound"
+    tree = httpx.get(f"{stack.base_url}/api/models/{BASE_MODEL}/tree/main", headers=bearer).json()
+    listed = {entry["path"]: entry["size"] for entry in tree}
+    assert listed["tokenizer_config.json"] == len(config.content)
+    assert not any(name.endswith(".safetensors") for name in listed)
+    info = httpx.get(f"{stack.base_url}/api/models/{BASE_MODEL}", headers=bearer).json()
+    assert info["sha"] == commit and {s["rfilename"] for s in info["siblings"]} == set(listed)

@@ -14,18 +14,17 @@ TenSafe additions: :class:`PrivacySpent` (what a DP client has spent) and the
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Literal, TypeAlias
+from typing import Any, Literal, TypeAlias
 
 import numpy as np
-import numpy.typing as npt
 
-if TYPE_CHECKING:
-    import torch
-
-TensorDtype: TypeAlias = Literal["int64", "float32"]
-"""Element type of a :class:`TensorData` (the two Tinker uses)."""
+from tensafe.tinker.types.provenance_spans import (
+    PromptProvenanceSpan,
+    ProvenanceSpans,
+    SampledProvenanceSpan,
+)
+from tensafe.tinker.types.tensor_data import TensorData, TensorDtype
 
 LossFnType: TypeAlias = Literal["cross_entropy", "importance_sampling", "ppo", "cispo", "dro"]
 """Loss functions the server implements."""
@@ -38,70 +37,6 @@ ModelID: TypeAlias = str
 
 Accountant: TypeAlias = Literal["rdp", "pld"]
 """Privacy accountant: Renyi DP or privacy loss distributions (Google dp-accounting)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class TensorData:
-    """A dense tensor, flattened row-major, as in Tinker.
-
-    Attributes:
-        data: The values, flattened.
-        dtype: ``"int64"`` or ``"float32"``.
-        shape: The shape; ``None`` means 1-D of ``len(data)``.
-    """
-
-    data: list[int] | list[float]
-    dtype: TensorDtype
-    shape: list[int] | None = None
-
-    def __post_init__(self) -> None:
-        if self.dtype not in ("int64", "float32"):
-            raise ValueError(f"unsupported TensorData dtype {self.dtype!r}")
-        if self.shape is not None and math.prod(self.shape) != len(self.data):
-            raise ValueError(f"shape {self.shape} does not hold {len(self.data)} values")
-
-    @classmethod
-    def from_numpy(cls, array: npt.NDArray[Any]) -> TensorData:
-        """From a numpy array (floats become float32, integers int64)."""
-        return cls(
-            data=array.flatten().tolist(),
-            dtype=_dtype_of_kind(array.dtype.kind),
-            shape=list(array.shape),
-        )
-
-    @classmethod
-    def from_torch(cls, tensor: torch.Tensor) -> TensorData:
-        """From a torch tensor (floating types become float32, others int64)."""
-        dtype: TensorDtype = "float32" if tensor.dtype.is_floating_point else "int64"
-        return cls(
-            data=tensor.detach().cpu().flatten().tolist(), dtype=dtype, shape=list(tensor.shape)
-        )
-
-    def to_numpy(self) -> npt.NDArray[Any]:
-        """As a numpy array of the stated dtype and shape."""
-        array = np.array(self.data, dtype=np.int64 if self.dtype == "int64" else np.float32)
-        return array.reshape(self.shape) if self.shape is not None else array
-
-    def to_torch(self) -> torch.Tensor:
-        """As a torch tensor of the stated dtype and shape."""
-        import torch
-
-        dtype = torch.int64 if self.dtype == "int64" else torch.float32
-        tensor = torch.tensor(self.data, dtype=dtype)
-        return tensor.reshape(self.shape) if self.shape is not None else tensor
-
-    def tolist(self) -> list[Any]:
-        """As (nested) Python lists."""
-        result: list[Any] = self.to_numpy().tolist()
-        return result
-
-
-def _dtype_of_kind(kind: str) -> TensorDtype:
-    if kind == "f":
-        return "float32"
-    if kind in ("i", "u", "b"):
-        return "int64"
-    raise ValueError(f"unsupported array dtype kind {kind!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,14 +158,60 @@ class Datum:
     Attributes:
         model_input: Input tokens.
         loss_fn_inputs: Converted to ``TensorData`` on construction.
+        model_input_spans: Provenance of the input tokens (Tinker's; attach with
+            :meth:`with_provenance`). Validated, not sent: only Tinker's unpublished
+            ``stable_reinforce`` reads it, and TenSafe refuses that loss.
+        loss_fn_input_spans: Provenance of the ``target_tokens`` rows; as above.
     """
 
     model_input: ModelInput
     loss_fn_inputs: dict[str, TensorData] = dataclasses.field(default_factory=dict)
+    model_input_spans: ProvenanceSpans | None = None
+    loss_fn_input_spans: ProvenanceSpans | None = None
 
     def __post_init__(self) -> None:
         converted = {key: to_tensor_data(key, value) for key, value in self.loss_fn_inputs.items()}
         object.__setattr__(self, "loss_fn_inputs", converted)
+        for name in ("model_input_spans", "loss_fn_input_spans"):
+            for span in getattr(self, name) or ():
+                if not isinstance(span, PromptProvenanceSpan | SampledProvenanceSpan):
+                    raise TypeError(
+                        f"{name} entries must be PromptProvenanceSpan or "
+                        f"SampledProvenanceSpan, got {type(span).__name__}"
+                    )
+        if (self.model_input_spans is None) != (self.loss_fn_input_spans is None):
+            raise ValueError("provenance comes as a pair: set both span lists or neither")
+
+    def with_provenance(
+        self, model_input: ProvenanceSpans, loss_fn_inputs: ProvenanceSpans
+    ) -> Datum:
+        """A copy carrying provenance for both span-annotated fields (Tinker's method).
+
+        Args:
+            model_input: Runs tiling the input tokens.
+            loss_fn_inputs: Runs tiling ``loss_fn_inputs["target_tokens"]`` (checked when
+                it is 1-D).
+
+        Raises:
+            ValueError: The runs do not tile their field exactly.
+        """
+        _check_tiling("model_input", model_input, self.model_input.length)
+        target_tokens = self.loss_fn_inputs.get("target_tokens")
+        shape = None if target_tokens is None else target_tokens.shape
+        if target_tokens is not None and (shape is None or len(shape) == 1):
+            _check_tiling("loss_fn_inputs", loss_fn_inputs, len(target_tokens.data))
+        return dataclasses.replace(
+            self, model_input_spans=list(model_input), loss_fn_input_spans=list(loss_fn_inputs)
+        )
+
+
+def _check_tiling(argument: str, spans: ProvenanceSpans, expected_length: int) -> None:
+    total = sum(span.length for span in spans)
+    if total != expected_length:
+        raise ValueError(
+            f"with_provenance {argument} spans cover {total} positions but the field has "
+            f"{expected_length}; the runs must tile it exactly"
+        )
 
 
 LossFnOutput: TypeAlias = dict[str, TensorData]
@@ -504,7 +485,10 @@ __all__ = [
     "ModelInputChunk",
     "OptimStepResponse",
     "PrivacySpent",
+    "PromptProvenanceSpan",
+    "ProvenanceSpans",
     "SampleResponse",
+    "SampledProvenanceSpan",
     "SampledSequence",
     "SamplingParams",
     "SaveAdapterResponse",
