@@ -97,9 +97,9 @@ def test_a_gpu_limit_alone_is_enough_and_a_digest_pins_the_worker_image() -> Non
         }
     )
     validate_all(documents)
-    (container,) = by_kind(documents, "Deployment")["trainer-worker"]["spec"]["template"][
-        "spec"
-    ]["containers"]
+    (container,) = by_kind(documents, "Deployment")["trainer-worker"]["spec"]["template"]["spec"][
+        "containers"
+    ]
     assert container["image"] == f"ghcr.io/tensafe/tensafe@{digest}"
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "2"
     auth = by_kind(documents, "Deployment")["auth"]["spec"]["template"]["spec"]
