@@ -12,6 +12,14 @@ Two back ends, one code path:
   upgrade a read lock to a write lock while another writer is active). Read-only
   transactions (``read_only=True``) use a plain ``BEGIN`` and never wait for the
   writer.
+* **Relaxed commits** (``durable=False``) are for writes whose loss is harmless — a
+  lease, a RUNNING mark — on the path of every job, where an fsync per commit is most
+  of a small job's overhead. Such a commit survives a crash of the process but may be
+  lost with the machine (power loss, kernel crash): SQLite commits it without fsync
+  (``synchronous=NORMAL`` in WAL mode, set for that transaction only), PostgreSQL with
+  ``synchronous_commit = off`` (PostgreSQL manual, "Asynchronous Commit"). Both logs
+  are sequential, so the next durable commit makes every earlier relaxed one durable
+  too, and a relaxed commit can never survive while an earlier durable one is lost.
 * **PostgreSQL** through ``asyncpg`` in production, with pre-ping so a restarted server
   costs one reconnect, not an error.
 
@@ -64,6 +72,8 @@ from tensafe.common.errors import Aborted, ConfigError, TenSafeError, Unavailabl
 
 _SUPPORTED_DRIVERS = ("sqlite+aiosqlite", "postgresql+asyncpg")
 _READ_ONLY_OPTION = "tensafe_read_only"
+_RELAXED_OPTION = "tensafe_relaxed_commit"
+_SYNCHRONOUS_INFO = "tensafe_sqlite_synchronous"
 _IDENTIFIER = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 
 # SQLSTATE classes/codes (PostgreSQL manual, Appendix A "Error Codes").
@@ -119,6 +129,10 @@ class Database:
         self._sessions = async_sessionmaker(engine, expire_on_commit=False)
         self._read_only_sessions = async_sessionmaker(
             self._read_only_engine, expire_on_commit=False
+        )
+        # Same pool again, marked for relaxed commits (see the module docstring).
+        self._relaxed_sessions = async_sessionmaker(
+            engine.execution_options(**{_RELAXED_OPTION: True}), expire_on_commit=False
         )
 
     @classmethod
@@ -188,7 +202,9 @@ class Database:
         return str(self._engine.dialect.name)
 
     @asynccontextmanager
-    async def transaction(self, *, read_only: bool = False) -> AsyncIterator[AsyncSession]:
+    async def transaction(
+        self, *, read_only: bool = False, durable: bool = True
+    ) -> AsyncIterator[AsyncSession]:
         """Run a unit of work: commit if the block succeeds, roll back if it raises.
 
         The connection is acquired (and on SQLite the write lock taken) before the
@@ -197,6 +213,9 @@ class Database:
         Args:
             read_only: The block only reads; on SQLite it then does not wait for (or
                 block) writers.
+            durable: ``False`` commits without waiting for the disk (a relaxed commit,
+                see the module docstring): only for writes whose loss with the machine
+                is harmless, never for an effect a message is acked after.
 
         Yields:
             A session bound to the open transaction.
@@ -205,11 +224,16 @@ class Database:
             Unavailable: If the database cannot be reached or stays locked.
             Aborted: On a PostgreSQL serialization failure or deadlock.
         """
-        factory = self._read_only_sessions if read_only else self._sessions
+        if read_only:
+            factory = self._read_only_sessions
+        else:
+            factory = self._sessions if durable else self._relaxed_sessions
         session = factory()
         try:
             try:
                 await session.connection()
+                if not durable and not read_only and self.dialect_name == "postgresql":
+                    await session.execute(sa.text("SET LOCAL synchronous_commit TO OFF"))
             except (OSError, TimeoutError, sa_exc.DBAPIError) as error:
                 raise Unavailable(f"cannot open a database transaction: {error}") from error
             try:
@@ -287,7 +311,7 @@ def _install_sqlite_settings(engine: AsyncEngine, *, busy_timeout: float) -> Non
     busy_ms = int(busy_timeout * 1000)
 
     @event.listens_for(engine.sync_engine, "connect")
-    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+    def _on_connect(dbapi_connection: Any, record: Any) -> None:
         # Take over BEGIN from the sqlite3 module (SQLAlchemy's documented recipe for
         # aiosqlite), so that _on_begin decides the transaction mode.
         dbapi_connection.isolation_level = None
@@ -299,13 +323,22 @@ def _install_sqlite_settings(engine: AsyncEngine, *, busy_timeout: float) -> Non
             cursor.execute("PRAGMA synchronous=FULL")
         finally:
             cursor.close()
+        record.info[_SYNCHRONOUS_INFO] = "FULL"
 
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(connection: sa.Connection) -> None:
-        if connection.get_execution_options().get(_READ_ONLY_OPTION):
+        options = connection.get_execution_options()
+        if options.get(_READ_ONLY_OPTION):
             connection.exec_driver_sql("BEGIN")
-        else:
-            connection.exec_driver_sql("BEGIN IMMEDIATE")
+            return
+        # The level in force at COMMIT decides whether it waits for the disk; it is set
+        # (outside any transaction) only when it changes, and every write transaction
+        # sets it, so a relaxed one never leaves a pooled connection relaxed.
+        wanted = "NORMAL" if options.get(_RELAXED_OPTION) else "FULL"
+        if connection.info.get(_SYNCHRONOUS_INFO) != wanted:
+            connection.exec_driver_sql(f"PRAGMA synchronous={wanted}")
+            connection.info[_SYNCHRONOUS_INFO] = wanted
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def resolve_script_location(script_location: str) -> Path:

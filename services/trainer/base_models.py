@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -62,12 +63,30 @@ class BaseModelRegistry:
 
     Args:
         root: The base models directory.
+        recheck_seconds: How long a model read (or found unchanged) is served from the
+            cache by :meth:`peek` without looking at the disk again.
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, recheck_seconds: float = 5.0) -> None:
         self._root = root
+        self._recheck_seconds = recheck_seconds
         self._cache: dict[str, tuple[tuple[str | float, ...], BaseModelInfo]] = {}
+        self._checked_at: dict[str, float] = {}
         self._lock = threading.Lock()
+
+    def peek(self, name: str) -> BaseModelInfo | None:
+        """The model ``name`` if :meth:`get` read it (or found it unchanged) within the
+        last ``recheck_seconds``, else ``None``: no disk access, so a caller on an
+        event loop can answer from memory and call :meth:`get` in a thread otherwise.
+        A model replaced on disk is seen at most ``recheck_seconds`` late here."""
+        with self._lock:
+            cached = self._cache.get(name)
+            checked = self._checked_at.get(name)
+        if cached is None or checked is None:
+            return None
+        if time.monotonic() - checked > self._recheck_seconds:
+            return None
+        return cached[1]
 
     def list(self) -> list[BaseModelInfo]:
         """Every base model, by name.
@@ -114,10 +133,12 @@ class BaseModelRegistry:
         with self._lock:
             cached = self._cache.get(name)
             if cached is not None and cached[0] == signature:
+                self._checked_at[name] = time.monotonic()
                 return cached[1]
         info = _read_model(name, path, weights)
         with self._lock:
             self._cache[name] = (signature, info)
+            self._checked_at[name] = time.monotonic()
         return info
 
 

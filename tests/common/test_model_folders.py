@@ -176,3 +176,14 @@ def test_names_are_checked_component_by_component() -> None:
     # A TGSP manifest records the nested name as the base model id.
     ref = BaseModelRef(model_id="meta-llama/Llama-3.2-1B", weights_sha256="a" * 64)
     assert ref.model_id == "meta-llama/Llama-3.2-1B"
+
+
+def test_peek_answers_from_memory_only_within_the_recheck_window(root: Path) -> None:
+    registry = BaseModelRegistry(root, recheck_seconds=60.0)
+    assert registry.peek("plain") is None, "nothing read yet"
+    info = registry.get("plain")
+    assert registry.peek("plain") is info
+    assert registry.peek("acme/nested") is None
+    stale = BaseModelRegistry(root, recheck_seconds=0.0)
+    stale.get("plain")
+    assert stale.peek("plain") is None, "past the window the caller must call get"

@@ -12,7 +12,7 @@ import helm_python as helm
 import pytest
 import yaml
 
-from .test_helm_chart import CHART, PRODUCTION, by_kind, render, validate_all
+from .test_helm_chart import CHART, PRODUCTION, _merge, by_kind, render, validate_all
 
 APP_VERSION = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
 GPU_NODE: dict[str, Any] = {
@@ -46,19 +46,9 @@ GPU_NODE: dict[str, Any] = {
 }
 
 
-def _with(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _with(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
 @pytest.mark.parametrize("base", [{}, PRODUCTION], ids=["default", "production"])
 def test_gpu_values_render_on_the_worker_only(base: dict[str, Any]) -> None:
-    documents = render(_with(base, GPU_NODE))
+    documents = render(_merge(base, GPU_NODE))
     validate_all(documents)
     deployments = by_kind(documents, "Deployment")
     worker = deployments["trainer-worker"]["spec"]["template"]["spec"]
