@@ -16,8 +16,10 @@ Two back ends, one code path:
   lease, a RUNNING mark — on the path of every job, where an fsync per commit is most
   of a small job's overhead. Such a commit survives a crash of the process but may be
   lost with the machine (power loss, kernel crash): SQLite commits it without fsync
-  (``synchronous=NORMAL`` in WAL mode, set for that transaction only), PostgreSQL with
-  ``synchronous_commit = off`` (PostgreSQL manual, "Asynchronous Commit"). Both logs
+  (``synchronous=NORMAL`` in WAL mode), PostgreSQL with ``synchronous_commit = off``
+  (PostgreSQL manual, "Asynchronous Commit"). Relaxed transactions run on connections of
+  their own, set that way when they open, so that no transaction pays a round trip to
+  switch the setting and a durable one can never run relaxed. Both logs
   are sequential, so the next durable commit makes every earlier relaxed one durable
   too, and a relaxed commit can never survive while an earlier durable one is lost.
 * **PostgreSQL** through ``asyncpg`` in production, with pre-ping so a restarted server
@@ -72,8 +74,6 @@ from tensafe.common.errors import Aborted, ConfigError, TenSafeError, Unavailabl
 
 _SUPPORTED_DRIVERS = ("sqlite+aiosqlite", "postgresql+asyncpg")
 _READ_ONLY_OPTION = "tensafe_read_only"
-_RELAXED_OPTION = "tensafe_relaxed_commit"
-_SYNCHRONOUS_INFO = "tensafe_sqlite_synchronous"
 _IDENTIFIER = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 
 # SQLSTATE classes/codes (PostgreSQL manual, Appendix A "Error Codes").
@@ -120,19 +120,21 @@ class Database:
     Args:
         engine: An async engine created by :meth:`from_url` (the SQLite connection
             settings are installed there).
+        relaxed_engine: The engine of relaxed commits, on the same database; ``None``
+            runs them as durable ones.
     """
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, relaxed_engine: AsyncEngine | None = None) -> None:
         self._engine = engine
+        self._relaxed_engine = relaxed_engine
         # Same pool, marked so the SQLite "begin" hook starts a deferred transaction.
         self._read_only_engine = engine.execution_options(**{_READ_ONLY_OPTION: True})
         self._sessions = async_sessionmaker(engine, expire_on_commit=False)
         self._read_only_sessions = async_sessionmaker(
             self._read_only_engine, expire_on_commit=False
         )
-        # Same pool again, marked for relaxed commits (see the module docstring).
         self._relaxed_sessions = async_sessionmaker(
-            engine.execution_options(**{_RELAXED_OPTION: True}), expire_on_commit=False
+            relaxed_engine if relaxed_engine is not None else engine, expire_on_commit=False
         )
 
     @classmethod
@@ -176,20 +178,29 @@ class Database:
         if driver == "sqlite+aiosqlite":
             path = _sqlite_file(parsed)
             path.parent.mkdir(parents=True, exist_ok=True)
-            engine = create_async_engine(parsed, echo=echo, pool_size=pool_size)
-            _install_sqlite_settings(engine, busy_timeout=busy_timeout)
+            engines = []
+            for synchronous in ("FULL", "NORMAL"):
+                engine = create_async_engine(parsed, echo=echo, pool_size=pool_size)
+                _install_sqlite_settings(engine, busy_timeout=busy_timeout, synchronous=synchronous)
+                engines.append(engine)
         else:
-            engine = create_async_engine(
-                parsed,
-                echo=echo,
-                pool_size=pool_size,
-                pool_pre_ping=True,
-                connect_args={
-                    "timeout": connect_timeout,
-                    "server_settings": {"application_name": application_name},
-                },
-            )
-        return cls(engine)
+            engines = [
+                create_async_engine(
+                    parsed,
+                    echo=echo,
+                    pool_size=pool_size,
+                    pool_pre_ping=True,
+                    connect_args={
+                        "timeout": connect_timeout,
+                        "server_settings": {
+                            "application_name": application_name,
+                            "synchronous_commit": synchronous_commit,
+                        },
+                    },
+                )
+                for synchronous_commit in ("on", "off")
+            ]
+        return cls(engines[0], relaxed_engine=engines[1])
 
     @property
     def engine(self) -> AsyncEngine:
@@ -232,8 +243,6 @@ class Database:
         try:
             try:
                 await session.connection()
-                if not durable and not read_only and self.dialect_name == "postgresql":
-                    await session.execute(sa.text("SET LOCAL synchronous_commit TO OFF"))
             except (OSError, TimeoutError, sa_exc.DBAPIError) as error:
                 raise Unavailable(f"cannot open a database transaction: {error}") from error
             try:
@@ -304,14 +313,17 @@ class Database:
     async def dispose(self) -> None:
         """Close every pooled connection."""
         await self._engine.dispose()
+        if self._relaxed_engine is not None:
+            await self._relaxed_engine.dispose()
 
 
-def _install_sqlite_settings(engine: AsyncEngine, *, busy_timeout: float) -> None:
-    """Install the per-connection pragmas and BEGIN handling described in the module."""
+def _install_sqlite_settings(engine: AsyncEngine, *, busy_timeout: float, synchronous: str) -> None:
+    """Install the per-connection pragmas and BEGIN handling described in the module
+    (``synchronous``: ``FULL``, or ``NORMAL`` for relaxed commits)."""
     busy_ms = int(busy_timeout * 1000)
 
     @event.listens_for(engine.sync_engine, "connect")
-    def _on_connect(dbapi_connection: Any, record: Any) -> None:
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         # Take over BEGIN from the sqlite3 module (SQLAlchemy's documented recipe for
         # aiosqlite), so that _on_begin decides the transaction mode.
         dbapi_connection.isolation_level = None
@@ -320,25 +332,16 @@ def _install_sqlite_settings(engine: AsyncEngine, *, busy_timeout: float) -> Non
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.execute(f"PRAGMA busy_timeout={busy_ms}")
-            cursor.execute("PRAGMA synchronous=FULL")
+            cursor.execute(f"PRAGMA synchronous={synchronous}")
         finally:
             cursor.close()
-        record.info[_SYNCHRONOUS_INFO] = "FULL"
 
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(connection: sa.Connection) -> None:
-        options = connection.get_execution_options()
-        if options.get(_READ_ONLY_OPTION):
+        if connection.get_execution_options().get(_READ_ONLY_OPTION):
             connection.exec_driver_sql("BEGIN")
-            return
-        # The level in force at COMMIT decides whether it waits for the disk; it is set
-        # (outside any transaction) only when it changes, and every write transaction
-        # sets it, so a relaxed one never leaves a pooled connection relaxed.
-        wanted = "NORMAL" if options.get(_RELAXED_OPTION) else "FULL"
-        if connection.info.get(_SYNCHRONOUS_INFO) != wanted:
-            connection.exec_driver_sql(f"PRAGMA synchronous={wanted}")
-            connection.info[_SYNCHRONOUS_INFO] = wanted
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        else:
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def resolve_script_location(script_location: str) -> Path:

@@ -110,7 +110,7 @@ async def _commit_level(db: Database, *, durable: bool) -> str:
 async def test_relaxed_commits_are_committed_and_do_not_leak_into_durable_ones(
     database_url: str,
 ) -> None:
-    # One pooled connection: a relaxed transaction must not leave it relaxed.
+    # Alternating, on one pooled connection per kind: each commits at its own level.
     db = await _fresh(database_url, pool_size=1)
     try:
         async with db.transaction() as session:
