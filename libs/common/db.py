@@ -12,6 +12,16 @@ Two back ends, one code path:
   upgrade a read lock to a write lock while another writer is active). Read-only
   transactions (``read_only=True``) use a plain ``BEGIN`` and never wait for the
   writer.
+* **Relaxed commits** (``durable=False``) are for writes whose loss is harmless — a
+  lease, a RUNNING mark — on the path of every job, where an fsync per commit is most
+  of a small job's overhead. Such a commit survives a crash of the process but may be
+  lost with the machine (power loss, kernel crash): SQLite commits it without fsync
+  (``synchronous=NORMAL`` in WAL mode), PostgreSQL with ``synchronous_commit = off``
+  (PostgreSQL manual, "Asynchronous Commit"). Relaxed transactions run on connections of
+  their own, set that way when they open, so that no transaction pays a round trip to
+  switch the setting and a durable one can never run relaxed. Both logs
+  are sequential, so the next durable commit makes every earlier relaxed one durable
+  too, and a relaxed commit can never survive while an earlier durable one is lost.
 * **PostgreSQL** through ``asyncpg`` in production, with pre-ping so a restarted server
   costs one reconnect, not an error.
 
@@ -110,15 +120,21 @@ class Database:
     Args:
         engine: An async engine created by :meth:`from_url` (the SQLite connection
             settings are installed there).
+        relaxed_engine: The engine of relaxed commits, on the same database; ``None``
+            runs them as durable ones.
     """
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, relaxed_engine: AsyncEngine | None = None) -> None:
         self._engine = engine
+        self._relaxed_engine = relaxed_engine
         # Same pool, marked so the SQLite "begin" hook starts a deferred transaction.
         self._read_only_engine = engine.execution_options(**{_READ_ONLY_OPTION: True})
         self._sessions = async_sessionmaker(engine, expire_on_commit=False)
         self._read_only_sessions = async_sessionmaker(
             self._read_only_engine, expire_on_commit=False
+        )
+        self._relaxed_sessions = async_sessionmaker(
+            relaxed_engine if relaxed_engine is not None else engine, expire_on_commit=False
         )
 
     @classmethod
@@ -162,20 +178,29 @@ class Database:
         if driver == "sqlite+aiosqlite":
             path = _sqlite_file(parsed)
             path.parent.mkdir(parents=True, exist_ok=True)
-            engine = create_async_engine(parsed, echo=echo, pool_size=pool_size)
-            _install_sqlite_settings(engine, busy_timeout=busy_timeout)
+            engines = []
+            for synchronous in ("FULL", "NORMAL"):
+                engine = create_async_engine(parsed, echo=echo, pool_size=pool_size)
+                _install_sqlite_settings(engine, busy_timeout=busy_timeout, synchronous=synchronous)
+                engines.append(engine)
         else:
-            engine = create_async_engine(
-                parsed,
-                echo=echo,
-                pool_size=pool_size,
-                pool_pre_ping=True,
-                connect_args={
-                    "timeout": connect_timeout,
-                    "server_settings": {"application_name": application_name},
-                },
-            )
-        return cls(engine)
+            engines = [
+                create_async_engine(
+                    parsed,
+                    echo=echo,
+                    pool_size=pool_size,
+                    pool_pre_ping=True,
+                    connect_args={
+                        "timeout": connect_timeout,
+                        "server_settings": {
+                            "application_name": application_name,
+                            "synchronous_commit": synchronous_commit,
+                        },
+                    },
+                )
+                for synchronous_commit in ("on", "off")
+            ]
+        return cls(engines[0], relaxed_engine=engines[1])
 
     @property
     def engine(self) -> AsyncEngine:
@@ -188,7 +213,9 @@ class Database:
         return str(self._engine.dialect.name)
 
     @asynccontextmanager
-    async def transaction(self, *, read_only: bool = False) -> AsyncIterator[AsyncSession]:
+    async def transaction(
+        self, *, read_only: bool = False, durable: bool = True
+    ) -> AsyncIterator[AsyncSession]:
         """Run a unit of work: commit if the block succeeds, roll back if it raises.
 
         The connection is acquired (and on SQLite the write lock taken) before the
@@ -197,6 +224,9 @@ class Database:
         Args:
             read_only: The block only reads; on SQLite it then does not wait for (or
                 block) writers.
+            durable: ``False`` commits without waiting for the disk (a relaxed commit,
+                see the module docstring): only for writes whose loss with the machine
+                is harmless, never for an effect a message is acked after.
 
         Yields:
             A session bound to the open transaction.
@@ -205,7 +235,10 @@ class Database:
             Unavailable: If the database cannot be reached or stays locked.
             Aborted: On a PostgreSQL serialization failure or deadlock.
         """
-        factory = self._read_only_sessions if read_only else self._sessions
+        if read_only:
+            factory = self._read_only_sessions
+        else:
+            factory = self._sessions if durable else self._relaxed_sessions
         session = factory()
         try:
             try:
@@ -280,10 +313,13 @@ class Database:
     async def dispose(self) -> None:
         """Close every pooled connection."""
         await self._engine.dispose()
+        if self._relaxed_engine is not None:
+            await self._relaxed_engine.dispose()
 
 
-def _install_sqlite_settings(engine: AsyncEngine, *, busy_timeout: float) -> None:
-    """Install the per-connection pragmas and BEGIN handling described in the module."""
+def _install_sqlite_settings(engine: AsyncEngine, *, busy_timeout: float, synchronous: str) -> None:
+    """Install the per-connection pragmas and BEGIN handling described in the module
+    (``synchronous``: ``FULL``, or ``NORMAL`` for relaxed commits)."""
     busy_ms = int(busy_timeout * 1000)
 
     @event.listens_for(engine.sync_engine, "connect")
@@ -296,7 +332,7 @@ def _install_sqlite_settings(engine: AsyncEngine, *, busy_timeout: float) -> Non
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.execute(f"PRAGMA busy_timeout={busy_ms}")
-            cursor.execute("PRAGMA synchronous=FULL")
+            cursor.execute(f"PRAGMA synchronous={synchronous}")
         finally:
             cursor.close()
 

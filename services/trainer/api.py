@@ -24,6 +24,7 @@ import hashlib
 import logging
 import secrets
 import uuid
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -78,6 +79,8 @@ future id, sequence number). Raising rolls the admission back."""
 
 _MAX_REQUEST_ID = 128
 _OUTBOX_BATCH = 200
+_CLIENT_FACTS = 4096
+"""Clients whose base model and privacy an API process remembers (LRU)."""
 
 
 @dataclass(frozen=True)
@@ -137,6 +140,10 @@ class TrainerApi:
     ) -> None:
         self._db = database
         self._ledger = ledger
+        # (tenant, client id) -> (base model, private) of clients this process has read:
+        # both are fixed at creation, and ForwardBackward needs them to validate a batch
+        # before admission, whose transaction reads (and locks) the row anyway.
+        self._client_facts: OrderedDict[tuple[str, str], tuple[str, bool]] = OrderedDict()
         self._futures = futures
         self._jetstream = jetstream
         self._base_models = base_models
@@ -165,6 +172,12 @@ class TrainerApi:
 
     async def base_model(self, name: str) -> BaseModelInfo:
         """One base model (NotFound if unknown)."""
+        # Every ForwardBackward validates against its model: answered from memory when
+        # the model was checked recently, which spares the step a thread hop and the
+        # folder's stat calls (docs/trainer.md, Performance).
+        info = self._base_models.peek(name)
+        if info is not None:
+            return info
         return await asyncio.to_thread(self._base_models.get, name)
 
     async def base_model_tokenizer(self, name: str) -> tuple[list[tuple[str, bytes]], str]:
@@ -272,7 +285,22 @@ class TrainerApi:
     async def get_client(self, caller: Caller, client_id: str) -> TrainingClientRow:
         """A client of the caller's tenant (NotFound otherwise)."""
         async with self._db.transaction(read_only=True) as session:
-            return await repo.get_client(session, caller.tenant, client_id)
+            row = await repo.get_client(session, caller.tenant, client_id)
+        self._client_facts[(caller.tenant, client_id)] = (row.base_model, row.private)
+        self._client_facts.move_to_end((caller.tenant, client_id))
+        while len(self._client_facts) > _CLIENT_FACTS:
+            self._client_facts.popitem(last=False)
+        return row
+
+    async def _base_model_and_privacy(self, caller: Caller, client_id: str) -> tuple[str, bool]:
+        """A client's base model and whether it is private, from memory when this
+        process read the client before (a deleted or foreign client is refused by the
+        admission transaction that follows, as NOT_FOUND)."""
+        facts = self._client_facts.get((caller.tenant, client_id))
+        if facts is None:
+            row = await self.get_client(caller, client_id)
+            facts = (row.base_model, row.private)
+        return facts
 
     async def client_by_request(self, caller: Caller, request_id: str) -> TrainingClientRow:
         """The caller's client that a CreateTrainingClient with ``request_id`` made.
@@ -306,6 +334,7 @@ class TrainerApi:
             paths = [c.object_path for c in checkpoints]
             if row.state_path is not None:
                 paths.append(row.state_path)
+        self._client_facts.pop((caller.tenant, client_id), None)
         for path in paths:
             self._objects.delete(path)
 
@@ -328,8 +357,8 @@ class TrainerApi:
             if isinstance(request, pb.ForwardBackwardRequest)
             else JobKind.FORWARD
         )
-        row = await self.get_client(caller, request.training_client_id)
-        info = await self.base_model(row.base_model)
+        base_model, private = await self._base_model_and_privacy(caller, request.training_client_id)
+        info = await self.base_model(base_model)
         loss = LossFn.parse(request.loss_fn)
         loss_config_from_options(loss, request.loss_fn_config, LossConfig())
         batch = serde.batch_from_data(request.data)
@@ -343,7 +372,7 @@ class TrainerApi:
             )
         except InvalidArgument as error:
             raise serde.remap_field(error, serde.batch_field) from error
-        if row.private and kind is JobKind.FORWARD_BACKWARD:
+        if private and kind is JobKind.FORWARD_BACKWARD:
             # Refused here before anything is queued; duplicates across the calls of one
             # step are refused by the engine (it holds the step's data digests).
             check_distinct(datum_digests(batch.sequences, loss, batch.loss_fn_inputs))

@@ -1,32 +1,36 @@
-r"""The base models this deployment can fine-tune: the sub-folders of one directory.
+r"""The base models this deployment can fine-tune: the model folders of one directory.
 
-Each sub-folder of ``TENSAFE_BASE_MODELS_DIR`` that holds a ``config.json`` is a base
-model named after the folder, loaded by workers with ``from_pretrained``. The API only
-reads the configuration: the linear layers LoRA may target are listed by building the
-model on PyTorch's ``meta`` device (shapes only, no memory, no weights read).
-
-The weights digest is the sha256 of the single ``*.safetensors`` file, or for sharded
-weights the sha256 of the lines ``"<sha256>  <file name>\n"`` of every shard sorted by
-name (the ``sha256sum`` listing); the SDK's ``tiny_model.weights_digest`` computes the
-same value, so a TGSP manifest can name the base model's weights either way.
+The folders of ``TENSAFE_BASE_MODELS_DIR`` that hold a ``config.json`` are base models:
+plain (``tiny-llama``), nested as on the Hugging Face Hub (``org/name``) or entries of
+a hub cache (``models--org--name``, named ``org/name`` and resolved to the snapshot
+``refs/main`` names); :mod:`tensafe.common.model_folders` defines the names, the
+layouts, the weight files (the shards a ``model.safetensors.index.json`` names) and the
+weights digest, which the SDK computes the same way. Workers load the resolved folder
+with ``from_pretrained``. The API only reads the configuration: the linear layers LoRA
+may target are listed by building the model on PyTorch's ``meta`` device (shapes only,
+no memory, no weights read).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import re
 import threading
+import time
 from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from tensafe.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from tensafe.common.errors import FailedPrecondition, NotFound
+from tensafe.common.model_folders import (
+    SHARD_INDEX,
+    model_folder,
+    model_names,
+    weight_files,
+    weights_digest,
+)
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_WEIGHT_SUFFIX = ".safetensors"
 _ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
@@ -35,9 +39,9 @@ class BaseModelInfo:
     """A registered base model."""
 
     name: str
-    """Folder name, used in CreateTrainingClient."""
+    """``name`` or ``org/name``, used in CreateTrainingClient."""
     path: Path
-    """The model directory."""
+    """The model folder (for a hub cache entry, its snapshot folder)."""
     weights_sha256: str
     """Digest of the weights (see the module docstring)."""
     vocab_size: int
@@ -59,12 +63,30 @@ class BaseModelRegistry:
 
     Args:
         root: The base models directory.
+        recheck_seconds: How long a model read (or found unchanged) is served from the
+            cache by :meth:`peek` without looking at the disk again.
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, recheck_seconds: float = 5.0) -> None:
         self._root = root
-        self._cache: dict[str, tuple[tuple[float, ...], BaseModelInfo]] = {}
+        self._recheck_seconds = recheck_seconds
+        self._cache: dict[str, tuple[tuple[str | float, ...], BaseModelInfo]] = {}
+        self._checked_at: dict[str, float] = {}
         self._lock = threading.Lock()
+
+    def peek(self, name: str) -> BaseModelInfo | None:
+        """The model ``name`` if :meth:`get` read it (or found it unchanged) within the
+        last ``recheck_seconds``, else ``None``: no disk access, so a caller on an
+        event loop can answer from memory and call :meth:`get` in a thread otherwise.
+        A model replaced on disk is seen at most ``recheck_seconds`` late here."""
+        with self._lock:
+            cached = self._cache.get(name)
+            checked = self._checked_at.get(name)
+        if cached is None or checked is None:
+            return None
+        if time.monotonic() - checked > self._recheck_seconds:
+            return None
+        return cached[1]
 
     def list(self) -> list[BaseModelInfo]:
         """Every base model, by name.
@@ -74,12 +96,12 @@ class BaseModelRegistry:
         """
         if not self._root.is_dir():
             raise FailedPrecondition(f"base models directory {self._root} does not exist")
-        return [self.get(name) for name in _model_names(self._root)]
+        return [self.get(name) for name in model_names(self._root)]
 
     def _not_found(self, name: str) -> NotFound:
         # Naming what there is saves a user the second call (ListBaseModels lists the
         # same names to every caller, so nothing is disclosed).
-        names = _model_names(self._root)
+        names = model_names(self._root)
         there = f"available: {', '.join(names)}" if names else "no base model is installed"
         return NotFound(f"base model {name!r} not found ({there})")
 
@@ -87,48 +109,40 @@ class BaseModelRegistry:
         """The base model called ``name``.
 
         Raises:
-            InvalidArgument: ``name`` is empty or not a folder name.
+            InvalidArgument: ``name`` is not ``name`` or ``org/name`` of safe components.
             NotFound: No such base model.
-            FailedPrecondition: The folder cannot be read as a model.
+            FailedPrecondition: The folder cannot be read as a model (a shard its index
+                names is missing, a hub cache entry without a usable snapshot, ...).
         """
-        if not name:
-            raise InvalidArgument("base_model", "must not be empty")
-        if not _NAME.match(name):
+        path = model_folder(self._root, name)
+        if path is None:
             raise self._not_found(name)
-        path = self._root / name
         config_file = path / "config.json"
-        if not config_file.is_file():
-            raise self._not_found(name)
-        weights = sorted(path.glob(f"*{_WEIGHT_SUFFIX}"))
-        signature = tuple(
-            value
-            for file in (config_file, *weights)
-            for value in (file.stat().st_mtime, float(file.stat().st_size))
+        weights = weight_files(path, name)
+        index = path / SHARD_INDEX
+        # The path is part of the signature: a hub cache entry moves to a new snapshot
+        # folder when refs/main changes.
+        signature: tuple[str | float, ...] = (
+            str(path),
+            *(
+                value
+                for file in (config_file, *([index] if index.is_file() else []), *weights)
+                for value in (file.stat().st_mtime, float(file.stat().st_size))
+            ),
         )
         with self._lock:
             cached = self._cache.get(name)
             if cached is not None and cached[0] == signature:
+                self._checked_at[name] = time.monotonic()
                 return cached[1]
         info = _read_model(name, path, weights)
         with self._lock:
             self._cache[name] = (signature, info)
+            self._checked_at[name] = time.monotonic()
         return info
 
 
-def _model_names(root: Path) -> list[str]:
-    """The folder names under ``root`` that hold a config.json (nothing is loaded)."""
-    if not root.is_dir():
-        return []
-    return sorted(
-        entry.name
-        for entry in root.iterdir()
-        if entry.is_dir() and (entry / "config.json").is_file() and _NAME.match(entry.name)
-    )
-
-
 def _read_model(name: str, path: Path, weights: list[Path]) -> BaseModelInfo:
-    if not weights:
-        raise FailedPrecondition(f"base model {name!r} has no {_WEIGHT_SUFFIX} weights")
     try:
         config = AutoConfig.from_pretrained(path)
         with torch.device("meta"):
@@ -151,28 +165,12 @@ def _read_model(name: str, path: Path, weights: list[Path]) -> BaseModelInfo:
     return BaseModelInfo(
         name=name,
         path=path,
-        weights_sha256=_weights_digest(weights),
+        weights_sha256=weights_digest(weights),
         vocab_size=vocab_size,
         max_context_length=context,
         # lm_head is a linear layer but not a LoRA target of the transformer blocks.
         lora_target_modules=tuple(n for n in linear_names if n != "lm_head"),
     )
-
-
-def _weights_digest(files: list[Path]) -> str:
-    digests = [(_file_sha256(file), file.name) for file in files]
-    if len(digests) == 1:
-        return digests[0][0]
-    listing = "".join(f"{digest}  {name}\n" for digest, name in digests)
-    return hashlib.sha256(listing.encode()).hexdigest()
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        for chunk in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 TOKENIZER_FILE_NAMES = (

@@ -29,8 +29,11 @@ class TrainerConfig(KekSettings, ServiceConfig):
         "Durable consumer name shared by every trainer worker.", default="trainer-workers"
     )
     base_models_dir: Path | None = setting(
-        "Folder of base models: each sub-folder holding a config.json is a base model "
-        "named after the folder (loaded with from_pretrained). Unset: <data_dir>/base_models.",
+        "Folder of base models: each folder holding a config.json is a base model, plain "
+        "(<dir>/<name>, named name), nested as on the Hub (<dir>/<org>/<name>, named "
+        "org/name) or a Hugging Face hub cache entry (<dir>/models--<org>--<name>, named "
+        "org/name, at the snapshot refs/main names); sharded safetensors follow "
+        "model.safetensors.index.json. Unset: <data_dir>/base_models.",
         default=None,
     )
     heartbeat_file: Path | None = setting(

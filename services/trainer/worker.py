@@ -261,8 +261,11 @@ class TrainerWorker:
             await self._audit(message, delivery)
             return
         # One short write transaction decides what to do: the order check, the lease
-        # and the RUNNING mark commit together (a RetryLater rolls it back).
-        async with self._db.transaction() as session:
+        # and the RUNNING mark commit together (a RetryLater rolls it back). Relaxed:
+        # losing a lease or a RUNNING mark with the machine is harmless (the commit
+        # below fences on the lease and the sequence), and its fsync was a large part
+        # of a small job's overhead (docs/trainer.md, Performance).
+        async with self._db.transaction(durable=False) as session:
             job = await repo.get_job(session, message.future_id)
             client = await session.get(TrainingClientRow, message.client_id, with_for_update=True)
             if (
@@ -333,7 +336,7 @@ class TrainerWorker:
         while True:
             await asyncio.sleep(self._lease_seconds / 3)
             with contextlib.suppress(TenSafeError):
-                async with self._db.transaction() as session:
+                async with self._db.transaction(durable=False) as session:
                     await repo.take_lease(
                         session, client_id, owner=self._owner, lease_seconds=self._lease_seconds
                     )

@@ -90,6 +90,52 @@ async def test_sqlite_connection_settings(sqlite_url: str) -> None:
         await db.dispose()
 
 
+async def _commit_level(db: Database, *, durable: bool) -> str:
+    """The durability level a write transaction commits with, read inside it."""
+    async with db.transaction(durable=durable) as session:
+        await session.execute(
+            sa.update(counters).where(counters.c.name == "jobs").values(value=counters.c.value + 1)
+        )
+        if db.dialect_name == "sqlite":
+            level = {1: "NORMAL", 2: "FULL"}[
+                int(await session.scalar(sa.text("PRAGMA synchronous")))
+            ]
+        else:
+            level = {"off": "NORMAL", "on": "FULL"}[
+                str(await session.scalar(sa.text("SHOW synchronous_commit")))
+            ]
+    return level
+
+
+async def test_relaxed_commits_are_committed_and_do_not_leak_into_durable_ones(
+    database_url: str,
+) -> None:
+    # Alternating, on one pooled connection per kind: each commits at its own level.
+    db = await _fresh(database_url, pool_size=1)
+    try:
+        async with db.transaction() as session:
+            await session.execute(sa.insert(counters).values(name="jobs", value=0))
+        levels = [
+            await _commit_level(db, durable=durable)
+            for durable in (False, True, False, False, True)
+        ]
+        assert levels == ["NORMAL", "FULL", "NORMAL", "NORMAL", "FULL"]
+        assert await _counter(db) == 5, "every relaxed write committed"
+        with pytest.raises(RuntimeError):
+            async with db.transaction(durable=False) as session:
+                await session.execute(sa.update(counters).values(value=99))
+                raise RuntimeError("rolled back")
+        assert await _counter(db) == 5
+        assert await _commit_level(db, durable=True) == "FULL"
+        async with db.connection() as connection:
+            if db.dialect_name == "sqlite":
+                assert await connection.scalar(sa.text("PRAGMA synchronous")) == 2
+            else:
+                assert await connection.scalar(sa.text("SHOW synchronous_commit")) == "on"
+    finally:
+        await db.dispose()
+
+
 async def test_sqlite_read_check_write_transactions_serialize(sqlite_url: str) -> None:
     """Deferred SQLite transactions would fail here with 'database is locked'."""
     db = await _fresh(sqlite_url)

@@ -1,6 +1,7 @@
 """The container image recipe (deploy/docker/Dockerfile), checked by parsing it: there is
 no container engine here, so the test holds the recipe to what the image must be — a
-wheel built with `pip wheel` and installed without `-e`, the pinned CPU torch, a
+wheel built with `pip wheel` and installed without `-e`, the pinned CPU torch (or the CUDA
+build with `--build-arg TORCH_VARIANT=cu128`), a
 non-root user, one entry point per process — and runs the migration script it ships.
 """
 
@@ -105,17 +106,68 @@ def test_nothing_is_installed_editable() -> None:
     ), "an editable install is mentioned outside a comment"
 
 
-def test_torch_is_the_pinned_cpu_build() -> None:
+def build_args() -> dict[str, str]:
+    """The global ARG defaults (declared before the first FROM)."""
+    found: dict[str, str] = {}
+    for keyword, rest in instructions():
+        if keyword == "FROM":
+            break
+        if keyword == "ARG" and "=" in rest:
+            name, _, default = rest.partition("=")
+            found[name] = default
+    return found
+
+
+def torch_wheels(**overrides: str) -> tuple[set[str], set[str]]:
+    """(torch requirement specs, pip index URLs) of the recipe built with ``overrides``
+    as ``--build-arg``s, ARG references substituted the way the builder does."""
+    args = {**build_args(), **overrides}
+    text = " ".join(rest for _, rest in instructions())
+    text = re.sub(r"\$\{(\w+)\}", lambda match: args.get(match.group(1), match.group(0)), text)
+    assert "${TORCH_" not in text, "every torch ARG has a default"
+    specs = set(re.findall(r'"(torch==[^"]+)"', text))
+    indexes = set(re.findall(r'--index-url "?(\S+?)"?(?:\s|$)', text))
+    return specs, indexes
+
+
+def test_torch_is_the_pinned_cpu_build_by_default() -> None:
     pinned = [
         d
         for d in PYPROJECT["project"]["optional-dependencies"]["trainer"]
         if d.startswith("torch==")
     ]
     assert pinned == ["torch==2.13.0"]
-    text = " ".join(rest for _, rest in instructions())
-    torch_specs = set(re.findall(r'"(torch==[^"]+)"', text))
-    assert torch_specs == {f"{pinned[0]}+cpu"}
-    assert "download.pytorch.org/whl/cpu" in text
+    assert build_args()["TORCH_VERSION"] == pinned[0].removeprefix("torch==")
+    specs, indexes = torch_wheels()
+    assert specs == {f"{pinned[0]}+cpu"}, "the wheel stage and the runtime install agree"
+    assert indexes == {"https://download.pytorch.org/whl/cpu"}
+
+
+def test_the_cuda_variant_names_a_cuda_torch_wheel() -> None:
+    assert build_args()["TORCH_VARIANT"] == "cpu"
+    specs, indexes = torch_wheels(TORCH_VARIANT="cu128")
+    assert specs == {"torch==2.13.0+cu128"}
+    assert indexes == {"https://download.pytorch.org/whl/cu128"}
+    # Both stages see the variant: an ARG not re-declared after FROM is empty there.
+    for name, stage in stages().items():
+        declared = {rest for keyword, rest in stage if keyword == "ARG"}
+        assert {"TORCH_VERSION", "TORCH_VARIANT"} <= declared, name
+    # The build refuses a variant that is not a wheel index of PyTorch's, by running the
+    # recipe's own guard (the shell `case` before `pip wheel`).
+    (guard,) = [
+        rest.split("&&")[0]
+        for keyword, rest in stages()["wheels"]
+        if keyword == "RUN" and "TORCH_VARIANT" in rest and "case" in rest
+    ]
+    for variant, code in (("cpu", 0), ("cu126", 0), ("cu128", 0), ("rocm6.2", 2), ("", 2)):
+        result = subprocess.run(
+            ["sh", "-c", guard],
+            env={"TORCH_VARIANT": variant},
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert result.returncode == code, (variant, result.stderr)
 
 
 def test_runs_as_a_non_root_user_with_writable_state_only_in_volumes() -> None:

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import itertools
 import math
 import sqlite3
@@ -46,6 +45,7 @@ from pathlib import Path
 
 from tensafe.auth.domain.audit import ChainVerifier, from_epoch_micros
 from tensafe.auth.domain.model import AuditEvent, PrincipalKind, Role, TenantState
+from tensafe.common.model_folders import file_sha256
 
 FUTURE_STATUSES = {"PENDING", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"}
 FINISHED = {"SUCCEEDED", "FAILED", "CANCELLED"}
@@ -82,14 +82,6 @@ def read_only(path: Path) -> Iterator[sqlite3.Connection]:
         connection.execute("COMMIT")
     finally:
         connection.close()
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def check_auth(db: Path) -> list[Violation]:
@@ -181,7 +173,7 @@ def check_trainer(db: Path, objects: Path) -> list[Violation]:
         path = objects / relative
         if not path.is_file():
             bad("object missing", f"{what}: {relative}")
-        elif _sha256(path) != sha256:
+        elif file_sha256(path) != sha256:
             bad("object digest", f"{what}: {relative} does not match its sha256")
 
     with read_only(db) as sql:
@@ -313,7 +305,7 @@ def check_registry(db: Path, objects: Path) -> list[Violation]:
             path = objects / "sha256" / digest[:2] / digest
             if not path.is_file():
                 bad("package missing", f"{label}: {digest}")
-            elif path.stat().st_size != row["size_bytes"] or _sha256(path) != digest:
+            elif path.stat().st_size != row["size_bytes"] or file_sha256(path) != digest:
                 bad("package digest", f"{label}: the stored object does not match")
         for row in sql.execute("SELECT * FROM registry_aliases"):
             if (row["adapter_id"], row["version"]) not in versions:

@@ -67,3 +67,48 @@ def one_torch_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def save_as_hub_cache(model: Path, root: Path, repo_id: str, revision: str) -> Path:
+    """Lay a model folder out as a Hugging Face hub cache entry under ``root``.
+
+    Writes ``models--<org>--<name>/blobs/<sha256>`` (the file contents),
+    ``snapshots/<revision>/<file>`` (relative symlinks to the blobs) and ``refs/main``
+    (``revision``), the layout ``huggingface_hub`` writes.
+
+    Returns:
+        The snapshot folder.
+    """
+    import hashlib
+
+    entry = root / ("models--" + repo_id.replace("/", "--"))
+    snapshot = entry / "snapshots" / revision
+    (entry / "blobs").mkdir(parents=True, exist_ok=True)
+    snapshot.mkdir(parents=True)
+    for file in sorted(model.iterdir()):
+        data = file.read_bytes()
+        blob = entry / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        (snapshot / file.name).symlink_to(Path("..", "..", "blobs", blob.name))
+    (entry / "refs").mkdir(exist_ok=True)
+    (entry / "refs" / "main").write_text(revision)
+    return snapshot
+
+
+def save_sharded(model: Path, out: Path, *, max_shard_size: str) -> Path:
+    """Re-save a model folder with sharded safetensors (``save_pretrained``'s
+    ``max_shard_size``), its tokenizer files copied beside the shards.
+
+    Returns:
+        ``out``.
+    """
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(model)
+    loaded.save_pretrained(out, max_shard_size=max_shard_size)
+    for file in model.iterdir():
+        if not file.name.endswith(".safetensors") and not (out / file.name).exists():
+            shutil.copyfile(file, out / file.name)
+    return out

@@ -241,7 +241,9 @@ async def test_bad_input_is_refused_with_the_field_and_changes_nothing(
     assert [c.id for c in clients.training_clients] == [client.id]
 
 
-async def test_other_tenants_objects_are_not_found(make_stack: Any, database_url: str) -> None:
+async def test_other_tenants_objects_are_not_found(
+    make_stack: Any, database_url: str, base_models_dir: Path
+) -> None:
     stack = await make_stack(database_url, worker=False)
     client = await create_client(stack, dp=dp_config())
     future = (
@@ -275,6 +277,15 @@ async def test_other_tenants_objects_are_not_found(make_stack: Any, database_url
         ),
         not_found,
     )
+    # The API remembers the owner's client (base model, privacy) for validation; the
+    # other tenant still gets NOT_FOUND, from the admission's own tenant check.
+    batch = pb.ForwardBackwardRequest(
+        training_client_id=client.id,
+        data=[datum(s) for s in corpus_sequences(base_models_dir / BASE_MODEL, 2)],
+        loss_fn="cross_entropy",
+    )
+    await stack.trainer.ForwardBackward(batch, metadata=stack.auth)
+    await expect_code(stack.trainer.ForwardBackward(batch, metadata=other), not_found)
     await expect_code(
         stack.futures.GetFuture(common_pb2.GetFutureRequest(future_id=future.id), metadata=other),
         not_found,

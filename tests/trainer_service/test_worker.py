@@ -344,6 +344,18 @@ async def test_deleting_a_client_removes_checkpoints_and_keeps_the_ledger(
         ),
         grpc.StatusCode.NOT_FOUND,
     )
+    # The API had the client in memory for validation: a deleted one is still refused.
+    await expect_code(
+        stack.trainer.ForwardBackward(
+            pb.ForwardBackwardRequest(
+                training_client_id=client.id,
+                data=[datum(s) for s in corpus_sequences(base_models_dir / BASE_MODEL, 2)],
+                loss_fn="cross_entropy",
+            ),
+            metadata=stack.auth,
+        ),
+        grpc.StatusCode.NOT_FOUND,
+    )
     assert list(objects.rglob("*.safetensors")) == []
     assert len(await _rows(stack.config.database_url, LedgerRow, client.id)) == 1
 

@@ -14,11 +14,22 @@ Copying needs nothing but the standard library, so the slim install can do it.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tempfile
 from pathlib import Path
+
+from tensafe.common.model_folders import file_sha256, model_names
+
+__all__ = [
+    "BUILTIN_MODEL",
+    "BUILTIN_MODELS_DIR",
+    "BUILTIN_WEIGHTS_SHA256",
+    "builtin_model_dir",
+    "ensure_builtin_base_model",
+    "file_sha256",
+    "has_base_model",
+]
 
 BUILTIN_MODELS_DIR = Path(__file__).resolve().parent / "builtin_models"
 """Where the package keeps its built-in models."""
@@ -43,10 +54,9 @@ def builtin_model_dir(name: str = BUILTIN_MODEL) -> Path:
 
 
 def has_base_model(models_dir: Path) -> bool:
-    """Whether a base models dir holds any model (a sub-folder with a config.json)."""
-    return models_dir.is_dir() and any(
-        (entry / "config.json").is_file() for entry in models_dir.iterdir() if entry.is_dir()
-    )
+    """Whether a base models dir holds any model, in any layout the trainer reads (a
+    plain or ``org/name`` folder, or a hub cache entry: :mod:`tensafe.common.model_folders`)."""
+    return bool(model_names(models_dir))
 
 
 def ensure_builtin_base_model(models_dir: Path, name: str = BUILTIN_MODEL) -> tuple[Path, bool]:
@@ -77,12 +87,3 @@ def ensure_builtin_base_model(models_dir: Path, name: str = BUILTIN_MODEL) -> tu
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target, True
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file, as ``sha256sum`` prints it."""
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        for chunk in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

@@ -16,7 +16,6 @@ TGSP manifest records it as the base model's weights digest).
 
 from __future__ import annotations
 
-import hashlib
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,8 +25,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from tensafe.client.base_models import file_sha256
-from tensafe.common.errors import InvalidArgument
+from tensafe.common import model_folders
+from tensafe.common.errors import FailedPrecondition, InvalidArgument
+from tensafe.common.model_folders import weight_files
 
 # Special-token strings (not secrets; the S105 rule keys on the word "token").
 PAD_TOKEN = "<pad>"  # noqa: S105
@@ -37,8 +37,6 @@ EOS_TOKEN = "</s>"  # noqa: S105
 # Special tokens come first so their ids are fixed: <pad>=0, <s>=1, </s>=2.
 _SPECIAL_TOKENS = (PAD_TOKEN, BOS_TOKEN, EOS_TOKEN)
 
-# The weights file names save_pretrained may write (single file or shards).
-_WEIGHT_SUFFIX = ".safetensors"
 
 # A small English corpus written for this module (public-domain style prose about the
 # project's own subject), so tokenizer training needs no download.
@@ -254,7 +252,8 @@ def weights_digest(model_dir: Path | str) -> str:
 
     For a single weights file it is that file's sha256 (as ``sha256sum`` prints it); for
     sharded weights it is the sha256 of the lines ``"<sha256>  <file name>\n"`` of every
-    ``*.safetensors`` file, sorted by name.
+    shard (those ``model.safetensors.index.json`` names, else every ``*.safetensors``
+    file), sorted by name: :mod:`tensafe.common.model_folders`, which the trainer uses.
 
     Args:
         model_dir: A directory written by ``save_pretrained``.
@@ -263,16 +262,14 @@ def weights_digest(model_dir: Path | str) -> str:
         The lowercase hex digest.
 
     Raises:
-        InvalidArgument: The directory holds no ``*.safetensors`` file.
+        InvalidArgument: The directory holds no weights, or a shard its index names is
+            missing.
     """
-    files = sorted(Path(model_dir).glob(f"*{_WEIGHT_SUFFIX}"))
-    if not files:
-        raise InvalidArgument("model_dir", f"no {_WEIGHT_SUFFIX} weights in {model_dir}")
-    file_digests = [(file_sha256(file), file.name) for file in files]
-    if len(file_digests) == 1:
-        return file_digests[0][0]
-    listing = "".join(f"{digest}  {name}\n" for digest, name in file_digests)
-    return hashlib.sha256(listing.encode()).hexdigest()
+    try:
+        files = weight_files(Path(model_dir), str(model_dir))
+    except FailedPrecondition as error:
+        raise InvalidArgument("model_dir", error.message) from error
+    return model_folders.weights_digest(files)
 
 
 def pretrain_tiny_model(out_dir: Path | str, *, steps: int = 300, seed: int = 0) -> Path:

@@ -44,6 +44,19 @@ helm.sh/chart: {{ printf "%s-%s" .root.Chart.Name .root.Chart.Version | replace 
 {{- end -}}
 {{- end -}}
 
+{{/* The trainer workers' image: the chart's image unless trainerWorker.image names a
+variant (the CUDA build of the same version), so GPU workers need no second release. */}}
+{{- define "tensafe.workerImage" -}}
+{{- $worker := .Values.trainerWorker.image | default dict -}}
+{{- if $worker.digest -}}
+{{- printf "%s@%s" .Values.image.repository $worker.digest -}}
+{{- else if $worker.tag -}}
+{{- printf "%s:%s" .Values.image.repository $worker.tag -}}
+{{- else -}}
+{{- include "tensafe.image" . -}}
+{{- end -}}
+{{- end -}}
+
 {{- define "tensafe.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create -}}
 {{- default (include "tensafe.fullname" .) .Values.serviceAccount.name -}}

@@ -42,6 +42,13 @@ two values together). Each failure names the value to set.
 {{- if and (gt (int $v.trainerWorker.replicas) 0) (gt (int $v.trainer.replicas) 0) (not $v.trainer.persistence.existingClaim) (not $v.devMode) }}
 {{- fail "trainer.persistence.existingClaim is required outside devMode: the trainer API and workers share checkpoints through a ReadWriteMany claim" -}}
 {{- end }}
+{{- /* Kubernetes does not overcommit extended resources: a GPU request without the same
+limit is refused by the API server at apply time; failing here names the value. */ -}}
+{{- $gpuRequest := index ($v.trainerWorker.resources.requests | default dict) "nvidia.com/gpu" -}}
+{{- $gpuLimit := index ($v.trainerWorker.resources.limits | default dict) "nvidia.com/gpu" -}}
+{{- if and (not (kindIs "invalid" $gpuRequest)) (ne (toString $gpuRequest) (toString $gpuLimit)) }}
+{{- fail "trainerWorker.resources.limits.nvidia.com/gpu must equal trainerWorker.resources.requests.nvidia.com/gpu (Kubernetes does not overcommit GPUs; setting only the limit is enough)" -}}
+{{- end }}
 {{- if and (not $v.heRuntime.persistence.existingClaim) (not $v.devMode) }}
 {{- fail "heRuntime.persistence.existingClaim is required outside devMode: HE sessions' Galois keys must outlive a pod" -}}
 {{- end }}
