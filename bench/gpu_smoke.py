@@ -6,8 +6,9 @@ trainer worker runs), adds a LoRA adapter on the attention projections and runs
 on a batch of random token ids on ``--device``, printing the load time and each step's
 wall time (the first includes CUDA kernel warm-up; the median of the rest is the figure).
 
-The engine is built under ``torch.device(--device)`` so that the model and every tensor
-the engine makes land on that device; the script checks they did and says so when they
+The engine is built as the worker builds it: a shared base in ``--dtype`` on ``--device``
+(``TENSAFE_BASE_DTYPE`` / ``TENSAFE_DEVICE``) with the client's adapter on it; the
+script checks that every parameter landed on that device and says so when they
 did not, rather than timing a CPU step under a GPU label.
 
 Without CUDA it stops with a message naming what is missing. On a CPU-only machine it
@@ -31,6 +32,7 @@ from pathlib import Path
 import torch
 
 from tensafe.client.tiny_model import build_tiny_model
+from tensafe.trainer.engine.base import BaseDtype, BasePlacement, SharedBase
 from tensafe.trainer.engine.config import AdamConfig, DpConfig, LoraConfig
 from tensafe.trainer.engine.training import LoraTrainingEngine
 
@@ -42,6 +44,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("model_dir", nargs="?", type=Path, help="HF model directory")
     parser.add_argument("--tiny", action="store_true", help="use the tiny test model")
     parser.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu (default cuda)")
+    parser.add_argument(
+        "--dtype",
+        default="fp32",
+        choices=[dtype.value for dtype in BaseDtype],
+        help="dtype of the base weights, as TENSAFE_BASE_DTYPE (default fp32)",
+    )
     parser.add_argument("--batch", type=int, default=8, help="sequences per step")
     parser.add_argument("--tokens", type=int, default=128, help="tokens per sequence")
     parser.add_argument("--steps", type=int, default=3, help="DP steps to time")
@@ -94,20 +102,21 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"{model_dir} is not a Hugging Face model directory (no config.json)")
 
         started = time.perf_counter()
-        with torch.device(device):
-            engine = LoraTrainingEngine(
-                model_dir,
-                lora=LoraConfig(rank=args.rank, alpha=2.0 * args.rank, target_modules=ATTENTION),
-                dp=DpConfig(noise_multiplier=1.0, max_grad_norm=1.0),
-                seed=0,
-            )
+        # The worker's path: one shared base in the configured placement, the
+        # client's adapter on it (TENSAFE_DEVICE / TENSAFE_BASE_DTYPE).
+        base = SharedBase(model_dir, BasePlacement(dtype=BaseDtype(args.dtype), device=device))
+        engine = LoraTrainingEngine(
+            base,
+            lora=LoraConfig(rank=args.rank, alpha=2.0 * args.rank, target_modules=ATTENTION),
+            dp=DpConfig(noise_multiplier=1.0, max_grad_norm=1.0),
+            seed=0,
+        )
         synchronize(device)
         load_seconds = time.perf_counter() - started
         placed = {parameter.device for parameter in engine.model.parameters()}
         if placed != {device}:
             raise SystemExit(
-                f"the engine placed the model on {sorted(map(str, placed))}, not {device}: "
-                "this engine build does not load onto the requested device"
+                f"the engine placed the model on {sorted(map(str, placed))}, not {device}"
             )
 
         generator = torch.Generator().manual_seed(0)

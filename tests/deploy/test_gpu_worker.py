@@ -41,7 +41,7 @@ GPU_NODE: dict[str, Any] = {
                 }
             }
         },
-        "extraEnv": [{"name": "TENSAFE_TRAINER_DEVICE", "value": "cuda"}],
+        "extraEnv": [{"name": "TENSAFE_DEVICE", "value": "cuda"}],
     }
 }
 
@@ -60,7 +60,7 @@ def test_gpu_values_render_on_the_worker_only(base: dict[str, Any]) -> None:
     assert worker["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
     assert worker["tolerations"] == GPU_NODE["trainerWorker"]["tolerations"]
     assert worker["affinity"] == GPU_NODE["trainerWorker"]["affinity"]
-    assert {"name": "TENSAFE_TRAINER_DEVICE", "value": "cuda"} in container["env"]
+    assert {"name": "TENSAFE_DEVICE", "value": "cuda"} in container["env"]
     # The worker's init containers (migrations wait, model checks) need no GPU and keep
     # the chart's image; no other component asks for a GPU or lands on the GPU pool.
     for init in worker.get("initContainers", []):
