@@ -9,6 +9,7 @@ import logging
 import os
 from pathlib import Path
 
+from tensafe.auth.domain.ratelimit import rate_limit_problem
 from tensafe.common.config import ServiceConfig, env_name, setting
 from tensafe.common.errors import ConfigError
 
@@ -39,12 +40,13 @@ class AuthConfig(ServiceConfig):
     exchange_api_key_rate_per_minute: int = setting(
         "ExchangeApiKey calls admitted per minute per API key (by its public prefix; "
         "failed attempts count too), shared by every auth replica through the database. "
-        "Past it: RESOURCE_EXHAUSTED, reason RATE_LIMITED, with retry_after_seconds.",
+        "Past it: RESOURCE_EXHAUSTED, reason RATE_LIMITED, with retry_after_seconds. "
+        "At most 60000000 (one call per microsecond, the limiter's resolution).",
         default=60,
     )
     exchange_api_key_burst: int = setting(
         "ExchangeApiKey calls a rested API key may make back to back before the per-minute "
-        "rate applies.",
+        "rate applies. burst x 60 s / rate must be at most 2**62 microseconds.",
         default=60,
     )
 
@@ -62,9 +64,13 @@ class AuthConfig(ServiceConfig):
             raise ConfigError(env_name("api_key_hash_time_cost"), "must be >= 1")
         if self.api_key_hash_parallelism < 1:
             raise ConfigError(env_name("api_key_hash_parallelism"), "must be >= 1")
-        for name in ("exchange_api_key_rate_per_minute", "exchange_api_key_burst"):
-            if getattr(self, name) < 1:
-                raise ConfigError(env_name(name), "must be at least 1")
+        problem = rate_limit_problem(
+            self.exchange_api_key_rate_per_minute, self.exchange_api_key_burst
+        )
+        if problem is not None:
+            field, reason = problem
+            name = f"exchange_api_key_{'rate_per_minute' if field == 'per_minute' else 'burst'}"
+            raise ConfigError(env_name(name), reason)
         if self.api_key_hash_memory_kib < 8 * self.api_key_hash_parallelism:
             # libargon2's floor: 8 KiB per lane.
             raise ConfigError(env_name("api_key_hash_memory_kib"), "must be >= 8 x parallelism")

@@ -127,17 +127,62 @@ def test_gcra_admits_the_burst_then_one_per_interval() -> None:
     assert not skewed.admitted and skewed.retry_after_us == 1_000_000
 
 
-def test_zero_or_negative_settings_are_refused_at_start_up(tmp_path: Path) -> None:
-    for name in ("exchange_api_key_rate_per_minute", "exchange_api_key_burst"):
-        for value in (0, -1):
-            with pytest.raises(ConfigError) as info:
-                AuthConfig(
-                    database_url="sqlite+aiosqlite:///x.db",
-                    data_dir=tmp_path,
-                    dev_mode=True,
-                    **{name: value},  # type: ignore[arg-type]
-                )
-            assert info.value.setting == f"TENSAFE_{name.upper()}"
+def test_a_million_per_minute_with_a_million_burst_works() -> None:
+    """The reported settings (1e6 / 1e6): the whole burst passes at one instant, the
+    next call waits one 60 us interval, and a call after it passes."""
+    rate = RateLimit(per_minute=10**6, burst=10**6)
+    now, tat = 1_765_000_000_000_000, 0
+    for _ in range(10**6):
+        decision = admit(rate, tat_us=max(tat, now), now_us=now)
+        assert decision.admitted
+        tat = decision.tat_us
+    refused = admit(rate, tat_us=tat, now_us=now)
+    assert not refused.admitted and refused.retry_after_us == 60
+    assert admit(rate, tat_us=tat, now_us=now + 60).admitted
+
+
+def test_a_rate_that_is_not_a_whole_microsecond_interval_is_never_exceeded() -> None:
+    # 40e6/min is one call per 1.5 us; rounding the interval down to 1 us admitted
+    # 1000 calls in 1000 us (50 % over). Rounded up it admits at most the rate.
+    rate = RateLimit(per_minute=40_000_000, burst=1)
+    tat, admitted = 0, 0
+    for now in range(1000):
+        decision = admit(rate, tat_us=tat, now_us=now)
+        if decision.admitted:
+            admitted += 1
+            tat = decision.tat_us
+    assert 0 < admitted <= 1000 * 40_000_000 // 60_000_000 + 1
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "reason"),
+    [
+        ("exchange_api_key_rate_per_minute", 0, "1..60000000"),
+        ("exchange_api_key_rate_per_minute", -1, "1..60000000"),
+        ("exchange_api_key_rate_per_minute", 60_000_001, "1..60000000"),
+        ("exchange_api_key_burst", 0, "at least 1"),
+        ("exchange_api_key_burst", -1, "at least 1"),
+        ("exchange_api_key_burst", 2**62, "at most 4611686018427 at this rate"),
+    ],
+)
+def test_settings_the_limiter_cannot_express_are_refused_at_start_up(
+    tmp_path: Path, name: str, value: int, reason: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        AuthConfig(
+            database_url="sqlite+aiosqlite:///x.db",
+            data_dir=tmp_path,
+            dev_mode=True,
+            **{name: value},  # type: ignore[arg-type]
+        )
+    assert info.value.setting == f"TENSAFE_{name.upper()}"
+    assert reason in str(info.value)
+
+
+def test_the_largest_expressible_limit_is_accepted() -> None:
+    assert RateLimit(per_minute=60_000_000, burst=2**62).interval_us == 1
+    with pytest.raises(ValueError):
+        RateLimit(per_minute=60_000_001, burst=1)
 
 
 async def test_burst_plus_one_is_rate_limited_and_issues_no_token(limited: Limited) -> None:

@@ -340,6 +340,20 @@ def test_the_trainer_publishes_to_the_registry() -> None:
     assert "TENSAFE_REGISTRY_URL" not in env and "TENSAFE_KEK_PROVIDER" not in env
 
 
+def test_he_runtime_evaluation_cores_is_set_only_when_given() -> None:
+    """Empty keeps the runtime's default (one per core it sees); a number is passed as
+    TENSAFE_EVALUATION_CORES, which the HE runtime's config parses back."""
+    default_env, _ = _env_and_mounts(by_kind(render({}), "Deployment")["he-runtime"])
+    assert "TENSAFE_EVALUATION_CORES" not in default_env
+    deployments = by_kind(render({"heRuntime": {"evaluationCores": 4}}), "Deployment")
+    env, _ = _env_and_mounts(deployments["he-runtime"])
+    assert env["TENSAFE_EVALUATION_CORES"] == "4"
+    assert "TENSAFE_EVALUATION_CORES" in {row[0] for row in describe(HeRuntimeConfig)}
+    for name in ("auth", "trainer", "registry"):
+        other, _ = _env_and_mounts(deployments[name])
+        assert "TENSAFE_EVALUATION_CORES" not in other, name
+
+
 def test_workers_scale_independently_of_the_api() -> None:
     documents = render({"trainer": {"replicas": 1}, "trainerWorker": {"replicas": 7}})
     deployments = by_kind(documents, "Deployment")
@@ -421,6 +435,9 @@ def test_migrations_run_in_a_pre_install_and_pre_upgrade_hook(
             },
             "trainerWorker.autoscaling.minReplicas must not exceed maxReplicas",
         ),
+        ({"heRuntime": {"evaluationCores": 0}}, "evaluationCores"),
+        ({"heRuntime": {"evaluationCores": "all"}}, "evaluationCores"),
+        ({"auth": {"evaluationCore": 2}}, "evaluationCore"),
         ({"metrics": {"port": 0}}, "port"),
         ({"metrics": {"serviceMonitor": {"interval": "often"}}}, "interval"),
         ({"podDisruptionBudget": {"maxUnavailable": 0}}, "maxUnavailable"),

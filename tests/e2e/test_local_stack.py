@@ -195,6 +195,7 @@ def test_up_restarts_a_killed_worker_and_keeps_serving(tmp_path: Path) -> None:
     try:
         connection_file = data_dir / "connection.json"
         _wait_for(connection_file, up, timeout=120)
+        tinker_url = json.loads(connection_file.read_text())["tinker_base_url"]
         ready = data_dir / "run" / "trainer-worker.ready"
         killed = int(json.loads(ready.read_text())["pid"])
         os.kill(killed, signal.SIGKILL)
@@ -224,6 +225,8 @@ def test_up_restarts_a_killed_worker_and_keeps_serving(tmp_path: Path) -> None:
         assert up.returncode == 0, output
         assert "trainer-worker exited with code -9; restarting in 1 s" in output, output
         assert f"trainer-worker restarted (pid {pid})" in output, output
+        # The Tinker SDK's get_tokenizer() needs HF_ENDPOINT set to the Tinker API URL.
+        assert f"get_tokenizer(): HF_ENDPOINT={tinker_url}  HF_TOKEN=" in output, output
     finally:
         if up.poll() is None:
             up.kill()

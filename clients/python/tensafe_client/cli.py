@@ -64,6 +64,12 @@ def _cmd_up(args: argparse.Namespace) -> int:
         print(f"  {name:<11} {address}")
     print(f"  {'nats':<11} {connection['nats_url']}")
     print(f"  {'tinker api':<11} {connection['tinker_base_url']}  (TINKER_BASE_URL)")
+    # The SDK's get_tokenizer() reaches the Tinker API only through huggingface_hub's
+    # HF_ENDPOINT (docs/tinker.md, "Tokenizers through the Hub protocol").
+    print(
+        f"  {'':<11} get_tokenizer(): HF_ENDPOINT={connection['tinker_base_url']}"
+        "  HF_TOKEN=<your API key>"
+    )
     print(f"  {'console':<11} {connection['console_url']}  (sign in with an API key)")
     if stack.installed_base_model is not None:
         print(

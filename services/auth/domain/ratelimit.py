@@ -13,6 +13,12 @@ Clocks: each replica uses its own wall clock. A TAT further ahead than any consi
 clock could have left it (``now + tau + T``: a replica's clock runs ahead of this one,
 or this clock stepped back) is clamped to that bound, so skew never grants extra calls
 and costs at most one interval of refusal.
+
+Bounds: times are whole microseconds, so ``T`` is rounded UP (the limit may admit
+slightly fewer calls than ``per_minute``, never more) and ``per_minute`` is at most
+60,000,000 (one call per microsecond); a faster rate would be silently capped. The TAT is
+stored as a signed 64-bit integer, so ``T * burst`` is at most 2**62 microseconds, which
+keeps ``now + tau + T`` in range for the next hundred thousand years.
 """
 
 from __future__ import annotations
@@ -20,6 +26,13 @@ from __future__ import annotations
 import dataclasses
 
 _MICROS_PER_MINUTE = 60_000_000
+
+MAX_PER_MINUTE = _MICROS_PER_MINUTE
+"""The fastest rate the microsecond TAT can express: one call per microsecond."""
+
+MAX_WINDOW_US = 2**62
+"""Upper bound of ``burst * interval_us``: keeps every stored TAT within a signed 64-bit
+column (today's epoch microseconds are about 2**51)."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -35,13 +48,34 @@ class RateLimit:
     burst: int
 
     def __post_init__(self) -> None:
-        if self.per_minute < 1 or self.burst < 1:
-            raise ValueError("per_minute and burst must be at least 1")
+        problem = rate_limit_problem(self.per_minute, self.burst)
+        if problem is not None:
+            raise ValueError(f"{problem[0]} {problem[1]}")
 
     @property
     def interval_us(self) -> int:
-        """The emission interval T, microseconds."""
-        return max(_MICROS_PER_MINUTE // self.per_minute, 1)
+        """The emission interval T, microseconds, rounded up so the rate is never
+        exceeded."""
+        return -(-_MICROS_PER_MINUTE // self.per_minute)
+
+
+def rate_limit_problem(per_minute: int, burst: int) -> tuple[str, str] | None:
+    """Why ``per_minute``/``burst`` cannot work, or ``None`` when they can.
+
+    Returns:
+        ``(field, reason)`` with ``field`` one of ``"per_minute"``, ``"burst"``.
+    """
+    if not 1 <= per_minute <= MAX_PER_MINUTE:
+        return "per_minute", f"must be in 1..{MAX_PER_MINUTE} (one call per microsecond)"
+    if burst < 1:
+        return "burst", "must be at least 1"
+    interval = -(-_MICROS_PER_MINUTE // per_minute)
+    if burst * interval > MAX_WINDOW_US:
+        return "burst", (
+            f"must be at most {MAX_WINDOW_US // interval} at this rate "
+            "(burst x 60 s / rate must fit the 64-bit microsecond TAT)"
+        )
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
