@@ -542,3 +542,62 @@ def test_the_peer_drops_a_session_and_its_adapters_with_the_executor(
     gc.collect()
     # Key hygiene: the peer's copy of the keys goes with the session.
     assert worker.held() == before
+
+
+@pytest.mark.parametrize(("seed", "extreme"), [(0, False), (1, False), (2, True)])
+def test_one_prime_batch_decodes_within_its_derived_bound_with_the_planned_counts(
+    client: HeLoraClient, seed: int, extreme: bool
+) -> None:
+    # d = 64 (the tiny model's width), where its derived bound is within 1e-3.
+    plan = make_plan(
+        Packing.BATCH_FIRST,
+        hidden_size=64,
+        output_size=48,
+        rank=8,
+        tokens=300,
+        variant=Variant.ONE_PRIME,
+    )
+    assert plan.input_primes == plan.output_primes == 1 and plan.counts.rescales == 0
+    x, weights = lora_case(plan, seed)
+    if extreme:
+        # Activations at the bound with A's signs: the delta near the plan's range W.
+        x = plan.activation_bound * np.sign(weights.lora_a[:, 0])[None, :].repeat(plan.tokens, 0)
+    executor = session(client, plan)
+    result = executor.apply(
+        plan, executor.encode_adapter(plan, weights), client.encrypt_activations(plan, x)
+    )
+    assert result.counts == plan.counts
+    delta = client.decrypt_delta(plan, result.ciphertexts)
+    expected = reference_delta(x, weights.lora_a, weights.lora_b, scaling=plan.lora_scaling)
+    scaled_b = np.asarray(weights.lora_b) * plan.lora_scaling
+    output_range = (
+        plan.activation_bound
+        * np.sqrt(2.0)
+        * plan.hidden_size
+        * plan.rank
+        * np.max(np.abs(weights.lora_a))
+        * np.max(np.abs(scaled_b))
+    )
+    error = np.max(np.abs(delta - expected))
+    assert error <= plan.error_bound * output_range
+    # A wrong scale or a dropped product is far outside the bound.
+    assert error < 0.05 * np.max(np.abs(expected))
+
+
+def test_one_prime_batch_with_a_peer_gives_the_serial_result(
+    client: HeLoraClient, peers: EvaluationPeers
+) -> None:
+    plan = make_plan(
+        Packing.BATCH_FIRST, hidden_size=64, rank=8, tokens=300, variant=Variant.ONE_PRIME
+    )
+    x, weights = lora_case(plan, seed=5)
+    material = client.public_material(plan)
+    serial = HeLoraExecutor(parameters=material.parameters, galois_keys=material.galois_keys)
+    shared = HeLoraExecutor(
+        parameters=material.parameters, galois_keys=material.galois_keys, peers=peers
+    )
+    uploads = client.encrypt_activations(plan, x)
+    alone = serial.apply(plan, serial.encode_adapter(plan, weights), uploads)
+    split = shared.apply(plan, shared.encode_adapter(plan, weights), uploads)
+    assert split.counts == plan.counts == alone.counts
+    assert split.ciphertexts == alone.ciphertexts
