@@ -576,6 +576,9 @@ class Plan:
                 activation_bound=data["activation_bound"],
                 cost_model=cost_model,
                 variant=variant,
+                # The plan's own stated bound: a forced variant compiled under a looser
+                # request than the default (ONE_PRIME) recompiles to itself.
+                max_relative_error=data["error_bound"],
             )
         except KeyError as missing:
             raise InvalidArgument(f"plan.{missing.args[0]}", "is required") from None

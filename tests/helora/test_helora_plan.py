@@ -519,3 +519,8 @@ def test_one_prime_is_refused_where_its_bound_fails_and_never_chosen_by_itself()
         fallback = one_prime_plan(overrides["hidden_size"], variant=None, **arguments)  # type: ignore[arg-type]
         assert fallback.variant is Variant.TWO_PRIMES
     assert one_prime_plan(64, variant=None).variant is Variant.TWO_PRIMES
+    # Accepted under a looser request, and decoded back (the runtime's peer does).
+    layout = one_prime_layout(DEFAULT, hidden_size=4096, rank=8, activation_bound=64.0)
+    wide = one_prime_plan(4096, max_relative_error=layout.error_bound)
+    assert wide.error_bound == layout.error_bound > 1e-3
+    assert Plan.from_dict(json.loads(wide.to_json())) == wide
