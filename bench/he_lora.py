@@ -61,7 +61,12 @@ from tensafe.helora import (
 )
 from tensafe.helora.client import HeLoraClient
 from tensafe.helora.packing import reference_delta
-from tensafe.helora.plan import DEFAULT_ACTIVATION_BOUND, Variant, one_prime_layout
+from tensafe.helora.plan import (
+    DEFAULT_ACTIVATION_BOUND,
+    DEFAULT_MAX_RELATIVE_ERROR,
+    Variant,
+    one_prime_layout,
+)
 
 HIDDEN = 4096
 RANK = 16
@@ -240,6 +245,7 @@ def run(args: argparse.Namespace, peers: EvaluationPeers | None) -> None:
         packing: Packing,
         complex_packing: bool = True,
         variant: Variant | None = None,
+        max_relative_error: float = DEFAULT_MAX_RELATIVE_ERROR,
     ) -> Plan:
         return compile_plan(
             hidden_size=HIDDEN,
@@ -251,6 +257,7 @@ def run(args: argparse.Namespace, peers: EvaluationPeers | None) -> None:
             packing=packing,
             complex_packing=complex_packing,
             variant=variant,
+            max_relative_error=max_relative_error,
         )
 
     check_security(params)
@@ -359,14 +366,9 @@ def run(args: argparse.Namespace, peers: EvaluationPeers | None) -> None:
         )
 
         def one_prime_plan() -> Plan:
-            return compile_plan(
-                hidden_size=HIDDEN,
-                output_size=HIDDEN,
-                rank=RANK,
-                alpha=ALPHA,
-                tokens=batch_tokens,
-                params=params,
-                packing=Packing.BATCH_FIRST,
+            return plan(
+                batch_tokens,
+                Packing.BATCH_FIRST,
                 variant=Variant.ONE_PRIME,
                 max_relative_error=one_prime.error_bound,
             )

@@ -70,6 +70,21 @@ def lora_case(plan: Plan, seed: int) -> tuple[np.ndarray, LoraWeights]:
     return x, LoraWeights(lora_a=lora_a, lora_b=lora_b)
 
 
+def bound_scale(plan: Plan, weights: LoraWeights, expected: np.ndarray) -> float:
+    """What a plan's error bound is relative to: max |delta|, or ONE_PRIME's range W."""
+    if plan.variant is not Variant.ONE_PRIME:
+        return float(np.max(np.abs(expected)))
+    scaled_b = np.asarray(weights.lora_b) * plan.lora_scaling
+    return float(
+        plan.activation_bound
+        * np.sqrt(2.0)
+        * plan.hidden_size
+        * plan.rank
+        * np.max(np.abs(weights.lora_a))
+        * np.max(np.abs(scaled_b))
+    )
+
+
 def session(client: HeLoraClient, plan: Plan) -> HeLoraExecutor:
     material = client.public_material(plan)
     return HeLoraExecutor(parameters=material.parameters, galois_keys=material.galois_keys)
@@ -477,6 +492,7 @@ def peers() -> Iterator[EvaluationPeers]:
         (Packing.PER_TOKEN, Variant.SERVER_BABY_STEPS, 4),  # two units
         (Packing.BATCH_FIRST, Variant.TWO_PRIMES, 2 * 4096 + 3),  # two token groups
         (Packing.BATCH_FIRST, Variant.TWO_PRIMES, 300),  # one group, split by features
+        (Packing.BATCH_FIRST, Variant.ONE_PRIME, 300),  # the same at one prime
     ],
 )
 def test_a_peer_process_gives_the_serial_result_with_the_planned_counts(
@@ -503,7 +519,8 @@ def test_a_peer_process_gives_the_serial_result_with_the_planned_counts(
     assert split.ciphertexts == alone.ciphertexts
     delta = client.decrypt_delta(plan, split.ciphertexts)
     expected = reference_delta(x, weights.lora_a, weights.lora_b, scaling=plan.lora_scaling)
-    assert np.max(np.abs(delta - expected)) <= plan.error_bound * np.max(np.abs(expected))
+    error = np.max(np.abs(delta - expected))
+    assert error <= plan.error_bound * bound_scale(plan, weights, expected)
 
 
 def test_a_dead_peer_process_fails_the_request_as_unavailable(client: HeLoraClient) -> None:
@@ -569,35 +586,7 @@ def test_one_prime_batch_decodes_within_its_derived_bound_with_the_planned_count
     assert result.counts == plan.counts
     delta = client.decrypt_delta(plan, result.ciphertexts)
     expected = reference_delta(x, weights.lora_a, weights.lora_b, scaling=plan.lora_scaling)
-    scaled_b = np.asarray(weights.lora_b) * plan.lora_scaling
-    output_range = (
-        plan.activation_bound
-        * np.sqrt(2.0)
-        * plan.hidden_size
-        * plan.rank
-        * np.max(np.abs(weights.lora_a))
-        * np.max(np.abs(scaled_b))
-    )
     error = np.max(np.abs(delta - expected))
-    assert error <= plan.error_bound * output_range
+    assert error <= plan.error_bound * bound_scale(plan, weights, expected)
     # A wrong scale or a dropped product is far outside the bound.
     assert error < 0.05 * np.max(np.abs(expected))
-
-
-def test_one_prime_batch_with_a_peer_gives_the_serial_result(
-    client: HeLoraClient, peers: EvaluationPeers
-) -> None:
-    plan = make_plan(
-        Packing.BATCH_FIRST, hidden_size=64, rank=8, tokens=300, variant=Variant.ONE_PRIME
-    )
-    x, weights = lora_case(plan, seed=5)
-    material = client.public_material(plan)
-    serial = HeLoraExecutor(parameters=material.parameters, galois_keys=material.galois_keys)
-    shared = HeLoraExecutor(
-        parameters=material.parameters, galois_keys=material.galois_keys, peers=peers
-    )
-    uploads = client.encrypt_activations(plan, x)
-    alone = serial.apply(plan, serial.encode_adapter(plan, weights), uploads)
-    split = shared.apply(plan, shared.encode_adapter(plan, weights), uploads)
-    assert split.counts == plan.counts == alone.counts
-    assert split.ciphertexts == alone.ciphertexts

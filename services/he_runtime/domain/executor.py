@@ -736,15 +736,8 @@ class HeLoraExecutor:
         b_scale_bits, fixed_point_bits = self._fixed_point_scale(
             plan, output_bound, scaled_b, plan.input_scale_bits
         )
-        b_scale = 2.0**b_scale_bits
-        return EncodedAdapter(
-            encoding_key=plan.encoding_key(),
-            lora_a_values=_quantize_nonzero(lora_a, a_scale),
-            lora_a_scale=a_scale,
-            lora_b_values=_quantize_nonzero(scaled_b, b_scale),
-            lora_b_scale=b_scale,
-            output_bound=output_bound,
-            fixed_point_bits=fixed_point_bits,
+        return _batch_adapter(
+            plan, lora_a, a_scale, scaled_b, 2.0**b_scale_bits, output_bound, fixed_point_bits
         )
 
     def _encode_one_prime(
@@ -774,14 +767,8 @@ class HeLoraExecutor:
         self._require_fits(
             4.0 * 2.0**plan.input_scale_bits * a_scale * b_scale, 1, "the scale of x·A·B"
         )
-        return EncodedAdapter(
-            encoding_key=plan.encoding_key(),
-            lora_a_values=_quantize_nonzero(lora_a, a_scale),
-            lora_a_scale=a_scale,
-            lora_b_values=_quantize_nonzero(scaled_b, b_scale),
-            lora_b_scale=b_scale,
-            output_bound=output_bound,
-            fixed_point_bits=float(layout.b_bits),
+        return _batch_adapter(
+            plan, lora_a, a_scale, scaled_b, b_scale, output_bound, float(layout.b_bits)
         )
 
     def _batch_group(
@@ -995,6 +982,27 @@ def _output_bound(activation: float, lora_a: FloatArray, scaled_b: FloatArray) -
     """Worst case of max |(x·A)·B'| over |x| <= activation, via per-column L1 norms."""
     inner = activation * np.sum(np.abs(lora_a), axis=0)
     return float(np.max(inner @ np.abs(scaled_b)))
+
+
+def _batch_adapter(
+    plan: Plan,
+    lora_a: FloatArray,
+    a_scale: float,
+    scaled_b: FloatArray,
+    b_scale: float,
+    output_bound: float,
+    fixed_point_bits: float,
+) -> EncodedAdapter:
+    """A BATCH_FIRST adapter: its weights rounded to the plaintext grids of their scales."""
+    return EncodedAdapter(
+        encoding_key=plan.encoding_key(),
+        lora_a_values=_quantize_nonzero(lora_a, a_scale),
+        lora_a_scale=a_scale,
+        lora_b_values=_quantize_nonzero(scaled_b, b_scale),
+        lora_b_scale=b_scale,
+        output_bound=output_bound,
+        fixed_point_bits=fixed_point_bits,
+    )
 
 
 def _fixed_point_scale_for(values: FloatArray, bits: int) -> float:
