@@ -103,9 +103,9 @@ class Variant(enum.StrEnum):
     point (no second rescale, so every later rotation is at one prime)."""
     TWO_PRIMES = "TWO_PRIMES"
     """BATCH_FIRST: x·A at two primes, rescaled once per output, then ·B in fixed point
-    at one prime. (A one-prime variant with A in fixed point too was measured and
-    dropped: with the worst-case overflow bound at activation_bound 64, A and B keep
-    only ~9 bits each in one 60-bit prime; docs/he.md.)"""
+    at one prime. (ONE_PRIME keeps A in fixed point too; with the worst-case overflow
+    bound at activation_bound 64 and d = 4096, A and B keep only 9 and 8 bits in one
+    60-bit prime: docs/he.md section 4c.)"""
     ONE_PRIME = "ONE_PRIME"
     """BATCH_FIRST at the lowest level: x encrypted at one prime, A and B both in fixed
     point, no rescale. Its error bound is derived per plan (:func:`one_prime_layout`)
