@@ -103,9 +103,15 @@ class Variant(enum.StrEnum):
     point (no second rescale, so every later rotation is at one prime)."""
     TWO_PRIMES = "TWO_PRIMES"
     """BATCH_FIRST: x·A at two primes, rescaled once per output, then ·B in fixed point
-    at one prime. (A one-prime variant with A in fixed point too was measured and
-    dropped: with the worst-case overflow bound at activation_bound 64, A and B keep
-    only ~9 bits each in one 60-bit prime; docs/he.md.)"""
+    at one prime. (ONE_PRIME keeps A in fixed point too; with the worst-case overflow
+    bound at activation_bound 64 and d = 4096, A and B keep only 9 and 8 bits in one
+    60-bit prime: docs/he.md section 4c.)"""
+    ONE_PRIME = "ONE_PRIME"
+    """BATCH_FIRST at the lowest level: x encrypted at one prime, A and B both in fixed
+    point, no rescale. Its error bound is derived per plan (:func:`one_prime_layout`)
+    from the first prime, d, r and the activation bound, relative to the plan's output
+    range; the compiler compiles it only when forced and only where that bound is
+    within the requested one (it never chooses it by itself: see compile_plan)."""
 
 
 #: Stated bound on max |error| / max |delta| per variant. Measured with SEAL on LoRA-like
@@ -120,8 +126,87 @@ ERROR_BOUNDS: Mapping[Variant, float] = {
 
 _VARIANTS: Mapping[str, tuple[Variant, ...]] = {
     "PER_TOKEN": (Variant.CLIENT_BABY_STEPS, Variant.SERVER_BABY_STEPS),
-    "BATCH_FIRST": (Variant.TWO_PRIMES,),
+    "BATCH_FIRST": (Variant.ONE_PRIME, Variant.TWO_PRIMES),
 }
+
+#: Standard deviation of SEAL's error distribution (``seal::util::global_variables::
+#: noise_standard_deviation``), which the one-prime bound's fresh-noise term uses.
+_SEAL_NOISE_STDDEV = 3.2
+#: Standard deviations a slot's fresh noise is bounded by (a Gaussian exceeds 7 sigma
+#: with probability 2.6e-12 per slot: ~1e-4 over 4096 slots x 8192 features).
+_NOISE_TAIL_SIGMAS = 7.0
+#: Bits kept free in the one prime: sign, noise, and one bit each for A's and B's
+#: scales being rounded to powers of two (each may give its weights up to one more bit).
+_ONE_PRIME_HEADROOM_BITS = 4
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OnePrimeLayout:
+    """Scales and the derived error bound of a BATCH_FIRST ONE_PRIME plan.
+
+    Attributes:
+        input_scale_bits: log2 of the activation scale.
+        a_bits: Fixed-point bits A's largest entry keeps (at least).
+        b_bits: Fixed-point bits (alpha/r)·B's largest entry keeps (at least).
+        error_bound: Bound on max |error| / W, W = X·d·r·max|A|·max|(alpha/r)·B| with
+            X = activation_bound·sqrt(2): the largest |delta| any activation within the
+            bound can give with an adapter of these largest entries.
+    """
+
+    input_scale_bits: int
+    a_bits: int
+    b_bits: int
+    error_bound: float
+
+
+def one_prime_layout(
+    params: CkksParams, *, hidden_size: int, rank: int, activation_bound: float
+) -> OnePrimeLayout:
+    """Derive the ONE_PRIME scales and error bound from the parameters and shapes.
+
+    Everything lives in the first prime q0 (no rescale), so it must hold
+    scale(x) · scale(A) · scale(B) · max|delta| with headroom. With the executor's
+    scales (A's largest entry gets 2^a_bits..2^(a_bits+1) units, B's likewise) and
+    max|delta| <= W = X·d·r·max|A|·max|B'| (X = bound·sqrt(2), complex packing or
+    not), that is s + a + b + log2(X·d·r) <= q0 - 4. The error, per slot, over W:
+
+    - A's quantisation (one unit of at most max|A|·2^-a per entry, zero entries moved
+      to one unit): 2^-a; B's: 2^-b; their product: 2^-(a+b);
+    - x's encoding and fresh symmetric-encryption noise, at most
+      7·sqrt(N·(sigma^2 + 1/12)) units of 2^s per slot (sigma = 3.2), times
+      (1 + 2^-a)(1 + 2^-b) over X;
+    - decoding is exact to double precision (below all of these).
+
+    The activation scale s is the one that minimises the sum, a and b split the rest
+    (a gets the odd bit).
+
+    Returns:
+        The layout; its ``error_bound`` may be large (the compiler compares it with the
+        requested bound).
+    """
+    activation = activation_bound * math.sqrt(2.0)
+    range_bits = math.ceil(math.log2(activation * hidden_size * rank))
+    budget = params.data_prime_bits[0] - _ONE_PRIME_HEADROOM_BITS - range_bits
+    noise = _NOISE_TAIL_SIGMAS * math.sqrt(
+        params.poly_modulus_degree * (_SEAL_NOISE_STDDEV**2 + 1.0 / 12.0)
+    )
+    best: OnePrimeLayout | None = None
+    for scale_bits in range(_MIN_BATCH_SCALE_BITS, max(_MIN_BATCH_SCALE_BITS, budget) + 1):
+        weight_bits = budget - scale_bits
+        a_bits = (weight_bits + 1) // 2
+        b_bits = weight_bits // 2
+        quantisation = 2.0**-a_bits + 2.0**-b_bits + 2.0 ** -(a_bits + b_bits)
+        encryption = noise / 2.0**scale_bits / activation * (1 + 2.0**-a_bits) * (1 + 2.0**-b_bits)
+        layout = OnePrimeLayout(
+            input_scale_bits=scale_bits,
+            a_bits=a_bits,
+            b_bits=b_bits,
+            error_bound=quantisation + encryption,
+        )
+        if best is None or layout.error_bound < best.error_bound:
+            best = layout
+    assert best is not None  # the range has at least one scale
+    return best
 
 
 class Packing(enum.StrEnum):
@@ -274,7 +359,9 @@ class Plan:
         counts: Operations for the whole request.
         estimated_server_ms: Cost-model estimate of the runtime's evaluation.
         estimated_client_ms: Cost-model estimate of client encryption + decryption.
-        error_bound: Stated bound on max |error| / max |delta| (:data:`ERROR_BOUNDS`).
+        error_bound: Stated bound on max |error| / max |delta| (:data:`ERROR_BOUNDS`);
+            ONE_PRIME: on max |error| / W, W >= max |delta| the plan's output range
+            (:class:`OnePrimeLayout`), derived per plan.
     """
 
     compiler_version: int
@@ -489,6 +576,9 @@ class Plan:
                 activation_bound=data["activation_bound"],
                 cost_model=cost_model,
                 variant=variant,
+                # The plan's own stated bound: a forced variant compiled under a looser
+                # request than the default (ONE_PRIME) recompiles to itself.
+                max_relative_error=data["error_bound"],
             )
         except KeyError as missing:
             raise InvalidArgument(f"plan.{missing.args[0]}", "is required") from None
@@ -627,11 +717,15 @@ def compile_plan(
             )
         candidates: tuple[Variant, ...] = (variant,)
     else:
-        candidates = allowed
+        # ONE_PRIME only when forced: its derived bound is relative to the output range
+        # W, and on LoRA-like inputs (d = 64) max |delta| is ~1000x below W, so its
+        # error was 1.6e-3 of max |delta|, over the 1e-3 the other variants state
+        # relative to max |delta| (docs/he.md section 4c).
+        candidates = tuple(v for v in allowed if v is not Variant.ONE_PRIME)
     plans: list[Plan] = []
     errors: list[InvalidArgument] = []
     for candidate in candidates:
-        if ERROR_BOUNDS[candidate] > max_relative_error:
+        if candidate in ERROR_BOUNDS and ERROR_BOUNDS[candidate] > max_relative_error:
             errors.append(
                 InvalidArgument(
                     "max_relative_error",
@@ -640,6 +734,21 @@ def compile_plan(
                 )
             )
             continue
+        if candidate is Variant.ONE_PRIME:
+            layout = one_prime_layout(
+                params, hidden_size=hidden_size, rank=rank, activation_bound=activation_bound
+            )
+            if layout.error_bound > max_relative_error or min(layout.a_bits, layout.b_bits) < 1:
+                errors.append(
+                    InvalidArgument(
+                        "max_relative_error",
+                        f"ONE_PRIME's derived relative error bound for d = {hidden_size}, "
+                        f"r = {rank}, activation_bound {activation_bound:g} and a "
+                        f"{params.data_prime_bits[0]}-bit first prime is "
+                        f"{layout.error_bound:.3g}, over the requested {max_relative_error:g}",
+                    )
+                )
+                continue
         compile_variant = (
             _compile_per_token if packing is Packing.PER_TOKEN else _compile_batch_first
         )
@@ -858,27 +967,38 @@ def _compile_batch_first(
     cost_model: CostModel,
     variant: Variant,
 ) -> Plan:
-    if params.max_depth < 1:
-        raise InvalidArgument(
-            "params.coeff_modulus_bits",
-            "BATCH_FIRST packing needs one rescale (two data primes)",
+    if variant is Variant.ONE_PRIME:
+        # x·A and ·B at the one prime, both in fixed point: no rescale at all.
+        layout = one_prime_layout(
+            params, hidden_size=hidden_size, rank=rank, activation_bound=activation_bound
         )
-    scale_bits = _batch_input_scale_bits(params)
-    if scale_bits < _MIN_BATCH_SCALE_BITS:
-        raise InvalidArgument(
-            "params.coeff_modulus_bits",
-            f"the first prime ({params.data_prime_bits[0]} bits) is too small for "
-            f"BATCH_FIRST packing, which needs an activation scale of at least "
-            f"2^{_MIN_BATCH_SCALE_BITS}",
-        )
+        scale_bits = layout.input_scale_bits
+        input_primes = 1
+        error_bound = layout.error_bound
+    else:
+        if params.max_depth < 1:
+            raise InvalidArgument(
+                "params.coeff_modulus_bits",
+                "BATCH_FIRST packing needs one rescale (two data primes)",
+            )
+        scale_bits = _batch_input_scale_bits(params)
+        if scale_bits < _MIN_BATCH_SCALE_BITS:
+            raise InvalidArgument(
+                "params.coeff_modulus_bits",
+                f"the first prime ({params.data_prime_bits[0]} bits) is too small for "
+                f"BATCH_FIRST packing, which needs an activation scale of at least "
+                f"2^{_MIN_BATCH_SCALE_BITS}",
+            )
+        input_primes = 2
+        error_bound = ERROR_BOUNDS[variant]
     slots = params.slot_count
     tokens_per_unit = 2 * slots if complex_packing else slots
     units = -(-tokens // tokens_per_unit)
-    # x·A at two primes: per output j, d products, d - 1 additions, one rescale.
+    # x·A: per output j, d products, d - 1 additions, one rescale (TWO_PRIMES).
     upper = OpCounts(
         multiply_plain=hidden_size * rank,
         additions=(hidden_size - 1) * rank,
-        rescales=rank,
+        rescales=rank if input_primes == 2 else 0,
         plaintext_encodes=hidden_size * rank,
     )
     # u·B at one prime: per output o, r products and r - 1 additions.
@@ -888,7 +1008,6 @@ def _compile_batch_first(
         plaintext_encodes=rank * output_size,
     )
     degree = params.poly_modulus_degree
-    input_primes = 2
     server_ms = units * (
         cost_model.server_ms(upper, poly_modulus_degree=degree, primes=input_primes)
         + cost_model.server_ms(lower, poly_modulus_degree=degree, primes=1)
@@ -927,13 +1046,13 @@ def _compile_batch_first(
         output_primes=1,
         input_scale_bits=scale_bits,
         depth=2,
-        levels_used=1,
+        levels_used=input_primes - 1,
         rotation_steps=(),
         counts_per_unit=per_unit,
         counts=per_unit.times(units),
         estimated_server_ms=server_ms,
         estimated_client_ms=client_ms,
-        error_bound=ERROR_BOUNDS[variant],
+        error_bound=error_bound,
     )
 
 

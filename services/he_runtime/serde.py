@@ -24,6 +24,7 @@ VARIANT_TO_PROTO: dict[Variant, pb.PlanVariant.ValueType] = {
     Variant.SERVER_BABY_STEPS: pb.PLAN_VARIANT_SERVER_BABY_STEPS,
     Variant.CLIENT_BABY_STEPS: pb.PLAN_VARIANT_CLIENT_BABY_STEPS,
     Variant.TWO_PRIMES: pb.PLAN_VARIANT_TWO_PRIMES,
+    Variant.ONE_PRIME: pb.PLAN_VARIANT_ONE_PRIME,
 }
 VARIANT_FROM_PROTO: dict[int, Variant] = {int(v): k for k, v in VARIANT_TO_PROTO.items()}
 

@@ -10,6 +10,7 @@ import pytest
 from tensafe.client.he import plan_spec
 from tensafe.common.errors import InvalidArgument, Unauthenticated
 from tensafe.helora import CkksParams, Packing, Plan, choose_plan, compile_plan, default_params
+from tensafe.helora.plan import Variant
 from tensafe.proto.he.v1 import he_service_pb2 as pb
 
 from .conftest import Runtime, new_tenant
@@ -143,3 +144,19 @@ def test_other_parameter_sets_compile(runtime: Runtime) -> None:
     )
     plan = runtime.rpc(new_tenant()).compile_plan(spec(params=params, hidden_size=4096, rank=16))
     assert Plan.from_dict(json.loads(plan.plan_json)).params == params
+
+
+def test_forced_one_prime_compiles_only_where_its_derived_bound_holds(runtime: Runtime) -> None:
+    rpc = runtime.rpc(new_tenant())
+    forced = {"packing": Packing.BATCH_FIRST, "tokens": 300, "variant": Variant.ONE_PRIME}
+    plan = rpc.compile_plan(spec(**forced))
+    decoded = Plan.from_dict(json.loads(plan.plan_json))
+    assert decoded.variant is Variant.ONE_PRIME and decoded.error_bound < 1e-3
+    assert plan.rescales == 0 and plan.plaintext_multiplies == 8 * (64 + 32)
+    # d = 4096: the bound (6e-3 at r = 8) is over the contract's 1e-3.
+    error = raises(InvalidArgument, rpc.compile_plan, spec(hidden_size=4096, **forced))
+    assert isinstance(error, InvalidArgument)
+    assert error.field.endswith("max_relative_error") and "ONE_PRIME" in error.message
+    # Unforced, BATCH_FIRST stays TWO_PRIMES.
+    unforced = rpc.compile_plan(spec(packing=Packing.BATCH_FIRST, tokens=300))
+    assert Plan.from_dict(json.loads(unforced.plan_json)).variant is Variant.TWO_PRIMES

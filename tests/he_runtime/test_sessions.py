@@ -27,6 +27,7 @@ from tensafe.common.errors import (
 )
 from tensafe.helora import Packing, Plan, choose_plan, default_params
 from tensafe.helora.client import HeLoraClient
+from tensafe.helora.plan import Variant
 from tensafe.helora.wire import WireKind, wire_kind
 from tensafe.proto.he.v1 import he_service_pb2 as pb
 from tensafe.proto.he.v1 import he_service_pb2_grpc
@@ -280,6 +281,36 @@ def test_batch_first_sessions_upload_no_keys(runtime: Runtime, data_dir: Path) -
     expected = reference(data_dir, LAYERS[3], x)
     assert np.max(np.abs(delta - expected)) <= 1e-3 * np.max(np.abs(expected))
     assert session.stats[LAYERS[3]].counts.rotations == 0
+    session.close()
+
+
+def test_a_forced_one_prime_session_stays_within_its_derived_bound(
+    runtime: Runtime, data_dir: Path
+) -> None:
+    session = open_session(
+        runtime, new_tenant(), packing=Packing.BATCH_FIRST, variant=Variant.ONE_PRIME, tokens=3
+    )
+    assert session.session.key_bytes == 0
+    x = activations(3, seed=10)
+    delta = session.apply(LAYERS[3], x, output_size=32)
+    plan = session.plan
+    assert plan.variant is Variant.ONE_PRIME and plan.error_bound <= 1e-3
+    lora_a, lora_b = adapter_layers(data_dir)[LAYERS[3]]
+    # W = X·sqrt(2)·d·r·max|A|·max|(alpha/r)·B|, what ONE_PRIME's bound is relative to.
+    output_range = (
+        plan.activation_bound
+        * np.sqrt(2.0)
+        * 64
+        * RANK
+        * np.max(np.abs(lora_a))
+        * np.max(np.abs(lora_b))
+        * ALPHA
+        / RANK
+    )
+    error = np.max(np.abs(delta - reference(data_dir, LAYERS[3], x)))
+    assert error <= plan.error_bound * output_range
+    counts = session.stats[LAYERS[3]].counts
+    assert counts.rotations == 0 and counts.rescales == 0 and counts.multiply_plain > 0
     session.close()
 
 

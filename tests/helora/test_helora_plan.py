@@ -23,7 +23,7 @@ from tensafe.helora import (
     default_params,
 )
 from tensafe.helora import packing as slots
-from tensafe.helora.plan import ERROR_BOUNDS, Variant
+from tensafe.helora.plan import ERROR_BOUNDS, Variant, one_prime_layout
 
 DEFAULT = default_params()
 
@@ -465,3 +465,62 @@ def test_batch_layout_spans_token_groups_in_real_and_imaginary_parts() -> None:
     # Token 4096 + 7 of group 0 sits in the imaginary part of slot 7 of feature 1.
     vectors = slots.activation_slots(plan, x)
     assert vectors[1][7] == pytest.approx(x[7, 1] + 1j * x[4096 + 7, 1])
+
+
+def one_prime_plan(hidden_size: int, **overrides: object) -> Plan:
+    arguments: dict[str, object] = {
+        "hidden_size": hidden_size,
+        "output_size": hidden_size,
+        "rank": 8,
+        "alpha": 16,
+        "tokens": 300,
+        "params": DEFAULT,
+        "packing": Packing.BATCH_FIRST,
+        "variant": Variant.ONE_PRIME,
+    }
+    arguments.update(overrides)
+    return compile_plan(**arguments)  # type: ignore[arg-type]
+
+
+def test_one_prime_batch_plan_states_its_derived_bound_and_counts() -> None:
+    plan = one_prime_plan(64)
+    layout = one_prime_layout(DEFAULT, hidden_size=64, rank=8, activation_bound=64.0)
+    # q0 = 60: 4 headroom bits, ceil(log2(64 * sqrt 2 * 64 * 8)) = 16 range bits; the
+    # remaining 40 split 16 (activations) + 12 (A) + 12 (B).
+    assert (layout.input_scale_bits, layout.a_bits, layout.b_bits) == (16, 12, 12)
+    assert plan.error_bound == layout.error_bound
+    assert 2.0**-11 < plan.error_bound < 1e-3
+    assert (plan.input_primes, plan.output_primes, plan.levels_used) == (1, 1, 0)
+    assert plan.input_scale_bits == 16
+    per_group = plan.counts_per_unit
+    assert per_group.rescales == 0 and per_group.rotations == 0
+    assert per_group.multiply_plain == 8 * (64 + 64)
+    assert per_group.additions == 8 * 63 + 64 * 7
+    # Cheaper than TWO_PRIMES (one prime throughout, no rescales).
+    two = one_prime_plan(64, variant=Variant.TWO_PRIMES)
+    assert plan.estimated_server_ms < two.estimated_server_ms
+    assert Plan.from_dict(plan.to_dict()) == plan
+
+
+def test_one_prime_is_refused_where_its_bound_fails_and_never_chosen_by_itself() -> None:
+    # Wider layers, a larger activation bound or a stricter request: the bound grows past.
+    for overrides in (
+        {"hidden_size": 4096},
+        {"hidden_size": 64, "max_relative_error": 1e-4},
+        {"hidden_size": 64, "activation_bound": 4096.0},
+    ):
+        arguments = {"hidden_size": 64, **overrides}
+        with pytest.raises(InvalidArgument) as caught:
+            one_prime_plan(**arguments)  # type: ignore[arg-type]
+        assert caught.value.field == "max_relative_error"
+        assert "ONE_PRIME" in caught.value.message
+        # Unforced, the compiler keeps the current variant.
+        arguments.pop("hidden_size")
+        fallback = one_prime_plan(overrides["hidden_size"], variant=None, **arguments)  # type: ignore[arg-type]
+        assert fallback.variant is Variant.TWO_PRIMES
+    assert one_prime_plan(64, variant=None).variant is Variant.TWO_PRIMES
+    # Accepted under a looser request, and decoded back (the runtime's peer does).
+    layout = one_prime_layout(DEFAULT, hidden_size=4096, rank=8, activation_bound=64.0)
+    wide = one_prime_plan(4096, max_relative_error=layout.error_bound)
+    assert wide.error_bound == layout.error_bound > 1e-3
+    assert Plan.from_dict(json.loads(wide.to_json())) == wide

@@ -70,6 +70,21 @@ def lora_case(plan: Plan, seed: int) -> tuple[np.ndarray, LoraWeights]:
     return x, LoraWeights(lora_a=lora_a, lora_b=lora_b)
 
 
+def bound_scale(plan: Plan, weights: LoraWeights, expected: np.ndarray) -> float:
+    """What a plan's error bound is relative to: max |delta|, or ONE_PRIME's range W."""
+    if plan.variant is not Variant.ONE_PRIME:
+        return float(np.max(np.abs(expected)))
+    scaled_b = np.asarray(weights.lora_b) * plan.lora_scaling
+    return float(
+        plan.activation_bound
+        * np.sqrt(2.0)
+        * plan.hidden_size
+        * plan.rank
+        * np.max(np.abs(weights.lora_a))
+        * np.max(np.abs(scaled_b))
+    )
+
+
 def session(client: HeLoraClient, plan: Plan) -> HeLoraExecutor:
     material = client.public_material(plan)
     return HeLoraExecutor(parameters=material.parameters, galois_keys=material.galois_keys)
@@ -477,6 +492,7 @@ def peers() -> Iterator[EvaluationPeers]:
         (Packing.PER_TOKEN, Variant.SERVER_BABY_STEPS, 4),  # two units
         (Packing.BATCH_FIRST, Variant.TWO_PRIMES, 2 * 4096 + 3),  # two token groups
         (Packing.BATCH_FIRST, Variant.TWO_PRIMES, 300),  # one group, split by features
+        (Packing.BATCH_FIRST, Variant.ONE_PRIME, 300),  # the same at one prime
     ],
 )
 def test_a_peer_process_gives_the_serial_result_with_the_planned_counts(
@@ -503,7 +519,8 @@ def test_a_peer_process_gives_the_serial_result_with_the_planned_counts(
     assert split.ciphertexts == alone.ciphertexts
     delta = client.decrypt_delta(plan, split.ciphertexts)
     expected = reference_delta(x, weights.lora_a, weights.lora_b, scaling=plan.lora_scaling)
-    assert np.max(np.abs(delta - expected)) <= plan.error_bound * np.max(np.abs(expected))
+    error = np.max(np.abs(delta - expected))
+    assert error <= plan.error_bound * bound_scale(plan, weights, expected)
 
 
 def test_a_dead_peer_process_fails_the_request_as_unavailable(client: HeLoraClient) -> None:
@@ -542,3 +559,34 @@ def test_the_peer_drops_a_session_and_its_adapters_with_the_executor(
     gc.collect()
     # Key hygiene: the peer's copy of the keys goes with the session.
     assert worker.held() == before
+
+
+@pytest.mark.parametrize(("seed", "extreme"), [(0, False), (1, False), (2, True)])
+def test_one_prime_batch_decodes_within_its_derived_bound_with_the_planned_counts(
+    client: HeLoraClient, seed: int, extreme: bool
+) -> None:
+    # d = 64 (the tiny model's width), where its derived bound is within 1e-3.
+    plan = make_plan(
+        Packing.BATCH_FIRST,
+        hidden_size=64,
+        output_size=48,
+        rank=8,
+        tokens=300,
+        variant=Variant.ONE_PRIME,
+    )
+    assert plan.input_primes == plan.output_primes == 1 and plan.counts.rescales == 0
+    x, weights = lora_case(plan, seed)
+    if extreme:
+        # Activations at the bound with A's signs: the delta near the plan's range W.
+        x = plan.activation_bound * np.sign(weights.lora_a[:, 0])[None, :].repeat(plan.tokens, 0)
+    executor = session(client, plan)
+    result = executor.apply(
+        plan, executor.encode_adapter(plan, weights), client.encrypt_activations(plan, x)
+    )
+    assert result.counts == plan.counts
+    delta = client.decrypt_delta(plan, result.ciphertexts)
+    expected = reference_delta(x, weights.lora_a, weights.lora_b, scaling=plan.lora_scaling)
+    error = np.max(np.abs(delta - expected))
+    assert error <= plan.error_bound * bound_scale(plan, weights, expected)
+    # A wrong scale or a dropped product is far outside the bound.
+    assert error < 0.05 * np.max(np.abs(expected))

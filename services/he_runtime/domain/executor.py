@@ -50,7 +50,7 @@ from tensafe.common.errors import FailedPrecondition, InvalidArgument
 from tensafe.helora import packing
 from tensafe.helora.ckks import CkksContext, ParmsId
 from tensafe.helora.params import CkksParams
-from tensafe.helora.plan import OpCounts, Packing, Plan, Variant
+from tensafe.helora.plan import OpCounts, Packing, Plan, Variant, one_prime_layout
 from tensafe.helora.wire import WireKind, pack, unpack
 
 if TYPE_CHECKING:
@@ -721,6 +721,8 @@ class HeLoraExecutor:
     def _encode_batch_first(
         self, plan: Plan, lora_a: FloatArray, scaled_b: FloatArray
     ) -> EncodedAdapter:
+        if plan.variant is Variant.ONE_PRIME:
+            return self._encode_one_prime(plan, lora_a, scaled_b)
         context = self._context
         activation = plan.activation_bound * (math.sqrt(2.0) if plan.complex_packing else 1.0)
         input_scale = 2.0**plan.input_scale_bits
@@ -734,15 +736,39 @@ class HeLoraExecutor:
         b_scale_bits, fixed_point_bits = self._fixed_point_scale(
             plan, output_bound, scaled_b, plan.input_scale_bits
         )
-        b_scale = 2.0**b_scale_bits
-        return EncodedAdapter(
-            encoding_key=plan.encoding_key(),
-            lora_a_values=_quantize_nonzero(lora_a, a_scale),
-            lora_a_scale=a_scale,
-            lora_b_values=_quantize_nonzero(scaled_b, b_scale),
-            lora_b_scale=b_scale,
-            output_bound=output_bound,
-            fixed_point_bits=fixed_point_bits,
+        return _batch_adapter(
+            plan, lora_a, a_scale, scaled_b, 2.0**b_scale_bits, output_bound, fixed_point_bits
+        )
+
+    def _encode_one_prime(
+        self, plan: Plan, lora_a: FloatArray, scaled_b: FloatArray
+    ) -> EncodedAdapter:
+        """A and B in fixed point at the one prime, with the plan's layout's bits.
+
+        Each scale is the power of two that gives the largest entry 2^bits..2^(bits+1)
+        units; the compiler's budget reserves the extra bit, so the delta fits the
+        prime for every activation within the bound (checked again here with the
+        adapter's own L1 norms).
+        """
+        layout = one_prime_layout(
+            self._context.params,
+            hidden_size=plan.hidden_size,
+            rank=plan.rank,
+            activation_bound=plan.activation_bound,
+        )
+        a_scale = _fixed_point_scale_for(lora_a, layout.a_bits)
+        b_scale = _fixed_point_scale_for(scaled_b, layout.b_bits)
+        activation = plan.activation_bound * math.sqrt(2.0)
+        output_bound = _output_bound(activation, lora_a, scaled_b)
+        self._require_fits(
+            output_bound * 2.0**plan.input_scale_bits * a_scale * b_scale, 1, "x·A·B"
+        )
+        # Near-zero weights get large scales: the product's scale must fit too.
+        self._require_fits(
+            4.0 * 2.0**plan.input_scale_bits * a_scale * b_scale, 1, "the scale of x·A·B"
+        )
+        return _batch_adapter(
+            plan, lora_a, a_scale, scaled_b, b_scale, output_bound, float(layout.b_bits)
         )
 
     def _batch_group(
@@ -753,9 +779,10 @@ class HeLoraExecutor:
         inputs: Sequence[Any],
     ) -> list[Any]:
         inner = self._batch_upper(plan, adapter, evaluator, inputs, range(plan.hidden_size))
-        for accumulator in inner:
-            # One rescale per accumulated output, not per product.
-            evaluator.rescale_inplace(accumulator)
+        if plan.variant is Variant.TWO_PRIMES:
+            for accumulator in inner:
+                # One rescale per accumulated output, not per product.
+                evaluator.rescale_inplace(accumulator)
         return self._batch_lower(plan, adapter, evaluator, inner, range(plan.output_size))
 
     def _batch_upper(
@@ -825,7 +852,8 @@ class HeLoraExecutor:
             theirs = self._absorb(evaluator, pending.result())
         for accumulator, their in zip(inner, theirs, strict=True):
             evaluator.add_inplace(accumulator, their)
-            evaluator.rescale_inplace(accumulator)
+            if plan.variant is Variant.TWO_PRIMES:
+                evaluator.rescale_inplace(accumulator)
         outputs = range(plan.output_size)
         half = (len(outputs) + 1) // 2
         blobs = [ciphertext.to_string() for ciphertext in inner]
@@ -954,6 +982,35 @@ def _output_bound(activation: float, lora_a: FloatArray, scaled_b: FloatArray) -
     """Worst case of max |(x·A)·B'| over |x| <= activation, via per-column L1 norms."""
     inner = activation * np.sum(np.abs(lora_a), axis=0)
     return float(np.max(inner @ np.abs(scaled_b)))
+
+
+def _batch_adapter(
+    plan: Plan,
+    lora_a: FloatArray,
+    a_scale: float,
+    scaled_b: FloatArray,
+    b_scale: float,
+    output_bound: float,
+    fixed_point_bits: float,
+) -> EncodedAdapter:
+    """A BATCH_FIRST adapter: its weights rounded to the plaintext grids of their scales."""
+    return EncodedAdapter(
+        encoding_key=plan.encoding_key(),
+        lora_a_values=_quantize_nonzero(lora_a, a_scale),
+        lora_a_scale=a_scale,
+        lora_b_values=_quantize_nonzero(scaled_b, b_scale),
+        lora_b_scale=b_scale,
+        output_bound=output_bound,
+        fixed_point_bits=fixed_point_bits,
+    )
+
+
+def _fixed_point_scale_for(values: FloatArray, bits: int) -> float:
+    """The power of two giving max |values| between 2^bits and 2^(bits + 1) units."""
+    peak = float(np.max(np.abs(values)))
+    if peak == 0:
+        return 2.0**bits
+    return 2.0 ** (bits - math.floor(math.log2(peak)))
 
 
 def _quantize_nonzero(values: FloatArray, scale: float) -> FloatArray:

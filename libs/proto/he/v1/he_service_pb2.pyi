@@ -56,6 +56,10 @@ class _PlanVariantEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PlanVaria
     """PER_TOKEN: the client sends the rotated copies of x the baby steps need."""
     PLAN_VARIANT_TWO_PRIMES: _PlanVariant.ValueType  # 3
     """BATCH_FIRST: x·A at two primes, then ·B in fixed point."""
+    PLAN_VARIANT_ONE_PRIME: _PlanVariant.ValueType  # 4
+    """BATCH_FIRST at one prime, A and B in fixed point, no rescale; chosen only where
+    its per-plan derived error bound is within the requested one.
+    """
 
 class PlanVariant(_PlanVariant, metaclass=_PlanVariantEnumTypeWrapper):
     """How a packing spends its levels and who makes the baby-step rotations
@@ -71,6 +75,10 @@ PLAN_VARIANT_CLIENT_BABY_STEPS: PlanVariant.ValueType  # 2
 """PER_TOKEN: the client sends the rotated copies of x the baby steps need."""
 PLAN_VARIANT_TWO_PRIMES: PlanVariant.ValueType  # 3
 """BATCH_FIRST: x·A at two primes, then ·B in fixed point."""
+PLAN_VARIANT_ONE_PRIME: PlanVariant.ValueType  # 4
+"""BATCH_FIRST at one prime, A and B in fixed point, no rescale; chosen only where
+its per-plan derived error bound is within the requested one.
+"""
 Global___PlanVariant: _TypeAlias = PlanVariant  # noqa: Y015
 
 @_typing.final

@@ -826,6 +826,14 @@ export enum PlanVariant {
    * @generated from enum value: PLAN_VARIANT_TWO_PRIMES = 3;
    */
   TWO_PRIMES = 3,
+
+  /**
+   * BATCH_FIRST at one prime, A and B in fixed point, no rescale; chosen only where
+   * its per-plan derived error bound is within the requested one.
+   *
+   * @generated from enum value: PLAN_VARIANT_ONE_PRIME = 4;
+   */
+  ONE_PRIME = 4,
 }
 
 /**
