@@ -10,18 +10,13 @@ connections and lets in-flight requests finish for ``shutdown_grace_seconds``.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import signal
-import ssl
-import sys
 from pathlib import Path
 
 from aiohttp import web
 
-from tensafe.common.config import load_config
-from tensafe.common.errors import ConfigError, TenSafeError, Unauthenticated
-from tensafe.common.log import configure_logging
+from tensafe.common.errors import TenSafeError, Unauthenticated
+from tensafe.common.http_front import run_main, serve_app
 from tensafe.console.backend import Backend
 from tensafe.console.config import ConsoleConfig
 from tensafe.console.routes import SESSION_KEY, ConsoleRoutes, Handler, error_status, redirect
@@ -125,60 +120,12 @@ def build_app(config: ConsoleConfig, backend: Backend) -> web.Application:
     return app
 
 
-def _ssl_context(config: ConsoleConfig) -> ssl.SSLContext | None:
-    if config.tls_cert_file is None or config.tls_key_file is None:
-        return None
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(config.tls_cert_file, config.tls_key_file)
-    return context
-
-
 async def serve(config: ConsoleConfig, stop: asyncio.Event) -> None:
     """Serve until ``stop`` is set."""
     backend = Backend(config)
-    runner = web.AppRunner(
-        build_app(config, backend),
-        handle_signals=False,
-        access_log=None,
-        shutdown_timeout=config.shutdown_grace_seconds,
-    )
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, config.host, config.port, ssl_context=_ssl_context(config))
-        await site.start()
-        port = int(runner.addresses[0][1])
-        scheme = "https" if config.tls_cert_file else "http"
-        log.info(
-            "console serving on %s://%s:%d%s",
-            scheme,
-            config.host,
-            port,
-            " in dev mode" if config.dev_mode else "",
-        )
-        if config.ready_file:
-            Path(config.ready_file).write_text(json.dumps({"port": port}))
-        await stop.wait()
-        log.info("console stopping")
-    finally:
-        await runner.cleanup()
-        await backend.close()
+    await serve_app(build_app(config, backend), config, stop, name="console", close=backend.close)
 
 
 def main() -> int:
     """Entry point of ``python -m tensafe.console``."""
-    try:
-        config = load_config(ConsoleConfig)
-    except ConfigError as exc:
-        print(f"tensafe-console: configuration error: {exc}", file=sys.stderr)
-        return 2
-    configure_logging("console", level=config.log_level, fmt=config.log_format)
-
-    async def run() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await serve(config, stop)
-
-    asyncio.run(run())
-    return 0
+    return run_main(ConsoleConfig, "console", serve)

@@ -10,16 +10,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import signal
-import ssl
-import sys
-from pathlib import Path
 
 from aiohttp import web
 
-from tensafe.common.config import load_config
-from tensafe.common.errors import ConfigError, TenSafeError
-from tensafe.common.log import configure_logging
+from tensafe.common.errors import TenSafeError
+from tensafe.common.http_front import run_main, serve_app
 from tensafe.tinker_api import errors
 from tensafe.tinker_api.backend import Backend
 from tensafe.tinker_api.config import TinkerApiConfig
@@ -68,63 +63,21 @@ def build_app(config: TinkerApiConfig, backend: Backend) -> web.Application:
     return app
 
 
-def _ssl_context(config: TinkerApiConfig) -> ssl.SSLContext | None:
-    if config.tls_cert_file is None or config.tls_key_file is None:
-        return None
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(config.tls_cert_file, config.tls_key_file)
-    return context
-
-
 async def serve(config: TinkerApiConfig, stop: asyncio.Event) -> None:
     """Serve until ``stop`` is set."""
     backend = Backend(config)
-    runner = web.AppRunner(
+    await serve_app(
         build_app(config, backend),
-        handle_signals=False,
-        access_log=None,
-        shutdown_timeout=config.shutdown_grace_seconds,
+        config,
+        stop,
+        name="tinker api",
+        close=backend.close,
+        detail=f"trainer {config.trainer_url}",
         # Request bodies are decompressed by the routes (zstd, bounded by the size limit).
         auto_decompress=False,
     )
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, config.host, config.port, ssl_context=_ssl_context(config))
-        await site.start()
-        port = int(runner.addresses[0][1])
-        scheme = "https" if config.tls_cert_file else "http"
-        log.info(
-            "tinker api serving on %s://%s:%d (trainer %s)%s",
-            scheme,
-            config.host,
-            port,
-            config.trainer_url,
-            " in dev mode" if config.dev_mode else "",
-        )
-        if config.ready_file:
-            Path(config.ready_file).write_text(json.dumps({"port": port}))
-        await stop.wait()
-        log.info("tinker api stopping")
-    finally:
-        await runner.cleanup()
-        await backend.close()
 
 
 def main() -> int:
     """Entry point of ``python -m tensafe.tinker_api``."""
-    try:
-        config = load_config(TinkerApiConfig)
-    except ConfigError as exc:
-        print(f"tensafe-tinker_api: configuration error: {exc}", file=sys.stderr)
-        return 2
-    configure_logging("tinker_api", level=config.log_level, fmt=config.log_format)
-
-    async def run() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await serve(config, stop)
-
-    asyncio.run(run())
-    return 0
+    return run_main(TinkerApiConfig, "tinker_api", serve)
