@@ -32,7 +32,7 @@ async def test_migrations_create_exactly_the_models(database_url: str) -> None:
         ) == head_revision(MIGRATIONS)
         # A second start-up (API and worker both migrate) is a no-op.
         await migrate(database, script_location=MIGRATIONS, version_table=VERSION_TABLE)
-        assert await current_revision(database, version_table=VERSION_TABLE) == "0004_lineage"
+        assert await current_revision(database, version_table=VERSION_TABLE) == "0005_steps"
         async with database.connection(read_only=True) as connection:
             differences = await connection.run_sync(_differences)
         assert differences == []
@@ -49,6 +49,7 @@ async def test_migrations_create_exactly_the_models(database_url: str) -> None:
             "trainer_jobs",
             "trainer_privacy_ledger",
             "trainer_privacy_lineage",
+            "trainer_steps",
             "trainer_training_clients",
         ]
     finally:

@@ -26,6 +26,7 @@ from tensafe.trainer.store.models import (
     CheckpointRow,
     JobRow,
     LedgerRow,
+    StepRow,
     TrainingClientRow,
 )
 
@@ -161,9 +162,7 @@ async def list_clients(
     session: AsyncSession, tenant: str, *, page_size: int, page_token: str
 ) -> ClientPage:
     """A page of a tenant's active clients, newest first (AIP-158)."""
-    if page_size < 0:
-        raise InvalidArgument("page_size", "must not be negative")
-    size = DEFAULT_PAGE_SIZE if page_size == 0 else min(page_size, MAX_PAGE_SIZE)
+    size = _page_size(page_size)
     query = sa.select(TrainingClientRow).where(
         TrainingClientRow.tenant == tenant, TrainingClientRow.state == CLIENT_ACTIVE
     )
@@ -395,6 +394,123 @@ async def checkpoints_of(session: AsyncSession, client_id: str) -> Sequence[Chec
             )
         ).scalars()
     )
+
+
+def record_step(
+    session: AsyncSession,
+    row: TrainingClientRow,
+    *,
+    seq: int,
+    future_id: str,
+    loss: float | None,
+    dp_step: int | None,
+) -> None:
+    """Add a committed optimizer step to the client's history (``row`` is after it).
+
+    Args:
+        session: The step's transaction.
+        row: The locked client, its step and epsilon already updated.
+        seq: The job's sequence number.
+        future_id: The job's future.
+        loss: Mean loss per token of the step's batch; None if unknown.
+        dp_step: The privacy ledger's step; None for a step without DP.
+    """
+    session.add(
+        StepRow(
+            tenant=row.tenant,
+            client_id=row.id,
+            seq=seq,
+            future_id=future_id,
+            step=int(row.step),
+            dp_step=dp_step,
+            epsilon_after=float(row.epsilon_spent) if dp_step is not None else None,
+            loss=loss,
+            created_at=now(),
+        )
+    )
+
+
+def _page_size(page_size: int) -> int:
+    if page_size < 0:
+        raise InvalidArgument("page_size", "must not be negative")
+    return DEFAULT_PAGE_SIZE if page_size == 0 else min(page_size, MAX_PAGE_SIZE)
+
+
+def _after_id(page_token: str) -> int:
+    # Step and checkpoint pages are ordered by an integer key; the token is the last one.
+    if not page_token:
+        return -1
+    try:
+        value = int(page_token)
+    except ValueError as error:
+        raise InvalidArgument("page_token", "is malformed") from error
+    if value < 0:
+        raise InvalidArgument("page_token", "is malformed")
+    return value
+
+
+@dataclass(frozen=True)
+class StepPage:
+    """One page of a client's optimizer steps, oldest first."""
+
+    steps: list[StepRow]
+    next_page_token: str
+
+
+async def list_steps(
+    session: AsyncSession, client_id: str, *, page_size: int, page_token: str
+) -> StepPage:
+    """A page of a client's committed optimizer steps in commit order (AIP-158).
+
+    The caller has checked that the client belongs to the tenant.
+    """
+    size = _page_size(page_size)
+    rows = list(
+        (
+            await session.execute(
+                sa.select(StepRow)
+                .where(StepRow.client_id == client_id, StepRow.id > _after_id(page_token))
+                .order_by(StepRow.id)
+                .limit(size + 1)
+            )
+        ).scalars()
+    )
+    token = str(rows[size - 1].id) if len(rows) > size else ""
+    return StepPage(rows[:size], token)
+
+
+@dataclass(frozen=True)
+class CheckpointPage:
+    """One page of a client's checkpoints, oldest first."""
+
+    checkpoints: list[CheckpointRow]
+    next_page_token: str
+
+
+async def list_checkpoints(
+    session: AsyncSession, client_id: str, *, page_size: int, page_token: str
+) -> CheckpointPage:
+    """A page of a client's checkpoints in the order their jobs ran (AIP-158).
+
+    Each job saves at most one checkpoint, so the job's sequence number orders them.
+    The caller has checked that the client belongs to the tenant.
+    """
+    size = _page_size(page_size)
+    rows = list(
+        (
+            await session.execute(
+                sa.select(CheckpointRow)
+                .where(
+                    CheckpointRow.client_id == client_id,
+                    CheckpointRow.seq > _after_id(page_token),
+                )
+                .order_by(CheckpointRow.seq)
+                .limit(size + 1)
+            )
+        ).scalars()
+    )
+    token = str(rows[size - 1].seq) if len(rows) > size else ""
+    return CheckpointPage(rows[:size], token)
 
 
 @dataclass(frozen=True)
