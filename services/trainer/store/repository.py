@@ -13,7 +13,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -29,6 +29,8 @@ from tensafe.trainer.store.models import (
     StepRow,
     TrainingClientRow,
 )
+
+RowT = TypeVar("RowT")
 
 CLIENT_ACTIVE = "ACTIVE"
 CLIENT_DELETED = "DELETED"
@@ -436,7 +438,7 @@ def _page_size(page_size: int) -> int:
     return DEFAULT_PAGE_SIZE if page_size == 0 else min(page_size, MAX_PAGE_SIZE)
 
 
-def _after_id(page_token: str) -> int:
+def _after_key(page_token: str) -> int:
     # Step and checkpoint pages are ordered by an integer key; the token is the last one.
     if not page_token:
         return -1
@@ -447,6 +449,31 @@ def _after_id(page_token: str) -> int:
     if value < 0:
         raise InvalidArgument("page_token", "is malformed")
     return value
+
+
+async def _page_by_key(
+    session: AsyncSession,
+    row_type: type[RowT],
+    key: Any,
+    where: Any,
+    *,
+    page_size: int,
+    page_token: str,
+) -> tuple[list[RowT], str]:
+    """A page of the ``where`` rows in ascending ``key`` order, and the next token."""
+    size = _page_size(page_size)
+    rows = list(
+        (
+            await session.execute(
+                sa.select(row_type)
+                .where(where, key > _after_key(page_token))
+                .order_by(key)
+                .limit(size + 1)
+            )
+        ).scalars()
+    )
+    token = str(getattr(rows[size - 1], key.key)) if len(rows) > size else ""
+    return rows[:size], token
 
 
 @dataclass(frozen=True)
@@ -464,19 +491,15 @@ async def list_steps(
 
     The caller has checked that the client belongs to the tenant.
     """
-    size = _page_size(page_size)
-    rows = list(
-        (
-            await session.execute(
-                sa.select(StepRow)
-                .where(StepRow.client_id == client_id, StepRow.id > _after_id(page_token))
-                .order_by(StepRow.id)
-                .limit(size + 1)
-            )
-        ).scalars()
+    rows, token = await _page_by_key(
+        session,
+        StepRow,
+        StepRow.id,
+        StepRow.client_id == client_id,
+        page_size=page_size,
+        page_token=page_token,
     )
-    token = str(rows[size - 1].id) if len(rows) > size else ""
-    return StepPage(rows[:size], token)
+    return StepPage(rows, token)
 
 
 @dataclass(frozen=True)
@@ -495,22 +518,15 @@ async def list_checkpoints(
     Each job saves at most one checkpoint, so the job's sequence number orders them.
     The caller has checked that the client belongs to the tenant.
     """
-    size = _page_size(page_size)
-    rows = list(
-        (
-            await session.execute(
-                sa.select(CheckpointRow)
-                .where(
-                    CheckpointRow.client_id == client_id,
-                    CheckpointRow.seq > _after_id(page_token),
-                )
-                .order_by(CheckpointRow.seq)
-                .limit(size + 1)
-            )
-        ).scalars()
+    rows, token = await _page_by_key(
+        session,
+        CheckpointRow,
+        CheckpointRow.seq,
+        CheckpointRow.client_id == client_id,
+        page_size=page_size,
+        page_token=page_token,
     )
-    token = str(rows[size - 1].seq) if len(rows) > size else ""
-    return CheckpointPage(rows[:size], token)
+    return CheckpointPage(rows, token)
 
 
 @dataclass(frozen=True)
