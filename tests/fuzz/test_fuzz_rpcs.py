@@ -202,8 +202,9 @@ def _log_excerpt(target: FuzzTarget, details: str) -> str:
 
 def assert_stack_alive(target: FuzzTarget) -> None:
     """Every stack process runs and every service reports SERVING."""
-    # The gRPC services, the trainer worker and the Tinker API (HTTP, no gRPC channel).
-    assert len(target.pids) == len(target.channels) + 2, target.pids
+    # The gRPC services, the trainer worker, the Tinker API and the console (both HTTP,
+    # no gRPC channel).
+    assert len(target.pids) == len(target.channels) + 3, target.pids
     for pid, command in target.pids.items():
         try:
             state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
