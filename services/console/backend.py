@@ -141,6 +141,30 @@ class Backend:
         )
         return response.privacy_spent
 
+    async def training_steps(
+        self, client_id: str, token: str, *, page_size: int, page_token: str
+    ) -> pb.ListTrainingStepsResponse:
+        """One page of a training client's committed steps (loss, ε after each)."""
+        request = pb.ListTrainingStepsRequest(
+            training_client_id=client_id, page_size=page_size, page_token=page_token
+        )
+        response: pb.ListTrainingStepsResponse = await self._call(
+            self._trainer.ListTrainingSteps, request, token
+        )
+        return response
+
+    async def checkpoints(
+        self, client_id: str, token: str, *, page_size: int, page_token: str
+    ) -> pb.ListCheckpointsResponse:
+        """One page of a training client's saved states and sampler weights."""
+        request = pb.ListCheckpointsRequest(
+            training_client_id=client_id, page_size=page_size, page_token=page_token
+        )
+        response: pb.ListCheckpointsResponse = await self._call(
+            self._trainer.ListCheckpoints, request, token
+        )
+        return response
+
     async def datasets(
         self, token: str, *, page_size: int, page_token: str
     ) -> pb.ListDatasetsResponse:

@@ -107,8 +107,28 @@ def dp_view(client: pb.TrainingClient, spent: pb.PrivacySpent) -> dict[str, Any]
     }
 
 
-def progress_json(client: pb.TrainingClient, spent: pb.PrivacySpent) -> dict[str, Any]:
-    """The run page's poll answer: one point of the chart."""
+def chart_points(steps: list[pb.TrainingStep]) -> list[list[float | None]]:
+    """The chart's ``[step, ε, loss]`` points: the steps the client's current weights
+    took since the last LoadState that took the step counter back (the chart's x axis
+    must grow; earlier steps belong to weights the client no longer has)."""
+    start = 0
+    for index in range(1, len(steps)):
+        if steps[index].step <= steps[index - 1].step:
+            start = index
+    return [
+        [
+            step.step,
+            step.epsilon if step.private else None,
+            step.loss if step.has_loss else None,
+        ]
+        for step in steps[start:]
+    ]
+
+
+def progress_json(
+    client: pb.TrainingClient, spent: pb.PrivacySpent, steps: list[pb.TrainingStep]
+) -> dict[str, Any]:
+    """The run page's poll answer: the run's counters and its whole chart."""
     epsilon = spent.epsilon if client.private and math.isfinite(spent.epsilon) else None
     return {
         "id": client.id,
@@ -117,7 +137,11 @@ def progress_json(client: pb.TrainingClient, spent: pb.PrivacySpent) -> dict[str
         "epsilon_budget": spent.epsilon_budget or None,
         "dp_steps": spent.steps,
         "state": STATES.get(client.state, "unknown"),
+        "points": chart_points(steps),
     }
+
+
+CHECKPOINT_KINDS = {pb.CHECKPOINT_KIND_STATE: "state", pb.CHECKPOINT_KIND_SAMPLER: "sampler"}
 
 
 def certificate_view(manifest: tgsp.Manifest) -> dict[str, Any]:
@@ -322,11 +346,47 @@ class ConsoleRoutes:
             request, "runs.html", {"rows": rows, "next_page_token": page.next_page_token}
         )
 
+    async def _steps(self, client_id: str, token: str) -> list[pb.TrainingStep]:
+        """Every committed step of a client, in commit order (the trainer's history)."""
+        steps: list[pb.TrainingStep] = []
+        page_token = ""
+        while True:
+            page = await self._backend.training_steps(
+                client_id, token, page_size=LIST_ALL_PAGE, page_token=page_token
+            )
+            steps.extend(page.steps)
+            page_token = page.next_page_token
+            if not page_token:
+                return steps
+
+    async def _progress(
+        self, client_id: str, token: str
+    ) -> tuple[pb.TrainingClient, pb.PrivacySpent, dict[str, Any]]:
+        client = await self._backend.training_client(client_id, token)
+        spent, steps = await asyncio.gather(
+            self._backend.privacy_spent(client.id, token), self._steps(client.id, token)
+        )
+        return client, spent, progress_json(client, spent, steps)
+
     async def run(self, request: web.Request) -> web.StreamResponse:
-        """One training client: settings, privacy spent and lineage, a live ε chart."""
+        """One training client: settings, privacy spent and lineage, loss and ε against
+        steps, its checkpoints."""
         token = request[SESSION_KEY].token
-        client = await self._backend.training_client(request.match_info["client_id"], token)
-        spent = await self._backend.privacy_spent(client.id, token)
+        client, spent, progress = await self._progress(request.match_info["client_id"], token)
+        page = await self._backend.checkpoints(
+            client.id, token, page_size=PAGE_SIZE, page_token=request.query.get("page_token", "")
+        )
+        checkpoints = [
+            {
+                "path": checkpoint.path,
+                "kind": CHECKPOINT_KINDS.get(checkpoint.kind, "unknown"),
+                "name": checkpoint.name,
+                "step": checkpoint.step,
+                "created": checkpoint.create_time,
+                "lineage": list(checkpoint.lineage_client_ids),
+            }
+            for checkpoint in page.checkpoints
+        ]
         return self.render(
             request,
             "run.html",
@@ -335,19 +395,18 @@ class ConsoleRoutes:
                 "state": STATES.get(client.state, "unknown"),
                 "dp": dp_view(client, spent),
                 "lora_targets": ", ".join(client.lora.target_modules) or "model default",
-                "progress": json.dumps(progress_json(client, spent)),
+                "progress": json.dumps(progress),
                 "poll_ms": int(self._config.console_poll_seconds * 1000),
+                "checkpoints": checkpoints,
+                "next_page_token": page.next_page_token,
             },
         )
 
     async def run_progress(self, request: web.Request) -> web.StreamResponse:
-        """The run's current step and ε, polled by its chart."""
+        """The run's counters and its loss and ε history, polled by its chart."""
         token = request[SESSION_KEY].token
-        client = await self._backend.training_client(request.match_info["client_id"], token)
-        spent = await self._backend.privacy_spent(client.id, token)
-        return web.json_response(
-            progress_json(client, spent), headers={"Cache-Control": "no-store"}
-        )
+        _, _, progress = await self._progress(request.match_info["client_id"], token)
+        return web.json_response(progress, headers={"Cache-Control": "no-store"})
 
     # -- datasets ----------------------------------------------------------------------
 

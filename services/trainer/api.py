@@ -346,6 +346,26 @@ class TrainerApi:
         row = await self.get_client(caller, client_id)
         return row, self._ledger.report(row)
 
+    async def list_steps(
+        self, caller: Caller, client_id: str, *, page_size: int, page_token: str
+    ) -> repo.StepPage:
+        """A page of a client's committed optimizer steps (loss, epsilon after each)."""
+        async with self._db.transaction(read_only=True) as session:
+            await repo.get_client(session, caller.tenant, client_id)
+            return await repo.list_steps(
+                session, client_id, page_size=page_size, page_token=page_token
+            )
+
+    async def list_checkpoints(
+        self, caller: Caller, client_id: str, *, page_size: int, page_token: str
+    ) -> repo.CheckpointPage:
+        """A page of a client's saved states and sampler weights."""
+        async with self._db.transaction(read_only=True) as session:
+            await repo.get_client(session, caller.tenant, client_id)
+            return await repo.list_checkpoints(
+                session, client_id, page_size=page_size, page_token=page_token
+            )
+
     # ---------------------------------------------------------------- jobs
 
     async def forward_backward(

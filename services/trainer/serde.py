@@ -26,9 +26,11 @@ from tensafe.proto.common.v1 import common_pb2
 from tensafe.proto.trainer.v1 import trainer_service_pb2 as pb
 from tensafe.trainer.engine.config import AdamConfig, LoraConfig
 from tensafe.trainer.engine.sampling import SamplingParams
+from tensafe.trainer.jobs import CHECKPOINT_KIND, SAMPLER_KIND, checkpoint_path
 
 if TYPE_CHECKING:
-    from tensafe.trainer.ledger import PrivacyReport
+    from tensafe.trainer.ledger import Lineage, PrivacyReport
+    from tensafe.trainer.store.models import CheckpointRow, StepRow
 
 ACCOUNTANT_NAMES = {pb.ACCOUNTANT_RDP: "rdp", pb.ACCOUNTANT_PLD: "pld"}
 ACCOUNTANT_ENUMS = {name: value for value, name in ACCOUNTANT_NAMES.items()}
@@ -401,3 +403,35 @@ def metrics_map(metrics: Mapping[str, float]) -> dict[str, float]:
 def json_state(state: Mapping[str, Any]) -> str:
     """Stable JSON of an accountant state."""
     return json.dumps(state, sort_keys=True)
+
+
+def step_to_proto(row: StepRow) -> pb.TrainingStep:
+    """A committed optimizer step as its message."""
+    message = pb.TrainingStep(
+        step=int(row.step),
+        private=row.dp_step is not None,
+        epsilon=float(row.epsilon_after) if row.epsilon_after is not None else 0.0,
+        has_loss=row.loss is not None,
+        loss=float(row.loss) if row.loss is not None else 0.0,
+    )
+    message.create_time.FromDatetime(row.created_at)
+    return message
+
+
+_CHECKPOINT_KINDS = {
+    CHECKPOINT_KIND: pb.CHECKPOINT_KIND_STATE,
+    SAMPLER_KIND: pb.CHECKPOINT_KIND_SAMPLER,
+}
+
+
+def checkpoint_to_proto(row: CheckpointRow, lineage: Lineage) -> pb.Checkpoint:
+    """A saved checkpoint as its message; ``lineage`` is the one stored with it."""
+    message = pb.Checkpoint(
+        path=checkpoint_path(row.client_id, row.kind, row.name),
+        kind=_CHECKPOINT_KINDS[row.kind],
+        name=row.name,
+        step=int(row.step),
+        lineage_client_ids=[s.client_id for s in lineage.sources if s.client_id != row.client_id],
+    )
+    message.create_time.FromDatetime(row.created_at)
+    return message

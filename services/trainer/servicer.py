@@ -20,7 +20,7 @@ from tensafe.proto.trainer.v1 import trainer_service_pb2_grpc
 from tensafe.trainer import serde
 from tensafe.trainer.api import Caller, TrainerApi
 from tensafe.trainer.datasets.service import DatasetService, dataset_to_proto
-from tensafe.trainer.ledger import client_dp
+from tensafe.trainer.ledger import Lineage, client_dp
 from tensafe.trainer.store.models import TrainingClientRow
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -210,6 +210,39 @@ class TrainerServiceServicer(trainer_service_pb2_grpc.TrainerServiceServicer):
         """Report the privacy spent by a client."""
         row, report = await self._api.privacy_spent(caller(SCOPE_READ), request.training_client_id)
         return pb.GetPrivacySpentResponse(privacy_spent=serde.privacy_spent(client_dp(row), report))
+
+    async def ListTrainingSteps(
+        self, request: pb.ListTrainingStepsRequest, context: Context
+    ) -> pb.ListTrainingStepsResponse:
+        """List a client's committed optimizer steps with their loss and epsilon."""
+        page = await self._api.list_steps(
+            caller(SCOPE_READ),
+            request.training_client_id,
+            page_size=request.page_size,
+            page_token=request.page_token,
+        )
+        return pb.ListTrainingStepsResponse(
+            steps=[serde.step_to_proto(row) for row in page.steps],
+            next_page_token=page.next_page_token,
+        )
+
+    async def ListCheckpoints(
+        self, request: pb.ListCheckpointsRequest, context: Context
+    ) -> pb.ListCheckpointsResponse:
+        """List a client's saved states and sampler weights."""
+        page = await self._api.list_checkpoints(
+            caller(SCOPE_READ),
+            request.training_client_id,
+            page_size=request.page_size,
+            page_token=request.page_token,
+        )
+        return pb.ListCheckpointsResponse(
+            checkpoints=[
+                serde.checkpoint_to_proto(row, Lineage.parse(row.lineage_json))
+                for row in page.checkpoints
+            ],
+            next_page_token=page.next_page_token,
+        )
 
     async def SaveAdapter(
         self, request: pb.SaveAdapterRequest, context: Context

@@ -604,7 +604,12 @@ class TrainerWorker:
             entry = message.loss_fn_outputs.add()
             entry.outputs["logprobs"].CopyFrom(serde.float_tensor(output.logprobs))
             entry.outputs["loss"].CopyFrom(serde.float_tensor([output.loss]))
-        return _Outcome(message, state=engine.state_dict() if keep else None, step=engine.step)
+        return _Outcome(
+            message,
+            state=engine.state_dict() if keep else None,
+            step=engine.step,
+            metrics=result.metrics,
+        )
 
     def _with_weights(
         self, engine: LoraTrainingEngine, weights: bytes | None, run: Any
@@ -706,6 +711,23 @@ class TrainerWorker:
                         )
                     result.privacy_spent.CopyFrom(serde.privacy_spent(dp, self._ledger.report(row)))
                     await self._ledger.settle(session, job.future_id)
+                    tokens = float(row.pending_tokens)
+                    repo.record_step(
+                        session,
+                        row,
+                        seq=job.seq,
+                        future_id=job.future_id,
+                        loss=float(row.pending_loss_sum) / tokens if tokens > 0 else None,
+                        dp_step=int(row.dp_steps) if dp is not None and outcome.dp_step else None,
+                    )
+                    row.pending_loss_sum, row.pending_tokens = 0.0, 0.0
+                elif kind is JobKind.FORWARD_BACKWARD:
+                    # The loss of the gradients the next step applies (ListTrainingSteps).
+                    row.pending_loss_sum = float(row.pending_loss_sum) + outcome.metrics["loss:sum"]
+                    row.pending_tokens = float(row.pending_tokens) + outcome.metrics["tokens:sum"]
+                elif kind is JobKind.LOAD_STATE:
+                    # The loaded state replaces whatever gradients were accumulated.
+                    row.pending_loss_sum, row.pending_tokens = 0.0, 0.0
                 if outcome.loaded is not None:
                     # Normally inherited at admission already; a checkpoint replaced
                     # since then brings its own history too (merging is idempotent).

@@ -67,11 +67,19 @@ def datums(count: int = 4) -> list[types.Datum]:
     return data
 
 
-def step(client: Any, count: int = 1) -> None:
-    """``count`` DP optimizer steps of a training client."""
+def step(client: Any, count: int = 1) -> list[tuple[float, float]]:
+    """``count`` DP optimizer steps of a training client.
+
+    Returns:
+        Each step's (loss per token, epsilon after it) as the SDK observed them.
+    """
+    observed = []
     for _ in range(count):
-        client.forward_backward(datums(), loss_fn="cross_entropy")
+        metrics = client.forward_backward(datums(), loss_fn="cross_entropy").result().metrics
         client.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+        loss = metrics["loss:sum"] / metrics["tokens:sum"]
+        observed.append((loss, client.get_privacy_spent().epsilon))
+    return observed
 
 
 CSRF_INPUT = re.compile(r'name="csrf_token" value="([^"]+)"')
@@ -80,15 +88,20 @@ NONCE_INPUT = re.compile(r'name="login_nonce" value="([^"]+)"')
 
 @pytest.fixture(scope="package")
 def trained(stack: Stack) -> dict[str, Any]:
-    """One DP training client of tenant A with 2 steps and a published adapter."""
+    """One DP training client of tenant A with 2 steps (a state saved after the first)
+    and a published adapter."""
     with stack.service(stack.tenant) as service:
         client = service.create_lora_training_client(
             base_model=BASE_MODEL, rank=4, seed=1, target_epsilon=4.0, planned_steps=20
         )
-        step(client, 2)
+        observed = step(client, 1)
+        checkpoint = client.save_state("after-one").result().path
+        observed += step(client, 1)
         saved = client.save_adapter("console-adapter").result()
         return {
             "client_id": client.model_id,
+            "observed": observed,
+            "checkpoint": checkpoint,
             "adapter": saved.adapter_name,
             "version": saved.version,
             "epsilon": client.get_privacy_spent().epsilon,

@@ -4,6 +4,8 @@ every form, tenant isolation, and what each page shows from the real services.""
 from __future__ import annotations
 
 import dataclasses
+import html
+import json
 import math
 import re
 from collections.abc import AsyncIterator
@@ -154,12 +156,24 @@ async def test_runs_show_the_tenants_clients_with_their_epsilon(
     assert trained["client_id"] in page
     assert f"ε {trained['epsilon']:.3f} / 4.000" in page
     status, run, _ = await browser.get(f"/runs/{trained['client_id']}")
-    assert status == 200 and "ε against steps" in run
+    assert status == 200 and "Loss and ε against steps" in run
+    # The checkpoints table lists the state saved after the first step.
+    checkpoints = run[run.index('id="checkpoints"') :]
+    assert "after-one" in checkpoints and trained["checkpoint"] in checkpoints
+    assert '<td class="num">1</td>' in checkpoints
     status, _body, response = await browser.get(f"/runs/{trained['client_id']}/progress.json")
     progress = await response.json()
     assert status == 200 and progress["step"] == 2
     assert math.isclose(progress["epsilon"], trained["epsilon"], rel_tol=1e-9)
     assert progress["epsilon_budget"] == pytest.approx(4.0)
+    # The chart's points are the trainer's history: each step's loss and ε as the SDK
+    # saw them when it took the step.
+    assert progress["points"] == [
+        [number, pytest.approx(epsilon, rel=1e-9), pytest.approx(loss, rel=1e-9)]
+        for number, (loss, epsilon) in enumerate(trained["observed"], start=1)
+    ]
+    # The page embeds the same history, so a reopened page draws the whole run.
+    assert json.dumps(progress["points"]) in html.unescape(run)
 
 
 async def test_another_tenants_run_is_not_found(

@@ -295,6 +295,12 @@ def _seed_caller(
         trainer + "GetBaseModelTokenizer": [
             trainer_pb.GetBaseModelTokenizerRequest(base_model=BASE_MODEL)
         ],
+        trainer + "ListTrainingSteps": [
+            trainer_pb.ListTrainingStepsRequest(training_client_id=client_id, page_size=2)
+        ],
+        trainer + "ListCheckpoints": [
+            trainer_pb.ListCheckpointsRequest(training_client_id=client_id, page_size=2)
+        ],
         trainer + "LoadState": [
             trainer_pb.LoadStateRequest(training_client_id=client_id, path=state.path)
         ],

@@ -193,6 +193,18 @@ async def test_server_poisson_training_is_accounted_with_amplification(
     ).privacy_spent
     assert spent.steps == steps
     assert math.isclose(spent.epsilon, expected, rel_tol=1e-6)
+    # The step history holds the run's losses (an empty batch has none) and ends at
+    # the epsilon GetPrivacySpent reports.
+    history = (
+        await stack.trainer.ListTrainingSteps(
+            pb.ListTrainingStepsRequest(training_client_id=client.id), metadata=stack.auth
+        )
+    ).steps
+    assert [s.step for s in history] == list(range(1, steps + 1))
+    assert [s.loss if s.has_loss else math.nan for s in history] == pytest.approx(
+        list(result.losses), nan_ok=True
+    )
+    assert history[-1].epsilon == spent.epsilon
     trained = (
         await stack.trainer.GetTrainingClient(
             pb.GetTrainingClientRequest(training_client_id=client.id), metadata=stack.auth

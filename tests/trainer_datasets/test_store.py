@@ -37,12 +37,12 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
     yield request.getfixturevalue("fresh_postgres_url")
 
 
-async def test_migrations_0002_to_0004_match_the_models(database_url: str) -> None:
-    assert head_revision(MIGRATIONS) == "0004_lineage"
+async def test_migrations_0002_to_head_match_the_models(database_url: str) -> None:
+    assert head_revision(MIGRATIONS) == "0005_steps"
     database = Database.from_url(database_url)
     try:
         await migrate(database, script_location=MIGRATIONS, version_table=VERSION_TABLE)
-        assert await current_revision(database, version_table=VERSION_TABLE) == "0004_lineage"
+        assert await current_revision(database, version_table=VERSION_TABLE) == "0005_steps"
         async with database.connection(read_only=True) as connection:
             assert await connection.run_sync(_differences) == []
             names = await connection.run_sync(lambda c: set(sa.inspect(c).get_table_names()))

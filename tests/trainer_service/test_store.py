@@ -6,9 +6,18 @@ from typing import Any
 
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
+from alembic.config import Config as AlembicConfig
 from alembic.migration import MigrationContext
+from alembic.runtime.environment import EnvironmentContext
+from alembic.script import ScriptDirectory
 
-from tensafe.common.db import Database, current_revision, head_revision, migrate
+from tensafe.common.db import (
+    Database,
+    current_revision,
+    head_revision,
+    migrate,
+    resolve_script_location,
+)
 from tensafe.trainer.store.models import MIGRATIONS, VERSION_TABLE, Base
 
 
@@ -32,7 +41,7 @@ async def test_migrations_create_exactly_the_models(database_url: str) -> None:
         ) == head_revision(MIGRATIONS)
         # A second start-up (API and worker both migrate) is a no-op.
         await migrate(database, script_location=MIGRATIONS, version_table=VERSION_TABLE)
-        assert await current_revision(database, version_table=VERSION_TABLE) == "0004_lineage"
+        assert await current_revision(database, version_table=VERSION_TABLE) == "0005_steps"
         async with database.connection(read_only=True) as connection:
             differences = await connection.run_sync(_differences)
         assert differences == []
@@ -49,7 +58,47 @@ async def test_migrations_create_exactly_the_models(database_url: str) -> None:
             "trainer_jobs",
             "trainer_privacy_ledger",
             "trainer_privacy_lineage",
+            "trainer_steps",
             "trainer_training_clients",
         ]
+    finally:
+        await database.dispose()
+
+
+def _downgrade_to(connection: sa.Connection, revision: str) -> None:
+    directory = resolve_script_location(MIGRATIONS)
+    config = AlembicConfig()
+    config.set_main_option("script_location", str(directory))
+    script = ScriptDirectory(str(directory))
+
+    def downgrade_steps(current: Any, _context: MigrationContext) -> Any:
+        return script._downgrade_revs(revision, current)
+
+    with EnvironmentContext(config, script, fn=downgrade_steps, destination_rev=revision) as env:
+        env.configure(connection=connection, version_table=VERSION_TABLE)
+        with env.begin_transaction():
+            env.run_migrations()
+
+
+async def test_the_step_history_migration_downgrades_and_upgrades_again(
+    database_url: str,
+) -> None:
+    database = Database.from_url(database_url)
+    try:
+        await migrate(database, script_location=MIGRATIONS, version_table=VERSION_TABLE)
+        async with database.connection() as connection:
+            await connection.run_sync(_downgrade_to, "0004_lineage")
+            names = await connection.run_sync(lambda c: sa.inspect(c).get_table_names())
+            columns = await connection.run_sync(
+                lambda c: {
+                    col["name"] for col in sa.inspect(c).get_columns("trainer_training_clients")
+                }
+            )
+        assert "trainer_steps" not in names
+        assert not {"pending_loss_sum", "pending_tokens"} & columns
+        assert await current_revision(database, version_table=VERSION_TABLE) == "0004_lineage"
+        await migrate(database, script_location=MIGRATIONS, version_table=VERSION_TABLE)
+        async with database.connection(read_only=True) as connection:
+            assert await connection.run_sync(_differences) == []
     finally:
         await database.dispose()

@@ -1,6 +1,7 @@
-// The run page's chart: ε against optimizer steps, drawn by uPlot. The page polls the
-// run's progress endpoint and adds a point whenever the step count moves; the points of
-// this browser tab are kept in sessionStorage so a reload does not lose them.
+// The run page's chart: loss and ε against optimizer steps, drawn by uPlot. The points
+// are the trainer's record of the run (ListTrainingSteps through the console), so a
+// reopened page shows the whole run; the page polls the progress endpoint and redraws
+// whenever the record changes.
 (function () {
   "use strict";
   const box = document.getElementById("chart");
@@ -10,18 +11,7 @@
   const url = box.dataset.progressUrl;
   const pollMs = Number(box.dataset.pollMs) || 2000;
   const initial = JSON.parse(box.dataset.initial);
-  const storeKey = "tensafe.console.run." + initial.id;
-  let points = [];
-  try { points = JSON.parse(sessionStorage.getItem(storeKey) || "[]"); } catch (e) { points = []; }
-
-  function add(progress) {
-    const last = points[points.length - 1];
-    if (last && last[0] === progress.step) return false;
-    if (last && progress.step < last[0]) points = [];  // LoadState rolled the run back
-    points.push([progress.step, progress.epsilon]);
-    sessionStorage.setItem(storeKey, JSON.stringify(points));
-    return true;
-  }
+  let points = initial.points;  // [step, ε or null, loss or null]
 
   function series() {
     const budget = initial.epsilon_budget;
@@ -29,20 +19,25 @@
       points.map(p => p[0]),
       points.map(p => p[1]),
       points.map(() => budget),
+      points.map(p => p[2]),
     ];
   }
 
-  add(initial);
   const plot = new uPlot({
     width: Math.max(box.clientWidth, 280),
     height: 320,
-    scales: { x: { time: false } },
+    scales: { x: { time: false }, eps: {}, loss: {} },
     // Steps are whole numbers: no ticks between them.
-    axes: [{ label: "optimizer step", incrs: [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000] }, { label: "ε spent" }],
+    axes: [
+      { label: "optimizer step", incrs: [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000] },
+      { label: "ε spent", scale: "eps" },
+      { label: "loss per token", scale: "loss", side: 1, grid: { show: false } },
+    ],
     series: [
       { label: "step" },
-      { label: "ε", stroke: "#b3261e", width: 2, points: { show: true, size: 6 } },
-      { label: "ε budget", stroke: "#555", dash: [6, 4], show: initial.epsilon_budget !== null },
+      { label: "ε", scale: "eps", stroke: "#b3261e", width: 2, points: { show: true, size: 6 } },
+      { label: "ε budget", scale: "eps", stroke: "#555", dash: [6, 4], show: initial.epsilon_budget !== null },
+      { label: "loss", scale: "loss", stroke: "#1a5fb4", width: 2, points: { show: true, size: 5 } },
     ],
   }, series(), box);
   box.dataset.points = String(points.length);
@@ -62,7 +57,9 @@
 
   function describe(progress) {
     const eps = progress.epsilon === null ? "not private" : "ε " + progress.epsilon.toFixed(3);
-    status.textContent = points.length + " points; step " + progress.step + ", " + eps;
+    const last = points[points.length - 1];
+    const loss = last && last[2] !== null ? ", loss " + last[2].toFixed(4) : "";
+    status.textContent = points.length + " points; step " + progress.step + ", " + eps + loss;
   }
   describe(initial);
 
@@ -71,7 +68,8 @@
       const response = await fetch(url, { credentials: "same-origin", cache: "no-store" });
       if (response.ok) {
         const progress = await response.json();
-        if (add(progress)) {
+        if (JSON.stringify(progress.points) !== JSON.stringify(points)) {
+          points = progress.points;
           plot.setData(series());
           box.dataset.points = String(points.length);
         }

@@ -197,6 +197,14 @@ class DatasetRunner:
                     dataset_id=run.dataset_id,
                     accountant=accountant,
                 )
+                repo.record_step(
+                    session,
+                    row,
+                    seq=job.seq,
+                    future_id=job.future_id,
+                    loss=outcome.mean_loss,
+                    dp_step=int(row.dp_steps),
+                )
                 run.steps_done = len(sizes)
                 run.losses_json = json.dumps(losses)
                 run.batch_sizes_json = json.dumps(sizes)

@@ -71,6 +71,15 @@ class TrainingClientRow(Base):
     lineage_json: Mapped[str | None] = mapped_column(sa.Text, nullable=True)
     """The other training clients whose steps the weights continue (migration 0004;
     :class:`tensafe.trainer.ledger.Lineage`); None: none."""
+    pending_loss_sum: Mapped[float] = mapped_column(
+        sa.Float, default=0.0, server_default=sa.text("0")
+    )
+    """``loss:sum`` of the ForwardBackward jobs committed since the last optimizer step
+    (0005): the loss of the gradients the next step applies."""
+    pending_tokens: Mapped[float] = mapped_column(
+        sa.Float, default=0.0, server_default=sa.text("0")
+    )
+    """``tokens:sum`` of those ForwardBackward jobs (0005)."""
 
 
 class JobRow(Base):
@@ -138,6 +147,31 @@ class LedgerRow(Base):
     created_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
     dataset_id: Mapped[str | None] = mapped_column(sa.String(32), nullable=True, index=True)
     """The server-held dataset the step sampled from; None for client batches (0004)."""
+
+
+class StepRow(Base):
+    """One committed optimizer step of a client: its loss and epsilon after it (0005).
+
+    Keyed by the job's sequence number, not the step number: a LoadState may take the
+    step counter back, and the steps taken after it are new rows.
+    """
+
+    __tablename__ = "trainer_steps"
+    __table_args__ = (sa.Index("ix_trainer_steps_client", "client_id", "id"),)
+
+    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=True)
+    tenant: Mapped[str] = mapped_column(sa.String(128))
+    client_id: Mapped[str] = mapped_column(sa.String(32))
+    seq: Mapped[int] = mapped_column(sa.BigInteger)
+    future_id: Mapped[str] = mapped_column(sa.String(32))
+    step: Mapped[int] = mapped_column(sa.BigInteger)
+    """The optimizer step number after the step."""
+    dp_step: Mapped[int | None] = mapped_column(sa.BigInteger, nullable=True)
+    """The privacy ledger's step (None: a step without DP)."""
+    epsilon_after: Mapped[float | None] = mapped_column(sa.Float, nullable=True)
+    loss: Mapped[float | None] = mapped_column(sa.Float, nullable=True)
+    """Mean loss per token of the step's batch; None when no ForwardBackward fed it."""
+    created_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
 
 
 class LineageEventRow(Base):

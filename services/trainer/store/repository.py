@@ -13,7 +13,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -26,8 +26,11 @@ from tensafe.trainer.store.models import (
     CheckpointRow,
     JobRow,
     LedgerRow,
+    StepRow,
     TrainingClientRow,
 )
+
+RowT = TypeVar("RowT")
 
 CLIENT_ACTIVE = "ACTIVE"
 CLIENT_DELETED = "DELETED"
@@ -161,9 +164,7 @@ async def list_clients(
     session: AsyncSession, tenant: str, *, page_size: int, page_token: str
 ) -> ClientPage:
     """A page of a tenant's active clients, newest first (AIP-158)."""
-    if page_size < 0:
-        raise InvalidArgument("page_size", "must not be negative")
-    size = DEFAULT_PAGE_SIZE if page_size == 0 else min(page_size, MAX_PAGE_SIZE)
+    size = _page_size(page_size)
     query = sa.select(TrainingClientRow).where(
         TrainingClientRow.tenant == tenant, TrainingClientRow.state == CLIENT_ACTIVE
     )
@@ -395,6 +396,137 @@ async def checkpoints_of(session: AsyncSession, client_id: str) -> Sequence[Chec
             )
         ).scalars()
     )
+
+
+def record_step(
+    session: AsyncSession,
+    row: TrainingClientRow,
+    *,
+    seq: int,
+    future_id: str,
+    loss: float | None,
+    dp_step: int | None,
+) -> None:
+    """Add a committed optimizer step to the client's history (``row`` is after it).
+
+    Args:
+        session: The step's transaction.
+        row: The locked client, its step and epsilon already updated.
+        seq: The job's sequence number.
+        future_id: The job's future.
+        loss: Mean loss per token of the step's batch; None if unknown.
+        dp_step: The privacy ledger's step; None for a step without DP.
+    """
+    session.add(
+        StepRow(
+            tenant=row.tenant,
+            client_id=row.id,
+            seq=seq,
+            future_id=future_id,
+            step=int(row.step),
+            dp_step=dp_step,
+            epsilon_after=float(row.epsilon_spent) if dp_step is not None else None,
+            loss=loss,
+            created_at=now(),
+        )
+    )
+
+
+def _page_size(page_size: int) -> int:
+    if page_size < 0:
+        raise InvalidArgument("page_size", "must not be negative")
+    return DEFAULT_PAGE_SIZE if page_size == 0 else min(page_size, MAX_PAGE_SIZE)
+
+
+def _after_key(page_token: str) -> int:
+    # Step and checkpoint pages are ordered by an integer key; the token is the last one.
+    if not page_token:
+        return -1
+    try:
+        value = int(page_token)
+    except ValueError as error:
+        raise InvalidArgument("page_token", "is malformed") from error
+    if value < 0:
+        raise InvalidArgument("page_token", "is malformed")
+    return value
+
+
+async def _page_by_key(
+    session: AsyncSession,
+    row_type: type[RowT],
+    key: Any,
+    where: Any,
+    *,
+    page_size: int,
+    page_token: str,
+) -> tuple[list[RowT], str]:
+    """A page of the ``where`` rows in ascending ``key`` order, and the next token."""
+    size = _page_size(page_size)
+    rows = list(
+        (
+            await session.execute(
+                sa.select(row_type)
+                .where(where, key > _after_key(page_token))
+                .order_by(key)
+                .limit(size + 1)
+            )
+        ).scalars()
+    )
+    token = str(getattr(rows[size - 1], key.key)) if len(rows) > size else ""
+    return rows[:size], token
+
+
+@dataclass(frozen=True)
+class StepPage:
+    """One page of a client's optimizer steps, oldest first."""
+
+    steps: list[StepRow]
+    next_page_token: str
+
+
+async def list_steps(
+    session: AsyncSession, client_id: str, *, page_size: int, page_token: str
+) -> StepPage:
+    """A page of a client's committed optimizer steps in commit order (AIP-158).
+
+    The caller has checked that the client belongs to the tenant.
+    """
+    rows, token = await _page_by_key(
+        session,
+        StepRow,
+        StepRow.id,
+        StepRow.client_id == client_id,
+        page_size=page_size,
+        page_token=page_token,
+    )
+    return StepPage(rows, token)
+
+
+@dataclass(frozen=True)
+class CheckpointPage:
+    """One page of a client's checkpoints, oldest first."""
+
+    checkpoints: list[CheckpointRow]
+    next_page_token: str
+
+
+async def list_checkpoints(
+    session: AsyncSession, client_id: str, *, page_size: int, page_token: str
+) -> CheckpointPage:
+    """A page of a client's checkpoints in the order their jobs ran (AIP-158).
+
+    Each job saves at most one checkpoint, so the job's sequence number orders them.
+    The caller has checked that the client belongs to the tenant.
+    """
+    rows, token = await _page_by_key(
+        session,
+        CheckpointRow,
+        CheckpointRow.seq,
+        CheckpointRow.client_id == client_id,
+        page_size=page_size,
+        page_token=page_token,
+    )
+    return CheckpointPage(rows, token)
 
 
 @dataclass(frozen=True)

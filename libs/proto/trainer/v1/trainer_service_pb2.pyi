@@ -131,6 +131,28 @@ SAMPLING_POISSON: Sampling.ValueType  # 2
 """The server drew Poisson batches from a server-held dataset."""
 Global___Sampling: _TypeAlias = Sampling  # noqa: Y015
 
+class _CheckpointKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _CheckpointKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CheckpointKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CHECKPOINT_KIND_UNSPECIFIED: _CheckpointKind.ValueType  # 0
+    CHECKPOINT_KIND_STATE: _CheckpointKind.ValueType  # 1
+    """Full training state (SaveState); LoadState takes it."""
+    CHECKPOINT_KIND_SAMPLER: _CheckpointKind.ValueType  # 2
+    """Weights for sampling (SaveWeightsForSampler)."""
+
+class CheckpointKind(_CheckpointKind, metaclass=_CheckpointKindEnumTypeWrapper):
+    """Kind of a saved checkpoint."""
+
+CHECKPOINT_KIND_UNSPECIFIED: CheckpointKind.ValueType  # 0
+CHECKPOINT_KIND_STATE: CheckpointKind.ValueType  # 1
+"""Full training state (SaveState); LoadState takes it."""
+CHECKPOINT_KIND_SAMPLER: CheckpointKind.ValueType  # 2
+"""Weights for sampling (SaveWeightsForSampler)."""
+Global___CheckpointKind: _TypeAlias = CheckpointKind  # noqa: Y015
+
 class _DatasetFormat:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -1898,6 +1920,221 @@ class GetPrivacySpentResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetPrivacySpentResponse: _TypeAlias = GetPrivacySpentResponse  # noqa: Y015
+
+@_typing.final
+class TrainingStep(_message.Message):
+    """One committed optimizer step of a training client."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STEP_FIELD_NUMBER: _builtins.int
+    PRIVATE_FIELD_NUMBER: _builtins.int
+    EPSILON_FIELD_NUMBER: _builtins.int
+    HAS_LOSS_FIELD_NUMBER: _builtins.int
+    LOSS_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    step: _builtins.int
+    """The optimizer step number after the step (a LoadState may take it back, so it can
+    repeat within one client's history).
+    """
+    private: _builtins.bool
+    """True for a DP step (recorded in the privacy ledger)."""
+    epsilon: _builtins.float
+    """The client's epsilon after the step (as GetPrivacySpent reported then); 0 when not
+    private.
+    """
+    has_loss: _builtins.bool
+    """Whether `loss` is known: false for a step whose gradients no ForwardBackward
+    recorded since the last step (e.g. after a LoadState).
+    """
+    loss: _builtins.float
+    """Mean loss per token over the step's batch: the sum of the `loss:sum` metrics of the
+    step's ForwardBackward results over the sum of their `tokens:sum`; for a
+    TrainOnDataset step, its mean cross-entropy per trained token.
+    """
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When the step was committed."""
+
+    def __init__(
+        self,
+        *,
+        step: _builtins.int = ...,
+        private: _builtins.bool = ...,
+        epsilon: _builtins.float = ...,
+        has_loss: _builtins.bool = ...,
+        loss: _builtins.float = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "epsilon", b"epsilon", "has_loss", b"has_loss", "loss", b"loss", "private", b"private", "step", b"step"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TrainingStep: _TypeAlias = TrainingStep  # noqa: Y015
+
+@_typing.final
+class ListTrainingStepsRequest(_message.Message):
+    """Request of ListTrainingSteps."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRAINING_CLIENT_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    training_client_id: _builtins.str
+    """The client's id."""
+    page_size: _builtins.int
+    """Page size; 0 means 50, max 1000."""
+    page_token: _builtins.str
+    """Token from a previous response."""
+    def __init__(
+        self,
+        *,
+        training_client_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "training_client_id", b"training_client_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTrainingStepsRequest: _TypeAlias = ListTrainingStepsRequest  # noqa: Y015
+
+@_typing.final
+class ListTrainingStepsResponse(_message.Message):
+    """Response of ListTrainingSteps."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STEPS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty on the last."""
+    @_builtins.property
+    def steps(self) -> _containers.RepeatedCompositeFieldContainer[Global___TrainingStep]:
+        """The steps, oldest first."""
+
+    def __init__(
+        self,
+        *,
+        steps: _abc.Iterable[Global___TrainingStep] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "steps", b"steps"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTrainingStepsResponse: _TypeAlias = ListTrainingStepsResponse  # noqa: Y015
+
+@_typing.final
+class Checkpoint(_message.Message):
+    """A saved checkpoint of a training client."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PATH_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    LINEAGE_CLIENT_IDS_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    path: _builtins.str
+    """`tensafe://` path of the checkpoint."""
+    kind: Global___CheckpointKind.ValueType
+    """What was saved."""
+    name: _builtins.str
+    """Name given when saving."""
+    step: _builtins.int
+    """Optimizer step saved."""
+    @_builtins.property
+    def lineage_client_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Other training clients whose steps the saved weights continue (loaded checkpoints)."""
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was saved."""
+
+    def __init__(
+        self,
+        *,
+        path: _builtins.str = ...,
+        kind: Global___CheckpointKind.ValueType = ...,
+        name: _builtins.str = ...,
+        step: _builtins.int = ...,
+        lineage_client_ids: _abc.Iterable[_builtins.str] | None = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "kind", b"kind", "lineage_client_ids", b"lineage_client_ids", "name", b"name", "path", b"path", "step", b"step"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Checkpoint: _TypeAlias = Checkpoint  # noqa: Y015
+
+@_typing.final
+class ListCheckpointsRequest(_message.Message):
+    """Request of ListCheckpoints."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRAINING_CLIENT_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    training_client_id: _builtins.str
+    """The client's id."""
+    page_size: _builtins.int
+    """Page size; 0 means 50, max 1000."""
+    page_token: _builtins.str
+    """Token from a previous response."""
+    def __init__(
+        self,
+        *,
+        training_client_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "training_client_id", b"training_client_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCheckpointsRequest: _TypeAlias = ListCheckpointsRequest  # noqa: Y015
+
+@_typing.final
+class ListCheckpointsResponse(_message.Message):
+    """Response of ListCheckpoints."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHECKPOINTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty on the last."""
+    @_builtins.property
+    def checkpoints(self) -> _containers.RepeatedCompositeFieldContainer[Global___Checkpoint]:
+        """The checkpoints, oldest first."""
+
+    def __init__(
+        self,
+        *,
+        checkpoints: _abc.Iterable[Global___Checkpoint] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoints", b"checkpoints", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCheckpointsResponse: _TypeAlias = ListCheckpointsResponse  # noqa: Y015
 
 @_typing.final
 class SaveAdapterResult(_message.Message):

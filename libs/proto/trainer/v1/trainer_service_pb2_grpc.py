@@ -114,6 +114,16 @@ class TrainerServiceStub:
                 request_serializer=tensafe_dot_trainer_dot_v1_dot_trainer__service__pb2.GetPrivacySpentRequest.SerializeToString,
                 response_deserializer=tensafe_dot_trainer_dot_v1_dot_trainer__service__pb2.GetPrivacySpentResponse.FromString,
                 _registered_method=True)
+        self.ListTrainingSteps = channel.unary_unary(
+                '/tensafe.trainer.v1.TrainerService/ListTrainingSteps',
+                request_serializer=tensafe_dot_trainer_dot_v1_dot_trainer__service__pb2.ListTrainingStepsRequest.SerializeToString,
+                response_deserializer=tensafe_dot_trainer_dot_v1_dot_trainer__service__pb2.ListTrainingStepsResponse.FromString,
+                _registered_method=True)
+        self.ListCheckpoints = channel.unary_unary(
+                '/tensafe.trainer.v1.TrainerService/ListCheckpoints',
+                request_serializer=tensafe_dot_trainer_dot_v1_dot_trainer__service__pb2.ListCheckpointsRequest.SerializeToString,
+                response_deserializer=tensafe_dot_trainer_dot_v1_dot_trainer__service__pb2.ListCheckpointsResponse.FromString,
+                _registered_method=True)
         self.SaveAdapter = channel.unary_unary(
                 '/tensafe.trainer.v1.TrainerService/SaveAdapter',
                 request_serializer=tensafe_dot_trainer_dot_v1_dot_trainer__service__pb2.SaveAdapterRequest.SerializeToString,
@@ -269,6 +279,20 @@ class TrainerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListTrainingSteps(self, request, context):
+        """A client's committed optimizer steps, oldest first: loss and epsilon after each.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListCheckpoints(self, request, context):
+        """A client's saved states and sampler weights, in the order they were saved.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def SaveAdapter(self, request, context):
         """Seals the current adapter as a TGSP package in the registry, with its DP
         certificate from the ledger. Future of SaveAdapterResult.
@@ -398,6 +422,16 @@ def add_TrainerServiceServicer_to_server(servicer, server):
                     servicer.GetPrivacySpent,
                     request_deserializer=tensafe_dot_trainer_dot_v1_dot_trainer__service__pb2.GetPrivacySpentRequest.FromString,
                     response_serializer=tensafe_dot_trainer_dot_v1_dot_trainer__service__pb2.GetPrivacySpentResponse.SerializeToString,
+            ),
+            'ListTrainingSteps': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTrainingSteps,
+                    request_deserializer=tensafe_dot_trainer_dot_v1_dot_trainer__service__pb2.ListTrainingStepsRequest.FromString,
+                    response_serializer=tensafe_dot_trainer_dot_v1_dot_trainer__service__pb2.ListTrainingStepsResponse.SerializeToString,
+            ),
+            'ListCheckpoints': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCheckpoints,
+                    request_deserializer=tensafe_dot_trainer_dot_v1_dot_trainer__service__pb2.ListCheckpointsRequest.FromString,
+                    response_serializer=tensafe_dot_trainer_dot_v1_dot_trainer__service__pb2.ListCheckpointsResponse.SerializeToString,
             ),
             'SaveAdapter': grpc.unary_unary_rpc_method_handler(
                     servicer.SaveAdapter,
@@ -845,6 +879,60 @@ class TrainerService:
             '/tensafe.trainer.v1.TrainerService/GetPrivacySpent',
             tensafe_dot_trainer_dot_v1_dot_trainer__service__pb2.GetPrivacySpentRequest.SerializeToString,
             tensafe_dot_trainer_dot_v1_dot_trainer__service__pb2.GetPrivacySpentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTrainingSteps(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensafe.trainer.v1.TrainerService/ListTrainingSteps',
+            tensafe_dot_trainer_dot_v1_dot_trainer__service__pb2.ListTrainingStepsRequest.SerializeToString,
+            tensafe_dot_trainer_dot_v1_dot_trainer__service__pb2.ListTrainingStepsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCheckpoints(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensafe.trainer.v1.TrainerService/ListCheckpoints',
+            tensafe_dot_trainer_dot_v1_dot_trainer__service__pb2.ListCheckpointsRequest.SerializeToString,
+            tensafe_dot_trainer_dot_v1_dot_trainer__service__pb2.ListCheckpointsResponse.FromString,
             options,
             channel_credentials,
             insecure,

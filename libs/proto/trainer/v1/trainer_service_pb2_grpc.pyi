@@ -77,6 +77,10 @@ class TrainerServiceStub:
     """
     GetPrivacySpent: _grpc.UnaryUnaryMultiCallable[_trainer_service_pb2.GetPrivacySpentRequest, _trainer_service_pb2.GetPrivacySpentResponse]
     """The privacy spent so far, at the client's delta."""
+    ListTrainingSteps: _grpc.UnaryUnaryMultiCallable[_trainer_service_pb2.ListTrainingStepsRequest, _trainer_service_pb2.ListTrainingStepsResponse]
+    """A client's committed optimizer steps, oldest first: loss and epsilon after each."""
+    ListCheckpoints: _grpc.UnaryUnaryMultiCallable[_trainer_service_pb2.ListCheckpointsRequest, _trainer_service_pb2.ListCheckpointsResponse]
+    """A client's saved states and sampler weights, in the order they were saved."""
     SaveAdapter: _grpc.UnaryUnaryMultiCallable[_trainer_service_pb2.SaveAdapterRequest, _trainer_service_pb2.SaveAdapterResponse]
     """Seals the current adapter as a TGSP package in the registry, with its DP
     certificate from the ledger. Future of SaveAdapterResult.
@@ -147,6 +151,10 @@ class TrainerServiceAsyncStub(TrainerServiceStub):
     """
     GetPrivacySpent: _aio.UnaryUnaryMultiCallable[_trainer_service_pb2.GetPrivacySpentRequest, _trainer_service_pb2.GetPrivacySpentResponse]  # type: ignore[assignment]
     """The privacy spent so far, at the client's delta."""
+    ListTrainingSteps: _aio.UnaryUnaryMultiCallable[_trainer_service_pb2.ListTrainingStepsRequest, _trainer_service_pb2.ListTrainingStepsResponse]  # type: ignore[assignment]
+    """A client's committed optimizer steps, oldest first: loss and epsilon after each."""
+    ListCheckpoints: _aio.UnaryUnaryMultiCallable[_trainer_service_pb2.ListCheckpointsRequest, _trainer_service_pb2.ListCheckpointsResponse]  # type: ignore[assignment]
+    """A client's saved states and sampler weights, in the order they were saved."""
     SaveAdapter: _aio.UnaryUnaryMultiCallable[_trainer_service_pb2.SaveAdapterRequest, _trainer_service_pb2.SaveAdapterResponse]  # type: ignore[assignment]
     """Seals the current adapter as a TGSP package in the registry, with its DP
     certificate from the ledger. Future of SaveAdapterResult.
@@ -304,6 +312,22 @@ class TrainerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_trainer_service_pb2.GetPrivacySpentResponse, _abc.Awaitable[_trainer_service_pb2.GetPrivacySpentResponse]]:
         """The privacy spent so far, at the client's delta."""
+
+    @_abc_1.abstractmethod
+    def ListTrainingSteps(
+        self,
+        request: _trainer_service_pb2.ListTrainingStepsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_trainer_service_pb2.ListTrainingStepsResponse, _abc.Awaitable[_trainer_service_pb2.ListTrainingStepsResponse]]:
+        """A client's committed optimizer steps, oldest first: loss and epsilon after each."""
+
+    @_abc_1.abstractmethod
+    def ListCheckpoints(
+        self,
+        request: _trainer_service_pb2.ListCheckpointsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_trainer_service_pb2.ListCheckpointsResponse, _abc.Awaitable[_trainer_service_pb2.ListCheckpointsResponse]]:
+        """A client's saved states and sampler weights, in the order they were saved."""
 
     @_abc_1.abstractmethod
     def SaveAdapter(

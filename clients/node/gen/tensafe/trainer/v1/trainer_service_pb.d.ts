@@ -1661,6 +1661,243 @@ export declare type GetPrivacySpentResponse = Message<"tensafe.trainer.v1.GetPri
 export declare const GetPrivacySpentResponseSchema: GenMessage<GetPrivacySpentResponse>;
 
 /**
+ * One committed optimizer step of a training client.
+ *
+ * @generated from message tensafe.trainer.v1.TrainingStep
+ */
+export declare type TrainingStep = Message<"tensafe.trainer.v1.TrainingStep"> & {
+  /**
+   * The optimizer step number after the step (a LoadState may take it back, so it can
+   * repeat within one client's history).
+   *
+   * @generated from field: int64 step = 1;
+   */
+  step: bigint;
+
+  /**
+   * True for a DP step (recorded in the privacy ledger).
+   *
+   * @generated from field: bool private = 2;
+   */
+  private: boolean;
+
+  /**
+   * The client's epsilon after the step (as GetPrivacySpent reported then); 0 when not
+   * private.
+   *
+   * @generated from field: double epsilon = 3;
+   */
+  epsilon: number;
+
+  /**
+   * Whether `loss` is known: false for a step whose gradients no ForwardBackward
+   * recorded since the last step (e.g. after a LoadState).
+   *
+   * @generated from field: bool has_loss = 4;
+   */
+  hasLoss: boolean;
+
+  /**
+   * Mean loss per token over the step's batch: the sum of the `loss:sum` metrics of the
+   * step's ForwardBackward results over the sum of their `tokens:sum`; for a
+   * TrainOnDataset step, its mean cross-entropy per trained token.
+   *
+   * @generated from field: double loss = 5;
+   */
+  loss: number;
+
+  /**
+   * When the step was committed.
+   *
+   * @generated from field: google.protobuf.Timestamp create_time = 6;
+   */
+  createTime?: Timestamp | undefined;
+};
+
+/**
+ * Describes the message tensafe.trainer.v1.TrainingStep.
+ * Use `create(TrainingStepSchema)` to create a new message.
+ */
+export declare const TrainingStepSchema: GenMessage<TrainingStep>;
+
+/**
+ * Request of ListTrainingSteps.
+ *
+ * @generated from message tensafe.trainer.v1.ListTrainingStepsRequest
+ */
+export declare type ListTrainingStepsRequest = Message<"tensafe.trainer.v1.ListTrainingStepsRequest"> & {
+  /**
+   * The client's id.
+   *
+   * @generated from field: string training_client_id = 1;
+   */
+  trainingClientId: string;
+
+  /**
+   * Page size; 0 means 50, max 1000.
+   *
+   * @generated from field: int32 page_size = 2;
+   */
+  pageSize: number;
+
+  /**
+   * Token from a previous response.
+   *
+   * @generated from field: string page_token = 3;
+   */
+  pageToken: string;
+};
+
+/**
+ * Describes the message tensafe.trainer.v1.ListTrainingStepsRequest.
+ * Use `create(ListTrainingStepsRequestSchema)` to create a new message.
+ */
+export declare const ListTrainingStepsRequestSchema: GenMessage<ListTrainingStepsRequest>;
+
+/**
+ * Response of ListTrainingSteps.
+ *
+ * @generated from message tensafe.trainer.v1.ListTrainingStepsResponse
+ */
+export declare type ListTrainingStepsResponse = Message<"tensafe.trainer.v1.ListTrainingStepsResponse"> & {
+  /**
+   * The steps, oldest first.
+   *
+   * @generated from field: repeated tensafe.trainer.v1.TrainingStep steps = 1;
+   */
+  steps: TrainingStep[];
+
+  /**
+   * Token for the next page; empty on the last.
+   *
+   * @generated from field: string next_page_token = 2;
+   */
+  nextPageToken: string;
+};
+
+/**
+ * Describes the message tensafe.trainer.v1.ListTrainingStepsResponse.
+ * Use `create(ListTrainingStepsResponseSchema)` to create a new message.
+ */
+export declare const ListTrainingStepsResponseSchema: GenMessage<ListTrainingStepsResponse>;
+
+/**
+ * A saved checkpoint of a training client.
+ *
+ * @generated from message tensafe.trainer.v1.Checkpoint
+ */
+export declare type Checkpoint = Message<"tensafe.trainer.v1.Checkpoint"> & {
+  /**
+   * `tensafe://` path of the checkpoint.
+   *
+   * @generated from field: string path = 1;
+   */
+  path: string;
+
+  /**
+   * What was saved.
+   *
+   * @generated from field: tensafe.trainer.v1.CheckpointKind kind = 2;
+   */
+  kind: CheckpointKind;
+
+  /**
+   * Name given when saving.
+   *
+   * @generated from field: string name = 3;
+   */
+  name: string;
+
+  /**
+   * Optimizer step saved.
+   *
+   * @generated from field: int64 step = 4;
+   */
+  step: bigint;
+
+  /**
+   * Other training clients whose steps the saved weights continue (loaded checkpoints).
+   *
+   * @generated from field: repeated string lineage_client_ids = 5;
+   */
+  lineageClientIds: string[];
+
+  /**
+   * When it was saved.
+   *
+   * @generated from field: google.protobuf.Timestamp create_time = 6;
+   */
+  createTime?: Timestamp | undefined;
+};
+
+/**
+ * Describes the message tensafe.trainer.v1.Checkpoint.
+ * Use `create(CheckpointSchema)` to create a new message.
+ */
+export declare const CheckpointSchema: GenMessage<Checkpoint>;
+
+/**
+ * Request of ListCheckpoints.
+ *
+ * @generated from message tensafe.trainer.v1.ListCheckpointsRequest
+ */
+export declare type ListCheckpointsRequest = Message<"tensafe.trainer.v1.ListCheckpointsRequest"> & {
+  /**
+   * The client's id.
+   *
+   * @generated from field: string training_client_id = 1;
+   */
+  trainingClientId: string;
+
+  /**
+   * Page size; 0 means 50, max 1000.
+   *
+   * @generated from field: int32 page_size = 2;
+   */
+  pageSize: number;
+
+  /**
+   * Token from a previous response.
+   *
+   * @generated from field: string page_token = 3;
+   */
+  pageToken: string;
+};
+
+/**
+ * Describes the message tensafe.trainer.v1.ListCheckpointsRequest.
+ * Use `create(ListCheckpointsRequestSchema)` to create a new message.
+ */
+export declare const ListCheckpointsRequestSchema: GenMessage<ListCheckpointsRequest>;
+
+/**
+ * Response of ListCheckpoints.
+ *
+ * @generated from message tensafe.trainer.v1.ListCheckpointsResponse
+ */
+export declare type ListCheckpointsResponse = Message<"tensafe.trainer.v1.ListCheckpointsResponse"> & {
+  /**
+   * The checkpoints, oldest first.
+   *
+   * @generated from field: repeated tensafe.trainer.v1.Checkpoint checkpoints = 1;
+   */
+  checkpoints: Checkpoint[];
+
+  /**
+   * Token for the next page; empty on the last.
+   *
+   * @generated from field: string next_page_token = 2;
+   */
+  nextPageToken: string;
+};
+
+/**
+ * Describes the message tensafe.trainer.v1.ListCheckpointsResponse.
+ * Use `create(ListCheckpointsResponseSchema)` to create a new message.
+ */
+export declare const ListCheckpointsResponseSchema: GenMessage<ListCheckpointsResponse>;
+
+/**
  * Result of SaveAdapter.
  *
  * @generated from message tensafe.trainer.v1.SaveAdapterResult
@@ -2532,6 +2769,37 @@ export enum Sampling {
 export declare const SamplingSchema: GenEnum<Sampling>;
 
 /**
+ * Kind of a saved checkpoint.
+ *
+ * @generated from enum tensafe.trainer.v1.CheckpointKind
+ */
+export enum CheckpointKind {
+  /**
+   * @generated from enum value: CHECKPOINT_KIND_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * Full training state (SaveState); LoadState takes it.
+   *
+   * @generated from enum value: CHECKPOINT_KIND_STATE = 1;
+   */
+  STATE = 1,
+
+  /**
+   * Weights for sampling (SaveWeightsForSampler).
+   *
+   * @generated from enum value: CHECKPOINT_KIND_SAMPLER = 2;
+   */
+  SAMPLER = 2,
+}
+
+/**
+ * Describes the enum tensafe.trainer.v1.CheckpointKind.
+ */
+export declare const CheckpointKindSchema: GenEnum<CheckpointKind>;
+
+/**
  * Record format of an uploaded dataset.
  *
  * @generated from enum tensafe.trainer.v1.DatasetFormat
@@ -2757,6 +3025,26 @@ export declare const TrainerService: GenService<{
     methodKind: "unary";
     input: typeof GetPrivacySpentRequestSchema;
     output: typeof GetPrivacySpentResponseSchema;
+  },
+  /**
+   * A client's committed optimizer steps, oldest first: loss and epsilon after each.
+   *
+   * @generated from rpc tensafe.trainer.v1.TrainerService.ListTrainingSteps
+   */
+  listTrainingSteps: {
+    methodKind: "unary";
+    input: typeof ListTrainingStepsRequestSchema;
+    output: typeof ListTrainingStepsResponseSchema;
+  },
+  /**
+   * A client's saved states and sampler weights, in the order they were saved.
+   *
+   * @generated from rpc tensafe.trainer.v1.TrainerService.ListCheckpoints
+   */
+  listCheckpoints: {
+    methodKind: "unary";
+    input: typeof ListCheckpointsRequestSchema;
+    output: typeof ListCheckpointsResponseSchema;
   },
   /**
    * Seals the current adapter as a TGSP package in the registry, with its DP
