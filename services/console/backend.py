@@ -18,6 +18,7 @@ import grpc.aio
 from tensafe.client.channels import ClientTls
 from tensafe.common.errors import Unavailable
 from tensafe.common.grpc_errors import from_rpc_error
+from tensafe.common.tls import open_channel
 from tensafe.console.config import ConsoleConfig
 from tensafe.proto.auth.v1 import auth_service_pb2 as auth_pb
 from tensafe.proto.auth.v1 import auth_service_pb2_grpc
@@ -44,23 +45,16 @@ class Backend:
     """
 
     def __init__(self, config: ConsoleConfig) -> None:
-        tls = None
+        credentials = None
         if config.tls_ca_file is not None:
-            tls = ClientTls(
+            credentials = ClientTls(
                 ca_file=config.tls_ca_file,
                 client_cert_file=config.tls_client_cert_file,
                 client_key_file=config.tls_client_key_file,
-            )
-
-        def channel(address: str) -> grpc.aio.Channel:
-            if tls is None:
-                return grpc.aio.insecure_channel(address, options=_GRPC_OPTIONS)
-            return grpc.aio.secure_channel(address, tls.credentials(), options=_GRPC_OPTIONS)
-
+            ).credentials()
         self._channels = [
-            channel(config.trainer_url),
-            channel(config.registry_url),
-            channel(config.auth_url),
+            open_channel(address, credentials, _GRPC_OPTIONS)
+            for address in (config.trainer_url, config.registry_url, config.auth_url)
         ]
         trainer, registry, auth = self._channels
         self._trainer = trainer_service_pb2_grpc.TrainerServiceStub(trainer)

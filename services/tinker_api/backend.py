@@ -18,6 +18,7 @@ from google.protobuf import duration_pb2
 from tensafe.client.channels import ClientTls
 from tensafe.common import errors
 from tensafe.common.grpc_errors import from_rpc_error
+from tensafe.common.tls import open_channel
 from tensafe.proto.auth.v1 import auth_service_pb2 as auth_pb
 from tensafe.proto.auth.v1 import auth_service_pb2_grpc
 from tensafe.proto.common.v1 import common_pb2, common_pb2_grpc
@@ -33,12 +34,6 @@ _GRPC_OPTIONS = (
 )
 
 
-def _channel(address: str, tls: ClientTls | None) -> grpc.aio.Channel:
-    if tls is None:
-        return grpc.aio.insecure_channel(address, options=_GRPC_OPTIONS)
-    return grpc.aio.secure_channel(address, tls.credentials(), options=_GRPC_OPTIONS)
-
-
 class Backend:
     """Stubs of the trainer (``TrainerService``, ``FutureService``) and auth.
 
@@ -47,15 +42,15 @@ class Backend:
     """
 
     def __init__(self, config: TinkerApiConfig) -> None:
-        tls = None
+        credentials = None
         if config.tls_ca_file is not None:
-            tls = ClientTls(
+            credentials = ClientTls(
                 ca_file=config.tls_ca_file,
                 client_cert_file=config.tls_client_cert_file,
                 client_key_file=config.tls_client_key_file,
-            )
-        self._trainer_channel = _channel(config.trainer_url, tls)
-        self._auth_channel = _channel(config.auth_url, tls)
+            ).credentials()
+        self._trainer_channel = open_channel(config.trainer_url, credentials, _GRPC_OPTIONS)
+        self._auth_channel = open_channel(config.auth_url, credentials, _GRPC_OPTIONS)
         self._trainer = trainer_service_pb2_grpc.TrainerServiceStub(self._trainer_channel)
         self._futures = common_pb2_grpc.FutureServiceStub(self._trainer_channel)
         self._auth = auth_service_pb2_grpc.AuthServiceStub(self._auth_channel)
