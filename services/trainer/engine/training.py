@@ -402,18 +402,30 @@ class LoraTrainingEngine:
         Raises:
             InvalidArgument: As for :meth:`forward_backward`.
         """
+        call = self._evaluation(batch, loss_fn, loss_fn_inputs, loss_fn_config)
+        loss_kind, loss_config, padded = call.loss_kind, call.loss_config, call.padded
+        with torch.no_grad():
+            target_logprobs, example_losses = self._forward(padded, loss_kind, loss_config)
+        _check_finite_losses(example_losses)
+        return _result(padded, target_logprobs, example_losses)
+
+    def _evaluation(
+        self,
+        batch: Sequence[TokenSequence],
+        loss_fn: str | LossFn,
+        loss_fn_inputs: Sequence[Mapping[str, PerTokenValues]],
+        loss_fn_config: Mapping[str, float] | None,
+    ) -> _PreparedCall:
+        """Validate a call that changes nothing and put this adapter in eval mode
+        (dropout off) for it: :meth:`forward` and :meth:`per_example_gradients`."""
         call = self._prepare(
             ForwardBackwardCall(
                 batch, loss_fn, loss_fn_inputs, loss_fn_config, refuse_duplicates=False
             )
         )
-        loss_kind, loss_config, padded = call.loss_kind, call.loss_config, call.padded
         self._base.activate(self._adapter)
         self._model.eval()
-        with torch.no_grad():
-            target_logprobs, example_losses = self._forward(padded, loss_kind, loss_config)
-        _check_finite_losses(example_losses)
-        return _result(padded, target_logprobs, example_losses)
+        return call
 
     def per_example_gradients(
         self,
@@ -443,14 +455,8 @@ class LoraTrainingEngine:
         Raises:
             InvalidArgument: As for :meth:`forward_backward`.
         """
-        call = self._prepare(
-            ForwardBackwardCall(
-                batch, loss_fn, loss_fn_inputs, loss_fn_config, refuse_duplicates=False
-            )
-        )
+        call = self._evaluation(batch, loss_fn, loss_fn_inputs, loss_fn_config)
         loss_kind, loss_config, padded = call.loss_kind, call.loss_config, call.padded
-        self._base.activate(self._adapter)
-        self._model.eval()
         with torch.enable_grad(), self._tap.capture(NormMethod.DIRECT) as record:
             _, example_losses = self._forward(padded, loss_kind, loss_config)
         _check_finite_losses(example_losses)
