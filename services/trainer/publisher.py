@@ -57,9 +57,9 @@ from tensafe.common.errors import (
 from tensafe.common.registry_client import RegistryClient
 from tensafe.proto.trainer.v1 import trainer_service_pb2 as pb
 from tensafe.trainer.base_models import BaseModelRegistry
-from tensafe.trainer.engine.accounting import BatchSampling
-from tensafe.trainer.engine.training import LoraTrainingEngine
-from tensafe.trainer.ledger import HistoryGroup, PrivacyLedger, PrivacyReport, client_dp
+from tensafe.trainer.domain.engine.accounting import BatchSampling
+from tensafe.trainer.domain.engine.training import LoraTrainingEngine
+from tensafe.trainer.domain.ledger import HistoryGroup, PrivacyLedger, PrivacyReport, client_dp
 from tensafe.trainer.store.models import JobRow, TrainingClientRow
 
 log = logging.getLogger(__name__)

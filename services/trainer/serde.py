@@ -24,12 +24,12 @@ from tensafe.common.futures import Future, FutureStatus
 from tensafe.common.grpc_errors import ERROR_DOMAIN
 from tensafe.proto.common.v1 import common_pb2
 from tensafe.proto.trainer.v1 import trainer_service_pb2 as pb
-from tensafe.trainer.engine.config import AdamConfig, LoraConfig
-from tensafe.trainer.engine.sampling import SamplingParams
-from tensafe.trainer.jobs import CHECKPOINT_KIND, SAMPLER_KIND, checkpoint_path
+from tensafe.trainer.domain.engine.config import AdamConfig, LoraConfig
+from tensafe.trainer.domain.engine.sampling import SamplingParams
+from tensafe.trainer.domain.jobs import CHECKPOINT_KIND, SAMPLER_KIND, checkpoint_path
 
 if TYPE_CHECKING:
-    from tensafe.trainer.ledger import Lineage, PrivacyReport
+    from tensafe.trainer.domain.ledger import Lineage, PrivacyReport
     from tensafe.trainer.store.models import CheckpointRow, StepRow
 
 ACCOUNTANT_NAMES = {pb.ACCOUNTANT_RDP: "rdp", pb.ACCOUNTANT_PLD: "pld"}

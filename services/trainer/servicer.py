@@ -18,9 +18,9 @@ from tensafe.proto.common.v1 import common_pb2, common_pb2_grpc
 from tensafe.proto.trainer.v1 import trainer_service_pb2 as pb
 from tensafe.proto.trainer.v1 import trainer_service_pb2_grpc
 from tensafe.trainer import serde
-from tensafe.trainer.api import Caller, TrainerApi
-from tensafe.trainer.datasets.service import DatasetService, dataset_to_proto
-from tensafe.trainer.ledger import Lineage, client_dp
+from tensafe.trainer.domain.datasets.service import DatasetService, dataset_to_proto
+from tensafe.trainer.domain.ledger import Lineage, client_dp
+from tensafe.trainer.domain.service import Caller, TrainerDomain
 from tensafe.trainer.store.models import TrainingClientRow
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -78,7 +78,7 @@ class TrainerServiceServicer(trainer_service_pb2_grpc.TrainerServiceServicer):
         datasets: The server-held datasets' domain.
     """
 
-    def __init__(self, api: TrainerApi, *, datasets: DatasetService) -> None:
+    def __init__(self, api: TrainerDomain, *, datasets: DatasetService) -> None:
         self._api = api
         self._datasets = datasets
 
@@ -310,7 +310,7 @@ class TrainerFutureServicer(common_pb2_grpc.FutureServiceServicer):
         api: The trainer's domain.
     """
 
-    def __init__(self, api: TrainerApi) -> None:
+    def __init__(self, api: TrainerDomain) -> None:
         self._api = api
 
     async def GetFuture(

@@ -83,22 +83,22 @@ from tensafe.common.telemetry import setup_telemetry
 from tensafe.common.wakeups import FutureWakeups
 from tensafe.proto.trainer.v1 import trainer_service_pb2 as pb
 from tensafe.trainer import serde
-from tensafe.trainer.audit.job import run_audit_job
 from tensafe.trainer.base_models import BaseModelRegistry
 from tensafe.trainer.config import TrainerConfig
-from tensafe.trainer.datasets.crypto import keyring_from_settings
-from tensafe.trainer.datasets.runner import DatasetRunner, RunEnd
-from tensafe.trainer.datasets.service import DatasetVault
-from tensafe.trainer.engine.base import (
+from tensafe.trainer.domain.audit.job import run_audit_job
+from tensafe.trainer.domain.datasets.crypto import keyring_from_settings
+from tensafe.trainer.domain.datasets.runner import DatasetRunner, RunEnd
+from tensafe.trainer.domain.datasets.service import DatasetVault
+from tensafe.trainer.domain.engine.base import (
     BaseDtype,
     BaseModelPool,
     BasePlacement,
     resolve_device,
 )
-from tensafe.trainer.engine.config import DpConfig
-from tensafe.trainer.engine.sampling import StopReason, sample
-from tensafe.trainer.engine.training import LoraTrainingEngine
-from tensafe.trainer.jobs import (
+from tensafe.trainer.domain.engine.config import DpConfig
+from tensafe.trainer.domain.engine.sampling import StopReason, sample
+from tensafe.trainer.domain.engine.training import LoraTrainingEngine
+from tensafe.trainer.domain.jobs import (
     CHECKPOINT_KIND,
     SAMPLER_KIND,
     JobKind,
@@ -107,7 +107,7 @@ from tensafe.trainer.jobs import (
     future_wakeup_prefix,
     parse_path,
 )
-from tensafe.trainer.ledger import PrivacyLedger, client_batches_mechanism, client_dp
+from tensafe.trainer.domain.ledger import PrivacyLedger, client_batches_mechanism, client_dp
 from tensafe.trainer.objects import ObjectFolder
 from tensafe.trainer.publisher import AdapterPublisher, load_signing_key
 from tensafe.trainer.store import repository as repo
@@ -408,7 +408,7 @@ class TrainerWorker:
         self, job: JobRow, client: TrainingClientRow, delivery: Delivery, request: Any
     ) -> None:
         """Run a TrainOnDataset job; its steps commit one by one (see
-        :mod:`tensafe.trainer.datasets.runner`)."""
+        :mod:`tensafe.trainer.domain.datasets.runner`)."""
         try:
             if self._dataset_runner is None:
                 raise FailedPrecondition(

@@ -42,9 +42,9 @@ from tensafe.proto.trainer.v1 import trainer_service_pb2 as trainer_pb
 from tensafe.tinker import ServiceClient, types
 from tensafe.trainer import serde
 from tensafe.trainer.base_models import BaseModelRegistry
-from tensafe.trainer.engine.state import decode_state
-from tensafe.trainer.engine.training import LoraTrainingEngine
-from tensafe.trainer.ledger import PrivacyLedger
+from tensafe.trainer.domain.engine.state import decode_state
+from tensafe.trainer.domain.engine.training import LoraTrainingEngine
+from tensafe.trainer.domain.ledger import PrivacyLedger
 from tensafe.trainer.publisher import AdapterPublisher
 from tensafe.trainer.store.models import JobRow, TrainingClientRow
 

@@ -7,8 +7,8 @@ import pytest
 from tensafe import tgsp
 from tensafe.common.errors import FailedPrecondition
 from tensafe.trainer import serde
-from tensafe.trainer.engine.accounting import StepMechanism
-from tensafe.trainer.ledger import HistoryGroup, LineageSource, PrivacyReport
+from tensafe.trainer.domain.engine.accounting import StepMechanism
+from tensafe.trainer.domain.ledger import HistoryGroup, LineageSource, PrivacyReport
 from tensafe.trainer.publisher import CLIENT_BATCHES_ASSUMPTION, dp_certificate
 from tensafe.trainer.store.models import TrainingClientRow
 

@@ -522,7 +522,7 @@ async def test_epsilon_follows_the_weights_across_clients(
 
     # The certificate SaveAdapter would seal for B (the publisher's exact inputs).
     from tensafe.common.db import Database
-    from tensafe.trainer.ledger import PrivacyLedger
+    from tensafe.trainer.domain.ledger import PrivacyLedger
     from tensafe.trainer.publisher import dp_certificate
     from tensafe.trainer.store.models import TrainingClientRow
 

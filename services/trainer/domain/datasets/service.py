@@ -6,7 +6,7 @@ records under the tenant's data key (:mod:`.crypto`) and writes them to the obje
 crash in between leaves an unreferenced ciphertext). Every read filters by tenant, so
 another tenant's dataset is NOT_FOUND, indistinguishable from a missing one.
 
-TrainOnDataset is admitted like every trainer job (:meth:`TrainerApi.admit`), and in the
+TrainOnDataset is admitted like every trainer job (:meth:`TrainerDomain.admit`), and in the
 same transaction the whole run's privacy cost — ``steps`` Poisson-subsampled Gaussian
 steps at rate q — is checked against the client's budget, counting every step already
 committed or reserved, and reserved. The worker gives one reserved step back with each
@@ -43,24 +43,24 @@ from tensafe.common.futures import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, Future
 from tensafe.common.quotas import lock_tenant, quota_exceeded
 from tensafe.proto.trainer.v1 import trainer_service_pb2 as pb
 from tensafe.trainer import serde
-from tensafe.trainer.api import Caller, TrainerApi
 from tensafe.trainer.base_models import BaseModelInfo, BaseModelRegistry
-from tensafe.trainer.datasets.crypto import (
+from tensafe.trainer.domain.datasets.crypto import (
     DatasetKeyring,
     WrappedKey,
     decrypt_dataset,
     encrypt_dataset,
 )
-from tensafe.trainer.datasets.records import (
+from tensafe.trainer.domain.datasets.records import (
     RecordFormat,
     TokenizedDataset,
     Tokenizer,
     tokenize_jsonl,
 )
-from tensafe.trainer.datasets.sampling import resolve_sample_rate
-from tensafe.trainer.engine.accounting import StepMechanism
-from tensafe.trainer.jobs import JobKind
-from tensafe.trainer.ledger import client_dp
+from tensafe.trainer.domain.datasets.sampling import resolve_sample_rate
+from tensafe.trainer.domain.engine.accounting import StepMechanism
+from tensafe.trainer.domain.jobs import JobKind
+from tensafe.trainer.domain.ledger import client_dp
+from tensafe.trainer.domain.service import Caller, TrainerDomain
 from tensafe.trainer.objects import ObjectFolder
 from tensafe.trainer.store import repository as repo
 from tensafe.trainer.store.models import (
@@ -253,7 +253,7 @@ class DatasetService:
         self,
         *,
         database: Database,
-        api: TrainerApi,
+        api: TrainerDomain,
         vault: DatasetVault,
         base_models: BaseModelRegistry,
         max_upload_bytes: int,

@@ -38,12 +38,12 @@ from tensafe.common.futures import FutureStatus, SqlFutureStore
 from tensafe.common.jetstream import RetryLater
 from tensafe.proto.trainer.v1 import trainer_service_pb2 as pb
 from tensafe.trainer import serde
-from tensafe.trainer.datasets.sampling import PoissonSampler
-from tensafe.trainer.datasets.service import DatasetVault, get_dataset
-from tensafe.trainer.datasets.steps import StepOutcome, run_step
-from tensafe.trainer.engine.accounting import PrivacyAccountant, StepMechanism
-from tensafe.trainer.engine.training import LoraTrainingEngine
-from tensafe.trainer.ledger import PrivacyLedger, client_dp
+from tensafe.trainer.domain.datasets.sampling import PoissonSampler
+from tensafe.trainer.domain.datasets.service import DatasetVault, get_dataset
+from tensafe.trainer.domain.datasets.steps import StepOutcome, run_step
+from tensafe.trainer.domain.engine.accounting import PrivacyAccountant, StepMechanism
+from tensafe.trainer.domain.engine.training import LoraTrainingEngine
+from tensafe.trainer.domain.ledger import PrivacyLedger, client_dp
 from tensafe.trainer.objects import ObjectFolder
 from tensafe.trainer.store import repository as repo
 from tensafe.trainer.store.models import DatasetRunRow, JobRow, TrainingClientRow

@@ -5,7 +5,7 @@ creates the future (idempotent by request id), allocates the client's next seque
 number, stores the request as the job's payload and, for an OptimStep of a private
 client, checks and reserves the step's privacy cost against the budget. Only after the
 commit is the job published to JetStream (``Nats-Msg-Id`` = future id). If the publish
-fails, the job stays ``QUEUED`` in ``trainer_jobs`` and :meth:`TrainerApi.run_outbox`
+fails, the job stays ``QUEUED`` in ``trainer_jobs`` and :meth:`TrainerDomain.run_outbox`
 publishes it again; the stream's de-duplication and the worker's sequence check make a
 second copy harmless.
 
@@ -44,11 +44,11 @@ from tensafe.common.jetstream import JetStream
 from tensafe.common.quotas import QUOTA_EXCEEDED, lock_tenant, quota_exceeded
 from tensafe.proto.trainer.v1 import trainer_service_pb2 as pb
 from tensafe.trainer import serde
-from tensafe.trainer.audit.service import audit_plan
 from tensafe.trainer.base_models import BaseModelInfo, BaseModelRegistry, tokenizer_files
-from tensafe.trainer.engine.accounting import BatchSampling, calibrate_noise_multiplier
-from tensafe.trainer.engine.config import LossConfig
-from tensafe.trainer.engine.losses import (
+from tensafe.trainer.domain.audit.service import audit_plan
+from tensafe.trainer.domain.engine.accounting import BatchSampling, calibrate_noise_multiplier
+from tensafe.trainer.domain.engine.config import LossConfig
+from tensafe.trainer.domain.engine.losses import (
     LossFn,
     check_distinct,
     datum_digests,
@@ -56,7 +56,7 @@ from tensafe.trainer.engine.losses import (
     validate_batch,
     validate_token_sequences,
 )
-from tensafe.trainer.jobs import (
+from tensafe.trainer.domain.jobs import (
     CHECKPOINT_KIND,
     SAMPLER_KIND,
     JobKind,
@@ -66,7 +66,12 @@ from tensafe.trainer.jobs import (
     job_subject,
     parse_path,
 )
-from tensafe.trainer.ledger import PrivacyLedger, PrivacyReport, client_batches_mechanism, client_dp
+from tensafe.trainer.domain.ledger import (
+    PrivacyLedger,
+    PrivacyReport,
+    client_batches_mechanism,
+    client_dp,
+)
 from tensafe.trainer.objects import ObjectFolder
 from tensafe.trainer.store import repository as repo
 from tensafe.trainer.store.models import JobRow, TrainingClientRow
@@ -105,7 +110,7 @@ def _request_id(request_id: str) -> str:
     return request_id or uuid.uuid4().hex
 
 
-class TrainerApi:
+class TrainerDomain:
     """Admission, reads and the outbox of the trainer API.
 
     Args:
@@ -506,7 +511,7 @@ class TrainerApi:
 
     async def audit_privacy(self, caller: Caller, request: pb.AuditPrivacyRequest) -> Future:
         """Admit a privacy audit (a shadow DP-SGD run on a base model; see
-        :mod:`tensafe.trainer.audit`).
+        :mod:`tensafe.trainer.domain.audit`).
 
         It involves no training client: the job gets a lane of its own (``client_id`` =
         its future id, ``seq`` 1), reads no tenant data and charges no budget.

@@ -14,9 +14,9 @@ from tensafe.common.errors import InvalidArgument
 from tensafe.proto.trainer.v1 import trainer_service_pb2 as pb
 from tensafe.trainer import serde
 from tensafe.trainer.base_models import BaseModelInfo
-from tensafe.trainer.engine.accounting import BatchSampling, calibrate_noise_multiplier
-from tensafe.trainer.engine.config import DpConfig, LoraConfig
-from tensafe.trainer.engine.training import LoraTrainingEngine
+from tensafe.trainer.domain.engine.accounting import BatchSampling, calibrate_noise_multiplier
+from tensafe.trainer.domain.engine.config import DpConfig, LoraConfig
+from tensafe.trainer.domain.engine.training import LoraTrainingEngine
 
 from .bound import DEFAULT_CONFIDENCE
 from .run import AuditConfig, AuditReport, CanaryKind, run_privacy_audit

@@ -41,7 +41,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from tensafe.common.errors import BudgetExhausted, FailedPrecondition
 from tensafe.trainer import serde
-from tensafe.trainer.engine.accounting import (
+from tensafe.trainer.domain.engine.accounting import (
     BatchSampling,
     PrivacyAccountant,
     StepMechanism,
