@@ -8,12 +8,11 @@ own validators are reused and their field paths translated.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from google.protobuf import any_pb2, timestamp_pb2
 from google.protobuf.message import Message
@@ -27,10 +26,11 @@ from tensafe.proto.trainer.v1 import trainer_service_pb2 as pb
 from tensafe.trainer.domain.engine.config import AdamConfig, LoraConfig
 from tensafe.trainer.domain.engine.sampling import SamplingParams
 from tensafe.trainer.domain.jobs import CHECKPOINT_KIND, SAMPLER_KIND, checkpoint_path
+from tensafe.trainer.domain.model import CheckpointRecord, StepRecord
+from tensafe.trainer.domain.settings import DpSettings
 
 if TYPE_CHECKING:
     from tensafe.trainer.domain.ledger import Lineage, PrivacyReport
-    from tensafe.trainer.store.models import CheckpointRow, StepRow
 
 ACCOUNTANT_NAMES = {pb.ACCOUNTANT_RDP: "rdp", pb.ACCOUNTANT_PLD: "pld"}
 ACCOUNTANT_ENUMS = {name: value for value, name in ACCOUNTANT_NAMES.items()}
@@ -41,45 +41,16 @@ _DEFAULT_BETA2 = 0.95
 _DEFAULT_ADAM_EPS = 1e-12
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class DpSettings:
-    """The DP configuration a client runs with, noise multiplier resolved."""
-
-    noise_multiplier: float
-    """sigma, > 0."""
-    max_grad_norm: float
-    """Clipping norm C, > 0."""
-    delta: float
-    """delta in (0, 1)."""
-    accountant: str
-    """``rdp`` or ``pld``."""
-    target_epsilon: float | None
-    """The epsilon sigma was calibrated for, if the client asked for one."""
-    planned_steps: int
-    """Steps the calibration spread target_epsilon over (0 without a target)."""
-    epsilon_budget: float | None
-    """Steps that would take epsilon above this are refused; None: no budget."""
-
-    def to_json(self) -> str:
-        """Stable JSON for the database."""
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> DpSettings:
-        """Parse :meth:`to_json` output."""
-        return cls(**json.loads(text))
-
-    def to_proto(self) -> pb.DpConfig:
-        """The applied configuration as the contract reports it."""
-        message = pb.DpConfig(
-            noise_multiplier=self.noise_multiplier,
-            planned_steps=self.planned_steps,
-            max_grad_norm=self.max_grad_norm,
-            delta=self.delta,
-            accountant=ACCOUNTANT_ENUMS[self.accountant],
-            epsilon_budget=self.epsilon_budget or 0.0,
-        )
-        return message
+def dp_to_proto(dp: DpSettings) -> pb.DpConfig:
+    """The applied DP configuration as the contract reports it."""
+    return pb.DpConfig(
+        noise_multiplier=dp.noise_multiplier,
+        planned_steps=dp.planned_steps,
+        max_grad_norm=dp.max_grad_norm,
+        delta=dp.delta,
+        accountant=ACCOUNTANT_ENUMS[dp.accountant],
+        epsilon_budget=dp.epsilon_budget or 0.0,
+    )
 
 
 def _finite(value: float) -> bool:
@@ -167,19 +138,6 @@ def lora_config(message: pb.LoraConfig, default_targets: Sequence[str]) -> LoraC
         )
     except InvalidArgument as error:
         raise remap_field(error, lambda field: field) from error
-
-
-def lora_to_json(config: LoraConfig, seed: int) -> str:
-    """Stable JSON of the applied LoRA config and its seed."""
-    return json.dumps({**dataclasses.asdict(config), "seed": seed}, sort_keys=True)
-
-
-def lora_from_json(text: str) -> tuple[LoraConfig, int]:
-    """Parse :func:`lora_to_json` output."""
-    data = json.loads(text)
-    seed = int(data.pop("seed"))
-    data["target_modules"] = tuple(data["target_modules"])
-    return LoraConfig(**data), seed
 
 
 def lora_to_proto(config: LoraConfig, seed: int) -> pb.LoraConfig:
@@ -400,12 +358,7 @@ def metrics_map(metrics: Mapping[str, float]) -> dict[str, float]:
     return {key: float(value) for key, value in metrics.items()}
 
 
-def json_state(state: Mapping[str, Any]) -> str:
-    """Stable JSON of an accountant state."""
-    return json.dumps(state, sort_keys=True)
-
-
-def step_to_proto(row: StepRow) -> pb.TrainingStep:
+def step_to_proto(row: StepRecord) -> pb.TrainingStep:
     """A committed optimizer step as its message."""
     message = pb.TrainingStep(
         step=int(row.step),
@@ -424,7 +377,7 @@ _CHECKPOINT_KINDS = {
 }
 
 
-def checkpoint_to_proto(row: CheckpointRow, lineage: Lineage) -> pb.Checkpoint:
+def checkpoint_to_proto(row: CheckpointRecord, lineage: Lineage) -> pb.Checkpoint:
     """A saved checkpoint as its message; ``lineage`` is the one stored with it."""
     message = pb.Checkpoint(
         path=checkpoint_path(row.client_id, row.kind, row.name),

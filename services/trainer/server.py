@@ -29,6 +29,7 @@ from tensafe.trainer.objects import ObjectFolder
 from tensafe.trainer.servicer import TrainerFutureServicer, TrainerServiceServicer
 from tensafe.trainer.store import repository
 from tensafe.trainer.store.models import FUTURES, MIGRATIONS, VERSION_TABLE
+from tensafe.trainer.store.sql import TrainerStore
 from tensafe.trainer.worker import jobs_stream_config
 
 # WaitFuture re-reads the future with backoff between these bounds. A training step
@@ -76,15 +77,18 @@ async def build_api(
         await jetstream.close()
         await database.dispose()
         raise
-    api = TrainerDomain(
-        database=database,
-        futures=SqlFutureStore(
+    store = TrainerStore(
+        database,
+        SqlFutureStore(
             database,
             FUTURES,
             poll_initial=FUTURE_POLL_INITIAL_SECONDS,
             poll_max=FUTURE_REREAD_SECONDS,
             wakeups=wakeups,
         ),
+    )
+    api = TrainerDomain(
+        store=store,
         jetstream=jetstream,
         base_models=BaseModelRegistry(config.base_models_path),
         objects=ObjectFolder(Path(config.data_dir) / "trainer"),
@@ -97,10 +101,10 @@ async def build_api(
     )
     objects = ObjectFolder(Path(config.data_dir) / "trainer")
     datasets = DatasetService(
-        database=database,
+        store=store,
         api=api,
         vault=DatasetVault(
-            database=database,
+            store=store,
             objects=objects,
             keyring=keyring_from_settings(
                 kek_file=config.dataset_kek_file,

@@ -20,8 +20,9 @@ from tensafe.proto.trainer.v1 import trainer_service_pb2_grpc
 from tensafe.trainer import serde
 from tensafe.trainer.domain.datasets.service import DatasetService, dataset_to_proto
 from tensafe.trainer.domain.ledger import Lineage, client_dp
+from tensafe.trainer.domain.model import ClientRecord
 from tensafe.trainer.domain.service import Caller, TrainerDomain
-from tensafe.trainer.store.models import TrainingClientRow
+from tensafe.trainer.domain.settings import lora_from_json
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -46,9 +47,9 @@ def _unimplemented(method: str) -> NoReturn:
     )
 
 
-def client_to_proto(row: TrainingClientRow) -> pb.TrainingClient:
+def client_to_proto(row: ClientRecord) -> pb.TrainingClient:
     """The contract's TrainingClient of a stored client."""
-    lora, seed = serde.lora_from_json(row.lora_json)
+    lora, seed = lora_from_json(row.lora_json)
     message = pb.TrainingClient(
         id=row.id,
         base_model=row.base_model,
@@ -63,7 +64,7 @@ def client_to_proto(row: TrainingClientRow) -> pb.TrainingClient:
     )
     dp = client_dp(row)
     if dp is not None:
-        message.dp.CopyFrom(dp.to_proto())
+        message.dp.CopyFrom(serde.dp_to_proto(dp))
     created = serde.timestamp(row.created_at)
     if created is not None:
         message.create_time.CopyFrom(created)
@@ -141,7 +142,7 @@ class TrainerServiceServicer(trainer_service_pb2_grpc.TrainerServiceServicer):
             caller(SCOPE_READ), page_size=request.page_size, page_token=request.page_token
         )
         return pb.ListTrainingClientsResponse(
-            training_clients=[client_to_proto(row) for row in page.clients],
+            training_clients=[client_to_proto(row) for row in page.items],
             next_page_token=page.next_page_token,
         )
 
@@ -222,7 +223,7 @@ class TrainerServiceServicer(trainer_service_pb2_grpc.TrainerServiceServicer):
             page_token=request.page_token,
         )
         return pb.ListTrainingStepsResponse(
-            steps=[serde.step_to_proto(row) for row in page.steps],
+            steps=[serde.step_to_proto(row) for row in page.items],
             next_page_token=page.next_page_token,
         )
 
@@ -239,7 +240,7 @@ class TrainerServiceServicer(trainer_service_pb2_grpc.TrainerServiceServicer):
         return pb.ListCheckpointsResponse(
             checkpoints=[
                 serde.checkpoint_to_proto(row, Lineage.parse(row.lineage_json))
-                for row in page.checkpoints
+                for row in page.items
             ],
             next_page_token=page.next_page_token,
         )
@@ -276,7 +277,7 @@ class TrainerServiceServicer(trainer_service_pb2_grpc.TrainerServiceServicer):
         return pb.ListDatasetsResponse(
             datasets=[
                 dataset_to_proto(row, await self._datasets.epsilon_spent(row))
-                for row in page.datasets
+                for row in page.items
             ],
             next_page_token=page.next_page_token,
         )

@@ -85,9 +85,7 @@ from tensafe.proto.trainer.v1 import trainer_service_pb2 as pb
 from tensafe.trainer import serde
 from tensafe.trainer.base_models import BaseModelRegistry
 from tensafe.trainer.config import TrainerConfig
-from tensafe.trainer.domain.audit.job import run_audit_job
 from tensafe.trainer.domain.datasets.crypto import keyring_from_settings
-from tensafe.trainer.domain.datasets.runner import DatasetRunner, RunEnd
 from tensafe.trainer.domain.datasets.service import DatasetVault
 from tensafe.trainer.domain.engine.base import (
     BaseDtype,
@@ -108,8 +106,11 @@ from tensafe.trainer.domain.jobs import (
     parse_path,
 )
 from tensafe.trainer.domain.ledger import PrivacyLedger, client_batches_mechanism, client_dp
+from tensafe.trainer.domain.settings import lora_from_json
 from tensafe.trainer.objects import ObjectFolder
 from tensafe.trainer.publisher import AdapterPublisher, load_signing_key
+from tensafe.trainer.runners.audit import run_audit_job
+from tensafe.trainer.runners.datasets import DatasetRunner, RunEnd
 from tensafe.trainer.store import repository as repo
 from tensafe.trainer.store.models import (
     FUTURES,
@@ -119,6 +120,7 @@ from tensafe.trainer.store.models import (
     JobRow,
     TrainingClientRow,
 )
+from tensafe.trainer.store.sql import TrainerStore, TrainerTransaction
 
 log = logging.getLogger(__name__)
 
@@ -408,7 +410,7 @@ class TrainerWorker:
         self, job: JobRow, client: TrainingClientRow, delivery: Delivery, request: Any
     ) -> None:
         """Run a TrainOnDataset job; its steps commit one by one (see
-        :mod:`tensafe.trainer.domain.datasets.runner`)."""
+        :mod:`tensafe.trainer.runners.datasets`)."""
         try:
             if self._dataset_runner is None:
                 raise FailedPrecondition(
@@ -476,7 +478,7 @@ class TrainerWorker:
 
     def _build_engine(self, client: TrainingClientRow, state: bytes | None) -> LoraTrainingEngine:
         info = self._base_models.get(client.base_model)
-        lora, seed = serde.lora_from_json(client.lora_json)
+        lora, seed = lora_from_json(client.lora_json)
         dp = client_dp(client)
         loads = self._bases.loads
         base = self._bases.get(info.path)
@@ -703,14 +705,14 @@ class TrainerWorker:
                     dp = client_dp(row)
                     if dp is not None and outcome.dp_step:
                         await self._ledger.commit_step(
-                            session,
+                            TrainerTransaction(session),
                             row,
                             mechanism=client_batches_mechanism(dp),
                             seq=job.seq,
                             future_id=job.future_id,
                         )
                     result.privacy_spent.CopyFrom(serde.privacy_spent(dp, self._ledger.report(row)))
-                    await self._ledger.settle(session, job.future_id)
+                    await self._ledger.settle(TrainerTransaction(session), job.future_id)
                     tokens = float(row.pending_tokens)
                     repo.record_step(
                         session,
@@ -732,7 +734,7 @@ class TrainerWorker:
                     # Normally inherited at admission already; a checkpoint replaced
                     # since then brings its own history too (merging is idempotent).
                     await self._ledger.inherit(
-                        session, row, outcome.loaded, future_id=job.future_id
+                        TrainerTransaction(session), row, outcome.loaded, future_id=job.future_id
                     )
                 if outcome.checkpoint is not None and checkpoint_object is not None:
                     checkpoint_kind, name, _ = outcome.checkpoint
@@ -790,7 +792,7 @@ class TrainerWorker:
                         reason=error.reason,
                         session=session,
                     )
-                await self._ledger.release(session, job.future_id)
+                await self._ledger.release(TrainerTransaction(session), job.future_id)
                 await repo.finish_job(session, job.future_id)
         except repo.LostClient as lost:
             raise RetryLater(self._retry_delay, str(lost)) from lost
@@ -820,7 +822,7 @@ class TrainerWorker:
                         message=f"training client {client.id} was deleted",
                         session=session,
                     )
-            await self._ledger.release(session, job.future_id)
+            await self._ledger.release(TrainerTransaction(session), job.future_id)
             await repo.finish_job(session, job.future_id)
         resident = self._resident.get(client.id)
         if resident is not None and resident.applied_seq == job.seq - 1:
@@ -911,7 +913,9 @@ def dataset_runner(
         database=database,
         futures=futures,
         objects=objects,
-        vault=DatasetVault(database=database, objects=objects, keyring=keyring),
+        vault=DatasetVault(
+            store=TrainerStore(database, futures), objects=objects, keyring=keyring
+        ),
         owner=owner,
         retry_delay=config.retry_delay_seconds,
         stop=stop,

@@ -27,12 +27,10 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 from google.protobuf.message import Message
-from sqlalchemy.ext.asyncio import AsyncSession
 
-from tensafe.common.db import Database
 from tensafe.common.errors import (
     InvalidArgument,
     NotFound,
@@ -41,7 +39,7 @@ from tensafe.common.errors import (
 )
 from tensafe.common.futures import Future, FuturePage, SqlFutureStore
 from tensafe.common.jetstream import JetStream
-from tensafe.common.quotas import QUOTA_EXCEEDED, lock_tenant, quota_exceeded
+from tensafe.common.quotas import QUOTA_EXCEEDED, quota_exceeded
 from tensafe.proto.trainer.v1 import trainer_service_pb2 as pb
 from tensafe.trainer import serde
 from tensafe.trainer.base_models import BaseModelInfo, BaseModelRegistry, tokenizer_files
@@ -72,14 +70,21 @@ from tensafe.trainer.domain.ledger import (
     client_batches_mechanism,
     client_dp,
 )
+from tensafe.trainer.domain.model import (
+    CLIENT_ACTIVE,
+    CheckpointRecord,
+    ClientRecord,
+    Page,
+    StepRecord,
+)
+from tensafe.trainer.domain.settings import DpSettings, lora_to_json
 from tensafe.trainer.objects import ObjectFolder
-from tensafe.trainer.store import repository as repo
-from tensafe.trainer.store.models import JobRow, TrainingClientRow
+from tensafe.trainer.store.sql import TrainerStore, TrainerTransaction
 
 log = logging.getLogger(__name__)
 
-AdmitHook = Callable[[AsyncSession, TrainingClientRow, str, int], Awaitable[None]]
-"""Extra work inside a job's admission transaction: (session, locked client row,
+AdmitHook = Callable[[TrainerTransaction, ClientRecord, str, int], Awaitable[None]]
+"""Extra work inside a job's admission transaction: (transaction, locked client,
 future id, sequence number). Raising rolls the admission back."""
 
 _MAX_REQUEST_ID = 128
@@ -114,8 +119,7 @@ class TrainerDomain:
     """Admission, reads and the outbox of the trainer API.
 
     Args:
-        database: The trainer's database.
-        futures: The futures store on ``trainer_futures``.
+        store: The trainer's database and its futures.
         jetstream: Connection whose stream captures ``<subject_prefix>.>``.
         base_models: The registered base models.
         objects: The object folder (checkpoints are deleted with their client).
@@ -131,8 +135,7 @@ class TrainerDomain:
     def __init__(
         self,
         *,
-        database: Database,
-        futures: SqlFutureStore,
+        store: TrainerStore,
         jetstream: JetStream,
         base_models: BaseModelRegistry,
         objects: ObjectFolder,
@@ -143,13 +146,13 @@ class TrainerDomain:
         max_steps_per_job: int,
         ledger: PrivacyLedger,
     ) -> None:
-        self._db = database
+        self._store = store
         self._ledger = ledger
         # (tenant, client id) -> (base model, private) of clients this process has read:
         # both are fixed at creation, and ForwardBackward needs them to validate a batch
         # before admission, whose transaction reads (and locks) the row anyway.
         self._client_facts: OrderedDict[tuple[str, str], tuple[str, bool]] = OrderedDict()
-        self._futures = futures
+        self._futures = store.futures
         self._jetstream = jetstream
         self._base_models = base_models
         self._objects = objects
@@ -204,7 +207,7 @@ class TrainerDomain:
 
     async def create_client(
         self, caller: Caller, request: pb.CreateTrainingClientRequest
-    ) -> TrainingClientRow:
+    ) -> ClientRecord:
         """Create a training client, or return the one this request id created.
 
         Raises:
@@ -227,7 +230,7 @@ class TrainerDomain:
                 f"choose from {', '.join(info.lora_target_modules)}",
             )
         seed = int(request.lora.seed) if request.lora.seed else secrets.randbits(63)
-        dp: serde.DpSettings | None = None
+        dp: DpSettings | None = None
         if request.HasField("dp"):
             dp, target = serde.dp_request(request.dp)
             if dp is None:
@@ -243,8 +246,8 @@ class TrainerDomain:
                     accountant=serde.accountant_name(request.dp),
                 )
                 dp = serde.dp_with_noise(request.dp, sigma)
-        async with self._db.transaction() as session:
-            existing = await repo.client_by_request(session, caller.tenant, request_id)
+        async with self._store.transaction() as tx:
+            existing = await tx.client_by_request(caller.tenant, request_id)
             if existing is not None:
                 if existing.request_fingerprint != fingerprint:
                     raise InvalidArgument(
@@ -253,25 +256,25 @@ class TrainerDomain:
                         reason="REQUEST_ID_REUSED",
                     )
                 return existing
-            await lock_tenant(session, "trainer.clients", caller.tenant)
-            live = await repo.count_live_clients(session, caller.tenant)
+            await tx.lock_tenant("trainer.clients", caller.tenant)
+            live = await tx.count_live_clients(caller.tenant)
             if live >= self._max_clients:
                 raise quota_exceeded(
                     "max_training_clients_per_tenant",
                     self._max_clients,
                     f"{live} live training clients",
                 )
-            row = TrainingClientRow(
+            client = ClientRecord(
                 id=uuid.uuid4().hex,
                 tenant=caller.tenant,
                 request_id=request_id,
                 request_fingerprint=fingerprint,
                 base_model=info.name,
-                lora_json=serde.lora_to_json(lora, seed),
+                lora_json=lora_to_json(lora, seed),
                 dp_json=dp.to_json() if dp is not None else None,
                 private=dp is not None,
                 seed=seed,
-                state=repo.CLIENT_ACTIVE,
+                state=CLIENT_ACTIVE,
                 next_seq=0,
                 applied_seq=0,
                 step=0,
@@ -280,17 +283,16 @@ class TrainerDomain:
                 accountant_state=None,
                 state_path=None,
                 state_sha256=None,
-                lease_owner=None,
-                lease_expires_at=None,
-                created_at=repo.now(),
+                created_at=datetime.now(UTC),
+                lineage_json=None,
             )
-            session.add(row)
-        return row
+            tx.add_client(client)
+        return client
 
-    async def get_client(self, caller: Caller, client_id: str) -> TrainingClientRow:
+    async def get_client(self, caller: Caller, client_id: str) -> ClientRecord:
         """A client of the caller's tenant (NotFound otherwise)."""
-        async with self._db.transaction(read_only=True) as session:
-            row = await repo.get_client(session, caller.tenant, client_id)
+        async with self._store.transaction(read_only=True) as tx:
+            row = await tx.get_client(caller.tenant, client_id)
         self._client_facts[(caller.tenant, client_id)] = (row.base_model, row.private)
         self._client_facts.move_to_end((caller.tenant, client_id))
         while len(self._client_facts) > _CLIENT_FACTS:
@@ -307,45 +309,38 @@ class TrainerDomain:
             facts = (row.base_model, row.private)
         return facts
 
-    async def client_by_request(self, caller: Caller, request_id: str) -> TrainingClientRow:
+    async def client_by_request(self, caller: Caller, request_id: str) -> ClientRecord:
         """The caller's client that a CreateTrainingClient with ``request_id`` made.
 
         Raises:
             NotFound: None did (or it is another tenant's).
         """
-        async with self._db.transaction(read_only=True) as session:
-            row = await repo.client_by_request(session, caller.tenant, request_id)
-        if row is None or row.state != repo.CLIENT_ACTIVE:
+        async with self._store.transaction(read_only=True) as tx:
+            row = await tx.client_by_request(caller.tenant, request_id)
+        if row is None or row.state != CLIENT_ACTIVE:
             raise NotFound(f"no training client was created with request id {request_id!r}")
         return row
 
     async def list_clients(
         self, caller: Caller, *, page_size: int, page_token: str
-    ) -> repo.ClientPage:
+    ) -> Page[ClientRecord]:
         """A page of the caller's clients."""
-        async with self._db.transaction(read_only=True) as session:
-            return await repo.list_clients(
-                session, caller.tenant, page_size=page_size, page_token=page_token
+        async with self._store.transaction(read_only=True) as tx:
+            return await tx.list_clients(
+                caller.tenant, page_size=page_size, page_token=page_token
             )
 
     async def delete_client(self, caller: Caller, client_id: str) -> None:
         """Delete a client and its checkpoints; its ledger stays for audit."""
-        async with self._db.transaction() as session:
-            row = await repo.lock_client(session, caller.tenant, client_id)
-            row.state = repo.CLIENT_DELETED
-            checkpoints = await repo.checkpoints_of(session, client_id)
-            for checkpoint in checkpoints:
-                await session.delete(checkpoint)
-            paths = [c.object_path for c in checkpoints]
-            if row.state_path is not None:
-                paths.append(row.state_path)
+        async with self._store.transaction() as tx:
+            paths = await tx.delete_client(caller.tenant, client_id)
         self._client_facts.pop((caller.tenant, client_id), None)
         for path in paths:
             self._objects.delete(path)
 
     async def privacy_spent(
         self, caller: Caller, client_id: str
-    ) -> tuple[TrainingClientRow, PrivacyReport | None]:
+    ) -> tuple[ClientRecord, PrivacyReport | None]:
         """The privacy a client's weights have spent (committed steps of their whole
         lineage); None for a non-private client."""
         row = await self.get_client(caller, client_id)
@@ -353,22 +348,20 @@ class TrainerDomain:
 
     async def list_steps(
         self, caller: Caller, client_id: str, *, page_size: int, page_token: str
-    ) -> repo.StepPage:
+    ) -> Page[StepRecord]:
         """A page of a client's committed optimizer steps (loss, epsilon after each)."""
-        async with self._db.transaction(read_only=True) as session:
-            await repo.get_client(session, caller.tenant, client_id)
-            return await repo.list_steps(
-                session, client_id, page_size=page_size, page_token=page_token
-            )
+        async with self._store.transaction(read_only=True) as tx:
+            await tx.get_client(caller.tenant, client_id)
+            return await tx.list_steps(client_id, page_size=page_size, page_token=page_token)
 
     async def list_checkpoints(
         self, caller: Caller, client_id: str, *, page_size: int, page_token: str
-    ) -> repo.CheckpointPage:
+    ) -> Page[CheckpointRecord]:
         """A page of a client's saved states and sampler weights."""
-        async with self._db.transaction(read_only=True) as session:
-            await repo.get_client(session, caller.tenant, client_id)
-            return await repo.list_checkpoints(
-                session, client_id, page_size=page_size, page_token=page_token
+        async with self._store.transaction(read_only=True) as tx:
+            await tx.get_client(caller.tenant, client_id)
+            return await tx.list_checkpoints(
+                client_id, page_size=page_size, page_token=page_token
             )
 
     # ---------------------------------------------------------------- jobs
@@ -475,20 +468,18 @@ class TrainerDomain:
     async def load_state(self, caller: Caller, request: pb.LoadStateRequest) -> Future:
         """Admit a LoadState job; the checkpoint must exist for the caller's tenant."""
         parsed = parse_path("path", request.path, kind=CHECKPOINT_KIND)
-        async with self._db.transaction(read_only=True) as session:
-            await repo.get_checkpoint(
-                session, caller.tenant, parsed.client_id, CHECKPOINT_KIND, parsed.name
-            )
+        async with self._store.transaction(read_only=True) as tx:
+            await tx.get_checkpoint(caller.tenant, parsed.client_id, CHECKPOINT_KIND, parsed.name)
 
         async def inherit(
-            session: AsyncSession, row: TrainingClientRow, future_id: str, seq: int
+            tx: TrainerTransaction, client: ClientRecord, future_id: str, seq: int
         ) -> None:
             # The weights' privacy history joins the client's at admission, so a step
             # queued behind this LoadState is checked against all of it (DESIGN §8).
-            checkpoint = await repo.get_checkpoint(
-                session, caller.tenant, parsed.client_id, CHECKPOINT_KIND, parsed.name
+            checkpoint = await tx.get_checkpoint(
+                caller.tenant, parsed.client_id, CHECKPOINT_KIND, parsed.name
             )
-            await self._ledger.inherit(session, row, checkpoint, future_id=future_id)
+            await self._ledger.inherit(tx, client, checkpoint, future_id=future_id)
 
         return await self._admit(
             caller, request.training_client_id, JobKind.LOAD_STATE, request, within=inherit
@@ -527,31 +518,26 @@ class TrainerDomain:
         request_id = _request_id(request.request_id)
         fingerprint = _fingerprint(request)
         payload = request.SerializeToString(deterministic=True)
-        async with self._db.transaction() as session:
-            await lock_tenant(session, "trainer.jobs", caller.tenant)
-            created = await self._futures.create(
+        async with self._store.transaction() as tx:
+            await tx.lock_tenant("trainer.jobs", caller.tenant)
+            created = await tx.create_future(
                 caller.tenant,
                 kind=JobKind.AUDIT_PRIVACY.value,
                 request_id=request_id,
                 resource="privacy_audits",
-                request_fingerprint=fingerprint,
-                session=session,
+                fingerprint=fingerprint,
             )
             if not created.created:
                 return created.future
-            await self._check_pending_jobs(session, caller.tenant)
+            await self._check_pending_jobs(tx, caller.tenant)
             future_id = created.future.id
-            session.add(
-                JobRow(
-                    future_id=future_id,
-                    tenant=caller.tenant,
-                    client_id=future_id,
-                    seq=1,
-                    kind=JobKind.AUDIT_PRIVACY.value,
-                    payload=payload,
-                    status=repo.JOB_QUEUED,
-                    created_at=repo.now(),
-                )
+            tx.add_job(
+                future_id=future_id,
+                tenant=caller.tenant,
+                client_id=future_id,
+                seq=1,
+                kind=JobKind.AUDIT_PRIVACY.value,
+                payload=payload,
             )
         await self._publish(JobMessage(future_id, future_id, 1))
         return created.future
@@ -564,10 +550,8 @@ class TrainerDomain:
         if client_id:
             return client_id
         parsed = parse_path("model_path", model_path, kind=SAMPLER_KIND)
-        async with self._db.transaction(read_only=True) as session:
-            await repo.get_checkpoint(
-                session, caller.tenant, parsed.client_id, SAMPLER_KIND, parsed.name
-            )
+        async with self._store.transaction(read_only=True) as tx:
+            await tx.get_checkpoint(caller.tenant, parsed.client_id, SAMPLER_KIND, parsed.name)
         return parsed.client_id
 
     async def admit(
@@ -608,55 +592,49 @@ class TrainerDomain:
         request_id = _request_id(getattr(request, "request_id", ""))
         fingerprint = _fingerprint(request)
         payload = request.SerializeToString(deterministic=True)
-        async with self._db.transaction() as session:
+        async with self._store.transaction() as tx:
             # Tenant lock first, then the client row: the one order every admission takes.
-            await lock_tenant(session, "trainer.jobs", caller.tenant)
-            row = await repo.lock_client(session, caller.tenant, client_id)
-            created = await self._futures.create(
+            await tx.lock_tenant("trainer.jobs", caller.tenant)
+            client = await tx.lock_client(caller.tenant, client_id)
+            created = await tx.create_future(
                 caller.tenant,
                 kind=kind.value,
                 request_id=request_id,
                 resource=f"training_clients/{client_id}",
-                request_fingerprint=fingerprint,
-                session=session,
+                fingerprint=fingerprint,
             )
             if not created.created:
                 return created.future
-            await self._check_pending_jobs(session, caller.tenant)
-            seq = row.next_seq + 1
-            row.next_seq = seq
+            await self._check_pending_jobs(tx, caller.tenant)
+            seq = await tx.allocate_seq(client_id)
             future_id = created.future.id
-            session.add(
-                JobRow(
-                    future_id=future_id,
-                    tenant=caller.tenant,
-                    client_id=client_id,
-                    seq=seq,
-                    kind=kind.value,
-                    payload=payload,
-                    status=repo.JOB_QUEUED,
-                    created_at=repo.now(),
-                )
+            tx.add_job(
+                future_id=future_id,
+                tenant=caller.tenant,
+                client_id=client_id,
+                seq=seq,
+                kind=kind.value,
+                payload=payload,
             )
-            dp = client_dp(row)
+            dp = client_dp(client)
             if reserve and dp is not None:
                 await self._ledger.reserve(
-                    session,
-                    row,
+                    tx,
+                    client,
                     dp,
                     mechanism=client_batches_mechanism(dp),
                     future_id=future_id,
                     seq=seq,
                 )
             if within is not None:
-                await within(session, row, future_id, seq)
+                await within(tx, client, future_id, seq)
         await self._publish(JobMessage(future_id, client_id, seq))
         return created.future
 
-    async def _check_pending_jobs(self, session: AsyncSession, tenant: str) -> None:
-        """Refuse the job just created in ``session`` if it takes the tenant over
+    async def _check_pending_jobs(self, tx: TrainerTransaction, tenant: str) -> None:
+        """Refuse the job just created in ``tx`` if it takes the tenant over
         ``max_pending_jobs_per_tenant`` (raising rolls its future back)."""
-        pending = await repo.count_unfinished_jobs(session, tenant)
+        pending = await tx.count_unfinished_jobs(tenant)
         if pending > self._max_pending_jobs:
             raise quota_exceeded(
                 "max_pending_jobs_per_tenant",
@@ -718,9 +696,9 @@ class TrainerDomain:
         Returns:
             How many messages were sent.
         """
-        async with self._db.transaction(read_only=True) as session:
-            jobs = await repo.queued_jobs(
-                session, older_than=repo.now() - self._outbox_grace, limit=_OUTBOX_BATCH
+        async with self._store.transaction(read_only=True) as tx:
+            jobs = await tx.queued_jobs(
+                older_than=datetime.now(UTC) - self._outbox_grace, limit=_OUTBOX_BATCH
             )
         for job in jobs:
             await self._publish(JobMessage(job.future_id, job.client_id, job.seq))

@@ -1,8 +1,8 @@
 """One DP-SGD step of TrainOnDataset on a drawn Poisson batch, without the database.
 
-The step function the dataset runner (:mod:`.runner`) calls for every step of a run,
-and the privacy audit (:mod:`tensafe.trainer.domain.audit.run`) calls for every step of a
-Poisson shadow run, so the audit tests the code that trains on server-held data:
+The step function the dataset runner (:mod:`tensafe.trainer.runners.datasets`) calls for
+every step of a run, and the privacy audit (:mod:`tensafe.trainer.domain.audit.run`) calls
+for every step of a Poisson shadow run, so the audit tests the code that trains on server-held data:
 micro-batched ``forward_backward`` (per-example clipping) and one ``optim_step``
 dividing by the expected batch size, with the noise-only update for an empty batch.
 """

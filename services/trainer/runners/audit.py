@@ -25,10 +25,9 @@ from tensafe.common.futures import FutureStatus, SqlFutureStore
 from tensafe.proto.trainer.v1 import trainer_service_pb2 as pb
 from tensafe.trainer import serde
 from tensafe.trainer.base_models import BaseModelRegistry
+from tensafe.trainer.domain.audit.service import execute_audit
 from tensafe.trainer.store import repository as repo
 from tensafe.trainer.store.models import JobRow
-
-from .service import execute_audit
 
 log = logging.getLogger(__name__)
 
