@@ -18,7 +18,7 @@ from tensafe.proto.common.v1 import common_pb2, common_pb2_grpc
 from tensafe.proto.trainer.v1 import trainer_service_pb2 as pb
 from tensafe.proto.trainer.v1 import trainer_service_pb2_grpc
 from tensafe.trainer import serde
-from tensafe.trainer.domain.datasets.service import DatasetService, dataset_to_proto
+from tensafe.trainer.domain.datasets.service import DatasetService
 from tensafe.trainer.domain.ledger import Lineage, client_dp
 from tensafe.trainer.domain.model import ClientRecord
 from tensafe.trainer.domain.service import Caller, TrainerDomain
@@ -118,7 +118,8 @@ class TrainerServiceServicer(trainer_service_pb2_grpc.TrainerServiceServicer):
         self, request: pb.CreateTrainingClientRequest, context: Context
     ) -> pb.CreateTrainingClientResponse:
         """Create a LoRA training client."""
-        row = await self._api.create_client(caller(SCOPE_TRAIN), request)
+        who = caller(SCOPE_TRAIN)
+        row = await self._api.create_client(who, serde.create_client(request))
         return pb.CreateTrainingClientResponse(training_client=client_to_proto(row))
 
     async def GetTrainingClient(
@@ -157,52 +158,60 @@ class TrainerServiceServicer(trainer_service_pb2_grpc.TrainerServiceServicer):
         self, request: pb.ForwardBackwardRequest, context: Context
     ) -> pb.ForwardBackwardResponse:
         """Queue a forward-backward pass."""
-        future = await self._api.forward_backward(caller(SCOPE_TRAIN), request)
+        who = caller(SCOPE_TRAIN)
+        future = await self._api.forward_backward(who, serde.forward_backward(request))
         return pb.ForwardBackwardResponse(future=serde.future_to_proto(future))
 
     async def Forward(self, request: pb.ForwardRequest, context: Context) -> pb.ForwardResponse:
         """Queue a forward pass."""
-        future = await self._api.forward_backward(caller(SCOPE_TRAIN), request)
+        who = caller(SCOPE_TRAIN)
+        future = await self._api.forward_backward(who, serde.forward_backward(request))
         return pb.ForwardResponse(future=serde.future_to_proto(future))
 
     async def OptimStep(
         self, request: pb.OptimStepRequest, context: Context
     ) -> pb.OptimStepResponse:
         """Queue an optimizer step (refused when over the privacy budget)."""
-        future = await self._api.optim_step(caller(SCOPE_TRAIN), request)
+        who = caller(SCOPE_TRAIN)
+        future = await self._api.optim_step(who, serde.optim_step(request))
         return pb.OptimStepResponse(future=serde.future_to_proto(future))
 
     async def Sample(self, request: pb.SampleRequest, context: Context) -> pb.SampleResponse:
         """Queue sampling."""
-        future = await self._api.sample(caller(SCOPE_TRAIN), request)
+        who = caller(SCOPE_TRAIN)
+        future = await self._api.sample(who, serde.sample(request))
         return pb.SampleResponse(future=serde.future_to_proto(future))
 
     async def ComputeLogprobs(
         self, request: pb.ComputeLogprobsRequest, context: Context
     ) -> pb.ComputeLogprobsResponse:
         """Queue a log-probability computation."""
-        future = await self._api.compute_logprobs(caller(SCOPE_TRAIN), request)
+        who = caller(SCOPE_TRAIN)
+        future = await self._api.compute_logprobs(who, serde.compute_logprobs(request))
         return pb.ComputeLogprobsResponse(future=serde.future_to_proto(future))
 
     async def SaveState(
         self, request: pb.SaveStateRequest, context: Context
     ) -> pb.SaveStateResponse:
         """Queue a checkpoint."""
-        future = await self._api.save_state(caller(SCOPE_TRAIN), request)
+        who = caller(SCOPE_TRAIN)
+        future = await self._api.save(who, serde.save_state(request))
         return pb.SaveStateResponse(future=serde.future_to_proto(future))
 
     async def LoadState(
         self, request: pb.LoadStateRequest, context: Context
     ) -> pb.LoadStateResponse:
         """Queue a checkpoint restore."""
-        future = await self._api.load_state(caller(SCOPE_TRAIN), request)
+        who = caller(SCOPE_TRAIN)
+        future = await self._api.load_state(who, serde.load_state(request))
         return pb.LoadStateResponse(future=serde.future_to_proto(future))
 
     async def SaveWeightsForSampler(
         self, request: pb.SaveWeightsForSamplerRequest, context: Context
     ) -> pb.SaveWeightsForSamplerResponse:
         """Queue freezing the weights for sampling."""
-        future = await self._api.save_weights_for_sampler(caller(SCOPE_TRAIN), request)
+        who = caller(SCOPE_TRAIN)
+        future = await self._api.save(who, serde.save_weights_for_sampler(request))
         return pb.SaveWeightsForSamplerResponse(future=serde.future_to_proto(future))
 
     async def GetPrivacySpent(
@@ -249,15 +258,17 @@ class TrainerServiceServicer(trainer_service_pb2_grpc.TrainerServiceServicer):
         self, request: pb.SaveAdapterRequest, context: Context
     ) -> pb.SaveAdapterResponse:
         """Queue sealing the client's adapter as a TGSP package and publishing it."""
-        future = await self._api.save_adapter(caller(SCOPE_TRAIN), request)
+        who = caller(SCOPE_TRAIN)
+        future = await self._api.save(who, serde.save_adapter(request))
         return pb.SaveAdapterResponse(future=serde.future_to_proto(future))
 
     async def UploadDataset(
         self, request_iterator: Any, context: Context
     ) -> pb.UploadDatasetResponse:
         """Store a streamed JSONL dataset, tokenised and encrypted."""
-        row = await self._datasets.upload(caller(SCOPE_TRAIN), request_iterator)
-        return pb.UploadDatasetResponse(dataset=dataset_to_proto(row))
+        who = caller(SCOPE_TRAIN)
+        row = await self._datasets.upload(who, serde.upload_parts(request_iterator))
+        return pb.UploadDatasetResponse(dataset=serde.dataset_to_proto(row))
 
     async def GetDataset(
         self, request: pb.GetDatasetRequest, context: Context
@@ -265,7 +276,7 @@ class TrainerServiceServicer(trainer_service_pb2_grpc.TrainerServiceServicer):
         """Return a dataset's metadata."""
         row = await self._datasets.get(caller(SCOPE_READ), request.dataset_id)
         spent = await self._datasets.epsilon_spent(row)
-        return pb.GetDatasetResponse(dataset=dataset_to_proto(row, spent))
+        return pb.GetDatasetResponse(dataset=serde.dataset_to_proto(row, spent))
 
     async def ListDatasets(
         self, request: pb.ListDatasetsRequest, context: Context
@@ -276,7 +287,7 @@ class TrainerServiceServicer(trainer_service_pb2_grpc.TrainerServiceServicer):
         )
         return pb.ListDatasetsResponse(
             datasets=[
-                dataset_to_proto(row, await self._datasets.epsilon_spent(row))
+                serde.dataset_to_proto(row, await self._datasets.epsilon_spent(row))
                 for row in page.items
             ],
             next_page_token=page.next_page_token,
@@ -293,14 +304,16 @@ class TrainerServiceServicer(trainer_service_pb2_grpc.TrainerServiceServicer):
         self, request: pb.TrainOnDatasetRequest, context: Context
     ) -> pb.TrainOnDatasetResponse:
         """Queue DP-SGD on a server-held dataset with server-drawn Poisson batches."""
-        future = await self._datasets.train_on_dataset(caller(SCOPE_TRAIN), request)
+        who = caller(SCOPE_TRAIN)
+        future = await self._datasets.train_on_dataset(who, serde.train_on_dataset(request))
         return pb.TrainOnDatasetResponse(future=serde.future_to_proto(future))
 
     async def AuditPrivacy(
         self, request: pb.AuditPrivacyRequest, context: Context
     ) -> pb.AuditPrivacyResponse:
         """Queue an empirical privacy audit (a shadow run; no tenant data or budget)."""
-        future = await self._api.audit_privacy(caller(SCOPE_TRAIN), request)
+        who = caller(SCOPE_TRAIN)
+        future = await self._api.audit_privacy(who, serde.audit_privacy(request))
         return pb.AuditPrivacyResponse(future=serde.future_to_proto(future))
 
 

@@ -259,7 +259,7 @@ class TrainerWorker:
         """Process one job delivery (see the module docstring)."""
         message = JobMessage.decode(delivery.data)
         if message.client_id == message.future_id:
-            # A lane of its own: only AuditPrivacy jobs are admitted this way (api.py).
+            # A lane of its own: only AuditPrivacy jobs are admitted this way (domain/service.py).
             await self._audit(message, delivery)
             return
         # One short write transaction decides what to do: the order check, the lease
@@ -345,7 +345,7 @@ class TrainerWorker:
 
     async def _run(self, job: JobRow, client: TrainingClientRow, delivery: Delivery) -> None:
         kind = JobKind(job.kind)
-        request = kind.request_type.FromString(job.payload)
+        request = serde.job_request(kind, job.payload)
         if kind is JobKind.TRAIN_ON_DATASET:
             await self._train_on_dataset(job, client, delivery, request)
             return

@@ -29,8 +29,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from google.protobuf.message import Message
-
 from tensafe.common.errors import (
     InvalidArgument,
     NotFound,
@@ -40,10 +38,20 @@ from tensafe.common.errors import (
 from tensafe.common.futures import Future, FuturePage, SqlFutureStore
 from tensafe.common.jetstream import JetStream
 from tensafe.common.quotas import QUOTA_EXCEEDED, quota_exceeded
-from tensafe.proto.trainer.v1 import trainer_service_pb2 as pb
-from tensafe.trainer import serde
 from tensafe.trainer.base_models import BaseModelInfo, BaseModelRegistry, tokenizer_files
 from tensafe.trainer.domain.audit.service import audit_plan
+from tensafe.trainer.domain.commands import (
+    AuditPrivacy,
+    ClientJob,
+    ComputeLogprobs,
+    CreateClient,
+    ForwardBackward,
+    JobRequest,
+    NamedJob,
+    Sample,
+    batch_field,
+    remap_field,
+)
 from tensafe.trainer.domain.engine.accounting import BatchSampling, calibrate_noise_multiplier
 from tensafe.trainer.domain.engine.config import LossConfig
 from tensafe.trainer.domain.engine.losses import (
@@ -77,7 +85,7 @@ from tensafe.trainer.domain.model import (
     Page,
     StepRecord,
 )
-from tensafe.trainer.domain.settings import DpSettings, lora_to_json
+from tensafe.trainer.domain.settings import DpSettings, check_dp, dp_with_noise, lora_to_json
 from tensafe.trainer.objects import ObjectFolder
 from tensafe.trainer.store.sql import TrainerStore, TrainerTransaction
 
@@ -99,13 +107,6 @@ class Caller:
 
     tenant: str
     principal: str
-
-
-def _fingerprint(message: Message) -> str:
-    copy = type(message)()
-    copy.CopyFrom(message)
-    copy.ClearField("request_id")
-    return hashlib.sha256(copy.SerializeToString(deterministic=True)).hexdigest()
 
 
 def _request_id(request_id: str) -> str:
@@ -205,9 +206,7 @@ class TrainerDomain:
 
     # ---------------------------------------------------------------- clients
 
-    async def create_client(
-        self, caller: Caller, request: pb.CreateTrainingClientRequest
-    ) -> ClientRecord:
+    async def create_client(self, caller: Caller, command: CreateClient) -> ClientRecord:
         """Create a training client, or return the one this request id created.
 
         Raises:
@@ -216,12 +215,12 @@ class TrainerDomain:
             ResourceExhausted: The tenant holds ``max_training_clients_per_tenant``
                 live clients already (reason ``QUOTA_EXCEEDED``).
         """
-        request_id = _request_id(request.request_id)
-        fingerprint = _fingerprint(request)
-        info = await self.base_model(request.base_model)
-        if not request.HasField("lora"):
+        request_id = _request_id(command.request_id)
+        fingerprint = command.fingerprint
+        info = await self.base_model(command.base_model)
+        if command.lora is None:
             raise InvalidArgument("lora", "is required")
-        lora = serde.lora_config(request.lora, info.default_target_modules)
+        lora = command.lora.config(info.default_target_modules)
         unknown = [m for m in lora.target_modules if m not in info.lora_target_modules]
         if unknown:
             raise InvalidArgument(
@@ -229,10 +228,10 @@ class TrainerDomain:
                 f"no linear layer named {', '.join(unknown)} in {info.name}; "
                 f"choose from {', '.join(info.lora_target_modules)}",
             )
-        seed = int(request.lora.seed) if request.lora.seed else secrets.randbits(63)
+        seed = int(command.lora.seed) if command.lora.seed else secrets.randbits(63)
         dp: DpSettings | None = None
-        if request.HasField("dp"):
-            dp, target = serde.dp_request(request.dp)
+        if command.dp is not None:
+            dp, target = check_dp(command.dp)
             if dp is None:
                 assert target is not None
                 # Client-supplied batches: the calibration composes full Gaussian steps,
@@ -240,12 +239,12 @@ class TrainerDomain:
                 sigma = await asyncio.to_thread(
                     calibrate_noise_multiplier,
                     target_epsilon=target,
-                    delta=request.dp.delta,
-                    steps=int(request.dp.planned_steps),
+                    delta=command.dp.delta,
+                    steps=int(command.dp.planned_steps),
                     sampling=BatchSampling.CLIENT_BATCHES,
-                    accountant=serde.accountant_name(request.dp),
+                    accountant=command.dp.accountant,
                 )
-                dp = serde.dp_with_noise(request.dp, sigma)
+                dp = dp_with_noise(command.dp, sigma)
         async with self._store.transaction() as tx:
             existing = await tx.client_by_request(caller.tenant, request_id)
             if existing is not None:
@@ -366,20 +365,14 @@ class TrainerDomain:
 
     # ---------------------------------------------------------------- jobs
 
-    async def forward_backward(
-        self, caller: Caller, request: pb.ForwardBackwardRequest | pb.ForwardRequest
-    ) -> Future:
+    async def forward_backward(self, caller: Caller, command: ForwardBackward) -> Future:
         """Admit a ForwardBackward or Forward job after validating the batch."""
-        kind = (
-            JobKind.FORWARD_BACKWARD
-            if isinstance(request, pb.ForwardBackwardRequest)
-            else JobKind.FORWARD
-        )
-        base_model, private = await self._base_model_and_privacy(caller, request.training_client_id)
+        kind = command.kind
+        base_model, private = await self._base_model_and_privacy(caller, command.client_id)
         info = await self.base_model(base_model)
-        loss = LossFn.parse(request.loss_fn)
-        loss_config_from_options(loss, request.loss_fn_config, LossConfig())
-        batch = serde.batch_from_data(request.data)
+        loss = LossFn.parse(command.loss_fn)
+        loss_config_from_options(loss, command.loss_fn_config, LossConfig())
+        batch = command.batch.get()
         try:
             validate_batch(
                 batch.sequences,
@@ -389,29 +382,27 @@ class TrainerDomain:
                 max_length=info.max_context_length,
             )
         except InvalidArgument as error:
-            raise serde.remap_field(error, serde.batch_field) from error
+            raise remap_field(error, batch_field) from error
         if private and kind is JobKind.FORWARD_BACKWARD:
             # Refused here before anything is queued; duplicates across the calls of one
             # step are refused by the engine (it holds the step's data digests).
             check_distinct(datum_digests(batch.sequences, loss, batch.loss_fn_inputs))
-        return await self._admit(caller, request.training_client_id, kind, request)
+        return await self._admit(caller, command.client_id, kind, command.request)
 
-    async def optim_step(self, caller: Caller, request: pb.OptimStepRequest) -> Future:
-        """Admit an OptimStep; a private client's step is checked against its budget."""
-        serde.adam_config(request.adam_params, present=request.HasField("adam_params"))
+    async def optim_step(self, caller: Caller, command: ClientJob) -> Future:
+        """Admit an OptimStep (its Adam parameters validated); a private client's step is
+        checked against its budget."""
         return await self._admit(
-            caller, request.training_client_id, JobKind.OPTIM_STEP, request, reserve=True
+            caller, command.client_id, JobKind.OPTIM_STEP, command.request, reserve=True
         )
 
-    async def sample(self, caller: Caller, request: pb.SampleRequest) -> Future:
+    async def sample(self, caller: Caller, command: Sample) -> Future:
         """Admit a Sample job (from a client's current weights or saved sampler weights)."""
-        client_id = await self._inference_client(
-            caller, request.training_client_id, request.model_path
-        )
+        client_id = await self._inference_client(caller, command.client_id, command.model_path)
         row = await self.get_client(caller, client_id)
         info = await self.base_model(row.base_model)
-        params = serde.sampling_params(request)
-        prompt = serde.model_input_tokens(request.prompt)
+        params = command.params.get()
+        prompt = command.prompt
         validate_token_sequences(
             [prompt], field="prompt", vocab_size=info.vocab_size, max_length=info.max_context_length
         )
@@ -425,49 +416,38 @@ class TrainerDomain:
                 "sampling_params.max_tokens",
                 f"prompt plus max_tokens exceeds the context of {info.max_context_length}",
             )
-        return await self._admit(caller, client_id, JobKind.SAMPLE, request)
+        return await self._admit(caller, client_id, JobKind.SAMPLE, command.request)
 
-    async def compute_logprobs(self, caller: Caller, request: pb.ComputeLogprobsRequest) -> Future:
+    async def compute_logprobs(self, caller: Caller, command: ComputeLogprobs) -> Future:
         """Admit a ComputeLogprobs job."""
-        client_id = await self._inference_client(
-            caller, request.training_client_id, request.model_path
-        )
+        client_id = await self._inference_client(caller, command.client_id, command.model_path)
         row = await self.get_client(caller, client_id)
         info = await self.base_model(row.base_model)
         validate_token_sequences(
-            [serde.model_input_tokens(sequence) for sequence in request.sequences],
+            command.sequences,
             field="sequences",
             vocab_size=info.vocab_size,
             max_length=info.max_context_length,
         )
-        return await self._admit(caller, client_id, JobKind.COMPUTE_LOGPROBS, request)
+        return await self._admit(caller, client_id, JobKind.COMPUTE_LOGPROBS, command.request)
 
-    async def save_state(self, caller: Caller, request: pb.SaveStateRequest) -> Future:
-        """Admit a SaveState job."""
-        check_name("name", request.name)
-        return await self._admit(caller, request.training_client_id, JobKind.SAVE_STATE, request)
-
-    async def save_weights_for_sampler(
-        self, caller: Caller, request: pb.SaveWeightsForSamplerRequest
-    ) -> Future:
-        """Admit a SaveWeightsForSampler job."""
-        check_name("name", request.name)
-        return await self._admit(
-            caller, request.training_client_id, JobKind.SAVE_WEIGHTS_FOR_SAMPLER, request
-        )
-
-    async def save_adapter(self, caller: Caller, request: pb.SaveAdapterRequest) -> Future:
-        """Admit a SaveAdapter job: seal the client's adapter and publish it to the registry.
+    async def save(self, caller: Caller, command: NamedJob) -> Future:
+        """Admit a SaveState, SaveWeightsForSampler or SaveAdapter job.
 
         Raises:
-            InvalidArgument: ``adapter_name`` is not a registry adapter name.
+            InvalidArgument: ``name`` (a checkpoint name) or ``adapter_name`` (a
+                registry adapter name) is malformed.
         """
-        check_adapter_name("adapter_name", request.adapter_name)
-        return await self._admit(caller, request.training_client_id, JobKind.SAVE_ADAPTER, request)
+        if command.kind is JobKind.SAVE_ADAPTER:
+            check_adapter_name("adapter_name", command.name)
+        else:
+            check_name("name", command.name)
+        return await self._admit(caller, command.client_id, command.kind, command.request)
 
-    async def load_state(self, caller: Caller, request: pb.LoadStateRequest) -> Future:
-        """Admit a LoadState job; the checkpoint must exist for the caller's tenant."""
-        parsed = parse_path("path", request.path, kind=CHECKPOINT_KIND)
+    async def load_state(self, caller: Caller, command: NamedJob) -> Future:
+        """Admit a LoadState job (``command.name`` is the checkpoint's path); the
+        checkpoint must exist for the caller's tenant."""
+        parsed = parse_path("path", command.name, kind=CHECKPOINT_KIND)
         async with self._store.transaction(read_only=True) as tx:
             await tx.get_checkpoint(caller.tenant, parsed.client_id, CHECKPOINT_KIND, parsed.name)
 
@@ -482,7 +462,7 @@ class TrainerDomain:
             await self._ledger.inherit(tx, client, checkpoint, future_id=future_id)
 
         return await self._admit(
-            caller, request.training_client_id, JobKind.LOAD_STATE, request, within=inherit
+            caller, command.client_id, JobKind.LOAD_STATE, command.request, within=inherit
         )
 
     def check_job_steps(self, steps: int) -> None:
@@ -500,7 +480,7 @@ class TrainerDomain:
                 metadata={"limit": "max_steps_per_job", "max": str(limit)},
             )
 
-    async def audit_privacy(self, caller: Caller, request: pb.AuditPrivacyRequest) -> Future:
+    async def audit_privacy(self, caller: Caller, command: AuditPrivacy) -> Future:
         """Admit a privacy audit (a shadow DP-SGD run on a base model; see
         :mod:`tensafe.trainer.domain.audit`).
 
@@ -512,12 +492,12 @@ class TrainerDomain:
             NotFound: Unknown base model.
             ResourceExhausted: More steps than ``max_steps_per_job``.
         """
-        info = await self.base_model(request.base_model)
-        audit_plan(request, info)
-        self.check_job_steps(request.steps)
-        request_id = _request_id(request.request_id)
-        fingerprint = _fingerprint(request)
-        payload = request.SerializeToString(deterministic=True)
+        info = await self.base_model(command.base_model)
+        audit_plan(command, info)
+        self.check_job_steps(command.steps)
+        request_id = _request_id(command.request.request_id)
+        fingerprint = command.request.fingerprint
+        payload = command.request.payload
         async with self._store.transaction() as tx:
             await tx.lock_tenant("trainer.jobs", caller.tenant)
             created = await tx.create_future(
@@ -559,7 +539,7 @@ class TrainerDomain:
         caller: Caller,
         client_id: str,
         kind: JobKind,
-        request: Message,
+        request: JobRequest,
         *,
         within: AdmitHook,
     ) -> Future:
@@ -569,7 +549,7 @@ class TrainerDomain:
             caller: The caller.
             client_id: The training client the job runs on.
             kind: The job kind.
-            request: The validated request (stored as the job's payload).
+            request: The validated request (its payload is stored with the job).
             within: Called in the admission transaction after the job row is added
                 (e.g. to check and reserve a TrainOnDataset run's privacy cost); not
                 called for a repeated request id.
@@ -584,14 +564,14 @@ class TrainerDomain:
         caller: Caller,
         client_id: str,
         kind: JobKind,
-        request: Message,
+        request: JobRequest,
         *,
         reserve: bool = False,
         within: AdmitHook | None = None,
     ) -> Future:
-        request_id = _request_id(getattr(request, "request_id", ""))
-        fingerprint = _fingerprint(request)
-        payload = request.SerializeToString(deterministic=True)
+        request_id = _request_id(request.request_id)
+        fingerprint = request.fingerprint
+        payload = request.payload
         async with self._store.transaction() as tx:
             # Tenant lock first, then the client row: the one order every admission takes.
             await tx.lock_tenant("trainer.jobs", caller.tenant)

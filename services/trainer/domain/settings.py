@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Mapping
 from typing import Any
 
+from tensafe.common.errors import InvalidArgument
 from tensafe.trainer.domain.engine.config import LoraConfig
 
 ACCOUNTANTS = ("rdp", "pld")
@@ -48,32 +50,78 @@ class DpSettings:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DpRequest:
-    """A validated DP request whose noise multiplier may still need calibrating."""
+    """The DP part of a request as sent; :func:`check_dp` validates it."""
 
-    noise_multiplier: float | None
-    """sigma as given; None when it is calibrated for :attr:`target_epsilon`."""
+    noise: str | None
+    """Which of sigma and a target was given: ``noise_multiplier``,
+    ``target_epsilon`` or None (neither)."""
+    noise_multiplier: float
+    target_epsilon: float
     max_grad_norm: float
     delta: float
     accountant: str
-    target_epsilon: float | None
-    planned_steps: int
-    """Steps the target is spread over (as requested)."""
+    """``rdp`` (also when unspecified) or ``pld``; empty: an unknown value."""
     epsilon_budget: float
-    """The requested budget; 0: none given (the target, if any, is the budget)."""
+    """0: none given (a target, if any, is the budget)."""
+    planned_steps: int
 
-    def resolved(self, noise_multiplier: float) -> DpSettings:
-        """The settings with sigma resolved (given or calibrated)."""
-        target = self.target_epsilon
-        budget: float | None = self.epsilon_budget if self.epsilon_budget > 0 else target
-        return DpSettings(
-            noise_multiplier=float(noise_multiplier),
-            max_grad_norm=self.max_grad_norm,
-            delta=self.delta,
-            accountant=self.accountant,
-            target_epsilon=target,
-            planned_steps=int(self.planned_steps) if target is not None else 0,
-            epsilon_budget=budget,
-        )
+
+def _finite(value: float) -> bool:
+    return math.isfinite(value)
+
+
+def check_dp(request: DpRequest) -> tuple[DpSettings | None, float | None]:
+    """Validate a DP request; returns settings without sigma when it must be calibrated.
+
+    Returns:
+        ``(settings, None)`` when sigma was given, or ``(None, target_epsilon)`` when it
+        must be calibrated; in that case call :func:`dp_with_noise` afterwards.
+
+    Raises:
+        InvalidArgument: The offending field of ``dp``.
+    """
+    if not _finite(request.max_grad_norm) or request.max_grad_norm <= 0:
+        raise InvalidArgument("dp.max_grad_norm", "must be positive and finite")
+    if not _finite(request.delta) or not 0.0 < request.delta < 1.0:
+        raise InvalidArgument("dp.delta", "must be in (0, 1)")
+    if request.accountant not in ACCOUNTANTS:
+        raise InvalidArgument("dp.accountant", "must be ACCOUNTANT_RDP or ACCOUNTANT_PLD")
+    if not _finite(request.epsilon_budget) or request.epsilon_budget < 0:
+        raise InvalidArgument("dp.epsilon_budget", "must be >= 0 and finite")
+    if request.planned_steps < 0:
+        raise InvalidArgument("dp.planned_steps", "must be >= 0")
+    if request.noise is None:
+        raise InvalidArgument("dp.noise", "set noise_multiplier or target_epsilon")
+    if request.noise == "noise_multiplier":
+        if not _finite(request.noise_multiplier) or request.noise_multiplier <= 0:
+            raise InvalidArgument(
+                "dp.noise_multiplier",
+                "must be positive and finite (a non-private client leaves dp unset)",
+            )
+        return dp_with_noise(request, request.noise_multiplier), None
+    if not _finite(request.target_epsilon) or request.target_epsilon <= 0:
+        raise InvalidArgument("dp.target_epsilon", "must be positive and finite")
+    if request.planned_steps < 1:
+        raise InvalidArgument("dp.planned_steps", "must be >= 1 with target_epsilon")
+    return None, request.target_epsilon
+
+
+def dp_with_noise(request: DpRequest, noise_multiplier: float) -> DpSettings:
+    """Settings of a validated DP request with sigma resolved."""
+    target = request.target_epsilon if request.noise == "target_epsilon" else None
+    if request.epsilon_budget > 0:
+        budget: float | None = request.epsilon_budget
+    else:
+        budget = target
+    return DpSettings(
+        noise_multiplier=float(noise_multiplier),
+        max_grad_norm=request.max_grad_norm,
+        delta=request.delta,
+        accountant=request.accountant,
+        target_epsilon=target,
+        planned_steps=int(request.planned_steps) if target is not None else 0,
+        epsilon_budget=budget,
+    )
 
 
 def lora_to_json(config: LoraConfig, seed: int) -> str:

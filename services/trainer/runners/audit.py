@@ -64,7 +64,8 @@ async def run_audit_job(
     request = pb.AuditPrivacyRequest.FromString(job.payload)
     try:
         info = await asyncio.to_thread(base_models.get, request.base_model)
-        result = await asyncio.to_thread(execute_audit, request, info)
+        report = await asyncio.to_thread(execute_audit, serde.audit_privacy(request), info)
+        result = serde.audit_report_to_proto(report)
     except TenSafeError as error:
         await _finish(job, futures=futures, database=database, error=error)
         return

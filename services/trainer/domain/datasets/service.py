@@ -34,16 +34,14 @@ from tensafe.common.errors import (
 )
 from tensafe.common.futures import Future
 from tensafe.common.quotas import quota_exceeded
-from tensafe.proto.trainer.v1 import trainer_service_pb2 as pb
-from tensafe.trainer import serde
 from tensafe.trainer.base_models import BaseModelInfo, BaseModelRegistry
+from tensafe.trainer.domain.commands import TrainOnDataset, UploadHeader, UploadPart
 from tensafe.trainer.domain.datasets.crypto import (
     DatasetKeyring,
     decrypt_dataset,
     encrypt_dataset,
 )
 from tensafe.trainer.domain.datasets.records import (
-    RecordFormat,
     TokenizedDataset,
     Tokenizer,
     tokenize_jsonl,
@@ -62,30 +60,6 @@ MAX_TRAIN_STEPS = 1_000_000
 
 _NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _MAX_REQUEST_ID = 128
-_FORMATS = {
-    pb.DATASET_FORMAT_TEXT: RecordFormat.TEXT,
-    pb.DATASET_FORMAT_PROMPT_COMPLETION: RecordFormat.PROMPT_COMPLETION,
-}
-_FORMAT_ENUMS = {value: key for key, value in _FORMATS.items()}
-
-
-def dataset_to_proto(row: DatasetRecord, epsilon_spent: float | None = None) -> pb.Dataset:
-    """The contract's Dataset of a stored dataset (and the epsilon spent on it)."""
-    message = pb.Dataset(
-        id=row.id,
-        name=row.name,
-        base_model=row.base_model,
-        format=_FORMAT_ENUMS[RecordFormat(row.format)],
-        records=int(row.records),
-        tokens=int(row.tokens),
-        epsilon_budget=row.epsilon_budget or 0.0,
-        delta=row.delta or 0.0,
-        epsilon_spent=epsilon_spent or 0.0,
-    )
-    created = serde.timestamp(row.created_at)
-    if created is not None:
-        message.create_time.CopyFrom(created)
-    return message
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -210,7 +184,7 @@ class DatasetService:
     # ------------------------------------------------------------------ upload
 
     async def upload(
-        self, caller: Caller, parts: AsyncIterator[pb.UploadDatasetRequest]
+        self, caller: Caller, parts: AsyncIterator[UploadPart]
     ) -> DatasetRecord:
         """Store a streamed JSONL dataset (header first, then chunks).
 
@@ -222,17 +196,16 @@ class DatasetService:
                 nothing is stored).
             NotFound: Unknown base model.
         """
-        header: pb.UploadDatasetHeader | None = None
+        header: UploadHeader | None = None
         content = bytearray()
         async for part in parts:
-            which = part.WhichOneof("part")
             if header is None:
-                if which != "header":
+                if part.header is None:
                     raise InvalidArgument("header", "the first message must be the header")
                 header = part.header
                 _check_header(header)
                 continue
-            if which != "chunk":
+            if part.chunk is None:
                 raise InvalidArgument("header", "only the first message may be a header")
             content.extend(part.chunk)
             if len(content) > self._max_upload_bytes:
@@ -252,10 +225,12 @@ class DatasetService:
         async with self._store.transaction(read_only=True) as tx:
             await self._check_storage(tx, caller.tenant, adding=0)
         tokenizer = await asyncio.to_thread(self._tokenizer, info)
+        record_format = header.format
+        assert record_format is not None  # _check_header refused an unknown format
         dataset = await asyncio.to_thread(
             tokenize_jsonl,
             bytes(content),
-            record_format=_FORMATS[header.format],
+            record_format=record_format,
             tokenizer=tokenizer,
             max_context_length=info.max_context_length,
         )
@@ -268,7 +243,7 @@ class DatasetService:
             request_fingerprint=fingerprint,
             name=header.name,
             base_model=info.name,
-            format=_FORMATS[header.format].value,
+            format=record_format.value,
             records=sealed.records,
             tokens=sealed.tokens,
             key_id=sealed.key_id,
@@ -372,7 +347,7 @@ class DatasetService:
 
     # ------------------------------------------------------------------ training
 
-    async def train_on_dataset(self, caller: Caller, request: pb.TrainOnDatasetRequest) -> Future:
+    async def train_on_dataset(self, caller: Caller, command: TrainOnDataset) -> Future:
         """Admit a TrainOnDataset run, reserving its whole privacy cost.
 
         Raises:
@@ -382,15 +357,15 @@ class DatasetService:
             BudgetExhausted: The run's steps would exceed the client's budget.
             ResourceExhausted: More steps than ``max_steps_per_job``.
         """
-        if not 1 <= request.steps <= MAX_TRAIN_STEPS:
+        if not 1 <= command.steps <= MAX_TRAIN_STEPS:
             raise InvalidArgument("steps", f"must be in [1, {MAX_TRAIN_STEPS}]")
-        self._api.check_job_steps(request.steps)
-        serde.adam_config(request.adam_params, present=request.HasField("adam_params"))
-        which = request.WhichOneof("rate")
+        self._api.check_job_steps(command.steps)
+        command.adam.get()
+        which = command.rate
         if which is None:
             raise InvalidArgument("rate", "give sample_rate or expected_batch_size")
-        dataset = await self.get(caller, request.dataset_id)
-        client = await self._api.get_client(caller, request.training_client_id)
+        dataset = await self.get(caller, command.dataset_id)
+        client = await self._api.get_client(caller, command.client_id)
         if not client.private:
             raise FailedPrecondition(
                 "TrainOnDataset needs a private (DP) training client; this one is non-private"
@@ -401,13 +376,13 @@ class DatasetService:
                 f"trains {client.base_model}"
             )
         sample_rate = resolve_sample_rate(
-            sample_rate=request.sample_rate if which == "sample_rate" else None,
+            sample_rate=command.sample_rate if which == "sample_rate" else None,
             expected_batch_size=(
-                request.expected_batch_size if which == "expected_batch_size" else None
+                command.expected_batch_size if which == "expected_batch_size" else None
             ),
             records=int(dataset.records),
         )
-        steps = int(request.steps)
+        steps = int(command.steps)
         records = int(dataset.records)
 
         async def within(
@@ -441,27 +416,24 @@ class DatasetService:
 
         return await self._api.admit(
             caller,
-            request.training_client_id,
+            command.client_id,
             JobKind.TRAIN_ON_DATASET,
-            request,
+            command.request,
             within=within,
         )
 
 
-def _upload_fingerprint(header: pb.UploadDatasetHeader, content: bytes) -> str:
-    copy = pb.UploadDatasetHeader()
-    copy.CopyFrom(header)
-    copy.ClearField("request_id")
-    digest = hashlib.sha256(copy.SerializeToString(deterministic=True))
+def _upload_fingerprint(header: UploadHeader, content: bytes) -> str:
+    digest = hashlib.sha256(header.fingerprint_bytes)
     digest.update(hashlib.sha256(content).digest())
     return digest.hexdigest()
 
 
-def _check_header(header: pb.UploadDatasetHeader) -> None:
+def _check_header(header: UploadHeader) -> None:
     """Validate the header before any chunk is read."""
     if not _NAME.match(header.name):
         raise InvalidArgument("header.name", "must match [A-Za-z0-9._-]{1,64}")
-    if header.format not in _FORMATS:
+    if header.format is None:
         raise InvalidArgument(
             "header.format",
             "must be DATASET_FORMAT_TEXT or DATASET_FORMAT_PROMPT_COMPLETION",
