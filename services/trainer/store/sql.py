@@ -4,7 +4,7 @@ The domain opens :meth:`TrainerStore.transaction` and calls the methods of the
 :class:`TrainerTransaction` it yields, which return domain records
 (:mod:`tensafe.trainer.domain.model`); nothing here decides policy. A worker that
 already holds a session of its own (its claim and commit sequence,
-:mod:`tensafe.trainer.worker`) wraps it with :meth:`TrainerStore.bind` to hand the
+:mod:`tensafe.trainer.worker`) wraps it, ``TrainerTransaction(session)``, to hand the
 ledger the same typed transaction.
 
 Rows a transaction locked stay in the session's identity map: a write here to a
@@ -735,7 +735,3 @@ class TrainerStore:
                 yield TrainerTransaction(session, self._futures)
         except sa_exc.IntegrityError as error:
             raise DuplicateRecord(str(error.orig)) from error
-
-    def bind(self, session: AsyncSession) -> TrainerTransaction:
-        """The typed transaction over a session the caller opened (a worker's commit)."""
-        return TrainerTransaction(session, self._futures)
