@@ -129,7 +129,9 @@ class HeRuntimeServiceServicer(he_service_pb2_grpc.HeRuntimeServiceServicer):
     async def ApplyLoraInline(
         self, request: pb.ApplyLoraInlineRequest, context: Context
     ) -> pb.ApplyLoraInlineResponse:
-        """ApplyLora with the ciphertexts and results in one message each."""
+        """ApplyLora with the ciphertexts and results in one message each; with
+        ``more_layers``, several layers that read the same input on one set of
+        ciphertexts (results layer after layer, counts summed)."""
         tenant = caller_tenant(SCOPE_TRAIN)
         if not request.HasField("header"):
             raise InvalidArgument("header", "is required")
@@ -143,7 +145,8 @@ class HeRuntimeServiceServicer(he_service_pb2_grpc.HeRuntimeServiceServicer):
         limit = self._sessions.limits.max_apply_bytes
         if sum(len(blob) for blob in ciphertexts) > limit:
             raise _over_apply_bytes(limit)
-        result = await self._sessions.evaluate(session, request.header.layer, ciphertexts)
+        layers = _inline_layers(session, request)
+        result = await self._sessions.evaluate_layers(session, layers, ciphertexts)
         size = sum(len(blob) for blob in result.ciphertexts)
         if size > self._max_message_bytes - _INLINE_RESPONSE_MARGIN:
             raise ResourceExhausted(
@@ -219,3 +222,28 @@ def _over_apply_bytes(limit: int) -> ResourceExhausted:
         f"the request carries more than max_apply_bytes={limit} ciphertext bytes; split the batch",
         metadata={"limit": "max_apply_bytes"},
     )
+
+
+def _inline_layers(session: Session, request: pb.ApplyLoraInlineRequest) -> list[str]:
+    """header.layer then ``more_layers``: each adapted, none repeated, all of one input size.
+
+    Layers evaluated on one set of ciphertexts must read the same input; a layer of
+    another input size would need other ciphertexts (its plan's input layout differs).
+    """
+    layers = [request.header.layer]
+    input_size = session.adapter.shape(request.header.layer).input_size
+    for index, layer in enumerate(request.more_layers):
+        field = f"more_layers[{index}]"
+        session.check_layer(layer, field)
+        if layer in layers:
+            raise InvalidArgument(field, f"{layer!r} is already in the request")
+        size = session.adapter.shape(layer).input_size
+        if size != input_size:
+            raise InvalidArgument(
+                field,
+                f"{layer!r} takes inputs of size {size}, header.layer "
+                f"{request.header.layer!r} of size {input_size}: only layers that read the "
+                "same input can share ciphertexts",
+            )
+        layers.append(layer)
+    return layers

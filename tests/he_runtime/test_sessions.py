@@ -94,6 +94,37 @@ def test_lifecycle_applies_the_adapters_delta_and_closes(runtime: Runtime, data_
     raises(NotFound, session.apply, LAYERS[0], activations(1, seed=0), output_size=32)
 
 
+def test_layers_reading_one_input_share_one_request(runtime: Runtime, data_dir: Path) -> None:
+    recorder = Recorder()
+    session = HeLoraSession.create(
+        runtime.rpc(new_tenant(), recorder=recorder),
+        adapter_name=ADAPTER,
+        rank=RANK,
+        alpha=ALPHA,
+        hidden_size=64,
+        output_size=64,
+    )
+    block = "model.layers.1.self_attn"
+    layers = [(f"{block}.q_proj", 64), (f"{block}.k_proj", 32), (f"{block}.v_proj", 32)]
+    x = activations(3, seed=8)
+    deltas = session.apply_layers(layers, x)
+    session.close()
+    for (layer, width), delta in zip(layers, deltas, strict=True):
+        expected = reference(data_dir, layer, x)
+        assert delta.shape == (3, width)
+        assert np.max(np.abs(delta - expected)) <= 1e-3 * np.max(np.abs(expected)), layer
+        stats = session.stats[layer]
+        assert (stats.calls, stats.grouped_calls) == (1, 1)
+        # Each layer's counts are its own plan's (the runtime reported their sum, which
+        # the SDK checked against the three plans).
+        assert stats.counts.rotations == 2 * 10
+    applied = [m for name, m in recorder.sent if name.endswith("/ApplyLoraInline")]
+    assert len(applied) == 1
+    assert applied[0].header.layer == layers[0][0]
+    assert list(applied[0].more_layers) == [layer for layer, _ in layers[1:]]
+    assert len(applied[0].ciphertexts) == 2 * session.plan.input_copies  # encrypted once
+
+
 def test_another_tenants_session_is_not_found(runtime: Runtime) -> None:
     session = open_session(runtime, new_tenant())
     intruder = runtime.rpc(new_tenant())

@@ -140,20 +140,38 @@ class HeRuntimeRpc(OwnedChannels):
         ciphertexts: Sequence[bytes],
         *,
         chunk_bytes: int = CHUNK_BYTES,
+        more_layers: Sequence[str] = (),
     ) -> tuple[list[bytes], pb.ApplyLoraSummary]:
         """Apply a layer's delta: ``ApplyLoraInline`` (one message each way) when the
         ciphertexts total at most :data:`INLINE_MAX_BYTES`, else ``ApplyLora`` (streamed
         in chunks).
 
+        Args:
+            session_id: The session.
+            layer: The adapted layer.
+            ciphertexts: The input ciphertexts of ``layer``'s plan.
+            chunk_bytes: Chunk size of a streamed call.
+            more_layers: Further layers that read the same input, evaluated on the same
+                ciphertexts in the same (inline) call; their results follow ``layer``'s.
+
         Raises:
             TenSafeError: The status the runtime returned.
             IntegrityError: The response stream is out of order or has no summary.
+            InvalidArgument: ``more_layers`` with ciphertexts too large for one message.
         """
-        if sum(len(blob) for blob in ciphertexts) <= INLINE_MAX_BYTES:
+        inline = sum(len(blob) for blob in ciphertexts) <= INLINE_MAX_BYTES
+        if more_layers and not inline:
+            raise errors.InvalidArgument(
+                "more_layers",
+                f"only calls of at most {INLINE_MAX_BYTES} bytes carry several layers",
+            )
+        if inline:
             header = pb.ApplyLoraHeader(
                 session_id=session_id, layer=layer, ciphertexts=len(ciphertexts)
             )
-            request = pb.ApplyLoraInlineRequest(header=header, ciphertexts=ciphertexts)
+            request = pb.ApplyLoraInlineRequest(
+                header=header, ciphertexts=ciphertexts, more_layers=list(more_layers)
+            )
             timeout = self._options.call_timeout_seconds
             response = self._attempt(lambda: self._stub.ApplyLoraInline(request, timeout=timeout))
             if not response.HasField("summary"):
@@ -275,6 +293,9 @@ class LayerStats:
         round_trip_ms: Wall time of the calls including encryption and decryption.
         reused_inputs: Calls that re-sent the previous call's ciphertexts (the same
             activations, e.g. k_proj and v_proj after q_proj) instead of encrypting.
+        grouped_calls: Calls evaluated in one request with other layers that read the
+            same input (:meth:`HeLoraSession.apply_layers`); their server and round-trip
+            times are shares of that request's.
     """
 
     calls: int = 0
@@ -283,6 +304,7 @@ class LayerStats:
     server_ms: float = 0.0
     round_trip_ms: float = 0.0
     reused_inputs: int = 0
+    grouped_calls: int = 0
 
 
 def plan_spec(
@@ -439,36 +461,101 @@ class HeLoraSession:
                 consistency check, not proof), or, with :attr:`verifier` set, the delta
                 fails its random projection check (``he result``).
         """
+        return self.apply_layers([(layer, output_size)], activations)[0]
+
+    def apply_layers(
+        self, layers: Sequence[tuple[str, int]], activations: npt.ArrayLike
+    ) -> list[np.ndarray]:
+        """Compute the deltas of several layers that read the same activations.
+
+        The activations are encrypted once and, when the call fits one message
+        (:data:`INLINE_MAX_BYTES` for the ciphertexts and for the estimated results),
+        sent once with every layer in the same ``ApplyLoraInline`` request (a block's
+        q, k and v projections: one round trip instead of three); otherwise one call
+        per layer, re-sending the same ciphertexts.
+
+        Args:
+            layers: ``(layer, output size)`` pairs, distinct layers.
+            activations: x, shape [tokens, d], the input of every one of them.
+
+        Returns:
+            The decrypted deltas in the order of ``layers``, each [tokens, d_out].
+
+        Raises:
+            As :meth:`apply`.
+        """
         started = time.perf_counter()
         values = np.asarray(activations, dtype=np.float64)
         if values.ndim != 2:
             raise errors.InvalidArgument("activations", "must be a [tokens, d] matrix")
-        plan = self._call_plan(values.shape[1], output_size, values.shape[0])
-        ciphertexts, reused = self._encrypt(plan, values)
-        results, summary = self._rpc.apply_lora(self.session.id, layer, ciphertexts)
-        counts = OpCounts(
-            rotations=summary.counts.rotations,
-            key_switches=summary.counts.key_switches,
-            multiply_plain=summary.counts.plaintext_multiplies,
-            rescales=summary.counts.rescales,
-            additions=summary.counts.additions,
+        if not layers:
+            raise errors.InvalidArgument("layers", "must name at least one layer")
+        if len({layer for layer, _ in layers}) != len(layers):
+            raise errors.InvalidArgument("layers", "must be distinct")
+        plans = [self._call_plan(values.shape[1], size, values.shape[0]) for _, size in layers]
+        ciphertexts, reused = self._encrypt(plans[0], values)
+        names = [layer for layer, _ in layers]
+        groups = (
+            [list(range(len(layers)))]
+            if _fits_one_message(plans, ciphertexts)
+            else [[index] for index in range(len(layers))]
         )
-        planned = dataclasses.replace(plan.counts, plaintext_encodes=0)
-        if counts != planned:
-            raise errors.IntegrityError(
-                f"the runtime reports {counts} for {layer!r}, the plan has {planned}"
+        deltas: list[np.ndarray] = [np.empty(0)] * len(layers)
+        server_ms = [0.0] * len(layers)
+        grouped = [False] * len(layers)
+        for group in groups:
+            results, summary = self._rpc.apply_lora(
+                self.session.id,
+                names[group[0]],
+                ciphertexts,
+                more_layers=[names[index] for index in group[1:]],
             )
-        delta = self._crypto.decrypt_delta(plan, results)
-        if self.verifier is not None:
-            self.verifier.check(layer, values, delta)
-        stats = self.stats.setdefault(layer, LayerStats())
-        stats.calls += 1
-        stats.tokens += plan.tokens
-        stats.counts = stats.counts + counts
-        stats.server_ms += summary.server_ms
-        stats.round_trip_ms += (time.perf_counter() - started) * 1000.0
-        stats.reused_inputs += int(reused)
-        return delta
+            counts = OpCounts(
+                rotations=summary.counts.rotations,
+                key_switches=summary.counts.key_switches,
+                multiply_plain=summary.counts.plaintext_multiplies,
+                rescales=summary.counts.rescales,
+                additions=summary.counts.additions,
+            )
+            planned = sum((plans[index].counts for index in group), OpCounts())
+            planned = dataclasses.replace(planned, plaintext_encodes=0)
+            if counts != planned:
+                raise errors.IntegrityError(
+                    f"the runtime reports {counts} for {[names[i] for i in group]!r}, the "
+                    f"plans have {planned}"
+                )
+            expected = sum(plans[index].output_ciphertexts for index in group)
+            if len(results) != expected:
+                raise errors.IntegrityError(
+                    f"the runtime returned {len(results)} ciphertexts, the plans {expected}"
+                )
+            estimates = [plans[index].estimated_server_ms for index in group]
+            offset = 0
+            for index, estimate in zip(group, estimates, strict=True):
+                plan = plans[index]
+                delta = self._crypto.decrypt_delta(
+                    plan, results[offset : offset + plan.output_ciphertexts]
+                )
+                offset += plan.output_ciphertexts
+                if self.verifier is not None:
+                    self.verifier.check(names[index], values, delta)
+                deltas[index] = delta
+                # The summary is per request: each layer gets a share of its time in
+                # proportion to the layer's estimate (its counts are its plan's).
+                server_ms[index] = summary.server_ms * estimate / sum(estimates)
+                grouped[index] = len(group) > 1
+        elapsed = (time.perf_counter() - started) * 1000.0
+        total_estimate = sum(plan.estimated_server_ms for plan in plans)
+        for index, plan in enumerate(plans):
+            stats = self.stats.setdefault(names[index], LayerStats())
+            stats.calls += 1
+            stats.tokens += plan.tokens
+            stats.counts = stats.counts + dataclasses.replace(plan.counts, plaintext_encodes=0)
+            stats.server_ms += server_ms[index]
+            stats.round_trip_ms += elapsed * plan.estimated_server_ms / total_estimate
+            stats.reused_inputs += int(reused or index > 0)
+            stats.grouped_calls += int(grouped[index])
+        return deltas
 
     def _encrypt(self, plan: Plan, values: np.ndarray) -> tuple[list[bytes], bool]:
         """Encrypt ``values`` for ``plan``, or re-send the previous call's ciphertexts.
@@ -524,6 +611,21 @@ class HeLoraSession:
         self.close()
 
 
+def _fits_one_message(plans: Sequence[Plan], ciphertexts: Sequence[bytes]) -> bool:
+    """Whether every plan's layer fits one ApplyLoraInline call on ``ciphertexts``.
+
+    The results are estimated from the input ciphertexts' size: a result ciphertext has
+    the same ring and fewer primes (output_primes of input_primes).
+    """
+    size = sum(len(blob) for blob in ciphertexts)
+    per_input = size / len(ciphertexts)
+    results = sum(
+        plan.output_ciphertexts * per_input * plan.output_primes / plan.input_primes
+        for plan in plans
+    )
+    return len(plans) > 1 and size <= INLINE_MAX_BYTES and results <= INLINE_MAX_BYTES
+
+
 def linear_layers(model: nn.Module, target_modules: Sequence[str]) -> dict[str, nn.Linear]:
     """The model's ``nn.Linear`` modules whose last name component is a target (as PEFT)."""
     targets = set(target_modules)
@@ -550,6 +652,7 @@ class HeLoraModel:
         self.model = model
         self.session = session
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._sharing = _InputSharing()
         modules = dict(model.named_modules())
         for layer in session.layers:
             module = modules.get(layer)
@@ -618,12 +721,23 @@ class HeLoraModel:
             raise
 
     def _hook(self, layer: str, module: nn.Linear) -> Any:
-        session = self.session
+        session, sharing = self.session, self._sharing
+        out_features = {
+            name: int(linear.out_features)
+            for name, linear in self.model.named_modules()
+            if isinstance(linear, nn.Linear)
+        }
 
         def add_delta(_: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> Any:
-            x = inputs[0].detach()
-            flat = x.reshape(-1, x.shape[-1]).to(torch.float64).cpu().numpy()
-            delta = session.apply(layer, flat, output_size=module.out_features)
+            x = inputs[0]
+            delta = sharing.take(layer, x)
+            if delta is None:
+                flat = x.detach().reshape(-1, x.shape[-1]).to(torch.float64).cpu().numpy()
+                group = sharing.group(layer)
+                deltas = session.apply_layers([(name, out_features[name]) for name in group], flat)
+                sharing.keep(group[1:], x, deltas[1:])
+                delta = deltas[0]
+            sharing.observe(layer, x)
             addend = torch.from_numpy(delta).to(dtype=output.dtype, device=output.device)
             return output + addend.reshape(output.shape)
 
@@ -655,3 +769,65 @@ class HeLoraModel:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+class _InputSharing:
+    """Learns which adapted layers read the same input tensor, to ask for them together.
+
+    A forward pass calls a block's q, k and v projections one after the other on the
+    same ``hidden_states`` tensor. The first pass is observed (layers called in a row
+    on the same tensor object form a group); from then on the group's first layer asks
+    the runtime for every layer of the group in one request
+    (:meth:`HeLoraSession.apply_layers`) and keeps the others' deltas, each used only
+    if its layer is then called on that very tensor, unmodified (same object, same
+    version counter). If not, the kept delta is dropped, the layer's delta is computed
+    on its own input, and its group is never formed again: a delta is always computed
+    from the layer's own input.
+    """
+
+    def __init__(self) -> None:
+        self._groups: dict[str, tuple[str, ...]] = {}
+        self._kept: dict[str, tuple[torch.Tensor, int, np.ndarray]] = {}
+        self._unshared: set[str] = set()
+        self._run: list[str] = []
+        self._run_input: torch.Tensor | None = None
+
+    def group(self, layer: str) -> tuple[str, ...]:
+        """The layers to evaluate with ``layer`` (itself first)."""
+        return self._groups.get(layer, (layer,))
+
+    def keep(self, layers: Sequence[str], x: torch.Tensor, deltas: Sequence[np.ndarray]) -> None:
+        """Keep the deltas of ``layers`` computed on ``x`` for their own calls."""
+        for layer, delta in zip(layers, deltas, strict=True):
+            self._kept[layer] = (x, x._version, delta)
+
+    def take(self, layer: str, x: torch.Tensor) -> np.ndarray | None:
+        """The delta kept for ``layer`` if it was computed on this very ``x``."""
+        kept = self._kept.pop(layer, None)
+        if kept is None:
+            return None
+        tensor, version, delta = kept
+        if tensor is x and version == x._version:
+            return delta
+        # Another input than its group's: never group it again.
+        self._unshared.add(layer)
+        for first, group in list(self._groups.items()):
+            if layer in group:
+                del self._groups[first]
+                for other in group:
+                    self._kept.pop(other, None)
+        return None
+
+    def observe(self, layer: str, x: torch.Tensor) -> None:
+        """Record that ``layer`` was called on ``x`` (learns the groups)."""
+        if self._run_input is x and layer not in self._run:
+            self._run.append(layer)
+            return
+        self._close_run()
+        self._run, self._run_input = [layer], x
+
+    def _close_run(self) -> None:
+        run = [layer for layer in self._run if layer not in self._unshared]
+        grouped = {layer for group in self._groups.values() for layer in group}
+        if len(run) > 1 and not grouped.intersection(run):
+            self._groups[run[0]] = tuple(run)

@@ -180,11 +180,11 @@ class Session:
             raise NotFound(f"session {self.id} not found")
         return self._executor
 
-    def check_layer(self, layer: str) -> None:
-        """Raise InvalidArgument ``header.layer`` unless the adapter adapts ``layer``."""
+    def check_layer(self, layer: str, field: str = "header.layer") -> None:
+        """Raise InvalidArgument ``field`` unless the adapter adapts ``layer``."""
         if layer not in self.adapter.layers:
             raise InvalidArgument(
-                "header.layer",
+                field,
                 f"{layer!r} is not adapted by this session's adapter (layers: "
                 f"{', '.join(self.layers[:8])}{', ...' if len(self.layers) > 8 else ''})",
             )
@@ -701,9 +701,13 @@ class HeSessions:
         session.check_layer(layer)
         units = _units(session, layer, len(ciphertexts))
         plan = session.layer_plan(layer, units)
+        return await self._evaluating(session, lambda: session.evaluate(layer, plan, ciphertexts))
+
+    async def _evaluating(self, session: Session, work: Callable[[], ApplyResult]) -> ApplyResult:
+        """Run ``work`` (a session's evaluation) on a worker thread, counted in flight."""
         session.in_flight += 1
         try:
-            return await self._run(lambda: session.evaluate(layer, plan, ciphertexts))
+            return await self._run(work)
         except PeerFailed:
             # The executor's peer process is gone: drop the executor, so the client's
             # retry (UNAVAILABLE) rebuilds the session on a new peer process.
@@ -713,6 +717,38 @@ class HeSessions:
         finally:
             session.in_flight -= 1
             session.last_used = self._clock()
+
+    async def evaluate_layers(
+        self, session: Session, layers: Sequence[str], ciphertexts: Sequence[bytes]
+    ) -> ApplyResult:
+        """Apply several layers' deltas to the same ciphertexts, in one worker hop.
+
+        The layers must read the same input (checked by the caller: same input size);
+        the results are concatenated layer after layer and the counts and server time
+        summed. One layer is :meth:`evaluate`.
+
+        Raises:
+            As :meth:`apply`.
+        """
+        if len(layers) == 1:
+            return await self.evaluate(session, layers[0], ciphertexts)
+        plans = []
+        for layer in layers:
+            session.check_layer(layer)
+            plans.append(session.layer_plan(layer, _units(session, layer, len(ciphertexts))))
+
+        def work() -> ApplyResult:
+            results = [
+                session.evaluate(layer, plan, ciphertexts)
+                for layer, plan in zip(layers, plans, strict=True)
+            ]
+            return ApplyResult(
+                ciphertexts=tuple(blob for result in results for blob in result.ciphertexts),
+                counts=sum((result.counts for result in results), OpCounts()),
+                server_ms=sum(result.server_ms for result in results),
+            )
+
+        return await self._evaluating(session, work)
 
     async def _run(self, work: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, work)

@@ -573,6 +573,7 @@ class ApplyLoraInlineRequest(_message.Message):
 
     HEADER_FIELD_NUMBER: _builtins.int
     CIPHERTEXTS_FIELD_NUMBER: _builtins.int
+    MORE_LAYERS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def header(self) -> Global___ApplyLoraHeader:
         """Session and layer; header.ciphertexts must equal the number of ciphertexts."""
@@ -581,15 +582,24 @@ class ApplyLoraInlineRequest(_message.Message):
     def ciphertexts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
         """Serialized input ciphertexts, in plan order."""
 
+    @_builtins.property
+    def more_layers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Further layers of the session evaluated on the same ciphertexts (layers that read
+        the same input, e.g. a block's k_proj and v_proj after q_proj): each must take the
+        same input size as header.layer, none may repeat. The response holds
+        header.layer's results, then each further layer's, in this order.
+        """
+
     def __init__(
         self,
         *,
         header: Global___ApplyLoraHeader | None = ...,
         ciphertexts: _abc.Iterable[_builtins.bytes] | None = ...,
+        more_layers: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ciphertexts", b"ciphertexts", "header", b"header"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ciphertexts", b"ciphertexts", "header", b"header", "more_layers", b"more_layers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -605,11 +615,11 @@ class ApplyLoraInlineResponse(_message.Message):
     SUMMARY_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def ciphertexts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
-        """Serialized output ciphertexts, in plan order."""
+        """Serialized output ciphertexts, in plan order (layer after layer with more_layers)."""
 
     @_builtins.property
     def summary(self) -> Global___ApplyLoraSummary:
-        """Operations performed and server time."""
+        """Operations performed and server time (summed over the layers)."""
 
     def __init__(
         self,

@@ -580,6 +580,16 @@ export declare type ApplyLoraInlineRequest = Message<"tensafe.he.v1.ApplyLoraInl
    * @generated from field: repeated bytes ciphertexts = 2;
    */
   ciphertexts: Uint8Array[];
+
+  /**
+   * Further layers of the session evaluated on the same ciphertexts (layers that read
+   * the same input, e.g. a block's k_proj and v_proj after q_proj): each must take the
+   * same input size as header.layer, none may repeat. The response holds
+   * header.layer's results, then each further layer's, in this order.
+   *
+   * @generated from field: repeated string more_layers = 3;
+   */
+  moreLayers: string[];
 };
 
 /**
@@ -595,14 +605,14 @@ export declare const ApplyLoraInlineRequestSchema: GenMessage<ApplyLoraInlineReq
  */
 export declare type ApplyLoraInlineResponse = Message<"tensafe.he.v1.ApplyLoraInlineResponse"> & {
   /**
-   * Serialized output ciphertexts, in plan order.
+   * Serialized output ciphertexts, in plan order (layer after layer with more_layers).
    *
    * @generated from field: repeated bytes ciphertexts = 1;
    */
   ciphertexts: Uint8Array[];
 
   /**
-   * Operations performed and server time.
+   * Operations performed and server time (summed over the layers).
    *
    * @generated from field: tensafe.he.v1.ApplyLoraSummary summary = 2;
    */
