@@ -523,6 +523,42 @@ def test_a_peer_process_gives_the_serial_result_with_the_planned_counts(
     assert error <= plan.error_bound * bound_scale(plan, weights, expected)
 
 
+@pytest.mark.parametrize("layers", [1, 2, 3])
+def test_layers_on_one_input_run_in_pairs_on_two_cores(
+    client: HeLoraClient, peers: EvaluationPeers, layers: int
+) -> None:
+    # Layers of one input (q, k, v: different adapters and output sizes); with a peer
+    # the second of each pair runs there whole, the last odd one is split inside.
+    plans = [
+        make_plan(Packing.PER_TOKEN, hidden_size=256, rank=8, tokens=1, output_size=size)
+        for size in (256, 128, 64)[:layers]
+    ]
+    cases = [lora_case(plan, seed=20 + index) for index, plan in enumerate(plans)]
+    x = cases[0][0]
+    material = client.public_material(plans[0])
+    serial = HeLoraExecutor(parameters=material.parameters, galois_keys=material.galois_keys)
+    shared = HeLoraExecutor(
+        parameters=material.parameters, galois_keys=material.galois_keys, peers=peers
+    )
+    uploads = client.encrypt_activations(plans[0], x)
+    alone = serial.apply_layers(
+        [(plan, serial.encode_adapter(plan, w)) for plan, (_, w) in zip(plans, cases, strict=True)],
+        uploads,
+    )
+    paired = shared.apply_layers(
+        [(plan, shared.encode_adapter(plan, w)) for plan, (_, w) in zip(plans, cases, strict=True)],
+        uploads,
+    )
+    assert len(paired) == len(alone) == layers
+    for plan, (_, weights), mine, theirs in zip(plans, cases, paired, alone, strict=True):
+        # Each layer's own counts (the peer's included) and the serial ciphertexts.
+        assert mine.counts == theirs.counts == plan.counts
+        assert mine.ciphertexts == theirs.ciphertexts
+        delta = client.decrypt_delta(plan, mine.ciphertexts)
+        expected = reference_delta(x, weights.lora_a, weights.lora_b, scaling=plan.lora_scaling)
+        assert np.max(np.abs(delta - expected)) <= plan.error_bound * np.max(np.abs(expected))
+
+
 def test_a_dead_peer_process_fails_the_request_as_unavailable(client: HeLoraClient) -> None:
     plan = make_plan(Packing.PER_TOKEN, hidden_size=256, rank=8, tokens=1)
     x, weights = lora_case(plan, seed=1)

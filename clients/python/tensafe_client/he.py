@@ -504,11 +504,14 @@ class HeLoraSession:
         server_ms = [0.0] * len(layers)
         grouped = [False] * len(layers)
         for group in groups:
+            more = [names[index] for index in group[1:]]
+            # Only a grouped call names more_layers (wrappers of apply_lora that predate
+            # it keep working for single-layer calls).
             results, summary = self._rpc.apply_lora(
                 self.session.id,
                 names[group[0]],
                 ciphertexts,
-                more_layers=[names[index] for index in group[1:]],
+                **({"more_layers": more} if more else {}),
             )
             counts = OpCounts(
                 rotations=summary.counts.rotations,
@@ -642,17 +645,22 @@ class HeLoraModel:
     Args:
         model: The base model (plaintext, on the client).
         session: An open session whose adapter adapts modules of ``model``.
+        share_inputs: Ask for the layers that read one input tensor (a block's q, k and
+            v projections) in one request, once the first forward pass has shown which
+            they are (:class:`_InputSharing`); False: one request per layer.
 
     Raises:
         FailedPrecondition: A layer the session adapts is not an ``nn.Linear`` of
             ``model``.
     """
 
-    def __init__(self, model: nn.Module, session: HeLoraSession) -> None:
+    def __init__(
+        self, model: nn.Module, session: HeLoraSession, *, share_inputs: bool = True
+    ) -> None:
         self.model = model
         self.session = session
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self._sharing = _InputSharing()
+        self._sharing = _InputSharing(enabled=share_inputs)
         modules = dict(model.named_modules())
         for layer in session.layers:
             module = modules.get(layer)
@@ -679,6 +687,7 @@ class HeLoraModel:
         packing: Packing | None = None,
         adapter_version: int = 0,
         variant: Variant | None = None,
+        share_inputs: bool = True,
     ) -> HeLoraModel:
         """Open a session for ``model``'s adapted layers and install the hooks.
 
@@ -694,6 +703,7 @@ class HeLoraModel:
             packing: Force a packing.
             adapter_version: The adapter's version.
             variant: Force a variant of ``packing`` (see :meth:`HeLoraSession.create`).
+            share_inputs: See the class (default True).
 
         Raises:
             InvalidArgument: No linear layer matches ``target_modules``.
@@ -715,7 +725,7 @@ class HeLoraModel:
             variant=variant,
         )
         try:
-            return cls(model, session)
+            return cls(model, session, share_inputs=share_inputs)
         except BaseException:
             session.close()
             raise
@@ -785,7 +795,8 @@ class _InputSharing:
     from the layer's own input.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, enabled: bool = True) -> None:
+        self._enabled = enabled
         self._groups: dict[str, tuple[str, ...]] = {}
         self._kept: dict[str, tuple[torch.Tensor, int, np.ndarray]] = {}
         self._unshared: set[str] = set()
@@ -827,6 +838,8 @@ class _InputSharing:
         self._run, self._run_input = [layer], x
 
     def _close_run(self) -> None:
+        if not self._enabled:
+            return
         run = [layer for layer in self._run if layer not in self._unshared]
         grouped = {layer for group in self._groups.values() for layer in group}
         if len(run) > 1 and not grouped.intersection(run):

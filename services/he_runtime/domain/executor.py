@@ -400,6 +400,53 @@ class HeLoraExecutor:
             outputs = self._split_group(plan, adapter, evaluator, inputs, payloads, peer)
         else:
             outputs = self._units(plan, adapter, evaluator, inputs)
+        return self._result(outputs, evaluator)
+
+    def apply_layers(
+        self, layers: Sequence[tuple[Plan, EncodedAdapter]], ciphertexts: Sequence[bytes]
+    ) -> list[ExecutionResult]:
+        """Evaluate several layers (plan and adapter each) on the same ciphertexts.
+
+        With a peer process the layers go in pairs: the peer evaluates the second layer
+        of a pair whole while this process evaluates the first (no hand-off inside a
+        layer, so a layer's chain of dependent rotations never waits for the other
+        core); an unpaired last layer is :meth:`apply` (split inside the layer). Without
+        a peer, one after the other. Each result's counts are its own layer's.
+
+        Raises:
+            As :meth:`apply`.
+        """
+        peer = self._peer
+        results: list[ExecutionResult] = []
+        index = 0
+        while index < len(layers):
+            if peer is None or index + 1 == len(layers):
+                plan, adapter = layers[index]
+                results.append(self.apply(plan, adapter, ciphertexts))
+                index += 1
+                continue
+            (mine, my_adapter), (theirs, their_adapter) = layers[index], layers[index + 1]
+            for plan, adapter in (layers[index], layers[index + 1]):
+                self.check_plan(plan)
+                if adapter.encoding_key != plan.encoding_key():
+                    raise FailedPrecondition(
+                        "the adapter was encoded for another plan layout", reason="PLAN_MISMATCH"
+                    )
+            inputs, payloads = self._load_inputs(mine, ciphertexts)
+            self._load_inputs(theirs, ciphertexts)  # validated against its plan too
+            their_counts = CountingEvaluator(self._context, self._galois_keys)
+            pending = peer.submit(self._task(theirs, their_adapter, "units", payloads))
+            evaluator = CountingEvaluator(self._context, self._galois_keys)
+            try:
+                outputs = self._units(mine, my_adapter, evaluator, inputs)
+            finally:
+                their_outputs = self._absorb(their_counts, pending.result())
+            results.append(self._result(outputs, evaluator))
+            results.append(self._result(their_outputs, their_counts))
+            index += 2
+        return results
+
+    def _result(self, outputs: Sequence[Any], evaluator: CountingEvaluator) -> ExecutionResult:
         blobs = tuple(
             pack(WireKind.CIPHERTEXT, self._context.fingerprint, ct.to_string()) for ct in outputs
         )

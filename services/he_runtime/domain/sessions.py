@@ -218,6 +218,33 @@ class Session:
             elapsed = (time.perf_counter() - started) * 1000.0
         return ApplyResult(ciphertexts=result.ciphertexts, counts=result.counts, server_ms=elapsed)
 
+    def evaluate_layers(
+        self, layers: Sequence[str], plans: Sequence[Plan], ciphertexts: Sequence[bytes]
+    ) -> ApplyResult:
+        """Apply several layers' deltas to the same ciphertexts (blocking; see
+        :meth:`HeLoraExecutor.apply_layers`): results layer after layer, counts summed."""
+        with self._lock:
+            executor = self.executor()
+            started = time.perf_counter()
+            encoded = [
+                (
+                    plan,
+                    executor.adapter(
+                        plan,
+                        f"{self.adapter.digest}:{layer}",
+                        lambda layer=layer: self.adapter.layers[layer],
+                    ),
+                )
+                for layer, plan in zip(layers, plans, strict=True)
+            ]
+            results = executor.apply_layers(encoded, ciphertexts)
+            elapsed = (time.perf_counter() - started) * 1000.0
+        return ApplyResult(
+            ciphertexts=tuple(blob for result in results for blob in result.ciphertexts),
+            counts=sum((result.counts for result in results), OpCounts()),
+            server_ms=elapsed,
+        )
+
     def drop_keys(self) -> None:
         """Delete the keys and encoded adapter (the executor holds both).
 
@@ -724,8 +751,9 @@ class HeSessions:
         """Apply several layers' deltas to the same ciphertexts, in one worker hop.
 
         The layers must read the same input (checked by the caller: same input size);
-        the results are concatenated layer after layer and the counts and server time
-        summed. One layer is :meth:`evaluate`.
+        the results are concatenated layer after layer and the counts summed. With a
+        peer process, two layers run at once (:meth:`HeLoraExecutor.apply_layers`).
+        One layer is :meth:`evaluate`.
 
         Raises:
             As :meth:`apply`.
@@ -737,18 +765,9 @@ class HeSessions:
             session.check_layer(layer)
             plans.append(session.layer_plan(layer, _units(session, layer, len(ciphertexts))))
 
-        def work() -> ApplyResult:
-            results = [
-                session.evaluate(layer, plan, ciphertexts)
-                for layer, plan in zip(layers, plans, strict=True)
-            ]
-            return ApplyResult(
-                ciphertexts=tuple(blob for result in results for blob in result.ciphertexts),
-                counts=sum((result.counts for result in results), OpCounts()),
-                server_ms=sum(result.server_ms for result in results),
-            )
-
-        return await self._evaluating(session, work)
+        return await self._evaluating(
+            session, lambda: session.evaluate_layers(layers, plans, ciphertexts)
+        )
 
     async def _run(self, work: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, work)
