@@ -507,12 +507,14 @@ class HeLoraSession:
             more = [names[index] for index in group[1:]]
             # Only a grouped call names more_layers (wrappers of apply_lora that predate
             # it keep working for single-layer calls).
-            results, summary = self._rpc.apply_lora(
-                self.session.id,
-                names[group[0]],
-                ciphertexts,
-                **({"more_layers": more} if more else {}),
-            )
+            if more:
+                results, summary = self._rpc.apply_lora(
+                    self.session.id, names[group[0]], ciphertexts, more_layers=more
+                )
+            else:
+                results, summary = self._rpc.apply_lora(
+                    self.session.id, names[group[0]], ciphertexts
+                )
             counts = OpCounts(
                 rotations=summary.counts.rotations,
                 key_switches=summary.counts.key_switches,

@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import threading
@@ -232,7 +233,7 @@ class Session:
                     executor.adapter(
                         plan,
                         f"{self.adapter.digest}:{layer}",
-                        lambda layer=layer: self.adapter.layers[layer],
+                        functools.partial(self.adapter.layers.__getitem__, layer),
                     ),
                 )
                 for layer, plan in zip(layers, plans, strict=True)
