@@ -52,9 +52,11 @@ LAYERS = [
 ]
 
 
-def open_session(runtime: Runtime, tenant: str, **options: object) -> HeLoraSession:
+def open_session(
+    runtime: Runtime, tenant: str, recorder: Recorder | None = None, **options: object
+) -> HeLoraSession:
     return HeLoraSession.create(
-        runtime.rpc(tenant),
+        runtime.rpc(tenant, recorder=recorder),
         adapter_name=ADAPTER,
         rank=RANK,
         alpha=ALPHA,
@@ -96,14 +98,7 @@ def test_lifecycle_applies_the_adapters_delta_and_closes(runtime: Runtime, data_
 
 def test_layers_reading_one_input_share_one_request(runtime: Runtime, data_dir: Path) -> None:
     recorder = Recorder()
-    session = HeLoraSession.create(
-        runtime.rpc(new_tenant(), recorder=recorder),
-        adapter_name=ADAPTER,
-        rank=RANK,
-        alpha=ALPHA,
-        hidden_size=64,
-        output_size=64,
-    )
+    session = open_session(runtime, new_tenant(), recorder)
     block = "model.layers.1.self_attn"
     layers = [(f"{block}.q_proj", 64), (f"{block}.k_proj", 32), (f"{block}.v_proj", 32)]
     x = activations(3, seed=8)
@@ -259,14 +254,7 @@ def test_a_request_id_in_progress_is_aborted_not_duplicated(runtime: Runtime) ->
 
 def test_only_public_material_and_ciphertexts_cross_the_wire(runtime: Runtime) -> None:
     recorder = Recorder()
-    session = HeLoraSession.create(
-        runtime.rpc(new_tenant(), recorder=recorder),
-        adapter_name=ADAPTER,
-        rank=RANK,
-        alpha=ALPHA,
-        hidden_size=64,
-        output_size=64,
-    )
+    session = open_session(runtime, new_tenant(), recorder)
     session.apply(LAYERS[2], activations(3, seed=5), output_size=64)
     session.close()
     blobs: list[bytes] = []
