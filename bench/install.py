@@ -52,19 +52,8 @@ def _commands(variant: str, venv: Path, cache: Path) -> list[list[str]]:
     links = ["--find-links", find_links] if find_links else []
     return [
         [python, "-m", "pip", "install", *quiet, UV],
-        [
-            str(venv / "bin" / "uv"),
-            "pip",
-            "install",
-            "-q",
-            "--compile-bytecode",
-            "--cache-dir",
-            str(cache),
-            "--python",
-            python,
-            *links,
-            ".[all]",
-        ],
+        [str(venv / "bin" / "uv"), "pip", "install", "-q", "--compile-bytecode",
+         "--cache-dir", str(cache), "--python", python, *links, ".[all]"],
     ]
 
 
@@ -90,11 +79,8 @@ def main() -> None:
             wall, cpu = _install(variant)
             results[variant].append((wall, cpu))
             load = os.getloadavg()[0]
-            print(
-                f"round {round_ + 1} {variant:3s}: {wall:6.1f} s wall, {cpu:6.1f} s CPU "
-                f"(load {load:.1f})",
-                flush=True,
-            )
+            print(f"round {round_ + 1} {variant:3s}: {wall:6.1f} s wall, {cpu:6.1f} s CPU "
+                  f"(load {load:.1f})", flush=True)
     walls = {v: statistics.median(w for w, _ in results[v]) for v in variants}
     cpus = {v: statistics.median(c for _, c in results[v]) for v in variants}
     for v in variants:

@@ -18,7 +18,7 @@ from tensafe.he_runtime.domain.parallel import EvaluationPeers
 from tensafe.helora import CkksParams, Packing, Plan, compact_params, compile_plan, default_params
 from tensafe.helora.client import HeLoraClient
 from tensafe.helora.packing import reference_delta
-from tensafe.helora.plan import Variant
+from tensafe.helora.plan import Variant, shared_input_offsets
 from tensafe.helora.wire import WireKind, pack, unpack, wire_kind
 
 DEFAULT = default_params()
@@ -557,6 +557,60 @@ def test_layers_on_one_input_run_in_pairs_on_two_cores(
         delta = client.decrypt_delta(plan, mine.ciphertexts)
         expected = reference_delta(x, weights.lora_a, weights.lora_b, scaling=plan.lora_scaling)
         assert np.max(np.abs(delta - expected)) <= plan.error_bound * np.max(np.abs(expected))
+
+
+@pytest.mark.parametrize(("hidden", "with_peer"), [(64, False), (64, True), (256, False)])
+def test_layers_on_one_input_share_one_ciphertext(
+    client: HeLoraClient, peers: EvaluationPeers, hidden: int, with_peer: bool
+) -> None:
+    # q, k, v of one block: three adapters, output sizes d, d/2, d/2, each layer in its
+    # region of the slots: one plan's operations for the three deltas.
+    sizes = [hidden, hidden // 2, hidden // 2]
+    layer_plan = make_plan(Packing.PER_TOKEN, hidden_size=hidden, rank=8, tokens=3)
+    offsets = shared_input_offsets(layer_plan, sizes)
+    assert offsets is not None
+    shared = make_plan(
+        Packing.PER_TOKEN,
+        hidden_size=hidden,
+        rank=8,
+        tokens=3,
+        output_size=offsets[-1] + sizes[-1],
+    )
+    assert shared.counts == layer_plan.counts  # independent of the output size
+    rng = np.random.default_rng(hidden)
+    x = rng.normal(0.0, 2.0, (3, hidden))
+    layers = [
+        LoraWeights(
+            lora_a=rng.uniform(-1 / np.sqrt(hidden), 1 / np.sqrt(hidden), (hidden, 8)),
+            lora_b=rng.normal(0.0, 0.02, (8, size)),
+        )
+        for size in sizes
+    ]
+    material = client.public_material(shared)
+    executor = HeLoraExecutor(
+        parameters=material.parameters,
+        galois_keys=material.galois_keys,
+        peers=peers if with_peer else None,
+    )
+    result = executor.apply(
+        shared, executor.encode_adapter(shared, layers), client.encrypt_activations(shared, x)
+    )
+    assert result.counts == shared.counts
+    assert len(result.ciphertexts) == shared.output_ciphertexts == 2  # 3 tokens, 2 units
+    together = client.decrypt_delta(shared, result.ciphertexts)
+    for weights, start, size in zip(layers, offsets, sizes, strict=True):
+        expected = reference_delta(x, weights.lora_a, weights.lora_b, scaling=shared.lora_scaling)
+        delta = together[:, start : start + size]
+        assert np.max(np.abs(delta - expected)) <= shared.error_bound * np.max(np.abs(expected))
+    # The regions must fit: at d = 4096 one layer fills every slot.
+    assert (
+        shared_input_offsets(
+            make_plan(Packing.PER_TOKEN, hidden_size=4096, rank=8, tokens=1), [4096, 4096]
+        )
+        is None
+    )
+    with pytest.raises(InvalidArgument):
+        executor.encode_adapter(layer_plan, layers)  # output_size is not the regions' end
 
 
 def test_a_dead_peer_process_fails_the_request_as_unavailable(client: HeLoraClient) -> None:

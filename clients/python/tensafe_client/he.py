@@ -43,7 +43,15 @@ from tensafe.client.training import ChannelOptions, authenticated_channels
 from tensafe.common import errors
 from tensafe.helora.client import HeLoraClient
 from tensafe.helora.params import CkksParams, compact_params
-from tensafe.helora.plan import OpCounts, Packing, Plan, Variant, choose_plan, compile_plan
+from tensafe.helora.plan import (
+    OpCounts,
+    Packing,
+    Plan,
+    Variant,
+    choose_plan,
+    compile_plan,
+    shared_input_offsets,
+)
 from tensafe.proto.he.v1 import he_service_pb2 as pb
 from tensafe.proto.he.v1 import he_service_pb2_grpc
 
@@ -495,18 +503,18 @@ class HeLoraSession:
         plans = [self._call_plan(values.shape[1], size, values.shape[0]) for _, size in layers]
         ciphertexts, reused = self._encrypt(plans[0], values)
         names = [layer for layer, _ in layers]
+        sizes = [size for _, size in layers]
         groups = (
             [list(range(len(layers)))]
             if _fits_one_message(plans, ciphertexts)
             else [[index] for index in range(len(layers))]
         )
+        offsets = shared_input_offsets(plans[0], sizes) if len(groups) == 1 else None
         deltas: list[np.ndarray] = [np.empty(0)] * len(layers)
         server_ms = [0.0] * len(layers)
         grouped = [False] * len(layers)
         for group in groups:
             more = [names[index] for index in group[1:]]
-            # Only a grouped call names more_layers (wrappers of apply_lora that predate
-            # it keep working for single-layer calls).
             if more:
                 results, summary = self._rpc.apply_lora(
                     self.session.id, names[group[0]], ciphertexts, more_layers=more
@@ -522,31 +530,44 @@ class HeLoraSession:
                 rescales=summary.counts.rescales,
                 additions=summary.counts.additions,
             )
-            planned = sum((plans[index].counts for index in group), OpCounts())
+            # Layers sharing one ciphertext run as one plan (the runtime derives the same
+            # layout, tensafe.helora.plan.shared_input_offsets); otherwise each its own.
+            shared = (
+                self._call_plan(values.shape[1], offsets[-1] + sizes[-1], values.shape[0])
+                if offsets is not None
+                else None
+            )
+            run = [shared] if shared is not None else [plans[index] for index in group]
+            planned = sum((plan.counts for plan in run), OpCounts())
             planned = dataclasses.replace(planned, plaintext_encodes=0)
             if counts != planned:
                 raise errors.IntegrityError(
                     f"the runtime reports {counts} for {[names[i] for i in group]!r}, the "
                     f"plans have {planned}"
                 )
-            expected = sum(plans[index].output_ciphertexts for index in group)
+            expected = sum(plan.output_ciphertexts for plan in run)
             if len(results) != expected:
                 raise errors.IntegrityError(
                     f"the runtime returned {len(results)} ciphertexts, the plans {expected}"
                 )
+            if shared is not None and offsets is not None:
+                together = self._crypto.decrypt_delta(shared, results)
+                for index, (start, size) in enumerate(zip(offsets, sizes, strict=True)):
+                    deltas[index] = np.ascontiguousarray(together[:, start : start + size])
+            else:
+                offset = 0
+                for index in group:
+                    plan = plans[index]
+                    deltas[index] = self._crypto.decrypt_delta(
+                        plan, results[offset : offset + plan.output_ciphertexts]
+                    )
+                    offset += plan.output_ciphertexts
             estimates = [plans[index].estimated_server_ms for index in group]
-            offset = 0
             for index, estimate in zip(group, estimates, strict=True):
-                plan = plans[index]
-                delta = self._crypto.decrypt_delta(
-                    plan, results[offset : offset + plan.output_ciphertexts]
-                )
-                offset += plan.output_ciphertexts
                 if self.verifier is not None:
-                    self.verifier.check(names[index], values, delta)
-                deltas[index] = delta
+                    self.verifier.check(names[index], values, deltas[index])
                 # The summary is per request: each layer gets a share of its time in
-                # proportion to the layer's estimate (its counts are its plan's).
+                # proportion to the layer's estimate.
                 server_ms[index] = summary.server_ms * estimate / sum(estimates)
                 grouped[index] = len(group) > 1
         elapsed = (time.perf_counter() - started) * 1000.0
@@ -555,7 +576,16 @@ class HeLoraSession:
             stats = self.stats.setdefault(names[index], LayerStats())
             stats.calls += 1
             stats.tokens += plan.tokens
-            stats.counts = stats.counts + dataclasses.replace(plan.counts, plaintext_encodes=0)
+            # Layers sharing one ciphertext performed one plan's operations together:
+            # they are recorded on the first layer of the request.
+            if offsets is None:
+                stats.counts = stats.counts + dataclasses.replace(
+                    plan.counts, plaintext_encodes=0
+                )
+            elif index == 0 and shared is not None:
+                stats.counts = stats.counts + dataclasses.replace(
+                    shared.counts, plaintext_encodes=0
+                )
             stats.server_ms += server_ms[index]
             stats.round_trip_ms += elapsed * plan.estimated_server_ms / total_estimate
             stats.reused_inputs += int(reused or index > 0)

@@ -57,7 +57,7 @@ from tensafe.he_runtime.domain.plans import PlanRequest, compile_for, plan_for_u
 from tensafe.he_runtime.store.keys import KeyFiles
 from tensafe.he_runtime.store.sql import SessionRecord, SessionStore, SessionTransaction, micros
 from tensafe.helora.params import CkksParams
-from tensafe.helora.plan import OpCounts, Packing, Plan, Variant
+from tensafe.helora.plan import OpCounts, Packing, Plan, Variant, shared_input_offsets
 from tensafe.helora.wire import WireKind, unpack
 
 log = logging.getLogger(__name__)
@@ -219,14 +219,57 @@ class Session:
             elapsed = (time.perf_counter() - started) * 1000.0
         return ApplyResult(ciphertexts=result.ciphertexts, counts=result.counts, server_ms=elapsed)
 
+    def shared_plan(self, layers: Sequence[str], plans: Sequence[Plan]) -> Plan | None:
+        """The plan evaluating ``layers`` (their ``plans``) in one ciphertext, or None.
+
+        When their output regions fit the slots (:func:`shared_input_offsets`), the
+        layers run as one plan whose output size is the end of the last region's
+        outputs; cached per session like :meth:`layer_plan`.
+        """
+        sizes = [plan.output_size for plan in plans]
+        offsets = shared_input_offsets(plans[0], sizes)
+        if offsets is None:
+            return None
+        key = ("\n".join(layers), plans[0].units)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = plan_for_units(
+                self.plan,
+                hidden_size=plans[0].hidden_size,
+                output_size=offsets[-1] + sizes[-1],
+                units=plans[0].units,
+            )
+            if len(self._plans) >= _MAX_CACHED_PLANS:
+                self._plans.pop(next(iter(self._plans)))
+            self._plans[key] = plan
+        return plan
+
     def evaluate_layers(
         self, layers: Sequence[str], plans: Sequence[Plan], ciphertexts: Sequence[bytes]
     ) -> ApplyResult:
-        """Apply several layers' deltas to the same ciphertexts (blocking; see
-        :meth:`HeLoraExecutor.apply_layers`): results layer after layer, counts summed."""
+        """Apply several layers' deltas to the same ciphertexts (blocking).
+
+        Layers that fit one ciphertext (:meth:`shared_plan`) run as that one plan: one
+        set of results holding every layer's delta in its region, the operations of one
+        layer. Otherwise :meth:`HeLoraExecutor.apply_layers`: results layer after layer,
+        counts summed.
+        """
+        shared = self.shared_plan(layers, plans)
         with self._lock:
             executor = self.executor()
             started = time.perf_counter()
+            if shared is not None:
+                encoded_group = executor.adapter(
+                    shared,
+                    f"{self.adapter.digest}:{'+'.join(layers)}",
+                    lambda: [self.adapter.layers[layer] for layer in layers],
+                )
+                result = executor.apply(shared, encoded_group, ciphertexts)
+                return ApplyResult(
+                    ciphertexts=result.ciphertexts,
+                    counts=result.counts,
+                    server_ms=(time.perf_counter() - started) * 1000.0,
+                )
             encoded = [
                 (
                     plan,

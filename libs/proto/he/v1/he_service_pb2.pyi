@@ -586,8 +586,10 @@ class ApplyLoraInlineRequest(_message.Message):
     def more_layers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Further layers of the session evaluated on the same ciphertexts (layers that read
         the same input, e.g. a block's k_proj and v_proj after q_proj): each must take the
-        same input size as header.layer, none may repeat. The response holds
-        header.layer's results, then each further layer's, in this order.
+        same input size as header.layer, none may repeat. When the layers' output regions
+        fit the slots (PER_TOKEN, tensafe.helora.plan.shared_input_offsets), they run as one
+        plan and the response holds that plan's results, each layer's delta in its region;
+        otherwise header.layer's results, then each further layer's, in this order.
         """
 
     def __init__(
@@ -615,7 +617,7 @@ class ApplyLoraInlineResponse(_message.Message):
     SUMMARY_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def ciphertexts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
-        """Serialized output ciphertexts, in plan order (layer after layer with more_layers)."""
+        """Serialized output ciphertexts, in plan order (see ApplyLoraInlineRequest.more_layers)."""
 
     @_builtins.property
     def summary(self) -> Global___ApplyLoraSummary:
