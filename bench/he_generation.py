@@ -16,7 +16,7 @@ tokens twice, once per plan, interleaved:
   each way (the SDK's choice for calls up to 2 MiB);
 - ``current/inline+qkv``: inline on one core, and the layers that read one input (each
   block's q, k and v projections) in one request with one set of ciphertexts
-  (``ApplyLoraInline.more_layers``, issue 19 round 4), after the first forward pass;
+  (``ApplyLoraHeader.more_layers``, issue 19 round 4), after the first forward pass;
 - ``current/new path``: that on a runtime that uses every core (a peer process takes
   the independent half of each call's SEAL work).
 
@@ -83,10 +83,8 @@ class StreamedRpc(HeRuntimeRpc):
     """The SDK's RPCs with every ApplyLora streamed (the path before ApplyLoraInline)."""
 
     def apply_lora(
-        self, session_id: str, layer: str, ciphertexts: Any, *, more_layers: Any = (), **kwargs: Any
+        self, session_id: str, layer: str, ciphertexts: Any, *, inline: Any = None, **kwargs: Any
     ) -> Any:
-        if more_layers:
-            raise ValueError("the streamed path carries one layer per call")
         return self.apply_lora_streamed(session_id, layer, ciphertexts, **kwargs)
 
 

@@ -164,7 +164,7 @@ def test_bad_more_layers(
         error = raises(
             InvalidArgument, rpc.apply_lora, session.session.id, LAYER, good, more_layers=more
         )
-        assert error.field == f"more_layers[{index}]", error.message  # type: ignore[attr-defined]
+        assert error.field == f"header.more_layers[{index}]", error.message  # type: ignore[attr-defined]
     assert_still_serving(session, data_dir)
 
 

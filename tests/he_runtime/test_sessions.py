@@ -98,12 +98,12 @@ def test_lifecycle_applies_the_adapters_delta_and_closes(runtime: Runtime, data_
 
 def test_layers_reading_one_input_share_one_request(runtime: Runtime, data_dir: Path) -> None:
     recorder = Recorder()
-    session = open_session(runtime, new_tenant(), recorder)
+    tenant = new_tenant()
+    session = open_session(runtime, tenant, recorder)
     block = "model.layers.1.self_attn"
     layers = [(f"{block}.q_proj", 64), (f"{block}.k_proj", 32), (f"{block}.v_proj", 32)]
     x = activations(3, seed=8)
     deltas = session.apply_layers(layers, x)
-    session.close()
     for (layer, width), delta in zip(layers, deltas, strict=True):
         expected = reference(data_dir, layer, x)
         assert delta.shape == (3, width)
@@ -118,8 +118,21 @@ def test_layers_reading_one_input_share_one_request(runtime: Runtime, data_dir: 
     applied = [m for name, m in recorder.sent if name.endswith("/ApplyLoraInline")]
     assert len(applied) == 1
     assert applied[0].header.layer == layers[0][0]
-    assert list(applied[0].more_layers) == [layer for layer, _ in layers[1:]]
-    assert len(applied[0].ciphertexts) == 2 * session.plan.input_copies  # encrypted once
+    more = [layer for layer, _ in layers[1:]]
+    assert list(applied[0].header.more_layers) == more
+    uploads = list(applied[0].ciphertexts)
+    assert len(uploads) == 2 * session.plan.input_copies  # encrypted once
+    # The streamed ApplyLora carries the same header field and gives the same results.
+    rpc = runtime.rpc(tenant)
+    inline, inline_summary = rpc.apply_lora(
+        session.session.id, layers[0][0], uploads, more_layers=more
+    )
+    streamed, streamed_summary = rpc.apply_lora_streamed(
+        session.session.id, layers[0][0], uploads, more_layers=more
+    )
+    assert streamed == inline and len(streamed) == 2
+    assert streamed_summary.counts == inline_summary.counts
+    session.close()
 
 
 def test_another_tenants_session_is_not_found(runtime: Runtime) -> None:

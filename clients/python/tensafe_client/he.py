@@ -149,6 +149,7 @@ class HeRuntimeRpc(OwnedChannels):
         *,
         chunk_bytes: int = CHUNK_BYTES,
         more_layers: Sequence[str] = (),
+        inline: bool | None = None,
     ) -> tuple[list[bytes], pb.ApplyLoraSummary]:
         """Apply a layer's delta: ``ApplyLoraInline`` (one message each way) when the
         ciphertexts total at most :data:`INLINE_MAX_BYTES`, else ``ApplyLora`` (streamed
@@ -160,32 +161,31 @@ class HeRuntimeRpc(OwnedChannels):
             ciphertexts: The input ciphertexts of ``layer``'s plan.
             chunk_bytes: Chunk size of a streamed call.
             more_layers: Further layers that read the same input, evaluated on the same
-                ciphertexts in the same (inline) call; their results follow ``layer``'s.
+                ciphertexts in the same call (``ApplyLoraHeader.more_layers``).
+            inline: Force (True) or refuse (False) ``ApplyLoraInline``; None: by size.
 
         Raises:
             TenSafeError: The status the runtime returned.
             IntegrityError: The response stream is out of order or has no summary.
-            InvalidArgument: ``more_layers`` with ciphertexts too large for one message.
         """
-        inline = sum(len(blob) for blob in ciphertexts) <= INLINE_MAX_BYTES
-        if more_layers and not inline:
-            raise errors.InvalidArgument(
-                "more_layers",
-                f"only calls of at most {INLINE_MAX_BYTES} bytes carry several layers",
-            )
+        if inline is None:
+            inline = sum(len(blob) for blob in ciphertexts) <= INLINE_MAX_BYTES
         if inline:
             header = pb.ApplyLoraHeader(
-                session_id=session_id, layer=layer, ciphertexts=len(ciphertexts)
+                session_id=session_id,
+                layer=layer,
+                ciphertexts=len(ciphertexts),
+                more_layers=list(more_layers),
             )
-            request = pb.ApplyLoraInlineRequest(
-                header=header, ciphertexts=ciphertexts, more_layers=list(more_layers)
-            )
+            request = pb.ApplyLoraInlineRequest(header=header, ciphertexts=ciphertexts)
             timeout = self._options.call_timeout_seconds
             response = self._attempt(lambda: self._stub.ApplyLoraInline(request, timeout=timeout))
             if not response.HasField("summary"):
                 raise errors.IntegrityError("ApplyLoraInline response has no summary")
             return list(response.ciphertexts), response.summary
-        return self.apply_lora_streamed(session_id, layer, ciphertexts, chunk_bytes=chunk_bytes)
+        return self.apply_lora_streamed(
+            session_id, layer, ciphertexts, chunk_bytes=chunk_bytes, more_layers=more_layers
+        )
 
     def apply_lora_streamed(
         self,
@@ -194,8 +194,10 @@ class HeRuntimeRpc(OwnedChannels):
         ciphertexts: Sequence[bytes],
         *,
         chunk_bytes: int = CHUNK_BYTES,
+        more_layers: Sequence[str] = (),
     ) -> tuple[list[bytes], pb.ApplyLoraSummary]:
-        """``ApplyLora``: stream ciphertexts in, collect the result chunks and the summary.
+        """``ApplyLora``: stream ciphertexts in, collect the result chunks and the summary
+        (``more_layers`` as in :meth:`apply_lora`).
 
         Raises:
             TenSafeError: The status the runtime returned.
@@ -205,7 +207,10 @@ class HeRuntimeRpc(OwnedChannels):
         def requests() -> Iterator[pb.ApplyLoraRequest]:
             yield pb.ApplyLoraRequest(
                 header=pb.ApplyLoraHeader(
-                    session_id=session_id, layer=layer, ciphertexts=len(ciphertexts)
+                    session_id=session_id,
+                    layer=layer,
+                    ciphertexts=len(ciphertexts),
+                    more_layers=list(more_layers),
                 )
             )
             for index, blob in enumerate(ciphertexts):
@@ -476,11 +481,13 @@ class HeLoraSession:
     ) -> list[np.ndarray]:
         """Compute the deltas of several layers that read the same activations.
 
-        The activations are encrypted once and, when the call fits one message
-        (:data:`INLINE_MAX_BYTES` for the ciphertexts and for the estimated results),
-        sent once with every layer in the same ``ApplyLoraInline`` request (a block's
-        q, k and v projections: one round trip instead of three); otherwise one call
-        per layer, re-sending the same ciphertexts.
+        The activations are encrypted once and sent once, with every layer in the same
+        request (``ApplyLoraHeader.more_layers``: a block's q, k and v projections, one
+        round trip instead of three); in one ``ApplyLoraInline`` message when the
+        ciphertexts and the estimated results fit :data:`INLINE_MAX_BYTES`, else
+        streamed. When the layers' regions fit one ciphertext
+        (:func:`~tensafe.helora.plan.shared_input_offsets`) the runtime evaluates them as
+        one plan and each delta is sliced from its region.
 
         Args:
             layers: ``(layer, output size)`` pairs, distinct layers.
@@ -500,96 +507,81 @@ class HeLoraSession:
             raise errors.InvalidArgument("layers", "must name at least one layer")
         if len({layer for layer, _ in layers}) != len(layers):
             raise errors.InvalidArgument("layers", "must be distinct")
-        plans = [self._call_plan(values.shape[1], size, values.shape[0]) for _, size in layers]
+        tokens = values.shape[0]
+        plans = [self._call_plan(values.shape[1], size, tokens) for _, size in layers]
         ciphertexts, reused = self._encrypt(plans[0], values)
         names = [layer for layer, _ in layers]
         sizes = [size for _, size in layers]
-        groups = (
-            [list(range(len(layers)))]
-            if _fits_one_message(plans, ciphertexts)
-            else [[index] for index in range(len(layers))]
+        if len(layers) == 1:
+            # Wrappers of apply_lora that predate more_layers keep working.
+            results, summary = self._rpc.apply_lora(self.session.id, names[0], ciphertexts)
+        else:
+            results, summary = self._rpc.apply_lora(
+                self.session.id,
+                names[0],
+                ciphertexts,
+                more_layers=names[1:],
+                inline=_fits_one_message(plans, ciphertexts),
+            )
+        # Layers sharing one ciphertext run as one plan (the runtime derives the same
+        # layout); otherwise each layer's plan, results layer after layer.
+        offsets = shared_input_offsets(plans[0], sizes)
+        shared = (
+            self._call_plan(values.shape[1], offsets[-1] + sizes[-1], tokens)
+            if offsets is not None
+            else None
         )
-        offsets = shared_input_offsets(plans[0], sizes) if len(groups) == 1 else None
-        deltas: list[np.ndarray] = [np.empty(0)] * len(layers)
-        server_ms = [0.0] * len(layers)
-        grouped = [False] * len(layers)
-        for group in groups:
-            more = [names[index] for index in group[1:]]
-            if more:
-                results, summary = self._rpc.apply_lora(
-                    self.session.id, names[group[0]], ciphertexts, more_layers=more
-                )
-            else:
-                results, summary = self._rpc.apply_lora(
-                    self.session.id, names[group[0]], ciphertexts
-                )
-            counts = OpCounts(
-                rotations=summary.counts.rotations,
-                key_switches=summary.counts.key_switches,
-                multiply_plain=summary.counts.plaintext_multiplies,
-                rescales=summary.counts.rescales,
-                additions=summary.counts.additions,
+        run = [shared] if shared is not None else plans
+        counts = OpCounts(
+            rotations=summary.counts.rotations,
+            key_switches=summary.counts.key_switches,
+            multiply_plain=summary.counts.plaintext_multiplies,
+            rescales=summary.counts.rescales,
+            additions=summary.counts.additions,
+        )
+        planned = dataclasses.replace(
+            sum((plan.counts for plan in run), OpCounts()), plaintext_encodes=0
+        )
+        if counts != planned:
+            raise errors.IntegrityError(
+                f"the runtime reports {counts} for {names!r}, the plans have {planned}"
             )
-            # Layers sharing one ciphertext run as one plan (the runtime derives the same
-            # layout, tensafe.helora.plan.shared_input_offsets); otherwise each its own.
-            shared = (
-                self._call_plan(values.shape[1], offsets[-1] + sizes[-1], values.shape[0])
-                if offsets is not None
-                else None
+        expected = sum(plan.output_ciphertexts for plan in run)
+        if len(results) != expected:
+            raise errors.IntegrityError(
+                f"the runtime returned {len(results)} ciphertexts, the plans {expected}"
             )
-            run = [shared] if shared is not None else [plans[index] for index in group]
-            planned = sum((plan.counts for plan in run), OpCounts())
-            planned = dataclasses.replace(planned, plaintext_encodes=0)
-            if counts != planned:
-                raise errors.IntegrityError(
-                    f"the runtime reports {counts} for {[names[i] for i in group]!r}, the "
-                    f"plans have {planned}"
-                )
-            expected = sum(plan.output_ciphertexts for plan in run)
-            if len(results) != expected:
-                raise errors.IntegrityError(
-                    f"the runtime returned {len(results)} ciphertexts, the plans {expected}"
-                )
-            if shared is not None and offsets is not None:
-                together = self._crypto.decrypt_delta(shared, results)
-                for index, (start, size) in enumerate(zip(offsets, sizes, strict=True)):
-                    deltas[index] = np.ascontiguousarray(together[:, start : start + size])
-            else:
-                offset = 0
-                for index in group:
-                    plan = plans[index]
-                    deltas[index] = self._crypto.decrypt_delta(
-                        plan, results[offset : offset + plan.output_ciphertexts]
-                    )
-                    offset += plan.output_ciphertexts
-            estimates = [plans[index].estimated_server_ms for index in group]
-            for index, estimate in zip(group, estimates, strict=True):
-                if self.verifier is not None:
-                    self.verifier.check(names[index], values, deltas[index])
-                # The summary is per request: each layer gets a share of its time in
-                # proportion to the layer's estimate.
-                server_ms[index] = summary.server_ms * estimate / sum(estimates)
-                grouped[index] = len(group) > 1
+        deltas: list[np.ndarray] = []
+        if shared is not None and offsets is not None:
+            together = self._crypto.decrypt_delta(shared, results)
+            for start, size in zip(offsets, sizes, strict=True):
+                deltas.append(np.ascontiguousarray(together[:, start : start + size]))
+        else:
+            offset = 0
+            for plan in plans:
+                end = offset + plan.output_ciphertexts
+                deltas.append(self._crypto.decrypt_delta(plan, results[offset:end]))
+                offset = end
+        if self.verifier is not None:
+            for name, delta in zip(names, deltas, strict=True):
+                self.verifier.check(name, values, delta)
+        # The summary is per request: each layer gets a share of its time in proportion
+        # to its plan's estimate; a shared ciphertext's counts go to the first layer.
         elapsed = (time.perf_counter() - started) * 1000.0
         total_estimate = sum(plan.estimated_server_ms for plan in plans)
         for index, plan in enumerate(plans):
+            share = plan.estimated_server_ms / total_estimate
             stats = self.stats.setdefault(names[index], LayerStats())
             stats.calls += 1
             stats.tokens += plan.tokens
-            # Layers sharing one ciphertext performed one plan's operations together:
-            # they are recorded on the first layer of the request.
-            if offsets is None:
-                stats.counts = stats.counts + dataclasses.replace(
-                    plan.counts, plaintext_encodes=0
-                )
-            elif index == 0 and shared is not None:
-                stats.counts = stats.counts + dataclasses.replace(
-                    shared.counts, plaintext_encodes=0
-                )
-            stats.server_ms += server_ms[index]
-            stats.round_trip_ms += elapsed * plan.estimated_server_ms / total_estimate
+            if shared is None:
+                stats.counts = stats.counts + dataclasses.replace(plan.counts, plaintext_encodes=0)
+            elif index == 0:
+                stats.counts = stats.counts + planned
+            stats.server_ms += summary.server_ms * share
+            stats.round_trip_ms += elapsed * share
             stats.reused_inputs += int(reused or index > 0)
-            stats.grouped_calls += int(grouped[index])
+            stats.grouped_calls += int(len(layers) > 1)
         return deltas
 
     def _encrypt(self, plan: Plan, values: np.ndarray) -> tuple[list[bytes], bool]:
@@ -647,7 +639,7 @@ class HeLoraSession:
 
 
 def _fits_one_message(plans: Sequence[Plan], ciphertexts: Sequence[bytes]) -> bool:
-    """Whether every plan's layer fits one ApplyLoraInline call on ``ciphertexts``.
+    """Whether a call of every plan's layer on ``ciphertexts`` fits ApplyLoraInline.
 
     The results are estimated from the input ciphertexts' size: a result ciphertext has
     the same ring and fewer primes (output_primes of input_primes).
@@ -658,7 +650,7 @@ def _fits_one_message(plans: Sequence[Plan], ciphertexts: Sequence[bytes]) -> bo
         plan.output_ciphertexts * per_input * plan.output_primes / plan.input_primes
         for plan in plans
     )
-    return len(plans) > 1 and size <= INLINE_MAX_BYTES and results <= INLINE_MAX_BYTES
+    return size <= INLINE_MAX_BYTES and results <= INLINE_MAX_BYTES
 
 
 def linear_layers(model: nn.Module, target_modules: Sequence[str]) -> dict[str, nn.Linear]:

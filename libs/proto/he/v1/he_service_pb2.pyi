@@ -482,22 +482,34 @@ class ApplyLoraHeader(_message.Message):
     SESSION_ID_FIELD_NUMBER: _builtins.int
     LAYER_FIELD_NUMBER: _builtins.int
     CIPHERTEXTS_FIELD_NUMBER: _builtins.int
+    MORE_LAYERS_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """The session's id."""
     layer: _builtins.str
     """Adapted layer (module name)."""
     ciphertexts: _builtins.int
     """Number of ciphertexts that follow."""
+    @_builtins.property
+    def more_layers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Further layers of the session evaluated on the same ciphertexts (layers that read
+        the same input, e.g. a block's k_proj and v_proj after q_proj): each must take the
+        same input size as layer, none may repeat. When the layers' output regions fit the
+        slots (PER_TOKEN, tensafe.helora.plan.shared_input_offsets), they run as one plan
+        and the results are that plan's, each layer's delta in its region; otherwise
+        layer's results, then each further layer's, in this order.
+        """
+
     def __init__(
         self,
         *,
         session_id: _builtins.str = ...,
         layer: _builtins.str = ...,
         ciphertexts: _builtins.int = ...,
+        more_layers: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ciphertexts", b"ciphertexts", "layer", b"layer", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ciphertexts", b"ciphertexts", "layer", b"layer", "more_layers", b"more_layers", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -573,7 +585,6 @@ class ApplyLoraInlineRequest(_message.Message):
 
     HEADER_FIELD_NUMBER: _builtins.int
     CIPHERTEXTS_FIELD_NUMBER: _builtins.int
-    MORE_LAYERS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def header(self) -> Global___ApplyLoraHeader:
         """Session and layer; header.ciphertexts must equal the number of ciphertexts."""
@@ -582,26 +593,15 @@ class ApplyLoraInlineRequest(_message.Message):
     def ciphertexts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
         """Serialized input ciphertexts, in plan order."""
 
-    @_builtins.property
-    def more_layers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Further layers of the session evaluated on the same ciphertexts (layers that read
-        the same input, e.g. a block's k_proj and v_proj after q_proj): each must take the
-        same input size as header.layer, none may repeat. When the layers' output regions
-        fit the slots (PER_TOKEN, tensafe.helora.plan.shared_input_offsets), they run as one
-        plan and the response holds that plan's results, each layer's delta in its region;
-        otherwise header.layer's results, then each further layer's, in this order.
-        """
-
     def __init__(
         self,
         *,
         header: Global___ApplyLoraHeader | None = ...,
         ciphertexts: _abc.Iterable[_builtins.bytes] | None = ...,
-        more_layers: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ciphertexts", b"ciphertexts", "header", b"header", "more_layers", b"more_layers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ciphertexts", b"ciphertexts", "header", b"header"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -617,7 +617,7 @@ class ApplyLoraInlineResponse(_message.Message):
     SUMMARY_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def ciphertexts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
-        """Serialized output ciphertexts, in plan order (see ApplyLoraInlineRequest.more_layers)."""
+        """Serialized output ciphertexts, in plan order (see ApplyLoraHeader.more_layers)."""
 
     @_builtins.property
     def summary(self) -> Global___ApplyLoraSummary:
