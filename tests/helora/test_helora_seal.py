@@ -523,15 +523,28 @@ def test_a_peer_process_gives_the_serial_result_with_the_planned_counts(
     assert error <= plan.error_bound * bound_scale(plan, weights, expected)
 
 
-@pytest.mark.parametrize("layers", [1, 2, 3])
+@pytest.mark.parametrize(
+    ("packing", "hidden", "tokens", "layers"),
+    [
+        (Packing.PER_TOKEN, 256, 1, 1),
+        (Packing.PER_TOKEN, 256, 1, 2),
+        (Packing.PER_TOKEN, 256, 1, 3),
+        (Packing.BATCH_FIRST, 64, 300, 3),
+    ],
+)
 def test_layers_on_one_input_run_in_pairs_on_two_cores(
-    client: HeLoraClient, peers: EvaluationPeers, layers: int
+    client: HeLoraClient,
+    peers: EvaluationPeers,
+    packing: Packing,
+    hidden: int,
+    tokens: int,
+    layers: int,
 ) -> None:
     # Layers of one input (q, k, v: different adapters and output sizes); with a peer
     # the second of each pair runs there whole, the last odd one is split inside.
     plans = [
-        make_plan(Packing.PER_TOKEN, hidden_size=256, rank=8, tokens=1, output_size=size)
-        for size in (256, 128, 64)[:layers]
+        make_plan(packing, hidden_size=hidden, rank=8, tokens=tokens, output_size=size)
+        for size in (hidden, hidden // 2, hidden // 4)[:layers]
     ]
     cases = [lora_case(plan, seed=20 + index) for index, plan in enumerate(plans)]
     x = cases[0][0]
