@@ -19,6 +19,14 @@ For each delivered job (DESIGN §8):
    private client the accountant's new state, the ledger row and the reservation
    consumed; the job leaves the outbox. Only then does the consumer ack.
 
+Several jobs are in flight at once (``TENSAFE_JOBS_IN_FLIGHT``; the consumer's lanes,
+:mod:`tensafe.common.jetstream`): jobs of one client never overlap in a process (a later
+one waits for the earlier one instead of bouncing through RetryLater), and engine work
+on the shared base (building or evicting a client's engine, running a job) holds one
+lock, because the active adapter is global model state. What overlaps is one job's
+claim and commit transactions, state write and ack with another job's engine step; on a
+small step those fixed costs are most of a job's time (docs/trainer.md, Performance).
+
 A job that fails with a typed error (bad input found by the engine, no data to step
 on) fails its future, releases its reservation and advances ``applied_seq`` in the same
 way, so the client is never stuck behind it and nothing else changes. A worker killed
@@ -232,6 +240,10 @@ class TrainerWorker:
             description="Memory of the base models this worker has loaded (one copy each).",
         )
         self._resident: OrderedDict[str, _Resident] = OrderedDict()
+        # Held while anything runs on the shared bases: building, evicting or running a
+        # client's engine (peft's active adapter is global state of the base model).
+        # Only the database and object I/O of other jobs proceeds meanwhile.
+        self._engine_lock = asyncio.Lock()
         self._tokenizers: dict[str, Any] = {}
         self._publisher = adapter_publisher
         self._dataset_runner = dataset_runner
@@ -348,23 +360,26 @@ class TrainerWorker:
             await self._train_on_dataset(job, client, delivery, request)
             return
         try:
-            resident = await self._engine_for(client)
             checkpoint, extra = await self._prefetch(job, kind, request)
-            if kind is JobKind.SAVE_ADAPTER:
-                outcome = _Outcome(await self._save_adapter(job, client, resident.engine, request))
-            else:
-                outcome = await asyncio.to_thread(
-                    self._execute, resident.engine, kind, request, extra
-                )
-                if kind is JobKind.LOAD_STATE:
-                    outcome.loaded = checkpoint
+            async with self._engine_lock:
+                resident = await self._engine_for(client)
+                if kind is JobKind.SAVE_ADAPTER:
+                    outcome = _Outcome(
+                        await self._save_adapter(job, client, resident.engine, request)
+                    )
+                else:
+                    outcome = await asyncio.to_thread(
+                        self._execute, resident.engine, kind, request, extra
+                    )
+                    if kind is JobKind.LOAD_STATE:
+                        outcome.loaded = checkpoint
         except TenSafeError as error:
             # Typed errors are raised before the engine changes (its contract), so the
             # resident engine stays valid; the job fails and the client moves on.
             await self._commit_failure(job, client, error)
             return
         except Exception as error:
-            self._evict(client.id)
+            self._invalidate(client.id)
             if delivery.num_delivered >= _MAX_UNEXPECTED_FAILURES:
                 log.exception("job %s failed %d times", job.future_id, delivery.num_delivered)
                 internal = TenSafeError(f"job failed repeatedly ({type(error).__name__})")
@@ -375,7 +390,7 @@ class TrainerWorker:
             await self._commit_success(job, client, kind, outcome)
         except BaseException:
             # The engine is ahead of the database: never reuse it.
-            self._evict(client.id)
+            self._invalidate(client.id)
             raise
         if kind is JobKind.SAVE_ADAPTER and self._publisher is not None:
             self._publisher.forget(job.future_id)
@@ -415,18 +430,21 @@ class TrainerWorker:
                     "this worker was built without a dataset runner",
                     reason="NO_DATASET_RUNNER",
                 )
-            resident = await self._engine_for(client)
-            end = await self._dataset_runner.run(
-                job=job, client=client, engine=resident.engine, request=request
-            )
+            # The whole run holds the engine lock: its steps run back to back on the
+            # shared base, while other clients' jobs only do their I/O meanwhile.
+            async with self._engine_lock:
+                resident = await self._engine_for(client)
+                end = await self._dataset_runner.run(
+                    job=job, client=client, engine=resident.engine, request=request
+                )
         except TenSafeError as error:
             # Steps committed before the error stay; the engine may hold a partial
             # step, so it is rebuilt from the last committed state.
-            self._evict(client.id)
+            self._invalidate(client.id)
             await self._commit_failure(job, client, error)
             return
         except Exception as error:
-            self._evict(client.id)
+            self._invalidate(client.id)
             if isinstance(error, RetryLater) or delivery.num_delivered < _MAX_UNEXPECTED_FAILURES:
                 raise
             log.exception("job %s failed %d times", job.future_id, delivery.num_delivered)
@@ -441,6 +459,7 @@ class TrainerWorker:
     # ---------------------------------------------------------------- engines
 
     async def _engine_for(self, client: TrainingClientRow) -> _Resident:
+        """The client's engine at its committed state (the caller holds the engine lock)."""
         resident = self._resident.get(client.id)
         if resident is not None and resident.applied_seq == client.applied_seq:
             self._resident.move_to_end(client.id)
@@ -501,9 +520,21 @@ class TrainerWorker:
         return engine
 
     def _evict(self, client_id: str) -> None:
+        # Closing removes the adapter from the shared base: only under the engine lock
+        # (in _engine_for) or when nothing runs (close()).
         resident = self._resident.pop(client_id, None)
         if resident is not None:
             resident.engine.close()
+
+    def _invalidate(self, client_id: str) -> None:
+        """Never reuse the client's resident engine (it may be ahead of the database).
+
+        It is closed by the next ``_engine_for`` of the client, or evicted, under the
+        engine lock; marking it here needs no lock, so it is safe in any handler path.
+        """
+        resident = self._resident.get(client_id)
+        if resident is not None:
+            resident.applied_seq = -1  # matches no committed seq
 
     def close(self) -> None:
         """Release every resident engine."""
@@ -763,7 +794,7 @@ class TrainerWorker:
             if error.reason != "FUTURE_STATE":
                 raise
             # Cancelled while running: discard the effect, move the client on.
-            self._evict(client.id)
+            self._invalidate(client.id)
             await self._finish_without_running(job, client, deleted=False)
             return
         except repo.LostClient as error:
@@ -795,7 +826,8 @@ class TrainerWorker:
         except repo.LostClient as lost:
             raise RetryLater(self._retry_delay, str(lost)) from lost
         resident = self._resident.get(client.id)
-        if resident is not None:
+        if resident is not None and resident.applied_seq == job.seq - 1:
+            # (An engine invalidated by the failure stays invalid.)
             resident.applied_seq = job.seq
 
     async def _finish_without_running(
@@ -845,6 +877,7 @@ def jobs_stream_config(config: TrainerConfig, *, durable: str | None) -> JetStre
         nak_initial_delay=0.5,
         nak_max_delay=10.0,
         fetch_wait=0.5,
+        max_in_flight=config.jobs_in_flight,
     )
 
 
@@ -917,6 +950,16 @@ def dataset_runner(
         stop=stop,
         ledger=ledger,
     )
+
+
+def client_lane(delivery: Delivery) -> str | None:
+    """The consumer lane of a job: its training client (:meth:`Consumer.run`'s ``key``),
+    so that a client's jobs run one after another in this worker. A malformed message
+    gets no lane (the handler refuses it)."""
+    try:
+        return JobMessage.decode(delivery.data).client_id
+    except PermanentJobError:
+        return None
 
 
 def waking(
@@ -996,7 +1039,7 @@ async def run_worker(
             )
             log.info("trainer worker consuming", extra={"owner": worker.owner})
             try:
-                await consumer.run(waking(worker.handle, wakeups), stop=stop)
+                await consumer.run(waking(worker.handle, wakeups), stop=stop, key=client_lane)
             finally:
                 await wakeups.close()
             await worker.release_leases()

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -500,3 +501,109 @@ async def test_clients_share_one_base_and_evicted_clients_continue_exactly(
         o.outputs["logprobs"] for o in results[1].loss_fn_outputs
     ]
     assert evicted_row.state_sha256 == kept_row.state_sha256
+
+
+# How long an instrumented step below waits for the other client before it fails the
+# test (a worker that handles one job at a time never gets there).
+_OVERLAP_TIMEOUT = 30.0
+
+
+async def test_one_clients_commit_overlaps_another_clients_engine_step(
+    make_stack: Any, base_models_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Client A's job sits in the engine (holding the shared base) until client B's job
+    has committed and its future SUCCEEDED: B's state write and commit transaction run
+    while A's engine step runs. A worker handling one job at a time fails this (B waits
+    for A's job, which waits for B)."""
+    stack = await make_stack(worker=False)
+    a = await create_client(stack, dp=None, seed=1)
+    b = await create_client(stack, dp=None, seed=2)
+    b_computed, a_in_engine, b_succeeded = (threading.Event() for _ in range(3))
+    order: list[str] = []
+    execute = TrainerWorker._execute
+    write = ObjectFolder.write
+
+    def instrumented_execute(
+        self: TrainerWorker, engine: Any, kind: Any, request: Any, extra: Any
+    ) -> Any:
+        if request.training_client_id == a.id:
+            order.append("A in the engine")
+            a_in_engine.set()
+            assert b_succeeded.wait(_OVERLAP_TIMEOUT), "B never committed during A's step"
+            order.append("A leaves the engine")
+        outcome = execute(self, engine, kind, request, extra)
+        if request.training_client_id == b.id:
+            order.append("B computed")
+            b_computed.set()
+        return outcome
+
+    def instrumented_write(self: ObjectFolder, relative: str, data: bytes) -> str:
+        if relative.startswith(f"states/{b.id}/"):
+            # B's state write and commit start only once A holds the engine.
+            assert a_in_engine.wait(_OVERLAP_TIMEOUT), "A never started during B's job"
+        return write(self, relative, data)
+
+    monkeypatch.setattr(TrainerWorker, "_execute", instrumented_execute)
+    monkeypatch.setattr(ObjectFolder, "write", instrumented_write)
+    stack.start_worker()
+    batch = corpus_sequences(base_models_dir / BASE_MODEL, 2)
+    b_job = await _submit_fb(stack, b.id, batch)
+    assert await asyncio.to_thread(b_computed.wait, _OVERLAP_TIMEOUT)
+    a_job = await _submit_fb(stack, a.id, batch)
+    b_done = await wait(stack, b_job, timeout=_OVERLAP_TIMEOUT)
+    order.append("B succeeded")
+    b_succeeded.set()
+    a_done = await wait(stack, a_job, timeout=_OVERLAP_TIMEOUT)
+    assert (b_done.status, a_done.status) == (common_pb2.FUTURE_STATUS_SUCCEEDED,) * 2
+    assert order == ["B computed", "A in the engine", "B succeeded", "A leaves the engine"]
+
+
+async def test_a_clients_jobs_run_in_order_one_at_a_time_among_others(
+    make_stack: Any, base_models_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Many queued jobs of three clients on a worker with several jobs in flight: each
+    client's jobs are handled one after another in sequence order, each delivered once
+    (a later job waits in the worker for the earlier one instead of being refused and
+    redelivered), and every step sees exactly its own ForwardBackward calls."""
+    stack = await make_stack(worker=False, jobs_in_flight=4)
+    handled: list[tuple[str, int, int]] = []  # (client, seq, delivery) in start order
+    running: dict[str, int] = {}
+    overlaps: list[str] = []
+    handle = TrainerWorker.handle
+
+    async def instrumented_handle(self: TrainerWorker, delivery: Delivery) -> None:
+        message = JobMessage.decode(delivery.data)
+        running[message.client_id] = running.get(message.client_id, 0) + 1
+        if running[message.client_id] > 1:
+            overlaps.append(message.client_id)
+        handled.append((message.client_id, message.seq, delivery.num_delivered))
+        try:
+            await handle(self, delivery)
+        finally:
+            running[message.client_id] -= 1
+
+    monkeypatch.setattr(TrainerWorker, "handle", instrumented_handle)
+    sequences = corpus_sequences(base_models_dir / BASE_MODEL, 8)
+    plans: list[tuple[str, list[Any]]] = []
+    for seed in (1, 2, 3):
+        client = await create_client(stack, dp=dp_config(noise_multiplier=1.0), seed=seed)
+        futures = []
+        for _ in range(2):
+            futures.append(await _submit_fb(stack, client.id, sequences[:3]))
+            futures.append(await _submit_fb(stack, client.id, sequences[3:8]))
+            futures.append(await _submit_step(stack, client.id))
+        plans.append((client.id, futures))
+    stack.start_worker()
+    for client_id, futures in plans:
+        done = [await wait(stack, future) for future in futures]
+        assert all(f.status == common_pb2.FUTURE_STATUS_SUCCEEDED for f in done)
+        for index, expected_step in ((2, 1), (5, 2)):
+            message = pb.OptimStepResult()
+            assert done[index].result.Unpack(message)
+            assert message.step == expected_step
+            assert message.metrics["examples"] == 8.0
+        mine = [(seq, delivery) for client, seq, delivery in handled if client == client_id]
+        assert mine == [(seq, 1) for seq in range(1, 7)]
+    assert overlaps == []
+    # The clients' jobs did interleave in the worker (else this shows nothing).
+    assert [client for client, _, _ in handled[:6]] != [plans[0][0]] * 6
