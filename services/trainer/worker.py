@@ -75,7 +75,7 @@ from tensafe.common.errors import (
     TenSafeError,
     Unavailable,
 )
-from tensafe.common.futures import FutureStatus, SqlFutureStore
+from tensafe.common.futures import SqlFutureStore
 from tensafe.common.heartbeat import beating
 from tensafe.common.jetstream import (
     Consumer,
@@ -136,6 +136,12 @@ _MAX_UNEXPECTED_FAILURES = 5
 
 # Longest redelivery delay of a job that waits for an earlier job of its client.
 _MAX_RETRY_DELAY = 1.0
+
+# Jobs whose commit changes only the client row (seq, state, accumulated loss), the
+# future and the job: committed in Core statements (TrainerWorker._commit_plain).
+_PLAIN_KINDS = frozenset(
+    {JobKind.FORWARD_BACKWARD, JobKind.FORWARD, JobKind.SAMPLE, JobKind.COMPUTE_LOGPROBS}
+)
 
 
 @dataclass
@@ -277,36 +283,39 @@ class TrainerWorker:
         # losing a lease or a RUNNING mark with the machine is harmless (the commit
         # below fences on the lease and the sequence), and its fsync was a large part
         # of a small job's overhead (docs/trainer.md, Performance).
+        # The usual case costs three statements: the job, the claim (order check and
+        # lease in one conditional UPDATE ... RETURNING the client) and the RUNNING mark.
         async with self._db.transaction(durable=False) as session:
             job = await repo.get_job(session, message.future_id)
-            client = await session.get(TrainingClientRow, message.client_id, with_for_update=True)
-            if (
-                job is None
-                or client is None
-                or job.client_id != client.id
-                or job.seq != message.seq
-            ):
+            if job is None or job.client_id != message.client_id or job.seq != message.seq:
                 raise PermanentJobError(f"job {message.future_id} does not exist")
-            if job.seq <= client.applied_seq:
-                return
-            runnable = client.state == repo.CLIENT_ACTIVE
-            if runnable:
-                if job.seq > client.applied_seq + 1:
-                    # Grows with each wait so a job queued behind a long one (on another
-                    # worker) does not spin, while a merely reordered message is quick.
-                    delay = min(self._retry_delay * delivery.num_delivered, _MAX_RETRY_DELAY)
-                    raise RetryLater(delay, f"waits for seq {client.applied_seq + 1}")
-                taken = await repo.take_lease(
-                    session, client.id, owner=self._owner, lease_seconds=self._lease_seconds
-                )
-                if taken is None:
+            client = await repo.claim_client(
+                session,
+                job.client_id,
+                seq=job.seq,
+                owner=self._owner,
+                lease_seconds=self._lease_seconds,
+            )
+            if client is not None:
+                # False: cancelled (or finished without advancing the client).
+                runnable = await self._futures.try_mark_running(session, job.tenant, job.future_id)
+            else:
+                client = await session.get(TrainingClientRow, job.client_id)
+                if client is None:
+                    raise PermanentJobError(f"job {message.future_id} does not exist")
+                if job.seq <= client.applied_seq:
+                    return  # committed already: a redelivery
+                runnable = False  # a deleted client's job
+                if client.state == repo.CLIENT_ACTIVE:
+                    if job.seq > client.applied_seq + 1:
+                        # Grows with each wait so a job queued behind a long one (on
+                        # another worker) does not spin, while a merely reordered message
+                        # is quick.
+                        delay = min(self._retry_delay * delivery.num_delivered, _MAX_RETRY_DELAY)
+                        raise RetryLater(delay, f"waits for seq {client.applied_seq + 1}")
                     raise RetryLater(
                         self._retry_delay * 10, "another worker holds the client's lease"
                     )
-                future = await self._futures.get(job.tenant, job.future_id, session=session)
-                runnable = future.status is not FutureStatus.CANCELLED
-                if runnable:
-                    await self._futures.mark_running(job.tenant, job.future_id, session=session)
         if not runnable:
             deleted = client.state != repo.CLIENT_ACTIVE
             await self._finish_without_running(job, client, deleted=deleted)
@@ -720,76 +729,14 @@ class TrainerWorker:
             checkpoint_object = (relative, sha)
         old_paths: list[str] = []
         try:
-            async with self._db.transaction() as session:
-                row = await repo.fence_client(session, client.id, seq=job.seq, owner=self._owner)
-                row.applied_seq = job.seq
-                if new_state is not None:
-                    if row.state_path is not None:
-                        old_paths.append(row.state_path)
-                    row.state_path, row.state_sha256 = new_state
-                    row.step = outcome.step
-                result = outcome.result
-                if kind is JobKind.OPTIM_STEP:
-                    assert isinstance(result, pb.OptimStepResult)
-                    dp = client_dp(row)
-                    if dp is not None and outcome.dp_step:
-                        await self._ledger.commit_step(
-                            session,
-                            row,
-                            mechanism=client_batches_mechanism(dp),
-                            seq=job.seq,
-                            future_id=job.future_id,
-                        )
-                    result.privacy_spent.CopyFrom(serde.privacy_spent(dp, self._ledger.report(row)))
-                    await self._ledger.settle(session, job.future_id)
-                    tokens = float(row.pending_tokens)
-                    repo.record_step(
-                        session,
-                        row,
-                        seq=job.seq,
-                        future_id=job.future_id,
-                        loss=float(row.pending_loss_sum) / tokens if tokens > 0 else None,
-                        dp_step=int(row.dp_steps) if dp is not None and outcome.dp_step else None,
-                    )
-                    row.pending_loss_sum, row.pending_tokens = 0.0, 0.0
-                elif kind is JobKind.FORWARD_BACKWARD:
-                    # The loss of the gradients the next step applies (ListTrainingSteps).
-                    row.pending_loss_sum = float(row.pending_loss_sum) + outcome.metrics["loss:sum"]
-                    row.pending_tokens = float(row.pending_tokens) + outcome.metrics["tokens:sum"]
-                elif kind is JobKind.LOAD_STATE:
-                    # The loaded state replaces whatever gradients were accumulated.
-                    row.pending_loss_sum, row.pending_tokens = 0.0, 0.0
-                if outcome.loaded is not None:
-                    # Normally inherited at admission already; a checkpoint replaced
-                    # since then brings its own history too (merging is idempotent).
-                    await self._ledger.inherit(
-                        session, row, outcome.loaded, future_id=job.future_id
-                    )
-                if outcome.checkpoint is not None and checkpoint_object is not None:
-                    checkpoint_kind, name, _ = outcome.checkpoint
-                    replaced = await repo.replace_checkpoint(
-                        session,
-                        CheckpointRow(
-                            id=uuid.uuid4().hex,
-                            tenant=row.tenant,
-                            client_id=row.id,
-                            kind=checkpoint_kind,
-                            name=name,
-                            seq=job.seq,
-                            step=outcome.step,
-                            object_path=checkpoint_object[0],
-                            sha256=checkpoint_object[1],
-                            accountant_state=row.accountant_state,
-                            lineage_json=self._ledger.snapshot(row),
-                            created_at=repo.now(),
-                        ),
-                    )
-                    if replaced is not None:
-                        old_paths.append(replaced.object_path)
-                await self._futures.succeed(
-                    job.tenant, job.future_id, result=serde.pack_result(result), session=session
+            if kind in _PLAIN_KINDS:
+                await self._commit_plain(job, client, kind, outcome, new_state)
+                if new_state is not None and client.state_path is not None:
+                    old_paths.append(client.state_path)
+            else:
+                await self._commit_locked(
+                    job, client, kind, outcome, new_state, checkpoint_object, old_paths
                 )
-                await repo.finish_job(session, job.future_id)
         except FailedPrecondition as error:
             if error.reason != "FUTURE_STATE":
                 raise
@@ -804,6 +751,125 @@ class TrainerWorker:
             resident.applied_seq = job.seq
         for path in old_paths:
             self._objects.delete(path)
+
+    async def _commit_plain(
+        self,
+        job: JobRow,
+        client: TrainingClientRow,
+        kind: JobKind,
+        outcome: _Outcome,
+        new_state: tuple[str, str] | None,
+    ) -> None:
+        """Commit a job that changes only the client row and its future, in Core
+        statements: the fenced client update, the future, the job (three round trips,
+        where the ORM's read, flush and read-back took five).
+
+        Raises:
+            LostClient: The client moved on or the lease was lost.
+            FailedPrecondition: The future was cancelled while the job ran (FUTURE_STATE).
+        """
+        loss_sum = tokens = 0.0
+        if kind is JobKind.FORWARD_BACKWARD:
+            # The loss of the gradients the next step applies (ListTrainingSteps).
+            loss_sum, tokens = outcome.metrics["loss:sum"], outcome.metrics["tokens:sum"]
+        async with self._db.transaction() as session:
+            advanced = await repo.advance_client(
+                session,
+                client.id,
+                seq=job.seq,
+                owner=self._owner,
+                state=new_state,
+                step=outcome.step,
+                loss_sum=loss_sum,
+                tokens=tokens,
+            )
+            if not advanced:
+                raise repo.LostClient(f"client {client.id} moved on or its lease was lost")
+            succeeded = await self._futures.try_succeed(
+                session, job.tenant, job.future_id, result=serde.pack_result(outcome.result)
+            )
+            if not succeeded:
+                raise FailedPrecondition(
+                    f"future {job.future_id} was cancelled", reason="FUTURE_STATE"
+                )
+            await repo.finish_job(session, job.future_id)
+
+    async def _commit_locked(
+        self,
+        job: JobRow,
+        client: TrainingClientRow,
+        kind: JobKind,
+        outcome: _Outcome,
+        new_state: tuple[str, str] | None,
+        checkpoint_object: tuple[str, str] | None,
+        old_paths: list[str],
+    ) -> None:
+        """Commit a job that charges the ledger, saves a checkpoint or loads one, under
+        the client's row lock (appends the objects it replaces to ``old_paths``)."""
+        async with self._db.transaction() as session:
+            row = await repo.fence_client(session, client.id, seq=job.seq, owner=self._owner)
+            row.applied_seq = job.seq
+            if new_state is not None:
+                if row.state_path is not None:
+                    old_paths.append(row.state_path)
+                row.state_path, row.state_sha256 = new_state
+                row.step = outcome.step
+            result = outcome.result
+            if kind is JobKind.OPTIM_STEP:
+                assert isinstance(result, pb.OptimStepResult)
+                dp = client_dp(row)
+                if dp is not None and outcome.dp_step:
+                    await self._ledger.commit_step(
+                        session,
+                        row,
+                        mechanism=client_batches_mechanism(dp),
+                        seq=job.seq,
+                        future_id=job.future_id,
+                    )
+                result.privacy_spent.CopyFrom(serde.privacy_spent(dp, self._ledger.report(row)))
+                await self._ledger.settle(session, job.future_id)
+                tokens = float(row.pending_tokens)
+                repo.record_step(
+                    session,
+                    row,
+                    seq=job.seq,
+                    future_id=job.future_id,
+                    loss=float(row.pending_loss_sum) / tokens if tokens > 0 else None,
+                    dp_step=int(row.dp_steps) if dp is not None and outcome.dp_step else None,
+                )
+                row.pending_loss_sum, row.pending_tokens = 0.0, 0.0
+            elif kind is JobKind.LOAD_STATE:
+                # The loaded state replaces whatever gradients were accumulated.
+                row.pending_loss_sum, row.pending_tokens = 0.0, 0.0
+            if outcome.loaded is not None:
+                # Normally inherited at admission already; a checkpoint replaced
+                # since then brings its own history too (merging is idempotent).
+                await self._ledger.inherit(session, row, outcome.loaded, future_id=job.future_id)
+            if outcome.checkpoint is not None and checkpoint_object is not None:
+                checkpoint_kind, name, _ = outcome.checkpoint
+                replaced = await repo.replace_checkpoint(
+                    session,
+                    CheckpointRow(
+                        id=uuid.uuid4().hex,
+                        tenant=row.tenant,
+                        client_id=row.id,
+                        kind=checkpoint_kind,
+                        name=name,
+                        seq=job.seq,
+                        step=outcome.step,
+                        object_path=checkpoint_object[0],
+                        sha256=checkpoint_object[1],
+                        accountant_state=row.accountant_state,
+                        lineage_json=self._ledger.snapshot(row),
+                        created_at=repo.now(),
+                    ),
+                )
+                if replaced is not None:
+                    old_paths.append(replaced.object_path)
+            await self._futures.succeed(
+                job.tenant, job.future_id, result=serde.pack_result(result), session=session
+            )
+            await repo.finish_job(session, job.future_id)
 
     async def _commit_failure(
         self, job: JobRow, client: TrainingClientRow, error: TenSafeError
