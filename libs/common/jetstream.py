@@ -43,7 +43,8 @@ work. Each delivery is acked, NAKed or terminated on its own, after its own hand
 the contract above holds per message. The caller may give :meth:`Consumer.run` a
 ``key`` (e.g. the training client a job belongs to): deliveries with the same key are
 never handled at the same time in one consumer; a later one waits, inside this process
-and in fetch order, until the earlier one is acked or NAKed, instead of being handed to
+and in fetch order, until the earlier one's handler has returned (its ack is then on
+its way) or it is NAKed, instead of being handed to
 the handler early only to be refused and redelivered. Waiting deliveries do not count
 against ``max_in_flight`` (one busy lane must not keep other lanes from running), but at
 most ``4 x max_in_flight`` of them are held, so a consumer holds at most
@@ -650,12 +651,16 @@ class _InFlight:
         self._waiting -= 1
         self._running += 1
 
-    def leave(self, lane: str | None, mine: asyncio.Event) -> None:
-        """A running delivery ended (acked, NAKed, terminated or released)."""
-        self._running -= 1
+    def open_lane(self, lane: str | None, mine: asyncio.Event) -> None:
+        """Let the next delivery of the lane start. Idempotent."""
         mine.set()
         if lane is not None and self._lanes.get(lane) is mine:
             del self._lanes[lane]
+
+    def leave(self, lane: str | None, mine: asyncio.Event) -> None:
+        """A running delivery ended (acked, NAKed, terminated or released)."""
+        self._running -= 1
+        self.open_lane(lane, mine)
         self._changed.set()
 
     def spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
@@ -862,7 +867,12 @@ class Consumer:
                         # Never started: give it back at once, as on a stop mid-batch.
                         await self._release([message])
                         return
-                await self._process(message, delivery, handler)
+                # The lane opens once the handler has returned, before the ack's round
+                # trip: the effects are committed, and a lost ack only costs a
+                # redelivery that the handler recognises.
+                await self._process(
+                    message, delivery, handler, handled=lambda: flight.open_lane(lane, mine)
+                )
             finally:
                 flight.leave(lane, mine)
 
@@ -935,7 +945,14 @@ class Consumer:
             stream_sequence=int(metadata.sequence.stream),
         )
 
-    async def _process(self, message: Any, delivery: Delivery, handler: Handler) -> None:
+    async def _process(
+        self,
+        message: Any,
+        delivery: Delivery,
+        handler: Handler,
+        *,
+        handled: Callable[[], None] | None = None,
+    ) -> None:
         parent = propagate.extract(dict(delivery.headers))
         with self._jetstream.tracer.start_as_current_span(
             f"{delivery.subject} process",
@@ -950,7 +967,7 @@ class Consumer:
                 "messaging.nats.num_delivered": delivery.num_delivered,
             },
         ) as span:
-            outcome = await self._run_handler(message, delivery, handler)
+            outcome = await self._run_handler(message, delivery, handler, handled)
             span.set_attribute("tensafe.job.outcome", outcome.action)
             attributes = {
                 "messaging.system": "nats",
@@ -962,7 +979,15 @@ class Consumer:
                 span.record_exception(outcome.error)
                 span.set_status(Status(StatusCode.ERROR, type(outcome.error).__name__))
 
-    async def _run_handler(self, message: Any, delivery: Delivery, handler: Handler) -> _Outcome:
+    async def _run_handler(
+        self,
+        message: Any,
+        delivery: Delivery,
+        handler: Handler,
+        handled: Callable[[], None] | None = None,
+    ) -> _Outcome:
+        """Run the handler and ack, NAK or terminate; ``handled`` is called when the
+        handler has returned, before the ack."""
         keep_alive = asyncio.create_task(self._keep_alive(message))
         try:
             async with asyncio.timeout(self._config.handler_timeout):
@@ -991,6 +1016,8 @@ class Consumer:
             keep_alive.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await keep_alive
+        if handled is not None:
+            handled()
         await self._ack(message, delivery)
         return _Outcome("ack")
 
