@@ -87,6 +87,14 @@ class TrainerConfig(KekSettings, ServiceConfig):
         "after another.",
         default=4,
     )
+    joint_forward_backward_rows: int = setting(
+        "Most rows (datums) of one forward/backward pass that runs several DP clients' "
+        "ForwardBackward jobs together on one shared base, each row through its own "
+        "client's adapter and clipped into its own client's sum (jobs waiting for the "
+        "engine at the same time; each still commits on its own). 0: every "
+        "ForwardBackward runs alone.",
+        default=256,
+    )
     retry_delay_seconds: float = setting(
         "Delay before a job that waits for an earlier job of its client is redelivered.",
         default=0.05,
@@ -205,6 +213,10 @@ class TrainerConfig(KekSettings, ServiceConfig):
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(env_name(name), "must be positive")
+        if self.joint_forward_backward_rows < 0:
+            raise ConfigError(
+                env_name("joint_forward_backward_rows"), "must be 0 (off) or positive"
+            )
 
     @property
     def base_models_path(self) -> Path:

@@ -54,7 +54,7 @@ import socket
 import sys
 import uuid
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,7 +105,12 @@ from tensafe.trainer.engine.base import (
 )
 from tensafe.trainer.engine.config import DpConfig
 from tensafe.trainer.engine.sampling import StopReason, sample
-from tensafe.trainer.engine.training import LoraTrainingEngine
+from tensafe.trainer.engine.training import (
+    ForwardBackwardCall,
+    ForwardBackwardResult,
+    LoraTrainingEngine,
+    forward_backward_jointly,
+)
 from tensafe.trainer.jobs import (
     CHECKPOINT_KIND,
     SAMPLER_KIND,
@@ -167,6 +172,55 @@ class _Outcome:
     """The checkpoint a LoadState loaded (its lineage joins the client's)."""
 
 
+@dataclass
+class _JointCall:
+    """A queued ForwardBackward (see ``TrainerWorker._forward_backward_joint``)."""
+
+    client: TrainingClientRow
+    request: Any
+    outcome: asyncio.Future[_Outcome]
+    engine: LoraTrainingEngine | None = None
+
+
+def _joinable(engine: LoraTrainingEngine) -> bool:
+    """Whether the engine's ForwardBackward may share a pass (forward_backward_jointly's
+    conditions: DP, LoRA dropout 0)."""
+    return engine.dp is not None and engine.lora.dropout == 0
+
+
+def _chunks(calls: list[_JointCall], max_rows: int) -> Iterator[list[_JointCall]]:
+    """Consecutive groups of calls of at most ``max_rows`` rows (a call larger than that
+    is a group of its own)."""
+    group: list[_JointCall] = []
+    rows = 0
+    for call in calls:
+        size = len(call.request.data)
+        if group and rows + size > max_rows:
+            yield group
+            group, rows = [], 0
+        group.append(call)
+        rows += size
+    if group:
+        yield group
+
+
+def _forward_backward_outcome(
+    engine: LoraTrainingEngine, result: ForwardBackwardResult, *, keep: bool
+) -> _Outcome:
+    """The job outcome of a ForwardBackward (``keep``) or Forward result."""
+    message = pb.ForwardBackwardResult(metrics=serde.metrics_map(result.metrics))
+    for output in result.outputs:
+        entry = message.loss_fn_outputs.add()
+        entry.outputs["logprobs"].CopyFrom(serde.float_tensor(output.logprobs))
+        entry.outputs["loss"].CopyFrom(serde.float_tensor([output.loss]))
+    return _Outcome(
+        message,
+        state=engine.state_dict() if keep else None,
+        step=engine.step,
+        metrics=result.metrics,
+    )
+
+
 class TrainerWorker:
     """Runs trainer jobs; ``handle`` is the JetStream consumer's handler.
 
@@ -184,6 +238,8 @@ class TrainerWorker:
         ledger: The privacy ledger.
         adapter_publisher: Seals and publishes SaveAdapter jobs (None: refused).
         dataset_runner: Runs TrainOnDataset jobs (None: refused).
+        joint_rows: Most rows of one joint ForwardBackward pass of several DP clients
+            on one base (0: every ForwardBackward runs alone).
     """
 
     def __init__(
@@ -201,6 +257,7 @@ class TrainerWorker:
         ledger: PrivacyLedger,
         adapter_publisher: AdapterPublisher | None = None,
         dataset_runner: DatasetRunner | None = None,
+        joint_rows: int = 0,
     ) -> None:
         self._db = database
         self._ledger = ledger
@@ -250,6 +307,14 @@ class TrainerWorker:
         # client's engine (peft's active adapter is global state of the base model).
         # Only the database and object I/O of other jobs proceeds meanwhile.
         self._engine_lock = asyncio.Lock()
+        self._joint_queue: list[_JointCall] = []
+        self._joint_rows = joint_rows
+        self._joint_passes = meter.create_counter(
+            "tensafe.trainer.joint_passes",
+            unit="{pass}",
+            description="Forward/backward passes that ran several clients' ForwardBackward "
+            "jobs together on one shared base, by number of clients.",
+        )
         self._tokenizers: dict[str, Any] = {}
         self._publisher = adapter_publisher
         self._dataset_runner = dataset_runner
@@ -370,18 +435,21 @@ class TrainerWorker:
             return
         try:
             checkpoint, extra = await self._prefetch(job, kind, request)
-            async with self._engine_lock:
-                resident = await self._engine_for(client)
-                if kind is JobKind.SAVE_ADAPTER:
-                    outcome = _Outcome(
-                        await self._save_adapter(job, client, resident.engine, request)
-                    )
-                else:
-                    outcome = await asyncio.to_thread(
-                        self._execute, resident.engine, kind, request, extra
-                    )
-                    if kind is JobKind.LOAD_STATE:
-                        outcome.loaded = checkpoint
+            if kind is JobKind.FORWARD_BACKWARD and self._joint_rows > 0:
+                outcome = await self._forward_backward_joint(client, request)
+            else:
+                async with self._engine_lock:
+                    resident = await self._engine_for(client)
+                    if kind is JobKind.SAVE_ADAPTER:
+                        outcome = _Outcome(
+                            await self._save_adapter(job, client, resident.engine, request)
+                        )
+                    else:
+                        outcome = await asyncio.to_thread(
+                            self._execute, resident.engine, kind, request, extra
+                        )
+                        if kind is JobKind.LOAD_STATE:
+                            outcome.loaded = checkpoint
         except TenSafeError as error:
             # Typed errors are raised before the engine changes (its contract), so the
             # resident engine stays valid; the job fails and the client moves on.
@@ -583,6 +651,127 @@ class TrainerWorker:
         data = await asyncio.to_thread(self._objects.read, row.object_path, sha256=row.sha256)
         return row, data
 
+    # ---------------------------------------------------------- joint steps
+
+    async def _forward_backward_joint(self, client: TrainingClientRow, request: Any) -> _Outcome:
+        """A ForwardBackward that may share one forward/backward pass with other clients'.
+
+        The job queues its call, then takes the engine lock. Whichever job holds the
+        lock runs every call queued by then (at most one per client: a client's jobs
+        never overlap in this worker) — the DP calls on one shared base together through
+        :func:`forward_backward_jointly`, each row through its own client's adapter and
+        clipped into its own client's sum, the others one by one. A job whose call ran
+        in another job's pass finds its outcome ready when it gets the lock. Each job
+        still commits on its own, fenced on its own client's sequence and lease, so a
+        worker killed mid-pass loses only uncommitted jobs (every one is redelivered and
+        rebuilt from its client's last committed state), and one job's failed commit
+        invalidates only its own client's engine.
+        """
+        call = _JointCall(client, request, asyncio.get_running_loop().create_future())
+        self._joint_queue.append(call)
+        async with self._engine_lock:
+            if not call.outcome.done():
+                queued, self._joint_queue = self._joint_queue, []
+                try:
+                    await self._run_queued(queued)
+                finally:
+                    # Interrupted (cancelled at shutdown): an engine whose call may have
+                    # run in a thread is never reused, and its job fails this delivery
+                    # (redelivered, rebuilt from the committed state), never waits.
+                    for other in queued:
+                        if not other.outcome.done():
+                            self._invalidate(other.client.id)
+                            if other is not call:
+                                other.outcome.set_exception(
+                                    RuntimeError("a joint ForwardBackward was interrupted")
+                                )
+        return await call.outcome
+
+    async def _run_queued(self, queued: list[_JointCall]) -> None:
+        """Run queued ForwardBackward calls (the caller holds the engine lock); every
+        call's outcome is set, to a result or to the error its job would have raised."""
+        while queued:
+            ready: list[_JointCall] = []
+            for call in queued:
+                try:
+                    call.engine = (await self._engine_for(call.client)).engine
+                    ready.append(call)
+                except Exception as error:
+                    call.outcome.set_exception(error)
+            # Building one client's engine can evict another's (least recently used, by
+            # bytes): those are left for the next round.
+            live = [c for c in ready if self._resident_engine(c.client.id) is c.engine]
+            queued = [c for c in ready if c not in live]
+            joint: dict[int, list[_JointCall]] = {}
+            for call in live:
+                engine = call.engine
+                assert engine is not None
+                if _joinable(engine):
+                    joint.setdefault(id(engine.base), []).append(call)
+                else:
+                    await self._run_alone(call)
+            for group in joint.values():
+                for chunk in _chunks(group, self._joint_rows):
+                    await self._run_together(chunk)
+
+    async def _run_together(self, calls: list[_JointCall]) -> None:
+        if len(calls) == 1:
+            await self._run_alone(calls[0])
+            return
+        try:
+            outcomes = await asyncio.to_thread(self._execute_jointly, calls)
+        except TenSafeError:
+            # A call is invalid; no engine changed (forward_backward_jointly's contract).
+            # One by one, each job gets its own answer, the invalid one its error.
+            for call in calls:
+                await self._run_alone(call)
+            return
+        except Exception as error:
+            for call in calls:
+                call.outcome.set_exception(error)
+            return
+        self._joint_passes.add(1, {"clients": str(len(calls))})
+        log.debug("one forward/backward pass ran %d clients' ForwardBackward jobs", len(calls))
+        for call, outcome in zip(calls, outcomes, strict=True):
+            call.outcome.set_result(outcome)
+
+    async def _run_alone(self, call: _JointCall) -> None:
+        assert call.engine is not None
+        try:
+            outcome = await asyncio.to_thread(
+                self._execute, call.engine, JobKind.FORWARD_BACKWARD, call.request, None
+            )
+        except Exception as error:
+            call.outcome.set_exception(error)
+            return
+        call.outcome.set_result(outcome)
+
+    def _execute_jointly(self, calls: list[_JointCall]) -> list[_Outcome]:
+        pairs: list[tuple[LoraTrainingEngine, ForwardBackwardCall]] = []
+        for call in calls:
+            assert call.engine is not None
+            batch = serde.batch_from_data(call.request.data)
+            pairs.append(
+                (
+                    call.engine,
+                    ForwardBackwardCall(
+                        batch=batch.sequences,
+                        loss_fn=call.request.loss_fn,
+                        loss_fn_inputs=batch.loss_fn_inputs,
+                        loss_fn_config=dict(call.request.loss_fn_config),
+                    ),
+                )
+            )
+        results = forward_backward_jointly(pairs)
+        return [
+            _forward_backward_outcome(engine, result, keep=True)
+            for (engine, _), result in zip(pairs, results, strict=True)
+        ]
+
+    def _resident_engine(self, client_id: str) -> LoraTrainingEngine | None:
+        resident = self._resident.get(client_id)
+        return resident.engine if resident is not None else None
+
     def _execute(
         self, engine: LoraTrainingEngine, kind: JobKind, request: Any, extra: bytes | None
     ) -> _Outcome:
@@ -639,17 +828,7 @@ class TrainerWorker:
         result = run(
             batch.sequences, request.loss_fn, batch.loss_fn_inputs, dict(request.loss_fn_config)
         )
-        message = pb.ForwardBackwardResult(metrics=serde.metrics_map(result.metrics))
-        for output in result.outputs:
-            entry = message.loss_fn_outputs.add()
-            entry.outputs["logprobs"].CopyFrom(serde.float_tensor(output.logprobs))
-            entry.outputs["loss"].CopyFrom(serde.float_tensor([output.loss]))
-        return _Outcome(
-            message,
-            state=engine.state_dict() if keep else None,
-            step=engine.step,
-            metrics=result.metrics,
-        )
+        return _forward_backward_outcome(engine, result, keep=keep)
 
     def _with_weights(
         self, engine: LoraTrainingEngine, weights: bytes | None, run: Any
@@ -1078,6 +1257,7 @@ async def run_worker(
             ),
             resident_bytes=config.resident_bytes_limit,
             ledger=ledger,
+            joint_rows=config.joint_forward_backward_rows,
             adapter_publisher=publisher,
             dataset_runner=dataset_runner(
                 config, database, futures, owner=owner, stop=stop, ledger=ledger

@@ -14,6 +14,8 @@ from typing import Any
 import grpc
 import pytest
 import sqlalchemy as sa
+import torch
+from safetensors.torch import load as load_safetensors
 
 from tensafe.common.db import Database
 from tensafe.common.futures import SqlFutureStore
@@ -162,7 +164,7 @@ async def test_outbox_publishes_a_job_accepted_while_nats_was_down(
         await stack.stop_worker()
 
 
-def _worker_process(stack: Stack, log_file: Path) -> subprocess.Popen[bytes]:
+def _worker_process(stack: Stack, log_file: Path, **settings: str) -> subprocess.Popen[bytes]:
     config = stack.config
     env = {
         **os.environ,
@@ -176,6 +178,7 @@ def _worker_process(stack: Stack, log_file: Path) -> subprocess.Popen[bytes]:
         "TENSAFE_RETRY_DELAY_SECONDS": "0.02",
         "TENSAFE_TORCH_THREADS": "1",
         "TENSAFE_LOG_FORMAT": "text",
+        **settings,
     }
     return subprocess.Popen(
         [sys.executable, "-m", "tensafe.trainer.worker"],
@@ -607,3 +610,187 @@ async def test_a_clients_jobs_run_in_order_one_at_a_time_among_others(
     assert overlaps == []
     # The clients' jobs did interleave in the worker (else this shows nothing).
     assert [client for client, _, _ in handled[:6]] != [plans[0][0]] * 6
+
+
+async def test_dp_clients_forward_backward_together_as_each_would_alone(
+    make_stack: Any, base_models_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three DP clients' ForwardBackward jobs waiting for the engine at once run in ONE
+    forward/backward pass on the shared base, and each client ends with exactly the
+    outputs and the clipped-gradient sum its twin (same seed, same batch) got running
+    alone: no row of one client reaches another's sum. Each job still commits on its
+    own (its future, its client's seq)."""
+    stack = await make_stack(worker=False)
+    url = stack.config.database_url
+    dp = dp_config(noise_multiplier=1.0)
+    together = [await create_client(stack, dp=dp, seed=seed) for seed in (1, 2, 3)]
+    alone = [await create_client(stack, dp=dp, seed=seed) for seed in (1, 2, 3)]
+    batches = [
+        corpus_sequences(base_models_dir / BASE_MODEL, size, offset=5 * index)
+        for index, size in enumerate((2, 3, 4))
+    ]
+    together_futures = [
+        await _submit(stack, "fb", c.id, batch) for c, batch in zip(together, batches, strict=True)
+    ]
+    alone_futures = [
+        await _submit(stack, "fb", c.id, batch) for c, batch in zip(alone, batches, strict=True)
+    ]
+    passes: list[int] = []
+    execute_jointly = TrainerWorker._execute_jointly
+
+    def recording(self: TrainerWorker, calls: list[Any]) -> Any:
+        passes.append(len(calls))
+        return execute_jointly(self, calls)
+
+    monkeypatch.setattr(TrainerWorker, "_execute_jointly", recording)
+    database = Database.from_url(url)
+    objects = ObjectFolder(stack.config.data_dir / "trainer")
+    worker = TrainerWorker(
+        database=database,
+        futures=SqlFutureStore(database, FUTURES),
+        objects=objects,
+        base_models=BaseModelRegistry(base_models_dir),
+        owner="joint-worker",
+        lease_seconds=30.0,
+        retry_delay=0.01,
+        bases=BaseModelPool(),
+        resident_bytes=1 << 30,
+        ledger=PrivacyLedger(),
+        joint_rows=256,
+    )
+    try:
+        jobs = {
+            job.future_id: job
+            for client in together + alone
+            for job in await _rows(url, JobRow, client.id)
+        }
+        for future_id in alone_futures:
+            await _deliver(worker, jobs[future_id], num_delivered=1)
+        assert passes == []  # one job at a time never shares a pass
+        # Hold the engine while the three jobs claim and queue their calls.
+        async with worker._engine_lock:
+            tasks = [
+                asyncio.create_task(_deliver(worker, jobs[future_id], num_delivered=1))
+                for future_id in together_futures
+            ]
+            async with asyncio.timeout(30):
+                while len(worker._joint_queue) < 3:
+                    await asyncio.sleep(0.01)
+        await asyncio.gather(*tasks)
+        assert passes == [3]
+    finally:
+        worker.close()
+        await database.dispose()
+
+    sums = []
+    for twin, single, t_future, a_future in zip(
+        together, alone, together_futures, alone_futures, strict=True
+    ):
+        results = []
+        for future_id in (t_future, a_future):
+            future = await wait(stack, common_pb2.Future(id=future_id))
+            assert future.status == common_pb2.FUTURE_STATUS_SUCCEEDED, future.error
+            result = pb.ForwardBackwardResult()
+            assert future.result.Unpack(result)
+            results.append(result)
+        for joint_output, alone_output in zip(
+            results[0].loss_fn_outputs, results[1].loss_fn_outputs, strict=True
+        ):
+            assert list(joint_output.outputs["logprobs"].float_data) == pytest.approx(
+                list(alone_output.outputs["logprobs"].float_data), rel=1e-5, abs=1e-6
+            )
+        states = []
+        for client in (twin, single):
+            row = await _client_row(url, client.id)
+            assert row.applied_seq == 1
+            assert row.state_path is not None and row.state_sha256 is not None
+            states.append(load_safetensors(objects.read(row.state_path, sha256=row.state_sha256)))
+        assert states[0].keys() == states[1].keys()
+        for name in states[0]:
+            torch.testing.assert_close(states[0][name], states[1][name], rtol=1e-5, atol=1e-7)
+        sums.append(
+            torch.cat(
+                [t.flatten() for n, t in sorted(states[0].items()) if n.startswith("accumulator/")]
+            )
+        )
+    # The clipped sums are real and each client's own.
+    assert all(s.abs().sum() > 0 for s in sums)
+    assert not torch.allclose(sums[0], sums[1]) and not torch.allclose(sums[1], sums[2])
+
+
+@pytest.mark.slow
+async def test_killed_worker_mid_joint_pass_loses_and_repeats_no_clients_step(
+    make_stack: Any, base_models_dir: Path, tmp_path: Path
+) -> None:
+    """Three DP clients' jobs, all queued before a worker (several jobs in flight, joint
+    ForwardBackward passes) starts; the worker is killed with SIGKILL while one of the
+    second steps' ForwardBackward jobs runs, possibly inside a pass shared with other
+    clients. After a second worker finishes, every client's steps saw exactly their own
+    two ForwardBackward calls, and its steps, DP steps, ledger and epsilon are those of an
+    undisturbed run."""
+    stack = await make_stack(worker=False)
+    clients = [
+        await create_client(stack, dp=dp_config(noise_multiplier=1.1), seed=seed)
+        for seed in (1, 2, 3)
+    ]
+    futures: dict[str, list[Any]] = {c.id: [] for c in clients}
+    for step in range(2):
+        for index, client in enumerate(clients):
+            batch = corpus_sequences(base_models_dir / BASE_MODEL, 8, offset=8 * (step + index))
+            futures[client.id].append(await _submit_fb(stack, client.id, batch[:3]))
+            futures[client.id].append(await _submit_fb(stack, client.id, batch[3:]))
+            futures[client.id].append(await _submit_step(stack, client.id))
+    victims = [futures[c.id][index] for c in clients for index in (3, 4)]
+    log_file = tmp_path / "worker.log"
+    first = _worker_process(stack, log_file, TENSAFE_LOG_LEVEL="DEBUG")
+    try:
+        running = False
+        while not running:
+            for victim in victims:
+                status = (
+                    await stack.futures.GetFuture(
+                        common_pb2.GetFutureRequest(future_id=victim.id), metadata=stack.auth
+                    )
+                ).future.status
+                assert status != common_pb2.FUTURE_STATUS_SUCCEEDED or victim is not victims[-1], (
+                    "the jobs finished before the worker could be killed; see " + str(log_file)
+                )
+                if status == common_pb2.FUTURE_STATUS_RUNNING:
+                    running = True
+                    break
+            assert first.poll() is None, log_file.read_text()
+            await asyncio.sleep(0.002)
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait()
+        second = _worker_process(stack, log_file)
+        try:
+            results = {
+                client_id: [await wait(stack, f, timeout=120) for f in client_futures]
+                for client_id, client_futures in futures.items()
+            }
+        finally:
+            second.send_signal(signal.SIGTERM)
+            second.wait(timeout=30)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    expected = reference_epsilon("rdp", 1.1, 2, 1e-5)
+    for client in clients:
+        done = results[client.id]
+        assert all(r.status == common_pb2.FUTURE_STATUS_SUCCEEDED for r in done), (
+            log_file.read_text()
+        )
+        steps = []
+        for index in (2, 5):
+            message = pb.OptimStepResult()
+            assert done[index].result.Unpack(message)
+            steps.append(message)
+        assert [s.step for s in steps] == [1, 2]
+        assert [s.metrics["examples"] for s in steps] == [8.0, 8.0]
+        final = await _client_row(stack.config.database_url, client.id)
+        assert (final.step, final.dp_steps, final.applied_seq) == (2, 2, 6)
+        assert final.epsilon_spent == pytest.approx(expected, rel=1e-6)
+        ledger = await _rows(stack.config.database_url, LedgerRow, client.id)
+        assert sorted(row.dp_step for row in ledger) == [1, 2]
+    # The first worker did share passes between clients (else this shows nothing).
+    assert "ForwardBackward jobs" in log_file.read_text(), log_file.read_text()
