@@ -16,7 +16,7 @@ Variants:
   opacus_hooks  Opacus GradSampleModule + DPOptimizer(AdamW) on the same peft model.
 
 The dp_* rows draw their noise through the engine, i.e. with
-``tensafe.trainer.engine.noise.add_gaussian_noise_`` (AES-256-CTR, exact-tail float64
+``tensafe.trainer.domain.engine.noise.add_gaussian_noise_`` (AES-256-CTR, exact-tail float64
 Box–Muller, snapped); ``bench/noise.py`` times that sampler alone against
 ``torch.randn`` on a 7B model's 16.8M LoRA coordinates. Opacus's row uses torch's
 ``normal`` (its secure_mode needs torchcsprng), so it is not the same noise.
@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from tensafe.client.tiny_model import build_tiny_model, tiny_corpus
-from tensafe.trainer.engine.config import (
+from tensafe.trainer.domain.engine.config import (
     AdamConfig,
     DpConfig,
     EngineOptions,
@@ -46,8 +46,13 @@ from tensafe.trainer.engine.config import (
     LossConfig,
     NormMethod,
 )
-from tensafe.trainer.engine.losses import LossFn, per_token_loss, token_logprobs, validate_batch
-from tensafe.trainer.engine.training import LoraTrainingEngine
+from tensafe.trainer.domain.engine.losses import (
+    LossFn,
+    per_token_loss,
+    token_logprobs,
+    validate_batch,
+)
+from tensafe.trainer.domain.engine.training import LoraTrainingEngine
 
 VARIANTS = ("non_dp", "dp_bookkeep", "dp_gram", "opacus_hooks")
 LORA = LoraConfig(rank=8, alpha=16, target_modules=("q_proj", "k_proj", "v_proj", "o_proj"))

@@ -32,9 +32,9 @@ from pathlib import Path
 import torch
 
 from tensafe.client.tiny_model import build_tiny_model
-from tensafe.trainer.engine.base import BaseDtype, BasePlacement, SharedBase
-from tensafe.trainer.engine.config import AdamConfig, DpConfig, LoraConfig
-from tensafe.trainer.engine.training import LoraTrainingEngine
+from tensafe.trainer.domain.engine.base import BaseDtype, BasePlacement, SharedBase
+from tensafe.trainer.domain.engine.config import AdamConfig, DpConfig, LoraConfig
+from tensafe.trainer.domain.engine.training import LoraTrainingEngine
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 

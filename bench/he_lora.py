@@ -7,7 +7,11 @@ Rows, measured in one run with repetitions interleaved (medians reported):
    default (compact) parameters and with the default parameters, in the compiler's
    current variant (CLIENT_BABY_STEPS: the client sends the baby-step rotations of x,
    the runtime rotates giant steps only) and in the compiler-version-1 layout
-   (SERVER_BABY_STEPS), so old and new plans are compared in the same run.
+   (SERVER_BABY_STEPS), so old and new plans are compared in the same run; and three
+   layers on one input (a block's q, k, v; one token, compact parameters) as three
+   requests (the old path: each layer split inside across the cores) and as one request
+   (``apply_layers``, the new path: with two cores the second layer of a pair runs in the
+   peer whole).
 2. BATCH_FIRST plan, a full token group: 2 x slot count tokens with complex packing,
    in the compiler's TWO_PRIMES variant and the ONE_PRIME variant (forced, with the
    bound it derives; its error is also printed relative to its output range W),
@@ -167,6 +171,67 @@ class HeCase:
             self.row.max_range_error = max(self.row.max_range_error or 0.0, range_error)
 
 
+class LayersCase(HeCase):
+    """Several layers on one input (a block's q, k and v) in one request: the runtime's
+    ``apply_layers`` (on two cores, the second layer of each pair runs in the peer whole)
+    or, with ``grouped=False``, one ``apply`` per layer (each split inside on two cores).
+
+    The row's server time is the whole request's; the counts are checked against the
+    sum of the layers' plans, each delta against its own layer's reference.
+    """
+
+    def __init__(
+        self,
+        row: Row,
+        plan: Plan,
+        client: HeLoraClient,
+        layer_weights: list[LoraWeights],
+        x: Any,
+        peers: EvaluationPeers | None = None,
+        *,
+        grouped: bool,
+    ):
+        super().__init__(row, plan, client, layer_weights[0], x, peers)
+        self.grouped = grouped
+        self.layers = [(plan, self.adapter)] + [
+            (plan, self.executor.encode_adapter(plan, weights)) for weights in layer_weights[1:]
+        ]
+        self.expected_layers = [
+            reference_delta(self.x, w.lora_a, w.lora_b, scaling=plan.lora_scaling)
+            for w in layer_weights
+        ]
+        row.rotations_per_token = len(layer_weights) * plan.counts.rotations / plan.tokens
+
+    def run(self) -> None:
+        started = time.perf_counter()
+        uploads = self.client.encrypt_activations(self.plan, self.x)
+        encrypted = time.perf_counter()
+        cpu = time.process_time()
+        if self.grouped:
+            results = self.executor.apply_layers(self.layers, uploads)
+        else:
+            results = [self.executor.apply(plan, adapter, uploads) for plan, adapter in self.layers]
+        self.row.server_cpu_ms.append((time.process_time() - cpu) * 1e3)
+        applied = time.perf_counter()
+        deltas = [self.client.decrypt_delta(self.plan, r.ciphertexts) for r in results]
+        decrypted = time.perf_counter()
+        for result in results:
+            if result.counts != self.plan.counts:
+                raise RuntimeError(f"{self.row.name}: counts {result.counts} != {self.plan.counts}")
+        self.row.server_ms.append((applied - encrypted) * 1e3)
+        self.row.client_ms.append(((encrypted - started) + (decrypted - applied)) * 1e3)
+        for delta, expected in zip(deltas, self.expected_layers, strict=True):
+            self.row.max_error = max(self.row.max_error, relative_error(delta, expected))
+
+    def estimated_ms(self) -> float:
+        """Cost model: pairs (one layer per core) then an odd one split, or one by one."""
+        one, split = self.plan.estimated_wall_ms(1), self.plan.estimated_wall_ms(self.cores)
+        count = len(self.layers)
+        if not self.grouped or self.cores == 1:
+            return count * split
+        return (count // 2) * one + (count % 2) * split
+
+
 def time_plaintext(function: Callable[[], Any], *, minimum_seconds: float = 0.2) -> float:
     """Median milliseconds of ``function`` over enough calls to fill ``minimum_seconds``."""
     function()
@@ -222,11 +287,13 @@ def main() -> None:
     )
     args = parser.parse_args()
     peers = EvaluationPeers(args.cores - 1) if args.cores > 1 else None
+    print(f"load average at start: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     try:
         run(args, peers)
     finally:
         if peers is not None:
             peers.close()
+        print(f"load average at end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
 
 
 def run(args: argparse.Namespace, peers: EvaluationPeers | None) -> None:
@@ -349,6 +416,21 @@ def run(args: argparse.Namespace, peers: EvaluationPeers | None) -> None:
             x,
         ),
     ]
+    # A block's q, k and v on one input (three adapters of the same shape here).
+    qkv = [weights, lora_weights(rng), lora_weights(rng)]
+    for grouped in (False, True):
+        how = "one request, pairs" if grouped else "3 requests"
+        cases.append(
+            LayersCase(
+                Row(f"PER_TOKEN, 1 token x 3 layers, {how}, {cores}", 1),
+                compact_plan(1),
+                compact_client,
+                qkv,
+                x,
+                peers,
+                grouped=grouped,
+            )
+        )
     if not args.skip_batch:
         cases.append(
             HeCase(
@@ -518,7 +600,11 @@ def report(
     print("to numpy's per-token time at the same batch size. Client = encrypt + decrypt.")
     print("Estimated vs measured server ms (tensafe.helora.plan cost model, the row's cores):")
     for case in cases:
-        estimate = case.plan.estimated_wall_ms(case.cores)
+        estimate = (
+            case.estimated_ms()
+            if isinstance(case, LayersCase)
+            else case.plan.estimated_wall_ms(case.cores)
+        )
         print(
             f"  {case.row.name:44} est. {estimate:10.1f}  measured "
             f"{case.row.median_server():10.1f}  adapter encode {case.adapter_encode_ms:8.1f} ms"

@@ -29,9 +29,9 @@ from pathlib import Path
 import torch
 
 from tensafe.client.tiny_model import build_tiny_model
-from tensafe.trainer.engine.base import SharedBase
-from tensafe.trainer.engine.config import DpConfig, LoraConfig
-from tensafe.trainer.engine.training import (
+from tensafe.trainer.domain.engine.base import SharedBase
+from tensafe.trainer.domain.engine.config import DpConfig, LoraConfig
+from tensafe.trainer.domain.engine.training import (
     ForwardBackwardCall,
     LoraTrainingEngine,
     forward_backward_jointly,

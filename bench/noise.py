@@ -28,7 +28,7 @@ from collections.abc import Callable
 import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from tensafe.trainer.engine.noise import add_gaussian_noise_
+from tensafe.trainer.domain.engine.noise import add_gaussian_noise_
 
 STD = 1.0
 

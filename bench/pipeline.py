@@ -51,8 +51,8 @@ from tensafe.proto.common.v1 import common_pb2, common_pb2_grpc
 from tensafe.proto.trainer.v1 import trainer_service_pb2 as pb
 from tensafe.proto.trainer.v1 import trainer_service_pb2_grpc
 from tensafe.trainer.config import TrainerConfig
-from tensafe.trainer.engine.config import AdamConfig, DpConfig, LoraConfig
-from tensafe.trainer.engine.training import LoraTrainingEngine
+from tensafe.trainer.domain.engine.config import AdamConfig, DpConfig, LoraConfig
+from tensafe.trainer.domain.engine.training import LoraTrainingEngine
 from tensafe.trainer.server import build_api
 
 MODEL = "bench-llama"

@@ -6,7 +6,7 @@ client batches) on the production engine, and the same audit on two deliberately
 mechanisms: an engine that adds a tenth of the noise the accountant is told about, and
 (epsilon 1 only) the production engine with its per-example clipping disabled (the clip
 factor replaced by 1 inside this process only, as the audit tests do). The canaries are
-data through the production clipping (see ``tensafe.trainer.audit.run``). The baseline is
+data through the production clipping (see ``tensafe.trainer.domain.audit.run``). The baseline is
 the same shadow run without canaries (filler batches only, same steps), measured
 interleaved in the same process; the table reports medians and the audit/baseline ratio.
 
@@ -28,16 +28,16 @@ import torch
 from transformers.utils import logging as transformers_logging
 
 from tensafe.client.tiny_model import build_tiny_model
-from tensafe.trainer.audit.run import (
+from tensafe.trainer.domain.audit.run import (
     SEQUENCE_LENGTH,
     SHADOW_LEARNING_RATE,
     AuditConfig,
     run_privacy_audit,
 )
-from tensafe.trainer.engine import clipping
-from tensafe.trainer.engine.accounting import BatchSampling, calibrate_noise_multiplier
-from tensafe.trainer.engine.config import AdamConfig, DpConfig, LoraConfig
-from tensafe.trainer.engine.training import LoraTrainingEngine
+from tensafe.trainer.domain.engine import clipping
+from tensafe.trainer.domain.engine.accounting import BatchSampling, calibrate_noise_multiplier
+from tensafe.trainer.domain.engine.config import AdamConfig, DpConfig, LoraConfig
+from tensafe.trainer.domain.engine.training import LoraTrainingEngine
 
 DELTA = 1e-5
 CANARIES = 1000

@@ -119,12 +119,33 @@ def input_diagonals(plan: Plan, lora_a: FloatArray) -> list[list[FloatArray]]:
     giant-step rotation of the partial sum lines it up again.
     """
     _require_per_token(plan)
+    return _bsgs_arrange(_input_matrix(plan, lora_a), plan.baby_steps, plan.giant_steps)
+
+
+def _input_matrix(plan: Plan, lora_a: FloatArray) -> FloatArray:
+    """The r extended diagonals of A^T tiled over every slot, shape [r, slots]."""
     block, rank = plan.block_length, plan.padded_rank
     padded = np.zeros((block, rank), dtype=np.float64)
     padded[: plan.hidden_size, : plan.rank] = lora_a
     index = np.arange(block)
     rows = (index[None, :] + np.arange(rank)[:, None]) % block
-    diagonals = np.tile(padded[rows, index % rank], (1, plan.slot_count // block))
+    return np.tile(padded[rows, index % rank], (1, plan.slot_count // block))
+
+
+def shared_input_diagonals(
+    plan: Plan, lora_as: Sequence[FloatArray], offsets: Sequence[int], output_sizes: Sequence[int]
+) -> list[list[FloatArray]]:
+    """x·A vectors of several layers on one input, layer l in its region of slots.
+
+    Region l starts at ``offsets[l]`` and spans d_out_l + L - 1 slots
+    (:func:`~tensafe.helora.plan.shared_input_offsets`); there the diagonals are layer
+    l's, elsewhere zero.
+    """
+    _require_per_token(plan)
+    diagonals = np.zeros((plan.padded_rank, plan.slot_count), dtype=np.float64)
+    for lora_a, start, size in zip(lora_as, offsets, output_sizes, strict=True):
+        end = start + size + plan.block_length - 1
+        diagonals[:, start:end] = _input_matrix(plan, lora_a)[:, start:end]
     return _bsgs_arrange(diagonals, plan.baby_steps, plan.giant_steps)
 
 
@@ -147,6 +168,27 @@ def output_diagonals(plan: Plan, scaled_lora_b: FloatArray) -> list[list[FloatAr
     rows = (index[None, :] + np.arange(rank)[:, None]) % rank
     diagonals = np.zeros((rank, plan.slot_count), dtype=np.float64)
     diagonals[:, : plan.output_size] = padded[rows, index]
+    return _bsgs_arrange(diagonals, plan.output_baby_steps, plan.output_giant_steps)
+
+
+def shared_output_diagonals(
+    plan: Plan, scaled_lora_bs: Sequence[FloatArray], offsets: Sequence[int]
+) -> list[list[FloatArray]]:
+    """u·B vectors of several layers on one input, layer l's outputs from ``offsets[l]``.
+
+    Slot i of layer l's region holds u_l[i mod r] after the fold (i absolute), so
+    ``P_k[i] = B_l[(i + k) mod r, i - offset_l]`` on its d_out_l output slots.
+    """
+    _require_per_token(plan)
+    rank = plan.padded_rank
+    diagonals = np.zeros((rank, plan.slot_count), dtype=np.float64)
+    for scaled_b, start in zip(scaled_lora_bs, offsets, strict=True):
+        size = scaled_b.shape[1]
+        padded = np.zeros((rank, size), dtype=np.float64)
+        padded[: plan.rank] = scaled_b
+        index = np.arange(start, start + size)
+        rows = (index[None, :] + np.arange(rank)[:, None]) % rank
+        diagonals[:, start : start + size] = padded[rows, index - start]
     return _bsgs_arrange(diagonals, plan.output_baby_steps, plan.output_giant_steps)
 
 

@@ -53,7 +53,7 @@ import enum
 import hashlib
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from tensafe.common.errors import InvalidArgument
@@ -1054,6 +1054,35 @@ def _compile_batch_first(
         estimated_client_ms=client_ms,
         error_bound=error_bound,
     )
+
+
+def shared_input_offsets(plan: Plan, output_sizes: Sequence[int]) -> tuple[int, ...] | None:
+    """Where several layers that read one input put their outputs in one ciphertext.
+
+    A PER_TOKEN input is tiled with period L across all N/2 slots, so nothing forces
+    every slot to use the same weights: layer l can own a region of W_l = d_out_l + L - 1
+    consecutive slots, its x·A diagonals there and its u·B diagonals on its outputs (the
+    region's first d_out_l slots). The fold sums the L/r slots i, i + r, ..., i + L - r,
+    which lie inside the region for every slot u·B reads (i + k, k < r, for an output i),
+    so each layer's delta comes out exact in its own slots, and the whole group costs
+    the operations of one layer (x·A, fold and u·B run once on the shared ciphertexts).
+
+    Args:
+        plan: A plan of one of the layers (its packing, L and slot count decide).
+        output_sizes: d_out of each layer, in request order.
+
+    Returns:
+        Each layer's first output slot, or None when the plan is not PER_TOKEN, there are
+        fewer than two layers, or the regions do not fit the slots (L near N/2: no room).
+    """
+    if plan.packing is not Packing.PER_TOKEN or len(output_sizes) < 2:
+        return None
+    offsets: list[int] = []
+    start = 0
+    for size in output_sizes:
+        offsets.append(start)
+        start += size + plan.block_length - 1
+    return tuple(offsets) if start <= plan.slot_count else None
 
 
 def choose_plan(

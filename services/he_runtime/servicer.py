@@ -99,19 +99,21 @@ class HeRuntimeServiceServicer(he_service_pb2_grpc.HeRuntimeServiceServicer):
     async def ApplyLora(
         self, request_iterator: AsyncIterator[pb.ApplyLoraRequest], context: Context
     ) -> AsyncIterator[pb.ApplyLoraResponse]:
-        """Receive a batch of ciphertexts, apply the layer's delta, stream the results."""
+        """Receive a batch of ciphertexts, apply the layer's delta (and those of
+        ``header.more_layers``, on the same ciphertexts), stream the results."""
         tenant = caller_tenant(SCOPE_TRAIN)
         messages = aiter(request_iterator)
         first = await anext(messages, None)
         if first is None or first.WhichOneof("part") != "header":
             raise InvalidArgument("header", "the first message must be the header")
         session = await self._session_for(tenant, first.header)
+        layers = _header_layers(session, first.header)
         ciphertexts = await _assemble(
             messages,
             count=int(first.header.ciphertexts),
             max_bytes=self._sessions.limits.max_apply_bytes,
         )
-        result = await self._sessions.evaluate(session, first.header.layer, ciphertexts)
+        result = await self._sessions.evaluate_layers(session, layers, ciphertexts)
         for index, blob in enumerate(result.ciphertexts):
             for start in range(0, len(blob), RESPONSE_CHUNK_BYTES):
                 end = start + RESPONSE_CHUNK_BYTES
@@ -134,6 +136,7 @@ class HeRuntimeServiceServicer(he_service_pb2_grpc.HeRuntimeServiceServicer):
         if not request.HasField("header"):
             raise InvalidArgument("header", "is required")
         session = await self._session_for(tenant, request.header)
+        layers = _header_layers(session, request.header)
         ciphertexts = list(request.ciphertexts)
         if len(ciphertexts) != request.header.ciphertexts:
             raise InvalidArgument(
@@ -143,7 +146,7 @@ class HeRuntimeServiceServicer(he_service_pb2_grpc.HeRuntimeServiceServicer):
         limit = self._sessions.limits.max_apply_bytes
         if sum(len(blob) for blob in ciphertexts) > limit:
             raise _over_apply_bytes(limit)
-        result = await self._sessions.evaluate(session, request.header.layer, ciphertexts)
+        result = await self._sessions.evaluate_layers(session, layers, ciphertexts)
         size = sum(len(blob) for blob in result.ciphertexts)
         if size > self._max_message_bytes - _INLINE_RESPONSE_MARGIN:
             raise ResourceExhausted(
@@ -219,3 +222,27 @@ def _over_apply_bytes(limit: int) -> ResourceExhausted:
         f"the request carries more than max_apply_bytes={limit} ciphertext bytes; split the batch",
         metadata={"limit": "max_apply_bytes"},
     )
+
+
+def _header_layers(session: Session, header: pb.ApplyLoraHeader) -> list[str]:
+    """header.layer then ``more_layers``: each adapted, none repeated, all of one input size.
+
+    Layers evaluated on one set of ciphertexts must read the same input; a layer of
+    another input size would need other ciphertexts (its plan's input layout differs).
+    """
+    layers = [header.layer]
+    input_size = session.adapter.shape(header.layer).input_size
+    for index, layer in enumerate(header.more_layers):
+        field = f"header.more_layers[{index}]"
+        session.check_layer(layer, field)
+        if layer in layers:
+            raise InvalidArgument(field, f"{layer!r} is already in the request")
+        size = session.adapter.shape(layer).input_size
+        if size != input_size:
+            raise InvalidArgument(
+                field,
+                f"{layer!r} takes inputs of size {size}, header.layer {header.layer!r} of "
+                f"size {input_size}: only layers that read the same input can share ciphertexts",
+            )
+        layers.append(layer)
+    return layers

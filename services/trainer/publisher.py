@@ -57,10 +57,12 @@ from tensafe.common.errors import (
 from tensafe.common.registry_client import RegistryClient
 from tensafe.proto.trainer.v1 import trainer_service_pb2 as pb
 from tensafe.trainer.base_models import BaseModelRegistry
-from tensafe.trainer.engine.accounting import BatchSampling
-from tensafe.trainer.engine.training import LoraTrainingEngine
-from tensafe.trainer.ledger import HistoryGroup, PrivacyLedger, PrivacyReport, client_dp
+from tensafe.trainer.domain.engine.accounting import BatchSampling
+from tensafe.trainer.domain.engine.training import LoraTrainingEngine
+from tensafe.trainer.domain.ledger import HistoryGroup, PrivacyLedger, PrivacyReport, client_dp
+from tensafe.trainer.domain.model import ClientState
 from tensafe.trainer.store.models import JobRow, TrainingClientRow
+from tensafe.trainer.store.sql import TrainerTransaction
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +130,7 @@ def load_signing_key(path: Path | None, *, dev_mode: bool, data_dir: Path) -> tg
 
 
 def dp_certificate(
-    client: TrainingClientRow,
+    client: ClientState,
     history: list[HistoryGroup],
     report: PrivacyReport | None,
 ) -> tgsp.DPGuarantee | tgsp.NoDPGuarantee:
@@ -343,9 +345,10 @@ class AdapterPublisher:
         self, job: JobRow, client: TrainingClientRow, engine: LoraTrainingEngine, name: str
     ) -> bytes:
         async with self._db.transaction(read_only=True) as session:
-            row = await session.get(TrainingClientRow, client.id, populate_existing=True)
+            tx = TrainerTransaction(session)
+            row = await tx.client(client.id)
             assert row is not None
-            history = await self._ledger.history(session, row)
+            history = await self._ledger.history(tx, row)
             report = self._ledger.report(row)
         certificate = dp_certificate(row, history, report)
         info = await asyncio.to_thread(self._base_models.get, client.base_model)

@@ -1,19 +1,20 @@
 """Conversions between the contract's messages and the trainer's domain values.
 
-Validation that only needs the request happens here, with the error's field named as
-in the request (``adam_params.learning_rate``, ``data[2].model_input``, ...): the engine's
-own validators are reused and their field paths translated.
+Requests become the typed commands of :mod:`tensafe.trainer.domain.commands` (a job's
+request also as the bytes it stores, and their fingerprint); records and reports become
+messages; a job's stored payload is decoded back into its request (:func:`job_request`)
+for the worker. Validation that only needs the request happens here, with the error's
+field named as in the request (``adam_params.learning_rate``, ``data[2].model_input``,
+...): the engine's own validators are reused and their field paths translated.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
+import hashlib
 import math
-import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from google.protobuf import any_pb2, timestamp_pb2
 from google.protobuf.message import Message
@@ -24,13 +25,19 @@ from tensafe.common.futures import Future, FutureStatus
 from tensafe.common.grpc_errors import ERROR_DOMAIN
 from tensafe.proto.common.v1 import common_pb2
 from tensafe.proto.trainer.v1 import trainer_service_pb2 as pb
-from tensafe.trainer.engine.config import AdamConfig, LoraConfig
-from tensafe.trainer.engine.sampling import SamplingParams
-from tensafe.trainer.jobs import CHECKPOINT_KIND, SAMPLER_KIND, checkpoint_path
+from tensafe.trainer.domain import commands
+from tensafe.trainer.domain.audit.run import AuditReport, CanaryKind
+from tensafe.trainer.domain.commands import Batch, checked, remap_field
+from tensafe.trainer.domain.datasets.records import RecordFormat
+from tensafe.trainer.domain.engine.accounting import BatchSampling
+from tensafe.trainer.domain.engine.config import AdamConfig, LoraConfig
+from tensafe.trainer.domain.engine.sampling import SamplingParams
+from tensafe.trainer.domain.jobs import CHECKPOINT_KIND, SAMPLER_KIND, JobKind, checkpoint_path
+from tensafe.trainer.domain.model import CheckpointRecord, DatasetRecord, StepRecord
+from tensafe.trainer.domain.settings import DpRequest, DpSettings
 
 if TYPE_CHECKING:
-    from tensafe.trainer.ledger import Lineage, PrivacyReport
-    from tensafe.trainer.store.models import CheckpointRow, StepRow
+    from tensafe.trainer.domain.ledger import Lineage, PrivacyReport
 
 ACCOUNTANT_NAMES = {pb.ACCOUNTANT_RDP: "rdp", pb.ACCOUNTANT_PLD: "pld"}
 ACCOUNTANT_ENUMS = {name: value for value, name in ACCOUNTANT_NAMES.items()}
@@ -41,145 +48,50 @@ _DEFAULT_BETA2 = 0.95
 _DEFAULT_ADAM_EPS = 1e-12
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class DpSettings:
-    """The DP configuration a client runs with, noise multiplier resolved."""
-
-    noise_multiplier: float
-    """sigma, > 0."""
-    max_grad_norm: float
-    """Clipping norm C, > 0."""
-    delta: float
-    """delta in (0, 1)."""
-    accountant: str
-    """``rdp`` or ``pld``."""
-    target_epsilon: float | None
-    """The epsilon sigma was calibrated for, if the client asked for one."""
-    planned_steps: int
-    """Steps the calibration spread target_epsilon over (0 without a target)."""
-    epsilon_budget: float | None
-    """Steps that would take epsilon above this are refused; None: no budget."""
-
-    def to_json(self) -> str:
-        """Stable JSON for the database."""
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> DpSettings:
-        """Parse :meth:`to_json` output."""
-        return cls(**json.loads(text))
-
-    def to_proto(self) -> pb.DpConfig:
-        """The applied configuration as the contract reports it."""
-        message = pb.DpConfig(
-            noise_multiplier=self.noise_multiplier,
-            planned_steps=self.planned_steps,
-            max_grad_norm=self.max_grad_norm,
-            delta=self.delta,
-            accountant=ACCOUNTANT_ENUMS[self.accountant],
-            epsilon_budget=self.epsilon_budget or 0.0,
-        )
-        return message
-
-
-def _finite(value: float) -> bool:
-    return math.isfinite(value)
-
-
-def dp_request(message: pb.DpConfig) -> tuple[DpSettings | None, float | None]:
-    """Validate a DpConfig; returns settings without sigma when it must be calibrated.
-
-    Returns:
-        ``(settings, None)`` when sigma was given, or ``(None, target_epsilon)`` when it
-        must be calibrated; in that case call :func:`dp_with_noise` afterwards.
-
-    Raises:
-        InvalidArgument: The offending field of ``dp``.
-    """
-    if not _finite(message.max_grad_norm) or message.max_grad_norm <= 0:
-        raise InvalidArgument("dp.max_grad_norm", "must be positive and finite")
-    if not _finite(message.delta) or not 0.0 < message.delta < 1.0:
-        raise InvalidArgument("dp.delta", "must be in (0, 1)")
-    if message.accountant not in ACCOUNTANT_NAMES and message.accountant != 0:
-        raise InvalidArgument("dp.accountant", "must be ACCOUNTANT_RDP or ACCOUNTANT_PLD")
-    if not _finite(message.epsilon_budget) or message.epsilon_budget < 0:
-        raise InvalidArgument("dp.epsilon_budget", "must be >= 0 and finite")
-    if message.planned_steps < 0:
-        raise InvalidArgument("dp.planned_steps", "must be >= 0")
-    which = message.WhichOneof("noise")
-    if which is None:
-        raise InvalidArgument("dp.noise", "set noise_multiplier or target_epsilon")
-    if which == "noise_multiplier":
-        if not _finite(message.noise_multiplier) or message.noise_multiplier <= 0:
-            raise InvalidArgument(
-                "dp.noise_multiplier",
-                "must be positive and finite (a non-private client leaves dp unset)",
-            )
-        return dp_with_noise(message, message.noise_multiplier), None
-    if not _finite(message.target_epsilon) or message.target_epsilon <= 0:
-        raise InvalidArgument("dp.target_epsilon", "must be positive and finite")
-    if message.planned_steps < 1:
-        raise InvalidArgument("dp.planned_steps", "must be >= 1 with target_epsilon")
-    return None, message.target_epsilon
-
-
-def accountant_name(message: pb.DpConfig) -> str:
-    """The accountant a DpConfig asks for; unspecified means RDP."""
-    return ACCOUNTANT_NAMES.get(message.accountant, "rdp")
-
-
-def dp_with_noise(message: pb.DpConfig, noise_multiplier: float) -> DpSettings:
-    """Settings of a validated DpConfig with sigma resolved."""
-    target = message.target_epsilon if message.WhichOneof("noise") == "target_epsilon" else None
-    if message.epsilon_budget > 0:
-        budget: float | None = message.epsilon_budget
-    else:
-        budget = target
-    return DpSettings(
-        noise_multiplier=float(noise_multiplier),
-        max_grad_norm=message.max_grad_norm,
-        delta=message.delta,
-        accountant=accountant_name(message),
-        target_epsilon=target,
-        planned_steps=int(message.planned_steps) if target is not None else 0,
-        epsilon_budget=budget,
+def dp_to_proto(dp: DpSettings) -> pb.DpConfig:
+    """The applied DP configuration as the contract reports it."""
+    return pb.DpConfig(
+        noise_multiplier=dp.noise_multiplier,
+        planned_steps=dp.planned_steps,
+        max_grad_norm=dp.max_grad_norm,
+        delta=dp.delta,
+        accountant=ACCOUNTANT_ENUMS[dp.accountant],
+        epsilon_budget=dp.epsilon_budget or 0.0,
     )
 
 
-def remap_field(error: InvalidArgument, mapping: Callable[[str], str]) -> InvalidArgument:
-    """The same error with its field path rewritten to the request's names."""
-    return InvalidArgument(mapping(error.field), error.description, reason=error.reason)
+def dp_request(message: pb.DpConfig) -> DpRequest:
+    """The DP part of a request (validated by the domain,
+    :func:`tensafe.trainer.domain.settings.check_dp`)."""
+    if message.accountant == pb.ACCOUNTANT_UNSPECIFIED:
+        accountant = "rdp"
+    else:
+        accountant = ACCOUNTANT_NAMES.get(message.accountant, "")
+    return DpRequest(
+        noise=message.WhichOneof("noise"),
+        noise_multiplier=message.noise_multiplier,
+        target_epsilon=message.target_epsilon,
+        max_grad_norm=message.max_grad_norm,
+        delta=message.delta,
+        accountant=accountant,
+        epsilon_budget=message.epsilon_budget,
+        planned_steps=int(message.planned_steps),
+    )
 
 
 def _with_prefix(prefix: str) -> Callable[[str], str]:
     return lambda field: f"{prefix}.{field.split('.', 1)[-1]}" if "." in field else prefix
 
 
-def lora_config(message: pb.LoraConfig, default_targets: Sequence[str]) -> LoraConfig:
-    """The engine's LoRA config from the request (zero values resolved)."""
-    alpha = message.alpha if message.alpha != 0 else float(message.rank)
-    try:
-        return LoraConfig(
-            rank=int(message.rank),
-            alpha=float(alpha),
-            dropout=float(message.dropout),
-            target_modules=tuple(message.target_modules) or tuple(default_targets),
-        )
-    except InvalidArgument as error:
-        raise remap_field(error, lambda field: field) from error
-
-
-def lora_to_json(config: LoraConfig, seed: int) -> str:
-    """Stable JSON of the applied LoRA config and its seed."""
-    return json.dumps({**dataclasses.asdict(config), "seed": seed}, sort_keys=True)
-
-
-def lora_from_json(text: str) -> tuple[LoraConfig, int]:
-    """Parse :func:`lora_to_json` output."""
-    data = json.loads(text)
-    seed = int(data.pop("seed"))
-    data["target_modules"] = tuple(data["target_modules"])
-    return LoraConfig(**data), seed
+def lora_request(message: pb.LoraConfig) -> commands.LoraRequest:
+    """The LoRA part of a request (zero values resolved by the domain)."""
+    return commands.LoraRequest(
+        rank=int(message.rank),
+        alpha=float(message.alpha),
+        dropout=float(message.dropout),
+        target_modules=tuple(message.target_modules),
+        seed=int(message.seed),
+    )
 
 
 def lora_to_proto(config: LoraConfig, seed: int) -> pb.LoraConfig:
@@ -245,14 +157,6 @@ def tensor_values(field: str, tensor: pb.TensorData) -> list[float] | list[int]:
     return values
 
 
-@dataclasses.dataclass(frozen=True)
-class Batch:
-    """A ForwardBackward/Forward batch in the engine's terms."""
-
-    sequences: list[list[int]]
-    loss_fn_inputs: list[dict[str, list[float] | list[int]]]
-
-
 def batch_from_data(data: Sequence[pb.Datum]) -> Batch:
     """Token sequences and per-datum loss inputs of a request's data."""
     sequences = [model_input_tokens(datum.model_input) for datum in data]
@@ -264,26 +168,6 @@ def batch_from_data(data: Sequence[pb.Datum]) -> Batch:
         for index, datum in enumerate(data)
     ]
     return Batch(sequences, inputs)
-
-
-_BATCH_ITEM = re.compile(r"^batch\[(\d+)\](.*)$")
-_INPUT_ITEM = re.compile(r"^loss_fn_inputs\[(\d+)\]\.?(.*)$")
-
-
-def batch_field(field: str) -> str:
-    """Translate an engine batch field (``batch[2]``) to the request's (``data[2]...``)."""
-    if field == "batch":
-        return "data"
-    match = _BATCH_ITEM.match(field)
-    if match:
-        return f"data[{match[1]}].model_input{match[2]}"
-    match = _INPUT_ITEM.match(field)
-    if match:
-        suffix = f".{match[2]}" if match[2] else ""
-        return f"data[{match[1]}].loss_fn_inputs{suffix}"
-    if field == "loss_fn_inputs":
-        return "data"
-    return field
 
 
 def sampling_params(request: pb.SampleRequest) -> SamplingParams:
@@ -400,12 +284,7 @@ def metrics_map(metrics: Mapping[str, float]) -> dict[str, float]:
     return {key: float(value) for key, value in metrics.items()}
 
 
-def json_state(state: Mapping[str, Any]) -> str:
-    """Stable JSON of an accountant state."""
-    return json.dumps(state, sort_keys=True)
-
-
-def step_to_proto(row: StepRow) -> pb.TrainingStep:
+def step_to_proto(row: StepRecord) -> pb.TrainingStep:
     """A committed optimizer step as its message."""
     message = pb.TrainingStep(
         step=int(row.step),
@@ -424,7 +303,7 @@ _CHECKPOINT_KINDS = {
 }
 
 
-def checkpoint_to_proto(row: CheckpointRow, lineage: Lineage) -> pb.Checkpoint:
+def checkpoint_to_proto(row: CheckpointRecord, lineage: Lineage) -> pb.Checkpoint:
     """A saved checkpoint as its message; ``lineage`` is the one stored with it."""
     message = pb.Checkpoint(
         path=checkpoint_path(row.client_id, row.kind, row.name),
@@ -434,4 +313,256 @@ def checkpoint_to_proto(row: CheckpointRow, lineage: Lineage) -> pb.Checkpoint:
         lineage_client_ids=[s.client_id for s in lineage.sources if s.client_id != row.client_id],
     )
     message.create_time.FromDatetime(row.created_at)
+    return message
+
+
+# ---------------------------------------------------------------- requests -> commands
+
+
+def fingerprint(message: Message) -> str:
+    """sha256 of a request without its ``request_id`` (deterministic serialisation)."""
+    copy = type(message)()
+    copy.CopyFrom(message)
+    copy.ClearField("request_id")
+    return hashlib.sha256(copy.SerializeToString(deterministic=True)).hexdigest()
+
+
+def job(message: Message) -> commands.JobRequest:
+    """A request as its job stores it: key, fingerprint and payload bytes."""
+    return commands.JobRequest(
+        request_id=getattr(message, "request_id", ""),
+        fingerprint=fingerprint(message),
+        payload=message.SerializeToString(deterministic=True),
+    )
+
+
+REQUEST_TYPES: dict[JobKind, type[Message]] = {
+    JobKind.FORWARD_BACKWARD: pb.ForwardBackwardRequest,
+    JobKind.FORWARD: pb.ForwardRequest,
+    JobKind.OPTIM_STEP: pb.OptimStepRequest,
+    JobKind.SAMPLE: pb.SampleRequest,
+    JobKind.COMPUTE_LOGPROBS: pb.ComputeLogprobsRequest,
+    JobKind.SAVE_STATE: pb.SaveStateRequest,
+    JobKind.LOAD_STATE: pb.LoadStateRequest,
+    JobKind.SAVE_WEIGHTS_FOR_SAMPLER: pb.SaveWeightsForSamplerRequest,
+    JobKind.AUDIT_PRIVACY: pb.AuditPrivacyRequest,
+    JobKind.SAVE_ADAPTER: pb.SaveAdapterRequest,
+    JobKind.TRAIN_ON_DATASET: pb.TrainOnDatasetRequest,
+}
+"""The request message each job kind stores as its payload."""
+
+
+def job_request(kind: JobKind, payload: bytes) -> Message:
+    """Decode a job's stored payload into its request message."""
+    return REQUEST_TYPES[kind].FromString(payload)
+
+
+def create_client(request: pb.CreateTrainingClientRequest) -> commands.CreateClient:
+    """The command of a CreateTrainingClient request."""
+    return commands.CreateClient(
+        request_id=request.request_id,
+        fingerprint=fingerprint(request),
+        base_model=request.base_model,
+        lora=lora_request(request.lora) if request.HasField("lora") else None,
+        dp=dp_request(request.dp) if request.HasField("dp") else None,
+    )
+
+
+def forward_backward(
+    request: pb.ForwardBackwardRequest | pb.ForwardRequest,
+) -> commands.ForwardBackward:
+    """The command of a ForwardBackward or Forward request."""
+    forward_only = isinstance(request, pb.ForwardRequest)
+    return commands.ForwardBackward(
+        request=job(request),
+        kind=JobKind.FORWARD if forward_only else JobKind.FORWARD_BACKWARD,
+        client_id=request.training_client_id,
+        loss_fn=request.loss_fn,
+        loss_fn_config=dict(request.loss_fn_config),
+        batch=checked(lambda: batch_from_data(request.data)),
+    )
+
+
+def optim_step(request: pb.OptimStepRequest) -> commands.ClientJob:
+    """The command of an OptimStep request.
+
+    Raises:
+        InvalidArgument: Field ``adam_params.*``.
+    """
+    adam_config(request.adam_params, present=request.HasField("adam_params"))
+    return commands.ClientJob(request=job(request), client_id=request.training_client_id)
+
+
+def sample(request: pb.SampleRequest) -> commands.Sample:
+    """The command of a Sample request."""
+    return commands.Sample(
+        request=job(request),
+        client_id=request.training_client_id,
+        model_path=request.model_path,
+        params=checked(lambda: sampling_params(request)),
+        prompt=model_input_tokens(request.prompt),
+    )
+
+
+def compute_logprobs(request: pb.ComputeLogprobsRequest) -> commands.ComputeLogprobs:
+    """The command of a ComputeLogprobs request."""
+    return commands.ComputeLogprobs(
+        request=job(request),
+        client_id=request.training_client_id,
+        model_path=request.model_path,
+        sequences=[model_input_tokens(sequence) for sequence in request.sequences],
+    )
+
+
+def save_state(request: pb.SaveStateRequest) -> commands.NamedJob:
+    """The command of a SaveState request."""
+    return commands.NamedJob(
+        request=job(request),
+        kind=JobKind.SAVE_STATE,
+        client_id=request.training_client_id,
+        name=request.name,
+    )
+
+
+def save_weights_for_sampler(request: pb.SaveWeightsForSamplerRequest) -> commands.NamedJob:
+    """The command of a SaveWeightsForSampler request."""
+    return commands.NamedJob(
+        request=job(request),
+        kind=JobKind.SAVE_WEIGHTS_FOR_SAMPLER,
+        client_id=request.training_client_id,
+        name=request.name,
+    )
+
+
+def save_adapter(request: pb.SaveAdapterRequest) -> commands.NamedJob:
+    """The command of a SaveAdapter request."""
+    return commands.NamedJob(
+        request=job(request),
+        kind=JobKind.SAVE_ADAPTER,
+        client_id=request.training_client_id,
+        name=request.adapter_name,
+    )
+
+
+def load_state(request: pb.LoadStateRequest) -> commands.NamedJob:
+    """The command of a LoadState request (its name is the checkpoint's path)."""
+    return commands.NamedJob(
+        request=job(request),
+        kind=JobKind.LOAD_STATE,
+        client_id=request.training_client_id,
+        name=request.path,
+    )
+
+
+_CANARY_KINDS = {
+    pb.CANARY_KIND_UNSPECIFIED: CanaryKind.WHITE_BOX,
+    pb.CANARY_KIND_WHITE_BOX: CanaryKind.WHITE_BOX,
+    pb.CANARY_KIND_BLACK_BOX: CanaryKind.BLACK_BOX,
+}
+_SAMPLINGS = {
+    pb.SAMPLING_UNSPECIFIED: BatchSampling.CLIENT_BATCHES,
+    pb.SAMPLING_CLIENT_BATCHES: BatchSampling.CLIENT_BATCHES,
+    pb.SAMPLING_POISSON: BatchSampling.POISSON,
+}
+
+
+def audit_privacy(request: pb.AuditPrivacyRequest) -> commands.AuditPrivacy:
+    """The command of an AuditPrivacy request (also what the worker runs)."""
+    return commands.AuditPrivacy(
+        request=job(request),
+        base_model=request.base_model,
+        lora=lora_request(request.lora) if request.HasField("lora") else None,
+        dp=dp_request(request.dp) if request.HasField("dp") else None,
+        canary_kind=_CANARY_KINDS.get(request.canary_kind),
+        sampling=_SAMPLINGS.get(request.sampling),
+        canaries=int(request.canaries),
+        guesses_per_side=int(request.guesses_per_side),
+        confidence=request.confidence,
+        steps=int(request.steps),
+        batch_size=int(request.batch_size),
+    )
+
+
+def audit_report_to_proto(report: AuditReport) -> pb.AuditPrivacyResult:
+    """The contract's AuditPrivacyResult of a report."""
+    return pb.AuditPrivacyResult(
+        claimed_epsilon=report.claimed_epsilon,
+        epsilon_lower_bound=report.epsilon_lower_bound,
+        canaries=report.canaries,
+        guesses=report.guesses,
+        correct_guesses=report.correct_guesses,
+        confidence=report.confidence,
+        delta=report.delta,
+    )
+
+
+def train_on_dataset(request: pb.TrainOnDatasetRequest) -> commands.TrainOnDataset:
+    """The command of a TrainOnDataset request."""
+    return commands.TrainOnDataset(
+        request=job(request),
+        client_id=request.training_client_id,
+        dataset_id=request.dataset_id,
+        steps=int(request.steps),
+        adam=checked(
+            lambda: adam_config(request.adam_params, present=request.HasField("adam_params"))
+        ),
+        rate=request.WhichOneof("rate"),
+        sample_rate=request.sample_rate,
+        expected_batch_size=request.expected_batch_size,
+    )
+
+
+_FORMATS = {
+    pb.DATASET_FORMAT_TEXT: RecordFormat.TEXT,
+    pb.DATASET_FORMAT_PROMPT_COMPLETION: RecordFormat.PROMPT_COMPLETION,
+}
+_FORMAT_ENUMS = {value: key for key, value in _FORMATS.items()}
+
+
+def upload_header(header: pb.UploadDatasetHeader) -> commands.UploadHeader:
+    """The header of an UploadDataset stream."""
+    copy = pb.UploadDatasetHeader()
+    copy.CopyFrom(header)
+    copy.ClearField("request_id")
+    return commands.UploadHeader(
+        name=header.name,
+        base_model=header.base_model,
+        format=_FORMATS.get(header.format),
+        request_id=header.request_id,
+        epsilon_budget=header.epsilon_budget,
+        delta=header.delta,
+        fingerprint_bytes=copy.SerializeToString(deterministic=True),
+    )
+
+
+async def upload_parts(
+    messages: AsyncIterator[pb.UploadDatasetRequest],
+) -> AsyncIterator[commands.UploadPart]:
+    """The parts of an UploadDataset stream, as they arrive."""
+    async for message in messages:
+        which = message.WhichOneof("part")
+        if which == "header":
+            yield commands.UploadPart(header=upload_header(message.header))
+        elif which == "chunk":
+            yield commands.UploadPart(chunk=message.chunk)
+        else:
+            yield commands.UploadPart()
+
+
+def dataset_to_proto(row: DatasetRecord, epsilon_spent: float | None = None) -> pb.Dataset:
+    """The contract's Dataset of a stored dataset (and the epsilon spent on it)."""
+    message = pb.Dataset(
+        id=row.id,
+        name=row.name,
+        base_model=row.base_model,
+        format=_FORMAT_ENUMS[RecordFormat(row.format)],
+        records=int(row.records),
+        tokens=int(row.tokens),
+        epsilon_budget=row.epsilon_budget or 0.0,
+        delta=row.delta or 0.0,
+        epsilon_spent=epsilon_spent or 0.0,
+    )
+    created = timestamp(row.created_at)
+    if created is not None:
+        message.create_time.CopyFrom(created)
     return message

@@ -18,17 +18,18 @@ from tensafe.common.metrics import DbGauges, GaugeSpec, Sample
 from tensafe.common.wakeups import FutureWakeups
 from tensafe.proto.common.v1 import common_pb2_grpc
 from tensafe.proto.trainer.v1 import trainer_service_pb2_grpc
-from tensafe.trainer.api import TrainerApi
 from tensafe.trainer.base_models import BaseModelRegistry
 from tensafe.trainer.config import TrainerConfig
-from tensafe.trainer.datasets.crypto import keyring_from_settings
-from tensafe.trainer.datasets.service import DatasetService, DatasetVault
-from tensafe.trainer.jobs import future_wakeup_prefix
-from tensafe.trainer.ledger import PrivacyLedger
+from tensafe.trainer.domain.datasets.crypto import keyring_from_settings
+from tensafe.trainer.domain.datasets.service import DatasetService, DatasetVault
+from tensafe.trainer.domain.jobs import future_wakeup_prefix
+from tensafe.trainer.domain.ledger import PrivacyLedger
+from tensafe.trainer.domain.service import TrainerDomain
 from tensafe.trainer.objects import ObjectFolder
 from tensafe.trainer.servicer import TrainerFutureServicer, TrainerServiceServicer
 from tensafe.trainer.store import repository
 from tensafe.trainer.store.models import FUTURES, MIGRATIONS, VERSION_TABLE
+from tensafe.trainer.store.sql import TrainerStore
 from tensafe.trainer.worker import jobs_stream_config
 
 # WaitFuture re-reads the future with backoff between these bounds. A training step
@@ -42,7 +43,7 @@ FUTURE_REREAD_SECONDS = 1.0
 
 async def build_api(
     config: TrainerConfig, *, interceptors: Sequence[ServerInterceptorBase]
-) -> tuple[Assembly, TrainerApi]:
+) -> tuple[Assembly, TrainerDomain]:
     """Build the trainer API's services with the given authentication interceptors.
 
     Migrates the database, connects to JetStream (publish only), ensures the job stream
@@ -76,15 +77,18 @@ async def build_api(
         await jetstream.close()
         await database.dispose()
         raise
-    api = TrainerApi(
-        database=database,
-        futures=SqlFutureStore(
+    store = TrainerStore(
+        database,
+        SqlFutureStore(
             database,
             FUTURES,
             poll_initial=FUTURE_POLL_INITIAL_SECONDS,
             poll_max=FUTURE_REREAD_SECONDS,
             wakeups=wakeups,
         ),
+    )
+    api = TrainerDomain(
+        store=store,
         jetstream=jetstream,
         base_models=BaseModelRegistry(config.base_models_path),
         objects=ObjectFolder(Path(config.data_dir) / "trainer"),
@@ -97,10 +101,10 @@ async def build_api(
     )
     objects = ObjectFolder(Path(config.data_dir) / "trainer")
     datasets = DatasetService(
-        database=database,
+        store=store,
         api=api,
         vault=DatasetVault(
-            database=database,
+            store=store,
             objects=objects,
             keyring=keyring_from_settings(
                 kek_file=config.dataset_kek_file,

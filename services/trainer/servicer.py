@@ -18,10 +18,11 @@ from tensafe.proto.common.v1 import common_pb2, common_pb2_grpc
 from tensafe.proto.trainer.v1 import trainer_service_pb2 as pb
 from tensafe.proto.trainer.v1 import trainer_service_pb2_grpc
 from tensafe.trainer import serde
-from tensafe.trainer.api import Caller, TrainerApi
-from tensafe.trainer.datasets.service import DatasetService, dataset_to_proto
-from tensafe.trainer.ledger import Lineage, client_dp
-from tensafe.trainer.store.models import TrainingClientRow
+from tensafe.trainer.domain.datasets.service import DatasetService
+from tensafe.trainer.domain.ledger import Lineage, client_dp
+from tensafe.trainer.domain.model import ClientRecord
+from tensafe.trainer.domain.service import Caller, TrainerDomain
+from tensafe.trainer.domain.settings import lora_from_json
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -46,9 +47,9 @@ def _unimplemented(method: str) -> NoReturn:
     )
 
 
-def client_to_proto(row: TrainingClientRow) -> pb.TrainingClient:
+def client_to_proto(row: ClientRecord) -> pb.TrainingClient:
     """The contract's TrainingClient of a stored client."""
-    lora, seed = serde.lora_from_json(row.lora_json)
+    lora, seed = lora_from_json(row.lora_json)
     message = pb.TrainingClient(
         id=row.id,
         base_model=row.base_model,
@@ -63,7 +64,7 @@ def client_to_proto(row: TrainingClientRow) -> pb.TrainingClient:
     )
     dp = client_dp(row)
     if dp is not None:
-        message.dp.CopyFrom(dp.to_proto())
+        message.dp.CopyFrom(serde.dp_to_proto(dp))
     created = serde.timestamp(row.created_at)
     if created is not None:
         message.create_time.CopyFrom(created)
@@ -78,7 +79,7 @@ class TrainerServiceServicer(trainer_service_pb2_grpc.TrainerServiceServicer):
         datasets: The server-held datasets' domain.
     """
 
-    def __init__(self, api: TrainerApi, *, datasets: DatasetService) -> None:
+    def __init__(self, api: TrainerDomain, *, datasets: DatasetService) -> None:
         self._api = api
         self._datasets = datasets
 
@@ -117,7 +118,8 @@ class TrainerServiceServicer(trainer_service_pb2_grpc.TrainerServiceServicer):
         self, request: pb.CreateTrainingClientRequest, context: Context
     ) -> pb.CreateTrainingClientResponse:
         """Create a LoRA training client."""
-        row = await self._api.create_client(caller(SCOPE_TRAIN), request)
+        who = caller(SCOPE_TRAIN)
+        row = await self._api.create_client(who, serde.create_client(request))
         return pb.CreateTrainingClientResponse(training_client=client_to_proto(row))
 
     async def GetTrainingClient(
@@ -141,7 +143,7 @@ class TrainerServiceServicer(trainer_service_pb2_grpc.TrainerServiceServicer):
             caller(SCOPE_READ), page_size=request.page_size, page_token=request.page_token
         )
         return pb.ListTrainingClientsResponse(
-            training_clients=[client_to_proto(row) for row in page.clients],
+            training_clients=[client_to_proto(row) for row in page.items],
             next_page_token=page.next_page_token,
         )
 
@@ -156,52 +158,60 @@ class TrainerServiceServicer(trainer_service_pb2_grpc.TrainerServiceServicer):
         self, request: pb.ForwardBackwardRequest, context: Context
     ) -> pb.ForwardBackwardResponse:
         """Queue a forward-backward pass."""
-        future = await self._api.forward_backward(caller(SCOPE_TRAIN), request)
+        who = caller(SCOPE_TRAIN)
+        future = await self._api.forward_backward(who, serde.forward_backward(request))
         return pb.ForwardBackwardResponse(future=serde.future_to_proto(future))
 
     async def Forward(self, request: pb.ForwardRequest, context: Context) -> pb.ForwardResponse:
         """Queue a forward pass."""
-        future = await self._api.forward_backward(caller(SCOPE_TRAIN), request)
+        who = caller(SCOPE_TRAIN)
+        future = await self._api.forward_backward(who, serde.forward_backward(request))
         return pb.ForwardResponse(future=serde.future_to_proto(future))
 
     async def OptimStep(
         self, request: pb.OptimStepRequest, context: Context
     ) -> pb.OptimStepResponse:
         """Queue an optimizer step (refused when over the privacy budget)."""
-        future = await self._api.optim_step(caller(SCOPE_TRAIN), request)
+        who = caller(SCOPE_TRAIN)
+        future = await self._api.optim_step(who, serde.optim_step(request))
         return pb.OptimStepResponse(future=serde.future_to_proto(future))
 
     async def Sample(self, request: pb.SampleRequest, context: Context) -> pb.SampleResponse:
         """Queue sampling."""
-        future = await self._api.sample(caller(SCOPE_TRAIN), request)
+        who = caller(SCOPE_TRAIN)
+        future = await self._api.sample(who, serde.sample(request))
         return pb.SampleResponse(future=serde.future_to_proto(future))
 
     async def ComputeLogprobs(
         self, request: pb.ComputeLogprobsRequest, context: Context
     ) -> pb.ComputeLogprobsResponse:
         """Queue a log-probability computation."""
-        future = await self._api.compute_logprobs(caller(SCOPE_TRAIN), request)
+        who = caller(SCOPE_TRAIN)
+        future = await self._api.compute_logprobs(who, serde.compute_logprobs(request))
         return pb.ComputeLogprobsResponse(future=serde.future_to_proto(future))
 
     async def SaveState(
         self, request: pb.SaveStateRequest, context: Context
     ) -> pb.SaveStateResponse:
         """Queue a checkpoint."""
-        future = await self._api.save_state(caller(SCOPE_TRAIN), request)
+        who = caller(SCOPE_TRAIN)
+        future = await self._api.save(who, serde.save_state(request))
         return pb.SaveStateResponse(future=serde.future_to_proto(future))
 
     async def LoadState(
         self, request: pb.LoadStateRequest, context: Context
     ) -> pb.LoadStateResponse:
         """Queue a checkpoint restore."""
-        future = await self._api.load_state(caller(SCOPE_TRAIN), request)
+        who = caller(SCOPE_TRAIN)
+        future = await self._api.load_state(who, serde.load_state(request))
         return pb.LoadStateResponse(future=serde.future_to_proto(future))
 
     async def SaveWeightsForSampler(
         self, request: pb.SaveWeightsForSamplerRequest, context: Context
     ) -> pb.SaveWeightsForSamplerResponse:
         """Queue freezing the weights for sampling."""
-        future = await self._api.save_weights_for_sampler(caller(SCOPE_TRAIN), request)
+        who = caller(SCOPE_TRAIN)
+        future = await self._api.save(who, serde.save_weights_for_sampler(request))
         return pb.SaveWeightsForSamplerResponse(future=serde.future_to_proto(future))
 
     async def GetPrivacySpent(
@@ -222,7 +232,7 @@ class TrainerServiceServicer(trainer_service_pb2_grpc.TrainerServiceServicer):
             page_token=request.page_token,
         )
         return pb.ListTrainingStepsResponse(
-            steps=[serde.step_to_proto(row) for row in page.steps],
+            steps=[serde.step_to_proto(row) for row in page.items],
             next_page_token=page.next_page_token,
         )
 
@@ -239,7 +249,7 @@ class TrainerServiceServicer(trainer_service_pb2_grpc.TrainerServiceServicer):
         return pb.ListCheckpointsResponse(
             checkpoints=[
                 serde.checkpoint_to_proto(row, Lineage.parse(row.lineage_json))
-                for row in page.checkpoints
+                for row in page.items
             ],
             next_page_token=page.next_page_token,
         )
@@ -248,15 +258,17 @@ class TrainerServiceServicer(trainer_service_pb2_grpc.TrainerServiceServicer):
         self, request: pb.SaveAdapterRequest, context: Context
     ) -> pb.SaveAdapterResponse:
         """Queue sealing the client's adapter as a TGSP package and publishing it."""
-        future = await self._api.save_adapter(caller(SCOPE_TRAIN), request)
+        who = caller(SCOPE_TRAIN)
+        future = await self._api.save(who, serde.save_adapter(request))
         return pb.SaveAdapterResponse(future=serde.future_to_proto(future))
 
     async def UploadDataset(
         self, request_iterator: Any, context: Context
     ) -> pb.UploadDatasetResponse:
         """Store a streamed JSONL dataset, tokenised and encrypted."""
-        row = await self._datasets.upload(caller(SCOPE_TRAIN), request_iterator)
-        return pb.UploadDatasetResponse(dataset=dataset_to_proto(row))
+        who = caller(SCOPE_TRAIN)
+        row = await self._datasets.upload(who, serde.upload_parts(request_iterator))
+        return pb.UploadDatasetResponse(dataset=serde.dataset_to_proto(row))
 
     async def GetDataset(
         self, request: pb.GetDatasetRequest, context: Context
@@ -264,7 +276,7 @@ class TrainerServiceServicer(trainer_service_pb2_grpc.TrainerServiceServicer):
         """Return a dataset's metadata."""
         row = await self._datasets.get(caller(SCOPE_READ), request.dataset_id)
         spent = await self._datasets.epsilon_spent(row)
-        return pb.GetDatasetResponse(dataset=dataset_to_proto(row, spent))
+        return pb.GetDatasetResponse(dataset=serde.dataset_to_proto(row, spent))
 
     async def ListDatasets(
         self, request: pb.ListDatasetsRequest, context: Context
@@ -275,8 +287,8 @@ class TrainerServiceServicer(trainer_service_pb2_grpc.TrainerServiceServicer):
         )
         return pb.ListDatasetsResponse(
             datasets=[
-                dataset_to_proto(row, await self._datasets.epsilon_spent(row))
-                for row in page.datasets
+                serde.dataset_to_proto(row, await self._datasets.epsilon_spent(row))
+                for row in page.items
             ],
             next_page_token=page.next_page_token,
         )
@@ -292,14 +304,16 @@ class TrainerServiceServicer(trainer_service_pb2_grpc.TrainerServiceServicer):
         self, request: pb.TrainOnDatasetRequest, context: Context
     ) -> pb.TrainOnDatasetResponse:
         """Queue DP-SGD on a server-held dataset with server-drawn Poisson batches."""
-        future = await self._datasets.train_on_dataset(caller(SCOPE_TRAIN), request)
+        who = caller(SCOPE_TRAIN)
+        future = await self._datasets.train_on_dataset(who, serde.train_on_dataset(request))
         return pb.TrainOnDatasetResponse(future=serde.future_to_proto(future))
 
     async def AuditPrivacy(
         self, request: pb.AuditPrivacyRequest, context: Context
     ) -> pb.AuditPrivacyResponse:
         """Queue an empirical privacy audit (a shadow run; no tenant data or budget)."""
-        future = await self._api.audit_privacy(caller(SCOPE_TRAIN), request)
+        who = caller(SCOPE_TRAIN)
+        future = await self._api.audit_privacy(who, serde.audit_privacy(request))
         return pb.AuditPrivacyResponse(future=serde.future_to_proto(future))
 
 
@@ -310,7 +324,7 @@ class TrainerFutureServicer(common_pb2_grpc.FutureServiceServicer):
         api: The trainer's domain.
     """
 
-    def __init__(self, api: TrainerApi) -> None:
+    def __init__(self, api: TrainerDomain) -> None:
         self._api = api
 
     async def GetFuture(

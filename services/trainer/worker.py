@@ -91,27 +91,25 @@ from tensafe.common.telemetry import setup_telemetry
 from tensafe.common.wakeups import FutureWakeups
 from tensafe.proto.trainer.v1 import trainer_service_pb2 as pb
 from tensafe.trainer import serde
-from tensafe.trainer.audit.job import run_audit_job
 from tensafe.trainer.base_models import BaseModelRegistry
 from tensafe.trainer.config import TrainerConfig
-from tensafe.trainer.datasets.crypto import keyring_from_settings
-from tensafe.trainer.datasets.runner import DatasetRunner, RunEnd
-from tensafe.trainer.datasets.service import DatasetVault
-from tensafe.trainer.engine.base import (
+from tensafe.trainer.domain.datasets.crypto import keyring_from_settings
+from tensafe.trainer.domain.datasets.service import DatasetVault
+from tensafe.trainer.domain.engine.base import (
     BaseDtype,
     BaseModelPool,
     BasePlacement,
     resolve_device,
 )
-from tensafe.trainer.engine.config import DpConfig
-from tensafe.trainer.engine.sampling import StopReason, sample
-from tensafe.trainer.engine.training import (
+from tensafe.trainer.domain.engine.config import DpConfig
+from tensafe.trainer.domain.engine.sampling import StopReason, sample
+from tensafe.trainer.domain.engine.training import (
     ForwardBackwardCall,
     ForwardBackwardResult,
     LoraTrainingEngine,
     forward_backward_jointly,
 )
-from tensafe.trainer.jobs import (
+from tensafe.trainer.domain.jobs import (
     CHECKPOINT_KIND,
     SAMPLER_KIND,
     JobKind,
@@ -120,9 +118,12 @@ from tensafe.trainer.jobs import (
     future_wakeup_prefix,
     parse_path,
 )
-from tensafe.trainer.ledger import PrivacyLedger, client_batches_mechanism, client_dp
+from tensafe.trainer.domain.ledger import PrivacyLedger, client_batches_mechanism, client_dp
+from tensafe.trainer.domain.settings import lora_from_json
 from tensafe.trainer.objects import ObjectFolder
 from tensafe.trainer.publisher import AdapterPublisher, load_signing_key
+from tensafe.trainer.runners.audit import run_audit_job
+from tensafe.trainer.runners.datasets import DatasetRunner, RunEnd
 from tensafe.trainer.store import repository as repo
 from tensafe.trainer.store.models import (
     FUTURES,
@@ -132,6 +133,7 @@ from tensafe.trainer.store.models import (
     JobRow,
     TrainingClientRow,
 )
+from tensafe.trainer.store.sql import TrainerStore, TrainerTransaction
 
 log = logging.getLogger(__name__)
 
@@ -340,7 +342,7 @@ class TrainerWorker:
         """Process one job delivery (see the module docstring)."""
         message = JobMessage.decode(delivery.data)
         if message.client_id == message.future_id:
-            # A lane of its own: only AuditPrivacy jobs are admitted this way (api.py).
+            # A lane of its own: only AuditPrivacy jobs are admitted this way (domain/service.py).
             await self._audit(message, delivery)
             return
         # One short write transaction decides what to do: the order check, the lease
@@ -429,7 +431,7 @@ class TrainerWorker:
 
     async def _run(self, job: JobRow, client: TrainingClientRow, delivery: Delivery) -> None:
         kind = JobKind(job.kind)
-        request = kind.request_type.FromString(job.payload)
+        request = serde.job_request(kind, job.payload)
         if kind is JobKind.TRAIN_ON_DATASET:
             await self._train_on_dataset(job, client, delivery, request)
             return
@@ -500,7 +502,7 @@ class TrainerWorker:
         self, job: JobRow, client: TrainingClientRow, delivery: Delivery, request: Any
     ) -> None:
         """Run a TrainOnDataset job; its steps commit one by one (see
-        :mod:`tensafe.trainer.datasets.runner`)."""
+        :mod:`tensafe.trainer.runners.datasets`)."""
         try:
             if self._dataset_runner is None:
                 raise FailedPrecondition(
@@ -572,7 +574,7 @@ class TrainerWorker:
 
     def _build_engine(self, client: TrainingClientRow, state: bytes | None) -> LoraTrainingEngine:
         info = self._base_models.get(client.base_model)
-        lora, seed = serde.lora_from_json(client.lora_json)
+        lora, seed = lora_from_json(client.lora_json)
         dp = client_dp(client)
         loads = self._bases.loads
         base = self._bases.get(info.path)
@@ -999,14 +1001,14 @@ class TrainerWorker:
                 dp = client_dp(row)
                 if dp is not None and outcome.dp_step:
                     await self._ledger.commit_step(
-                        session,
+                        TrainerTransaction(session),
                         row,
                         mechanism=client_batches_mechanism(dp),
                         seq=job.seq,
                         future_id=job.future_id,
                     )
                 result.privacy_spent.CopyFrom(serde.privacy_spent(dp, self._ledger.report(row)))
-                await self._ledger.settle(session, job.future_id)
+                await self._ledger.settle(TrainerTransaction(session), job.future_id)
                 tokens = float(row.pending_tokens)
                 repo.record_step(
                     session,
@@ -1023,7 +1025,9 @@ class TrainerWorker:
             if outcome.loaded is not None:
                 # Normally inherited at admission already; a checkpoint replaced
                 # since then brings its own history too (merging is idempotent).
-                await self._ledger.inherit(session, row, outcome.loaded, future_id=job.future_id)
+                await self._ledger.inherit(
+                    TrainerTransaction(session), row, outcome.loaded, future_id=job.future_id
+                )
             if outcome.checkpoint is not None and checkpoint_object is not None:
                 checkpoint_kind, name, _ = outcome.checkpoint
                 replaced = await repo.replace_checkpoint(
@@ -1066,7 +1070,7 @@ class TrainerWorker:
                         reason=error.reason,
                         session=session,
                     )
-                await self._ledger.release(session, job.future_id)
+                await self._ledger.release(TrainerTransaction(session), job.future_id)
                 await repo.finish_job(session, job.future_id)
         except repo.LostClient as lost:
             raise RetryLater(self._retry_delay, str(lost)) from lost
@@ -1097,7 +1101,7 @@ class TrainerWorker:
                         message=f"training client {client.id} was deleted",
                         session=session,
                     )
-            await self._ledger.release(session, job.future_id)
+            await self._ledger.release(TrainerTransaction(session), job.future_id)
             await repo.finish_job(session, job.future_id)
         resident = self._resident.get(client.id)
         if resident is not None and resident.applied_seq == job.seq - 1:
@@ -1189,7 +1193,7 @@ def dataset_runner(
         database=database,
         futures=futures,
         objects=objects,
-        vault=DatasetVault(database=database, objects=objects, keyring=keyring),
+        vault=DatasetVault(store=TrainerStore(database, futures), objects=objects, keyring=keyring),
         owner=owner,
         retry_delay=config.retry_delay_seconds,
         stop=stop,

@@ -149,6 +149,25 @@ def test_bad_apply_requests(
     assert_still_serving(session, data_dir)
 
 
+def test_bad_more_layers(
+    runtime: Runtime, session: HeLoraSession, tenant: str, data_dir: Path
+) -> None:
+    rpc = runtime.rpc(tenant)
+    good = [_ciphertext_of(HeLoraClient(DEFAULT), per_token_plan(2))] * session.plan.input_copies
+    other = "model.layers.0.self_attn.k_proj"
+    for more, index in (
+        (["lm_head"], 0),
+        ([""], 0),
+        ([LAYER], 0),  # header.layer again
+        ([other, other], 1),
+    ):
+        error = raises(
+            InvalidArgument, rpc.apply_lora, session.session.id, LAYER, good, more_layers=more
+        )
+        assert error.field == f"header.more_layers[{index}]", error.message  # type: ignore[attr-defined]
+    assert_still_serving(session, data_dir)
+
+
 def _apply_announcing(
     apply: Callable[[str, str, list[bytes]], object],
     session_id: str,

@@ -52,9 +52,11 @@ LAYERS = [
 ]
 
 
-def open_session(runtime: Runtime, tenant: str, **options: object) -> HeLoraSession:
+def open_session(
+    runtime: Runtime, tenant: str, recorder: Recorder | None = None, **options: object
+) -> HeLoraSession:
     return HeLoraSession.create(
-        runtime.rpc(tenant),
+        runtime.rpc(tenant, recorder=recorder),
         adapter_name=ADAPTER,
         rank=RANK,
         alpha=ALPHA,
@@ -92,6 +94,45 @@ def test_lifecycle_applies_the_adapters_delta_and_closes(runtime: Runtime, data_
     raises(NotFound, session.refresh)
     raises(NotFound, session.close)
     raises(NotFound, session.apply, LAYERS[0], activations(1, seed=0), output_size=32)
+
+
+def test_layers_reading_one_input_share_one_request(runtime: Runtime, data_dir: Path) -> None:
+    recorder = Recorder()
+    tenant = new_tenant()
+    session = open_session(runtime, tenant, recorder)
+    block = "model.layers.1.self_attn"
+    layers = [(f"{block}.q_proj", 64), (f"{block}.k_proj", 32), (f"{block}.v_proj", 32)]
+    x = activations(3, seed=8)
+    deltas = session.apply_layers(layers, x)
+    for (layer, width), delta in zip(layers, deltas, strict=True):
+        expected = reference(data_dir, layer, x)
+        assert delta.shape == (3, width)
+        assert np.max(np.abs(delta - expected)) <= 1e-3 * np.max(np.abs(expected)), layer
+        stats = session.stats[layer]
+        assert (stats.calls, stats.grouped_calls) == (1, 1)
+    # d = 64: the three layers fit one ciphertext (regions of 127, 95 and 95 slots), so
+    # the runtime performed one layer's operations for all three (2 units x 10
+    # rotations), recorded on the request's first layer; the SDK checked them against
+    # the shared plan.
+    assert [session.stats[layer].counts.rotations for layer, _ in layers] == [20, 0, 0]
+    applied = [m for name, m in recorder.sent if name.endswith("/ApplyLoraInline")]
+    assert len(applied) == 1
+    assert applied[0].header.layer == layers[0][0]
+    more = [layer for layer, _ in layers[1:]]
+    assert list(applied[0].header.more_layers) == more
+    uploads = list(applied[0].ciphertexts)
+    assert len(uploads) == 2 * session.plan.input_copies  # encrypted once
+    # The streamed ApplyLora carries the same header field and gives the same results.
+    rpc = runtime.rpc(tenant)
+    inline, inline_summary = rpc.apply_lora(
+        session.session.id, layers[0][0], uploads, more_layers=more
+    )
+    streamed, streamed_summary = rpc.apply_lora_streamed(
+        session.session.id, layers[0][0], uploads, more_layers=more
+    )
+    assert streamed == inline and len(streamed) == 2
+    assert streamed_summary.counts == inline_summary.counts
+    session.close()
 
 
 def test_another_tenants_session_is_not_found(runtime: Runtime) -> None:
@@ -228,14 +269,7 @@ def test_a_request_id_in_progress_is_aborted_not_duplicated(runtime: Runtime) ->
 
 def test_only_public_material_and_ciphertexts_cross_the_wire(runtime: Runtime) -> None:
     recorder = Recorder()
-    session = HeLoraSession.create(
-        runtime.rpc(new_tenant(), recorder=recorder),
-        adapter_name=ADAPTER,
-        rank=RANK,
-        alpha=ALPHA,
-        hidden_size=64,
-        output_size=64,
-    )
+    session = open_session(runtime, new_tenant(), recorder)
     session.apply(LAYERS[2], activations(3, seed=5), output_size=64)
     session.close()
     blobs: list[bytes] = []

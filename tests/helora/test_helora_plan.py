@@ -19,11 +19,12 @@ from tensafe.helora import (
     Plan,
     break_even_tokens,
     choose_plan,
+    compact_params,
     compile_plan,
     default_params,
 )
 from tensafe.helora import packing as slots
-from tensafe.helora.plan import ERROR_BOUNDS, Variant, one_prime_layout
+from tensafe.helora.plan import ERROR_BOUNDS, Variant, one_prime_layout, shared_input_offsets
 
 DEFAULT = default_params()
 
@@ -524,3 +525,26 @@ def test_one_prime_is_refused_where_its_bound_fails_and_never_chosen_by_itself()
     wide = one_prime_plan(4096, max_relative_error=layout.error_bound)
     assert wide.error_bound == layout.error_bound > 1e-3
     assert Plan.from_dict(json.loads(wide.to_json())) == wide
+
+
+def test_layers_on_one_input_get_disjoint_regions_when_they_fit() -> None:
+    def plan(hidden: int, packing: Packing = Packing.PER_TOKEN) -> Plan:
+        return compile_plan(
+            hidden_size=hidden,
+            output_size=hidden,
+            rank=8,
+            alpha=16.0,
+            tokens=1,
+            params=compact_params(),
+            packing=packing,
+        )
+
+    # Region l: d_out_l + L - 1 slots (L = 64): outputs 0..63, then 127.., then 222...
+    assert shared_input_offsets(plan(64), [64, 32, 32]) == (0, 127, 222)
+    assert shared_input_offsets(plan(48), [48, 48]) == (0, 111)  # L = 64 for d = 48
+    # 4096 slots: two layers of d = 1024 fit (2 x 2047), three do not.
+    assert shared_input_offsets(plan(1024), [1024, 1024]) == (0, 2047)
+    assert shared_input_offsets(plan(1024), [1024, 1024, 1024]) is None
+    assert shared_input_offsets(plan(4096), [4096, 4096]) is None
+    assert shared_input_offsets(plan(64), [64]) is None  # one layer: nothing to share
+    assert shared_input_offsets(plan(64, Packing.BATCH_FIRST), [64, 64]) is None

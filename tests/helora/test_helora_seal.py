@@ -18,7 +18,7 @@ from tensafe.he_runtime.domain.parallel import EvaluationPeers
 from tensafe.helora import CkksParams, Packing, Plan, compact_params, compile_plan, default_params
 from tensafe.helora.client import HeLoraClient
 from tensafe.helora.packing import reference_delta
-from tensafe.helora.plan import Variant
+from tensafe.helora.plan import Variant, shared_input_offsets
 from tensafe.helora.wire import WireKind, pack, unpack, wire_kind
 
 DEFAULT = default_params()
@@ -521,6 +521,109 @@ def test_a_peer_process_gives_the_serial_result_with_the_planned_counts(
     expected = reference_delta(x, weights.lora_a, weights.lora_b, scaling=plan.lora_scaling)
     error = np.max(np.abs(delta - expected))
     assert error <= plan.error_bound * bound_scale(plan, weights, expected)
+
+
+@pytest.mark.parametrize(
+    ("packing", "hidden", "tokens", "layers"),
+    [
+        (Packing.PER_TOKEN, 256, 1, 1),
+        (Packing.PER_TOKEN, 256, 1, 2),
+        (Packing.PER_TOKEN, 256, 1, 3),
+        (Packing.BATCH_FIRST, 64, 300, 3),
+    ],
+)
+def test_layers_on_one_input_run_in_pairs_on_two_cores(
+    client: HeLoraClient,
+    peers: EvaluationPeers,
+    packing: Packing,
+    hidden: int,
+    tokens: int,
+    layers: int,
+) -> None:
+    # Layers of one input (q, k, v: different adapters and output sizes); with a peer
+    # the second of each pair runs there whole, the last odd one is split inside.
+    plans = [
+        make_plan(packing, hidden_size=hidden, rank=8, tokens=tokens, output_size=size)
+        for size in (hidden, hidden // 2, hidden // 4)[:layers]
+    ]
+    cases = [lora_case(plan, seed=20 + index) for index, plan in enumerate(plans)]
+    x = cases[0][0]
+    material = client.public_material(plans[0])
+    serial = HeLoraExecutor(parameters=material.parameters, galois_keys=material.galois_keys)
+    shared = HeLoraExecutor(
+        parameters=material.parameters, galois_keys=material.galois_keys, peers=peers
+    )
+    uploads = client.encrypt_activations(plans[0], x)
+    alone = serial.apply_layers(
+        [(plan, serial.encode_adapter(plan, w)) for plan, (_, w) in zip(plans, cases, strict=True)],
+        uploads,
+    )
+    paired = shared.apply_layers(
+        [(plan, shared.encode_adapter(plan, w)) for plan, (_, w) in zip(plans, cases, strict=True)],
+        uploads,
+    )
+    assert len(paired) == len(alone) == layers
+    for plan, (_, weights), mine, theirs in zip(plans, cases, paired, alone, strict=True):
+        # Each layer's own counts (the peer's included) and the serial ciphertexts.
+        assert mine.counts == theirs.counts == plan.counts
+        assert mine.ciphertexts == theirs.ciphertexts
+        delta = client.decrypt_delta(plan, mine.ciphertexts)
+        expected = reference_delta(x, weights.lora_a, weights.lora_b, scaling=plan.lora_scaling)
+        assert np.max(np.abs(delta - expected)) <= plan.error_bound * np.max(np.abs(expected))
+
+
+@pytest.mark.parametrize(("hidden", "with_peer"), [(64, False), (64, True), (256, False)])
+def test_layers_on_one_input_share_one_ciphertext(
+    client: HeLoraClient, peers: EvaluationPeers, hidden: int, with_peer: bool
+) -> None:
+    # q, k, v of one block: three adapters, output sizes d, d/2, d/2, each layer in its
+    # region of the slots: one plan's operations for the three deltas.
+    sizes = [hidden, hidden // 2, hidden // 2]
+    layer_plan = make_plan(Packing.PER_TOKEN, hidden_size=hidden, rank=8, tokens=3)
+    offsets = shared_input_offsets(layer_plan, sizes)
+    assert offsets is not None
+    shared = make_plan(
+        Packing.PER_TOKEN,
+        hidden_size=hidden,
+        rank=8,
+        tokens=3,
+        output_size=offsets[-1] + sizes[-1],
+    )
+    assert shared.counts == layer_plan.counts  # independent of the output size
+    rng = np.random.default_rng(hidden)
+    x = rng.normal(0.0, 2.0, (3, hidden))
+    layers = [
+        LoraWeights(
+            lora_a=rng.uniform(-1 / np.sqrt(hidden), 1 / np.sqrt(hidden), (hidden, 8)),
+            lora_b=rng.normal(0.0, 0.02, (8, size)),
+        )
+        for size in sizes
+    ]
+    material = client.public_material(shared)
+    executor = HeLoraExecutor(
+        parameters=material.parameters,
+        galois_keys=material.galois_keys,
+        peers=peers if with_peer else None,
+    )
+    result = executor.apply(
+        shared, executor.encode_adapter(shared, layers), client.encrypt_activations(shared, x)
+    )
+    assert result.counts == shared.counts
+    assert len(result.ciphertexts) == shared.output_ciphertexts == 2  # 3 tokens, 2 units
+    together = client.decrypt_delta(shared, result.ciphertexts)
+    for weights, start, size in zip(layers, offsets, sizes, strict=True):
+        expected = reference_delta(x, weights.lora_a, weights.lora_b, scaling=shared.lora_scaling)
+        delta = together[:, start : start + size]
+        assert np.max(np.abs(delta - expected)) <= shared.error_bound * np.max(np.abs(expected))
+    # The regions must fit: at d = 4096 one layer fills every slot.
+    assert (
+        shared_input_offsets(
+            make_plan(Packing.PER_TOKEN, hidden_size=4096, rank=8, tokens=1), [4096, 4096]
+        )
+        is None
+    )
+    with pytest.raises(InvalidArgument):
+        executor.encode_adapter(layer_plan, layers)  # output_size is not the regions' end
 
 
 def test_a_dead_peer_process_fails_the_request_as_unavailable(client: HeLoraClient) -> None:

@@ -40,11 +40,11 @@ from tensafe.common.errors import FailedPrecondition, NotFound
 from tensafe.common.registry_client import RegistryClient as ServiceRegistryClient
 from tensafe.proto.trainer.v1 import trainer_service_pb2 as trainer_pb
 from tensafe.tinker import ServiceClient, types
-from tensafe.trainer import serde
 from tensafe.trainer.base_models import BaseModelRegistry
-from tensafe.trainer.engine.state import decode_state
-from tensafe.trainer.engine.training import LoraTrainingEngine
-from tensafe.trainer.ledger import PrivacyLedger
+from tensafe.trainer.domain.engine.state import decode_state
+from tensafe.trainer.domain.engine.training import LoraTrainingEngine
+from tensafe.trainer.domain.ledger import PrivacyLedger
+from tensafe.trainer.domain.settings import lora_from_json
 from tensafe.trainer.publisher import AdapterPublisher
 from tensafe.trainer.store.models import JobRow, TrainingClientRow
 
@@ -286,7 +286,7 @@ async def test_a_redelivered_save_adapter_publishes_the_same_bytes(trained: Trai
         async with database.transaction(read_only=True) as session:
             client = await session.get(TrainingClientRow, trained.client_id)
         assert client is not None
-        lora, seed = serde.lora_from_json(client.lora_json)
+        lora, seed = lora_from_json(client.lora_json)
         engine = LoraTrainingEngine(
             trained.data_dir / "models" / BASE_MODEL, lora=lora, dp=None, seed=seed
         )

@@ -6,13 +6,13 @@ import pytest
 
 from tensafe import tgsp
 from tensafe.common.errors import FailedPrecondition
-from tensafe.trainer import serde
-from tensafe.trainer.engine.accounting import StepMechanism
-from tensafe.trainer.ledger import HistoryGroup, LineageSource, PrivacyReport
+from tensafe.trainer.domain.engine.accounting import StepMechanism
+from tensafe.trainer.domain.ledger import HistoryGroup, LineageSource, PrivacyReport
+from tensafe.trainer.domain.settings import DpSettings
 from tensafe.trainer.publisher import CLIENT_BATCHES_ASSUMPTION, dp_certificate
 from tensafe.trainer.store.models import TrainingClientRow
 
-DP = serde.DpSettings(
+DP = DpSettings(
     noise_multiplier=1.3,
     max_grad_norm=0.5,
     delta=1e-6,
@@ -25,7 +25,7 @@ OWN = "c" * 32
 OTHER = "a" * 32
 
 
-def client(*, dp: serde.DpSettings | None) -> TrainingClientRow:
+def client(*, dp: DpSettings | None) -> TrainingClientRow:
     return TrainingClientRow(id=OWN, dp_json=dp.to_json() if dp is not None else None)
 
 

@@ -522,17 +522,18 @@ async def test_epsilon_follows_the_weights_across_clients(
 
     # The certificate SaveAdapter would seal for B (the publisher's exact inputs).
     from tensafe.common.db import Database
-    from tensafe.trainer.ledger import PrivacyLedger
+    from tensafe.trainer.domain.ledger import PrivacyLedger
     from tensafe.trainer.publisher import dp_certificate
-    from tensafe.trainer.store.models import TrainingClientRow
+    from tensafe.trainer.store.sql import TrainerTransaction
 
     database = Database.from_url(trainer.database_url)
     ledger = PrivacyLedger()
     try:
         async with database.transaction(read_only=True) as session:
-            row = await session.get(TrainingClientRow, out["second_id"])
+            tx = TrainerTransaction(session)
+            row = await tx.client(out["second_id"])
             assert row is not None
-            history = await ledger.history(session, row)
+            history = await ledger.history(tx, row)
             certificate = dp_certificate(row, history, ledger.report(row))
     finally:
         await database.dispose()

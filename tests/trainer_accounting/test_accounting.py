@@ -11,7 +11,7 @@ from dp_accounting.pld import PLDAccountant as LibraryPldAccountant
 from dp_accounting.rdp import RdpAccountant as LibraryRdpAccountant
 
 from tensafe.common.errors import BudgetExhausted, InvalidArgument
-from tensafe.trainer.engine.accounting import (
+from tensafe.trainer.domain.engine.accounting import (
     BatchSampling,
     PldAccountant,
     PrivacyAccountant,

@@ -16,7 +16,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from tensafe.common.errors import InvalidArgument
-from tensafe.trainer.engine.sampling import (
+from tensafe.trainer.domain.engine.sampling import (
     SamplingParams,
     StopReason,
     compute_logprobs,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tensafe.common.errors import InvalidArgument
-from tensafe.trainer.audit.bound import (
+from tensafe.trainer.domain.audit.bound import (
     count_correct_guesses,
     epsilon_lower_bound,
     p_value,

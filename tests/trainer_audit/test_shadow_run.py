@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from tensafe.common.errors import InvalidArgument
-from tensafe.trainer.audit import run as audit_run
-from tensafe.trainer.audit.bound import epsilon_lower_bound
-from tensafe.trainer.audit.run import (
+from tensafe.trainer.domain.audit import run as audit_run
+from tensafe.trainer.domain.audit.bound import epsilon_lower_bound
+from tensafe.trainer.domain.audit.run import (
     AuditConfig,
     AuditReport,
     CanaryKind,
@@ -28,12 +28,12 @@ from tensafe.trainer.audit.run import (
     run_privacy_audit,
     white_box_step_scores,
 )
-from tensafe.trainer.datasets import steps as dataset_steps
-from tensafe.trainer.datasets.sampling import PoissonSampler
-from tensafe.trainer.engine import clipping
-from tensafe.trainer.engine.accounting import BatchSampling, calibrate_noise_multiplier
-from tensafe.trainer.engine.config import DpConfig, LoraConfig
-from tensafe.trainer.engine.training import LoraTrainingEngine
+from tensafe.trainer.domain.datasets import steps as dataset_steps
+from tensafe.trainer.domain.datasets.sampling import PoissonSampler
+from tensafe.trainer.domain.engine import clipping
+from tensafe.trainer.domain.engine.accounting import BatchSampling, calibrate_noise_multiplier
+from tensafe.trainer.domain.engine.config import DpConfig, LoraConfig
+from tensafe.trainer.domain.engine.training import LoraTrainingEngine
 
 MODEL = "tiny-llama"
 STEPS = 5

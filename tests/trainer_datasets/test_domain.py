@@ -13,20 +13,20 @@ import pytest
 from transformers import AutoTokenizer
 
 from tensafe.common.errors import FailedPrecondition, IntegrityError, InvalidArgument
-from tensafe.trainer.datasets.crypto import (
+from tensafe.trainer.domain.datasets.crypto import (
     DEV_KEK_RELATIVE,
     DatasetKeyring,
     decrypt_dataset,
     encrypt_dataset,
     keyring_from_settings,
 )
-from tensafe.trainer.datasets.records import (
+from tensafe.trainer.domain.datasets.records import (
     RecordFormat,
     TokenizedDataset,
     Tokenizer,
     tokenize_jsonl,
 )
-from tensafe.trainer.datasets.sampling import PoissonSampler, resolve_sample_rate
+from tensafe.trainer.domain.datasets.sampling import PoissonSampler, resolve_sample_rate
 
 from .conftest import BASE_MODEL, CONTEXT
 

@@ -84,7 +84,11 @@ async def test_rlvr_mean_reward_rises_under_dp(
     finally:
         service.close()
     print("\n".join(lines))
-    assert report.reward_after > report.reward_before, lines
+    # Each mean is over 16 problems x 32 samples (standard error ~0.02, so ~0.03 on the
+    # difference). With the example's defaults the rise measured 0.16-0.25 in 6 of 6
+    # runs; a loop that does not learn (or learns the wrong sign) stays within the
+    # evaluation noise of zero or falls, and fails the 0.05 margin.
+    assert report.reward_after > report.reward_before + 0.05, lines
     assert 0.0 < report.reward_before < 1.0
     # Every step of the example, SFT and RL, was a DP step on the client's ledger.
     config = example.RlvrConfig()

@@ -10,8 +10,8 @@ import torch
 from transformers import AutoTokenizer
 
 from tensafe.client.tiny_model import tiny_corpus
-from tensafe.trainer.engine.config import DpConfig, EngineOptions, LoraConfig
-from tensafe.trainer.engine.training import LoraTrainingEngine
+from tensafe.trainer.domain.engine.config import DpConfig, EngineOptions, LoraConfig
+from tensafe.trainer.domain.engine.training import LoraTrainingEngine
 from testkit.models import build_tiny_llama, one_torch_thread
 
 MAX_TOKENS = 40

@@ -7,21 +7,21 @@ import torch
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
-from tensafe.trainer.engine.clipping import (
+from tensafe.trainer.domain.engine.clipping import (
     CLIP_NORM_EPSILON,
     LoraActivationTap,
     clip_per_example,
     lora_linear_layers,
 )
-from tensafe.trainer.engine.config import DpConfig, LossConfig, NormMethod
-from tensafe.trainer.engine.losses import (
+from tensafe.trainer.domain.engine.config import DpConfig, LossConfig, NormMethod
+from tensafe.trainer.domain.engine.losses import (
     LossFn,
     PaddedBatch,
     per_token_loss,
     token_logprobs,
     validate_batch,
 )
-from tensafe.trainer.engine.training import LoraTrainingEngine
+from tensafe.trainer.domain.engine.training import LoraTrainingEngine
 
 from .conftest import EngineFactory, cross_entropy_batch, global_norm, randomise_adapter
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from tensafe.common.errors import InvalidArgument
-from tensafe.trainer.engine.config import AdamConfig, DpConfig
+from tensafe.trainer.domain.engine.config import AdamConfig, DpConfig
 
 from .conftest import EngineFactory
 

@@ -9,16 +9,16 @@ import pytest
 import torch
 
 from tensafe.common.errors import InvalidArgument
-from tensafe.trainer.engine.clipping import CLIP_NORM_EPSILON
-from tensafe.trainer.engine.config import (
+from tensafe.trainer.domain.engine.clipping import CLIP_NORM_EPSILON
+from tensafe.trainer.domain.engine.config import (
     AdamConfig,
     DpConfig,
     EngineOptions,
     LossConfig,
     NormMethod,
 )
-from tensafe.trainer.engine.losses import LossFn, loss_config_from_options
-from tensafe.trainer.engine.training import LoraTrainingEngine
+from tensafe.trainer.domain.engine.losses import LossFn, loss_config_from_options
+from tensafe.trainer.domain.engine.training import LoraTrainingEngine
 
 from .conftest import EngineFactory, cross_entropy_batch, global_norm, randomise_adapter
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tensafe.common.errors import InvalidArgument
-from tensafe.trainer.engine.config import AdamConfig, DpConfig
+from tensafe.trainer.domain.engine.config import AdamConfig, DpConfig
 
 from .conftest import EngineFactory, cross_entropy_batch
 

@@ -10,14 +10,14 @@ from typing import Any
 import pytest
 
 from tensafe.common.errors import FailedPrecondition, InvalidArgument, NotFound
-from tensafe.trainer.engine.config import (
+from tensafe.trainer.domain.engine.config import (
     AdamConfig,
     DpConfig,
     EngineOptions,
     LoraConfig,
     LossConfig,
 )
-from tensafe.trainer.engine.training import LoraTrainingEngine
+from tensafe.trainer.domain.engine.training import LoraTrainingEngine
 
 from .conftest import EngineFactory, cross_entropy_batch
 

@@ -16,9 +16,9 @@ import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from scipy import stats
 
-from tensafe.trainer.engine import noise
-from tensafe.trainer.engine.config import AdamConfig, DpConfig
-from tensafe.trainer.engine.noise import (
+from tensafe.trainer.domain.engine import noise
+from tensafe.trainer.domain.engine.config import AdamConfig, DpConfig
+from tensafe.trainer.domain.engine.noise import (
     KEY_BYTES,
     AesCtrStream,
     WordSource,

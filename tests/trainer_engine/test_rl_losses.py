@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from tensafe.common.errors import InvalidArgument
-from tensafe.trainer.engine.config import LossConfig
-from tensafe.trainer.engine.losses import (
+from tensafe.trainer.domain.engine.config import LossConfig
+from tensafe.trainer.domain.engine.losses import (
     LossFn,
     loss_config_from_options,
     per_token_loss,

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from tensafe.trainer.engine.base import BaseDtype, BaseModelPool, BasePlacement, SharedBase
-from tensafe.trainer.engine.config import AdamConfig, DpConfig, LoraConfig
-from tensafe.trainer.engine.state import decode_state, encode_state
-from tensafe.trainer.engine.training import (
+from tensafe.trainer.domain.engine.base import BaseDtype, BaseModelPool, BasePlacement, SharedBase
+from tensafe.trainer.domain.engine.config import AdamConfig, DpConfig, LoraConfig
+from tensafe.trainer.domain.engine.state import decode_state, encode_state
+from tensafe.trainer.domain.engine.training import (
     ForwardBackwardCall,
     LoraTrainingEngine,
     forward_backward_jointly,

@@ -17,8 +17,8 @@ from tensafe.common.grpc_server import GrpcServer
 from tensafe.common.nats_server import NatsServer, NatsServerConfig
 from tensafe.proto.common.v1 import common_pb2_grpc
 from tensafe.proto.trainer.v1 import trainer_service_pb2_grpc
-from tensafe.trainer.api import TrainerApi
 from tensafe.trainer.config import TrainerConfig
+from tensafe.trainer.domain.service import TrainerDomain
 from tensafe.trainer.server import build_api
 from tensafe.trainer.worker import run_worker
 from testkit.models import BASE_MODEL, build_base_models, one_torch_thread
@@ -100,7 +100,7 @@ class Stack:
         self,
         *,
         config: TrainerConfig,
-        api: TrainerApi,
+        api: TrainerDomain,
         channel: grpc.aio.Channel,
         tokens: Tokens,
         audit: RecordedAudit,

@@ -24,9 +24,9 @@ from tensafe.common.nats_server import NatsServer, NatsServerConfig
 from tensafe.proto.common.v1 import common_pb2
 from tensafe.proto.trainer.v1 import trainer_service_pb2 as pb
 from tensafe.trainer.base_models import BaseModelRegistry
-from tensafe.trainer.engine.base import BaseModelPool
-from tensafe.trainer.jobs import JobMessage
-from tensafe.trainer.ledger import PrivacyLedger
+from tensafe.trainer.domain.engine.base import BaseModelPool
+from tensafe.trainer.domain.jobs import JobMessage
+from tensafe.trainer.domain.ledger import PrivacyLedger
 from tensafe.trainer.objects import ObjectFolder
 from tensafe.trainer.store.models import (
     FUTURES,

@@ -43,7 +43,15 @@ from tensafe.client.training import ChannelOptions, authenticated_channels
 from tensafe.common import errors
 from tensafe.helora.client import HeLoraClient
 from tensafe.helora.params import CkksParams, compact_params
-from tensafe.helora.plan import OpCounts, Packing, Plan, Variant, choose_plan, compile_plan
+from tensafe.helora.plan import (
+    OpCounts,
+    Packing,
+    Plan,
+    Variant,
+    choose_plan,
+    compile_plan,
+    shared_input_offsets,
+)
 from tensafe.proto.he.v1 import he_service_pb2 as pb
 from tensafe.proto.he.v1 import he_service_pb2_grpc
 
@@ -140,18 +148,34 @@ class HeRuntimeRpc(OwnedChannels):
         ciphertexts: Sequence[bytes],
         *,
         chunk_bytes: int = CHUNK_BYTES,
+        more_layers: Sequence[str] = (),
+        inline: bool | None = None,
     ) -> tuple[list[bytes], pb.ApplyLoraSummary]:
         """Apply a layer's delta: ``ApplyLoraInline`` (one message each way) when the
         ciphertexts total at most :data:`INLINE_MAX_BYTES`, else ``ApplyLora`` (streamed
         in chunks).
 
+        Args:
+            session_id: The session.
+            layer: The adapted layer.
+            ciphertexts: The input ciphertexts of ``layer``'s plan.
+            chunk_bytes: Chunk size of a streamed call.
+            more_layers: Further layers that read the same input, evaluated on the same
+                ciphertexts in the same call (``ApplyLoraHeader.more_layers``).
+            inline: Force (True) or refuse (False) ``ApplyLoraInline``; None: by size.
+
         Raises:
             TenSafeError: The status the runtime returned.
             IntegrityError: The response stream is out of order or has no summary.
         """
-        if sum(len(blob) for blob in ciphertexts) <= INLINE_MAX_BYTES:
+        if inline is None:
+            inline = sum(len(blob) for blob in ciphertexts) <= INLINE_MAX_BYTES
+        if inline:
             header = pb.ApplyLoraHeader(
-                session_id=session_id, layer=layer, ciphertexts=len(ciphertexts)
+                session_id=session_id,
+                layer=layer,
+                ciphertexts=len(ciphertexts),
+                more_layers=list(more_layers),
             )
             request = pb.ApplyLoraInlineRequest(header=header, ciphertexts=ciphertexts)
             timeout = self._options.call_timeout_seconds
@@ -159,7 +183,9 @@ class HeRuntimeRpc(OwnedChannels):
             if not response.HasField("summary"):
                 raise errors.IntegrityError("ApplyLoraInline response has no summary")
             return list(response.ciphertexts), response.summary
-        return self.apply_lora_streamed(session_id, layer, ciphertexts, chunk_bytes=chunk_bytes)
+        return self.apply_lora_streamed(
+            session_id, layer, ciphertexts, chunk_bytes=chunk_bytes, more_layers=more_layers
+        )
 
     def apply_lora_streamed(
         self,
@@ -168,8 +194,10 @@ class HeRuntimeRpc(OwnedChannels):
         ciphertexts: Sequence[bytes],
         *,
         chunk_bytes: int = CHUNK_BYTES,
+        more_layers: Sequence[str] = (),
     ) -> tuple[list[bytes], pb.ApplyLoraSummary]:
-        """``ApplyLora``: stream ciphertexts in, collect the result chunks and the summary.
+        """``ApplyLora``: stream ciphertexts in, collect the result chunks and the summary
+        (``more_layers`` as in :meth:`apply_lora`).
 
         Raises:
             TenSafeError: The status the runtime returned.
@@ -179,7 +207,10 @@ class HeRuntimeRpc(OwnedChannels):
         def requests() -> Iterator[pb.ApplyLoraRequest]:
             yield pb.ApplyLoraRequest(
                 header=pb.ApplyLoraHeader(
-                    session_id=session_id, layer=layer, ciphertexts=len(ciphertexts)
+                    session_id=session_id,
+                    layer=layer,
+                    ciphertexts=len(ciphertexts),
+                    more_layers=list(more_layers),
                 )
             )
             for index, blob in enumerate(ciphertexts):
@@ -275,6 +306,9 @@ class LayerStats:
         round_trip_ms: Wall time of the calls including encryption and decryption.
         reused_inputs: Calls that re-sent the previous call's ciphertexts (the same
             activations, e.g. k_proj and v_proj after q_proj) instead of encrypting.
+        grouped_calls: Calls evaluated in one request with other layers that read the
+            same input (:meth:`HeLoraSession.apply_layers`); their server and round-trip
+            times are shares of that request's.
     """
 
     calls: int = 0
@@ -283,6 +317,7 @@ class LayerStats:
     server_ms: float = 0.0
     round_trip_ms: float = 0.0
     reused_inputs: int = 0
+    grouped_calls: int = 0
 
 
 def plan_spec(
@@ -439,13 +474,64 @@ class HeLoraSession:
                 consistency check, not proof), or, with :attr:`verifier` set, the delta
                 fails its random projection check (``he result``).
         """
+        return self.apply_layers([(layer, output_size)], activations)[0]
+
+    def apply_layers(
+        self, layers: Sequence[tuple[str, int]], activations: npt.ArrayLike
+    ) -> list[np.ndarray]:
+        """Compute the deltas of several layers that read the same activations.
+
+        The activations are encrypted once and sent once, with every layer in the same
+        request (``ApplyLoraHeader.more_layers``: a block's q, k and v projections, one
+        round trip instead of three); in one ``ApplyLoraInline`` message when the
+        ciphertexts and the estimated results fit :data:`INLINE_MAX_BYTES`, else
+        streamed. When the layers' regions fit one ciphertext
+        (:func:`~tensafe.helora.plan.shared_input_offsets`) the runtime evaluates them as
+        one plan and each delta is sliced from its region.
+
+        Args:
+            layers: ``(layer, output size)`` pairs, distinct layers.
+            activations: x, shape [tokens, d], the input of every one of them.
+
+        Returns:
+            The decrypted deltas in the order of ``layers``, each [tokens, d_out].
+
+        Raises:
+            As :meth:`apply`.
+        """
         started = time.perf_counter()
         values = np.asarray(activations, dtype=np.float64)
         if values.ndim != 2:
             raise errors.InvalidArgument("activations", "must be a [tokens, d] matrix")
-        plan = self._call_plan(values.shape[1], output_size, values.shape[0])
-        ciphertexts, reused = self._encrypt(plan, values)
-        results, summary = self._rpc.apply_lora(self.session.id, layer, ciphertexts)
+        if not layers:
+            raise errors.InvalidArgument("layers", "must name at least one layer")
+        if len({layer for layer, _ in layers}) != len(layers):
+            raise errors.InvalidArgument("layers", "must be distinct")
+        tokens = values.shape[0]
+        plans = [self._call_plan(values.shape[1], size, tokens) for _, size in layers]
+        ciphertexts, reused = self._encrypt(plans[0], values)
+        names = [layer for layer, _ in layers]
+        sizes = [size for _, size in layers]
+        if len(layers) == 1:
+            # Wrappers of apply_lora that predate more_layers keep working.
+            results, summary = self._rpc.apply_lora(self.session.id, names[0], ciphertexts)
+        else:
+            results, summary = self._rpc.apply_lora(
+                self.session.id,
+                names[0],
+                ciphertexts,
+                more_layers=names[1:],
+                inline=_fits_one_message(plans, ciphertexts),
+            )
+        # Layers sharing one ciphertext run as one plan (the runtime derives the same
+        # layout); otherwise each layer's plan, results layer after layer.
+        offsets = shared_input_offsets(plans[0], sizes)
+        shared = (
+            self._call_plan(values.shape[1], offsets[-1] + sizes[-1], tokens)
+            if offsets is not None
+            else None
+        )
+        run = [shared] if shared is not None else plans
         counts = OpCounts(
             rotations=summary.counts.rotations,
             key_switches=summary.counts.key_switches,
@@ -453,22 +539,50 @@ class HeLoraSession:
             rescales=summary.counts.rescales,
             additions=summary.counts.additions,
         )
-        planned = dataclasses.replace(plan.counts, plaintext_encodes=0)
+        planned = dataclasses.replace(
+            sum((plan.counts for plan in run), OpCounts()), plaintext_encodes=0
+        )
         if counts != planned:
             raise errors.IntegrityError(
-                f"the runtime reports {counts} for {layer!r}, the plan has {planned}"
+                f"the runtime reports {counts} for {names!r}, the plans have {planned}"
             )
-        delta = self._crypto.decrypt_delta(plan, results)
+        expected = sum(plan.output_ciphertexts for plan in run)
+        if len(results) != expected:
+            raise errors.IntegrityError(
+                f"the runtime returned {len(results)} ciphertexts, the plans {expected}"
+            )
+        deltas: list[np.ndarray] = []
+        if shared is not None and offsets is not None:
+            together = self._crypto.decrypt_delta(shared, results)
+            for start, size in zip(offsets, sizes, strict=True):
+                deltas.append(np.ascontiguousarray(together[:, start : start + size]))
+        else:
+            offset = 0
+            for plan in plans:
+                end = offset + plan.output_ciphertexts
+                deltas.append(self._crypto.decrypt_delta(plan, results[offset:end]))
+                offset = end
         if self.verifier is not None:
-            self.verifier.check(layer, values, delta)
-        stats = self.stats.setdefault(layer, LayerStats())
-        stats.calls += 1
-        stats.tokens += plan.tokens
-        stats.counts = stats.counts + counts
-        stats.server_ms += summary.server_ms
-        stats.round_trip_ms += (time.perf_counter() - started) * 1000.0
-        stats.reused_inputs += int(reused)
-        return delta
+            for name, delta in zip(names, deltas, strict=True):
+                self.verifier.check(name, values, delta)
+        # The summary is per request: each layer gets a share of its time in proportion
+        # to its plan's estimate; a shared ciphertext's counts go to the first layer.
+        elapsed = (time.perf_counter() - started) * 1000.0
+        total_estimate = sum(plan.estimated_server_ms for plan in plans)
+        for index, plan in enumerate(plans):
+            share = plan.estimated_server_ms / total_estimate
+            stats = self.stats.setdefault(names[index], LayerStats())
+            stats.calls += 1
+            stats.tokens += plan.tokens
+            if shared is None:
+                stats.counts = stats.counts + dataclasses.replace(plan.counts, plaintext_encodes=0)
+            elif index == 0:
+                stats.counts = stats.counts + planned
+            stats.server_ms += summary.server_ms * share
+            stats.round_trip_ms += elapsed * share
+            stats.reused_inputs += int(reused or index > 0)
+            stats.grouped_calls += int(len(layers) > 1)
+        return deltas
 
     def _encrypt(self, plan: Plan, values: np.ndarray) -> tuple[list[bytes], bool]:
         """Encrypt ``values`` for ``plan``, or re-send the previous call's ciphertexts.
@@ -524,6 +638,21 @@ class HeLoraSession:
         self.close()
 
 
+def _fits_one_message(plans: Sequence[Plan], ciphertexts: Sequence[bytes]) -> bool:
+    """Whether a call of every plan's layer on ``ciphertexts`` fits ApplyLoraInline.
+
+    The results are estimated from the input ciphertexts' size: a result ciphertext has
+    the same ring and fewer primes (output_primes of input_primes).
+    """
+    size = sum(len(blob) for blob in ciphertexts)
+    per_input = size / len(ciphertexts)
+    results = sum(
+        plan.output_ciphertexts * per_input * plan.output_primes / plan.input_primes
+        for plan in plans
+    )
+    return size <= INLINE_MAX_BYTES and results <= INLINE_MAX_BYTES
+
+
 def linear_layers(model: nn.Module, target_modules: Sequence[str]) -> dict[str, nn.Linear]:
     """The model's ``nn.Linear`` modules whose last name component is a target (as PEFT)."""
     targets = set(target_modules)
@@ -540,16 +669,22 @@ class HeLoraModel:
     Args:
         model: The base model (plaintext, on the client).
         session: An open session whose adapter adapts modules of ``model``.
+        share_inputs: Ask for the layers that read one input tensor (a block's q, k and
+            v projections) in one request, once the first forward pass has shown which
+            they are (:class:`_InputSharing`); False: one request per layer.
 
     Raises:
         FailedPrecondition: A layer the session adapts is not an ``nn.Linear`` of
             ``model``.
     """
 
-    def __init__(self, model: nn.Module, session: HeLoraSession) -> None:
+    def __init__(
+        self, model: nn.Module, session: HeLoraSession, *, share_inputs: bool = True
+    ) -> None:
         self.model = model
         self.session = session
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._sharing = _InputSharing(enabled=share_inputs)
         modules = dict(model.named_modules())
         for layer in session.layers:
             module = modules.get(layer)
@@ -576,6 +711,7 @@ class HeLoraModel:
         packing: Packing | None = None,
         adapter_version: int = 0,
         variant: Variant | None = None,
+        share_inputs: bool = True,
     ) -> HeLoraModel:
         """Open a session for ``model``'s adapted layers and install the hooks.
 
@@ -591,6 +727,7 @@ class HeLoraModel:
             packing: Force a packing.
             adapter_version: The adapter's version.
             variant: Force a variant of ``packing`` (see :meth:`HeLoraSession.create`).
+            share_inputs: See the class (default True).
 
         Raises:
             InvalidArgument: No linear layer matches ``target_modules``.
@@ -612,18 +749,29 @@ class HeLoraModel:
             variant=variant,
         )
         try:
-            return cls(model, session)
+            return cls(model, session, share_inputs=share_inputs)
         except BaseException:
             session.close()
             raise
 
     def _hook(self, layer: str, module: nn.Linear) -> Any:
-        session = self.session
+        session, sharing = self.session, self._sharing
+        out_features = {
+            name: int(linear.out_features)
+            for name, linear in self.model.named_modules()
+            if isinstance(linear, nn.Linear)
+        }
 
         def add_delta(_: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> Any:
-            x = inputs[0].detach()
-            flat = x.reshape(-1, x.shape[-1]).to(torch.float64).cpu().numpy()
-            delta = session.apply(layer, flat, output_size=module.out_features)
+            x = inputs[0]
+            delta = sharing.take(layer, x)
+            if delta is None:
+                flat = x.detach().reshape(-1, x.shape[-1]).to(torch.float64).cpu().numpy()
+                group = sharing.group(layer)
+                deltas = session.apply_layers([(name, out_features[name]) for name in group], flat)
+                sharing.keep(group[1:], x, deltas[1:])
+                delta = deltas[0]
+            sharing.observe(layer, x)
             addend = torch.from_numpy(delta).to(dtype=output.dtype, device=output.device)
             return output + addend.reshape(output.shape)
 
@@ -655,3 +803,68 @@ class HeLoraModel:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+class _InputSharing:
+    """Learns which adapted layers read the same input tensor, to ask for them together.
+
+    A forward pass calls a block's q, k and v projections one after the other on the
+    same ``hidden_states`` tensor. The first pass is observed (layers called in a row
+    on the same tensor object form a group); from then on the group's first layer asks
+    the runtime for every layer of the group in one request
+    (:meth:`HeLoraSession.apply_layers`) and keeps the others' deltas, each used only
+    if its layer is then called on that very tensor, unmodified (same object, same
+    version counter). If not, the kept delta is dropped, the layer's delta is computed
+    on its own input, and its group is never formed again: a delta is always computed
+    from the layer's own input.
+    """
+
+    def __init__(self, *, enabled: bool = True) -> None:
+        self._enabled = enabled
+        self._groups: dict[str, tuple[str, ...]] = {}
+        self._kept: dict[str, tuple[torch.Tensor, int, np.ndarray]] = {}
+        self._unshared: set[str] = set()
+        self._run: list[str] = []
+        self._run_input: torch.Tensor | None = None
+
+    def group(self, layer: str) -> tuple[str, ...]:
+        """The layers to evaluate with ``layer`` (itself first)."""
+        return self._groups.get(layer, (layer,))
+
+    def keep(self, layers: Sequence[str], x: torch.Tensor, deltas: Sequence[np.ndarray]) -> None:
+        """Keep the deltas of ``layers`` computed on ``x`` for their own calls."""
+        for layer, delta in zip(layers, deltas, strict=True):
+            self._kept[layer] = (x, x._version, delta)
+
+    def take(self, layer: str, x: torch.Tensor) -> np.ndarray | None:
+        """The delta kept for ``layer`` if it was computed on this very ``x``."""
+        kept = self._kept.pop(layer, None)
+        if kept is None:
+            return None
+        tensor, version, delta = kept
+        if tensor is x and version == x._version:
+            return delta
+        # Another input than its group's: never group it again.
+        self._unshared.add(layer)
+        for first, group in list(self._groups.items()):
+            if layer in group:
+                del self._groups[first]
+                for other in group:
+                    self._kept.pop(other, None)
+        return None
+
+    def observe(self, layer: str, x: torch.Tensor) -> None:
+        """Record that ``layer`` was called on ``x`` (learns the groups)."""
+        if self._run_input is x and layer not in self._run:
+            self._run.append(layer)
+            return
+        self._close_run()
+        self._run, self._run_input = [layer], x
+
+    def _close_run(self) -> None:
+        if not self._enabled:
+            return
+        run = [layer for layer in self._run if layer not in self._unshared]
+        grouped = {layer for group in self._groups.values() for layer in group}
+        if len(run) > 1 and not grouped.intersection(run):
+            self._groups[run[0]] = tuple(run)

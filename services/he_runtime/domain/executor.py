@@ -50,7 +50,14 @@ from tensafe.common.errors import FailedPrecondition, InvalidArgument
 from tensafe.helora import packing
 from tensafe.helora.ckks import CkksContext, ParmsId
 from tensafe.helora.params import CkksParams
-from tensafe.helora.plan import OpCounts, Packing, Plan, Variant, one_prime_layout
+from tensafe.helora.plan import (
+    OpCounts,
+    Packing,
+    Plan,
+    Variant,
+    one_prime_layout,
+    shared_input_offsets,
+)
 from tensafe.helora.wire import WireKind, pack, unpack
 
 if TYPE_CHECKING:
@@ -310,7 +317,10 @@ class HeLoraExecutor:
             )
 
     def adapter(
-        self, plan: Plan, adapter_key: str, load_weights: Callable[[], LoraWeights]
+        self,
+        plan: Plan,
+        adapter_key: str,
+        load_weights: Callable[[], LoraWeights | Sequence[LoraWeights]],
     ) -> EncodedAdapter:
         """Return the adapter's plaintexts for ``plan``, encoding them on first use.
 
@@ -330,20 +340,52 @@ class HeLoraExecutor:
             self._adapters.popitem(last=False)
         return encoded
 
-    def encode_adapter(self, plan: Plan, weights: LoraWeights) -> EncodedAdapter:
+    def encode_adapter(
+        self, plan: Plan, weights: LoraWeights | Sequence[LoraWeights]
+    ) -> EncodedAdapter:
         """Pre-encode an adapter's plaintexts for a plan layout.
 
+        Args:
+            plan: The plan layout.
+            weights: One layer's weights; or the weights of several layers that read one
+                input, evaluated together in one PER_TOKEN ciphertext (each in its
+                region of slots, :func:`~tensafe.helora.plan.shared_input_offsets`;
+                ``plan.output_size`` must then be the end of the last region's outputs).
+
         Raises:
-            InvalidArgument: The weights do not have the plan's shapes or are not finite.
+            InvalidArgument: The weights do not have the plan's shapes or are not finite,
+                or the layers do not fit one ciphertext.
             FailedPrecondition: With the plan's activation bound the delta could
                 overflow the modulus, or B would keep too little fixed-point precision.
         """
         self.check_plan(plan)
-        lora_a, scaled_b = _checked_weights(plan, weights)
-        if plan.packing is Packing.PER_TOKEN:
-            encoded = self._encode_per_token(plan, lora_a, scaled_b)
+        if isinstance(weights, LoraWeights):
+            lora_a, scaled_b = _checked_weights(plan, weights)
+            if plan.packing is Packing.PER_TOKEN:
+                encoded = self._encode_per_token(plan, [lora_a], [scaled_b], None)
+            else:
+                encoded = self._encode_batch_first(plan, lora_a, scaled_b)
+            peer_a: Any = np.asarray(weights.lora_a, dtype=np.float64)
+            peer_b: Any = np.asarray(weights.lora_b, dtype=np.float64)
         else:
-            encoded = self._encode_batch_first(plan, lora_a, scaled_b)
+            layers = list(weights)
+            sizes = [int(np.shape(layer.lora_b)[1]) for layer in layers]
+            offsets = shared_input_offsets(plan, sizes)
+            if offsets is None or offsets[-1] + sizes[-1] != plan.output_size:
+                raise InvalidArgument(
+                    "weights",
+                    f"{len(layers)} layers of output sizes {sizes} do not share one "
+                    f"ciphertext of this plan (output_size {plan.output_size})",
+                )
+            checked = [
+                _checked_weights(dataclasses.replace(plan, output_size=size), layer)
+                for layer, size in zip(layers, sizes, strict=True)
+            ]
+            encoded = self._encode_per_token(
+                plan, [a for a, _ in checked], [b for _, b in checked], offsets
+            )
+            peer_a = [np.asarray(layer.lora_a, dtype=np.float64) for layer in layers]
+            peer_b = [np.asarray(layer.lora_b, dtype=np.float64) for layer in layers]
         if self._peer is not None:
             # The peer encodes the same plaintexts now, so no request waits for it.
             self._peer.call(
@@ -352,8 +394,8 @@ class HeLoraExecutor:
                     self._peer_session,
                     encoded.peer_id,
                     plan.to_json(),
-                    np.asarray(weights.lora_a, dtype=np.float64),
-                    np.asarray(weights.lora_b, dtype=np.float64),
+                    peer_a,
+                    peer_b,
                 )
             )
             weakref.finalize(
@@ -400,6 +442,53 @@ class HeLoraExecutor:
             outputs = self._split_group(plan, adapter, evaluator, inputs, payloads, peer)
         else:
             outputs = self._units(plan, adapter, evaluator, inputs)
+        return self._result(outputs, evaluator)
+
+    def apply_layers(
+        self, layers: Sequence[tuple[Plan, EncodedAdapter]], ciphertexts: Sequence[bytes]
+    ) -> list[ExecutionResult]:
+        """Evaluate several layers (plan and adapter each) on the same ciphertexts.
+
+        With a peer process the layers go in pairs: the peer evaluates the second layer
+        of a pair whole while this process evaluates the first (no hand-off inside a
+        layer, so a layer's chain of dependent rotations never waits for the other
+        core); an unpaired last layer is :meth:`apply` (split inside the layer). Without
+        a peer, one after the other. Each result's counts are its own layer's.
+
+        Raises:
+            As :meth:`apply`.
+        """
+        peer = self._peer
+        results: list[ExecutionResult] = []
+        index = 0
+        while index < len(layers):
+            if peer is None or index + 1 == len(layers):
+                plan, adapter = layers[index]
+                results.append(self.apply(plan, adapter, ciphertexts))
+                index += 1
+                continue
+            (mine, my_adapter), (theirs, their_adapter) = layers[index], layers[index + 1]
+            for plan, adapter in (layers[index], layers[index + 1]):
+                self.check_plan(plan)
+                if adapter.encoding_key != plan.encoding_key():
+                    raise FailedPrecondition(
+                        "the adapter was encoded for another plan layout", reason="PLAN_MISMATCH"
+                    )
+            inputs, payloads = self._load_inputs(mine, ciphertexts)
+            self._load_inputs(theirs, ciphertexts)  # validated against its plan too
+            their_counts = CountingEvaluator(self._context, self._galois_keys)
+            pending = peer.submit(self._task(theirs, their_adapter, "units", payloads))
+            evaluator = CountingEvaluator(self._context, self._galois_keys)
+            try:
+                outputs = self._units(mine, my_adapter, evaluator, inputs)
+            finally:
+                their_outputs = self._absorb(their_counts, pending.result())
+            results.append(self._result(outputs, evaluator))
+            results.append(self._result(their_outputs, their_counts))
+            index += 2
+        return results
+
+    def _result(self, outputs: Sequence[Any], evaluator: CountingEvaluator) -> ExecutionResult:
         blobs = tuple(
             pack(WireKind.CIPHERTEXT, self._context.fingerprint, ct.to_string()) for ct in outputs
         )
@@ -589,8 +678,14 @@ class HeLoraExecutor:
     # -- PER_TOKEN -----------------------------------------------------------------
 
     def _encode_per_token(
-        self, plan: Plan, lora_a: FloatArray, scaled_b: FloatArray
+        self,
+        plan: Plan,
+        lora_as: Sequence[FloatArray],
+        scaled_bs: Sequence[FloatArray],
+        offsets: Sequence[int] | None,
     ) -> EncodedAdapter:
+        """One layer (``offsets`` None) or several in their regions of one ciphertext;
+        the overflow bounds and B's fixed-point scale cover the largest of them."""
         context = self._context
         top, middle = plan.input_primes, plan.input_primes - 1
         # x·A is encoded at the exact prime its rescale drops, so the scale returns to
@@ -598,8 +693,14 @@ class HeLoraExecutor:
         # CLIENT_BABY_STEPS keeps u·B at the lowest level with B in fixed point.
         input_scale = context.rescale_prime(top)
         activation = plan.activation_bound * (math.sqrt(2.0) if plan.complex_packing else 1.0)
-        inner_bound = activation * float(np.max(np.sum(np.abs(lora_a), axis=0)))
-        output_bound = _output_bound(activation, lora_a, scaled_b)
+        inner_bound = activation * max(
+            float(np.max(np.sum(np.abs(lora_a), axis=0))) for lora_a in lora_as
+        )
+        output_bound = max(
+            _output_bound(activation, lora_a, scaled_b)
+            for lora_a, scaled_b in zip(lora_as, scaled_bs, strict=True)
+        )
+        scaled_b = np.concatenate(scaled_bs, axis=1)
         scale = 2.0**plan.input_scale_bits
         self._require_fits(inner_bound * scale * input_scale, top, "x·A before its rescale")
         self._require_fits(inner_bound * scale, middle, "x·A")
@@ -616,14 +717,17 @@ class HeLoraExecutor:
                 output_bound * scale * output_scale, middle, "the delta before its rescale"
             )
             self._require_fits(output_bound * scale, middle - 1, "the delta")
+        if offsets is None:
+            inputs = packing.input_diagonals(plan, lora_as[0])
+            outputs = packing.output_diagonals(plan, scaled_bs[0])
+        else:
+            sizes = [b.shape[1] for b in scaled_bs]
+            inputs = packing.shared_input_diagonals(plan, lora_as, offsets, sizes)
+            outputs = packing.shared_output_diagonals(plan, scaled_bs, offsets)
         return EncodedAdapter(
             encoding_key=plan.encoding_key(),
-            input_diagonals=self._encode_vectors(
-                packing.input_diagonals(plan, lora_a), input_scale, top
-            ),
-            output_diagonals=self._encode_vectors(
-                packing.output_diagonals(plan, scaled_b), output_scale, middle
-            ),
+            input_diagonals=self._encode_vectors(inputs, input_scale, top),
+            output_diagonals=self._encode_vectors(outputs, output_scale, middle),
             output_bound=output_bound,
             fixed_point_bits=fixed_point_bits,
         )

@@ -257,7 +257,15 @@ class _WorkerState:
             return None
         if kind == "adapter":
             _, session, adapter_id, plan_text, lora_a, lora_b = message
-            weights = module.LoraWeights(lora_a=lora_a, lora_b=lora_b)
+            # Several layers on one input come as lists (HeLoraExecutor.encode_adapter).
+            weights: Any = (
+                [
+                    module.LoraWeights(lora_a=a, lora_b=b)
+                    for a, b in zip(lora_a, lora_b, strict=True)
+                ]
+                if isinstance(lora_a, list)
+                else module.LoraWeights(lora_a=lora_a, lora_b=lora_b)
+            )
             self.adapters[(session, adapter_id)] = self.sessions[session].encode_adapter(
                 self.plan(plan_text), weights
             )

@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import threading
@@ -56,7 +57,7 @@ from tensafe.he_runtime.domain.plans import PlanRequest, compile_for, plan_for_u
 from tensafe.he_runtime.store.keys import KeyFiles
 from tensafe.he_runtime.store.sql import SessionRecord, SessionStore, SessionTransaction, micros
 from tensafe.helora.params import CkksParams
-from tensafe.helora.plan import OpCounts, Packing, Plan, Variant
+from tensafe.helora.plan import OpCounts, Packing, Plan, Variant, shared_input_offsets
 from tensafe.helora.wire import WireKind, unpack
 
 log = logging.getLogger(__name__)
@@ -180,11 +181,11 @@ class Session:
             raise NotFound(f"session {self.id} not found")
         return self._executor
 
-    def check_layer(self, layer: str) -> None:
-        """Raise InvalidArgument ``header.layer`` unless the adapter adapts ``layer``."""
+    def check_layer(self, layer: str, field: str = "header.layer") -> None:
+        """Raise InvalidArgument ``field`` unless the adapter adapts ``layer``."""
         if layer not in self.adapter.layers:
             raise InvalidArgument(
-                "header.layer",
+                field,
                 f"{layer!r} is not adapted by this session's adapter (layers: "
                 f"{', '.join(self.layers[:8])}{', ...' if len(self.layers) > 8 else ''})",
             )
@@ -217,6 +218,76 @@ class Session:
             result = executor.apply(plan, encoded, ciphertexts)
             elapsed = (time.perf_counter() - started) * 1000.0
         return ApplyResult(ciphertexts=result.ciphertexts, counts=result.counts, server_ms=elapsed)
+
+    def shared_plan(self, layers: Sequence[str], plans: Sequence[Plan]) -> Plan | None:
+        """The plan evaluating ``layers`` (their ``plans``) in one ciphertext, or None.
+
+        When their output regions fit the slots (:func:`shared_input_offsets`), the
+        layers run as one plan whose output size is the end of the last region's
+        outputs; cached per session like :meth:`layer_plan`.
+        """
+        sizes = [plan.output_size for plan in plans]
+        offsets = shared_input_offsets(plans[0], sizes)
+        if offsets is None:
+            return None
+        key = ("\n".join(layers), plans[0].units)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = plan_for_units(
+                self.plan,
+                hidden_size=plans[0].hidden_size,
+                output_size=offsets[-1] + sizes[-1],
+                units=plans[0].units,
+            )
+            if len(self._plans) >= _MAX_CACHED_PLANS:
+                self._plans.pop(next(iter(self._plans)))
+            self._plans[key] = plan
+        return plan
+
+    def evaluate_layers(
+        self, layers: Sequence[str], plans: Sequence[Plan], ciphertexts: Sequence[bytes]
+    ) -> ApplyResult:
+        """Apply several layers' deltas to the same ciphertexts (blocking).
+
+        Layers that fit one ciphertext (:meth:`shared_plan`) run as that one plan: one
+        set of results holding every layer's delta in its region, the operations of one
+        layer. Otherwise :meth:`HeLoraExecutor.apply_layers`: results layer after layer,
+        counts summed.
+        """
+        shared = self.shared_plan(layers, plans)
+        with self._lock:
+            executor = self.executor()
+            started = time.perf_counter()
+            if shared is not None:
+                encoded_group = executor.adapter(
+                    shared,
+                    f"{self.adapter.digest}:{'+'.join(layers)}",
+                    lambda: [self.adapter.layers[layer] for layer in layers],
+                )
+                result = executor.apply(shared, encoded_group, ciphertexts)
+                return ApplyResult(
+                    ciphertexts=result.ciphertexts,
+                    counts=result.counts,
+                    server_ms=(time.perf_counter() - started) * 1000.0,
+                )
+            encoded = [
+                (
+                    plan,
+                    executor.adapter(
+                        plan,
+                        f"{self.adapter.digest}:{layer}",
+                        functools.partial(self.adapter.layers.__getitem__, layer),
+                    ),
+                )
+                for layer, plan in zip(layers, plans, strict=True)
+            ]
+            results = executor.apply_layers(encoded, ciphertexts)
+            elapsed = (time.perf_counter() - started) * 1000.0
+        return ApplyResult(
+            ciphertexts=tuple(blob for result in results for blob in result.ciphertexts),
+            counts=sum((result.counts for result in results), OpCounts()),
+            server_ms=elapsed,
+        )
 
     def drop_keys(self) -> None:
         """Delete the keys and encoded adapter (the executor holds both).
@@ -701,9 +772,13 @@ class HeSessions:
         session.check_layer(layer)
         units = _units(session, layer, len(ciphertexts))
         plan = session.layer_plan(layer, units)
+        return await self._evaluating(session, lambda: session.evaluate(layer, plan, ciphertexts))
+
+    async def _evaluating(self, session: Session, work: Callable[[], ApplyResult]) -> ApplyResult:
+        """Run ``work`` (a session's evaluation) on a worker thread, counted in flight."""
         session.in_flight += 1
         try:
-            return await self._run(lambda: session.evaluate(layer, plan, ciphertexts))
+            return await self._run(work)
         except PeerFailed:
             # The executor's peer process is gone: drop the executor, so the client's
             # retry (UNAVAILABLE) rebuilds the session on a new peer process.
@@ -713,6 +788,30 @@ class HeSessions:
         finally:
             session.in_flight -= 1
             session.last_used = self._clock()
+
+    async def evaluate_layers(
+        self, session: Session, layers: Sequence[str], ciphertexts: Sequence[bytes]
+    ) -> ApplyResult:
+        """Apply several layers' deltas to the same ciphertexts, in one worker hop.
+
+        The layers must read the same input (checked by the caller: same input size);
+        the results are concatenated layer after layer and the counts summed. With a
+        peer process, two layers run at once (:meth:`HeLoraExecutor.apply_layers`).
+        One layer is :meth:`evaluate`.
+
+        Raises:
+            As :meth:`apply`.
+        """
+        if len(layers) == 1:
+            return await self.evaluate(session, layers[0], ciphertexts)
+        plans = []
+        for layer in layers:
+            session.check_layer(layer)
+            plans.append(session.layer_plan(layer, _units(session, layer, len(ciphertexts))))
+
+        return await self._evaluating(
+            session, lambda: session.evaluate_layers(layers, plans, ciphertexts)
+        )
 
     async def _run(self, work: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, work)

@@ -70,7 +70,7 @@ class TrainingClientRow(Base):
     created_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
     lineage_json: Mapped[str | None] = mapped_column(sa.Text, nullable=True)
     """The other training clients whose steps the weights continue (migration 0004;
-    :class:`tensafe.trainer.ledger.Lineage`); None: none."""
+    :class:`tensafe.trainer.domain.ledger.Lineage`); None: none."""
     pending_loss_sum: Mapped[float] = mapped_column(
         sa.Float, default=0.0, server_default=sa.text("0")
     )

@@ -25,17 +25,17 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1etensafe/he/v1/he_service.proto\x12\rtensafe.he.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"]\n\x0e\x43kksParameters\x12\x1b\n\x13poly_modulus_degree\x18\x01 \x01(\x03\x12\x1a\n\x12\x63oeff_modulus_bits\x18\x02 \x03(\x05\x12\x12\n\nscale_bits\x18\x03 \x01(\x05\"\xea\x01\n\x08PlanSpec\x12\x13\n\x0bhidden_size\x18\x01 \x01(\x03\x12\x13\n\x0boutput_size\x18\x02 \x01(\x03\x12\x0c\n\x04rank\x18\x03 \x01(\x03\x12\r\n\x05\x61lpha\x18\x04 \x01(\x01\x12\x0e\n\x06tokens\x18\x05 \x01(\x03\x12\x31\n\nparameters\x18\x06 \x01(\x0b\x32\x1d.tensafe.he.v1.CkksParameters\x12\'\n\x07packing\x18\x07 \x01(\x0e\x32\x16.tensafe.he.v1.Packing\x12+\n\x07variant\x18\x08 \x01(\x0e\x32\x1a.tensafe.he.v1.PlanVariant\"\xb0\x02\n\x04Plan\x12\x0f\n\x07plan_id\x18\x01 \x01(\t\x12\'\n\x07packing\x18\x02 \x01(\x0e\x32\x16.tensafe.he.v1.Packing\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x16\n\x0erotation_steps\x18\x04 \x03(\x03\x12\r\n\x05\x64\x65pth\x18\x05 \x01(\x05\x12\x11\n\trotations\x18\x06 \x01(\x03\x12\x14\n\x0ckey_switches\x18\x07 \x01(\x03\x12\x1c\n\x14plaintext_multiplies\x18\x08 \x01(\x03\x12\x10\n\x08rescales\x18\t \x01(\x03\x12\x14\n\x0c\x65stimated_ms\x18\n \x01(\x01\x12\x19\n\x11input_ciphertexts\x18\x0b \x01(\x03\x12\x1a\n\x12output_ciphertexts\x18\x0c \x01(\x03\x12\x11\n\tplan_json\x18\r \x01(\t\";\n\x12\x43ompilePlanRequest\x12%\n\x04spec\x18\x01 \x01(\x0b\x32\x17.tensafe.he.v1.PlanSpec\"8\n\x13\x43ompilePlanResponse\x12!\n\x04plan\x18\x01 \x01(\x0b\x32\x13.tensafe.he.v1.Plan\"\xb2\x01\n\x13\x43reateSessionHeader\x12\x14\n\x0c\x61\x64\x61pter_name\x18\x01 \x01(\t\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x02 \x01(\x03\x12%\n\x04spec\x18\x03 \x01(\x0b\x32\x17.tensafe.he.v1.PlanSpec\x12\x17\n\x0fseal_parameters\x18\x04 \x01(\x0c\x12\x18\n\x10galois_keys_size\x18\x05 \x01(\x03\x12\x12\n\nrequest_id\x18\x06 \x01(\t\"q\n\x14\x43reateSessionRequest\x12\x34\n\x06header\x18\x01 \x01(\x0b\x32\".tensafe.he.v1.CreateSessionHeaderH\x00\x12\x1b\n\x11galois_keys_chunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"\x8c\x01\n\x07Session\x12\n\n\x02id\x18\x01 \x01(\t\x12!\n\x04plan\x18\x02 \x01(\x0b\x32\x13.tensafe.he.v1.Plan\x12\x0e\n\x06layers\x18\x03 \x03(\t\x12/\n\x0b\x65xpire_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tkey_bytes\x18\x05 \x01(\x03\"@\n\x15\x43reateSessionResponse\x12\'\n\x07session\x18\x01 \x01(\x0b\x32\x16.tensafe.he.v1.Session\"\'\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"=\n\x12GetSessionResponse\x12\'\n\x07session\x18\x01 \x01(\x0b\x32\x16.tensafe.he.v1.Session\"I\n\x0f\x41pplyLoraHeader\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\t\x12\x13\n\x0b\x63iphertexts\x18\x03 \x01(\x03\"<\n\x0f\x43iphertextChunk\x12\r\n\x05index\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0c\n\x04last\x18\x03 \x01(\x08\"}\n\x10\x41pplyLoraRequest\x12\x30\n\x06header\x18\x01 \x01(\x0b\x32\x1e.tensafe.he.v1.ApplyLoraHeaderH\x00\x12/\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1e.tensafe.he.v1.CiphertextChunkH\x00\x42\x06\n\x04part\"]\n\x16\x41pplyLoraInlineRequest\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1e.tensafe.he.v1.ApplyLoraHeader\x12\x13\n\x0b\x63iphertexts\x18\x02 \x03(\x0c\"`\n\x17\x41pplyLoraInlineResponse\x12\x13\n\x0b\x63iphertexts\x18\x01 \x03(\x0c\x12\x30\n\x07summary\x18\x02 \x01(\x0b\x32\x1f.tensafe.he.v1.ApplyLoraSummary\"}\n\x0fOperationCounts\x12\x11\n\trotations\x18\x01 \x01(\x03\x12\x14\n\x0ckey_switches\x18\x02 \x01(\x03\x12\x1c\n\x14plaintext_multiplies\x18\x03 \x01(\x03\x12\x10\n\x08rescales\x18\x04 \x01(\x03\x12\x11\n\tadditions\x18\x05 \x01(\x03\"U\n\x10\x41pplyLoraSummary\x12.\n\x06\x63ounts\x18\x01 \x01(\x0b\x32\x1e.tensafe.he.v1.OperationCounts\x12\x11\n\tserver_ms\x18\x02 \x01(\x01\"\x80\x01\n\x11\x41pplyLoraResponse\x12/\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x1e.tensafe.he.v1.CiphertextChunkH\x00\x12\x32\n\x07summary\x18\x02 \x01(\x0b\x32\x1f.tensafe.he.v1.ApplyLoraSummaryH\x00\x42\x06\n\x04part\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x16\n\x14\x43loseSessionResponse*R\n\x07Packing\x12\x17\n\x13PACKING_UNSPECIFIED\x10\x00\x12\x15\n\x11PACKING_PER_TOKEN\x10\x01\x12\x17\n\x13PACKING_BATCH_FIRST\x10\x02*\xac\x01\n\x0bPlanVariant\x12\x1c\n\x18PLAN_VARIANT_UNSPECIFIED\x10\x00\x12\"\n\x1ePLAN_VARIANT_SERVER_BABY_STEPS\x10\x01\x12\"\n\x1ePLAN_VARIANT_CLIENT_BABY_STEPS\x10\x02\x12\x1b\n\x17PLAN_VARIANT_TWO_PRIMES\x10\x03\x12\x1a\n\x16PLAN_VARIANT_ONE_PRIME\x10\x04\x32\xa8\x04\n\x10HeRuntimeService\x12T\n\x0b\x43ompilePlan\x12!.tensafe.he.v1.CompilePlanRequest\x1a\".tensafe.he.v1.CompilePlanResponse\x12\\\n\rCreateSession\x12#.tensafe.he.v1.CreateSessionRequest\x1a$.tensafe.he.v1.CreateSessionResponse(\x01\x12Q\n\nGetSession\x12 .tensafe.he.v1.GetSessionRequest\x1a!.tensafe.he.v1.GetSessionResponse\x12R\n\tApplyLora\x12\x1f.tensafe.he.v1.ApplyLoraRequest\x1a .tensafe.he.v1.ApplyLoraResponse(\x01\x30\x01\x12`\n\x0f\x41pplyLoraInline\x12%.tensafe.he.v1.ApplyLoraInlineRequest\x1a&.tensafe.he.v1.ApplyLoraInlineResponse\x12W\n\x0c\x43loseSession\x12\".tensafe.he.v1.CloseSessionRequest\x1a#.tensafe.he.v1.CloseSessionResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1etensafe/he/v1/he_service.proto\x12\rtensafe.he.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"]\n\x0e\x43kksParameters\x12\x1b\n\x13poly_modulus_degree\x18\x01 \x01(\x03\x12\x1a\n\x12\x63oeff_modulus_bits\x18\x02 \x03(\x05\x12\x12\n\nscale_bits\x18\x03 \x01(\x05\"\xea\x01\n\x08PlanSpec\x12\x13\n\x0bhidden_size\x18\x01 \x01(\x03\x12\x13\n\x0boutput_size\x18\x02 \x01(\x03\x12\x0c\n\x04rank\x18\x03 \x01(\x03\x12\r\n\x05\x61lpha\x18\x04 \x01(\x01\x12\x0e\n\x06tokens\x18\x05 \x01(\x03\x12\x31\n\nparameters\x18\x06 \x01(\x0b\x32\x1d.tensafe.he.v1.CkksParameters\x12\'\n\x07packing\x18\x07 \x01(\x0e\x32\x16.tensafe.he.v1.Packing\x12+\n\x07variant\x18\x08 \x01(\x0e\x32\x1a.tensafe.he.v1.PlanVariant\"\xb0\x02\n\x04Plan\x12\x0f\n\x07plan_id\x18\x01 \x01(\t\x12\'\n\x07packing\x18\x02 \x01(\x0e\x32\x16.tensafe.he.v1.Packing\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x16\n\x0erotation_steps\x18\x04 \x03(\x03\x12\r\n\x05\x64\x65pth\x18\x05 \x01(\x05\x12\x11\n\trotations\x18\x06 \x01(\x03\x12\x14\n\x0ckey_switches\x18\x07 \x01(\x03\x12\x1c\n\x14plaintext_multiplies\x18\x08 \x01(\x03\x12\x10\n\x08rescales\x18\t \x01(\x03\x12\x14\n\x0c\x65stimated_ms\x18\n \x01(\x01\x12\x19\n\x11input_ciphertexts\x18\x0b \x01(\x03\x12\x1a\n\x12output_ciphertexts\x18\x0c \x01(\x03\x12\x11\n\tplan_json\x18\r \x01(\t\";\n\x12\x43ompilePlanRequest\x12%\n\x04spec\x18\x01 \x01(\x0b\x32\x17.tensafe.he.v1.PlanSpec\"8\n\x13\x43ompilePlanResponse\x12!\n\x04plan\x18\x01 \x01(\x0b\x32\x13.tensafe.he.v1.Plan\"\xb2\x01\n\x13\x43reateSessionHeader\x12\x14\n\x0c\x61\x64\x61pter_name\x18\x01 \x01(\t\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x02 \x01(\x03\x12%\n\x04spec\x18\x03 \x01(\x0b\x32\x17.tensafe.he.v1.PlanSpec\x12\x17\n\x0fseal_parameters\x18\x04 \x01(\x0c\x12\x18\n\x10galois_keys_size\x18\x05 \x01(\x03\x12\x12\n\nrequest_id\x18\x06 \x01(\t\"q\n\x14\x43reateSessionRequest\x12\x34\n\x06header\x18\x01 \x01(\x0b\x32\".tensafe.he.v1.CreateSessionHeaderH\x00\x12\x1b\n\x11galois_keys_chunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"\x8c\x01\n\x07Session\x12\n\n\x02id\x18\x01 \x01(\t\x12!\n\x04plan\x18\x02 \x01(\x0b\x32\x13.tensafe.he.v1.Plan\x12\x0e\n\x06layers\x18\x03 \x03(\t\x12/\n\x0b\x65xpire_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tkey_bytes\x18\x05 \x01(\x03\"@\n\x15\x43reateSessionResponse\x12\'\n\x07session\x18\x01 \x01(\x0b\x32\x16.tensafe.he.v1.Session\"\'\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"=\n\x12GetSessionResponse\x12\'\n\x07session\x18\x01 \x01(\x0b\x32\x16.tensafe.he.v1.Session\"^\n\x0f\x41pplyLoraHeader\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\t\x12\x13\n\x0b\x63iphertexts\x18\x03 \x01(\x03\x12\x13\n\x0bmore_layers\x18\x04 \x03(\t\"<\n\x0f\x43iphertextChunk\x12\r\n\x05index\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0c\n\x04last\x18\x03 \x01(\x08\"}\n\x10\x41pplyLoraRequest\x12\x30\n\x06header\x18\x01 \x01(\x0b\x32\x1e.tensafe.he.v1.ApplyLoraHeaderH\x00\x12/\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1e.tensafe.he.v1.CiphertextChunkH\x00\x42\x06\n\x04part\"]\n\x16\x41pplyLoraInlineRequest\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1e.tensafe.he.v1.ApplyLoraHeader\x12\x13\n\x0b\x63iphertexts\x18\x02 \x03(\x0c\"`\n\x17\x41pplyLoraInlineResponse\x12\x13\n\x0b\x63iphertexts\x18\x01 \x03(\x0c\x12\x30\n\x07summary\x18\x02 \x01(\x0b\x32\x1f.tensafe.he.v1.ApplyLoraSummary\"}\n\x0fOperationCounts\x12\x11\n\trotations\x18\x01 \x01(\x03\x12\x14\n\x0ckey_switches\x18\x02 \x01(\x03\x12\x1c\n\x14plaintext_multiplies\x18\x03 \x01(\x03\x12\x10\n\x08rescales\x18\x04 \x01(\x03\x12\x11\n\tadditions\x18\x05 \x01(\x03\"U\n\x10\x41pplyLoraSummary\x12.\n\x06\x63ounts\x18\x01 \x01(\x0b\x32\x1e.tensafe.he.v1.OperationCounts\x12\x11\n\tserver_ms\x18\x02 \x01(\x01\"\x80\x01\n\x11\x41pplyLoraResponse\x12/\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x1e.tensafe.he.v1.CiphertextChunkH\x00\x12\x32\n\x07summary\x18\x02 \x01(\x0b\x32\x1f.tensafe.he.v1.ApplyLoraSummaryH\x00\x42\x06\n\x04part\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x16\n\x14\x43loseSessionResponse*R\n\x07Packing\x12\x17\n\x13PACKING_UNSPECIFIED\x10\x00\x12\x15\n\x11PACKING_PER_TOKEN\x10\x01\x12\x17\n\x13PACKING_BATCH_FIRST\x10\x02*\xac\x01\n\x0bPlanVariant\x12\x1c\n\x18PLAN_VARIANT_UNSPECIFIED\x10\x00\x12\"\n\x1ePLAN_VARIANT_SERVER_BABY_STEPS\x10\x01\x12\"\n\x1ePLAN_VARIANT_CLIENT_BABY_STEPS\x10\x02\x12\x1b\n\x17PLAN_VARIANT_TWO_PRIMES\x10\x03\x12\x1a\n\x16PLAN_VARIANT_ONE_PRIME\x10\x04\x32\xa8\x04\n\x10HeRuntimeService\x12T\n\x0b\x43ompilePlan\x12!.tensafe.he.v1.CompilePlanRequest\x1a\".tensafe.he.v1.CompilePlanResponse\x12\\\n\rCreateSession\x12#.tensafe.he.v1.CreateSessionRequest\x1a$.tensafe.he.v1.CreateSessionResponse(\x01\x12Q\n\nGetSession\x12 .tensafe.he.v1.GetSessionRequest\x1a!.tensafe.he.v1.GetSessionResponse\x12R\n\tApplyLora\x12\x1f.tensafe.he.v1.ApplyLoraRequest\x1a .tensafe.he.v1.ApplyLoraResponse(\x01\x30\x01\x12`\n\x0f\x41pplyLoraInline\x12%.tensafe.he.v1.ApplyLoraInlineRequest\x1a&.tensafe.he.v1.ApplyLoraInlineResponse\x12W\n\x0c\x43loseSession\x12\".tensafe.he.v1.CloseSessionRequest\x1a#.tensafe.he.v1.CloseSessionResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tensafe.proto.he.v1.he_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PACKING']._serialized_start=2318
-  _globals['_PACKING']._serialized_end=2400
-  _globals['_PLANVARIANT']._serialized_start=2403
-  _globals['_PLANVARIANT']._serialized_end=2575
+  _globals['_PACKING']._serialized_start=2339
+  _globals['_PACKING']._serialized_end=2421
+  _globals['_PLANVARIANT']._serialized_start=2424
+  _globals['_PLANVARIANT']._serialized_end=2596
   _globals['_CKKSPARAMETERS']._serialized_start=82
   _globals['_CKKSPARAMETERS']._serialized_end=175
   _globals['_PLANSPEC']._serialized_start=178
@@ -59,25 +59,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETSESSIONRESPONSE']._serialized_start=1386
   _globals['_GETSESSIONRESPONSE']._serialized_end=1447
   _globals['_APPLYLORAHEADER']._serialized_start=1449
-  _globals['_APPLYLORAHEADER']._serialized_end=1522
-  _globals['_CIPHERTEXTCHUNK']._serialized_start=1524
-  _globals['_CIPHERTEXTCHUNK']._serialized_end=1584
-  _globals['_APPLYLORAREQUEST']._serialized_start=1586
-  _globals['_APPLYLORAREQUEST']._serialized_end=1711
-  _globals['_APPLYLORAINLINEREQUEST']._serialized_start=1713
-  _globals['_APPLYLORAINLINEREQUEST']._serialized_end=1806
-  _globals['_APPLYLORAINLINERESPONSE']._serialized_start=1808
-  _globals['_APPLYLORAINLINERESPONSE']._serialized_end=1904
-  _globals['_OPERATIONCOUNTS']._serialized_start=1906
-  _globals['_OPERATIONCOUNTS']._serialized_end=2031
-  _globals['_APPLYLORASUMMARY']._serialized_start=2033
-  _globals['_APPLYLORASUMMARY']._serialized_end=2118
-  _globals['_APPLYLORARESPONSE']._serialized_start=2121
-  _globals['_APPLYLORARESPONSE']._serialized_end=2249
-  _globals['_CLOSESESSIONREQUEST']._serialized_start=2251
-  _globals['_CLOSESESSIONREQUEST']._serialized_end=2292
-  _globals['_CLOSESESSIONRESPONSE']._serialized_start=2294
-  _globals['_CLOSESESSIONRESPONSE']._serialized_end=2316
-  _globals['_HERUNTIMESERVICE']._serialized_start=2578
-  _globals['_HERUNTIMESERVICE']._serialized_end=3130
+  _globals['_APPLYLORAHEADER']._serialized_end=1543
+  _globals['_CIPHERTEXTCHUNK']._serialized_start=1545
+  _globals['_CIPHERTEXTCHUNK']._serialized_end=1605
+  _globals['_APPLYLORAREQUEST']._serialized_start=1607
+  _globals['_APPLYLORAREQUEST']._serialized_end=1732
+  _globals['_APPLYLORAINLINEREQUEST']._serialized_start=1734
+  _globals['_APPLYLORAINLINEREQUEST']._serialized_end=1827
+  _globals['_APPLYLORAINLINERESPONSE']._serialized_start=1829
+  _globals['_APPLYLORAINLINERESPONSE']._serialized_end=1925
+  _globals['_OPERATIONCOUNTS']._serialized_start=1927
+  _globals['_OPERATIONCOUNTS']._serialized_end=2052
+  _globals['_APPLYLORASUMMARY']._serialized_start=2054
+  _globals['_APPLYLORASUMMARY']._serialized_end=2139
+  _globals['_APPLYLORARESPONSE']._serialized_start=2142
+  _globals['_APPLYLORARESPONSE']._serialized_end=2270
+  _globals['_CLOSESESSIONREQUEST']._serialized_start=2272
+  _globals['_CLOSESESSIONREQUEST']._serialized_end=2313
+  _globals['_CLOSESESSIONRESPONSE']._serialized_start=2315
+  _globals['_CLOSESESSIONRESPONSE']._serialized_end=2337
+  _globals['_HERUNTIMESERVICE']._serialized_start=2599
+  _globals['_HERUNTIMESERVICE']._serialized_end=3151
 # @@protoc_insertion_point(module_scope)

@@ -482,22 +482,34 @@ class ApplyLoraHeader(_message.Message):
     SESSION_ID_FIELD_NUMBER: _builtins.int
     LAYER_FIELD_NUMBER: _builtins.int
     CIPHERTEXTS_FIELD_NUMBER: _builtins.int
+    MORE_LAYERS_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """The session's id."""
     layer: _builtins.str
     """Adapted layer (module name)."""
     ciphertexts: _builtins.int
     """Number of ciphertexts that follow."""
+    @_builtins.property
+    def more_layers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Further layers of the session evaluated on the same ciphertexts (layers that read
+        the same input, e.g. a block's k_proj and v_proj after q_proj): each must take the
+        same input size as layer, none may repeat. When the layers' output regions fit the
+        slots (PER_TOKEN, tensafe.helora.plan.shared_input_offsets), they run as one plan
+        and the results are that plan's, each layer's delta in its region; otherwise
+        layer's results, then each further layer's, in this order.
+        """
+
     def __init__(
         self,
         *,
         session_id: _builtins.str = ...,
         layer: _builtins.str = ...,
         ciphertexts: _builtins.int = ...,
+        more_layers: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ciphertexts", b"ciphertexts", "layer", b"layer", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ciphertexts", b"ciphertexts", "layer", b"layer", "more_layers", b"more_layers", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -605,11 +617,11 @@ class ApplyLoraInlineResponse(_message.Message):
     SUMMARY_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def ciphertexts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
-        """Serialized output ciphertexts, in plan order."""
+        """Serialized output ciphertexts, in plan order (see ApplyLoraHeader.more_layers)."""
 
     @_builtins.property
     def summary(self) -> Global___ApplyLoraSummary:
-        """Operations performed and server time."""
+        """Operations performed and server time (summed over the layers)."""
 
     def __init__(
         self,

@@ -483,6 +483,18 @@ export declare type ApplyLoraHeader = Message<"tensafe.he.v1.ApplyLoraHeader"> &
    * @generated from field: int64 ciphertexts = 3;
    */
   ciphertexts: bigint;
+
+  /**
+   * Further layers of the session evaluated on the same ciphertexts (layers that read
+   * the same input, e.g. a block's k_proj and v_proj after q_proj): each must take the
+   * same input size as layer, none may repeat. When the layers' output regions fit the
+   * slots (PER_TOKEN, tensafe.helora.plan.shared_input_offsets), they run as one plan
+   * and the results are that plan's, each layer's delta in its region; otherwise
+   * layer's results, then each further layer's, in this order.
+   *
+   * @generated from field: repeated string more_layers = 4;
+   */
+  moreLayers: string[];
 };
 
 /**
@@ -595,14 +607,14 @@ export declare const ApplyLoraInlineRequestSchema: GenMessage<ApplyLoraInlineReq
  */
 export declare type ApplyLoraInlineResponse = Message<"tensafe.he.v1.ApplyLoraInlineResponse"> & {
   /**
-   * Serialized output ciphertexts, in plan order.
+   * Serialized output ciphertexts, in plan order (see ApplyLoraHeader.more_layers).
    *
    * @generated from field: repeated bytes ciphertexts = 1;
    */
   ciphertexts: Uint8Array[];
 
   /**
-   * Operations performed and server time.
+   * Operations performed and server time (summed over the layers).
    *
    * @generated from field: tensafe.he.v1.ApplyLoraSummary summary = 2;
    */

@@ -436,7 +436,7 @@ class LoraTrainingEngine:
     ) -> dict[str, torch.Tensor]:
         """Each datum's unclipped LoRA gradient at the current weights; nothing changes.
 
-        The privacy audit's white-box auditor (:mod:`tensafe.trainer.audit`) uses it to
+        The privacy audit's white-box auditor (:mod:`tensafe.trainer.domain.audit`) uses it to
         know, in every step, the direction in which a canary datum pushes the gradient
         sum; the canary itself enters the step through :meth:`forward_backward` like any
         datum. The same forward pass and loss as :meth:`forward_backward`, with dropout

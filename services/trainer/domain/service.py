@@ -5,7 +5,7 @@ creates the future (idempotent by request id), allocates the client's next seque
 number, stores the request as the job's payload and, for an OptimStep of a private
 client, checks and reserves the step's privacy cost against the budget. Only after the
 commit is the job published to JetStream (``Nats-Msg-Id`` = future id). If the publish
-fails, the job stays ``QUEUED`` in ``trainer_jobs`` and :meth:`TrainerApi.run_outbox`
+fails, the job stays ``QUEUED`` in ``trainer_jobs`` and :meth:`TrainerDomain.run_outbox`
 publishes it again; the stream's de-duplication and the worker's sequence check make a
 second copy harmless.
 
@@ -27,12 +27,8 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
-from google.protobuf.message import Message
-from sqlalchemy.ext.asyncio import AsyncSession
-
-from tensafe.common.db import Database
 from tensafe.common.errors import (
     InvalidArgument,
     NotFound,
@@ -41,14 +37,24 @@ from tensafe.common.errors import (
 )
 from tensafe.common.futures import Future, FuturePage, SqlFutureStore
 from tensafe.common.jetstream import JetStream
-from tensafe.common.quotas import QUOTA_EXCEEDED, lock_tenant, quota_exceeded
-from tensafe.proto.trainer.v1 import trainer_service_pb2 as pb
-from tensafe.trainer import serde
-from tensafe.trainer.audit.service import audit_plan
+from tensafe.common.quotas import QUOTA_EXCEEDED, quota_exceeded
 from tensafe.trainer.base_models import BaseModelInfo, BaseModelRegistry, tokenizer_files
-from tensafe.trainer.engine.accounting import BatchSampling, calibrate_noise_multiplier
-from tensafe.trainer.engine.config import LossConfig
-from tensafe.trainer.engine.losses import (
+from tensafe.trainer.domain.audit.service import audit_plan
+from tensafe.trainer.domain.commands import (
+    AuditPrivacy,
+    ClientJob,
+    ComputeLogprobs,
+    CreateClient,
+    ForwardBackward,
+    JobRequest,
+    NamedJob,
+    Sample,
+    batch_field,
+    remap_field,
+)
+from tensafe.trainer.domain.engine.accounting import BatchSampling, calibrate_noise_multiplier
+from tensafe.trainer.domain.engine.config import LossConfig
+from tensafe.trainer.domain.engine.losses import (
     LossFn,
     check_distinct,
     datum_digests,
@@ -56,7 +62,7 @@ from tensafe.trainer.engine.losses import (
     validate_batch,
     validate_token_sequences,
 )
-from tensafe.trainer.jobs import (
+from tensafe.trainer.domain.jobs import (
     CHECKPOINT_KIND,
     SAMPLER_KIND,
     JobKind,
@@ -66,15 +72,27 @@ from tensafe.trainer.jobs import (
     job_subject,
     parse_path,
 )
-from tensafe.trainer.ledger import PrivacyLedger, PrivacyReport, client_batches_mechanism, client_dp
+from tensafe.trainer.domain.ledger import (
+    PrivacyLedger,
+    PrivacyReport,
+    client_batches_mechanism,
+    client_dp,
+)
+from tensafe.trainer.domain.model import (
+    CLIENT_ACTIVE,
+    CheckpointRecord,
+    ClientRecord,
+    Page,
+    StepRecord,
+)
+from tensafe.trainer.domain.settings import DpSettings, check_dp, dp_with_noise, lora_to_json
 from tensafe.trainer.objects import ObjectFolder
-from tensafe.trainer.store import repository as repo
-from tensafe.trainer.store.models import JobRow, TrainingClientRow
+from tensafe.trainer.store.sql import TrainerStore, TrainerTransaction
 
 log = logging.getLogger(__name__)
 
-AdmitHook = Callable[[AsyncSession, TrainingClientRow, str, int], Awaitable[None]]
-"""Extra work inside a job's admission transaction: (session, locked client row,
+AdmitHook = Callable[[TrainerTransaction, ClientRecord, str, int], Awaitable[None]]
+"""Extra work inside a job's admission transaction: (transaction, locked client,
 future id, sequence number). Raising rolls the admission back."""
 
 _MAX_REQUEST_ID = 128
@@ -91,13 +109,6 @@ class Caller:
     principal: str
 
 
-def _fingerprint(message: Message) -> str:
-    copy = type(message)()
-    copy.CopyFrom(message)
-    copy.ClearField("request_id")
-    return hashlib.sha256(copy.SerializeToString(deterministic=True)).hexdigest()
-
-
 def _request_id(request_id: str) -> str:
     if len(request_id) > _MAX_REQUEST_ID:
         raise InvalidArgument("request_id", f"must be at most {_MAX_REQUEST_ID} characters")
@@ -105,12 +116,11 @@ def _request_id(request_id: str) -> str:
     return request_id or uuid.uuid4().hex
 
 
-class TrainerApi:
+class TrainerDomain:
     """Admission, reads and the outbox of the trainer API.
 
     Args:
-        database: The trainer's database.
-        futures: The futures store on ``trainer_futures``.
+        store: The trainer's database and its futures.
         jetstream: Connection whose stream captures ``<subject_prefix>.>``.
         base_models: The registered base models.
         objects: The object folder (checkpoints are deleted with their client).
@@ -126,8 +136,7 @@ class TrainerApi:
     def __init__(
         self,
         *,
-        database: Database,
-        futures: SqlFutureStore,
+        store: TrainerStore,
         jetstream: JetStream,
         base_models: BaseModelRegistry,
         objects: ObjectFolder,
@@ -138,13 +147,13 @@ class TrainerApi:
         max_steps_per_job: int,
         ledger: PrivacyLedger,
     ) -> None:
-        self._db = database
+        self._store = store
         self._ledger = ledger
         # (tenant, client id) -> (base model, private) of clients this process has read:
         # both are fixed at creation, and ForwardBackward needs them to validate a batch
         # before admission, whose transaction reads (and locks) the row anyway.
         self._client_facts: OrderedDict[tuple[str, str], tuple[str, bool]] = OrderedDict()
-        self._futures = futures
+        self._futures = store.futures
         self._jetstream = jetstream
         self._base_models = base_models
         self._objects = objects
@@ -197,9 +206,7 @@ class TrainerApi:
 
     # ---------------------------------------------------------------- clients
 
-    async def create_client(
-        self, caller: Caller, request: pb.CreateTrainingClientRequest
-    ) -> TrainingClientRow:
+    async def create_client(self, caller: Caller, command: CreateClient) -> ClientRecord:
         """Create a training client, or return the one this request id created.
 
         Raises:
@@ -208,12 +215,12 @@ class TrainerApi:
             ResourceExhausted: The tenant holds ``max_training_clients_per_tenant``
                 live clients already (reason ``QUOTA_EXCEEDED``).
         """
-        request_id = _request_id(request.request_id)
-        fingerprint = _fingerprint(request)
-        info = await self.base_model(request.base_model)
-        if not request.HasField("lora"):
+        request_id = _request_id(command.request_id)
+        fingerprint = command.fingerprint
+        info = await self.base_model(command.base_model)
+        if command.lora is None:
             raise InvalidArgument("lora", "is required")
-        lora = serde.lora_config(request.lora, info.default_target_modules)
+        lora = command.lora.config(info.default_target_modules)
         unknown = [m for m in lora.target_modules if m not in info.lora_target_modules]
         if unknown:
             raise InvalidArgument(
@@ -221,10 +228,10 @@ class TrainerApi:
                 f"no linear layer named {', '.join(unknown)} in {info.name}; "
                 f"choose from {', '.join(info.lora_target_modules)}",
             )
-        seed = int(request.lora.seed) if request.lora.seed else secrets.randbits(63)
-        dp: serde.DpSettings | None = None
-        if request.HasField("dp"):
-            dp, target = serde.dp_request(request.dp)
+        seed = int(command.lora.seed) if command.lora.seed else secrets.randbits(63)
+        dp: DpSettings | None = None
+        if command.dp is not None:
+            dp, target = check_dp(command.dp)
             if dp is None:
                 assert target is not None
                 # Client-supplied batches: the calibration composes full Gaussian steps,
@@ -232,14 +239,14 @@ class TrainerApi:
                 sigma = await asyncio.to_thread(
                     calibrate_noise_multiplier,
                     target_epsilon=target,
-                    delta=request.dp.delta,
-                    steps=int(request.dp.planned_steps),
+                    delta=command.dp.delta,
+                    steps=int(command.dp.planned_steps),
                     sampling=BatchSampling.CLIENT_BATCHES,
-                    accountant=serde.accountant_name(request.dp),
+                    accountant=command.dp.accountant,
                 )
-                dp = serde.dp_with_noise(request.dp, sigma)
-        async with self._db.transaction() as session:
-            existing = await repo.client_by_request(session, caller.tenant, request_id)
+                dp = dp_with_noise(command.dp, sigma)
+        async with self._store.transaction() as tx:
+            existing = await tx.client_by_request(caller.tenant, request_id)
             if existing is not None:
                 if existing.request_fingerprint != fingerprint:
                     raise InvalidArgument(
@@ -248,25 +255,25 @@ class TrainerApi:
                         reason="REQUEST_ID_REUSED",
                     )
                 return existing
-            await lock_tenant(session, "trainer.clients", caller.tenant)
-            live = await repo.count_live_clients(session, caller.tenant)
+            await tx.lock_tenant("trainer.clients", caller.tenant)
+            live = await tx.count_live_clients(caller.tenant)
             if live >= self._max_clients:
                 raise quota_exceeded(
                     "max_training_clients_per_tenant",
                     self._max_clients,
                     f"{live} live training clients",
                 )
-            row = TrainingClientRow(
+            client = ClientRecord(
                 id=uuid.uuid4().hex,
                 tenant=caller.tenant,
                 request_id=request_id,
                 request_fingerprint=fingerprint,
                 base_model=info.name,
-                lora_json=serde.lora_to_json(lora, seed),
+                lora_json=lora_to_json(lora, seed),
                 dp_json=dp.to_json() if dp is not None else None,
                 private=dp is not None,
                 seed=seed,
-                state=repo.CLIENT_ACTIVE,
+                state=CLIENT_ACTIVE,
                 next_seq=0,
                 applied_seq=0,
                 step=0,
@@ -275,17 +282,16 @@ class TrainerApi:
                 accountant_state=None,
                 state_path=None,
                 state_sha256=None,
-                lease_owner=None,
-                lease_expires_at=None,
-                created_at=repo.now(),
+                created_at=datetime.now(UTC),
+                lineage_json=None,
             )
-            session.add(row)
-        return row
+            tx.add_client(client)
+        return client
 
-    async def get_client(self, caller: Caller, client_id: str) -> TrainingClientRow:
+    async def get_client(self, caller: Caller, client_id: str) -> ClientRecord:
         """A client of the caller's tenant (NotFound otherwise)."""
-        async with self._db.transaction(read_only=True) as session:
-            row = await repo.get_client(session, caller.tenant, client_id)
+        async with self._store.transaction(read_only=True) as tx:
+            row = await tx.get_client(caller.tenant, client_id)
         self._client_facts[(caller.tenant, client_id)] = (row.base_model, row.private)
         self._client_facts.move_to_end((caller.tenant, client_id))
         while len(self._client_facts) > _CLIENT_FACTS:
@@ -302,45 +308,38 @@ class TrainerApi:
             facts = (row.base_model, row.private)
         return facts
 
-    async def client_by_request(self, caller: Caller, request_id: str) -> TrainingClientRow:
+    async def client_by_request(self, caller: Caller, request_id: str) -> ClientRecord:
         """The caller's client that a CreateTrainingClient with ``request_id`` made.
 
         Raises:
             NotFound: None did (or it is another tenant's).
         """
-        async with self._db.transaction(read_only=True) as session:
-            row = await repo.client_by_request(session, caller.tenant, request_id)
-        if row is None or row.state != repo.CLIENT_ACTIVE:
+        async with self._store.transaction(read_only=True) as tx:
+            row = await tx.client_by_request(caller.tenant, request_id)
+        if row is None or row.state != CLIENT_ACTIVE:
             raise NotFound(f"no training client was created with request id {request_id!r}")
         return row
 
     async def list_clients(
         self, caller: Caller, *, page_size: int, page_token: str
-    ) -> repo.ClientPage:
+    ) -> Page[ClientRecord]:
         """A page of the caller's clients."""
-        async with self._db.transaction(read_only=True) as session:
-            return await repo.list_clients(
-                session, caller.tenant, page_size=page_size, page_token=page_token
+        async with self._store.transaction(read_only=True) as tx:
+            return await tx.list_clients(
+                caller.tenant, page_size=page_size, page_token=page_token
             )
 
     async def delete_client(self, caller: Caller, client_id: str) -> None:
         """Delete a client and its checkpoints; its ledger stays for audit."""
-        async with self._db.transaction() as session:
-            row = await repo.lock_client(session, caller.tenant, client_id)
-            row.state = repo.CLIENT_DELETED
-            checkpoints = await repo.checkpoints_of(session, client_id)
-            for checkpoint in checkpoints:
-                await session.delete(checkpoint)
-            paths = [c.object_path for c in checkpoints]
-            if row.state_path is not None:
-                paths.append(row.state_path)
+        async with self._store.transaction() as tx:
+            paths = await tx.delete_client(caller.tenant, client_id)
         self._client_facts.pop((caller.tenant, client_id), None)
         for path in paths:
             self._objects.delete(path)
 
     async def privacy_spent(
         self, caller: Caller, client_id: str
-    ) -> tuple[TrainingClientRow, PrivacyReport | None]:
+    ) -> tuple[ClientRecord, PrivacyReport | None]:
         """The privacy a client's weights have spent (committed steps of their whole
         lineage); None for a non-private client."""
         row = await self.get_client(caller, client_id)
@@ -348,40 +347,32 @@ class TrainerApi:
 
     async def list_steps(
         self, caller: Caller, client_id: str, *, page_size: int, page_token: str
-    ) -> repo.StepPage:
+    ) -> Page[StepRecord]:
         """A page of a client's committed optimizer steps (loss, epsilon after each)."""
-        async with self._db.transaction(read_only=True) as session:
-            await repo.get_client(session, caller.tenant, client_id)
-            return await repo.list_steps(
-                session, client_id, page_size=page_size, page_token=page_token
-            )
+        async with self._store.transaction(read_only=True) as tx:
+            await tx.get_client(caller.tenant, client_id)
+            return await tx.list_steps(client_id, page_size=page_size, page_token=page_token)
 
     async def list_checkpoints(
         self, caller: Caller, client_id: str, *, page_size: int, page_token: str
-    ) -> repo.CheckpointPage:
+    ) -> Page[CheckpointRecord]:
         """A page of a client's saved states and sampler weights."""
-        async with self._db.transaction(read_only=True) as session:
-            await repo.get_client(session, caller.tenant, client_id)
-            return await repo.list_checkpoints(
-                session, client_id, page_size=page_size, page_token=page_token
+        async with self._store.transaction(read_only=True) as tx:
+            await tx.get_client(caller.tenant, client_id)
+            return await tx.list_checkpoints(
+                client_id, page_size=page_size, page_token=page_token
             )
 
     # ---------------------------------------------------------------- jobs
 
-    async def forward_backward(
-        self, caller: Caller, request: pb.ForwardBackwardRequest | pb.ForwardRequest
-    ) -> Future:
+    async def forward_backward(self, caller: Caller, command: ForwardBackward) -> Future:
         """Admit a ForwardBackward or Forward job after validating the batch."""
-        kind = (
-            JobKind.FORWARD_BACKWARD
-            if isinstance(request, pb.ForwardBackwardRequest)
-            else JobKind.FORWARD
-        )
-        base_model, private = await self._base_model_and_privacy(caller, request.training_client_id)
+        kind = command.kind
+        base_model, private = await self._base_model_and_privacy(caller, command.client_id)
         info = await self.base_model(base_model)
-        loss = LossFn.parse(request.loss_fn)
-        loss_config_from_options(loss, request.loss_fn_config, LossConfig())
-        batch = serde.batch_from_data(request.data)
+        loss = LossFn.parse(command.loss_fn)
+        loss_config_from_options(loss, command.loss_fn_config, LossConfig())
+        batch = command.batch.get()
         try:
             validate_batch(
                 batch.sequences,
@@ -391,29 +382,27 @@ class TrainerApi:
                 max_length=info.max_context_length,
             )
         except InvalidArgument as error:
-            raise serde.remap_field(error, serde.batch_field) from error
+            raise remap_field(error, batch_field) from error
         if private and kind is JobKind.FORWARD_BACKWARD:
             # Refused here before anything is queued; duplicates across the calls of one
             # step are refused by the engine (it holds the step's data digests).
             check_distinct(datum_digests(batch.sequences, loss, batch.loss_fn_inputs))
-        return await self._admit(caller, request.training_client_id, kind, request)
+        return await self._admit(caller, command.client_id, kind, command.request)
 
-    async def optim_step(self, caller: Caller, request: pb.OptimStepRequest) -> Future:
-        """Admit an OptimStep; a private client's step is checked against its budget."""
-        serde.adam_config(request.adam_params, present=request.HasField("adam_params"))
+    async def optim_step(self, caller: Caller, command: ClientJob) -> Future:
+        """Admit an OptimStep (its Adam parameters validated); a private client's step is
+        checked against its budget."""
         return await self._admit(
-            caller, request.training_client_id, JobKind.OPTIM_STEP, request, reserve=True
+            caller, command.client_id, JobKind.OPTIM_STEP, command.request, reserve=True
         )
 
-    async def sample(self, caller: Caller, request: pb.SampleRequest) -> Future:
+    async def sample(self, caller: Caller, command: Sample) -> Future:
         """Admit a Sample job (from a client's current weights or saved sampler weights)."""
-        client_id = await self._inference_client(
-            caller, request.training_client_id, request.model_path
-        )
+        client_id = await self._inference_client(caller, command.client_id, command.model_path)
         row = await self.get_client(caller, client_id)
         info = await self.base_model(row.base_model)
-        params = serde.sampling_params(request)
-        prompt = serde.model_input_tokens(request.prompt)
+        params = command.params.get()
+        prompt = command.prompt
         validate_token_sequences(
             [prompt], field="prompt", vocab_size=info.vocab_size, max_length=info.max_context_length
         )
@@ -427,66 +416,53 @@ class TrainerApi:
                 "sampling_params.max_tokens",
                 f"prompt plus max_tokens exceeds the context of {info.max_context_length}",
             )
-        return await self._admit(caller, client_id, JobKind.SAMPLE, request)
+        return await self._admit(caller, client_id, JobKind.SAMPLE, command.request)
 
-    async def compute_logprobs(self, caller: Caller, request: pb.ComputeLogprobsRequest) -> Future:
+    async def compute_logprobs(self, caller: Caller, command: ComputeLogprobs) -> Future:
         """Admit a ComputeLogprobs job."""
-        client_id = await self._inference_client(
-            caller, request.training_client_id, request.model_path
-        )
+        client_id = await self._inference_client(caller, command.client_id, command.model_path)
         row = await self.get_client(caller, client_id)
         info = await self.base_model(row.base_model)
         validate_token_sequences(
-            [serde.model_input_tokens(sequence) for sequence in request.sequences],
+            command.sequences,
             field="sequences",
             vocab_size=info.vocab_size,
             max_length=info.max_context_length,
         )
-        return await self._admit(caller, client_id, JobKind.COMPUTE_LOGPROBS, request)
+        return await self._admit(caller, client_id, JobKind.COMPUTE_LOGPROBS, command.request)
 
-    async def save_state(self, caller: Caller, request: pb.SaveStateRequest) -> Future:
-        """Admit a SaveState job."""
-        check_name("name", request.name)
-        return await self._admit(caller, request.training_client_id, JobKind.SAVE_STATE, request)
-
-    async def save_weights_for_sampler(
-        self, caller: Caller, request: pb.SaveWeightsForSamplerRequest
-    ) -> Future:
-        """Admit a SaveWeightsForSampler job."""
-        check_name("name", request.name)
-        return await self._admit(
-            caller, request.training_client_id, JobKind.SAVE_WEIGHTS_FOR_SAMPLER, request
-        )
-
-    async def save_adapter(self, caller: Caller, request: pb.SaveAdapterRequest) -> Future:
-        """Admit a SaveAdapter job: seal the client's adapter and publish it to the registry.
+    async def save(self, caller: Caller, command: NamedJob) -> Future:
+        """Admit a SaveState, SaveWeightsForSampler or SaveAdapter job.
 
         Raises:
-            InvalidArgument: ``adapter_name`` is not a registry adapter name.
+            InvalidArgument: ``name`` (a checkpoint name) or ``adapter_name`` (a
+                registry adapter name) is malformed.
         """
-        check_adapter_name("adapter_name", request.adapter_name)
-        return await self._admit(caller, request.training_client_id, JobKind.SAVE_ADAPTER, request)
+        if command.kind is JobKind.SAVE_ADAPTER:
+            check_adapter_name("adapter_name", command.name)
+        else:
+            check_name("name", command.name)
+        return await self._admit(caller, command.client_id, command.kind, command.request)
 
-    async def load_state(self, caller: Caller, request: pb.LoadStateRequest) -> Future:
-        """Admit a LoadState job; the checkpoint must exist for the caller's tenant."""
-        parsed = parse_path("path", request.path, kind=CHECKPOINT_KIND)
-        async with self._db.transaction(read_only=True) as session:
-            await repo.get_checkpoint(
-                session, caller.tenant, parsed.client_id, CHECKPOINT_KIND, parsed.name
-            )
+    async def load_state(self, caller: Caller, command: NamedJob) -> Future:
+        """Admit a LoadState job (``command.name`` is the checkpoint's path); the
+        checkpoint must exist for the caller's tenant."""
+        parsed = parse_path("path", command.name, kind=CHECKPOINT_KIND)
+        async with self._store.transaction(read_only=True) as tx:
+            await tx.get_checkpoint(caller.tenant, parsed.client_id, CHECKPOINT_KIND, parsed.name)
 
         async def inherit(
-            session: AsyncSession, row: TrainingClientRow, future_id: str, seq: int
+            tx: TrainerTransaction, client: ClientRecord, future_id: str, seq: int
         ) -> None:
             # The weights' privacy history joins the client's at admission, so a step
             # queued behind this LoadState is checked against all of it (DESIGN §8).
-            checkpoint = await repo.get_checkpoint(
-                session, caller.tenant, parsed.client_id, CHECKPOINT_KIND, parsed.name
+            checkpoint = await tx.get_checkpoint(
+                caller.tenant, parsed.client_id, CHECKPOINT_KIND, parsed.name
             )
-            await self._ledger.inherit(session, row, checkpoint, future_id=future_id)
+            await self._ledger.inherit(tx, client, checkpoint, future_id=future_id)
 
         return await self._admit(
-            caller, request.training_client_id, JobKind.LOAD_STATE, request, within=inherit
+            caller, command.client_id, JobKind.LOAD_STATE, command.request, within=inherit
         )
 
     def check_job_steps(self, steps: int) -> None:
@@ -504,9 +480,9 @@ class TrainerApi:
                 metadata={"limit": "max_steps_per_job", "max": str(limit)},
             )
 
-    async def audit_privacy(self, caller: Caller, request: pb.AuditPrivacyRequest) -> Future:
+    async def audit_privacy(self, caller: Caller, command: AuditPrivacy) -> Future:
         """Admit a privacy audit (a shadow DP-SGD run on a base model; see
-        :mod:`tensafe.trainer.audit`).
+        :mod:`tensafe.trainer.domain.audit`).
 
         It involves no training client: the job gets a lane of its own (``client_id`` =
         its future id, ``seq`` 1), reads no tenant data and charges no budget.
@@ -516,37 +492,32 @@ class TrainerApi:
             NotFound: Unknown base model.
             ResourceExhausted: More steps than ``max_steps_per_job``.
         """
-        info = await self.base_model(request.base_model)
-        audit_plan(request, info)
-        self.check_job_steps(request.steps)
-        request_id = _request_id(request.request_id)
-        fingerprint = _fingerprint(request)
-        payload = request.SerializeToString(deterministic=True)
-        async with self._db.transaction() as session:
-            await lock_tenant(session, "trainer.jobs", caller.tenant)
-            created = await self._futures.create(
+        info = await self.base_model(command.base_model)
+        audit_plan(command, info)
+        self.check_job_steps(command.steps)
+        request_id = _request_id(command.request.request_id)
+        fingerprint = command.request.fingerprint
+        payload = command.request.payload
+        async with self._store.transaction() as tx:
+            await tx.lock_tenant("trainer.jobs", caller.tenant)
+            created = await tx.create_future(
                 caller.tenant,
                 kind=JobKind.AUDIT_PRIVACY.value,
                 request_id=request_id,
                 resource="privacy_audits",
-                request_fingerprint=fingerprint,
-                session=session,
+                fingerprint=fingerprint,
             )
             if not created.created:
                 return created.future
-            await self._check_pending_jobs(session, caller.tenant)
+            await self._check_pending_jobs(tx, caller.tenant)
             future_id = created.future.id
-            session.add(
-                JobRow(
-                    future_id=future_id,
-                    tenant=caller.tenant,
-                    client_id=future_id,
-                    seq=1,
-                    kind=JobKind.AUDIT_PRIVACY.value,
-                    payload=payload,
-                    status=repo.JOB_QUEUED,
-                    created_at=repo.now(),
-                )
+            tx.add_job(
+                future_id=future_id,
+                tenant=caller.tenant,
+                client_id=future_id,
+                seq=1,
+                kind=JobKind.AUDIT_PRIVACY.value,
+                payload=payload,
             )
         await self._publish(JobMessage(future_id, future_id, 1))
         return created.future
@@ -559,10 +530,8 @@ class TrainerApi:
         if client_id:
             return client_id
         parsed = parse_path("model_path", model_path, kind=SAMPLER_KIND)
-        async with self._db.transaction(read_only=True) as session:
-            await repo.get_checkpoint(
-                session, caller.tenant, parsed.client_id, SAMPLER_KIND, parsed.name
-            )
+        async with self._store.transaction(read_only=True) as tx:
+            await tx.get_checkpoint(caller.tenant, parsed.client_id, SAMPLER_KIND, parsed.name)
         return parsed.client_id
 
     async def admit(
@@ -570,7 +539,7 @@ class TrainerApi:
         caller: Caller,
         client_id: str,
         kind: JobKind,
-        request: Message,
+        request: JobRequest,
         *,
         within: AdmitHook,
     ) -> Future:
@@ -580,7 +549,7 @@ class TrainerApi:
             caller: The caller.
             client_id: The training client the job runs on.
             kind: The job kind.
-            request: The validated request (stored as the job's payload).
+            request: The validated request (its payload is stored with the job).
             within: Called in the admission transaction after the job row is added
                 (e.g. to check and reserve a TrainOnDataset run's privacy cost); not
                 called for a repeated request id.
@@ -595,63 +564,57 @@ class TrainerApi:
         caller: Caller,
         client_id: str,
         kind: JobKind,
-        request: Message,
+        request: JobRequest,
         *,
         reserve: bool = False,
         within: AdmitHook | None = None,
     ) -> Future:
-        request_id = _request_id(getattr(request, "request_id", ""))
-        fingerprint = _fingerprint(request)
-        payload = request.SerializeToString(deterministic=True)
-        async with self._db.transaction() as session:
+        request_id = _request_id(request.request_id)
+        fingerprint = request.fingerprint
+        payload = request.payload
+        async with self._store.transaction() as tx:
             # Tenant lock first, then the client row: the one order every admission takes.
-            await lock_tenant(session, "trainer.jobs", caller.tenant)
-            row = await repo.lock_client(session, caller.tenant, client_id)
-            created = await self._futures.create(
+            await tx.lock_tenant("trainer.jobs", caller.tenant)
+            client = await tx.lock_client(caller.tenant, client_id)
+            created = await tx.create_future(
                 caller.tenant,
                 kind=kind.value,
                 request_id=request_id,
                 resource=f"training_clients/{client_id}",
-                request_fingerprint=fingerprint,
-                session=session,
+                fingerprint=fingerprint,
             )
             if not created.created:
                 return created.future
-            await self._check_pending_jobs(session, caller.tenant)
-            seq = row.next_seq + 1
-            row.next_seq = seq
+            await self._check_pending_jobs(tx, caller.tenant)
+            seq = await tx.allocate_seq(client_id)
             future_id = created.future.id
-            session.add(
-                JobRow(
-                    future_id=future_id,
-                    tenant=caller.tenant,
-                    client_id=client_id,
-                    seq=seq,
-                    kind=kind.value,
-                    payload=payload,
-                    status=repo.JOB_QUEUED,
-                    created_at=repo.now(),
-                )
+            tx.add_job(
+                future_id=future_id,
+                tenant=caller.tenant,
+                client_id=client_id,
+                seq=seq,
+                kind=kind.value,
+                payload=payload,
             )
-            dp = client_dp(row)
+            dp = client_dp(client)
             if reserve and dp is not None:
                 await self._ledger.reserve(
-                    session,
-                    row,
+                    tx,
+                    client,
                     dp,
                     mechanism=client_batches_mechanism(dp),
                     future_id=future_id,
                     seq=seq,
                 )
             if within is not None:
-                await within(session, row, future_id, seq)
+                await within(tx, client, future_id, seq)
         await self._publish(JobMessage(future_id, client_id, seq))
         return created.future
 
-    async def _check_pending_jobs(self, session: AsyncSession, tenant: str) -> None:
-        """Refuse the job just created in ``session`` if it takes the tenant over
+    async def _check_pending_jobs(self, tx: TrainerTransaction, tenant: str) -> None:
+        """Refuse the job just created in ``tx`` if it takes the tenant over
         ``max_pending_jobs_per_tenant`` (raising rolls its future back)."""
-        pending = await repo.count_unfinished_jobs(session, tenant)
+        pending = await tx.count_unfinished_jobs(tenant)
         if pending > self._max_pending_jobs:
             raise quota_exceeded(
                 "max_pending_jobs_per_tenant",
@@ -713,9 +676,9 @@ class TrainerApi:
         Returns:
             How many messages were sent.
         """
-        async with self._db.transaction(read_only=True) as session:
-            jobs = await repo.queued_jobs(
-                session, older_than=repo.now() - self._outbox_grace, limit=_OUTBOX_BATCH
+        async with self._store.transaction(read_only=True) as tx:
+            jobs = await tx.queued_jobs(
+                older_than=datetime.now(UTC) - self._outbox_grace, limit=_OUTBOX_BATCH
             )
         for job in jobs:
             await self._publish(JobMessage(job.future_id, job.client_id, job.seq))

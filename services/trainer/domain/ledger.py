@@ -37,25 +37,19 @@ import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncSession
-
 from tensafe.common.errors import BudgetExhausted, FailedPrecondition
-from tensafe.trainer import serde
-from tensafe.trainer.engine.accounting import (
-    BatchSampling,
+from tensafe.trainer.domain.engine.accounting import (
     PrivacyAccountant,
     StepMechanism,
     create_accountant,
 )
-from tensafe.trainer.store import repository as repo
-from tensafe.trainer.store.models import (
-    BudgetReservationRow,
-    CheckpointRow,
-    DatasetRow,
-    LedgerRow,
-    LineageEventRow,
-    TrainingClientRow,
+from tensafe.trainer.domain.model import (
+    CheckpointState,
+    ClientState,
+    DatasetRecord,
 )
+from tensafe.trainer.domain.settings import DpSettings, json_state
+from tensafe.trainer.store.sql import TrainerTransaction
 
 DATASET_ACCOUNTANT = "rdp"
 """Dataset budgets compose with RDP: cheap to evaluate over many clients' steps, and an
@@ -165,75 +159,74 @@ def _tightest(values: Iterable[float | None]) -> float | None:
 class PrivacyLedger:
     """Reserve, commit, release and lineage of epsilon (see the module docstring).
 
-    Stateless: every method takes the session of the transaction it belongs to.
+    Stateless: every method that reads or writes the ledger takes the transaction it
+    belongs to (:class:`~tensafe.trainer.store.sql.TrainerTransaction`), and reads the
+    client through :class:`~tensafe.trainer.domain.model.ClientState` (a record, or the
+    row a worker holds locked in that transaction).
     """
 
     # ------------------------------------------------------------------ reads
 
     @staticmethod
-    def accountant(row: TrainingClientRow, dp: serde.DpSettings) -> PrivacyAccountant:
+    def accountant(client: ClientState, dp: DpSettings) -> PrivacyAccountant:
         """The client's accountant: every committed step of the weights' lineage."""
-        if row.accountant_state is None:
+        if client.accountant_state is None:
             return create_accountant(dp.accountant)
-        return PrivacyAccountant.from_state(json.loads(row.accountant_state))
+        return PrivacyAccountant.from_state(json.loads(client.accountant_state))
 
     @staticmethod
-    def lineage(row: TrainingClientRow) -> Lineage:
+    def lineage(client: ClientState) -> Lineage:
         """The client's sources."""
-        return Lineage.parse(row.lineage_json)
+        return Lineage.parse(client.lineage_json)
 
-    def budget(self, row: TrainingClientRow, dp: serde.DpSettings) -> tuple[float | None, float]:
+    def budget(self, client: ClientState, dp: DpSettings) -> tuple[float | None, float]:
         """The (budget, delta) that apply to the client's weights: the tightest of the
         client's and its sources'."""
-        sources = self.lineage(row).sources
-        budget = _tightest([dp.epsilon_budget, *(s.epsilon_budget for s in sources)])
-        delta = _tightest([dp.delta, *(s.delta for s in sources)])
-        assert delta is not None
-        return budget, delta
+        return _budget(self.lineage(client), dp)
 
-    def report(self, row: TrainingClientRow) -> PrivacyReport | None:
+    def report(self, client: ClientState) -> PrivacyReport | None:
         """What the client has spent; None for a non-private client."""
-        dp = client_dp(row)
+        dp = client_dp(client)
         if dp is None:
             return None
-        lineage = self.lineage(row)
-        budget, delta = self.budget(row, dp)
+        lineage = self.lineage(client)
+        budget, delta = self.budget(client, dp)
         return PrivacyReport(
-            epsilon=float(row.epsilon_spent),
+            epsilon=float(client.epsilon_spent),
             delta=delta,
             epsilon_budget=budget,
-            steps=int(row.dp_steps) + lineage.dp_steps,
+            steps=int(client.dp_steps) + lineage.dp_steps,
             inherited_steps=lineage.dp_steps,
             non_private_sources=tuple(s for s in lineage.sources if not s.private),
         )
 
-    def snapshot(self, row: TrainingClientRow) -> str | None:
+    def snapshot(self, client: ClientState) -> str | None:
         """The lineage of the client's current weights, the client included: what a
         checkpoint of them stores."""
-        dp = client_dp(row)
+        dp = client_dp(client)
         own = LineageSource(
-            client_id=row.id,
+            client_id=client.id,
             private=dp is not None,
-            dp_steps=int(row.dp_steps),
-            steps=int(row.step),
+            dp_steps=int(client.dp_steps),
+            steps=int(client.step),
             epsilon_budget=dp.epsilon_budget if dp is not None else None,
             delta=dp.delta if dp is not None else None,
         )
-        return self.lineage(row).merged(Lineage((own,)), without="").to_json()
+        return self.lineage(client).merged(Lineage((own,)), without="").to_json()
 
     # ------------------------------------------------------------------ reserve
 
     async def reserve(
         self,
-        session: AsyncSession,
-        row: TrainingClientRow,
-        dp: serde.DpSettings,
+        tx: TrainerTransaction,
+        client: ClientState,
+        dp: DpSettings,
         *,
         mechanism: StepMechanism,
         future_id: str,
         seq: int,
         steps: int = 1,
-        dataset: DatasetRow | None = None,
+        dataset: DatasetRecord | None = None,
     ) -> None:
         """Check ``steps`` more steps against the budgets, counting every admitted step,
         and reserve them. Call it in the transaction that admits the job, under the
@@ -243,9 +236,10 @@ class PrivacyLedger:
             BudgetExhausted: The client's (or its lineage's, or the dataset's) budget
                 would be exceeded; nothing is reserved.
         """
-        reservations = await repo.open_reservations(session, row.id)
-        accountant = self._admitted(reservations, row, dp)
-        budget, delta = self.budget(row, dp)
+        accountant = self.accountant(client, dp)
+        for reservation in await tx.open_reservations(client.id):
+            accountant.record(reservation.mechanism, steps=reservation.steps)
+        budget, delta = self.budget(client, dp)
         if budget is not None:
             epsilon_after = accountant.epsilon_if(mechanism, additional_steps=steps, delta=delta)
             if epsilon_after > budget:
@@ -264,27 +258,21 @@ class PrivacyLedger:
                     },
                 )
         if dataset is not None:
-            await self._check_dataset(session, dataset, mechanism, steps)
-        session.add(
-            BudgetReservationRow(
-                future_id=future_id,
-                tenant=row.tenant,
-                client_id=row.id,
-                seq=seq,
-                sampling=mechanism.sampling.value,
-                noise_multiplier=mechanism.noise_multiplier,
-                sampling_probability=mechanism.sampling_probability,
-                status=repo.RESERVED,
-                steps=steps,
-                dataset_id=dataset.id if dataset is not None else None,
-                created_at=repo.now(),
-            )
+            await self._check_dataset(tx, dataset, mechanism, steps)
+        tx.add_reservation(
+            future_id=future_id,
+            tenant=client.tenant,
+            client_id=client.id,
+            seq=seq,
+            mechanism=mechanism,
+            steps=steps,
+            dataset_id=dataset.id if dataset is not None else None,
         )
 
     def check_next(
         self,
-        row: TrainingClientRow,
-        dp: serde.DpSettings,
+        client: ClientState,
+        dp: DpSettings,
         accountant: PrivacyAccountant,
         mechanism: StepMechanism,
     ) -> None:
@@ -294,7 +282,7 @@ class PrivacyLedger:
         Raises:
             BudgetExhausted: The next step would exceed the budget.
         """
-        budget, delta = self.budget(row, dp)
+        budget, delta = self.budget(client, dp)
         if budget is not None and accountant.would_exceed(
             budget_epsilon=budget, delta=delta, mechanism=mechanism
         ):
@@ -304,11 +292,15 @@ class PrivacyLedger:
             )
 
     async def _check_dataset(
-        self, session: AsyncSession, dataset: DatasetRow, mechanism: StepMechanism, steps: int
+        self,
+        tx: TrainerTransaction,
+        dataset: DatasetRecord,
+        mechanism: StepMechanism,
+        steps: int,
     ) -> None:
         if dataset.epsilon_budget is None or dataset.delta is None:
             return
-        accountant = await self.dataset_accountant(session, dataset.id)
+        accountant = await self.dataset_accountant(tx, dataset.id)
         epsilon_after = accountant.epsilon_if(
             mechanism, additional_steps=steps, delta=dataset.delta
         )
@@ -328,42 +320,33 @@ class PrivacyLedger:
             )
 
     async def dataset_accountant(
-        self, session: AsyncSession, dataset_id: str, *, reserved: bool = True
+        self, tx: TrainerTransaction, dataset_id: str, *, reserved: bool = True
     ) -> PrivacyAccountant:
         """Every step any client committed (and, with ``reserved``, still holds
         reserved) on a dataset, composed."""
         accountant = create_accountant(DATASET_ACCOUNTANT)
-        for entry in await repo.dataset_ledger(session, dataset_id):
-            accountant.record(_row_mechanism(entry))
+        for entry in await tx.dataset_ledger(dataset_id):
+            accountant.record(entry.mechanism)
         if reserved:
-            for reservation in await repo.dataset_reservations(session, dataset_id):
-                accountant.record(_row_mechanism(reservation), steps=int(reservation.steps))
+            for reservation in await tx.dataset_reservations(dataset_id):
+                accountant.record(reservation.mechanism, steps=reservation.steps)
         return accountant
 
-    async def dataset_epsilon(self, session: AsyncSession, dataset: DatasetRow) -> float | None:
+    async def dataset_epsilon(
+        self, tx: TrainerTransaction, dataset: DatasetRecord
+    ) -> float | None:
         """Epsilon committed on a dataset at its budget's delta (None: no budget)."""
         if dataset.delta is None:
             return None
-        committed = await self.dataset_accountant(session, dataset.id, reserved=False)
+        committed = await self.dataset_accountant(tx, dataset.id, reserved=False)
         return committed.epsilon(dataset.delta)
-
-    def _admitted(
-        self,
-        reservations: list[BudgetReservationRow],
-        row: TrainingClientRow,
-        dp: serde.DpSettings,
-    ) -> PrivacyAccountant:
-        accountant = self.accountant(row, dp)
-        for reservation in reservations:
-            accountant.record(_row_mechanism(reservation), steps=int(reservation.steps))
-        return accountant
 
     # ------------------------------------------------------------------ commit
 
     async def commit_step(
         self,
-        session: AsyncSession,
-        row: TrainingClientRow,
+        tx: TrainerTransaction,
+        client: ClientState,
         *,
         mechanism: StepMechanism,
         seq: int,
@@ -371,81 +354,73 @@ class PrivacyLedger:
         dataset_id: str | None = None,
         accountant: PrivacyAccountant | None = None,
     ) -> float:
-        """Charge one DP step the worker applied: compose it, write its ledger row and
+        """Charge one DP step the worker applied: compose it, write its ledger entry and
         the client's new accountant state, and consume one reserved step of the job.
 
         Args:
-            session: The transaction that commits the step's effects.
-            row: The client's row, locked and fenced by the caller.
+            tx: The transaction that commits the step's effects.
+            client: The client, locked and fenced by the caller.
             mechanism: The step's mechanism.
             seq: The job's sequence number.
             future_id: The job's future (its reservation).
             dataset_id: The server-held dataset the step sampled, if any.
             accountant: The caller's up-to-date accountant of this client (the dataset
                 runner keeps one across its steps so PLD compositions are reused);
-                it is updated in place. None: rebuilt from the row.
+                it is updated in place. None: rebuilt from the client.
 
         Returns:
             Epsilon after the step.
         """
-        dp = client_dp(row)
+        dp = client_dp(client)
         if dp is None:
-            raise FailedPrecondition(f"training client {row.id} is not private")
-        committed = self.accountant(row, dp)
+            raise FailedPrecondition(f"training client {client.id} is not private")
+        committed = self.accountant(client, dp)
         if accountant is None or accountant.history != committed.history:
             # The caller's copy is stale (a LoadState admitted meanwhile added steps):
-            # the row is the truth.
+            # the stored state is the truth.
             if accountant is not None:
                 accountant.restore(committed)
             else:
                 accountant = committed
         accountant.record(mechanism)
-        _, delta = self.budget(row, dp)
+        _, delta = self.budget(client, dp)
         epsilon = accountant.epsilon(delta)
-        state_json = serde.json_state(accountant.to_state())
-        row.accountant_state = state_json
-        row.dp_steps = int(row.dp_steps) + 1
-        row.epsilon_spent = epsilon
-        session.add(
-            LedgerRow(
-                tenant=row.tenant,
-                client_id=row.id,
-                dp_step=int(row.dp_steps),
-                seq=seq,
-                future_id=future_id,
-                sampling=mechanism.sampling.value,
-                noise_multiplier=mechanism.noise_multiplier,
-                sampling_probability=mechanism.sampling_probability,
-                delta=delta,
-                accountant=dp.accountant,
-                epsilon_after=epsilon,
-                accountant_state=state_json,
-                dataset_id=dataset_id,
-                created_at=repo.now(),
-            )
+        state_json = json_state(accountant.to_state())
+        dp_steps = int(client.dp_steps) + 1
+        await tx.set_client_privacy(
+            client.id, accountant_state=state_json, epsilon_spent=epsilon, dp_steps=dp_steps
         )
-        reservation = await session.get(BudgetReservationRow, future_id)
-        if reservation is not None and reservation.status == repo.RESERVED:
-            reservation.steps = max(int(reservation.steps) - 1, 0)
-            if reservation.steps == 0:
-                reservation.status = repo.CONSUMED
+        tx.add_ledger_entry(
+            tenant=client.tenant,
+            client_id=client.id,
+            dp_step=dp_steps,
+            seq=seq,
+            future_id=future_id,
+            mechanism=mechanism,
+            delta=delta,
+            accountant=dp.accountant,
+            epsilon_after=epsilon,
+            accountant_state=state_json,
+            dataset_id=dataset_id,
+        )
+        await tx.consume_reserved_step(future_id)
         return epsilon
 
-    async def settle(self, session: AsyncSession, future_id: str) -> None:
+    async def settle(self, tx: TrainerTransaction, future_id: str) -> None:
         """A job ended with its steps committed: nothing it reserved stays open."""
-        await repo.settle_reservation(session, future_id, status=repo.CONSUMED)
+        await tx.settle_reservation(future_id)
 
-    async def release(self, session: AsyncSession, future_id: str) -> None:
+    async def release(self, tx: TrainerTransaction, future_id: str) -> None:
         """A job failed or was dropped: give back what it reserved and did not use."""
-        await repo.settle_reservation(session, future_id, status=repo.RELEASED)
+        await tx.release_reservation(future_id)
 
     # ------------------------------------------------------------------ lineage
 
     async def inherit(
         self,
-        session: AsyncSession,
-        row: TrainingClientRow,
-        checkpoint: CheckpointRow,
+        tx: TrainerTransaction,
+        client: ClientState,
+        checkpoint: CheckpointState,
         *,
         future_id: str,
     ) -> None:
@@ -456,15 +431,15 @@ class PrivacyLedger:
             FailedPrecondition: A source's ledger does not hold the steps the
                 checkpoint says its weights include.
         """
-        current = self.lineage(row)
-        source_row = None
+        current = self.lineage(client)
+        saved_by = None
         if checkpoint.lineage_json is None:
-            source_row = await session.get(TrainingClientRow, checkpoint.client_id)
-        merged = current.merged(checkpoint_lineage(checkpoint, source_row), without=row.id)
+            saved_by = await tx.client(checkpoint.client_id)
+        merged = current.merged(checkpoint_lineage(checkpoint, saved_by), without=client.id)
         if merged == current:
             return
-        dp = client_dp(row)
-        accountant = self.accountant(row, dp) if dp is not None else None
+        dp = client_dp(client)
+        accountant = self.accountant(client, dp) if dp is not None else None
         events: list[tuple[LineageSource, int]] = []
         for source in merged.sources:
             before = current.source(source.client_id)
@@ -472,43 +447,44 @@ class PrivacyLedger:
             if before == source:
                 continue
             if accountant is not None and source.dp_steps > dp_before:
-                entries = await repo.ledger_rows(
-                    session, source.client_id, after=dp_before, upto=source.dp_steps
+                entries = await tx.ledger_entries(
+                    source.client_id, after=dp_before, upto=source.dp_steps
                 )
-                if [int(e.dp_step) for e in entries] != list(
-                    range(dp_before + 1, source.dp_steps + 1)
-                ):
+                if [e.dp_step for e in entries] != list(range(dp_before + 1, source.dp_steps + 1)):
                     raise FailedPrecondition(
                         f"the privacy ledger of training client {source.client_id} does not "
                         f"hold steps {dp_before + 1}..{source.dp_steps} of checkpoint "
                         f"{checkpoint.name!r}; it cannot be loaded"
                     )
                 for entry in entries:
-                    accountant.record(_row_mechanism(entry))
+                    accountant.record(entry.mechanism)
             events.append((source, dp_before))
-        row.lineage_json = merged.to_json()
+        epsilon_after = float(client.epsilon_spent)
         if accountant is not None and dp is not None:
-            _, delta = self.budget(row, dp)
-            row.accountant_state = serde.json_state(accountant.to_state())
-            row.epsilon_spent = accountant.epsilon(delta)
+            # The budget's delta is the merged lineage's: the sources just taken in count.
+            _, delta = _budget(merged, dp)
+            epsilon_after = accountant.epsilon(delta)
+            await tx.set_client_privacy(
+                client.id,
+                accountant_state=json_state(accountant.to_state()),
+                epsilon_spent=epsilon_after,
+            )
+        await tx.set_client_lineage(client.id, merged.to_json())
         for source, dp_before in events:
-            session.add(
-                LineageEventRow(
-                    tenant=row.tenant,
-                    client_id=row.id,
-                    source_client_id=source.client_id,
-                    checkpoint_id=checkpoint.id,
-                    future_id=future_id,
-                    private=source.private,
-                    dp_steps_before=dp_before,
-                    dp_steps_after=source.dp_steps,
-                    steps_after=source.steps,
-                    epsilon_after=float(row.epsilon_spent),
-                    created_at=repo.now(),
-                )
+            tx.add_lineage_event(
+                tenant=client.tenant,
+                client_id=client.id,
+                source_client_id=source.client_id,
+                checkpoint_id=checkpoint.id,
+                future_id=future_id,
+                private=source.private,
+                dp_steps_before=dp_before,
+                dp_steps_after=source.dp_steps,
+                steps_after=source.steps,
+                epsilon_after=epsilon_after,
             )
 
-    async def history(self, session: AsyncSession, row: TrainingClientRow) -> list[HistoryGroup]:
+    async def history(self, tx: TrainerTransaction, client: ClientState) -> list[HistoryGroup]:
         """Every DP step of the weights' lineage, grouped by (client, mechanism), the
         client's own first; for the DP certificate.
 
@@ -516,33 +492,39 @@ class PrivacyLedger:
             FailedPrecondition: A ledger does not hold the steps the lineage names.
         """
         groups: list[HistoryGroup] = []
-        wanted = [(row.id, int(row.dp_steps))] + [
-            (s.client_id, s.dp_steps) for s in self.lineage(row).sources if s.dp_steps
+        wanted = [(client.id, int(client.dp_steps))] + [
+            (s.client_id, s.dp_steps) for s in self.lineage(client).sources if s.dp_steps
         ]
         for client_id, count in wanted:
-            entries = await repo.ledger_rows(session, client_id, after=0, upto=count)
-            if [int(e.dp_step) for e in entries] != list(range(1, count + 1)):
+            entries = await tx.ledger_entries(client_id, after=0, upto=count)
+            if [e.dp_step for e in entries] != list(range(1, count + 1)):
                 raise FailedPrecondition(
                     f"privacy ledger of training client {client_id} is inconsistent: "
                     f"{len(entries)} row(s) for {count} DP step(s)"
                 )
             counts: dict[StepMechanism, int] = {}
             for entry in entries:
-                mechanism = _row_mechanism(entry)
-                counts[mechanism] = counts.get(mechanism, 0) + 1
+                counts[entry.mechanism] = counts.get(entry.mechanism, 0) + 1
             groups.extend(
                 HistoryGroup(client_id=client_id, mechanism=m, steps=n) for m, n in counts.items()
             )
         return groups
 
 
-def client_dp(row: TrainingClientRow) -> serde.DpSettings | None:
+def _budget(lineage: Lineage, dp: DpSettings) -> tuple[float | None, float]:
+    budget = _tightest([dp.epsilon_budget, *(s.epsilon_budget for s in lineage.sources)])
+    delta = _tightest([dp.delta, *(s.delta for s in lineage.sources)])
+    assert delta is not None
+    return budget, delta
+
+
+def client_dp(client: ClientState) -> DpSettings | None:
     """The client's DP settings, None for a non-private client."""
-    return serde.DpSettings.from_json(row.dp_json) if row.dp_json is not None else None
+    return DpSettings.from_json(client.dp_json) if client.dp_json is not None else None
 
 
 def checkpoint_lineage(
-    checkpoint: CheckpointRow, saved_by: TrainingClientRow | None = None
+    checkpoint: CheckpointState, saved_by: ClientState | None = None
 ) -> Lineage:
     """The lineage a checkpoint's weights carry.
 
@@ -570,14 +552,6 @@ def checkpoint_lineage(
     )
 
 
-def _row_mechanism(row: LedgerRow | BudgetReservationRow) -> StepMechanism:
-    return StepMechanism(
-        sampling=BatchSampling(row.sampling),
-        noise_multiplier=row.noise_multiplier,
-        sampling_probability=row.sampling_probability,
-    )
-
-
-def client_batches_mechanism(dp: serde.DpSettings) -> StepMechanism:
+def client_batches_mechanism(dp: DpSettings) -> StepMechanism:
     """The mechanism of one step over client-supplied batches: no amplification."""
     return StepMechanism.client_batches(dp.noise_multiplier)

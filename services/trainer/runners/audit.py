@@ -25,10 +25,9 @@ from tensafe.common.futures import FutureStatus, SqlFutureStore
 from tensafe.proto.trainer.v1 import trainer_service_pb2 as pb
 from tensafe.trainer import serde
 from tensafe.trainer.base_models import BaseModelRegistry
+from tensafe.trainer.domain.audit.service import execute_audit
 from tensafe.trainer.store import repository as repo
 from tensafe.trainer.store.models import JobRow
-
-from .service import execute_audit
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +64,8 @@ async def run_audit_job(
     request = pb.AuditPrivacyRequest.FromString(job.payload)
     try:
         info = await asyncio.to_thread(base_models.get, request.base_model)
-        result = await asyncio.to_thread(execute_audit, request, info)
+        report = await asyncio.to_thread(execute_audit, serde.audit_privacy(request), info)
+        result = serde.audit_report_to_proto(report)
     except TenSafeError as error:
         await _finish(job, futures=futures, database=database, error=error)
         return

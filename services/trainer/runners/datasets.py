@@ -38,15 +38,16 @@ from tensafe.common.futures import FutureStatus, SqlFutureStore
 from tensafe.common.jetstream import RetryLater
 from tensafe.proto.trainer.v1 import trainer_service_pb2 as pb
 from tensafe.trainer import serde
-from tensafe.trainer.datasets.sampling import PoissonSampler
-from tensafe.trainer.datasets.service import DatasetVault, get_dataset
-from tensafe.trainer.datasets.steps import StepOutcome, run_step
-from tensafe.trainer.engine.accounting import PrivacyAccountant, StepMechanism
-from tensafe.trainer.engine.training import LoraTrainingEngine
-from tensafe.trainer.ledger import PrivacyLedger, client_dp
+from tensafe.trainer.domain.datasets.sampling import PoissonSampler
+from tensafe.trainer.domain.datasets.service import DatasetVault
+from tensafe.trainer.domain.datasets.steps import StepOutcome, run_step
+from tensafe.trainer.domain.engine.accounting import PrivacyAccountant, StepMechanism
+from tensafe.trainer.domain.engine.training import LoraTrainingEngine
+from tensafe.trainer.domain.ledger import PrivacyLedger, client_dp
 from tensafe.trainer.objects import ObjectFolder
 from tensafe.trainer.store import repository as repo
-from tensafe.trainer.store.models import DatasetRunRow, JobRow, TrainingClientRow
+from tensafe.trainer.store.models import JobRow, TrainingClientRow
+from tensafe.trainer.store.sql import TrainerTransaction
 
 
 class RunEnd(enum.Enum):
@@ -111,10 +112,11 @@ class DatasetRunner:
             RetryLater: The lease was lost; the engine must be discarded.
         """
         async with self._db.transaction(read_only=True) as session:
-            run = await session.get(DatasetRunRow, job.future_id)
+            tx = TrainerTransaction(session)
+            run = await tx.dataset_run(job.future_id)
             if run is None:
                 raise NotFound(f"the run of job {job.future_id} is missing")
-            dataset_row = await get_dataset(session, job.tenant, run.dataset_id)
+            dataset_row = await tx.get_dataset(job.tenant, run.dataset_id)
         dp = client_dp(client)
         if dp is None:
             raise FailedPrecondition("TrainOnDataset needs a private (DP) training client")
@@ -186,10 +188,11 @@ class DatasetRunner:
                 old_path = row.state_path
                 row.state_path, row.state_sha256 = relative, sha
                 row.step = outcome.step
-                run = await session.get(DatasetRunRow, job.future_id)
+                tx = TrainerTransaction(session)
+                run = await tx.dataset_run(job.future_id)
                 assert run is not None
                 await self._ledger.commit_step(
-                    session,
+                    tx,
                     row,
                     mechanism=mechanism,
                     seq=job.seq,
@@ -205,10 +208,12 @@ class DatasetRunner:
                     loss=outcome.mean_loss,
                     dp_step=int(row.dp_steps),
                 )
-                run.steps_done = len(sizes)
-                run.losses_json = json.dumps(losses)
-                run.batch_sizes_json = json.dumps(sizes)
-                run.updated_at = repo.now()
+                await tx.record_run_progress(
+                    job.future_id,
+                    steps_done=len(sizes),
+                    losses_json=json.dumps(losses),
+                    batch_sizes_json=json.dumps(sizes),
+                )
         except repo.LostClient as error:
             self._objects.delete(relative)
             raise RetryLater(self._retry_delay, str(error)) from error
@@ -233,7 +238,7 @@ class DatasetRunner:
                     batch_sizes=sizes,
                     privacy_spent=serde.privacy_spent(client_dp(row), self._ledger.report(row)),
                 )
-                await self._ledger.settle(session, job.future_id)
+                await self._ledger.settle(TrainerTransaction(session), job.future_id)
                 await self._futures.succeed(
                     job.tenant, job.future_id, result=serde.pack_result(result), session=session
                 )

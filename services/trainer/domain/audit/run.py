@@ -1,19 +1,19 @@
 """The shadow training run of a privacy audit, on the production DP-SGD code path.
 
-The audit trains a fresh LoRA engine (:class:`~tensafe.trainer.engine.training.
+The audit trains a fresh LoRA engine (:class:`~tensafe.trainer.domain.engine.training.
 LoraTrainingEngine`, the class the worker trains tenants with) on a base model, with
 synthetic filler records drawn uniformly from the vocabulary: no tenant data is read
 and no training client is charged. The engine clips every example and adds the noise in
 ``optim_step`` exactly as for a tenant; the claimed epsilon comes from the production
-accountant (:func:`~tensafe.trainer.engine.accounting.create_accountant`) composing the
-same :class:`~tensafe.trainer.engine.accounting.StepMechanism` the trainer charges.
+accountant (:func:`~tensafe.trainer.domain.engine.accounting.create_accountant`) composing the
+same :class:`~tensafe.trainer.domain.engine.accounting.StepMechanism` the trainer charges.
 
 Canaries are m random token sequences (uniform over the vocabulary, so their loss is
 high and their raw gradient norm far above any useful C: about 14 on the tests' tiny
 model), each included independently with probability 1/2, from a CSPRNG seed unless a
 seed is given. An included canary is a datum like any other: it goes through
 ``forward_backward`` and so through the production one-backward per-example clipping
-(:mod:`tensafe.trainer.engine.clipping`); nothing about it is computed by the audit on
+(:mod:`tensafe.trainer.domain.engine.clipping`); nothing about it is computed by the audit on
 the step's path. Whatever that clipping lets through is what the scores see.
 
 * **White-box** (Steinke, Nasr, Jagielski 2023, §6, with the auditor's access to the
@@ -40,9 +40,9 @@ Participation, and the production path each mode runs:
   ``optim_step`` as a client's ForwardBackward/OptimStep do; each step is a full
   Gaussian mechanism for it, as accounted.
 * Poisson sampling: the shadow dataset holds m filler records plus the included
-  canaries; the production :class:`~tensafe.trainer.datasets.sampling.PoissonSampler`
+  canaries; the production :class:`~tensafe.trainer.domain.datasets.sampling.PoissonSampler`
   draws each step's batch at ``q = batch_size / (2 m)`` (the ``q`` the accountant is
-  told), and the production :func:`~tensafe.trainer.datasets.steps.run_step` runs it,
+  told), and the production :func:`~tensafe.trainer.domain.datasets.steps.run_step` runs it,
   empty batches (the noise-only update) included: the code TrainOnDataset runs.
 
 The gradient sum is always divided by a constant (``batch_size + m/2`` for client
@@ -63,16 +63,16 @@ import numpy.typing as npt
 import torch
 
 from tensafe.common.errors import InvalidArgument
-from tensafe.trainer.datasets import steps
-from tensafe.trainer.datasets.records import TokenizedDataset
-from tensafe.trainer.datasets.sampling import PoissonSampler
-from tensafe.trainer.engine.accounting import (
+from tensafe.trainer.domain.datasets import steps
+from tensafe.trainer.domain.datasets.records import TokenizedDataset
+from tensafe.trainer.domain.datasets.sampling import PoissonSampler
+from tensafe.trainer.domain.engine.accounting import (
     BatchSampling,
     StepMechanism,
     create_accountant,
 )
-from tensafe.trainer.engine.config import AdamConfig
-from tensafe.trainer.engine.training import LoraTrainingEngine
+from tensafe.trainer.domain.engine.config import AdamConfig
+from tensafe.trainer.domain.engine.training import LoraTrainingEngine
 
 from .bound import count_correct_guesses, epsilon_lower_bound, validate_audit_shape
 
@@ -334,9 +334,9 @@ class _ShadowSteps:
       through ``forward_backward``, then ``optim_step`` divides by the constant
       ``batch_size + m/2``.
     * Poisson: the shadow dataset (m filler records, then the included canaries) is
-      sampled by the production :class:`~tensafe.trainer.datasets.sampling.
+      sampled by the production :class:`~tensafe.trainer.domain.datasets.sampling.
       PoissonSampler` at ``q = batch_size / 2m`` and each step is the production
-      :func:`~tensafe.trainer.datasets.steps.run_step` (micro-batched clipping, the
+      :func:`~tensafe.trainer.domain.datasets.steps.run_step` (micro-batched clipping, the
       expected batch size ``q · 2m = batch_size`` as divisor, the noise-only update for
       an empty batch) — the code TrainOnDataset runs.
     """

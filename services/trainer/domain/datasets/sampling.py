@@ -5,9 +5,9 @@ Each step includes every record independently with probability ``q`` (Abadi et a
 2016, arXiv:1607.00133, §3.1; the ``PoissonSampledDpEvent`` of dp-accounting assumes
 exactly this). The batch size is therefore Binomial(N, q): it varies, it may be 0, and
 the update divides the noised gradient sum by the *expected* batch size ``q · N`` (see
-:mod:`tensafe.trainer.engine.training`).
+:mod:`tensafe.trainer.domain.engine.training`).
 
-Randomness: the AES-256-CTR keystream of :mod:`tensafe.trainer.engine.noise` (the DP
+Randomness: the AES-256-CTR keystream of :mod:`tensafe.trainer.domain.engine.noise` (the DP
 noise's CSPRNG construction) under a key of 32 bytes from the operating system's CSPRNG
 per run attempt, never stored or returned, so nobody can predict or replay which records
 were drawn. Record i of a draw is included when the top 53 bits of its 64-bit keystream
@@ -24,7 +24,7 @@ import numpy as np
 import numpy.typing as npt
 
 from tensafe.common.errors import InvalidArgument
-from tensafe.trainer.engine.noise import AesCtrStream, fresh_key
+from tensafe.trainer.domain.engine.noise import AesCtrStream, fresh_key
 
 
 def resolve_sample_rate(

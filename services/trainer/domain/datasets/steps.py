@@ -1,8 +1,8 @@
 """One DP-SGD step of TrainOnDataset on a drawn Poisson batch, without the database.
 
-The step function the dataset runner (:mod:`.runner`) calls for every step of a run,
-and the privacy audit (:mod:`tensafe.trainer.audit.run`) calls for every step of a
-Poisson shadow run, so the audit tests the code that trains on server-held data:
+The step function the dataset runner (:mod:`tensafe.trainer.runners.datasets`) calls for
+every step of a run, and the privacy audit (:mod:`tensafe.trainer.domain.audit.run`) calls
+for every step of a Poisson shadow run, so the audit tests the code that trains on server-held data:
 micro-batched ``forward_backward`` (per-example clipping) and one ``optim_step``
 dividing by the expected batch size, with the noise-only update for an empty batch.
 """
@@ -16,9 +16,9 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from tensafe.trainer.datasets.records import TokenizedDataset
-from tensafe.trainer.engine.config import AdamConfig
-from tensafe.trainer.engine.training import LoraTrainingEngine
+from tensafe.trainer.domain.datasets.records import TokenizedDataset
+from tensafe.trainer.domain.engine.config import AdamConfig
+from tensafe.trainer.domain.engine.training import LoraTrainingEngine
 
 MICRO_BATCH = 8
 """Records per forward/backward pass within one step (bounds activation memory; the

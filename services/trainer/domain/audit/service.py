@@ -1,36 +1,26 @@
-"""AuditPrivacy between the contract and the audit domain: validate, run, report.
+"""AuditPrivacy in the audit domain: validate, run, report.
 
-The trainer API validates a request with :func:`audit_plan` before it admits the job
-(bad input is INVALID_ARGUMENT at once); the worker runs :func:`execute_audit` in a
-thread. Neither touches a training client, its ledger or its budget.
+The trainer API validates a request's command with :func:`audit_plan` before it admits
+the job (bad input is INVALID_ARGUMENT at once); the worker runs :func:`execute_audit`
+in a thread. Neither touches a training client, its ledger or its budget.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 from tensafe.common.errors import InvalidArgument
-from tensafe.proto.trainer.v1 import trainer_service_pb2 as pb
-from tensafe.trainer import serde
 from tensafe.trainer.base_models import BaseModelInfo
-from tensafe.trainer.engine.accounting import BatchSampling, calibrate_noise_multiplier
-from tensafe.trainer.engine.config import DpConfig, LoraConfig
-from tensafe.trainer.engine.training import LoraTrainingEngine
+from tensafe.trainer.domain.commands import AuditPrivacy
+from tensafe.trainer.domain.engine.accounting import calibrate_noise_multiplier
+from tensafe.trainer.domain.engine.config import DpConfig, LoraConfig
+from tensafe.trainer.domain.engine.training import LoraTrainingEngine
+from tensafe.trainer.domain.settings import check_dp
 
 from .bound import DEFAULT_CONFIDENCE
-from .run import AuditConfig, AuditReport, CanaryKind, run_privacy_audit
-
-_CANARY_KINDS = {
-    pb.CANARY_KIND_UNSPECIFIED: CanaryKind.WHITE_BOX,
-    pb.CANARY_KIND_WHITE_BOX: CanaryKind.WHITE_BOX,
-    pb.CANARY_KIND_BLACK_BOX: CanaryKind.BLACK_BOX,
-}
-_SAMPLINGS = {
-    pb.SAMPLING_UNSPECIFIED: BatchSampling.CLIENT_BATCHES,
-    pb.SAMPLING_CLIENT_BATCHES: BatchSampling.CLIENT_BATCHES,
-    pb.SAMPLING_POISSON: BatchSampling.POISSON,
-}
+from .run import AuditConfig, AuditReport, run_privacy_audit
 
 # LoRA seed of every shadow run: the initialisation is public and not what is audited.
 _SHADOW_LORA_SEED = 0
@@ -52,11 +42,11 @@ class AuditPlan:
     """The audit (its noise multiplier is a stand-in until calibration)."""
 
 
-def audit_plan(request: pb.AuditPrivacyRequest, info: BaseModelInfo) -> AuditPlan:
+def audit_plan(command: AuditPrivacy, info: BaseModelInfo) -> AuditPlan:
     """Validate an AuditPrivacy request against its base model.
 
     Args:
-        request: The request.
+        command: The request.
         info: Its base model.
 
     Returns:
@@ -66,37 +56,36 @@ def audit_plan(request: pb.AuditPrivacyRequest, info: BaseModelInfo) -> AuditPla
         InvalidArgument: The offending field (``canaries``, ``guesses_per_side``,
             ``confidence``, ``steps``, ``batch_size``, ``dp.*``, ``lora.*``, ...).
     """
-    if not request.HasField("lora"):
+    if command.lora is None:
         raise InvalidArgument("lora", "is required")
-    if not request.HasField("dp"):
+    if command.dp is None:
         raise InvalidArgument("dp", "is required: an audit tests a DP configuration")
-    lora = serde.lora_config(request.lora, info.default_target_modules)
+    lora = command.lora.config(info.default_target_modules)
     unknown = [m for m in lora.target_modules if m not in info.lora_target_modules]
     if unknown:
         raise InvalidArgument("lora.target_modules", f"no layer {', '.join(unknown)}")
-    if request.canary_kind not in _CANARY_KINDS:
+    if command.canary_kind is None:
         raise InvalidArgument("canary_kind", "unknown canary kind")
-    if request.sampling not in _SAMPLINGS:
+    if command.sampling is None:
         raise InvalidArgument("sampling", "unknown sampling")
-    dp = request.dp
-    if dp.WhichOneof("noise") == "target_epsilon" and dp.planned_steps not in (0, request.steps):
+    dp = command.dp
+    if dp.noise == "target_epsilon" and dp.planned_steps not in (0, command.steps):
         raise InvalidArgument("dp.planned_steps", "must be 0 or equal to steps in an audit")
-    checked = pb.DpConfig()
-    checked.CopyFrom(dp)
-    if checked.WhichOneof("noise") == "target_epsilon":
-        checked.planned_steps = max(1, int(request.steps))
-    settings, target = serde.dp_request(checked)
+    checked = dp
+    if checked.noise == "target_epsilon":
+        checked = dataclasses.replace(checked, planned_steps=max(1, int(command.steps)))
+    settings, target = check_dp(checked)
     config = AuditConfig(
-        canaries=int(request.canaries),
-        guesses_per_side=int(request.guesses_per_side),
-        confidence=request.confidence if request.confidence != 0 else DEFAULT_CONFIDENCE,
-        canary_kind=_CANARY_KINDS[request.canary_kind],
-        steps=int(request.steps),
-        batch_size=int(request.batch_size),
-        sampling=_SAMPLINGS[request.sampling],
+        canaries=int(command.canaries),
+        guesses_per_side=int(command.guesses_per_side),
+        confidence=command.confidence if command.confidence != 0 else DEFAULT_CONFIDENCE,
+        canary_kind=command.canary_kind,
+        steps=int(command.steps),
+        batch_size=int(command.batch_size),
+        sampling=command.sampling,
         noise_multiplier=settings.noise_multiplier if settings is not None else 1.0,
         delta=dp.delta,
-        accountant=serde.accountant_name(dp),
+        accountant=dp.accountant or "rdp",
     )
     return AuditPlan(
         lora=lora,
@@ -107,17 +96,17 @@ def audit_plan(request: pb.AuditPrivacyRequest, info: BaseModelInfo) -> AuditPla
     )
 
 
-def execute_audit(request: pb.AuditPrivacyRequest, info: BaseModelInfo) -> pb.AuditPrivacyResult:
+def execute_audit(command: AuditPrivacy, info: BaseModelInfo) -> AuditReport:
     """Run the audit a request describes on a fresh shadow engine (blocking).
 
     Args:
-        request: The request (validated again here).
+        command: The request (validated again here).
         info: Its base model.
 
     Returns:
-        The contract's result.
+        The audit's report.
     """
-    plan = audit_plan(request, info)
+    plan = audit_plan(command, info)
     config = plan.config
     sigma = plan.noise_multiplier
     if sigma is None:
@@ -152,17 +141,4 @@ def execute_audit(request: pb.AuditPrivacyRequest, info: BaseModelInfo) -> pb.Au
         report = run_privacy_audit(engine, config)
     finally:
         engine.close()
-    return report_to_proto(report)
-
-
-def report_to_proto(report: AuditReport) -> pb.AuditPrivacyResult:
-    """The contract's AuditPrivacyResult of a report."""
-    return pb.AuditPrivacyResult(
-        claimed_epsilon=report.claimed_epsilon,
-        epsilon_lower_bound=report.epsilon_lower_bound,
-        canaries=report.canaries,
-        guesses=report.guesses,
-        correct_guesses=report.correct_guesses,
-        confidence=report.confidence,
-        delta=report.delta,
-    )
+    return report

@@ -6,174 +6,130 @@ records under the tenant's data key (:mod:`.crypto`) and writes them to the obje
 crash in between leaves an unreferenced ciphertext). Every read filters by tenant, so
 another tenant's dataset is NOT_FOUND, indistinguishable from a missing one.
 
-TrainOnDataset is admitted like every trainer job (:meth:`TrainerApi.admit`), and in the
+TrainOnDataset is admitted like every trainer job (:meth:`TrainerDomain.admit`), and in the
 same transaction the whole run's privacy cost — ``steps`` Poisson-subsampled Gaussian
 steps at rate q — is checked against the client's budget, counting every step already
 committed or reserved, and reserved. The worker gives one reserved step back with each
-step it commits (:mod:`.runner`), so concurrent OptimSteps can never overspend.
+step it commits (:mod:`tensafe.trainer.runners.datasets`), so concurrent OptimSteps can
+never overspend.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import hashlib
-import json
 import math
 import re
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
-import sqlalchemy as sa
-from sqlalchemy import exc as sa_exc
-from sqlalchemy.ext.asyncio import AsyncSession
 from transformers import AutoTokenizer
 
-from tensafe.common.db import Database
 from tensafe.common.errors import (
     FailedPrecondition,
     InvalidArgument,
-    NotFound,
     ResourceExhausted,
 )
-from tensafe.common.futures import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, Future
-from tensafe.common.quotas import lock_tenant, quota_exceeded
-from tensafe.proto.trainer.v1 import trainer_service_pb2 as pb
-from tensafe.trainer import serde
-from tensafe.trainer.api import Caller, TrainerApi
+from tensafe.common.futures import Future
+from tensafe.common.quotas import quota_exceeded
 from tensafe.trainer.base_models import BaseModelInfo, BaseModelRegistry
-from tensafe.trainer.datasets.crypto import (
+from tensafe.trainer.domain.commands import TrainOnDataset, UploadHeader, UploadPart
+from tensafe.trainer.domain.datasets.crypto import (
     DatasetKeyring,
-    WrappedKey,
     decrypt_dataset,
     encrypt_dataset,
 )
-from tensafe.trainer.datasets.records import (
-    RecordFormat,
+from tensafe.trainer.domain.datasets.records import (
     TokenizedDataset,
     Tokenizer,
     tokenize_jsonl,
 )
-from tensafe.trainer.datasets.sampling import resolve_sample_rate
-from tensafe.trainer.engine.accounting import StepMechanism
-from tensafe.trainer.jobs import JobKind
-from tensafe.trainer.ledger import client_dp
+from tensafe.trainer.domain.datasets.sampling import resolve_sample_rate
+from tensafe.trainer.domain.engine.accounting import StepMechanism
+from tensafe.trainer.domain.jobs import JobKind
+from tensafe.trainer.domain.ledger import client_dp
+from tensafe.trainer.domain.model import ClientRecord, DatasetRecord, DuplicateRecord, Page
+from tensafe.trainer.domain.service import Caller, TrainerDomain
 from tensafe.trainer.objects import ObjectFolder
-from tensafe.trainer.store import repository as repo
-from tensafe.trainer.store.models import (
-    DatasetKeyRow,
-    DatasetRow,
-    DatasetRunRow,
-    TrainingClientRow,
-)
+from tensafe.trainer.store.sql import TrainerStore, TrainerTransaction
 
 MAX_TRAIN_STEPS = 1_000_000
 """Most steps one TrainOnDataset request may run."""
 
 _NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _MAX_REQUEST_ID = 128
-_FORMATS = {
-    pb.DATASET_FORMAT_TEXT: RecordFormat.TEXT,
-    pb.DATASET_FORMAT_PROMPT_COMPLETION: RecordFormat.PROMPT_COMPLETION,
-}
-_FORMAT_ENUMS = {value: key for key, value in _FORMATS.items()}
 
 
-def dataset_to_proto(row: DatasetRow, epsilon_spent: float | None = None) -> pb.Dataset:
-    """The contract's Dataset of a stored dataset (and the epsilon spent on it)."""
-    message = pb.Dataset(
-        id=row.id,
-        name=row.name,
-        base_model=row.base_model,
-        format=_FORMAT_ENUMS[RecordFormat(row.format)],
-        records=int(row.records),
-        tokens=int(row.tokens),
-        epsilon_budget=row.epsilon_budget or 0.0,
-        delta=row.delta or 0.0,
-        epsilon_spent=epsilon_spent or 0.0,
-    )
-    created = serde.timestamp(repo.utc(row.created_at))
-    if created is not None:
-        message.create_time.CopyFrom(created)
-    return message
+@dataclass(frozen=True, kw_only=True)
+class SealedDataset:
+    """A dataset's records, encrypted and written to the object folder."""
 
-
-@dataclass(frozen=True)
-class DatasetPage:
-    """One page of datasets, newest first."""
-
-    datasets: list[DatasetRow]
-    next_page_token: str
+    object_path: str
+    sha256: str
+    size_bytes: int
+    key_id: str
+    records: int
+    tokens: int
 
 
 class DatasetVault:
     """Tenant data keys and encrypted dataset objects (used by the API and the workers).
 
     Args:
-        database: The trainer's database.
+        store: The trainer's database.
         objects: The object folder.
         keyring: The deployment's KEK (a start-up requirement, see
             :class:`~tensafe.trainer.config.TrainerConfig`).
     """
 
     def __init__(
-        self, *, database: Database, objects: ObjectFolder, keyring: DatasetKeyring
+        self, *, store: TrainerStore, objects: ObjectFolder, keyring: DatasetKeyring
     ) -> None:
-        self._db = database
+        self._store = store
         self._objects = objects
         self._keyring = keyring
 
     async def tenant_key(self, tenant: str) -> tuple[str, bytes]:
         """The tenant's DEK (created and stored wrapped on first use): (key id, key)."""
         keyring = self._keyring
-        async with self._db.transaction(read_only=True) as session:
-            row = await session.get(DatasetKeyRow, tenant)
-        if row is None:
+        async with self._store.transaction(read_only=True) as tx:
+            wrapped = await tx.dataset_key(tenant)
+        if wrapped is None:
             wrapped, _ = keyring.new_tenant_key(tenant)
             try:
-                async with self._db.transaction() as session:
-                    session.add(
-                        DatasetKeyRow(
-                            tenant=tenant,
-                            key_id=wrapped.key_id,
-                            kek_id=wrapped.kek_id,
-                            wrapped_key=wrapped.wrapped,
-                            created_at=repo.now(),
-                        )
-                    )
-            except sa_exc.IntegrityError:
+                async with self._store.transaction() as tx:
+                    tx.add_dataset_key(tenant, wrapped)
+            except DuplicateRecord:
                 # Another upload of the tenant created it first: use that one.
                 pass
-            async with self._db.transaction(read_only=True) as session:
-                row = await session.get(DatasetKeyRow, tenant)
-            assert row is not None
-        dek = keyring.unwrap(tenant, WrappedKey(row.key_id, row.kek_id, row.wrapped_key))
-        return row.key_id, dek
+            async with self._store.transaction(read_only=True) as tx:
+                wrapped = await tx.dataset_key(tenant)
+            assert wrapped is not None
+        dek = keyring.unwrap(tenant, wrapped)
+        return wrapped.key_id, dek
 
-    async def store(self, tenant: str, dataset_id: str, dataset: TokenizedDataset) -> DatasetRow:
-        """Encrypt and write a dataset's records; returns an unsaved row with the
-        object's path, digest and key id filled in."""
+    async def store(
+        self, tenant: str, dataset_id: str, dataset: TokenizedDataset
+    ) -> SealedDataset:
+        """Encrypt and write a dataset's records; returns where and under which key."""
         key_id, dek = await self.tenant_key(tenant)
         sealed = encrypt_dataset(
             dek, dataset.to_bytes(), tenant=tenant, dataset_id=dataset_id, key_id=key_id
         )
         relative = f"datasets/{dataset_id}.tsds"
         sha = await asyncio.to_thread(self._objects.write, relative, sealed)
-        return DatasetRow(
-            id=dataset_id,
-            tenant=tenant,
-            records=dataset.records,
-            tokens=dataset.total_tokens,
-            key_id=key_id,
+        return SealedDataset(
             object_path=relative,
             sha256=sha,
             size_bytes=len(sealed),
+            key_id=key_id,
+            records=dataset.records,
+            tokens=dataset.total_tokens,
         )
 
-    async def load(self, row: DatasetRow) -> TokenizedDataset:
+    async def load(self, row: DatasetRecord) -> TokenizedDataset:
         """Read, verify and decrypt a dataset's records.
 
         Raises:
@@ -190,58 +146,16 @@ class DatasetVault:
         )
         return await asyncio.to_thread(TokenizedDataset.from_bytes, plaintext)
 
-    def delete_object(self, row: DatasetRow) -> None:
+    def delete_object(self, object_path: str) -> None:
         """Remove a dataset's ciphertext."""
-        self._objects.delete(row.object_path)
-
-
-async def get_dataset(session: AsyncSession, tenant: str, dataset_id: str) -> DatasetRow:
-    """A dataset of ``tenant``.
-
-    Raises:
-        NotFound: No such dataset for this tenant.
-    """
-    row = (
-        await session.execute(
-            sa.select(DatasetRow).where(DatasetRow.id == dataset_id, DatasetRow.tenant == tenant)
-        )
-    ).scalar_one_or_none()
-    if row is None:
-        raise NotFound(f"dataset {dataset_id!r} not found")
-    return row
-
-
-async def _dataset_by_request(
-    session: AsyncSession, tenant: str, request_id: str
-) -> DatasetRow | None:
-    return (
-        await session.execute(
-            sa.select(DatasetRow).where(
-                DatasetRow.tenant == tenant, DatasetRow.request_id == request_id
-            )
-        )
-    ).scalar_one_or_none()
-
-
-def _encode_token(created: datetime, dataset_id: str) -> str:
-    payload = json.dumps({"c": created.isoformat(), "i": dataset_id})
-    return base64.urlsafe_b64encode(payload.encode()).decode().rstrip("=")
-
-
-def _decode_token(token: str) -> tuple[datetime, str]:
-    try:
-        padded = token + "=" * (-len(token) % 4)
-        payload = json.loads(base64.urlsafe_b64decode(padded.encode()))
-        return datetime.fromisoformat(payload["c"]), str(payload["i"])
-    except (ValueError, KeyError, TypeError, binascii.Error) as error:
-        raise InvalidArgument("page_token", "is malformed") from error
+        self._objects.delete(object_path)
 
 
 class DatasetService:
     """The dataset RPCs' domain.
 
     Args:
-        database: The trainer's database.
+        store: The trainer's database.
         api: The trainer API (job admission, clients).
         vault: Keys and encrypted objects.
         base_models: The registered base models (their tokenizers).
@@ -252,14 +166,14 @@ class DatasetService:
     def __init__(
         self,
         *,
-        database: Database,
-        api: TrainerApi,
+        store: TrainerStore,
+        api: TrainerDomain,
         vault: DatasetVault,
         base_models: BaseModelRegistry,
         max_upload_bytes: int,
         max_storage_bytes_per_tenant: int,
     ) -> None:
-        self._db = database
+        self._store = store
         self._api = api
         self._vault = vault
         self._base_models = base_models
@@ -270,8 +184,8 @@ class DatasetService:
     # ------------------------------------------------------------------ upload
 
     async def upload(
-        self, caller: Caller, parts: AsyncIterator[pb.UploadDatasetRequest]
-    ) -> DatasetRow:
+        self, caller: Caller, parts: AsyncIterator[UploadPart]
+    ) -> DatasetRecord:
         """Store a streamed JSONL dataset (header first, then chunks).
 
         Raises:
@@ -282,17 +196,16 @@ class DatasetService:
                 nothing is stored).
             NotFound: Unknown base model.
         """
-        header: pb.UploadDatasetHeader | None = None
+        header: UploadHeader | None = None
         content = bytearray()
         async for part in parts:
-            which = part.WhichOneof("part")
             if header is None:
-                if which != "header":
+                if part.header is None:
                     raise InvalidArgument("header", "the first message must be the header")
                 header = part.header
                 _check_header(header)
                 continue
-            if which != "chunk":
+            if part.chunk is None:
                 raise InvalidArgument("header", "only the first message may be a header")
             content.extend(part.chunk)
             if len(content) > self._max_upload_bytes:
@@ -309,62 +222,66 @@ class DatasetService:
             return existing
         # Fail before tokenising when the tenant is full already; the binding check is
         # the one in the insert transaction below.
-        async with self._db.transaction(read_only=True) as session:
-            await self._check_storage(session, caller.tenant, adding=0)
+        async with self._store.transaction(read_only=True) as tx:
+            await self._check_storage(tx, caller.tenant, adding=0)
         tokenizer = await asyncio.to_thread(self._tokenizer, info)
+        record_format = header.format
+        assert record_format is not None  # _check_header refused an unknown format
         dataset = await asyncio.to_thread(
             tokenize_jsonl,
             bytes(content),
-            record_format=_FORMATS[header.format],
+            record_format=record_format,
             tokenizer=tokenizer,
             max_context_length=info.max_context_length,
         )
         dataset_id = uuid.uuid4().hex
-        row = await self._vault.store(caller.tenant, dataset_id, dataset)
-        row.request_id = request_id
-        row.request_fingerprint = fingerprint
-        row.name = header.name
-        row.base_model = info.name
-        row.format = _FORMATS[header.format].value
-        row.epsilon_budget = header.epsilon_budget or None
-        row.delta = header.delta if header.epsilon_budget else None
-        row.created_at = repo.now()
+        sealed = await self._vault.store(caller.tenant, dataset_id, dataset)
+        record = DatasetRecord(
+            id=dataset_id,
+            tenant=caller.tenant,
+            request_id=request_id,
+            request_fingerprint=fingerprint,
+            name=header.name,
+            base_model=info.name,
+            format=record_format.value,
+            records=sealed.records,
+            tokens=sealed.tokens,
+            key_id=sealed.key_id,
+            object_path=sealed.object_path,
+            sha256=sealed.sha256,
+            size_bytes=sealed.size_bytes,
+            epsilon_budget=header.epsilon_budget or None,
+            delta=header.delta if header.epsilon_budget else None,
+            created_at=datetime.now(UTC),
+        )
         try:
-            async with self._db.transaction() as session:
-                await lock_tenant(session, "trainer.datasets", caller.tenant)
+            async with self._store.transaction() as tx:
+                await tx.lock_tenant("trainer.datasets", caller.tenant)
                 # Under the lock a concurrent upload with this request id has either
                 # committed (answer with it, not with a quota error) or not started.
-                raced = await _dataset_by_request(session, caller.tenant, request_id)
+                raced = await tx.dataset_by_request(caller.tenant, request_id)
                 if raced is None:
-                    await self._check_storage(session, caller.tenant, adding=row.size_bytes)
-                    session.add(row)
+                    await self._check_storage(tx, caller.tenant, adding=record.size_bytes)
+                    tx.add_dataset(record)
         except ResourceExhausted:
-            self._vault.delete_object(row)
+            self._vault.delete_object(record.object_path)
             raise
-        except sa_exc.IntegrityError:
+        except DuplicateRecord:
             # The same request id raced us and won: drop our copy, answer with its.
-            self._vault.delete_object(row)
+            self._vault.delete_object(record.object_path)
             winner = await self._by_request(caller.tenant, request_id, fingerprint)
             if winner is None:
                 raise
             return winner
         if raced is not None:
-            self._vault.delete_object(row)
+            self._vault.delete_object(record.object_path)
             winner = await self._by_request(caller.tenant, request_id, fingerprint)
             assert winner is not None
             return winner
-        return row
+        return record
 
-    async def _check_storage(self, session: AsyncSession, tenant: str, *, adding: int) -> None:
-        stored = int(
-            (
-                await session.execute(
-                    sa.select(sa.func.coalesce(sa.func.sum(DatasetRow.size_bytes), 0)).where(
-                        DatasetRow.tenant == tenant
-                    )
-                )
-            ).scalar_one()
-        )
+    async def _check_storage(self, tx: TrainerTransaction, tenant: str, *, adding: int) -> None:
+        stored = await tx.stored_dataset_bytes(tenant)
         if stored + adding > self._max_storage_bytes or stored >= self._max_storage_bytes:
             raise quota_exceeded(
                 "max_dataset_storage_bytes_per_tenant",
@@ -374,9 +291,9 @@ class DatasetService:
 
     async def _by_request(
         self, tenant: str, request_id: str, fingerprint: str
-    ) -> DatasetRow | None:
-        async with self._db.transaction(read_only=True) as session:
-            row = await _dataset_by_request(session, tenant, request_id)
+    ) -> DatasetRecord | None:
+        async with self._store.transaction(read_only=True) as tx:
+            row = await tx.dataset_by_request(tenant, request_id)
         if row is not None and row.request_fingerprint != fingerprint:
             raise InvalidArgument(
                 "header.request_id",
@@ -399,55 +316,38 @@ class DatasetService:
 
     # ------------------------------------------------------------------ reads
 
-    async def get(self, caller: Caller, dataset_id: str) -> DatasetRow:
+    async def get(self, caller: Caller, dataset_id: str) -> DatasetRecord:
         """A dataset of the caller's tenant (NotFound otherwise)."""
-        async with self._db.transaction(read_only=True) as session:
-            return await get_dataset(session, caller.tenant, dataset_id)
+        async with self._store.transaction(read_only=True) as tx:
+            return await tx.get_dataset(caller.tenant, dataset_id)
 
-    async def epsilon_spent(self, row: DatasetRow) -> float | None:
+    async def epsilon_spent(self, row: DatasetRecord) -> float | None:
         """Epsilon every committed step of every client has spent on a dataset with a
         budget, at its delta (None without a budget)."""
         if row.delta is None:
             return None
-        async with self._db.transaction(read_only=True) as session:
-            return await self._api.ledger.dataset_epsilon(session, row)
+        async with self._store.transaction(read_only=True) as tx:
+            return await self._api.ledger.dataset_epsilon(tx, row)
 
-    async def list(self, caller: Caller, *, page_size: int, page_token: str) -> DatasetPage:
+    async def list(
+        self, caller: Caller, *, page_size: int, page_token: str
+    ) -> Page[DatasetRecord]:
         """A page of the caller's datasets, newest first (AIP-158)."""
-        if page_size < 0:
-            raise InvalidArgument("page_size", "must not be negative")
-        size = DEFAULT_PAGE_SIZE if page_size == 0 else min(page_size, MAX_PAGE_SIZE)
-        query = sa.select(DatasetRow).where(DatasetRow.tenant == caller.tenant)
-        if page_token:
-            after_created, after_id = _decode_token(page_token)
-            query = query.where(
-                sa.or_(
-                    DatasetRow.created_at < after_created,
-                    sa.and_(DatasetRow.created_at == after_created, DatasetRow.id < after_id),
-                )
+        async with self._store.transaction(read_only=True) as tx:
+            return await tx.list_datasets(
+                caller.tenant, page_size=page_size, page_token=page_token
             )
-        query = query.order_by(DatasetRow.created_at.desc(), DatasetRow.id.desc())
-        async with self._db.transaction(read_only=True) as session:
-            rows = list((await session.execute(query.limit(size + 1))).scalars())
-        token = ""
-        if len(rows) > size:
-            last = rows[size - 1]
-            created = repo.utc(last.created_at)
-            assert created is not None
-            token = _encode_token(created, last.id)
-        return DatasetPage(rows[:size], token)
 
     async def delete(self, caller: Caller, dataset_id: str) -> None:
         """Delete a dataset's metadata and ciphertext. A run already reading it finishes
         with the records it loaded; runs queued later fail with NOT_FOUND."""
-        async with self._db.transaction() as session:
-            row = await get_dataset(session, caller.tenant, dataset_id)
-            await session.delete(row)
-        self._vault.delete_object(row)
+        async with self._store.transaction() as tx:
+            row = await tx.delete_dataset(caller.tenant, dataset_id)
+        self._vault.delete_object(row.object_path)
 
     # ------------------------------------------------------------------ training
 
-    async def train_on_dataset(self, caller: Caller, request: pb.TrainOnDatasetRequest) -> Future:
+    async def train_on_dataset(self, caller: Caller, command: TrainOnDataset) -> Future:
         """Admit a TrainOnDataset run, reserving its whole privacy cost.
 
         Raises:
@@ -457,15 +357,15 @@ class DatasetService:
             BudgetExhausted: The run's steps would exceed the client's budget.
             ResourceExhausted: More steps than ``max_steps_per_job``.
         """
-        if not 1 <= request.steps <= MAX_TRAIN_STEPS:
+        if not 1 <= command.steps <= MAX_TRAIN_STEPS:
             raise InvalidArgument("steps", f"must be in [1, {MAX_TRAIN_STEPS}]")
-        self._api.check_job_steps(request.steps)
-        serde.adam_config(request.adam_params, present=request.HasField("adam_params"))
-        which = request.WhichOneof("rate")
+        self._api.check_job_steps(command.steps)
+        command.adam.get()
+        which = command.rate
         if which is None:
             raise InvalidArgument("rate", "give sample_rate or expected_batch_size")
-        dataset = await self.get(caller, request.dataset_id)
-        client = await self._api.get_client(caller, request.training_client_id)
+        dataset = await self.get(caller, command.dataset_id)
+        client = await self._api.get_client(caller, command.client_id)
         if not client.private:
             raise FailedPrecondition(
                 "TrainOnDataset needs a private (DP) training client; this one is non-private"
@@ -476,26 +376,26 @@ class DatasetService:
                 f"trains {client.base_model}"
             )
         sample_rate = resolve_sample_rate(
-            sample_rate=request.sample_rate if which == "sample_rate" else None,
+            sample_rate=command.sample_rate if which == "sample_rate" else None,
             expected_batch_size=(
-                request.expected_batch_size if which == "expected_batch_size" else None
+                command.expected_batch_size if which == "expected_batch_size" else None
             ),
             records=int(dataset.records),
         )
-        steps = int(request.steps)
+        steps = int(command.steps)
         records = int(dataset.records)
 
         async def within(
-            session: AsyncSession, row: TrainingClientRow, future_id: str, seq: int
+            tx: TrainerTransaction, row: ClientRecord, future_id: str, seq: int
         ) -> None:
             dp = client_dp(row)
             if dp is None:
                 raise FailedPrecondition("TrainOnDataset needs a private (DP) training client")
             mechanism = StepMechanism.poisson(dp.noise_multiplier, sample_rate)
             # The dataset row as this transaction sees it (a concurrent delete wins).
-            dataset_row = await get_dataset(session, row.tenant, dataset.id)
+            dataset_row = await tx.get_dataset(row.tenant, dataset.id)
             await self._api.ledger.reserve(
-                session,
+                tx,
                 row,
                 dp,
                 mechanism=mechanism,
@@ -504,47 +404,36 @@ class DatasetService:
                 steps=steps,
                 dataset=dataset_row,
             )
-            now = repo.now()
-            session.add(
-                DatasetRunRow(
-                    future_id=future_id,
-                    tenant=row.tenant,
-                    client_id=row.id,
-                    dataset_id=dataset.id,
-                    sample_rate=sample_rate,
-                    expected_batch_size=sample_rate * records,
-                    steps=steps,
-                    steps_done=0,
-                    losses_json="[]",
-                    batch_sizes_json="[]",
-                    created_at=now,
-                    updated_at=now,
-                )
+            tx.add_dataset_run(
+                future_id=future_id,
+                tenant=row.tenant,
+                client_id=row.id,
+                dataset_id=dataset.id,
+                sample_rate=sample_rate,
+                expected_batch_size=sample_rate * records,
+                steps=steps,
             )
 
         return await self._api.admit(
             caller,
-            request.training_client_id,
+            command.client_id,
             JobKind.TRAIN_ON_DATASET,
-            request,
+            command.request,
             within=within,
         )
 
 
-def _upload_fingerprint(header: pb.UploadDatasetHeader, content: bytes) -> str:
-    copy = pb.UploadDatasetHeader()
-    copy.CopyFrom(header)
-    copy.ClearField("request_id")
-    digest = hashlib.sha256(copy.SerializeToString(deterministic=True))
+def _upload_fingerprint(header: UploadHeader, content: bytes) -> str:
+    digest = hashlib.sha256(header.fingerprint_bytes)
     digest.update(hashlib.sha256(content).digest())
     return digest.hexdigest()
 
 
-def _check_header(header: pb.UploadDatasetHeader) -> None:
+def _check_header(header: UploadHeader) -> None:
     """Validate the header before any chunk is read."""
     if not _NAME.match(header.name):
         raise InvalidArgument("header.name", "must match [A-Za-z0-9._-]{1,64}")
-    if header.format not in _FORMATS:
+    if header.format is None:
         raise InvalidArgument(
             "header.format",
             "must be DATASET_FORMAT_TEXT or DATASET_FORMAT_PROMPT_COMPLETION",

@@ -3,7 +3,8 @@
 A job's request is stored in the database with its future (the ``trainer_jobs`` row,
 which doubles as the outbox); the JetStream message only names it. Messages stay tiny
 whatever the batch size, a re-published message carries nothing that could disagree
-with the database, and the request bytes are the contract's own request message.
+with the database, and the request bytes are the contract's own request message
+(encoded and decoded by :mod:`tensafe.trainer.serde`, never here).
 """
 
 from __future__ import annotations
@@ -13,11 +14,8 @@ import json
 import re
 from dataclasses import dataclass
 
-from google.protobuf.message import Message
-
 from tensafe.common.errors import InvalidArgument, NotFound
 from tensafe.common.jetstream import PermanentJobError
-from tensafe.proto.trainer.v1 import trainer_service_pb2 as pb
 
 
 class JobKind(enum.Enum):
@@ -34,26 +32,6 @@ class JobKind(enum.Enum):
     AUDIT_PRIVACY = "trainer.audit_privacy"
     SAVE_ADAPTER = "trainer.save_adapter"
     TRAIN_ON_DATASET = "trainer.train_on_dataset"
-
-    @property
-    def request_type(self) -> type[Message]:
-        """The request message stored as the job's payload."""
-        return _REQUEST_TYPES[self]
-
-
-_REQUEST_TYPES: dict[JobKind, type[Message]] = {
-    JobKind.FORWARD_BACKWARD: pb.ForwardBackwardRequest,
-    JobKind.FORWARD: pb.ForwardRequest,
-    JobKind.OPTIM_STEP: pb.OptimStepRequest,
-    JobKind.SAMPLE: pb.SampleRequest,
-    JobKind.COMPUTE_LOGPROBS: pb.ComputeLogprobsRequest,
-    JobKind.SAVE_STATE: pb.SaveStateRequest,
-    JobKind.LOAD_STATE: pb.LoadStateRequest,
-    JobKind.SAVE_WEIGHTS_FOR_SAMPLER: pb.SaveWeightsForSamplerRequest,
-    JobKind.AUDIT_PRIVACY: pb.AuditPrivacyRequest,
-    JobKind.SAVE_ADAPTER: pb.SaveAdapterRequest,
-    JobKind.TRAIN_ON_DATASET: pb.TrainOnDatasetRequest,
-}
 
 
 @dataclass(frozen=True)
