@@ -169,7 +169,7 @@ async def list_clients(
         TrainingClientRow.tenant == tenant, TrainingClientRow.state == CLIENT_ACTIVE
     )
     if page_token:
-        after_created, after_id = _decode_token(page_token)
+        after_created, after_id = decode_page_token(page_token)
         query = query.where(
             sa.or_(
                 TrainingClientRow.created_at < after_created,
@@ -186,16 +186,22 @@ async def list_clients(
         last = rows[size - 1]
         created = utc(last.created_at)
         assert created is not None
-        token = _encode_token(created, last.id)
+        token = encode_page_token(created, last.id)
     return ClientPage(rows[:size], token)
 
 
-def _encode_token(created: datetime, client_id: str) -> str:
-    payload = json.dumps({"c": created.isoformat(), "i": client_id})
+def encode_page_token(created: datetime, row_id: str) -> str:
+    """The page token after a row of a list ordered by (creation time, id)."""
+    payload = json.dumps({"c": created.isoformat(), "i": row_id})
     return base64.urlsafe_b64encode(payload.encode()).decode().rstrip("=")
 
 
-def _decode_token(token: str) -> tuple[datetime, str]:
+def decode_page_token(token: str) -> tuple[datetime, str]:
+    """The (creation time, id) a page token continues after.
+
+    Raises:
+        InvalidArgument: ``page_token`` is malformed.
+    """
     try:
         padded = token + "=" * (-len(token) % 4)
         payload = json.loads(base64.urlsafe_b64decode(padded.encode()))
