@@ -26,6 +26,7 @@ from tensafe.trainer.engine.base import BaseModelPool
 from tensafe.trainer.jobs import JobMessage
 from tensafe.trainer.ledger import PrivacyLedger
 from tensafe.trainer.objects import ObjectFolder
+from tensafe.trainer.store import repository as repo
 from tensafe.trainer.store.models import (
     FUTURES,
     BudgetReservationRow,
@@ -607,3 +608,52 @@ async def test_a_clients_jobs_run_in_order_one_at_a_time_among_others(
     assert overlaps == []
     # The clients' jobs did interleave in the worker (else this shows nothing).
     assert [client for client, _, _ in handled[:6]] != [plans[0][0]] * 6
+
+
+async def test_claim_and_advance_are_fenced_single_statements(
+    make_stack: Any, database_url: str
+) -> None:
+    """The worker's one-statement claim and commit refuse (None / False, nothing
+    changed) a job out of order, a foreign live lease, a lost lease and a repeat."""
+    stack = await make_stack(database_url, worker=False)
+    client = await create_client(stack, dp=None)
+    database = Database.from_url(stack.config.database_url)
+    try:
+        async with database.transaction() as session:
+            claimed = await repo.claim_client(
+                session, client.id, seq=1, owner="w1", lease_seconds=30.0
+            )
+            assert claimed is not None and claimed.lease_owner == "w1"
+            assert claimed.applied_seq == 0 and claimed.lora_json
+            # Another worker, the same job: the lease is live.
+            assert (
+                await repo.claim_client(session, client.id, seq=1, owner="w2", lease_seconds=30.0)
+                is None
+            )
+            # The same worker, a later job: seq 1 is not applied yet.
+            assert (
+                await repo.claim_client(session, client.id, seq=2, owner="w1", lease_seconds=30.0)
+                is None
+            )
+            assert not await repo.advance_client(
+                session, client.id, seq=1, owner="w2", state=None, step=0
+            )
+            assert await repo.advance_client(
+                session,
+                client.id,
+                seq=1,
+                owner="w1",
+                state=("states/x/1", "ab" * 32),
+                step=0,
+                loss_sum=3.0,
+                tokens=6.0,
+            )
+            # A repeat of the commit no longer matches the fence.
+            assert not await repo.advance_client(
+                session, client.id, seq=1, owner="w1", state=None, step=0, loss_sum=1.0
+            )
+        row = await _client_row(stack.config.database_url, client.id)
+        assert (row.applied_seq, row.lease_owner, row.state_path) == (1, "w1", "states/x/1")
+        assert (row.pending_loss_sum, row.pending_tokens) == (3.0, 6.0)
+    finally:
+        await database.dispose()
