@@ -657,3 +657,41 @@ async def test_claim_and_advance_are_fenced_single_statements(
         assert (row.pending_loss_sum, row.pending_tokens) == (3.0, 6.0)
     finally:
         await database.dispose()
+
+
+async def test_a_job_cancelled_while_running_leaves_no_effect(
+    make_stack: Any, base_models_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ForwardBackward cancelled while in the engine: its commit finds the future
+    CANCELLED, nothing of it is committed, the engine that ran it is not reused (the
+    next step sees only the next call's examples) and the client moves on."""
+    stack = await make_stack(worker=False)
+    client = await create_client(stack, dp=None)
+    entered, release = threading.Event(), threading.Event()
+    execute = TrainerWorker._execute
+    calls: list[int] = []
+
+    def instrumented_execute(
+        self: TrainerWorker, engine: Any, kind: Any, request: Any, extra: Any
+    ) -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            entered.set()
+            assert release.wait(_OVERLAP_TIMEOUT), "the test never released the job"
+        return execute(self, engine, kind, request, extra)
+
+    monkeypatch.setattr(TrainerWorker, "_execute", instrumented_execute)
+    stack.start_worker()
+    first = await _submit_fb(stack, client.id, corpus_sequences(base_models_dir / BASE_MODEL, 4))
+    assert await asyncio.to_thread(entered.wait, _OVERLAP_TIMEOUT)
+    cancelled = await stack.futures.CancelFuture(
+        common_pb2.CancelFutureRequest(future_id=first.id), metadata=stack.auth
+    )
+    assert cancelled.future.status == common_pb2.FUTURE_STATUS_CANCELLED
+    release.set()
+    await forward_backward(stack, client.id, corpus_sequences(base_models_dir / BASE_MODEL, 2))
+    result = await optim_step(stack, client.id, learning_rate=1e-2)
+    assert result.step == 1 and result.metrics["examples"] == 2.0
+    assert (await wait(stack, first)).status == common_pb2.FUTURE_STATUS_CANCELLED
+    row = await _client_row(stack.config.database_url, client.id)
+    assert (row.applied_seq, row.step) == (3, 1)
