@@ -742,14 +742,7 @@ class SqlFutureStore(FutureStore):
             False, changing nothing, when the future is done already (e.g. cancelled)
             or does not exist.
         """
-        _check_id(future_id)
-        return await self._apply(
-            session,
-            tenant,
-            future_id,
-            (FutureStatus.PENDING, FutureStatus.RUNNING),
-            self._running_values(),
-        )
+        return await self._try_unfinished(session, tenant, future_id, self._running_values())
 
     async def try_succeed(
         self, session: AsyncSession, tenant: str, future_id: str, *, result: bytes
@@ -761,13 +754,16 @@ class SqlFutureStore(FutureStore):
             False, changing nothing, when the future is done already (e.g. cancelled)
             or does not exist.
         """
+        return await self._try_unfinished(
+            session, tenant, future_id, self._succeeded_values(result)
+        )
+
+    async def _try_unfinished(
+        self, session: AsyncSession, tenant: str, future_id: str, values: dict[str, Any]
+    ) -> bool:
         _check_id(future_id)
         return await self._apply(
-            session,
-            tenant,
-            future_id,
-            (FutureStatus.PENDING, FutureStatus.RUNNING),
-            self._succeeded_values(result),
+            session, tenant, future_id, (FutureStatus.PENDING, FutureStatus.RUNNING), values
         )
 
     async def succeed(

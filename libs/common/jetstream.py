@@ -339,7 +339,8 @@ Handler = Callable[[Delivery], Awaitable[None]]
 
 LaneKey = Callable[[Delivery], str | None]
 """Which lane a delivery belongs to: deliveries with the same key are handled one at a
-time, in fetch order; ``None`` puts a delivery in no lane (see the module docstring)."""
+time, in fetch order; ``None`` puts a delivery in no lane (see the module docstring).
+It must not raise: a malformed message gets ``None`` and the handler refuses it."""
 
 DeadLetterHook = Callable[[Delivery, BaseException], Awaitable[None]]
 """Called before a message is terminated, with the error that ended it."""

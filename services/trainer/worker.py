@@ -63,6 +63,7 @@ import torch
 from google.protobuf.message import Message
 from opentelemetry import metrics
 from opentelemetry.metrics import Observation
+from sqlalchemy.ext.asyncio import AsyncSession
 from transformers import AutoTokenizer
 
 from tensafe.common import tls
@@ -966,13 +967,7 @@ class TrainerWorker:
             )
             if not advanced:
                 raise repo.LostClient(f"client {client.id} moved on or its lease was lost")
-            succeeded = await self._futures.try_succeed(
-                session, job.tenant, job.future_id, result=serde.pack_result(outcome.result)
-            )
-            if not succeeded:
-                raise FailedPrecondition(
-                    f"future {job.future_id} was cancelled", reason="FUTURE_STATE"
-                )
+            await self._succeed(session, job, outcome.result)
             await repo.finish_job(session, job.future_id)
 
     async def _commit_locked(
@@ -1049,10 +1044,20 @@ class TrainerWorker:
                 )
                 if replaced is not None:
                     old_paths.append(replaced.object_path)
-            await self._futures.succeed(
-                job.tenant, job.future_id, result=serde.pack_result(result), session=session
-            )
+            await self._succeed(session, job, result)
             await repo.finish_job(session, job.future_id)
+
+    async def _succeed(self, session: AsyncSession, job: JobRow, result: Message) -> None:
+        """The job's future SUCCEEDED, in the commit's transaction (no read-back).
+
+        Raises:
+            FailedPrecondition: The future was cancelled while the job ran (FUTURE_STATE).
+        """
+        succeeded = await self._futures.try_succeed(
+            session, job.tenant, job.future_id, result=serde.pack_result(result)
+        )
+        if not succeeded:
+            raise FailedPrecondition(f"future {job.future_id} was cancelled", reason="FUTURE_STATE")
 
     async def _commit_failure(
         self, job: JobRow, client: TrainingClientRow, error: TenSafeError

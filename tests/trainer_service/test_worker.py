@@ -28,6 +28,7 @@ from tensafe.trainer.domain.engine.base import BaseModelPool
 from tensafe.trainer.domain.jobs import JobMessage
 from tensafe.trainer.domain.ledger import PrivacyLedger
 from tensafe.trainer.objects import ObjectFolder
+from tensafe.trainer.store import repository as repo
 from tensafe.trainer.store.models import (
     FUTURES,
     BudgetReservationRow,
@@ -794,3 +795,90 @@ async def test_killed_worker_mid_joint_pass_loses_and_repeats_no_clients_step(
         assert sorted(row.dp_step for row in ledger) == [1, 2]
     # The first worker did share passes between clients (else this shows nothing).
     assert "ForwardBackward jobs" in log_file.read_text(), log_file.read_text()
+
+
+async def test_claim_and_advance_are_fenced_single_statements(
+    make_stack: Any, database_url: str
+) -> None:
+    """The worker's one-statement claim and commit refuse (None / False, nothing
+    changed) a job out of order, a foreign live lease, a lost lease and a repeat."""
+    stack = await make_stack(database_url, worker=False)
+    client = await create_client(stack, dp=None)
+    database = Database.from_url(stack.config.database_url)
+    try:
+        async with database.transaction() as session:
+            claimed = await repo.claim_client(
+                session, client.id, seq=1, owner="w1", lease_seconds=30.0
+            )
+            assert claimed is not None and claimed.lease_owner == "w1"
+            assert claimed.applied_seq == 0 and claimed.lora_json
+            # Another worker, the same job: the lease is live.
+            assert (
+                await repo.claim_client(session, client.id, seq=1, owner="w2", lease_seconds=30.0)
+                is None
+            )
+            # The same worker, a later job: seq 1 is not applied yet.
+            assert (
+                await repo.claim_client(session, client.id, seq=2, owner="w1", lease_seconds=30.0)
+                is None
+            )
+            assert not await repo.advance_client(
+                session, client.id, seq=1, owner="w2", state=None, step=0
+            )
+            assert await repo.advance_client(
+                session,
+                client.id,
+                seq=1,
+                owner="w1",
+                state=("states/x/1", "ab" * 32),
+                step=0,
+                loss_sum=3.0,
+                tokens=6.0,
+            )
+            # A repeat of the commit no longer matches the fence.
+            assert not await repo.advance_client(
+                session, client.id, seq=1, owner="w1", state=None, step=0, loss_sum=1.0
+            )
+        row = await _client_row(stack.config.database_url, client.id)
+        assert (row.applied_seq, row.lease_owner, row.state_path) == (1, "w1", "states/x/1")
+        assert (row.pending_loss_sum, row.pending_tokens) == (3.0, 6.0)
+    finally:
+        await database.dispose()
+
+
+async def test_a_job_cancelled_while_running_leaves_no_effect(
+    make_stack: Any, base_models_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ForwardBackward cancelled while in the engine: its commit finds the future
+    CANCELLED, nothing of it is committed, the engine that ran it is not reused (the
+    next step sees only the next call's examples) and the client moves on."""
+    stack = await make_stack(worker=False)
+    client = await create_client(stack, dp=None)
+    entered, release = threading.Event(), threading.Event()
+    execute = TrainerWorker._execute
+    calls: list[int] = []
+
+    def instrumented_execute(
+        self: TrainerWorker, engine: Any, kind: Any, request: Any, extra: Any
+    ) -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            entered.set()
+            assert release.wait(_OVERLAP_TIMEOUT), "the test never released the job"
+        return execute(self, engine, kind, request, extra)
+
+    monkeypatch.setattr(TrainerWorker, "_execute", instrumented_execute)
+    stack.start_worker()
+    first = await _submit_fb(stack, client.id, corpus_sequences(base_models_dir / BASE_MODEL, 4))
+    assert await asyncio.to_thread(entered.wait, _OVERLAP_TIMEOUT)
+    cancelled = await stack.futures.CancelFuture(
+        common_pb2.CancelFutureRequest(future_id=first.id), metadata=stack.auth
+    )
+    assert cancelled.future.status == common_pb2.FUTURE_STATUS_CANCELLED
+    release.set()
+    await forward_backward(stack, client.id, corpus_sequences(base_models_dir / BASE_MODEL, 2))
+    result = await optim_step(stack, client.id, learning_rate=1e-2)
+    assert result.step == 1 and result.metrics["examples"] == 2.0
+    assert (await wait(stack, first)).status == common_pb2.FUTURE_STATUS_CANCELLED
+    row = await _client_row(stack.config.database_url, client.id)
+    assert (row.applied_seq, row.step) == (3, 1)
