@@ -63,7 +63,6 @@ import torch
 from google.protobuf.message import Message
 from opentelemetry import metrics
 from opentelemetry.metrics import Observation
-from sqlalchemy.ext.asyncio import AsyncSession
 from transformers import AutoTokenizer
 
 from tensafe.common import tls
@@ -1047,7 +1046,7 @@ class TrainerWorker:
             await self._succeed(session, job, result)
             await repo.finish_job(session, job.future_id)
 
-    async def _succeed(self, session: AsyncSession, job: JobRow, result: Message) -> None:
+    async def _succeed(self, session: repo.Session, job: JobRow, result: Message) -> None:
         """The job's future SUCCEEDED, in the commit's transaction (no read-back).
 
         Raises:

@@ -32,6 +32,10 @@ from tensafe.trainer.store.models import (
 
 RowT = TypeVar("RowT")
 
+Session = AsyncSession
+"""The session of an open store transaction, for callers that pass one along (the
+worker's commits) without speaking SQL themselves."""
+
 CLIENT_ACTIVE = "ACTIVE"
 CLIENT_DELETED = "DELETED"
 JOB_QUEUED = "QUEUED"
