@@ -11,7 +11,12 @@ Two back ends, one code path:
   each other instead of failing with "database is locked" half-way (SQLite cannot
   upgrade a read lock to a write lock while another writer is active). Read-only
   transactions (``read_only=True``) use a plain ``BEGIN`` and never wait for the
-  writer.
+  writer. Within one process, write transactions also queue on an asyncio lock before
+  they take SQLite's: SQLite's busy handler waits by sleeping and retrying (1, 2, 5, 10,
+  ... up to 100 ms), so several transactions of one process contending for the lock
+  (a worker with several jobs in flight) each slept far longer than the transaction
+  ahead of it held it; queued in the process, the next one starts as soon as the last
+  commits. Other processes still meet the busy handler.
 * **Relaxed commits** (``durable=False``) are for writes whose loss is harmless — a
   lease, a RUNNING mark — on the path of every job, where an fsync per commit is most
   of a small job's overhead. Such a commit survives a crash of the process but may be
@@ -44,6 +49,7 @@ replicas that start together from migrating at once.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import importlib.resources
@@ -124,8 +130,18 @@ class Database:
             runs them as durable ones.
     """
 
-    def __init__(self, engine: AsyncEngine, relaxed_engine: AsyncEngine | None = None) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        relaxed_engine: AsyncEngine | None = None,
+        *,
+        busy_timeout: float = 30.0,
+    ) -> None:
         self._engine = engine
+        self._busy_timeout = busy_timeout
+        # SQLite only: this process's write transactions queue here (module docstring).
+        # One lock per event loop: an asyncio.Lock belongs to the loop that first waits.
+        self._writers: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
         self._relaxed_engine = relaxed_engine
         # Same pool, marked so the SQLite "begin" hook starts a deferred transaction.
         self._read_only_engine = engine.execution_options(**{_READ_ONLY_OPTION: True})
@@ -183,6 +199,7 @@ class Database:
                 engine = create_async_engine(parsed, echo=echo, pool_size=pool_size)
                 _install_sqlite_settings(engine, busy_timeout=busy_timeout, synchronous=synchronous)
                 engines.append(engine)
+            return cls(engines[0], relaxed_engine=engines[1], busy_timeout=busy_timeout)
         else:
             engines = [
                 create_async_engine(
@@ -239,6 +256,33 @@ class Database:
             factory = self._read_only_sessions
         else:
             factory = self._sessions if durable else self._relaxed_sessions
+        async with self._writer_turn(read_only), self._session_transaction(factory) as session:
+            yield session
+
+    @asynccontextmanager
+    async def _writer_turn(self, read_only: bool) -> AsyncIterator[None]:
+        """On SQLite, wait for this process's previous write transactions to end."""
+        if read_only or self._engine.dialect.name != "sqlite":
+            yield
+            return
+        loop = asyncio.get_running_loop()
+        if self._writers is None or self._writers[0] is not loop:
+            self._writers = (loop, asyncio.Lock())
+        lock = self._writers[1]
+        try:
+            async with asyncio.timeout(self._busy_timeout):
+                await lock.acquire()
+        except TimeoutError as error:
+            raise Unavailable("database is busy (lock wait exceeded the busy timeout)") from error
+        try:
+            yield
+        finally:
+            lock.release()
+
+    @asynccontextmanager
+    async def _session_transaction(
+        self, factory: async_sessionmaker[AsyncSession]
+    ) -> AsyncIterator[AsyncSession]:
         session = factory()
         try:
             try:
@@ -276,6 +320,14 @@ class Database:
             Unavailable: If the database cannot be reached or stays locked.
             Aborted: On a PostgreSQL serialization failure or deadlock.
         """
+        async with (
+            self._writer_turn(read_only),
+            self._connection_transaction(read_only) as connection,
+        ):
+            yield connection
+
+    @asynccontextmanager
+    async def _connection_transaction(self, read_only: bool) -> AsyncIterator[AsyncConnection]:
         engine = self._read_only_engine if read_only else self._engine
         try:
             connection = await engine.connect()

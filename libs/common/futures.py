@@ -671,6 +671,26 @@ class SqlFutureStore(FutureStore):
         values: dict[str, Any],
     ) -> Future:
         _check_id(future_id)
+        async with self._scope(session) as active:
+            applied = await self._apply(active, tenant, future_id, allowed_from, values)
+            future = await self._load(active, tenant, future_id)
+        if not applied:
+            raise FailedPrecondition(
+                f"future {future_id} is {future.status.value}; cannot {verb} it",
+                reason="FUTURE_STATE",
+                metadata={"status": future.status.value},
+            )
+        return future
+
+    async def _apply(
+        self,
+        session: AsyncSession,
+        tenant: str,
+        future_id: str,
+        allowed_from: Sequence[FutureStatus],
+        values: dict[str, Any],
+    ) -> bool:
+        """One conditional UPDATE; whether the future was in ``allowed_from``."""
         table = self._table
         statement = (
             sa.update(table)
@@ -681,34 +701,69 @@ class SqlFutureStore(FutureStore):
             )
             .values(**values)
         )
-        async with self._scope(session) as active:
-            # A conditional UPDATE is atomic: of two racing transitions exactly one
-            # matches the status it expects.
-            result = cast("sa.CursorResult[Any]", await active.execute(statement))
-            future = await self._load(active, tenant, future_id)
-        if result.rowcount == 0:
-            raise FailedPrecondition(
-                f"future {future_id} is {future.status.value}; cannot {verb} it",
-                reason="FUTURE_STATE",
-                metadata={"status": future.status.value},
-            )
-        return future
+        # A conditional UPDATE is atomic: of two racing transitions exactly one matches
+        # the status it expects.
+        result = cast("sa.CursorResult[Any]", await session.execute(statement))
+        return bool(result.rowcount == 1)
+
+    def _running_values(self) -> dict[str, Any]:
+        return {
+            "status": FutureStatus.RUNNING.value,
+            "started_at": sa.func.coalesce(self._table.c.started_at, datetime.now(UTC)),
+        }
+
+    def _succeeded_values(self, result: bytes) -> dict[str, Any]:
+        now = datetime.now(UTC)
+        return {
+            "status": FutureStatus.SUCCEEDED.value,
+            "result": bytes(result),
+            "started_at": sa.func.coalesce(self._table.c.started_at, now),
+            "finished_at": now,
+        }
 
     async def mark_running(
         self, tenant: str, future_id: str, *, session: AsyncSession | None = None
     ) -> Future:
         """See :meth:`FutureStore.mark_running`; ``session`` joins a caller's transaction."""
-        table = self._table
         return await self._transition(
             session,
             tenant,
             future_id,
             verb="start",
             allowed_from=(FutureStatus.PENDING, FutureStatus.RUNNING),
-            values={
-                "status": FutureStatus.RUNNING.value,
-                "started_at": sa.func.coalesce(table.c.started_at, datetime.now(UTC)),
-            },
+            values=self._running_values(),
+        )
+
+    async def try_mark_running(self, session: AsyncSession, tenant: str, future_id: str) -> bool:
+        """:meth:`mark_running` in one statement of the caller's transaction, without
+        reading the future back (a worker's per-job path).
+
+        Returns:
+            False, changing nothing, when the future is done already (e.g. cancelled)
+            or does not exist.
+        """
+        return await self._try_unfinished(session, tenant, future_id, self._running_values())
+
+    async def try_succeed(
+        self, session: AsyncSession, tenant: str, future_id: str, *, result: bytes
+    ) -> bool:
+        """:meth:`succeed` in one statement of the caller's transaction, without reading
+        the future back (a worker's per-job path).
+
+        Returns:
+            False, changing nothing, when the future is done already (e.g. cancelled)
+            or does not exist.
+        """
+        return await self._try_unfinished(
+            session, tenant, future_id, self._succeeded_values(result)
+        )
+
+    async def _try_unfinished(
+        self, session: AsyncSession, tenant: str, future_id: str, values: dict[str, Any]
+    ) -> bool:
+        _check_id(future_id)
+        return await self._apply(
+            session, tenant, future_id, (FutureStatus.PENDING, FutureStatus.RUNNING), values
         )
 
     async def succeed(
@@ -720,20 +775,13 @@ class SqlFutureStore(FutureStore):
         session: AsyncSession | None = None,
     ) -> Future:
         """See :meth:`FutureStore.succeed`; ``session`` joins a caller's transaction."""
-        table = self._table
-        now = datetime.now(UTC)
         return await self._transition(
             session,
             tenant,
             future_id,
             verb="complete",
             allowed_from=(FutureStatus.PENDING, FutureStatus.RUNNING),
-            values={
-                "status": FutureStatus.SUCCEEDED.value,
-                "result": bytes(result),
-                "started_at": sa.func.coalesce(table.c.started_at, now),
-                "finished_at": now,
-            },
+            values=self._succeeded_values(result),
         )
 
     async def fail(

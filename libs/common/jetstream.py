@@ -34,6 +34,24 @@ While a handler runs, the consumer sends "in progress" acks every ``ack_wait / 3
 long training step is not redelivered to another worker mid-way; ``handler_timeout``
 bounds a handler that hangs.
 
+Concurrency
+===========
+
+A :class:`Consumer` runs up to ``max_in_flight`` handlers at once (1: one after
+another), so that one delivery's I/O (database round trips, acks) overlaps another's
+work. Each delivery is acked, NAKed or terminated on its own, after its own handler, so
+the contract above holds per message. The caller may give :meth:`Consumer.run` a
+``key`` (e.g. the training client a job belongs to): deliveries with the same key are
+never handled at the same time in one consumer; a later one waits, inside this process
+and in fetch order, until the earlier one's handler has returned (its ack is then on
+its way) or it is NAKed, instead of being handed to
+the handler early only to be refused and redelivered. Waiting deliveries do not count
+against ``max_in_flight`` (one busy lane must not keep other lanes from running), but at
+most ``4 x max_in_flight`` of them are held, so a consumer holds at most
+``5 x max_in_flight`` unacked messages. Ordering across
+processes is not the consumer's business: the handler still checks it (e.g. a job's
+sequence number against the database).
+
 Retention
 =========
 
@@ -64,7 +82,7 @@ import logging
 import random
 import re
 import ssl
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -84,6 +102,11 @@ from tensafe.common.errors import (
 )
 
 _logger = logging.getLogger(__name__)
+
+# Deliveries a consumer holds waiting for their lane, per max_in_flight: enough for a
+# client that queues several calls (forward-backward, forward-backward, step) without
+# keeping other clients' jobs from being fetched, and still a bound on unacked messages.
+_WAITING_PER_SLOT = 4
 
 MSG_ID_HEADER = "Nats-Msg-Id"
 """The JetStream header that carries the de-duplication id."""
@@ -161,6 +184,10 @@ class JetStreamConfig:
     fetch_batch: int = 1
     """Messages pulled per request; 1 spreads long jobs evenly over workers."""
 
+    max_in_flight: int = 1
+    """Deliveries one :class:`Consumer` handles at once (see :meth:`Consumer.run`); 1
+    handles them one after another."""
+
     fetch_wait: float = 1.0
     """Seconds one pull waits for messages; also the longest stop latency when idle."""
 
@@ -200,6 +227,8 @@ class JetStreamConfig:
             raise ConfigError("handler_timeout", "must be positive or None")
         if self.fetch_batch < 1:
             raise ConfigError("fetch_batch", "must be at least 1")
+        if self.max_in_flight < 1:
+            raise ConfigError("max_in_flight", "must be at least 1")
         if self.fetch_wait <= 0:
             raise ConfigError("fetch_wait", "must be positive")
         if self.connect_timeout <= 0 or self.request_timeout <= 0:
@@ -307,6 +336,11 @@ class RetryLater(Exception):
 
 Handler = Callable[[Delivery], Awaitable[None]]
 """An async function that processes one delivery; see the module docstring."""
+
+LaneKey = Callable[[Delivery], str | None]
+"""Which lane a delivery belongs to: deliveries with the same key are handled one at a
+time, in fetch order; ``None`` puts a delivery in no lane (see the module docstring).
+It must not raise: a malformed message gets ``None`` and the handler refuses it."""
 
 DeadLetterHook = Callable[[Delivery, BaseException], Awaitable[None]]
 """Called before a message is terminated, with the error that ended it."""
@@ -572,6 +606,89 @@ class JetStream:
         await self.close()
 
 
+class _InFlight:
+    """The deliveries one :meth:`Consumer.run` holds: handlers running, deliveries
+    waiting for their lane, and the tail of each lane."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._waiting_limit = limit * _WAITING_PER_SLOT
+        self._running = 0
+        self._waiting = 0
+        self._lanes: dict[str, asyncio.Event] = {}
+        """Per lane, the event its latest delivery sets when it ends: the next delivery
+        of the lane waits for it (a chain, so the lane keeps fetch order)."""
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._changed = asyncio.Event()
+
+    def _has_room(self) -> bool:
+        return self._running < self._limit and self._waiting < self._waiting_limit
+
+    async def wait_for_room(self) -> None:
+        """Return once another delivery may be fetched and dispatched."""
+        while not self._has_room():
+            self._changed.clear()
+            await self._changed.wait()
+
+    def enter(self, lane: str | None) -> tuple[asyncio.Event | None, asyncio.Event]:
+        """Count a new delivery.
+
+        Returns:
+            The event to wait for when its lane is busy (else None), and the event this
+            delivery sets when it ends.
+        """
+        ahead = self._lanes.get(lane) if lane is not None else None
+        mine = asyncio.Event()
+        if lane is not None:
+            self._lanes[lane] = mine
+        if ahead is None:
+            self._running += 1
+        else:
+            self._waiting += 1
+        return ahead, mine
+
+    def start_waiting_one(self) -> None:
+        """A waiting delivery's lane is free: it now counts as running."""
+        self._waiting -= 1
+        self._running += 1
+
+    def open_lane(self, lane: str | None, mine: asyncio.Event) -> None:
+        """Let the next delivery of the lane start. Idempotent."""
+        mine.set()
+        if lane is not None and self._lanes.get(lane) is mine:
+            del self._lanes[lane]
+
+    def leave(self, lane: str | None, mine: asyncio.Event) -> None:
+        """A running delivery ended (acked, NAKed, terminated or released)."""
+        self._running -= 1
+        self.open_lane(lane, mine)
+        self._changed.set()
+
+    def spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        """Run a delivery's handling as a task of its own."""
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # _process handles every handler outcome; this is a bug in the consumer.
+            _logger.error("handling a delivery failed", exc_info=task.exception())
+
+    async def drained(self) -> None:
+        """Wait until every held delivery has ended."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    async def cancel(self) -> None:
+        """Abandon every held delivery (the server redelivers them after ack_wait)."""
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 @dataclass(frozen=True)
 class _Outcome:
     """What the consumer did with one delivery (recorded on the span)."""
@@ -584,8 +701,9 @@ class Consumer:
     """A durable pull consumer that runs a handler per message (see module docstring).
 
     Several workers (processes) may run a :class:`Consumer` with the same ``durable``
-    name; JetStream hands each message to one of them. One :class:`Consumer` processes
-    its messages one at a time; run more of them for parallelism.
+    name; JetStream hands each message to one of them. One :class:`Consumer` handles up
+    to ``max_in_flight`` messages at once, one at a time per lane (see the module
+    docstring, "Concurrency").
 
     Args:
         jetstream: Connected helper whose config names the stream and the durable.
@@ -672,18 +790,25 @@ class Consumer:
             ack_floor_stream_sequence=int(info.ack_floor.stream_seq if info.ack_floor else 0),
         )
 
-    async def run(self, handler: Handler, *, stop: asyncio.Event) -> None:
+    async def run(
+        self, handler: Handler, *, stop: asyncio.Event, key: LaneKey | None = None
+    ) -> None:
         """Fetch and handle messages until ``stop`` is set.
 
-        On stop, the message being handled is finished and acked (drain); messages
-        fetched but not started are NAKed without delay for other workers. Cancelling
-        the task instead abandons the current message, which the server redelivers after
-        ``ack_wait``.
+        Up to ``max_in_flight`` handlers run at once; deliveries with the same ``key``
+        run one after another, in fetch order (module docstring, "Concurrency").
+
+        On stop, the messages being handled are finished and acked (drain); messages
+        fetched but not started (including those waiting for their lane) are NAKed
+        without delay for other workers. Cancelling the task instead abandons the
+        current messages, which the server redelivers after ``ack_wait``.
 
         Args:
             handler: Processes one delivery; see the module docstring for how its
                 outcome maps to ack, nak and term.
             stop: Set to stop consuming.
+            key: The lane of a delivery; ``None`` (the default) puts every delivery in
+                no lane.
 
         Raises:
             Unavailable: If the consumer cannot be created, or the connection is closed
@@ -697,17 +822,72 @@ class Consumer:
             )
         except (TimeoutError, nats.errors.Error) as error:
             raise Unavailable(f"cannot bind consumer {self._durable}: {error}") from error
+        flight = _InFlight(self._config.max_in_flight)
         try:
             while not stop.is_set():
+                await flight.wait_for_room()
+                if stop.is_set():
+                    break
                 messages = await self._fetch(subscription, stop)
                 for index, message in enumerate(messages):
+                    if index > 0:
+                        await flight.wait_for_room()
                     if stop.is_set():
                         await self._release(messages[index:])
                         break
-                    await self._process(message, handler)
+                    self._dispatch(message, handler, key, flight, stop)
+            # Drain: the running handlers finish; waiting ones see stop and NAK.
+            await flight.drained()
         finally:
+            # Only non-empty when run() itself is cancelled or failed: abandon the rest.
+            await flight.cancel()
             with contextlib.suppress(Exception):
                 await subscription.unsubscribe()
+
+    def _dispatch(
+        self,
+        message: Any,
+        handler: Handler,
+        key: LaneKey | None,
+        flight: _InFlight,
+        stop: asyncio.Event,
+    ) -> None:
+        """Start handling ``message`` now, or once the earlier delivery of its lane ends."""
+        delivery = self._delivery(message)
+        lane = key(delivery) if key is not None else None
+        ahead, mine = flight.enter(lane)
+
+        async def handle() -> None:
+            try:
+                if ahead is not None:
+                    try:
+                        await self._wait_in_lane(message, ahead)
+                    finally:
+                        flight.start_waiting_one()
+                    if stop.is_set():
+                        # Never started: give it back at once, as on a stop mid-batch.
+                        await self._release([message])
+                        return
+                # The lane opens once the handler has returned, before the ack's round
+                # trip: the effects are committed, and a lost ack only costs a
+                # redelivery that the handler recognises.
+                await self._process(
+                    message, delivery, handler, handled=lambda: flight.open_lane(lane, mine)
+                )
+            finally:
+                flight.leave(lane, mine)
+
+        flight.spawn(handle())
+
+    async def _wait_in_lane(self, message: Any, ahead: asyncio.Event) -> None:
+        """Wait for the earlier delivery of the lane, keeping this message alive."""
+        keep_alive = asyncio.create_task(self._keep_alive(message))
+        try:
+            await ahead.wait()
+        finally:
+            keep_alive.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keep_alive
 
     async def _fetch(self, subscription: Any, stop: asyncio.Event) -> list[Any]:
         try:
@@ -766,8 +946,14 @@ class Consumer:
             stream_sequence=int(metadata.sequence.stream),
         )
 
-    async def _process(self, message: Any, handler: Handler) -> None:
-        delivery = self._delivery(message)
+    async def _process(
+        self,
+        message: Any,
+        delivery: Delivery,
+        handler: Handler,
+        *,
+        handled: Callable[[], None] | None = None,
+    ) -> None:
         parent = propagate.extract(dict(delivery.headers))
         with self._jetstream.tracer.start_as_current_span(
             f"{delivery.subject} process",
@@ -782,7 +968,7 @@ class Consumer:
                 "messaging.nats.num_delivered": delivery.num_delivered,
             },
         ) as span:
-            outcome = await self._run_handler(message, delivery, handler)
+            outcome = await self._run_handler(message, delivery, handler, handled)
             span.set_attribute("tensafe.job.outcome", outcome.action)
             attributes = {
                 "messaging.system": "nats",
@@ -794,7 +980,15 @@ class Consumer:
                 span.record_exception(outcome.error)
                 span.set_status(Status(StatusCode.ERROR, type(outcome.error).__name__))
 
-    async def _run_handler(self, message: Any, delivery: Delivery, handler: Handler) -> _Outcome:
+    async def _run_handler(
+        self,
+        message: Any,
+        delivery: Delivery,
+        handler: Handler,
+        handled: Callable[[], None] | None = None,
+    ) -> _Outcome:
+        """Run the handler and ack, NAK or terminate; ``handled`` is called when the
+        handler has returned, before the ack."""
         keep_alive = asyncio.create_task(self._keep_alive(message))
         try:
             async with asyncio.timeout(self._config.handler_timeout):
@@ -823,6 +1017,8 @@ class Consumer:
             keep_alive.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await keep_alive
+        if handled is not None:
+            handled()
         await self._ack(message, delivery)
         return _Outcome("ack")
 

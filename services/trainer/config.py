@@ -79,6 +79,22 @@ class TrainerConfig(KekSettings, ServiceConfig):
         "Age a still-queued job must reach before the re-publisher sends it again.",
         default=5.0,
     )
+    jobs_in_flight: int = setting(
+        "Jobs one worker handles at once. Jobs of one training client never overlap (a "
+        "later one waits in the worker for the earlier one), and engine steps on the "
+        "shared base run one at a time; what overlaps is one job's database "
+        "transactions, state write and acks with another job's engine step. 1: one job "
+        "after another.",
+        default=4,
+    )
+    joint_forward_backward_rows: int = setting(
+        "Most rows (datums) of one forward/backward pass that runs several DP clients' "
+        "ForwardBackward jobs together on one shared base, each row through its own "
+        "client's adapter and clipped into its own client's sum (jobs waiting for the "
+        "engine at the same time; each still commits on its own). 0: every "
+        "ForwardBackward runs alone.",
+        default=256,
+    )
     retry_delay_seconds: float = setting(
         "Delay before a job that waits for an earlier job of its client is redelivered.",
         default=0.05,
@@ -193,9 +209,14 @@ class TrainerConfig(KekSettings, ServiceConfig):
             "max_pending_jobs_per_tenant",
             "max_steps_per_job",
             "max_dataset_storage_bytes_per_tenant",
+            "jobs_in_flight",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(env_name(name), "must be positive")
+        if self.joint_forward_backward_rows < 0:
+            raise ConfigError(
+                env_name("joint_forward_backward_rows"), "must be 0 (off) or positive"
+            )
 
     @property
     def base_models_path(self) -> Path:

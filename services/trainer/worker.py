@@ -19,6 +19,14 @@ For each delivered job (DESIGN §8):
    private client the accountant's new state, the ledger row and the reservation
    consumed; the job leaves the outbox. Only then does the consumer ack.
 
+Several jobs are in flight at once (``TENSAFE_JOBS_IN_FLIGHT``; the consumer's lanes,
+:mod:`tensafe.common.jetstream`): jobs of one client never overlap in a process (a later
+one waits for the earlier one instead of bouncing through RetryLater), and engine work
+on the shared base (building or evicting a client's engine, running a job) holds one
+lock, because the active adapter is global model state. What overlaps is one job's
+claim and commit transactions, state write and ack with another job's engine step; on a
+small step those fixed costs are most of a job's time (docs/trainer.md, Performance).
+
 A job that fails with a typed error (bad input found by the engine, no data to step
 on) fails its future, releases its reservation and advances ``applied_seq`` in the same
 way, so the client is never stuck behind it and nothing else changes. A worker killed
@@ -46,7 +54,7 @@ import socket
 import sys
 import uuid
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,7 +75,7 @@ from tensafe.common.errors import (
     TenSafeError,
     Unavailable,
 )
-from tensafe.common.futures import FutureStatus, SqlFutureStore
+from tensafe.common.futures import SqlFutureStore
 from tensafe.common.heartbeat import beating
 from tensafe.common.jetstream import (
     Consumer,
@@ -95,7 +103,12 @@ from tensafe.trainer.domain.engine.base import (
 )
 from tensafe.trainer.domain.engine.config import DpConfig
 from tensafe.trainer.domain.engine.sampling import StopReason, sample
-from tensafe.trainer.domain.engine.training import LoraTrainingEngine
+from tensafe.trainer.domain.engine.training import (
+    ForwardBackwardCall,
+    ForwardBackwardResult,
+    LoraTrainingEngine,
+    forward_backward_jointly,
+)
 from tensafe.trainer.domain.jobs import (
     CHECKPOINT_KIND,
     SAMPLER_KIND,
@@ -131,6 +144,12 @@ _MAX_UNEXPECTED_FAILURES = 5
 # Longest redelivery delay of a job that waits for an earlier job of its client.
 _MAX_RETRY_DELAY = 1.0
 
+# Jobs whose commit changes only the client row (seq, state, accumulated loss), the
+# future and the job: committed in Core statements (TrainerWorker._commit_plain).
+_PLAIN_KINDS = frozenset(
+    {JobKind.FORWARD_BACKWARD, JobKind.FORWARD, JobKind.SAMPLE, JobKind.COMPUTE_LOGPROBS}
+)
+
 
 @dataclass
 class _Resident:
@@ -155,6 +174,55 @@ class _Outcome:
     """The checkpoint a LoadState loaded (its lineage joins the client's)."""
 
 
+@dataclass
+class _JointCall:
+    """A queued ForwardBackward (see ``TrainerWorker._forward_backward_joint``)."""
+
+    client: TrainingClientRow
+    request: Any
+    outcome: asyncio.Future[_Outcome]
+    engine: LoraTrainingEngine | None = None
+
+
+def _joinable(engine: LoraTrainingEngine) -> bool:
+    """Whether the engine's ForwardBackward may share a pass (forward_backward_jointly's
+    conditions: DP, LoRA dropout 0)."""
+    return engine.dp is not None and engine.lora.dropout == 0
+
+
+def _chunks(calls: list[_JointCall], max_rows: int) -> Iterator[list[_JointCall]]:
+    """Consecutive groups of calls of at most ``max_rows`` rows (a call larger than that
+    is a group of its own)."""
+    group: list[_JointCall] = []
+    rows = 0
+    for call in calls:
+        size = len(call.request.data)
+        if group and rows + size > max_rows:
+            yield group
+            group, rows = [], 0
+        group.append(call)
+        rows += size
+    if group:
+        yield group
+
+
+def _forward_backward_outcome(
+    engine: LoraTrainingEngine, result: ForwardBackwardResult, *, keep: bool
+) -> _Outcome:
+    """The job outcome of a ForwardBackward (``keep``) or Forward result."""
+    message = pb.ForwardBackwardResult(metrics=serde.metrics_map(result.metrics))
+    for output in result.outputs:
+        entry = message.loss_fn_outputs.add()
+        entry.outputs["logprobs"].CopyFrom(serde.float_tensor(output.logprobs))
+        entry.outputs["loss"].CopyFrom(serde.float_tensor([output.loss]))
+    return _Outcome(
+        message,
+        state=engine.state_dict() if keep else None,
+        step=engine.step,
+        metrics=result.metrics,
+    )
+
+
 class TrainerWorker:
     """Runs trainer jobs; ``handle`` is the JetStream consumer's handler.
 
@@ -172,6 +240,8 @@ class TrainerWorker:
         ledger: The privacy ledger.
         adapter_publisher: Seals and publishes SaveAdapter jobs (None: refused).
         dataset_runner: Runs TrainOnDataset jobs (None: refused).
+        joint_rows: Most rows of one joint ForwardBackward pass of several DP clients
+            on one base (0: every ForwardBackward runs alone).
     """
 
     def __init__(
@@ -189,6 +259,7 @@ class TrainerWorker:
         ledger: PrivacyLedger,
         adapter_publisher: AdapterPublisher | None = None,
         dataset_runner: DatasetRunner | None = None,
+        joint_rows: int = 0,
     ) -> None:
         self._db = database
         self._ledger = ledger
@@ -234,6 +305,18 @@ class TrainerWorker:
             description="Memory of the base models this worker has loaded (one copy each).",
         )
         self._resident: OrderedDict[str, _Resident] = OrderedDict()
+        # Held while anything runs on the shared bases: building, evicting or running a
+        # client's engine (peft's active adapter is global state of the base model).
+        # Only the database and object I/O of other jobs proceeds meanwhile.
+        self._engine_lock = asyncio.Lock()
+        self._joint_queue: list[_JointCall] = []
+        self._joint_rows = joint_rows
+        self._joint_passes = meter.create_counter(
+            "tensafe.trainer.joint_passes",
+            unit="{pass}",
+            description="Forward/backward passes that ran several clients' ForwardBackward "
+            "jobs together on one shared base, by number of clients.",
+        )
         self._tokenizers: dict[str, Any] = {}
         self._publisher = adapter_publisher
         self._dataset_runner = dataset_runner
@@ -267,36 +350,39 @@ class TrainerWorker:
         # losing a lease or a RUNNING mark with the machine is harmless (the commit
         # below fences on the lease and the sequence), and its fsync was a large part
         # of a small job's overhead (docs/trainer.md, Performance).
+        # The usual case costs three statements: the job, the claim (order check and
+        # lease in one conditional UPDATE ... RETURNING the client) and the RUNNING mark.
         async with self._db.transaction(durable=False) as session:
             job = await repo.get_job(session, message.future_id)
-            client = await session.get(TrainingClientRow, message.client_id, with_for_update=True)
-            if (
-                job is None
-                or client is None
-                or job.client_id != client.id
-                or job.seq != message.seq
-            ):
+            if job is None or job.client_id != message.client_id or job.seq != message.seq:
                 raise PermanentJobError(f"job {message.future_id} does not exist")
-            if job.seq <= client.applied_seq:
-                return
-            runnable = client.state == repo.CLIENT_ACTIVE
-            if runnable:
-                if job.seq > client.applied_seq + 1:
-                    # Grows with each wait so a job queued behind a long one (on another
-                    # worker) does not spin, while a merely reordered message is quick.
-                    delay = min(self._retry_delay * delivery.num_delivered, _MAX_RETRY_DELAY)
-                    raise RetryLater(delay, f"waits for seq {client.applied_seq + 1}")
-                taken = await repo.take_lease(
-                    session, client.id, owner=self._owner, lease_seconds=self._lease_seconds
-                )
-                if taken is None:
+            client = await repo.claim_client(
+                session,
+                job.client_id,
+                seq=job.seq,
+                owner=self._owner,
+                lease_seconds=self._lease_seconds,
+            )
+            if client is not None:
+                # False: cancelled (or finished without advancing the client).
+                runnable = await self._futures.try_mark_running(session, job.tenant, job.future_id)
+            else:
+                client = await session.get(TrainingClientRow, job.client_id)
+                if client is None:
+                    raise PermanentJobError(f"job {message.future_id} does not exist")
+                if job.seq <= client.applied_seq:
+                    return  # committed already: a redelivery
+                runnable = False  # a deleted client's job
+                if client.state == repo.CLIENT_ACTIVE:
+                    if job.seq > client.applied_seq + 1:
+                        # Grows with each wait so a job queued behind a long one (on
+                        # another worker) does not spin, while a merely reordered message
+                        # is quick.
+                        delay = min(self._retry_delay * delivery.num_delivered, _MAX_RETRY_DELAY)
+                        raise RetryLater(delay, f"waits for seq {client.applied_seq + 1}")
                     raise RetryLater(
                         self._retry_delay * 10, "another worker holds the client's lease"
                     )
-                future = await self._futures.get(job.tenant, job.future_id, session=session)
-                runnable = future.status is not FutureStatus.CANCELLED
-                if runnable:
-                    await self._futures.mark_running(job.tenant, job.future_id, session=session)
         if not runnable:
             deleted = client.state != repo.CLIENT_ACTIVE
             await self._finish_without_running(job, client, deleted=deleted)
@@ -350,23 +436,29 @@ class TrainerWorker:
             await self._train_on_dataset(job, client, delivery, request)
             return
         try:
-            resident = await self._engine_for(client)
             checkpoint, extra = await self._prefetch(job, kind, request)
-            if kind is JobKind.SAVE_ADAPTER:
-                outcome = _Outcome(await self._save_adapter(job, client, resident.engine, request))
+            if kind is JobKind.FORWARD_BACKWARD and self._joint_rows > 0:
+                outcome = await self._forward_backward_joint(client, request)
             else:
-                outcome = await asyncio.to_thread(
-                    self._execute, resident.engine, kind, request, extra
-                )
-                if kind is JobKind.LOAD_STATE:
-                    outcome.loaded = checkpoint
+                async with self._engine_lock:
+                    resident = await self._engine_for(client)
+                    if kind is JobKind.SAVE_ADAPTER:
+                        outcome = _Outcome(
+                            await self._save_adapter(job, client, resident.engine, request)
+                        )
+                    else:
+                        outcome = await asyncio.to_thread(
+                            self._execute, resident.engine, kind, request, extra
+                        )
+                        if kind is JobKind.LOAD_STATE:
+                            outcome.loaded = checkpoint
         except TenSafeError as error:
             # Typed errors are raised before the engine changes (its contract), so the
             # resident engine stays valid; the job fails and the client moves on.
             await self._commit_failure(job, client, error)
             return
         except Exception as error:
-            self._evict(client.id)
+            self._invalidate(client.id)
             if delivery.num_delivered >= _MAX_UNEXPECTED_FAILURES:
                 log.exception("job %s failed %d times", job.future_id, delivery.num_delivered)
                 internal = TenSafeError(f"job failed repeatedly ({type(error).__name__})")
@@ -377,7 +469,7 @@ class TrainerWorker:
             await self._commit_success(job, client, kind, outcome)
         except BaseException:
             # The engine is ahead of the database: never reuse it.
-            self._evict(client.id)
+            self._invalidate(client.id)
             raise
         if kind is JobKind.SAVE_ADAPTER and self._publisher is not None:
             self._publisher.forget(job.future_id)
@@ -417,18 +509,21 @@ class TrainerWorker:
                     "this worker was built without a dataset runner",
                     reason="NO_DATASET_RUNNER",
                 )
-            resident = await self._engine_for(client)
-            end = await self._dataset_runner.run(
-                job=job, client=client, engine=resident.engine, request=request
-            )
+            # The whole run holds the engine lock: its steps run back to back on the
+            # shared base, while other clients' jobs only do their I/O meanwhile.
+            async with self._engine_lock:
+                resident = await self._engine_for(client)
+                end = await self._dataset_runner.run(
+                    job=job, client=client, engine=resident.engine, request=request
+                )
         except TenSafeError as error:
             # Steps committed before the error stay; the engine may hold a partial
             # step, so it is rebuilt from the last committed state.
-            self._evict(client.id)
+            self._invalidate(client.id)
             await self._commit_failure(job, client, error)
             return
         except Exception as error:
-            self._evict(client.id)
+            self._invalidate(client.id)
             if isinstance(error, RetryLater) or delivery.num_delivered < _MAX_UNEXPECTED_FAILURES:
                 raise
             log.exception("job %s failed %d times", job.future_id, delivery.num_delivered)
@@ -443,6 +538,7 @@ class TrainerWorker:
     # ---------------------------------------------------------------- engines
 
     async def _engine_for(self, client: TrainingClientRow) -> _Resident:
+        """The client's engine at its committed state (the caller holds the engine lock)."""
         resident = self._resident.get(client.id)
         if resident is not None and resident.applied_seq == client.applied_seq:
             self._resident.move_to_end(client.id)
@@ -503,9 +599,21 @@ class TrainerWorker:
         return engine
 
     def _evict(self, client_id: str) -> None:
+        # Closing removes the adapter from the shared base: only under the engine lock
+        # (in _engine_for) or when nothing runs (close()).
         resident = self._resident.pop(client_id, None)
         if resident is not None:
             resident.engine.close()
+
+    def _invalidate(self, client_id: str) -> None:
+        """Never reuse the client's resident engine (it may be ahead of the database).
+
+        It is closed by the next ``_engine_for`` of the client, or evicted, under the
+        engine lock; marking it here needs no lock, so it is safe in any handler path.
+        """
+        resident = self._resident.get(client_id)
+        if resident is not None:
+            resident.applied_seq = -1  # matches no committed seq
 
     def close(self) -> None:
         """Release every resident engine."""
@@ -544,6 +652,127 @@ class TrainerWorker:
             )
         data = await asyncio.to_thread(self._objects.read, row.object_path, sha256=row.sha256)
         return row, data
+
+    # ---------------------------------------------------------- joint steps
+
+    async def _forward_backward_joint(self, client: TrainingClientRow, request: Any) -> _Outcome:
+        """A ForwardBackward that may share one forward/backward pass with other clients'.
+
+        The job queues its call, then takes the engine lock. Whichever job holds the
+        lock runs every call queued by then (at most one per client: a client's jobs
+        never overlap in this worker) — the DP calls on one shared base together through
+        :func:`forward_backward_jointly`, each row through its own client's adapter and
+        clipped into its own client's sum, the others one by one. A job whose call ran
+        in another job's pass finds its outcome ready when it gets the lock. Each job
+        still commits on its own, fenced on its own client's sequence and lease, so a
+        worker killed mid-pass loses only uncommitted jobs (every one is redelivered and
+        rebuilt from its client's last committed state), and one job's failed commit
+        invalidates only its own client's engine.
+        """
+        call = _JointCall(client, request, asyncio.get_running_loop().create_future())
+        self._joint_queue.append(call)
+        async with self._engine_lock:
+            if not call.outcome.done():
+                queued, self._joint_queue = self._joint_queue, []
+                try:
+                    await self._run_queued(queued)
+                finally:
+                    # Interrupted (cancelled at shutdown): an engine whose call may have
+                    # run in a thread is never reused, and its job fails this delivery
+                    # (redelivered, rebuilt from the committed state), never waits.
+                    for other in queued:
+                        if not other.outcome.done():
+                            self._invalidate(other.client.id)
+                            if other is not call:
+                                other.outcome.set_exception(
+                                    RuntimeError("a joint ForwardBackward was interrupted")
+                                )
+        return await call.outcome
+
+    async def _run_queued(self, queued: list[_JointCall]) -> None:
+        """Run queued ForwardBackward calls (the caller holds the engine lock); every
+        call's outcome is set, to a result or to the error its job would have raised."""
+        while queued:
+            ready: list[_JointCall] = []
+            for call in queued:
+                try:
+                    call.engine = (await self._engine_for(call.client)).engine
+                    ready.append(call)
+                except Exception as error:
+                    call.outcome.set_exception(error)
+            # Building one client's engine can evict another's (least recently used, by
+            # bytes): those are left for the next round.
+            live = [c for c in ready if self._resident_engine(c.client.id) is c.engine]
+            queued = [c for c in ready if c not in live]
+            joint: dict[int, list[_JointCall]] = {}
+            for call in live:
+                engine = call.engine
+                assert engine is not None
+                if _joinable(engine):
+                    joint.setdefault(id(engine.base), []).append(call)
+                else:
+                    await self._run_alone(call)
+            for group in joint.values():
+                for chunk in _chunks(group, self._joint_rows):
+                    await self._run_together(chunk)
+
+    async def _run_together(self, calls: list[_JointCall]) -> None:
+        if len(calls) == 1:
+            await self._run_alone(calls[0])
+            return
+        try:
+            outcomes = await asyncio.to_thread(self._execute_jointly, calls)
+        except TenSafeError:
+            # A call is invalid; no engine changed (forward_backward_jointly's contract).
+            # One by one, each job gets its own answer, the invalid one its error.
+            for call in calls:
+                await self._run_alone(call)
+            return
+        except Exception as error:
+            for call in calls:
+                call.outcome.set_exception(error)
+            return
+        self._joint_passes.add(1, {"clients": str(len(calls))})
+        log.debug("one forward/backward pass ran %d clients' ForwardBackward jobs", len(calls))
+        for call, outcome in zip(calls, outcomes, strict=True):
+            call.outcome.set_result(outcome)
+
+    async def _run_alone(self, call: _JointCall) -> None:
+        assert call.engine is not None
+        try:
+            outcome = await asyncio.to_thread(
+                self._execute, call.engine, JobKind.FORWARD_BACKWARD, call.request, None
+            )
+        except Exception as error:
+            call.outcome.set_exception(error)
+            return
+        call.outcome.set_result(outcome)
+
+    def _execute_jointly(self, calls: list[_JointCall]) -> list[_Outcome]:
+        pairs: list[tuple[LoraTrainingEngine, ForwardBackwardCall]] = []
+        for call in calls:
+            assert call.engine is not None
+            batch = serde.batch_from_data(call.request.data)
+            pairs.append(
+                (
+                    call.engine,
+                    ForwardBackwardCall(
+                        batch=batch.sequences,
+                        loss_fn=call.request.loss_fn,
+                        loss_fn_inputs=batch.loss_fn_inputs,
+                        loss_fn_config=dict(call.request.loss_fn_config),
+                    ),
+                )
+            )
+        results = forward_backward_jointly(pairs)
+        return [
+            _forward_backward_outcome(engine, result, keep=True)
+            for (engine, _), result in zip(pairs, results, strict=True)
+        ]
+
+    def _resident_engine(self, client_id: str) -> LoraTrainingEngine | None:
+        resident = self._resident.get(client_id)
+        return resident.engine if resident is not None else None
 
     def _execute(
         self, engine: LoraTrainingEngine, kind: JobKind, request: Any, extra: bytes | None
@@ -601,17 +830,7 @@ class TrainerWorker:
         result = run(
             batch.sequences, request.loss_fn, batch.loss_fn_inputs, dict(request.loss_fn_config)
         )
-        message = pb.ForwardBackwardResult(metrics=serde.metrics_map(result.metrics))
-        for output in result.outputs:
-            entry = message.loss_fn_outputs.add()
-            entry.outputs["logprobs"].CopyFrom(serde.float_tensor(output.logprobs))
-            entry.outputs["loss"].CopyFrom(serde.float_tensor([output.loss]))
-        return _Outcome(
-            message,
-            state=engine.state_dict() if keep else None,
-            step=engine.step,
-            metrics=result.metrics,
-        )
+        return _forward_backward_outcome(engine, result, keep=keep)
 
     def _with_weights(
         self, engine: LoraTrainingEngine, weights: bytes | None, run: Any
@@ -691,81 +910,19 @@ class TrainerWorker:
             checkpoint_object = (relative, sha)
         old_paths: list[str] = []
         try:
-            async with self._db.transaction() as session:
-                row = await repo.fence_client(session, client.id, seq=job.seq, owner=self._owner)
-                row.applied_seq = job.seq
-                if new_state is not None:
-                    if row.state_path is not None:
-                        old_paths.append(row.state_path)
-                    row.state_path, row.state_sha256 = new_state
-                    row.step = outcome.step
-                result = outcome.result
-                if kind is JobKind.OPTIM_STEP:
-                    assert isinstance(result, pb.OptimStepResult)
-                    dp = client_dp(row)
-                    if dp is not None and outcome.dp_step:
-                        await self._ledger.commit_step(
-                            TrainerTransaction(session),
-                            row,
-                            mechanism=client_batches_mechanism(dp),
-                            seq=job.seq,
-                            future_id=job.future_id,
-                        )
-                    result.privacy_spent.CopyFrom(serde.privacy_spent(dp, self._ledger.report(row)))
-                    await self._ledger.settle(TrainerTransaction(session), job.future_id)
-                    tokens = float(row.pending_tokens)
-                    repo.record_step(
-                        session,
-                        row,
-                        seq=job.seq,
-                        future_id=job.future_id,
-                        loss=float(row.pending_loss_sum) / tokens if tokens > 0 else None,
-                        dp_step=int(row.dp_steps) if dp is not None and outcome.dp_step else None,
-                    )
-                    row.pending_loss_sum, row.pending_tokens = 0.0, 0.0
-                elif kind is JobKind.FORWARD_BACKWARD:
-                    # The loss of the gradients the next step applies (ListTrainingSteps).
-                    row.pending_loss_sum = float(row.pending_loss_sum) + outcome.metrics["loss:sum"]
-                    row.pending_tokens = float(row.pending_tokens) + outcome.metrics["tokens:sum"]
-                elif kind is JobKind.LOAD_STATE:
-                    # The loaded state replaces whatever gradients were accumulated.
-                    row.pending_loss_sum, row.pending_tokens = 0.0, 0.0
-                if outcome.loaded is not None:
-                    # Normally inherited at admission already; a checkpoint replaced
-                    # since then brings its own history too (merging is idempotent).
-                    await self._ledger.inherit(
-                        TrainerTransaction(session), row, outcome.loaded, future_id=job.future_id
-                    )
-                if outcome.checkpoint is not None and checkpoint_object is not None:
-                    checkpoint_kind, name, _ = outcome.checkpoint
-                    replaced = await repo.replace_checkpoint(
-                        session,
-                        CheckpointRow(
-                            id=uuid.uuid4().hex,
-                            tenant=row.tenant,
-                            client_id=row.id,
-                            kind=checkpoint_kind,
-                            name=name,
-                            seq=job.seq,
-                            step=outcome.step,
-                            object_path=checkpoint_object[0],
-                            sha256=checkpoint_object[1],
-                            accountant_state=row.accountant_state,
-                            lineage_json=self._ledger.snapshot(row),
-                            created_at=repo.now(),
-                        ),
-                    )
-                    if replaced is not None:
-                        old_paths.append(replaced.object_path)
-                await self._futures.succeed(
-                    job.tenant, job.future_id, result=serde.pack_result(result), session=session
+            if kind in _PLAIN_KINDS:
+                await self._commit_plain(job, client, kind, outcome, new_state)
+                if new_state is not None and client.state_path is not None:
+                    old_paths.append(client.state_path)
+            else:
+                await self._commit_locked(
+                    job, client, kind, outcome, new_state, checkpoint_object, old_paths
                 )
-                await repo.finish_job(session, job.future_id)
         except FailedPrecondition as error:
             if error.reason != "FUTURE_STATE":
                 raise
             # Cancelled while running: discard the effect, move the client on.
-            self._evict(client.id)
+            self._invalidate(client.id)
             await self._finish_without_running(job, client, deleted=False)
             return
         except repo.LostClient as error:
@@ -775,6 +932,131 @@ class TrainerWorker:
             resident.applied_seq = job.seq
         for path in old_paths:
             self._objects.delete(path)
+
+    async def _commit_plain(
+        self,
+        job: JobRow,
+        client: TrainingClientRow,
+        kind: JobKind,
+        outcome: _Outcome,
+        new_state: tuple[str, str] | None,
+    ) -> None:
+        """Commit a job that changes only the client row and its future, in Core
+        statements: the fenced client update, the future, the job (three round trips,
+        where the ORM's read, flush and read-back took five).
+
+        Raises:
+            LostClient: The client moved on or the lease was lost.
+            FailedPrecondition: The future was cancelled while the job ran (FUTURE_STATE).
+        """
+        loss_sum = tokens = 0.0
+        if kind is JobKind.FORWARD_BACKWARD:
+            # The loss of the gradients the next step applies (ListTrainingSteps).
+            loss_sum, tokens = outcome.metrics["loss:sum"], outcome.metrics["tokens:sum"]
+        async with self._db.transaction() as session:
+            advanced = await repo.advance_client(
+                session,
+                client.id,
+                seq=job.seq,
+                owner=self._owner,
+                state=new_state,
+                step=outcome.step,
+                loss_sum=loss_sum,
+                tokens=tokens,
+            )
+            if not advanced:
+                raise repo.LostClient(f"client {client.id} moved on or its lease was lost")
+            await self._succeed(session, job, outcome.result)
+            await repo.finish_job(session, job.future_id)
+
+    async def _commit_locked(
+        self,
+        job: JobRow,
+        client: TrainingClientRow,
+        kind: JobKind,
+        outcome: _Outcome,
+        new_state: tuple[str, str] | None,
+        checkpoint_object: tuple[str, str] | None,
+        old_paths: list[str],
+    ) -> None:
+        """Commit a job that charges the ledger, saves a checkpoint or loads one, under
+        the client's row lock (appends the objects it replaces to ``old_paths``)."""
+        async with self._db.transaction() as session:
+            row = await repo.fence_client(session, client.id, seq=job.seq, owner=self._owner)
+            row.applied_seq = job.seq
+            if new_state is not None:
+                if row.state_path is not None:
+                    old_paths.append(row.state_path)
+                row.state_path, row.state_sha256 = new_state
+                row.step = outcome.step
+            result = outcome.result
+            if kind is JobKind.OPTIM_STEP:
+                assert isinstance(result, pb.OptimStepResult)
+                dp = client_dp(row)
+                if dp is not None and outcome.dp_step:
+                    await self._ledger.commit_step(
+                        TrainerTransaction(session),
+                        row,
+                        mechanism=client_batches_mechanism(dp),
+                        seq=job.seq,
+                        future_id=job.future_id,
+                    )
+                result.privacy_spent.CopyFrom(serde.privacy_spent(dp, self._ledger.report(row)))
+                await self._ledger.settle(TrainerTransaction(session), job.future_id)
+                tokens = float(row.pending_tokens)
+                repo.record_step(
+                    session,
+                    row,
+                    seq=job.seq,
+                    future_id=job.future_id,
+                    loss=float(row.pending_loss_sum) / tokens if tokens > 0 else None,
+                    dp_step=int(row.dp_steps) if dp is not None and outcome.dp_step else None,
+                )
+                row.pending_loss_sum, row.pending_tokens = 0.0, 0.0
+            elif kind is JobKind.LOAD_STATE:
+                # The loaded state replaces whatever gradients were accumulated.
+                row.pending_loss_sum, row.pending_tokens = 0.0, 0.0
+            if outcome.loaded is not None:
+                # Normally inherited at admission already; a checkpoint replaced
+                # since then brings its own history too (merging is idempotent).
+                await self._ledger.inherit(
+                    TrainerTransaction(session), row, outcome.loaded, future_id=job.future_id
+                )
+            if outcome.checkpoint is not None and checkpoint_object is not None:
+                checkpoint_kind, name, _ = outcome.checkpoint
+                replaced = await repo.replace_checkpoint(
+                    session,
+                    CheckpointRow(
+                        id=uuid.uuid4().hex,
+                        tenant=row.tenant,
+                        client_id=row.id,
+                        kind=checkpoint_kind,
+                        name=name,
+                        seq=job.seq,
+                        step=outcome.step,
+                        object_path=checkpoint_object[0],
+                        sha256=checkpoint_object[1],
+                        accountant_state=row.accountant_state,
+                        lineage_json=self._ledger.snapshot(row),
+                        created_at=repo.now(),
+                    ),
+                )
+                if replaced is not None:
+                    old_paths.append(replaced.object_path)
+            await self._succeed(session, job, result)
+            await repo.finish_job(session, job.future_id)
+
+    async def _succeed(self, session: repo.Session, job: JobRow, result: Message) -> None:
+        """The job's future SUCCEEDED, in the commit's transaction (no read-back).
+
+        Raises:
+            FailedPrecondition: The future was cancelled while the job ran (FUTURE_STATE).
+        """
+        succeeded = await self._futures.try_succeed(
+            session, job.tenant, job.future_id, result=serde.pack_result(result)
+        )
+        if not succeeded:
+            raise FailedPrecondition(f"future {job.future_id} was cancelled", reason="FUTURE_STATE")
 
     async def _commit_failure(
         self, job: JobRow, client: TrainingClientRow, error: TenSafeError
@@ -797,7 +1079,8 @@ class TrainerWorker:
         except repo.LostClient as lost:
             raise RetryLater(self._retry_delay, str(lost)) from lost
         resident = self._resident.get(client.id)
-        if resident is not None:
+        if resident is not None and resident.applied_seq == job.seq - 1:
+            # (An engine invalidated by the failure stays invalid.)
             resident.applied_seq = job.seq
 
     async def _finish_without_running(
@@ -847,6 +1130,7 @@ def jobs_stream_config(config: TrainerConfig, *, durable: str | None) -> JetStre
         nak_initial_delay=0.5,
         nak_max_delay=10.0,
         fetch_wait=0.5,
+        max_in_flight=config.jobs_in_flight,
     )
 
 
@@ -913,14 +1197,22 @@ def dataset_runner(
         database=database,
         futures=futures,
         objects=objects,
-        vault=DatasetVault(
-            store=TrainerStore(database, futures), objects=objects, keyring=keyring
-        ),
+        vault=DatasetVault(store=TrainerStore(database, futures), objects=objects, keyring=keyring),
         owner=owner,
         retry_delay=config.retry_delay_seconds,
         stop=stop,
         ledger=ledger,
     )
+
+
+def client_lane(delivery: Delivery) -> str | None:
+    """The consumer lane of a job: its training client (:meth:`Consumer.run`'s ``key``),
+    so that a client's jobs run one after another in this worker. A malformed message
+    gets no lane (the handler refuses it)."""
+    try:
+        return JobMessage.decode(delivery.data).client_id
+    except PermanentJobError:
+        return None
 
 
 def waking(
@@ -973,6 +1265,7 @@ async def run_worker(
             ),
             resident_bytes=config.resident_bytes_limit,
             ledger=ledger,
+            joint_rows=config.joint_forward_backward_rows,
             adapter_publisher=publisher,
             dataset_runner=dataset_runner(
                 config, database, futures, owner=owner, stop=stop, ledger=ledger
@@ -1000,7 +1293,7 @@ async def run_worker(
             )
             log.info("trainer worker consuming", extra={"owner": worker.owner})
             try:
-                await consumer.run(waking(worker.handle, wakeups), stop=stop)
+                await consumer.run(waking(worker.handle, wakeups), stop=stop, key=client_lane)
             finally:
                 await wakeups.close()
             await worker.release_leases()

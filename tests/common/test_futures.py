@@ -255,3 +255,37 @@ def test_futures_table_is_per_service() -> None:
     for bad_prefix in ("Trainer", "has-dash", ""):
         with pytest.raises(InvalidArgument):
             futures_table(sa.MetaData(), prefix=bad_prefix)
+
+
+async def test_try_transitions_report_instead_of_raising(database_url: str) -> None:
+    """The worker's one-statement transitions: applied to an unfinished future, refused
+    (False, nothing changed) on a finished one, inside the caller's transaction."""
+    metadata = sa.MetaData()
+    table = futures_table(metadata, prefix=f"t{uuid.uuid4().hex[:10]}")
+    db = Database.from_url(database_url)
+    async with db.connection() as connection:
+        await connection.run_sync(metadata.create_all)
+    try:
+        store = SqlFutureStore(db, table)
+        running = (await store.create(TENANT, kind="k", request_id="a")).future
+        cancelled = (await store.create(TENANT, kind="k", request_id="b")).future
+        await store.cancel(TENANT, cancelled.id)
+        async with db.transaction() as session:
+            assert await store.try_mark_running(session, TENANT, running.id)
+            assert not await store.try_mark_running(session, OTHER_TENANT, running.id)
+            assert not await store.try_mark_running(session, TENANT, cancelled.id)
+        assert (await store.get(TENANT, running.id)).status is FutureStatus.RUNNING
+        async with db.transaction() as session:
+            assert await store.try_succeed(session, TENANT, running.id, result=b"r")
+            assert not await store.try_succeed(session, TENANT, cancelled.id, result=b"x")
+        done = await store.get(TENANT, running.id)
+        assert (done.status, done.result) == (FutureStatus.SUCCEEDED, b"r")
+        assert done.started_at is not None and done.finished_at is not None
+        assert (await store.get(TENANT, cancelled.id)).status is FutureStatus.CANCELLED
+        async with db.transaction() as session:
+            assert not await store.try_succeed(session, TENANT, running.id, result=b"again")
+        assert (await store.get(TENANT, running.id)).result == b"r"
+    finally:
+        async with db.connection() as connection:
+            await connection.run_sync(metadata.drop_all)
+        await db.dispose()

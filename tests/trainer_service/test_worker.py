@@ -7,12 +7,15 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 import sqlalchemy as sa
+import torch
+from safetensors.torch import load as load_safetensors
 
 from tensafe.common.db import Database
 from tensafe.common.futures import SqlFutureStore
@@ -25,6 +28,7 @@ from tensafe.trainer.domain.engine.base import BaseModelPool
 from tensafe.trainer.domain.jobs import JobMessage
 from tensafe.trainer.domain.ledger import PrivacyLedger
 from tensafe.trainer.objects import ObjectFolder
+from tensafe.trainer.store import repository as repo
 from tensafe.trainer.store.models import (
     FUTURES,
     BudgetReservationRow,
@@ -161,7 +165,7 @@ async def test_outbox_publishes_a_job_accepted_while_nats_was_down(
         await stack.stop_worker()
 
 
-def _worker_process(stack: Stack, log_file: Path) -> subprocess.Popen[bytes]:
+def _worker_process(stack: Stack, log_file: Path, **settings: str) -> subprocess.Popen[bytes]:
     config = stack.config
     env = {
         **os.environ,
@@ -175,6 +179,7 @@ def _worker_process(stack: Stack, log_file: Path) -> subprocess.Popen[bytes]:
         "TENSAFE_RETRY_DELAY_SECONDS": "0.02",
         "TENSAFE_TORCH_THREADS": "1",
         "TENSAFE_LOG_FORMAT": "text",
+        **settings,
     }
     return subprocess.Popen(
         [sys.executable, "-m", "tensafe.trainer.worker"],
@@ -500,3 +505,380 @@ async def test_clients_share_one_base_and_evicted_clients_continue_exactly(
         o.outputs["logprobs"] for o in results[1].loss_fn_outputs
     ]
     assert evicted_row.state_sha256 == kept_row.state_sha256
+
+
+# How long an instrumented step below waits for the other client before it fails the
+# test (a worker that handles one job at a time never gets there).
+_OVERLAP_TIMEOUT = 30.0
+
+
+async def test_one_clients_commit_overlaps_another_clients_engine_step(
+    make_stack: Any, base_models_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Client A's job sits in the engine (holding the shared base) until client B's job
+    has committed and its future SUCCEEDED: B's state write and commit transaction run
+    while A's engine step runs. A worker handling one job at a time fails this (B waits
+    for A's job, which waits for B)."""
+    stack = await make_stack(worker=False)
+    a = await create_client(stack, dp=None, seed=1)
+    b = await create_client(stack, dp=None, seed=2)
+    b_computed, a_in_engine, b_succeeded = (threading.Event() for _ in range(3))
+    order: list[str] = []
+    execute = TrainerWorker._execute
+    write = ObjectFolder.write
+
+    def instrumented_execute(
+        self: TrainerWorker, engine: Any, kind: Any, request: Any, extra: Any
+    ) -> Any:
+        if request.training_client_id == a.id:
+            order.append("A in the engine")
+            a_in_engine.set()
+            assert b_succeeded.wait(_OVERLAP_TIMEOUT), "B never committed during A's step"
+            order.append("A leaves the engine")
+        outcome = execute(self, engine, kind, request, extra)
+        if request.training_client_id == b.id:
+            order.append("B computed")
+            b_computed.set()
+        return outcome
+
+    def instrumented_write(self: ObjectFolder, relative: str, data: bytes) -> str:
+        if relative.startswith(f"states/{b.id}/"):
+            # B's state write and commit start only once A holds the engine.
+            assert a_in_engine.wait(_OVERLAP_TIMEOUT), "A never started during B's job"
+        return write(self, relative, data)
+
+    monkeypatch.setattr(TrainerWorker, "_execute", instrumented_execute)
+    monkeypatch.setattr(ObjectFolder, "write", instrumented_write)
+    stack.start_worker()
+    batch = corpus_sequences(base_models_dir / BASE_MODEL, 2)
+    b_job = await _submit_fb(stack, b.id, batch)
+    assert await asyncio.to_thread(b_computed.wait, _OVERLAP_TIMEOUT)
+    a_job = await _submit_fb(stack, a.id, batch)
+    b_done = await wait(stack, b_job, timeout=_OVERLAP_TIMEOUT)
+    order.append("B succeeded")
+    b_succeeded.set()
+    a_done = await wait(stack, a_job, timeout=_OVERLAP_TIMEOUT)
+    assert (b_done.status, a_done.status) == (common_pb2.FUTURE_STATUS_SUCCEEDED,) * 2
+    assert order == ["B computed", "A in the engine", "B succeeded", "A leaves the engine"]
+
+
+async def test_a_clients_jobs_run_in_order_one_at_a_time_among_others(
+    make_stack: Any, base_models_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Many queued jobs of three clients on a worker with several jobs in flight: each
+    client's jobs are handled one after another in sequence order, each delivered once
+    (a later job waits in the worker for the earlier one instead of being refused and
+    redelivered), and every step sees exactly its own ForwardBackward calls."""
+    stack = await make_stack(worker=False, jobs_in_flight=4)
+    handled: list[tuple[str, int, int]] = []  # (client, seq, delivery) in start order
+    running: dict[str, int] = {}
+    overlaps: list[str] = []
+    handle = TrainerWorker.handle
+
+    async def instrumented_handle(self: TrainerWorker, delivery: Delivery) -> None:
+        message = JobMessage.decode(delivery.data)
+        running[message.client_id] = running.get(message.client_id, 0) + 1
+        if running[message.client_id] > 1:
+            overlaps.append(message.client_id)
+        handled.append((message.client_id, message.seq, delivery.num_delivered))
+        try:
+            await handle(self, delivery)
+        finally:
+            running[message.client_id] -= 1
+
+    monkeypatch.setattr(TrainerWorker, "handle", instrumented_handle)
+    sequences = corpus_sequences(base_models_dir / BASE_MODEL, 8)
+    plans: list[tuple[str, list[Any]]] = []
+    for seed in (1, 2, 3):
+        client = await create_client(stack, dp=dp_config(noise_multiplier=1.0), seed=seed)
+        futures = []
+        for _ in range(2):
+            futures.append(await _submit_fb(stack, client.id, sequences[:3]))
+            futures.append(await _submit_fb(stack, client.id, sequences[3:8]))
+            futures.append(await _submit_step(stack, client.id))
+        plans.append((client.id, futures))
+    stack.start_worker()
+    for client_id, futures in plans:
+        done = [await wait(stack, future) for future in futures]
+        assert all(f.status == common_pb2.FUTURE_STATUS_SUCCEEDED for f in done)
+        for index, expected_step in ((2, 1), (5, 2)):
+            message = pb.OptimStepResult()
+            assert done[index].result.Unpack(message)
+            assert message.step == expected_step
+            assert message.metrics["examples"] == 8.0
+        mine = [(seq, delivery) for client, seq, delivery in handled if client == client_id]
+        assert mine == [(seq, 1) for seq in range(1, 7)]
+    assert overlaps == []
+    # The clients' jobs did interleave in the worker (else this shows nothing).
+    assert [client for client, _, _ in handled[:6]] != [plans[0][0]] * 6
+
+
+async def test_dp_clients_forward_backward_together_as_each_would_alone(
+    make_stack: Any, base_models_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three DP clients' ForwardBackward jobs waiting for the engine at once run in ONE
+    forward/backward pass on the shared base, and each client ends with exactly the
+    outputs and the clipped-gradient sum its twin (same seed, same batch) got running
+    alone: no row of one client reaches another's sum. Each job still commits on its
+    own (its future, its client's seq)."""
+    stack = await make_stack(worker=False)
+    url = stack.config.database_url
+    dp = dp_config(noise_multiplier=1.0)
+    together = [await create_client(stack, dp=dp, seed=seed) for seed in (1, 2, 3)]
+    alone = [await create_client(stack, dp=dp, seed=seed) for seed in (1, 2, 3)]
+    batches = [
+        corpus_sequences(base_models_dir / BASE_MODEL, size, offset=5 * index)
+        for index, size in enumerate((2, 3, 4))
+    ]
+    together_futures = [
+        await _submit(stack, "fb", c.id, batch) for c, batch in zip(together, batches, strict=True)
+    ]
+    alone_futures = [
+        await _submit(stack, "fb", c.id, batch) for c, batch in zip(alone, batches, strict=True)
+    ]
+    passes: list[int] = []
+    execute_jointly = TrainerWorker._execute_jointly
+
+    def recording(self: TrainerWorker, calls: list[Any]) -> Any:
+        passes.append(len(calls))
+        return execute_jointly(self, calls)
+
+    monkeypatch.setattr(TrainerWorker, "_execute_jointly", recording)
+    database = Database.from_url(url)
+    objects = ObjectFolder(stack.config.data_dir / "trainer")
+    worker = TrainerWorker(
+        database=database,
+        futures=SqlFutureStore(database, FUTURES),
+        objects=objects,
+        base_models=BaseModelRegistry(base_models_dir),
+        owner="joint-worker",
+        lease_seconds=30.0,
+        retry_delay=0.01,
+        bases=BaseModelPool(),
+        resident_bytes=1 << 30,
+        ledger=PrivacyLedger(),
+        joint_rows=256,
+    )
+    try:
+        jobs = {
+            job.future_id: job
+            for client in together + alone
+            for job in await _rows(url, JobRow, client.id)
+        }
+        for future_id in alone_futures:
+            await _deliver(worker, jobs[future_id], num_delivered=1)
+        assert passes == []  # one job at a time never shares a pass
+        # Hold the engine while the three jobs claim and queue their calls.
+        async with worker._engine_lock:
+            tasks = [
+                asyncio.create_task(_deliver(worker, jobs[future_id], num_delivered=1))
+                for future_id in together_futures
+            ]
+            async with asyncio.timeout(30):
+                while len(worker._joint_queue) < 3:
+                    await asyncio.sleep(0.01)
+        await asyncio.gather(*tasks)
+        assert passes == [3]
+    finally:
+        worker.close()
+        await database.dispose()
+
+    sums = []
+    for twin, single, t_future, a_future in zip(
+        together, alone, together_futures, alone_futures, strict=True
+    ):
+        results = []
+        for future_id in (t_future, a_future):
+            future = await wait(stack, common_pb2.Future(id=future_id))
+            assert future.status == common_pb2.FUTURE_STATUS_SUCCEEDED, future.error
+            result = pb.ForwardBackwardResult()
+            assert future.result.Unpack(result)
+            results.append(result)
+        for joint_output, alone_output in zip(
+            results[0].loss_fn_outputs, results[1].loss_fn_outputs, strict=True
+        ):
+            assert list(joint_output.outputs["logprobs"].float_data) == pytest.approx(
+                list(alone_output.outputs["logprobs"].float_data), rel=1e-5, abs=1e-6
+            )
+        states = []
+        for client in (twin, single):
+            row = await _client_row(url, client.id)
+            assert row.applied_seq == 1
+            assert row.state_path is not None and row.state_sha256 is not None
+            states.append(load_safetensors(objects.read(row.state_path, sha256=row.state_sha256)))
+        assert states[0].keys() == states[1].keys()
+        for name in states[0]:
+            torch.testing.assert_close(states[0][name], states[1][name], rtol=1e-5, atol=1e-7)
+        sums.append(
+            torch.cat(
+                [t.flatten() for n, t in sorted(states[0].items()) if n.startswith("accumulator/")]
+            )
+        )
+    # The clipped sums are real and each client's own.
+    assert all(s.abs().sum() > 0 for s in sums)
+    assert not torch.allclose(sums[0], sums[1]) and not torch.allclose(sums[1], sums[2])
+
+
+@pytest.mark.slow
+async def test_killed_worker_mid_joint_pass_loses_and_repeats_no_clients_step(
+    make_stack: Any, base_models_dir: Path, tmp_path: Path
+) -> None:
+    """Three DP clients' jobs, all queued before a worker (several jobs in flight, joint
+    ForwardBackward passes) starts; the worker is killed with SIGKILL while one of the
+    second steps' ForwardBackward jobs runs, possibly inside a pass shared with other
+    clients. After a second worker finishes, every client's steps saw exactly their own
+    two ForwardBackward calls, and its steps, DP steps, ledger and epsilon are those of an
+    undisturbed run."""
+    stack = await make_stack(worker=False)
+    clients = [
+        await create_client(stack, dp=dp_config(noise_multiplier=1.1), seed=seed)
+        for seed in (1, 2, 3)
+    ]
+    futures: dict[str, list[Any]] = {c.id: [] for c in clients}
+    for step in range(2):
+        for index, client in enumerate(clients):
+            batch = corpus_sequences(base_models_dir / BASE_MODEL, 8, offset=8 * (step + index))
+            futures[client.id].append(await _submit_fb(stack, client.id, batch[:3]))
+            futures[client.id].append(await _submit_fb(stack, client.id, batch[3:]))
+            futures[client.id].append(await _submit_step(stack, client.id))
+    victims = [futures[c.id][index] for c in clients for index in (3, 4)]
+    log_file = tmp_path / "worker.log"
+    first = _worker_process(stack, log_file, TENSAFE_LOG_LEVEL="DEBUG")
+    try:
+        running = False
+        while not running:
+            for victim in victims:
+                status = (
+                    await stack.futures.GetFuture(
+                        common_pb2.GetFutureRequest(future_id=victim.id), metadata=stack.auth
+                    )
+                ).future.status
+                assert status != common_pb2.FUTURE_STATUS_SUCCEEDED or victim is not victims[-1], (
+                    "the jobs finished before the worker could be killed; see " + str(log_file)
+                )
+                if status == common_pb2.FUTURE_STATUS_RUNNING:
+                    running = True
+                    break
+            assert first.poll() is None, log_file.read_text()
+            await asyncio.sleep(0.002)
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait()
+        second = _worker_process(stack, log_file)
+        try:
+            results = {
+                client_id: [await wait(stack, f, timeout=120) for f in client_futures]
+                for client_id, client_futures in futures.items()
+            }
+        finally:
+            second.send_signal(signal.SIGTERM)
+            second.wait(timeout=30)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    expected = reference_epsilon("rdp", 1.1, 2, 1e-5)
+    for client in clients:
+        done = results[client.id]
+        assert all(r.status == common_pb2.FUTURE_STATUS_SUCCEEDED for r in done), (
+            log_file.read_text()
+        )
+        steps = []
+        for index in (2, 5):
+            message = pb.OptimStepResult()
+            assert done[index].result.Unpack(message)
+            steps.append(message)
+        assert [s.step for s in steps] == [1, 2]
+        assert [s.metrics["examples"] for s in steps] == [8.0, 8.0]
+        final = await _client_row(stack.config.database_url, client.id)
+        assert (final.step, final.dp_steps, final.applied_seq) == (2, 2, 6)
+        assert final.epsilon_spent == pytest.approx(expected, rel=1e-6)
+        ledger = await _rows(stack.config.database_url, LedgerRow, client.id)
+        assert sorted(row.dp_step for row in ledger) == [1, 2]
+    # The first worker did share passes between clients (else this shows nothing).
+    assert "ForwardBackward jobs" in log_file.read_text(), log_file.read_text()
+
+
+async def test_claim_and_advance_are_fenced_single_statements(
+    make_stack: Any, database_url: str
+) -> None:
+    """The worker's one-statement claim and commit refuse (None / False, nothing
+    changed) a job out of order, a foreign live lease, a lost lease and a repeat."""
+    stack = await make_stack(database_url, worker=False)
+    client = await create_client(stack, dp=None)
+    database = Database.from_url(stack.config.database_url)
+    try:
+        async with database.transaction() as session:
+            claimed = await repo.claim_client(
+                session, client.id, seq=1, owner="w1", lease_seconds=30.0
+            )
+            assert claimed is not None and claimed.lease_owner == "w1"
+            assert claimed.applied_seq == 0 and claimed.lora_json
+            # Another worker, the same job: the lease is live.
+            assert (
+                await repo.claim_client(session, client.id, seq=1, owner="w2", lease_seconds=30.0)
+                is None
+            )
+            # The same worker, a later job: seq 1 is not applied yet.
+            assert (
+                await repo.claim_client(session, client.id, seq=2, owner="w1", lease_seconds=30.0)
+                is None
+            )
+            assert not await repo.advance_client(
+                session, client.id, seq=1, owner="w2", state=None, step=0
+            )
+            assert await repo.advance_client(
+                session,
+                client.id,
+                seq=1,
+                owner="w1",
+                state=("states/x/1", "ab" * 32),
+                step=0,
+                loss_sum=3.0,
+                tokens=6.0,
+            )
+            # A repeat of the commit no longer matches the fence.
+            assert not await repo.advance_client(
+                session, client.id, seq=1, owner="w1", state=None, step=0, loss_sum=1.0
+            )
+        row = await _client_row(stack.config.database_url, client.id)
+        assert (row.applied_seq, row.lease_owner, row.state_path) == (1, "w1", "states/x/1")
+        assert (row.pending_loss_sum, row.pending_tokens) == (3.0, 6.0)
+    finally:
+        await database.dispose()
+
+
+async def test_a_job_cancelled_while_running_leaves_no_effect(
+    make_stack: Any, base_models_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ForwardBackward cancelled while in the engine: its commit finds the future
+    CANCELLED, nothing of it is committed, the engine that ran it is not reused (the
+    next step sees only the next call's examples) and the client moves on."""
+    stack = await make_stack(worker=False)
+    client = await create_client(stack, dp=None)
+    entered, release = threading.Event(), threading.Event()
+    execute = TrainerWorker._execute
+    calls: list[int] = []
+
+    def instrumented_execute(
+        self: TrainerWorker, engine: Any, kind: Any, request: Any, extra: Any
+    ) -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            entered.set()
+            assert release.wait(_OVERLAP_TIMEOUT), "the test never released the job"
+        return execute(self, engine, kind, request, extra)
+
+    monkeypatch.setattr(TrainerWorker, "_execute", instrumented_execute)
+    stack.start_worker()
+    first = await _submit_fb(stack, client.id, corpus_sequences(base_models_dir / BASE_MODEL, 4))
+    assert await asyncio.to_thread(entered.wait, _OVERLAP_TIMEOUT)
+    cancelled = await stack.futures.CancelFuture(
+        common_pb2.CancelFutureRequest(future_id=first.id), metadata=stack.auth
+    )
+    assert cancelled.future.status == common_pb2.FUTURE_STATUS_CANCELLED
+    release.set()
+    await forward_backward(stack, client.id, corpus_sequences(base_models_dir / BASE_MODEL, 2))
+    result = await optim_step(stack, client.id, learning_rate=1e-2)
+    assert result.step == 1 and result.metrics["examples"] == 2.0
+    assert (await wait(stack, first)).status == common_pb2.FUTURE_STATUS_CANCELLED
+    row = await _client_row(stack.config.database_url, client.id)
+    assert (row.applied_seq, row.step) == (3, 1)

@@ -32,6 +32,10 @@ from tensafe.trainer.store.models import (
 
 RowT = TypeVar("RowT")
 
+Session = AsyncSession
+"""The session of an open store transaction, for callers that pass one along (the
+worker's commits) without speaking SQL themselves."""
+
 CLIENT_ACTIVE = "ACTIVE"
 CLIENT_DELETED = "DELETED"
 JOB_QUEUED = "QUEUED"
@@ -169,7 +173,7 @@ async def list_clients(
         TrainingClientRow.tenant == tenant, TrainingClientRow.state == CLIENT_ACTIVE
     )
     if page_token:
-        after_created, after_id = _decode_token(page_token)
+        after_created, after_id = decode_page_token(page_token)
         query = query.where(
             sa.or_(
                 TrainingClientRow.created_at < after_created,
@@ -186,16 +190,22 @@ async def list_clients(
         last = rows[size - 1]
         created = utc(last.created_at)
         assert created is not None
-        token = _encode_token(created, last.id)
+        token = encode_page_token(created, last.id)
     return ClientPage(rows[:size], token)
 
 
-def _encode_token(created: datetime, client_id: str) -> str:
-    payload = json.dumps({"c": created.isoformat(), "i": client_id})
+def encode_page_token(created: datetime, row_id: str) -> str:
+    """The page token after a row of a list ordered by (creation time, id)."""
+    payload = json.dumps({"c": created.isoformat(), "i": row_id})
     return base64.urlsafe_b64encode(payload.encode()).decode().rstrip("=")
 
 
-def _decode_token(token: str) -> tuple[datetime, str]:
+def decode_page_token(token: str) -> tuple[datetime, str]:
+    """The (creation time, id) a page token continues after.
+
+    Raises:
+        InvalidArgument: ``page_token`` is malformed.
+    """
     try:
         padded = token + "=" * (-len(token) % 4)
         payload = json.loads(base64.urlsafe_b64decode(padded.encode()))
@@ -287,6 +297,15 @@ async def queued_jobs(session: AsyncSession, *, older_than: datetime, limit: int
     )
 
 
+def _lease_free(owner: str, moment: datetime) -> sa.ColumnElement[bool]:
+    """The client's lease is free for ``owner``: unheld, its own, or expired."""
+    return sa.or_(
+        TrainingClientRow.lease_owner.is_(None),
+        TrainingClientRow.lease_owner == owner,
+        TrainingClientRow.lease_expires_at < moment,
+    )
+
+
 async def take_lease(
     session: AsyncSession, client_id: str, *, owner: str, lease_seconds: float
 ) -> datetime | None:
@@ -298,14 +317,7 @@ async def take_lease(
     moment = now()
     statement = (
         sa.update(TrainingClientRow)
-        .where(
-            TrainingClientRow.id == client_id,
-            sa.or_(
-                TrainingClientRow.lease_owner.is_(None),
-                TrainingClientRow.lease_owner == owner,
-                TrainingClientRow.lease_expires_at < moment,
-            ),
-        )
+        .where(TrainingClientRow.id == client_id, _lease_free(owner, moment))
         .values(lease_owner=owner, lease_expires_at=moment + timedelta(seconds=lease_seconds))
         # Plain SQL semantics: objects loaded in the session are not re-evaluated in
         # Python (SQLite hands back naive datetimes that cannot be compared there).
@@ -315,6 +327,86 @@ async def take_lease(
     if result.rowcount == 1:
         return moment
     return None
+
+
+async def claim_client(
+    session: AsyncSession, client_id: str, *, seq: int, owner: str, lease_seconds: float
+) -> TrainingClientRow | None:
+    """Claim an active client for its next job ``seq``: the order check and the lease in
+    one conditional ``UPDATE ... RETURNING`` (one round trip, where reading the row,
+    checking it and taking the lease were three).
+
+    Returns:
+        The client's row after the update, or None (nothing changed) when the client is
+        missing or deleted, expects another job next, or is leased to another worker;
+        the caller reads the row to tell which.
+    """
+    moment = now()
+    statement = (
+        sa.update(TrainingClientRow)
+        .where(
+            TrainingClientRow.id == client_id,
+            TrainingClientRow.state == CLIENT_ACTIVE,
+            TrainingClientRow.applied_seq == seq - 1,
+            _lease_free(owner, moment),
+        )
+        .values(lease_owner=owner, lease_expires_at=moment + timedelta(seconds=lease_seconds))
+        .returning(TrainingClientRow)
+        .execution_options(synchronize_session=False)
+    )
+    return (await session.execute(statement)).scalar_one_or_none()
+
+
+async def advance_client(
+    session: AsyncSession,
+    client_id: str,
+    *,
+    seq: int,
+    owner: str,
+    state: tuple[str, str] | None,
+    step: int,
+    loss_sum: float = 0.0,
+    tokens: float = 0.0,
+) -> bool:
+    """Commit job ``seq`` of a client, fenced, in one statement: the fence of
+    :func:`fence_client` (still expecting ``seq``, still leased to ``owner``) and the
+    client's new ``applied_seq``, state reference and step, and the loss accumulated
+    for its next optimizer step. For jobs that touch nothing else of the client (no
+    ledger, no checkpoint); the others lock the row with :func:`fence_client`.
+
+    Args:
+        session: The job's commit transaction.
+        client_id: The client.
+        seq: The job's sequence number.
+        owner: This worker's lease id.
+        state: The new state object (path, sha256), or None when the job kept the state.
+        step: The client's optimizer step (set with a new state).
+        loss_sum: Added to the loss accumulated since the last optimizer step.
+        tokens: Added to the tokens accumulated since the last optimizer step.
+
+    Returns:
+        False, changing nothing, when the client moved on or the lease was lost.
+    """
+    values: dict[str, Any] = {"applied_seq": seq}
+    if state is not None:
+        values.update(state_path=state[0], state_sha256=state[1], step=step)
+    if loss_sum or tokens:
+        values.update(
+            pending_loss_sum=TrainingClientRow.pending_loss_sum + loss_sum,
+            pending_tokens=TrainingClientRow.pending_tokens + tokens,
+        )
+    statement = (
+        sa.update(TrainingClientRow)
+        .where(
+            TrainingClientRow.id == client_id,
+            TrainingClientRow.applied_seq == seq - 1,
+            TrainingClientRow.lease_owner == owner,
+        )
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+    result = cast("sa.CursorResult[Any]", await session.execute(statement))
+    return bool(result.rowcount == 1)
 
 
 async def release_lease(session: AsyncSession, client_id: str, *, owner: str) -> None:

@@ -14,9 +14,6 @@ worker fenced, so what it commits next sees the change.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import datetime
@@ -605,7 +602,7 @@ class TrainerTransaction:
         size = DEFAULT_PAGE_SIZE if page_size == 0 else min(page_size, MAX_PAGE_SIZE)
         query = sa.select(DatasetRow).where(DatasetRow.tenant == tenant)
         if page_token:
-            after_created, after_id = _decode_token(page_token)
+            after_created, after_id = repo.decode_page_token(page_token)
             query = query.where(
                 sa.or_(
                     DatasetRow.created_at < after_created,
@@ -619,7 +616,7 @@ class TrainerTransaction:
             last = rows[size - 1]
             created = repo.utc(last.created_at)
             assert created is not None
-            token = _encode_token(created, last.id)
+            token = repo.encode_page_token(created, last.id)
         return Page([dataset_record(row) for row in rows[:size]], token)
 
     async def delete_dataset(self, tenant: str, dataset_id: str) -> DatasetRecord:
@@ -688,20 +685,6 @@ class TrainerTransaction:
         row.losses_json = losses_json
         row.batch_sizes_json = batch_sizes_json
         row.updated_at = repo.now()
-
-
-def _encode_token(created: datetime, dataset_id: str) -> str:
-    payload = json.dumps({"c": created.isoformat(), "i": dataset_id})
-    return base64.urlsafe_b64encode(payload.encode()).decode().rstrip("=")
-
-
-def _decode_token(token: str) -> tuple[datetime, str]:
-    try:
-        padded = token + "=" * (-len(token) % 4)
-        payload = json.loads(base64.urlsafe_b64decode(padded.encode()))
-        return datetime.fromisoformat(payload["c"]), str(payload["i"])
-    except (ValueError, KeyError, TypeError, binascii.Error) as error:
-        raise InvalidArgument("page_token", "is malformed") from error
 
 
 class TrainerStore:
