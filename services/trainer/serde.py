@@ -33,8 +33,9 @@ from tensafe.trainer.domain.engine.accounting import BatchSampling
 from tensafe.trainer.domain.engine.config import AdamConfig, LoraConfig
 from tensafe.trainer.domain.engine.sampling import SamplingParams
 from tensafe.trainer.domain.jobs import CHECKPOINT_KIND, SAMPLER_KIND, JobKind, checkpoint_path
-from tensafe.trainer.domain.model import CheckpointRecord, DatasetRecord, StepRecord
-from tensafe.trainer.domain.settings import DpRequest, DpSettings
+from tensafe.trainer.domain.ledger import client_dp
+from tensafe.trainer.domain.model import CheckpointRecord, ClientRecord, DatasetRecord, StepRecord
+from tensafe.trainer.domain.settings import DpRequest, DpSettings, lora_from_json
 
 if TYPE_CHECKING:
     from tensafe.trainer.domain.ledger import Lineage, PrivacyReport
@@ -282,6 +283,30 @@ def float_tensor(values: Sequence[float]) -> pb.TensorData:
 def metrics_map(metrics: Mapping[str, float]) -> dict[str, float]:
     """Metrics as plain floats."""
     return {key: float(value) for key, value in metrics.items()}
+
+
+def client_to_proto(row: ClientRecord) -> pb.TrainingClient:
+    """The contract's TrainingClient of a stored client."""
+    lora, seed = lora_from_json(row.lora_json)
+    message = pb.TrainingClient(
+        id=row.id,
+        base_model=row.base_model,
+        lora=lora_to_proto(lora, seed),
+        private=row.private,
+        step=int(row.step),
+        state=(
+            pb.TRAINING_CLIENT_STATE_ACTIVE
+            if row.state == "ACTIVE"
+            else pb.TRAINING_CLIENT_STATE_DELETED
+        ),
+    )
+    dp = client_dp(row)
+    if dp is not None:
+        message.dp.CopyFrom(dp_to_proto(dp))
+    created = timestamp(row.created_at)
+    if created is not None:
+        message.create_time.CopyFrom(created)
+    return message
 
 
 def step_to_proto(row: StepRecord) -> pb.TrainingStep:

@@ -20,9 +20,7 @@ from tensafe.proto.trainer.v1 import trainer_service_pb2_grpc
 from tensafe.trainer import serde
 from tensafe.trainer.domain.datasets.service import DatasetService
 from tensafe.trainer.domain.ledger import Lineage, client_dp
-from tensafe.trainer.domain.model import ClientRecord
 from tensafe.trainer.domain.service import Caller, TrainerDomain
-from tensafe.trainer.domain.settings import lora_from_json
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -45,30 +43,6 @@ def _unimplemented(method: str) -> NoReturn:
     raise Unimplemented(
         f"tensafe.trainer.v1.TrainerService/{method} is not served by this deployment yet"
     )
-
-
-def client_to_proto(row: ClientRecord) -> pb.TrainingClient:
-    """The contract's TrainingClient of a stored client."""
-    lora, seed = lora_from_json(row.lora_json)
-    message = pb.TrainingClient(
-        id=row.id,
-        base_model=row.base_model,
-        lora=serde.lora_to_proto(lora, seed),
-        private=row.private,
-        step=int(row.step),
-        state=(
-            pb.TRAINING_CLIENT_STATE_ACTIVE
-            if row.state == "ACTIVE"
-            else pb.TRAINING_CLIENT_STATE_DELETED
-        ),
-    )
-    dp = client_dp(row)
-    if dp is not None:
-        message.dp.CopyFrom(serde.dp_to_proto(dp))
-    created = serde.timestamp(row.created_at)
-    if created is not None:
-        message.create_time.CopyFrom(created)
-    return message
 
 
 class TrainerServiceServicer(trainer_service_pb2_grpc.TrainerServiceServicer):
@@ -120,7 +94,7 @@ class TrainerServiceServicer(trainer_service_pb2_grpc.TrainerServiceServicer):
         """Create a LoRA training client."""
         who = caller(SCOPE_TRAIN)
         row = await self._api.create_client(who, serde.create_client(request))
-        return pb.CreateTrainingClientResponse(training_client=client_to_proto(row))
+        return pb.CreateTrainingClientResponse(training_client=serde.client_to_proto(row))
 
     async def GetTrainingClient(
         self, request: pb.GetTrainingClientRequest, context: Context
@@ -133,7 +107,7 @@ class TrainerServiceServicer(trainer_service_pb2_grpc.TrainerServiceServicer):
             row = await self._api.client_by_request(who, request.request_id)
         else:
             row = await self._api.get_client(who, request.training_client_id)
-        return pb.GetTrainingClientResponse(training_client=client_to_proto(row))
+        return pb.GetTrainingClientResponse(training_client=serde.client_to_proto(row))
 
     async def ListTrainingClients(
         self, request: pb.ListTrainingClientsRequest, context: Context
@@ -143,7 +117,7 @@ class TrainerServiceServicer(trainer_service_pb2_grpc.TrainerServiceServicer):
             caller(SCOPE_READ), page_size=request.page_size, page_token=request.page_token
         )
         return pb.ListTrainingClientsResponse(
-            training_clients=[client_to_proto(row) for row in page.items],
+            training_clients=[serde.client_to_proto(row) for row in page.items],
             next_page_token=page.next_page_token,
         )
 
