@@ -173,11 +173,12 @@ async def test_history_is_tenant_scoped_and_paging_is_validated(
         await expect_code(call(request, metadata=other), grpc.StatusCode.NOT_FOUND)
         unknown = type(request)(training_client_id="0" * 32)
         await expect_code(call(unknown, metadata=stack.auth), grpc.StatusCode.NOT_FOUND)
-        bad_token = type(request)(training_client_id=client.id, page_token="not-a-token")
-        error = await expect_code(
-            call(bad_token, metadata=stack.auth), grpc.StatusCode.INVALID_ARGUMENT
-        )
-        assert "page_token" in (error.details() or "")
+        for token in ("not-a-token", str(2**63)):
+            bad_token = type(request)(training_client_id=client.id, page_token=token)
+            error = await expect_code(
+                call(bad_token, metadata=stack.auth), grpc.StatusCode.INVALID_ARGUMENT
+            )
+            assert "page_token" in (error.details() or "")
         negative = type(request)(training_client_id=client.id, page_size=-1)
         error = await expect_code(
             call(negative, metadata=stack.auth), grpc.StatusCode.INVALID_ARGUMENT
