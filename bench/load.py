@@ -790,6 +790,7 @@ def _run(args: argparse.Namespace, connection_file: Path) -> int:
     settings = Settings(
         connection_file=connection_file,
         trainer_database_url=args.trainer_database_url
+        or args.database_url
         or f"sqlite+aiosqlite:///{data_dir / 'db' / 'trainer.db'}",
         duration=args.duration,
         mix=args.mix,
@@ -874,6 +875,11 @@ def main() -> int:
     parser.add_argument("--he-packing", choices=("per-token", "batch"), default="per-token")
     parser.add_argument("--he-tokens", type=int, default=1, help="tokens per HE call")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--database-url",
+        help="one empty database for every service of the started stack (PostgreSQL, as "
+        "deployed; default: a SQLite file per service, as `tensafe up`)",
+    )
     parser.add_argument("--connection-file", help="a running stack (default: start one)")
     parser.add_argument(
         "--trainer-database-url",
@@ -890,7 +896,8 @@ def main() -> int:
             hidden_size=args.hidden,
             num_layers=args.layers,
         )
-        with LocalStack(StackOptions(data_dir=data_dir, metrics=True)) as stack:
+        options = StackOptions(data_dir=data_dir, metrics=True, database_url=args.database_url)
+        with LocalStack(options) as stack:
             stack.start()
             return _run(args, stack.connection_file)
 
