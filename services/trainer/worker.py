@@ -172,6 +172,14 @@ class _Outcome:
     metrics: dict[str, float] = field(default_factory=dict)
     loaded: CheckpointRow | None = None
     """The checkpoint a LoadState loaded (its lineage joins the client's)."""
+    engine: LoraTrainingEngine | None = None
+    """The engine a ForwardBackward ran on (a following OptimStep may chain onto it)."""
+
+
+class _PairRefused(Exception):
+    """A chained ForwardBackward + OptimStep cannot commit together (a future was
+    cancelled or the client deleted meanwhile): roll back, commit the ForwardBackward
+    alone."""
 
 
 @dataclass
@@ -220,6 +228,7 @@ def _forward_backward_outcome(
         state=engine.state_dict() if keep else None,
         step=engine.step,
         metrics=result.metrics,
+        engine=engine,
     )
 
 
@@ -242,6 +251,9 @@ class TrainerWorker:
         dataset_runner: Runs TrainOnDataset jobs (None: refused).
         joint_rows: Most rows of one joint ForwardBackward pass of several DP clients
             on one base (0: every ForwardBackward runs alone).
+        chain_optim_steps: Run a client's OptimStep that is admitted when its
+            ForwardBackward leaves the engine right away, and commit both in one
+            transaction (``_chain_optim_step``; False: every job on its own).
     """
 
     def __init__(
@@ -260,6 +272,7 @@ class TrainerWorker:
         adapter_publisher: AdapterPublisher | None = None,
         dataset_runner: DatasetRunner | None = None,
         joint_rows: int = 0,
+        chain_optim_steps: bool = True,
     ) -> None:
         self._db = database
         self._ledger = ledger
@@ -317,6 +330,14 @@ class TrainerWorker:
             description="Forward/backward passes that ran several clients' ForwardBackward "
             "jobs together on one shared base, by number of clients.",
         )
+        self._chain_optim_steps = chain_optim_steps
+        self._chained_steps = meter.create_counter(
+            "tensafe.trainer.chained_optim_steps",
+            unit="{step}",
+            description="OptimStep jobs run right after their client's ForwardBackward "
+            "and committed with it in one transaction.",
+        )
+        self._wakeups: FutureWakeups | None = None
         self._tokenizers: dict[str, Any] = {}
         self._publisher = adapter_publisher
         self._dataset_runner = dataset_runner
@@ -330,6 +351,11 @@ class TrainerWorker:
     def bases(self) -> BaseModelPool:
         """The shared base models this worker has loaded."""
         return self._bases
+
+    def use_wakeups(self, wakeups: FutureWakeups) -> None:
+        """Wake the waiters of a future this worker finishes besides the delivered job's
+        (a chained OptimStep's; the delivered job's own wake-up is :func:`waking`'s)."""
+        self._wakeups = wakeups
 
     @property
     def resident_client_ids(self) -> list[str]:
@@ -465,6 +491,12 @@ class TrainerWorker:
                 await self._commit_failure(job, client, internal)
                 return
             raise
+        if (
+            kind is JobKind.FORWARD_BACKWARD
+            and self._chain_optim_steps
+            and await self._chain_optim_step(job, client, outcome)
+        ):
+            return
         try:
             await self._commit_success(job, client, kind, outcome)
         except BaseException:
@@ -991,28 +1023,7 @@ class TrainerWorker:
                 row.step = outcome.step
             result = outcome.result
             if kind is JobKind.OPTIM_STEP:
-                assert isinstance(result, pb.OptimStepResult)
-                dp = client_dp(row)
-                if dp is not None and outcome.dp_step:
-                    await self._ledger.commit_step(
-                        TrainerTransaction(session),
-                        row,
-                        mechanism=client_batches_mechanism(dp),
-                        seq=job.seq,
-                        future_id=job.future_id,
-                    )
-                result.privacy_spent.CopyFrom(serde.privacy_spent(dp, self._ledger.report(row)))
-                await self._ledger.settle(TrainerTransaction(session), job.future_id)
-                tokens = float(row.pending_tokens)
-                repo.record_step(
-                    session,
-                    row,
-                    seq=job.seq,
-                    future_id=job.future_id,
-                    loss=float(row.pending_loss_sum) / tokens if tokens > 0 else None,
-                    dp_step=int(row.dp_steps) if dp is not None and outcome.dp_step else None,
-                )
-                row.pending_loss_sum, row.pending_tokens = 0.0, 0.0
+                await self._record_optim_step(session, row, job, outcome)
             elif kind is JobKind.LOAD_STATE:
                 # The loaded state replaces whatever gradients were accumulated.
                 row.pending_loss_sum, row.pending_tokens = 0.0, 0.0
@@ -1045,6 +1056,172 @@ class TrainerWorker:
                     old_paths.append(replaced.object_path)
             await self._succeed(session, job, result)
             await repo.finish_job(session, job.future_id)
+
+    async def _record_optim_step(
+        self, session: repo.Session, row: TrainingClientRow, job: JobRow, outcome: _Outcome
+    ) -> None:
+        """An OptimStep's effects on the locked client row (its state reference set
+        already), in the commit's transaction: for a private client the accountant's new
+        state and the ledger row, the reservation consumed, the step's history row with
+        the loss accumulated since the last step; sets the result's privacy report."""
+        result = outcome.result
+        assert isinstance(result, pb.OptimStepResult)
+        dp = client_dp(row)
+        if dp is not None and outcome.dp_step:
+            await self._ledger.commit_step(
+                TrainerTransaction(session),
+                row,
+                mechanism=client_batches_mechanism(dp),
+                seq=job.seq,
+                future_id=job.future_id,
+            )
+        result.privacy_spent.CopyFrom(serde.privacy_spent(dp, self._ledger.report(row)))
+        await self._ledger.settle(TrainerTransaction(session), job.future_id)
+        tokens = float(row.pending_tokens)
+        repo.record_step(
+            session,
+            row,
+            seq=job.seq,
+            future_id=job.future_id,
+            loss=float(row.pending_loss_sum) / tokens if tokens > 0 else None,
+            dp_step=int(row.dp_steps) if dp is not None and outcome.dp_step else None,
+        )
+        row.pending_loss_sum, row.pending_tokens = 0.0, 0.0
+
+    # ------------------------------------------------------- chained steps
+
+    async def _chain_optim_step(
+        self, job: JobRow, client: TrainingClientRow, outcome: _Outcome
+    ) -> bool:
+        """Run the client's next job right after its ForwardBackward ``job`` when it is an
+        OptimStep admitted already, and commit both in one transaction.
+
+        A Tinker client sends ForwardBackward and OptimStep back to back, so the step is
+        usually admitted while the ForwardBackward is in the engine. Committed one by one,
+        the pair cost two state objects, two commits and the step's claim between them
+        (docs/trainer.md, Performance). Chained, the engine (which holds this worker's
+        lease and is exactly at the ForwardBackward's effect: a client's jobs never
+        overlap in a process) steps at once, and ONE transaction, fenced on
+        ``applied_seq == job.seq - 1`` and the lease, commits both: the ForwardBackward's
+        future and loss, the step's state object (the only one written), ledger row,
+        reservation and future, ``applied_seq`` past both, both jobs out of the outbox.
+        A worker killed before that commit committed neither: both messages come back,
+        and the ForwardBackward runs again from the last committed state. After it, both
+        deliveries find ``seq <= applied_seq`` and are only acked. The step's own
+        delivery is not waited for (its job row is the admitted job, the sequence fixes
+        its place); its waiters are woken here.
+
+        Returns:
+            True when both committed; False when nothing was chained (no OptimStep
+            next, the engine no longer resident as the ForwardBackward left it, the step
+            failed or a future was cancelled meanwhile): the caller commits the
+            ForwardBackward alone, from its own state, and the OptimStep runs on its own.
+
+        Raises:
+            RetryLater: The client moved on or the lease was lost (nothing committed).
+        """
+        async with self._db.transaction(read_only=True) as session:
+            following = await repo.queued_job_at(session, client.id, job.seq + 1)
+        if (
+            following is None
+            or following.kind != JobKind.OPTIM_STEP.value
+            or following.tenant != job.tenant
+        ):
+            return False
+        request = serde.job_request(JobKind.OPTIM_STEP, following.payload)
+        async with self._engine_lock:
+            resident = self._resident.get(client.id)
+            if (
+                resident is None
+                or resident.engine is not outcome.engine
+                or resident.applied_seq != job.seq - 1
+            ):
+                return False
+            try:
+                step = await asyncio.to_thread(
+                    self._execute, resident.engine, JobKind.OPTIM_STEP, request, None
+                )
+            except TenSafeError:
+                # The engine is unchanged (its contract): the step fails on its own.
+                return False
+            except Exception:
+                # Possibly half stepped: rebuilt from the ForwardBackward's state.
+                log.warning("chained OptimStep %s failed", following.future_id, exc_info=True)
+                self._evict(client.id)
+                return False
+        try:
+            await self._commit_pair(job, following, client, outcome, step)
+        except _PairRefused:
+            async with self._engine_lock:
+                self._evict(client.id)  # it holds the uncommitted step
+            return False
+        except repo.LostClient as error:
+            self._invalidate(client.id)
+            raise RetryLater(self._retry_delay, str(error)) from error
+        except BaseException:
+            self._invalidate(client.id)
+            raise
+        self._chained_steps.add(1)
+        if self._wakeups is not None:
+            await self._wakeups.notify(following.future_id)
+        return True
+
+    async def _commit_pair(
+        self,
+        job: JobRow,
+        following: JobRow,
+        client: TrainingClientRow,
+        outcome: _Outcome,
+        step: _Outcome,
+    ) -> None:
+        """Commit a ForwardBackward ``job`` and the OptimStep ``following`` it in one
+        transaction (see :meth:`_chain_optim_step`).
+
+        Raises:
+            _PairRefused: A future was cancelled or the client deleted (rolled back).
+            LostClient: The client moved on or the lease was lost (rolled back).
+        """
+        assert step.state is not None
+        relative = f"states/{client.id}/{following.seq:012d}.safetensors"
+        sha = await asyncio.to_thread(self._objects.write, relative, step.state)
+        old_paths: list[str] = []
+        try:
+            async with self._db.transaction() as session:
+                row = await repo.fence_client(session, client.id, seq=job.seq, owner=self._owner)
+                if row.state != repo.CLIENT_ACTIVE:
+                    raise _PairRefused(f"client {client.id} was deleted")
+                # The ForwardBackward: its result, and the loss the step applies.
+                if not await self._futures.try_succeed(
+                    session, job.tenant, job.future_id, result=serde.pack_result(outcome.result)
+                ):
+                    raise _PairRefused(f"future {job.future_id} was cancelled")
+                await repo.finish_job(session, job.future_id)
+                row.pending_loss_sum = float(row.pending_loss_sum) + outcome.metrics["loss:sum"]
+                row.pending_tokens = float(row.pending_tokens) + outcome.metrics["tokens:sum"]
+                # The OptimStep, as _commit_locked commits it.
+                row.applied_seq = following.seq
+                if row.state_path is not None:
+                    old_paths.append(row.state_path)
+                row.state_path, row.state_sha256 = relative, sha
+                row.step = step.step
+                await self._record_optim_step(session, row, following, step)
+                if not await self._futures.try_succeed(
+                    session,
+                    following.tenant,
+                    following.future_id,
+                    result=serde.pack_result(step.result),
+                ):
+                    raise _PairRefused(f"future {following.future_id} was cancelled")
+                await repo.finish_job(session, following.future_id)
+        except _PairRefused:
+            # Unreferenced (rolled back), and this worker still holds the lease.
+            self._objects.delete(relative)
+            raise
+        resident = self._resident.get(client.id)
+        if resident is not None:
+            resident.applied_seq = following.seq
+        for path in old_paths:
+            self._objects.delete(path)
 
     async def _succeed(self, session: repo.Session, job: JobRow, result: Message) -> None:
         """The job's future SUCCEEDED, in the commit's transaction (no read-back).
@@ -1291,6 +1468,7 @@ async def run_worker(
             wakeups = await FutureWakeups.start(
                 jetstream.connection, future_wakeup_prefix(config.jobs_subject_prefix)
             )
+            worker.use_wakeups(wakeups)
             log.info("trainer worker consuming", extra={"owner": worker.owner})
             try:
                 await consumer.run(waking(worker.handle, wakeups), stop=stop, key=client_lane)

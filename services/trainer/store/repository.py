@@ -283,6 +283,18 @@ async def get_job(session: AsyncSession, future_id: str) -> JobRow | None:
     return await session.get(JobRow, future_id)
 
 
+async def queued_job_at(session: AsyncSession, client_id: str, seq: int) -> JobRow | None:
+    """The client's job ``seq`` if it is admitted and not committed yet (one indexed
+    read: the unique ``(client_id, seq)`` key)."""
+    return (
+        await session.execute(
+            sa.select(JobRow).where(
+                JobRow.client_id == client_id, JobRow.seq == seq, JobRow.status == JOB_QUEUED
+            )
+        )
+    ).scalar_one_or_none()
+
+
 async def queued_jobs(session: AsyncSession, *, older_than: datetime, limit: int) -> list[JobRow]:
     """Jobs accepted before ``older_than`` and not yet committed by a worker."""
     return list(
