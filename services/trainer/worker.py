@@ -144,6 +144,10 @@ _MAX_UNEXPECTED_FAILURES = 5
 # Longest redelivery delay of a job that waits for an earlier job of its client.
 _MAX_RETRY_DELAY = 1.0
 
+# Chained OptimSteps remembered as committed until their delivery arrives (a delivery
+# that went to another worker is forgotten after this many more).
+_COMMITTED_AHEAD = 4096
+
 # Jobs whose commit changes only the client row (seq, state, accumulated loss), the
 # future and the job: committed in Core statements (TrainerWorker._commit_plain).
 _PLAIN_KINDS = frozenset(
@@ -174,6 +178,15 @@ class _Outcome:
     """The checkpoint a LoadState loaded (its lineage joins the client's)."""
     engine: LoraTrainingEngine | None = None
     """The engine a ForwardBackward ran on (a following OptimStep may chain onto it)."""
+
+
+@dataclass
+class _Chained:
+    """The OptimStep that ran right after its client's ForwardBackward."""
+
+    job: JobRow
+    step: _Outcome | None
+    """Its outcome; None when it failed unexpectedly (see ``_forward_backward_solo``)."""
 
 
 class _PairRefused(Exception):
@@ -215,9 +228,10 @@ def _chunks(calls: list[_JointCall], max_rows: int) -> Iterator[list[_JointCall]
 
 
 def _forward_backward_outcome(
-    engine: LoraTrainingEngine, result: ForwardBackwardResult, *, keep: bool
+    engine: LoraTrainingEngine, result: ForwardBackwardResult, *, keep: bool, export: bool = True
 ) -> _Outcome:
-    """The job outcome of a ForwardBackward (``keep``) or Forward result."""
+    """The job outcome of a ForwardBackward (``keep``) or Forward result; ``export=False``
+    leaves a ForwardBackward's state to the caller (who still holds the engine)."""
     message = pb.ForwardBackwardResult(metrics=serde.metrics_map(result.metrics))
     for output in result.outputs:
         entry = message.loss_fn_outputs.add()
@@ -225,7 +239,7 @@ def _forward_backward_outcome(
         entry.outputs["loss"].CopyFrom(serde.float_tensor([output.loss]))
     return _Outcome(
         message,
-        state=engine.state_dict() if keep else None,
+        state=engine.state_dict() if keep and export else None,
         step=engine.step,
         metrics=result.metrics,
         engine=engine,
@@ -338,6 +352,10 @@ class TrainerWorker:
             "and committed with it in one transaction.",
         )
         self._wakeups: FutureWakeups | None = None
+        # Chained OptimSteps committed before their own delivery reached this worker.
+        self._committed_ahead: OrderedDict[str, None] = OrderedDict()
+        # OptimSteps that failed unexpectedly when chained (they run on their own).
+        self._not_chained: OrderedDict[str, None] = OrderedDict()
         self._tokenizers: dict[str, Any] = {}
         self._publisher = adapter_publisher
         self._dataset_runner = dataset_runner
@@ -367,6 +385,11 @@ class TrainerWorker:
     async def handle(self, delivery: Delivery) -> None:
         """Process one job delivery (see the module docstring)."""
         message = JobMessage.decode(delivery.data)
+        if message.future_id in self._committed_ahead:
+            # A chained OptimStep this worker committed (durably) with its
+            # ForwardBackward: only the ack is left (no claim transaction).
+            del self._committed_ahead[message.future_id]
+            return
         if message.client_id == message.future_id:
             # A lane of its own: only AuditPrivacy jobs are admitted this way (domain/service.py).
             await self._audit(message, delivery)
@@ -461,9 +484,12 @@ class TrainerWorker:
         if kind is JobKind.TRAIN_ON_DATASET:
             await self._train_on_dataset(job, client, delivery, request)
             return
+        chained: _Chained | None = None
         try:
             checkpoint, extra = await self._prefetch(job, kind, request)
-            if kind is JobKind.FORWARD_BACKWARD and self._joint_rows > 0:
+            if kind is JobKind.FORWARD_BACKWARD and self._runs_solo():
+                outcome, chained = await self._forward_backward_solo(job, client, request)
+            elif kind is JobKind.FORWARD_BACKWARD and self._joint_rows > 0:
                 outcome = await self._forward_backward_joint(client, request)
             else:
                 async with self._engine_lock:
@@ -491,7 +517,14 @@ class TrainerWorker:
                 await self._commit_failure(job, client, internal)
                 return
             raise
-        if (
+        if chained is not None:
+            if chained.step is None:
+                # The chained step failed unexpectedly on an engine that held the
+                # ForwardBackward's unexported effect: run it again (without the step).
+                raise RetryLater(self._retry_delay, f"chained step {chained.job.future_id} failed")
+            if await self._commit_chained(job, client, outcome, chained.job, chained.step):
+                return
+        elif (
             kind is JobKind.FORWARD_BACKWARD
             and self._chain_optim_steps
             and await self._chain_optim_step(job, client, outcome)
@@ -855,14 +888,14 @@ class TrainerWorker:
         raise PermanentJobError(f"unknown job kind {kind}")
 
     def _forward_backward(
-        self, engine: LoraTrainingEngine, request: Any, *, keep: bool
+        self, engine: LoraTrainingEngine, request: Any, *, keep: bool, export: bool = True
     ) -> _Outcome:
         batch = serde.batch_from_data(request.data)
         run = engine.forward_backward if keep else engine.forward
         result = run(
             batch.sequences, request.loss_fn, batch.loss_fn_inputs, dict(request.loss_fn_config)
         )
-        return _forward_backward_outcome(engine, result, keep=keep)
+        return _forward_backward_outcome(engine, result, keep=keep, export=export)
 
     def _with_weights(
         self, engine: LoraTrainingEngine, weights: bytes | None, run: Any
@@ -1120,15 +1153,10 @@ class TrainerWorker:
         Raises:
             RetryLater: The client moved on or the lease was lost (nothing committed).
         """
-        async with self._db.transaction(read_only=True) as session:
-            following = await repo.queued_job_at(session, client.id, job.seq + 1)
-        if (
-            following is None
-            or following.kind != JobKind.OPTIM_STEP.value
-            or following.tenant != job.tenant
-        ):
+        following = await self._following_optim_step(job, client)
+        if following is None:
             return False
-        request = serde.job_request(JobKind.OPTIM_STEP, following.payload)
+        following_job, request = following
         async with self._engine_lock:
             resident = self._resident.get(client.id)
             if (
@@ -1146,14 +1174,109 @@ class TrainerWorker:
                 return False
             except Exception:
                 # Possibly half stepped: rebuilt from the ForwardBackward's state.
-                log.warning("chained OptimStep %s failed", following.future_id, exc_info=True)
+                log.warning("chained OptimStep %s failed", following_job.future_id, exc_info=True)
                 self._evict(client.id)
+                self._unchainable(following_job.future_id)
                 return False
+        return await self._commit_chained(job, client, outcome, following_job, step)
+
+    def _runs_solo(self) -> bool:
+        """Whether a ForwardBackward may run with the OptimStep after it in one hold of
+        the engine (``_forward_backward_solo``): no other client's job waits for the
+        engine or queues for a joint pass, which it would otherwise join."""
+        return self._chain_optim_steps and not self._engine_lock.locked() and not self._joint_queue
+
+    async def _forward_backward_solo(
+        self, job: JobRow, client: TrainingClientRow, request: Any
+    ) -> tuple[_Outcome, _Chained | None]:
+        """A ForwardBackward and, if admitted already, its client's OptimStep after it,
+        in one hold of the engine lock (``_chain_optim_step``'s chain, minus a state
+        export: the ForwardBackward's state is exported only when no step follows).
+
+        Returns:
+            The ForwardBackward's outcome (its state None when a step ran after it) and
+            the chained step, if any.
+
+        Raises:
+            TenSafeError: The ForwardBackward's typed error (the engine is unchanged).
+        """
+        async with self._engine_lock:
+            resident = await self._engine_for(client)
+            engine = resident.engine
+            outcome = await asyncio.to_thread(
+                self._forward_backward, engine, request, keep=True, export=False
+            )
+            following = await self._following_optim_step(job, client)
+            if following is not None:
+                following_job, step_request = following
+                try:
+                    step = await asyncio.to_thread(
+                        self._execute, engine, JobKind.OPTIM_STEP, step_request, None
+                    )
+                except TenSafeError:
+                    pass  # the engine is unchanged: the step fails on its own
+                except Exception:
+                    log.warning(
+                        "chained OptimStep %s failed", following_job.future_id, exc_info=True
+                    )
+                    self._evict(client.id)
+                    self._unchainable(following_job.future_id)
+                    return outcome, _Chained(following_job, None)
+                else:
+                    return outcome, _Chained(following_job, step)
+            outcome.state = await asyncio.to_thread(engine.state_dict)
+            return outcome, None
+
+    async def _following_optim_step(
+        self, job: JobRow, client: TrainingClientRow
+    ) -> tuple[JobRow, Any] | None:
+        """The client's job after ``job`` and its request, if it is an OptimStep admitted
+        already (and not cancelled) that may chain."""
+        async with self._db.transaction(read_only=True) as session:
+            following = await repo.queued_job_at(session, client.id, job.seq + 1)
+        if (
+            following is None
+            or following.kind != JobKind.OPTIM_STEP.value
+            or following.tenant != job.tenant
+            or following.future_id in self._not_chained
+        ):
+            return None
+        return following, serde.job_request(JobKind.OPTIM_STEP, following.payload)
+
+    def _unchainable(self, future_id: str) -> None:
+        """Never chain this OptimStep again in this worker (it failed unexpectedly when
+        chained: it runs on its own, and fails there after its own retries)."""
+        self._not_chained[future_id] = None
+        while len(self._not_chained) > _COMMITTED_AHEAD:
+            self._not_chained.popitem(last=False)
+
+    async def _commit_chained(
+        self,
+        job: JobRow,
+        client: TrainingClientRow,
+        outcome: _Outcome,
+        following: JobRow,
+        step: _Outcome,
+    ) -> bool:
+        """Commit a chained pair (``_commit_pair``), then wake the step's waiters.
+
+        Returns:
+            False when the pair was refused (a future cancelled, the client deleted
+            meanwhile) and the ForwardBackward's own state is at hand: the caller
+            commits it alone.
+
+        Raises:
+            RetryLater: The client moved on or the lease was lost; or the pair was
+                refused and the ForwardBackward's state was never exported (it runs
+                again, and its claim sees the cancellation or the deletion).
+        """
         try:
             await self._commit_pair(job, following, client, outcome, step)
-        except _PairRefused:
+        except _PairRefused as error:
             async with self._engine_lock:
                 self._evict(client.id)  # it holds the uncommitted step
+            if outcome.state is None:
+                raise RetryLater(self._retry_delay, str(error)) from error
             return False
         except repo.LostClient as error:
             self._invalidate(client.id)
@@ -1162,6 +1285,9 @@ class TrainerWorker:
             self._invalidate(client.id)
             raise
         self._chained_steps.add(1)
+        self._committed_ahead[following.future_id] = None
+        while len(self._committed_ahead) > _COMMITTED_AHEAD:
+            self._committed_ahead.popitem(last=False)
         if self._wakeups is not None:
             await self._wakeups.notify(following.future_id)
         return True
@@ -1183,7 +1309,9 @@ class TrainerWorker:
         """
         assert step.state is not None
         relative = f"states/{client.id}/{following.seq:012d}.safetensors"
-        sha = await asyncio.to_thread(self._objects.write, relative, step.state)
+        # The object is written (and fsynced) while the transaction's statements run;
+        # the transaction awaits it before it references it and commits.
+        write = asyncio.ensure_future(asyncio.to_thread(self._objects.write, relative, step.state))
         old_paths: list[str] = []
         try:
             async with self._db.transaction() as session:
@@ -1200,9 +1328,6 @@ class TrainerWorker:
                 row.pending_tokens = float(row.pending_tokens) + outcome.metrics["tokens:sum"]
                 # The OptimStep, as _commit_locked commits it.
                 row.applied_seq = following.seq
-                if row.state_path is not None:
-                    old_paths.append(row.state_path)
-                row.state_path, row.state_sha256 = relative, sha
                 row.step = step.step
                 await self._record_optim_step(session, row, following, step)
                 if not await self._futures.try_succeed(
@@ -1213,9 +1338,16 @@ class TrainerWorker:
                 ):
                     raise _PairRefused(f"future {following.future_id} was cancelled")
                 await repo.finish_job(session, following.future_id)
-        except _PairRefused:
-            # Unreferenced (rolled back), and this worker still holds the lease.
-            self._objects.delete(relative)
+                if row.state_path is not None:
+                    old_paths.append(row.state_path)
+                row.state_path, row.state_sha256 = relative, await write
+        except BaseException as error:
+            if not write.done():
+                with contextlib.suppress(BaseException):
+                    await asyncio.shield(write)
+            if isinstance(error, _PairRefused):
+                # Unreferenced (rolled back), and this worker still holds the lease.
+                self._objects.delete(relative)
             raise
         resident = self._resident.get(client.id)
         if resident is not None:

@@ -19,7 +19,7 @@ from safetensors.torch import load as load_safetensors
 
 from tensafe.common.db import Database
 from tensafe.common.futures import SqlFutureStore
-from tensafe.common.jetstream import Delivery
+from tensafe.common.jetstream import Delivery, RetryLater
 from tensafe.common.nats_server import NatsServer, NatsServerConfig
 from tensafe.proto.common.v1 import common_pb2
 from tensafe.proto.trainer.v1 import trainer_service_pb2 as pb
@@ -485,8 +485,17 @@ def _unpack(future: common_pb2.Future, message: Any) -> Any:
     return message
 
 
+class _NeverSolo(TrainerWorker):
+    """Chains an OptimStep only after its ForwardBackward left the engine (the path taken
+    when other clients' jobs wait for the engine or share a joint pass)."""
+
+    def _runs_solo(self) -> bool:
+        return False
+
+
+@pytest.mark.parametrize("worker_class", [TrainerWorker, _NeverSolo], ids=["solo", "after"])
 async def test_a_chained_optim_step_ends_where_the_jobs_one_by_one_end(
-    make_stack: Any, base_models_dir: Path
+    make_stack: Any, base_models_dir: Path, worker_class: type[TrainerWorker]
 ) -> None:
     """ForwardBackward + OptimStep pairs queued before the worker runs them: chained (the
     step runs right after its ForwardBackward, one commit, one state object per pair)
@@ -505,7 +514,9 @@ async def test_a_chained_optim_step_ends_where_the_jobs_one_by_one_end(
             submitted[client.id].append((await _submit_step(stack, client.id)).id)
 
     database = Database.from_url(url)
-    chaining, chaining_objects = _in_process_worker(stack, database, base_models_dir, "chaining")
+    chaining, chaining_objects = _in_process_worker(
+        stack, database, base_models_dir, "chaining", worker_class=worker_class
+    )
     one_by_one, one_by_one_objects = _in_process_worker(
         stack, database, base_models_dir, "one-by-one", chain_optim_steps=False
     )
@@ -575,8 +586,15 @@ class _DiesInTheJointCommit(TrainerWorker):
         raise _Crash
 
 
+class _DiesInTheJointCommitAfter(_DiesInTheJointCommit, _NeverSolo):
+    pass
+
+
+@pytest.mark.parametrize(
+    "worker_class", [_DiesInTheJointCommit, _DiesInTheJointCommitAfter], ids=["solo", "after"]
+)
 async def test_a_worker_dying_in_a_chained_commit_loses_it_whole_and_applies_it_once(
-    make_stack: Any, base_models_dir: Path
+    make_stack: Any, base_models_dir: Path, worker_class: type[TrainerWorker]
 ) -> None:
     """A DP ForwardBackward + OptimStep pair; the worker dies inside the transaction
     that would commit both (the ForwardBackward's future already marked in it): nothing
@@ -598,7 +616,7 @@ async def test_a_worker_dying_in_a_chained_commit_loses_it_whole_and_applies_it_
             database,
             base_models_dir,
             "dying",
-            worker_class=_DiesInTheJointCommit,
+            worker_class=worker_class,
             lease_seconds=0.3,
         )
         try:
@@ -664,6 +682,61 @@ async def test_a_worker_dying_in_a_chained_commit_loses_it_whole_and_applies_it_
         assert len(await _rows(url, StepRow, client.id)) == 1
     finally:
         await database.dispose()
+
+
+class _StepFailsOnceChained(TrainerWorker):
+    """Its first OptimStep fails with an unexpected error (a fault of the step alone)."""
+
+    failed = False
+
+    def _execute(self, engine: Any, kind: Any, request: Any, extra: bytes | None) -> Any:
+        if kind.name == "OPTIM_STEP" and not self.failed:
+            self.failed = True
+            raise RuntimeError("the step's fault")
+        return super()._execute(engine, kind, request, extra)
+
+
+async def test_a_chained_step_failing_unexpectedly_reruns_the_pair_one_by_one(
+    make_stack: Any, base_models_dir: Path
+) -> None:
+    """The OptimStep chained after a ForwardBackward (whose state was not exported yet)
+    fails unexpectedly: nothing commits and the ForwardBackward is delivered again
+    (RetryLater, not counted against it); it then commits alone and the step runs on its
+    own: the step saw the batch once, one ledger row."""
+    stack = await make_stack(worker=False)
+    url = stack.config.database_url
+    client = await create_client(stack, dp=dp_config(noise_multiplier=1.0))
+    fb = await _submit_fb(stack, client.id, corpus_sequences(base_models_dir / BASE_MODEL, 4))
+    step = await _submit_step(stack, client.id)
+    jobs = sorted(await _rows(url, JobRow, client.id), key=lambda job: job.seq)
+    database = Database.from_url(url)
+    worker, objects = _in_process_worker(
+        stack, database, base_models_dir, "flaky", worker_class=_StepFailsOnceChained
+    )
+    try:
+        with pytest.raises(RetryLater):
+            await _deliver(worker, jobs[0], num_delivered=1)
+        row = await _client_row(url, client.id)
+        assert (row.applied_seq, row.step) == (0, 0)
+        assert objects.written == []
+        await _deliver(worker, jobs[0], num_delivered=2)
+        assert (await _client_row(url, client.id)).applied_seq == 1
+        await _deliver(worker, jobs[1], num_delivered=1)
+    finally:
+        worker.close()
+        await database.dispose()
+    assert [Path(p).name for p in objects.written] == [
+        "000000000001.safetensors",
+        "000000000002.safetensors",
+    ]
+    fb_result, step_result = await _results(stack, [fb.id, step.id])
+    _unpack(fb_result, pb.ForwardBackwardResult())
+    stepped = _unpack(step_result, pb.OptimStepResult())
+    assert stepped.step == 1 and stepped.metrics["examples"] == 4.0
+    after = await _client_row(url, client.id)
+    assert (after.applied_seq, after.step, after.dp_steps) == (2, 1, 1)
+    assert len(await _rows(url, LedgerRow, client.id)) == 1
+    assert len(await _rows(url, StepRow, client.id)) == 1
 
 
 async def test_clients_share_one_base_and_evicted_clients_continue_exactly(
@@ -763,18 +836,20 @@ async def test_one_clients_commit_overlaps_another_clients_engine_step(
     b = await create_client(stack, dp=None, seed=2)
     b_computed, a_in_engine, b_succeeded = (threading.Event() for _ in range(3))
     order: list[str] = []
-    execute = TrainerWorker._execute
+    run_forward_backward = TrainerWorker._forward_backward
     write = ObjectFolder.write
 
-    def instrumented_execute(
-        self: TrainerWorker, engine: Any, kind: Any, request: Any, extra: Any
+    # Every ForwardBackward on the engine (alone, solo or in a joint pass of one) runs
+    # TrainerWorker._forward_backward in the engine's thread.
+    def instrumented_forward_backward(
+        self: TrainerWorker, engine: Any, request: Any, **options: Any
     ) -> Any:
         if request.training_client_id == a.id:
             order.append("A in the engine")
             a_in_engine.set()
             assert b_succeeded.wait(_OVERLAP_TIMEOUT), "B never committed during A's step"
             order.append("A leaves the engine")
-        outcome = execute(self, engine, kind, request, extra)
+        outcome = run_forward_backward(self, engine, request, **options)
         if request.training_client_id == b.id:
             order.append("B computed")
             b_computed.set()
@@ -786,7 +861,7 @@ async def test_one_clients_commit_overlaps_another_clients_engine_step(
             assert a_in_engine.wait(_OVERLAP_TIMEOUT), "A never started during B's job"
         return write(self, relative, data)
 
-    monkeypatch.setattr(TrainerWorker, "_execute", instrumented_execute)
+    monkeypatch.setattr(TrainerWorker, "_forward_backward", instrumented_forward_backward)
     monkeypatch.setattr(ObjectFolder, "write", instrumented_write)
     stack.start_worker()
     batch = corpus_sequences(base_models_dir / BASE_MODEL, 2)
@@ -1094,19 +1169,19 @@ async def test_a_job_cancelled_while_running_leaves_no_effect(
     stack = await make_stack(worker=False)
     client = await create_client(stack, dp=None)
     entered, release = threading.Event(), threading.Event()
-    execute = TrainerWorker._execute
+    run_forward_backward = TrainerWorker._forward_backward
     calls: list[int] = []
 
-    def instrumented_execute(
-        self: TrainerWorker, engine: Any, kind: Any, request: Any, extra: Any
+    def instrumented_forward_backward(
+        self: TrainerWorker, engine: Any, request: Any, **options: Any
     ) -> Any:
         calls.append(1)
         if len(calls) == 1:
             entered.set()
             assert release.wait(_OVERLAP_TIMEOUT), "the test never released the job"
-        return execute(self, engine, kind, request, extra)
+        return run_forward_backward(self, engine, request, **options)
 
-    monkeypatch.setattr(TrainerWorker, "_execute", instrumented_execute)
+    monkeypatch.setattr(TrainerWorker, "_forward_backward", instrumented_forward_backward)
     stack.start_worker()
     first = await _submit_fb(stack, client.id, corpus_sequences(base_models_dir / BASE_MODEL, 4))
     assert await asyncio.to_thread(entered.wait, _OVERLAP_TIMEOUT)

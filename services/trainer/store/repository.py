@@ -284,12 +284,18 @@ async def get_job(session: AsyncSession, future_id: str) -> JobRow | None:
 
 
 async def queued_job_at(session: AsyncSession, client_id: str, seq: int) -> JobRow | None:
-    """The client's job ``seq`` if it is admitted and not committed yet (one indexed
-    read: the unique ``(client_id, seq)`` key)."""
+    """The client's job ``seq`` if it is admitted, not committed yet and its future not
+    finished (not cancelled): one read by the unique ``(client_id, seq)`` key."""
+    unfinished = [FutureStatus.PENDING.value, FutureStatus.RUNNING.value]
     return (
         await session.execute(
-            sa.select(JobRow).where(
-                JobRow.client_id == client_id, JobRow.seq == seq, JobRow.status == JOB_QUEUED
+            sa.select(JobRow)
+            .join(FUTURES, FUTURES.c.id == JobRow.future_id)
+            .where(
+                JobRow.client_id == client_id,
+                JobRow.seq == seq,
+                JobRow.status == JOB_QUEUED,
+                FUTURES.c.status.in_(unfinished),
             )
         )
     ).scalar_one_or_none()
