@@ -739,6 +739,73 @@ async def test_a_chained_step_failing_unexpectedly_reruns_the_pair_one_by_one(
     assert len(await _rows(url, StepRow, client.id)) == 1
 
 
+class _CountingForwardBackward(TrainerWorker):
+    """Counts the ForwardBackward passes it runs on its engines."""
+
+    passes = 0
+
+    def _forward_backward(self, engine: Any, request: Any, **options: Any) -> Any:
+        self.passes += 1
+        return super()._forward_backward(engine, request, **options)
+
+
+async def test_a_speculative_forward_backward_whose_claim_fails_leaves_no_trace(
+    make_stack: Any, base_models_dir: Path
+) -> None:
+    """The worker's engine of a client is at seq 2 when the ForwardBackward of seq 3
+    arrives, so it starts on the engine while its claim runs; the claim fails (another
+    worker holds the lease): the job is retried later, nothing committed, and the engine
+    that ran it is not reused — the retried job runs once more from the committed state
+    and the step after it sees its examples once."""
+    stack = await make_stack(worker=False)
+    url = stack.config.database_url
+    client = await create_client(stack, dp=dp_config(noise_multiplier=1.0))
+    batches = [corpus_sequences(base_models_dir / BASE_MODEL, 4, offset=4 * i) for i in range(2)]
+    submitted = []
+    for batch in batches:
+        submitted.append(await _submit_fb(stack, client.id, batch))
+        submitted.append(await _submit_step(stack, client.id))
+    jobs = sorted(await _rows(url, JobRow, client.id), key=lambda job: job.seq)
+    database = Database.from_url(url)
+    worker, _ = _in_process_worker(
+        stack,
+        database,
+        base_models_dir,
+        "speculating",
+        worker_class=_CountingForwardBackward,
+        lease_seconds=0.3,
+    )
+    assert isinstance(worker, _CountingForwardBackward)
+    try:
+        await _deliver(worker, jobs[0], num_delivered=1)
+        await _deliver(worker, jobs[1], num_delivered=1)
+        assert (await _client_row(url, client.id)).applied_seq == 2
+        await asyncio.sleep(0.4)  # this worker's lease expires; another worker's follows
+        async with database.transaction() as session:
+            taken = await repo.take_lease(session, client.id, owner="other", lease_seconds=0.5)
+        assert taken is not None
+        with pytest.raises(RetryLater):
+            await _deliver(worker, jobs[2], num_delivered=1)
+        assert worker.passes == 2  # the seq 3 pass ran, speculatively
+        row = await _client_row(url, client.id)
+        assert (row.applied_seq, row.step, row.lease_owner) == (2, 1, "other")
+        await asyncio.sleep(0.6)  # the other worker's lease expires
+        await _deliver(worker, jobs[2], num_delivered=2)
+        await _deliver(worker, jobs[3], num_delivered=1)
+        assert worker.passes == 3
+    finally:
+        worker.close()
+        await database.dispose()
+    results = await _results(stack, [f.id for f in submitted])
+    for index in (0, 2):
+        _unpack(results[index], pb.ForwardBackwardResult())
+    steps = [_unpack(results[index], pb.OptimStepResult()) for index in (1, 3)]
+    assert [(s.step, s.metrics["examples"]) for s in steps] == [(1, 4.0), (2, 4.0)]
+    after = await _client_row(url, client.id)
+    assert (after.applied_seq, after.step, after.dp_steps) == (4, 2, 2)
+    assert len(await _rows(url, LedgerRow, client.id)) == 2
+
+
 async def test_clients_share_one_base_and_evicted_clients_continue_exactly(
     make_stack: Any, base_models_dir: Path
 ) -> None:
