@@ -189,6 +189,15 @@ class _Chained:
     """Its outcome; None when it failed unexpectedly (see ``_forward_backward_solo``)."""
 
 
+@dataclass
+class _NextRead:
+    """A ForwardBackward running solo, and the read of its client's next job once that
+    job waits in the consumer's lane (``TrainerWorker.job_queued``)."""
+
+    job: JobRow
+    read: asyncio.Task[tuple[JobRow, Any] | None] | None = None
+
+
 _SoloRun = tuple[_Outcome, _Chained | None]
 """A ForwardBackward's outcome and the OptimStep chained after it, if any."""
 
@@ -360,6 +369,9 @@ class TrainerWorker:
         self._committed_ahead: OrderedDict[str, None] = OrderedDict()
         # OptimSteps that failed unexpectedly when chained (they run on their own).
         self._not_chained: OrderedDict[str, None] = OrderedDict()
+        # Per client with a ForwardBackward in _forward_backward_solo: the read of the job
+        # after it, started when that job's delivery queues behind it (job_queued).
+        self._next_reads: dict[str, _NextRead] = {}
         self._tokenizers: dict[str, Any] = {}
         self._publisher = adapter_publisher
         self._dataset_runner = dataset_runner
@@ -373,6 +385,21 @@ class TrainerWorker:
     def bases(self) -> BaseModelPool:
         """The shared base models this worker has loaded."""
         return self._bases
+
+    def job_queued(self, delivery: Delivery) -> None:
+        """The consumer's ``on_queued``: a job waits in its client's lane behind the job
+        this worker handles. When that is a ForwardBackward running solo and the waiting
+        job is the next one, its row is read now, during the engine step, instead of
+        after it (``_forward_backward_solo``); the job is still delivered as usual."""
+        try:
+            message = JobMessage.decode(delivery.data)
+        except PermanentJobError:
+            return
+        entry = self._next_reads.get(message.client_id)
+        if entry is None or entry.read is not None or message.seq != entry.job.seq + 1:
+            return
+        entry.read = asyncio.create_task(self._following_optim_step(entry.job, message.client_id))
+        entry.read.add_done_callback(lambda done: done.cancelled() or done.exception())
 
     def use_wakeups(self, wakeups: FutureWakeups) -> None:
         """Wake the waiters of a future this worker finishes besides the delivered job's
@@ -1288,10 +1315,25 @@ class TrainerWorker:
                     return None
                 resident = found
             engine = resident.engine
-            outcome = await asyncio.to_thread(
-                self._forward_backward, engine, request, keep=True, export=False
-            )
-            following = await self._following_optim_step(job, client_id)
+            entry = _NextRead(job)
+            self._next_reads[client_id] = entry
+            try:
+                outcome = await asyncio.to_thread(
+                    self._forward_backward, engine, request, keep=True, export=False
+                )
+                following: tuple[JobRow, Any] | None = None
+                read = False
+                if entry.read is not None:
+                    # Read while the engine ran; an error there: read again below.
+                    with contextlib.suppress(Exception):
+                        following, read = await entry.read, True
+                if not read:
+                    following = await self._following_optim_step(job, client_id)
+            finally:
+                if self._next_reads.get(client_id) is entry:
+                    del self._next_reads[client_id]
+                if entry.read is not None and not entry.read.done():
+                    entry.read.cancel()
             if following is not None:
                 following_job, step_request = following
                 try:
@@ -1686,7 +1728,12 @@ async def run_worker(
             worker.use_wakeups(wakeups)
             log.info("trainer worker consuming", extra={"owner": worker.owner})
             try:
-                await consumer.run(waking(worker.handle, wakeups), stop=stop, key=client_lane)
+                await consumer.run(
+                    waking(worker.handle, wakeups),
+                    stop=stop,
+                    key=client_lane,
+                    on_queued=worker.job_queued,
+                )
             finally:
                 await wakeups.close()
             await worker.release_leases()
