@@ -198,10 +198,6 @@ class _NextRead:
     read: asyncio.Task[tuple[JobRow, Any] | None] | None = None
 
 
-_SoloRun = tuple[_Outcome, _Chained | None]
-"""A ForwardBackward's outcome and the OptimStep chained after it, if any."""
-
-
 class _PairRefused(Exception):
     """A chained ForwardBackward + OptimStep cannot commit together (a future was
     cancelled or the client deleted meanwhile): roll back, commit the ForwardBackward
@@ -432,60 +428,44 @@ class TrainerWorker:
         # of a small job's overhead (docs/trainer.md, Performance).
         # The usual case costs three statements: the job, the claim (order check and
         # lease in one conditional UPDATE ... RETURNING the client) and the RUNNING mark.
-        # A ForwardBackward whose client's engine is resident at the seq before it
-        # starts on the engine while its claim's statements run (``_speculate``); a claim
-        # that fails discards what it computed.
-        speculation: asyncio.Task[_SoloRun | None] | None = None
-        committed = False
-        try:
-            async with self._db.transaction(durable=False) as session:
-                job = await repo.get_job(session, message.future_id)
-                if job is None or job.client_id != message.client_id or job.seq != message.seq:
+        async with self._db.transaction(durable=False) as session:
+            job = await repo.get_job(session, message.future_id)
+            if job is None or job.client_id != message.client_id or job.seq != message.seq:
+                raise PermanentJobError(f"job {message.future_id} does not exist")
+            client = await repo.claim_client(
+                session,
+                job.client_id,
+                seq=job.seq,
+                owner=self._owner,
+                lease_seconds=self._lease_seconds,
+            )
+            if client is not None:
+                # False: cancelled (or finished without advancing the client).
+                runnable = await self._futures.try_mark_running(session, job.tenant, job.future_id)
+            else:
+                client = await session.get(TrainingClientRow, job.client_id)
+                if client is None:
                     raise PermanentJobError(f"job {message.future_id} does not exist")
-                speculation = self._speculate(job)
-                client = await repo.claim_client(
-                    session,
-                    job.client_id,
-                    seq=job.seq,
-                    owner=self._owner,
-                    lease_seconds=self._lease_seconds,
-                )
-                if client is not None:
-                    # False: cancelled (or finished without advancing the client).
-                    runnable = await self._futures.try_mark_running(
-                        session, job.tenant, job.future_id
+                if job.seq <= client.applied_seq:
+                    return  # committed already: a redelivery
+                runnable = False  # a deleted client's job
+                if client.state == repo.CLIENT_ACTIVE:
+                    if job.seq > client.applied_seq + 1:
+                        # Grows with each wait so a job queued behind a long one (on
+                        # another worker) does not spin, while a merely reordered message
+                        # is quick.
+                        delay = min(self._retry_delay * delivery.num_delivered, _MAX_RETRY_DELAY)
+                        raise RetryLater(delay, f"waits for seq {client.applied_seq + 1}")
+                    raise RetryLater(
+                        self._retry_delay * 10, "another worker holds the client's lease"
                     )
-                else:
-                    client = await session.get(TrainingClientRow, job.client_id)
-                    if client is None:
-                        raise PermanentJobError(f"job {message.future_id} does not exist")
-                    committed = job.seq <= client.applied_seq  # a redelivery
-                    runnable = False  # a deleted client's job
-                    if client.state == repo.CLIENT_ACTIVE and not committed:
-                        if job.seq > client.applied_seq + 1:
-                            # Grows with each wait so a job queued behind a long one (on
-                            # another worker) does not spin, while a merely reordered
-                            # message is quick.
-                            delay = min(
-                                self._retry_delay * delivery.num_delivered, _MAX_RETRY_DELAY
-                            )
-                            raise RetryLater(delay, f"waits for seq {client.applied_seq + 1}")
-                        raise RetryLater(
-                            self._retry_delay * 10, "another worker holds the client's lease"
-                        )
-        except BaseException:
-            await self._discard(speculation, message.client_id)
-            raise
         if not runnable:
-            await self._discard(speculation, client.id)
-            if committed:
-                return  # only the ack is left
             deleted = client.state != repo.CLIENT_ACTIVE
             await self._finish_without_running(job, client, deleted=deleted)
             return
         renewer = asyncio.create_task(self._renew_lease(client.id))
         try:
-            await self._run(job, client, delivery, speculation)
+            await self._run(job, client, delivery)
         finally:
             renewer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -525,55 +505,7 @@ class TrainerWorker:
                         session, client_id, owner=self._owner, lease_seconds=self._lease_seconds
                     )
 
-    def _speculate(self, job: JobRow) -> asyncio.Task[_SoloRun | None] | None:
-        """Start a ForwardBackward (and the OptimStep after it, ``_forward_backward_solo``)
-        before its claim has committed, when this worker's resident engine of the client
-        is at the job's previous seq and the engine is idle: the claim's statements then
-        run during the engine step instead of before it.
-
-        Nothing of it commits unless the claim succeeds: the commit is fenced on the
-        sequence and the lease as always, and a claim that fails discards the result and
-        the engine (``_discard``).
-        """
-        if job.kind != JobKind.FORWARD_BACKWARD.value or not self._runs_solo():
-            return None
-        resident = self._resident.get(job.client_id)
-        if resident is None or resident.applied_seq != job.seq - 1:
-            return None
-        try:
-            request = serde.job_request(JobKind.FORWARD_BACKWARD, job.payload)
-        except Exception:
-            return None  # refused as usual once claimed
-        task = asyncio.create_task(self._forward_backward_solo(job, job.client_id, request, None))
-        # (Its outcome is read by _run or _discard; this keeps an unread error quiet.)
-        task.add_done_callback(lambda done: done.cancelled() or done.exception())
-        return task
-
-    async def _discard(
-        self, speculation: asyncio.Task[_SoloRun | None] | None, client_id: str
-    ) -> None:
-        """Wait for a speculative run whose claim failed to leave the engine, and never
-        reuse the engine if it ran (it is ahead of the database)."""
-        if speculation is None:
-            return
-        try:
-            await asyncio.wait([speculation])
-        finally:
-            if (
-                not speculation.done()
-                or speculation.cancelled()
-                or speculation.exception() is not None
-                or speculation.result() is not None
-            ):
-                self._invalidate(client_id)
-
-    async def _run(
-        self,
-        job: JobRow,
-        client: TrainingClientRow,
-        delivery: Delivery,
-        speculation: asyncio.Task[_SoloRun | None] | None = None,
-    ) -> None:
+    async def _run(self, job: JobRow, client: TrainingClientRow, delivery: Delivery) -> None:
         kind = JobKind(job.kind)
         request = serde.job_request(kind, job.payload)
         if kind is JobKind.TRAIN_ON_DATASET:
@@ -581,12 +513,9 @@ class TrainerWorker:
             return
         chained: _Chained | None = None
         try:
-            solo = await speculation if speculation is not None else None
             checkpoint, extra = await self._prefetch(job, kind, request)
-            if solo is None and kind is JobKind.FORWARD_BACKWARD and self._runs_solo():
-                solo = await self._forward_backward_solo(job, client.id, request, client)
-            if solo is not None:
-                outcome, chained = solo
+            if kind is JobKind.FORWARD_BACKWARD and self._runs_solo():
+                outcome, chained = await self._forward_backward_solo(job, client, request)
             elif kind is JobKind.FORWARD_BACKWARD and self._joint_rows > 0:
                 outcome = await self._forward_backward_joint(client, request)
             else:
@@ -1285,35 +1214,22 @@ class TrainerWorker:
         return self._chain_optim_steps and not self._engine_lock.locked() and not self._joint_queue
 
     async def _forward_backward_solo(
-        self, job: JobRow, client_id: str, request: Any, client: TrainingClientRow | None
-    ) -> _SoloRun | None:
+        self, job: JobRow, client: TrainingClientRow, request: Any
+    ) -> tuple[_Outcome, _Chained | None]:
         """A ForwardBackward and, if admitted already, its client's OptimStep after it,
         in one hold of the engine lock (``_chain_optim_step``'s chain, minus a state
         export: the ForwardBackward's state is exported only when no step follows).
 
-        Args:
-            job: The ForwardBackward.
-            client_id: Its client.
-            request: Its request.
-            client: The claimed client row (its engine is built if not resident); None
-                for a speculative run (``_speculate``), which runs only on a resident
-                engine at ``job.seq - 1``.
-
         Returns:
             The ForwardBackward's outcome (its state None when a step ran after it) and
-            the chained step, if any; None when a speculative run did not start.
+            the chained step, if any.
 
         Raises:
             TenSafeError: The ForwardBackward's typed error (the engine is unchanged).
         """
+        client_id = client.id
         async with self._engine_lock:
-            if client is not None:
-                resident = await self._engine_for(client)
-            else:
-                found = self._resident.get(client_id)
-                if found is None or found.applied_seq != job.seq - 1:
-                    return None
-                resident = found
+            resident = await self._engine_for(client)
             engine = resident.engine
             entry = _NextRead(job)
             self._next_reads[client_id] = entry
@@ -1448,7 +1364,6 @@ class TrainerWorker:
                     session, job.tenant, job.future_id, result=serde.pack_result(outcome.result)
                 ):
                     raise _PairRefused(f"future {job.future_id} was cancelled")
-                await repo.finish_job(session, job.future_id)
                 row.pending_loss_sum = float(row.pending_loss_sum) + outcome.metrics["loss:sum"]
                 row.pending_tokens = float(row.pending_tokens) + outcome.metrics["tokens:sum"]
                 # The OptimStep, as _commit_locked commits it.
@@ -1462,7 +1377,7 @@ class TrainerWorker:
                     result=serde.pack_result(step.result),
                 ):
                     raise _PairRefused(f"future {following.future_id} was cancelled")
-                await repo.finish_job(session, following.future_id)
+                await repo.finish_jobs(session, [job.future_id, following.future_id])
                 if row.state_path is not None:
                     old_paths.append(row.state_path)
                 row.state_path, row.state_sha256 = relative, await write

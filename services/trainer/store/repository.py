@@ -444,6 +444,13 @@ async def finish_job(session: AsyncSession, future_id: str) -> None:
     )
 
 
+async def finish_jobs(session: AsyncSession, future_ids: Sequence[str]) -> None:
+    """Mark several jobs committed in one statement."""
+    await session.execute(
+        sa.update(JobRow).where(JobRow.future_id.in_(future_ids)).values(status=JOB_DONE)
+    )
+
+
 async def settle_reservation(session: AsyncSession, future_id: str, *, status: str) -> None:
     """Consume or release the reservation of an OptimStep job (no-op without one)."""
     await session.execute(
