@@ -27,6 +27,13 @@ lock, because the active adapter is global model state. What overlaps is one job
 claim and commit transactions, state write and ack with another job's engine step; on a
 small step those fixed costs are most of a job's time (docs/trainer.md, Performance).
 
+A ForwardBackward whose client's next job, an OptimStep, is admitted by the time it
+leaves the engine is chained with it: the step runs at once on the same engine and
+both commit in ONE transaction fenced on the ForwardBackward's ``seq - 1`` and the
+lease (one state object, the step's; see ``_chain_optim_step`` and docs/trainer.md,
+"A ForwardBackward and the OptimStep after it commit together"). A crash before that
+commit loses both; after it, both deliveries are only acked.
+
 A job that fails with a typed error (bad input found by the engine, no data to step
 on) fails its future, releases its reservation and advances ``applied_seq`` in the same
 way, so the client is never stuck behind it and nothing else changes. A worker killed
@@ -200,8 +207,8 @@ class _NextRead:
 
 class _PairRefused(Exception):
     """A chained ForwardBackward + OptimStep cannot commit together (a future was
-    cancelled or the client deleted meanwhile): roll back, commit the ForwardBackward
-    alone."""
+    cancelled or the client deleted meanwhile): roll back; the ForwardBackward commits
+    alone from its exported state, or runs again when its state was never exported."""
 
 
 @dataclass
