@@ -791,7 +791,12 @@ class Consumer:
         )
 
     async def run(
-        self, handler: Handler, *, stop: asyncio.Event, key: LaneKey | None = None
+        self,
+        handler: Handler,
+        *,
+        stop: asyncio.Event,
+        key: LaneKey | None = None,
+        on_queued: Callable[[Delivery], None] | None = None,
     ) -> None:
         """Fetch and handle messages until ``stop`` is set.
 
@@ -809,6 +814,10 @@ class Consumer:
             stop: Set to stop consuming.
             key: The lane of a delivery; ``None`` (the default) puts every delivery in
                 no lane.
+            on_queued: Told (synchronously, in the event loop) of each delivery that
+                starts waiting for its lane, so that the handler of the delivery ahead of
+                it may prepare for it; an error it raises is logged and ignored. The
+                delivery is still handled as every other.
 
         Raises:
             Unavailable: If the consumer cannot be created, or the connection is closed
@@ -835,7 +844,7 @@ class Consumer:
                     if stop.is_set():
                         await self._release(messages[index:])
                         break
-                    self._dispatch(message, handler, key, flight, stop)
+                    self._dispatch(message, handler, key, flight, stop, on_queued)
             # Drain: the running handlers finish; waiting ones see stop and NAK.
             await flight.drained()
         finally:
@@ -851,11 +860,17 @@ class Consumer:
         key: LaneKey | None,
         flight: _InFlight,
         stop: asyncio.Event,
+        on_queued: Callable[[Delivery], None] | None = None,
     ) -> None:
         """Start handling ``message`` now, or once the earlier delivery of its lane ends."""
         delivery = self._delivery(message)
         lane = key(delivery) if key is not None else None
         ahead, mine = flight.enter(lane)
+        if ahead is not None and on_queued is not None:
+            try:
+                on_queued(delivery)
+            except Exception:
+                _logger.exception("on_queued failed for message %s", delivery.msg_id)
 
         async def handle() -> None:
             try:

@@ -27,6 +27,13 @@ lock, because the active adapter is global model state. What overlaps is one job
 claim and commit transactions, state write and ack with another job's engine step; on a
 small step those fixed costs are most of a job's time (docs/trainer.md, Performance).
 
+A ForwardBackward whose client's next job, an OptimStep, is admitted by the time it
+leaves the engine is chained with it: the step runs at once on the same engine and
+both commit in ONE transaction fenced on the ForwardBackward's ``seq - 1`` and the
+lease (one state object, the step's; see ``_chain_optim_step`` and docs/trainer.md,
+"A ForwardBackward and the OptimStep after it commit together"). A crash before that
+commit loses both; after it, both deliveries are only acked.
+
 A job that fails with a typed error (bad input found by the engine, no data to step
 on) fails its future, releases its reservation and advances ``applied_seq`` in the same
 way, so the client is never stuck behind it and nothing else changes. A worker killed
@@ -144,6 +151,10 @@ _MAX_UNEXPECTED_FAILURES = 5
 # Longest redelivery delay of a job that waits for an earlier job of its client.
 _MAX_RETRY_DELAY = 1.0
 
+# Chained OptimSteps remembered as committed until their delivery arrives (a delivery
+# that went to another worker is forgotten after this many more).
+_COMMITTED_AHEAD = 4096
+
 # Jobs whose commit changes only the client row (seq, state, accumulated loss), the
 # future and the job: committed in Core statements (TrainerWorker._commit_plain).
 _PLAIN_KINDS = frozenset(
@@ -172,6 +183,32 @@ class _Outcome:
     metrics: dict[str, float] = field(default_factory=dict)
     loaded: CheckpointRow | None = None
     """The checkpoint a LoadState loaded (its lineage joins the client's)."""
+    engine: LoraTrainingEngine | None = None
+    """The engine a ForwardBackward ran on (a following OptimStep may chain onto it)."""
+
+
+@dataclass
+class _Chained:
+    """The OptimStep that ran right after its client's ForwardBackward."""
+
+    job: JobRow
+    step: _Outcome | None
+    """Its outcome; None when it failed unexpectedly (see ``_forward_backward_solo``)."""
+
+
+@dataclass
+class _NextRead:
+    """A ForwardBackward running solo, and the read of its client's next job once that
+    job waits in the consumer's lane (``TrainerWorker.job_queued``)."""
+
+    job: JobRow
+    read: asyncio.Task[tuple[JobRow, Any] | None] | None = None
+
+
+class _PairRefused(Exception):
+    """A chained ForwardBackward + OptimStep cannot commit together (a future was
+    cancelled or the client deleted meanwhile): roll back; the ForwardBackward commits
+    alone from its exported state, or runs again when its state was never exported."""
 
 
 @dataclass
@@ -207,9 +244,10 @@ def _chunks(calls: list[_JointCall], max_rows: int) -> Iterator[list[_JointCall]
 
 
 def _forward_backward_outcome(
-    engine: LoraTrainingEngine, result: ForwardBackwardResult, *, keep: bool
+    engine: LoraTrainingEngine, result: ForwardBackwardResult, *, keep: bool, export: bool = True
 ) -> _Outcome:
-    """The job outcome of a ForwardBackward (``keep``) or Forward result."""
+    """The job outcome of a ForwardBackward (``keep``) or Forward result; ``export=False``
+    leaves a ForwardBackward's state to the caller (who still holds the engine)."""
     message = pb.ForwardBackwardResult(metrics=serde.metrics_map(result.metrics))
     for output in result.outputs:
         entry = message.loss_fn_outputs.add()
@@ -217,9 +255,10 @@ def _forward_backward_outcome(
         entry.outputs["loss"].CopyFrom(serde.float_tensor([output.loss]))
     return _Outcome(
         message,
-        state=engine.state_dict() if keep else None,
+        state=engine.state_dict() if keep and export else None,
         step=engine.step,
         metrics=result.metrics,
+        engine=engine,
     )
 
 
@@ -242,6 +281,9 @@ class TrainerWorker:
         dataset_runner: Runs TrainOnDataset jobs (None: refused).
         joint_rows: Most rows of one joint ForwardBackward pass of several DP clients
             on one base (0: every ForwardBackward runs alone).
+        chain_optim_steps: Run a client's OptimStep that is admitted when its
+            ForwardBackward leaves the engine right away, and commit both in one
+            transaction (``_chain_optim_step``; False: every job on its own).
     """
 
     def __init__(
@@ -260,6 +302,7 @@ class TrainerWorker:
         adapter_publisher: AdapterPublisher | None = None,
         dataset_runner: DatasetRunner | None = None,
         joint_rows: int = 0,
+        chain_optim_steps: bool = True,
     ) -> None:
         self._db = database
         self._ledger = ledger
@@ -317,6 +360,21 @@ class TrainerWorker:
             description="Forward/backward passes that ran several clients' ForwardBackward "
             "jobs together on one shared base, by number of clients.",
         )
+        self._chain_optim_steps = chain_optim_steps
+        self._chained_steps = meter.create_counter(
+            "tensafe.trainer.chained_optim_steps",
+            unit="{step}",
+            description="OptimStep jobs run right after their client's ForwardBackward "
+            "and committed with it in one transaction.",
+        )
+        self._wakeups: FutureWakeups | None = None
+        # Chained OptimSteps committed before their own delivery reached this worker.
+        self._committed_ahead: OrderedDict[str, None] = OrderedDict()
+        # OptimSteps that failed unexpectedly when chained (they run on their own).
+        self._not_chained: OrderedDict[str, None] = OrderedDict()
+        # Per client with a ForwardBackward in _forward_backward_solo: the read of the job
+        # after it, started when that job's delivery queues behind it (job_queued).
+        self._next_reads: dict[str, _NextRead] = {}
         self._tokenizers: dict[str, Any] = {}
         self._publisher = adapter_publisher
         self._dataset_runner = dataset_runner
@@ -331,6 +389,26 @@ class TrainerWorker:
         """The shared base models this worker has loaded."""
         return self._bases
 
+    def job_queued(self, delivery: Delivery) -> None:
+        """The consumer's ``on_queued``: a job waits in its client's lane behind the job
+        this worker handles. When that is a ForwardBackward running solo and the waiting
+        job is the next one, its row is read now, during the engine step, instead of
+        after it (``_forward_backward_solo``); the job is still delivered as usual."""
+        try:
+            message = JobMessage.decode(delivery.data)
+        except PermanentJobError:
+            return
+        entry = self._next_reads.get(message.client_id)
+        if entry is None or entry.read is not None or message.seq != entry.job.seq + 1:
+            return
+        entry.read = asyncio.create_task(self._following_optim_step(entry.job, message.client_id))
+        entry.read.add_done_callback(lambda done: done.cancelled() or done.exception())
+
+    def use_wakeups(self, wakeups: FutureWakeups) -> None:
+        """Wake the waiters of a future this worker finishes besides the delivered job's
+        (a chained OptimStep's; the delivered job's own wake-up is :func:`waking`'s)."""
+        self._wakeups = wakeups
+
     @property
     def resident_client_ids(self) -> list[str]:
         """Clients whose engines are in memory, least recently used first."""
@@ -341,6 +419,11 @@ class TrainerWorker:
     async def handle(self, delivery: Delivery) -> None:
         """Process one job delivery (see the module docstring)."""
         message = JobMessage.decode(delivery.data)
+        if message.future_id in self._committed_ahead:
+            # A chained OptimStep this worker committed (durably) with its
+            # ForwardBackward: only the ack is left (no claim transaction).
+            del self._committed_ahead[message.future_id]
+            return
         if message.client_id == message.future_id:
             # A lane of its own: only AuditPrivacy jobs are admitted this way (domain/service.py).
             await self._audit(message, delivery)
@@ -435,9 +518,12 @@ class TrainerWorker:
         if kind is JobKind.TRAIN_ON_DATASET:
             await self._train_on_dataset(job, client, delivery, request)
             return
+        chained: _Chained | None = None
         try:
             checkpoint, extra = await self._prefetch(job, kind, request)
-            if kind is JobKind.FORWARD_BACKWARD and self._joint_rows > 0:
+            if kind is JobKind.FORWARD_BACKWARD and self._runs_solo():
+                outcome, chained = await self._forward_backward_solo(job, client, request)
+            elif kind is JobKind.FORWARD_BACKWARD and self._joint_rows > 0:
                 outcome = await self._forward_backward_joint(client, request)
             else:
                 async with self._engine_lock:
@@ -465,6 +551,19 @@ class TrainerWorker:
                 await self._commit_failure(job, client, internal)
                 return
             raise
+        if chained is not None:
+            if chained.step is None:
+                # The chained step failed unexpectedly on an engine that held the
+                # ForwardBackward's unexported effect: run it again (without the step).
+                raise RetryLater(self._retry_delay, f"chained step {chained.job.future_id} failed")
+            if await self._commit_chained(job, client, outcome, chained.job, chained.step):
+                return
+        elif (
+            kind is JobKind.FORWARD_BACKWARD
+            and self._chain_optim_steps
+            and await self._chain_optim_step(job, client, outcome)
+        ):
+            return
         try:
             await self._commit_success(job, client, kind, outcome)
         except BaseException:
@@ -823,14 +922,14 @@ class TrainerWorker:
         raise PermanentJobError(f"unknown job kind {kind}")
 
     def _forward_backward(
-        self, engine: LoraTrainingEngine, request: Any, *, keep: bool
+        self, engine: LoraTrainingEngine, request: Any, *, keep: bool, export: bool = True
     ) -> _Outcome:
         batch = serde.batch_from_data(request.data)
         run = engine.forward_backward if keep else engine.forward
         result = run(
             batch.sequences, request.loss_fn, batch.loss_fn_inputs, dict(request.loss_fn_config)
         )
-        return _forward_backward_outcome(engine, result, keep=keep)
+        return _forward_backward_outcome(engine, result, keep=keep, export=export)
 
     def _with_weights(
         self, engine: LoraTrainingEngine, weights: bytes | None, run: Any
@@ -991,28 +1090,7 @@ class TrainerWorker:
                 row.step = outcome.step
             result = outcome.result
             if kind is JobKind.OPTIM_STEP:
-                assert isinstance(result, pb.OptimStepResult)
-                dp = client_dp(row)
-                if dp is not None and outcome.dp_step:
-                    await self._ledger.commit_step(
-                        TrainerTransaction(session),
-                        row,
-                        mechanism=client_batches_mechanism(dp),
-                        seq=job.seq,
-                        future_id=job.future_id,
-                    )
-                result.privacy_spent.CopyFrom(serde.privacy_spent(dp, self._ledger.report(row)))
-                await self._ledger.settle(TrainerTransaction(session), job.future_id)
-                tokens = float(row.pending_tokens)
-                repo.record_step(
-                    session,
-                    row,
-                    seq=job.seq,
-                    future_id=job.future_id,
-                    loss=float(row.pending_loss_sum) / tokens if tokens > 0 else None,
-                    dp_step=int(row.dp_steps) if dp is not None and outcome.dp_step else None,
-                )
-                row.pending_loss_sum, row.pending_tokens = 0.0, 0.0
+                await self._record_optim_step(session, row, job, outcome)
             elif kind is JobKind.LOAD_STATE:
                 # The loaded state replaces whatever gradients were accumulated.
                 row.pending_loss_sum, row.pending_tokens = 0.0, 0.0
@@ -1045,6 +1123,284 @@ class TrainerWorker:
                     old_paths.append(replaced.object_path)
             await self._succeed(session, job, result)
             await repo.finish_job(session, job.future_id)
+
+    async def _record_optim_step(
+        self, session: repo.Session, row: TrainingClientRow, job: JobRow, outcome: _Outcome
+    ) -> None:
+        """An OptimStep's effects on the locked client row (its state reference set
+        already), in the commit's transaction: for a private client the accountant's new
+        state and the ledger row, the reservation consumed, the step's history row with
+        the loss accumulated since the last step; sets the result's privacy report."""
+        result = outcome.result
+        assert isinstance(result, pb.OptimStepResult)
+        dp = client_dp(row)
+        if dp is not None and outcome.dp_step:
+            await self._ledger.commit_step(
+                TrainerTransaction(session),
+                row,
+                mechanism=client_batches_mechanism(dp),
+                seq=job.seq,
+                future_id=job.future_id,
+            )
+        result.privacy_spent.CopyFrom(serde.privacy_spent(dp, self._ledger.report(row)))
+        await self._ledger.settle(TrainerTransaction(session), job.future_id)
+        tokens = float(row.pending_tokens)
+        repo.record_step(
+            session,
+            row,
+            seq=job.seq,
+            future_id=job.future_id,
+            loss=float(row.pending_loss_sum) / tokens if tokens > 0 else None,
+            dp_step=int(row.dp_steps) if dp is not None and outcome.dp_step else None,
+        )
+        row.pending_loss_sum, row.pending_tokens = 0.0, 0.0
+
+    # ------------------------------------------------------- chained steps
+
+    async def _chain_optim_step(
+        self, job: JobRow, client: TrainingClientRow, outcome: _Outcome
+    ) -> bool:
+        """Run the client's next job right after its ForwardBackward ``job`` when it is an
+        OptimStep admitted already, and commit both in one transaction.
+
+        A Tinker client sends ForwardBackward and OptimStep back to back, so the step is
+        usually admitted while the ForwardBackward is in the engine. Committed one by one,
+        the pair cost two state objects, two commits and the step's claim between them
+        (docs/trainer.md, Performance). Chained, the engine (which holds this worker's
+        lease and is exactly at the ForwardBackward's effect: a client's jobs never
+        overlap in a process) steps at once, and ONE transaction, fenced on
+        ``applied_seq == job.seq - 1`` and the lease, commits both: the ForwardBackward's
+        future and loss, the step's state object (the only one written), ledger row,
+        reservation and future, ``applied_seq`` past both, both jobs out of the outbox.
+        A worker killed before that commit committed neither: both messages come back,
+        and the ForwardBackward runs again from the last committed state. After it, both
+        deliveries find ``seq <= applied_seq`` and are only acked. The step's own
+        delivery is not waited for (its job row is the admitted job, the sequence fixes
+        its place); its waiters are woken here.
+
+        Returns:
+            True when both committed; False when nothing was chained (no OptimStep
+            next, the engine no longer resident as the ForwardBackward left it, the step
+            failed or a future was cancelled meanwhile): the caller commits the
+            ForwardBackward alone, from its own state, and the OptimStep runs on its own.
+
+        Raises:
+            RetryLater: The client moved on or the lease was lost (nothing committed).
+        """
+        following = await self._following_optim_step(job, client.id)
+        if following is None:
+            return False
+        following_job, request = following
+        async with self._engine_lock:
+            resident = self._resident.get(client.id)
+            if (
+                resident is None
+                or resident.engine is not outcome.engine
+                or resident.applied_seq != job.seq - 1
+            ):
+                return False
+            try:
+                step = await asyncio.to_thread(
+                    self._execute, resident.engine, JobKind.OPTIM_STEP, request, None
+                )
+            except TenSafeError:
+                # The engine is unchanged (its contract): the step fails on its own.
+                return False
+            except Exception:
+                # Possibly half stepped: rebuilt from the ForwardBackward's state.
+                log.warning("chained OptimStep %s failed", following_job.future_id, exc_info=True)
+                self._evict(client.id)
+                self._unchainable(following_job.future_id)
+                return False
+        return await self._commit_chained(job, client, outcome, following_job, step)
+
+    def _runs_solo(self) -> bool:
+        """Whether a ForwardBackward may run with the OptimStep after it in one hold of
+        the engine (``_forward_backward_solo``): no other client's job waits for the
+        engine or queues for a joint pass, which it would otherwise join."""
+        return self._chain_optim_steps and not self._engine_lock.locked() and not self._joint_queue
+
+    async def _forward_backward_solo(
+        self, job: JobRow, client: TrainingClientRow, request: Any
+    ) -> tuple[_Outcome, _Chained | None]:
+        """A ForwardBackward and, if admitted already, its client's OptimStep after it,
+        in one hold of the engine lock (``_chain_optim_step``'s chain, minus a state
+        export: the ForwardBackward's state is exported only when no step follows).
+
+        Returns:
+            The ForwardBackward's outcome (its state None when a step ran after it) and
+            the chained step, if any.
+
+        Raises:
+            TenSafeError: The ForwardBackward's typed error (the engine is unchanged).
+        """
+        client_id = client.id
+        async with self._engine_lock:
+            resident = await self._engine_for(client)
+            engine = resident.engine
+            entry = _NextRead(job)
+            self._next_reads[client_id] = entry
+            try:
+                outcome = await asyncio.to_thread(
+                    self._forward_backward, engine, request, keep=True, export=False
+                )
+                following: tuple[JobRow, Any] | None = None
+                read = False
+                if entry.read is not None:
+                    # Read while the engine ran; an error there: read again below.
+                    with contextlib.suppress(Exception):
+                        following, read = await entry.read, True
+                if not read:
+                    following = await self._following_optim_step(job, client_id)
+            finally:
+                if self._next_reads.get(client_id) is entry:
+                    del self._next_reads[client_id]
+                if entry.read is not None and not entry.read.done():
+                    entry.read.cancel()
+            if following is not None:
+                following_job, step_request = following
+                try:
+                    step = await asyncio.to_thread(
+                        self._execute, engine, JobKind.OPTIM_STEP, step_request, None
+                    )
+                except TenSafeError:
+                    pass  # the engine is unchanged: the step fails on its own
+                except Exception:
+                    log.warning(
+                        "chained OptimStep %s failed", following_job.future_id, exc_info=True
+                    )
+                    self._evict(client_id)
+                    self._unchainable(following_job.future_id)
+                    return outcome, _Chained(following_job, None)
+                else:
+                    return outcome, _Chained(following_job, step)
+            outcome.state = await asyncio.to_thread(engine.state_dict)
+            return outcome, None
+
+    async def _following_optim_step(self, job: JobRow, client_id: str) -> tuple[JobRow, Any] | None:
+        """The client's job after ``job`` and its request, if it is an OptimStep admitted
+        already (and not cancelled) that may chain."""
+        async with self._db.transaction(read_only=True) as session:
+            following = await repo.queued_job_at(session, client_id, job.seq + 1)
+        if (
+            following is None
+            or following.kind != JobKind.OPTIM_STEP.value
+            or following.tenant != job.tenant
+            or following.future_id in self._not_chained
+        ):
+            return None
+        return following, serde.job_request(JobKind.OPTIM_STEP, following.payload)
+
+    def _unchainable(self, future_id: str) -> None:
+        """Never chain this OptimStep again in this worker (it failed unexpectedly when
+        chained: it runs on its own, and fails there after its own retries)."""
+        self._not_chained[future_id] = None
+        while len(self._not_chained) > _COMMITTED_AHEAD:
+            self._not_chained.popitem(last=False)
+
+    async def _commit_chained(
+        self,
+        job: JobRow,
+        client: TrainingClientRow,
+        outcome: _Outcome,
+        following: JobRow,
+        step: _Outcome,
+    ) -> bool:
+        """Commit a chained pair (``_commit_pair``), then wake the step's waiters.
+
+        Returns:
+            False when the pair was refused (a future cancelled, the client deleted
+            meanwhile) and the ForwardBackward's own state is at hand: the caller
+            commits it alone.
+
+        Raises:
+            RetryLater: The client moved on or the lease was lost; or the pair was
+                refused and the ForwardBackward's state was never exported (it runs
+                again, and its claim sees the cancellation or the deletion).
+        """
+        try:
+            await self._commit_pair(job, following, client, outcome, step)
+        except _PairRefused as error:
+            async with self._engine_lock:
+                self._evict(client.id)  # it holds the uncommitted step
+            if outcome.state is None:
+                raise RetryLater(self._retry_delay, str(error)) from error
+            return False
+        except repo.LostClient as error:
+            self._invalidate(client.id)
+            raise RetryLater(self._retry_delay, str(error)) from error
+        except BaseException:
+            self._invalidate(client.id)
+            raise
+        self._chained_steps.add(1)
+        self._committed_ahead[following.future_id] = None
+        while len(self._committed_ahead) > _COMMITTED_AHEAD:
+            self._committed_ahead.popitem(last=False)
+        if self._wakeups is not None:
+            await self._wakeups.notify(following.future_id)
+        return True
+
+    async def _commit_pair(
+        self,
+        job: JobRow,
+        following: JobRow,
+        client: TrainingClientRow,
+        outcome: _Outcome,
+        step: _Outcome,
+    ) -> None:
+        """Commit a ForwardBackward ``job`` and the OptimStep ``following`` it in one
+        transaction (see :meth:`_chain_optim_step`).
+
+        Raises:
+            _PairRefused: A future was cancelled or the client deleted (rolled back).
+            LostClient: The client moved on or the lease was lost (rolled back).
+        """
+        assert step.state is not None
+        relative = f"states/{client.id}/{following.seq:012d}.safetensors"
+        # The object is written (and fsynced) while the transaction's statements run;
+        # the transaction awaits it before it references it and commits.
+        write = asyncio.ensure_future(asyncio.to_thread(self._objects.write, relative, step.state))
+        old_paths: list[str] = []
+        try:
+            async with self._db.transaction() as session:
+                row = await repo.fence_client(session, client.id, seq=job.seq, owner=self._owner)
+                if row.state != repo.CLIENT_ACTIVE:
+                    raise _PairRefused(f"client {client.id} was deleted")
+                # The ForwardBackward: its result, and the loss the step applies.
+                if not await self._futures.try_succeed(
+                    session, job.tenant, job.future_id, result=serde.pack_result(outcome.result)
+                ):
+                    raise _PairRefused(f"future {job.future_id} was cancelled")
+                row.pending_loss_sum = float(row.pending_loss_sum) + outcome.metrics["loss:sum"]
+                row.pending_tokens = float(row.pending_tokens) + outcome.metrics["tokens:sum"]
+                # The OptimStep, as _commit_locked commits it.
+                row.applied_seq = following.seq
+                row.step = step.step
+                await self._record_optim_step(session, row, following, step)
+                if not await self._futures.try_succeed(
+                    session,
+                    following.tenant,
+                    following.future_id,
+                    result=serde.pack_result(step.result),
+                ):
+                    raise _PairRefused(f"future {following.future_id} was cancelled")
+                await repo.finish_jobs(session, [job.future_id, following.future_id])
+                if row.state_path is not None:
+                    old_paths.append(row.state_path)
+                row.state_path, row.state_sha256 = relative, await write
+        except BaseException as error:
+            if not write.done():
+                with contextlib.suppress(BaseException):
+                    await asyncio.shield(write)
+            if isinstance(error, _PairRefused):
+                # Unreferenced (rolled back), and this worker still holds the lease.
+                self._objects.delete(relative)
+            raise
+        resident = self._resident.get(client.id)
+        if resident is not None:
+            resident.applied_seq = following.seq
+        for path in old_paths:
+            self._objects.delete(path)
 
     async def _succeed(self, session: repo.Session, job: JobRow, result: Message) -> None:
         """The job's future SUCCEEDED, in the commit's transaction (no read-back).
@@ -1291,9 +1647,15 @@ async def run_worker(
             wakeups = await FutureWakeups.start(
                 jetstream.connection, future_wakeup_prefix(config.jobs_subject_prefix)
             )
+            worker.use_wakeups(wakeups)
             log.info("trainer worker consuming", extra={"owner": worker.owner})
             try:
-                await consumer.run(waking(worker.handle, wakeups), stop=stop, key=client_lane)
+                await consumer.run(
+                    waking(worker.handle, wakeups),
+                    stop=stop,
+                    key=client_lane,
+                    on_queued=worker.job_queued,
+                )
             finally:
                 await wakeups.close()
             await worker.release_leases()

@@ -490,6 +490,48 @@ async def test_deliveries_of_one_lane_run_one_at_a_time_in_order(
     assert handled.index("y-0") < handled.index("x-0")
 
 
+async def test_on_queued_is_told_of_deliveries_that_wait_for_their_lane(
+    nats_server: NatsServer,
+) -> None:
+    """While x-0 is handled, x-1 waits in its lane and ``on_queued`` hears of it then
+    (before x-0 ends); y-0, which never waits, is not reported. Both are still handled."""
+    config = job_config(nats_server.url, max_in_flight=2, fetch_batch=4, ack_wait=60.0)
+    queued: list[str | None] = []
+    heard = asyncio.Event()
+    handled: list[str | None] = []
+    done = asyncio.Event()
+
+    def on_queued(delivery: Delivery) -> None:
+        queued.append(delivery.msg_id)
+        heard.set()
+
+    async def handler(delivery: Delivery) -> None:
+        if delivery.msg_id == "x-0":
+            await heard.wait()  # x-1 is reported while x-0 still runs
+            handled.append(f"x-0 after {queued}")
+        else:
+            handled.append(delivery.msg_id)
+        if len(handled) == 3:
+            done.set()
+
+    async with await connect(config) as jetstream:
+        await jetstream.publish("test.jobs.x", b"", msg_id="x-0")
+        await jetstream.publish("test.jobs.x", b"", msg_id="x-1")
+        await jetstream.publish("test.jobs.y", b"", msg_id="y-0")
+        consumer = Consumer(jetstream)
+        stop = asyncio.Event()
+        task = asyncio.create_task(consumer.run(handler, stop=stop, key=_lane, on_queued=on_queued))
+        try:
+            await asyncio.wait_for(done.wait(), DEADLINE)
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, DEADLINE)
+        assert await stream_messages(jetstream) == 0
+    assert queued == ["x-1"]
+    assert sorted(h for h in handled if h is not None) == ["x-0 after ['x-1']", "x-1", "y-0"]
+    assert handled.index("x-1") > handled.index("x-0 after ['x-1']")
+
+
 async def test_stop_releases_deliveries_waiting_for_their_lane(nats_server: NatsServer) -> None:
     config = job_config(nats_server.url, max_in_flight=2, fetch_batch=2, ack_wait=60.0)
     started = asyncio.Event()

@@ -19,7 +19,7 @@ from safetensors.torch import load as load_safetensors
 
 from tensafe.common.db import Database
 from tensafe.common.futures import SqlFutureStore
-from tensafe.common.jetstream import Delivery
+from tensafe.common.jetstream import Delivery, RetryLater
 from tensafe.common.nats_server import NatsServer, NatsServerConfig
 from tensafe.proto.common.v1 import common_pb2
 from tensafe.proto.trainer.v1 import trainer_service_pb2 as pb
@@ -34,6 +34,7 @@ from tensafe.trainer.store.models import (
     BudgetReservationRow,
     JobRow,
     LedgerRow,
+    StepRow,
     TrainingClientRow,
 )
 from tensafe.trainer.worker import TrainerWorker
@@ -274,6 +275,11 @@ async def test_killed_worker_loses_nothing_committed_and_nothing_runs_twice(
     assert final.epsilon_spent == pytest.approx(expected, rel=1e-6)
     ledger = await _rows(stack.config.database_url, LedgerRow, client.id)
     assert sorted(row.dp_step for row in ledger) == [1, 2, 3]
+    # Each step's history row once, with the loss of its ForwardBackward calls (the
+    # calls before a step chain with it when queued: their loss commits with the step).
+    history = await _rows(stack.config.database_url, StepRow, client.id)
+    assert sorted((h.seq, h.step, h.dp_step) for h in history) == [(3, 1, 1), (6, 2, 2), (9, 3, 3)]
+    assert all(h.loss is not None and h.loss > 0 for h in history)
 
 
 async def _submit_fb(stack: Stack, client_id: str, sequences: list[list[int]]) -> Any:
@@ -430,6 +436,309 @@ async def _deliver(worker: TrainerWorker, job: JobRow, *, num_delivered: int) ->
     )
 
 
+class _RecordingObjects(ObjectFolder):
+    """The worker's object folder, recording the paths it writes."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.written: list[str] = []
+
+    def write(self, relative: str, data: bytes) -> str:
+        self.written.append(relative)
+        return super().write(relative, data)
+
+
+def _in_process_worker(
+    stack: Stack,
+    database: Database,
+    base_models_dir: Path,
+    owner: str,
+    *,
+    worker_class: type[TrainerWorker] = TrainerWorker,
+    lease_seconds: float = 30.0,
+    chain_optim_steps: bool = True,
+) -> tuple[TrainerWorker, _RecordingObjects]:
+    objects = _RecordingObjects(stack.config.data_dir / "trainer")
+    worker = worker_class(
+        database=database,
+        futures=SqlFutureStore(database, FUTURES),
+        objects=objects,
+        base_models=BaseModelRegistry(base_models_dir),
+        owner=owner,
+        lease_seconds=lease_seconds,
+        retry_delay=0.01,
+        bases=BaseModelPool(),
+        resident_bytes=1 << 30,
+        ledger=PrivacyLedger(),
+        chain_optim_steps=chain_optim_steps,
+    )
+    return worker, objects
+
+
+async def _results(stack: Stack, future_ids: list[str]) -> list[common_pb2.Future]:
+    return [await wait(stack, common_pb2.Future(id=future_id)) for future_id in future_ids]
+
+
+def _unpack(future: common_pb2.Future, message: Any) -> Any:
+    assert future.status == common_pb2.FUTURE_STATUS_SUCCEEDED, future.error
+    assert future.result.Unpack(message)
+    return message
+
+
+class _NeverSolo(TrainerWorker):
+    """Chains an OptimStep only after its ForwardBackward left the engine (the path taken
+    when other clients' jobs wait for the engine or share a joint pass)."""
+
+    def _runs_solo(self) -> bool:
+        return False
+
+
+@pytest.mark.parametrize("worker_class", [TrainerWorker, _NeverSolo], ids=["solo", "after"])
+async def test_a_chained_optim_step_ends_where_the_jobs_one_by_one_end(
+    make_stack: Any, base_models_dir: Path, worker_class: type[TrainerWorker]
+) -> None:
+    """ForwardBackward + OptimStep pairs queued before the worker runs them: chained (the
+    step runs right after its ForwardBackward, one commit, one state object per pair)
+    they end bit for bit where the same jobs committed one by one end — state, results,
+    the steps' losses — and redelivering every chained job changes nothing."""
+    stack = await make_stack(worker=False)
+    url = stack.config.database_url
+    # Non-private, so that the two runs compare bit for bit (DP noise is fresh per step).
+    chained = await create_client(stack, dp=None, seed=3)
+    alone = await create_client(stack, dp=None, seed=3)
+    batches = [corpus_sequences(base_models_dir / BASE_MODEL, 3, offset=3 * i) for i in range(2)]
+    submitted: dict[str, list[str]] = {chained.id: [], alone.id: []}
+    for batch in batches:
+        for client in (chained, alone):
+            submitted[client.id].append((await _submit_fb(stack, client.id, batch)).id)
+            submitted[client.id].append((await _submit_step(stack, client.id)).id)
+
+    database = Database.from_url(url)
+    chaining, chaining_objects = _in_process_worker(
+        stack, database, base_models_dir, "chaining", worker_class=worker_class
+    )
+    one_by_one, one_by_one_objects = _in_process_worker(
+        stack, database, base_models_dir, "one-by-one", chain_optim_steps=False
+    )
+    try:
+        for worker, client in ((chaining, chained), (one_by_one, alone)):
+            jobs = sorted(await _rows(url, JobRow, client.id), key=lambda job: job.seq)
+            for job in jobs:
+                await _deliver(worker, job, num_delivered=1)
+    finally:
+        chaining.close()
+        one_by_one.close()
+    # One state object per pair, the step's; one by one, one per job.
+    assert [Path(p).name for p in chaining_objects.written] == [
+        f"{seq:012d}.safetensors" for seq in (2, 4)
+    ]
+    assert [Path(p).name for p in one_by_one_objects.written] == [
+        f"{seq:012d}.safetensors" for seq in (1, 2, 3, 4)
+    ]
+    got = await _results(stack, submitted[chained.id])
+    want = await _results(stack, submitted[alone.id])
+    for index in (0, 2):
+        ours = _unpack(got[index], pb.ForwardBackwardResult())
+        theirs = _unpack(want[index], pb.ForwardBackwardResult())
+        assert ours.metrics == theirs.metrics
+        assert [o.outputs["logprobs"] for o in ours.loss_fn_outputs] == [
+            o.outputs["logprobs"] for o in theirs.loss_fn_outputs
+        ]
+    for index in (1, 3):
+        assert _unpack(got[index], pb.OptimStepResult()) == _unpack(
+            want[index], pb.OptimStepResult()
+        )
+    rows = [await _client_row(url, client.id) for client in (chained, alone)]
+    assert [(r.step, r.applied_seq, r.pending_tokens) for r in rows] == [(2, 4, 0.0)] * 2
+    assert rows[0].state_sha256 == rows[1].state_sha256
+    steps = [
+        sorted((s.seq, s.step, s.loss) for s in await _rows(url, StepRow, client.id))
+        for client in (chained, alone)
+    ]
+    assert steps[0] == steps[1] and [s[:2] for s in steps[0]] == [(2, 1), (4, 2)]
+    assert all(s[2] is not None and s[2] > 0 for s in steps[0])
+
+    # Redelivered (as after lost acks), the chained jobs are only acked.
+    again, again_objects = _in_process_worker(stack, database, base_models_dir, "again")
+    try:
+        for job in sorted(await _rows(url, JobRow, chained.id), key=lambda job: job.seq):
+            await _deliver(again, job, num_delivered=2)
+    finally:
+        again.close()
+        await database.dispose()
+    assert again_objects.written == []
+    after = await _client_row(url, chained.id)
+    assert (after.step, after.applied_seq, after.state_sha256) == (
+        2,
+        4,
+        rows[0].state_sha256,
+    )
+    assert len(await _rows(url, StepRow, chained.id)) == 2
+
+
+class _Crash(Exception):
+    """Stands for the process dying: raised inside the joint commit's transaction."""
+
+
+class _DiesInTheJointCommit(TrainerWorker):
+    async def _record_optim_step(self, *args: Any, **kwargs: Any) -> None:
+        # After the ForwardBackward's future and job were updated in the transaction.
+        raise _Crash
+
+
+class _DiesInTheJointCommitAfter(_DiesInTheJointCommit, _NeverSolo):
+    pass
+
+
+@pytest.mark.parametrize(
+    "worker_class", [_DiesInTheJointCommit, _DiesInTheJointCommitAfter], ids=["solo", "after"]
+)
+async def test_a_worker_dying_in_a_chained_commit_loses_it_whole_and_applies_it_once(
+    make_stack: Any, base_models_dir: Path, worker_class: type[TrainerWorker]
+) -> None:
+    """A DP ForwardBackward + OptimStep pair; the worker dies inside the transaction
+    that would commit both (the ForwardBackward's future already marked in it): nothing
+    of either is committed. A second worker, once the lease expired, runs the pair from
+    the last committed state: the step saw the batch once, the ForwardBackward's loss
+    is in the step's history once, one ledger row, one step's epsilon; redelivered
+    again, nothing changes."""
+    stack = await make_stack(worker=False)
+    url = stack.config.database_url
+    client = await create_client(stack, dp=dp_config(noise_multiplier=1.0))
+    batch = corpus_sequences(base_models_dir / BASE_MODEL, 4)
+    fb = await _submit_fb(stack, client.id, batch)
+    step = await _submit_step(stack, client.id)
+    jobs = sorted(await _rows(url, JobRow, client.id), key=lambda job: job.seq)
+    database = Database.from_url(url)
+    try:
+        dying, dying_objects = _in_process_worker(
+            stack,
+            database,
+            base_models_dir,
+            "dying",
+            worker_class=worker_class,
+            lease_seconds=0.3,
+        )
+        try:
+            with pytest.raises(_Crash):
+                await _deliver(dying, jobs[0], num_delivered=1)
+        finally:
+            dying.close()
+        # It got as far as the step's state object (the joint commit's first act).
+        assert [Path(p).name for p in dying_objects.written] == ["000000000002.safetensors"]
+        row = await _client_row(url, client.id)
+        assert (row.applied_seq, row.step, row.dp_steps, row.state_path) == (0, 0, 0, None)
+        assert row.pending_tokens == 0.0
+        assert await _rows(url, LedgerRow, client.id) == []
+        assert await _rows(url, StepRow, client.id) == []
+        reservations = await _rows(url, BudgetReservationRow, client.id)
+        assert [r.status for r in reservations] == ["RESERVED"]
+        async with database.transaction(read_only=True) as session:
+            statuses = [
+                (await repo.get_job(session, job.future_id)).status  # type: ignore[union-attr]
+                for job in jobs
+            ]
+        assert statuses == [repo.JOB_QUEUED] * 2
+
+        await asyncio.sleep(0.4)  # the dead worker's lease expires
+        second, _ = _in_process_worker(stack, database, base_models_dir, "second")
+        try:
+            await _deliver(second, jobs[0], num_delivered=2)
+            await _deliver(second, jobs[1], num_delivered=2)
+        finally:
+            second.close()
+        fb_result, step_result = await _results(stack, [fb.id, step.id])
+        loss = _unpack(fb_result, pb.ForwardBackwardResult()).metrics
+        stepped = _unpack(step_result, pb.OptimStepResult())
+        assert stepped.step == 1 and stepped.metrics["examples"] == 4.0
+        assert stepped.privacy_spent.steps == 1
+        after = await _client_row(url, client.id)
+        assert (after.applied_seq, after.step, after.dp_steps) == (2, 1, 1)
+        assert after.epsilon_spent == pytest.approx(
+            reference_epsilon("rdp", 1.0, 1, 1e-5), rel=1e-6
+        )
+        assert len(await _rows(url, LedgerRow, client.id)) == 1
+        history = await _rows(url, StepRow, client.id)
+        assert [(h.seq, h.step, h.dp_step) for h in history] == [(2, 1, 1)]
+        assert history[0].loss == pytest.approx(loss["loss:sum"] / loss["tokens:sum"], rel=1e-6)
+        reservations = await _rows(url, BudgetReservationRow, client.id)
+        assert [r.status for r in reservations] == ["CONSUMED"]
+
+        third, third_objects = _in_process_worker(stack, database, base_models_dir, "third")
+        try:
+            for job in jobs:
+                await _deliver(third, job, num_delivered=3)
+        finally:
+            third.close()
+        assert third_objects.written == []
+        final = await _client_row(url, client.id)
+        assert (final.applied_seq, final.step, final.dp_steps, final.state_sha256) == (
+            2,
+            1,
+            1,
+            after.state_sha256,
+        )
+        assert len(await _rows(url, LedgerRow, client.id)) == 1
+        assert len(await _rows(url, StepRow, client.id)) == 1
+    finally:
+        await database.dispose()
+
+
+class _StepFailsOnceChained(TrainerWorker):
+    """Its first OptimStep fails with an unexpected error (a fault of the step alone)."""
+
+    failed = False
+
+    def _execute(self, engine: Any, kind: Any, request: Any, extra: bytes | None) -> Any:
+        if kind.name == "OPTIM_STEP" and not self.failed:
+            self.failed = True
+            raise RuntimeError("the step's fault")
+        return super()._execute(engine, kind, request, extra)
+
+
+async def test_a_chained_step_failing_unexpectedly_reruns_the_pair_one_by_one(
+    make_stack: Any, base_models_dir: Path
+) -> None:
+    """The OptimStep chained after a ForwardBackward (whose state was not exported yet)
+    fails unexpectedly: nothing commits and the ForwardBackward is delivered again
+    (RetryLater, not counted against it); it then commits alone and the step runs on its
+    own: the step saw the batch once, one ledger row."""
+    stack = await make_stack(worker=False)
+    url = stack.config.database_url
+    client = await create_client(stack, dp=dp_config(noise_multiplier=1.0))
+    fb = await _submit_fb(stack, client.id, corpus_sequences(base_models_dir / BASE_MODEL, 4))
+    step = await _submit_step(stack, client.id)
+    jobs = sorted(await _rows(url, JobRow, client.id), key=lambda job: job.seq)
+    database = Database.from_url(url)
+    worker, objects = _in_process_worker(
+        stack, database, base_models_dir, "flaky", worker_class=_StepFailsOnceChained
+    )
+    try:
+        with pytest.raises(RetryLater):
+            await _deliver(worker, jobs[0], num_delivered=1)
+        row = await _client_row(url, client.id)
+        assert (row.applied_seq, row.step) == (0, 0)
+        assert objects.written == []
+        await _deliver(worker, jobs[0], num_delivered=2)
+        assert (await _client_row(url, client.id)).applied_seq == 1
+        await _deliver(worker, jobs[1], num_delivered=1)
+    finally:
+        worker.close()
+        await database.dispose()
+    assert [Path(p).name for p in objects.written] == [
+        "000000000001.safetensors",
+        "000000000002.safetensors",
+    ]
+    fb_result, step_result = await _results(stack, [fb.id, step.id])
+    _unpack(fb_result, pb.ForwardBackwardResult())
+    stepped = _unpack(step_result, pb.OptimStepResult())
+    assert stepped.step == 1 and stepped.metrics["examples"] == 4.0
+    after = await _client_row(url, client.id)
+    assert (after.applied_seq, after.step, after.dp_steps) == (2, 1, 1)
+    assert len(await _rows(url, LedgerRow, client.id)) == 1
+    assert len(await _rows(url, StepRow, client.id)) == 1
+
+
 async def test_clients_share_one_base_and_evicted_clients_continue_exactly(
     make_stack: Any, base_models_dir: Path
 ) -> None:
@@ -472,6 +781,9 @@ async def test_clients_share_one_base_and_evicted_clients_continue_exactly(
         bases=pool,
         resident_bytes=1,  # less than one client: only the last one used stays
         ledger=PrivacyLedger(),
+        # Every job on its own, so that each delivery switches clients (a chained
+        # OptimStep would commit with its ForwardBackward, before its own delivery).
+        chain_optim_steps=False,
     )
     try:
         jobs = {
@@ -524,18 +836,20 @@ async def test_one_clients_commit_overlaps_another_clients_engine_step(
     b = await create_client(stack, dp=None, seed=2)
     b_computed, a_in_engine, b_succeeded = (threading.Event() for _ in range(3))
     order: list[str] = []
-    execute = TrainerWorker._execute
+    run_forward_backward = TrainerWorker._forward_backward
     write = ObjectFolder.write
 
-    def instrumented_execute(
-        self: TrainerWorker, engine: Any, kind: Any, request: Any, extra: Any
+    # Every ForwardBackward on the engine (alone, solo or in a joint pass of one) runs
+    # TrainerWorker._forward_backward in the engine's thread.
+    def instrumented_forward_backward(
+        self: TrainerWorker, engine: Any, request: Any, **options: Any
     ) -> Any:
         if request.training_client_id == a.id:
             order.append("A in the engine")
             a_in_engine.set()
             assert b_succeeded.wait(_OVERLAP_TIMEOUT), "B never committed during A's step"
             order.append("A leaves the engine")
-        outcome = execute(self, engine, kind, request, extra)
+        outcome = run_forward_backward(self, engine, request, **options)
         if request.training_client_id == b.id:
             order.append("B computed")
             b_computed.set()
@@ -547,7 +861,7 @@ async def test_one_clients_commit_overlaps_another_clients_engine_step(
             assert a_in_engine.wait(_OVERLAP_TIMEOUT), "A never started during B's job"
         return write(self, relative, data)
 
-    monkeypatch.setattr(TrainerWorker, "_execute", instrumented_execute)
+    monkeypatch.setattr(TrainerWorker, "_forward_backward", instrumented_forward_backward)
     monkeypatch.setattr(ObjectFolder, "write", instrumented_write)
     stack.start_worker()
     batch = corpus_sequences(base_models_dir / BASE_MODEL, 2)
@@ -855,19 +1169,19 @@ async def test_a_job_cancelled_while_running_leaves_no_effect(
     stack = await make_stack(worker=False)
     client = await create_client(stack, dp=None)
     entered, release = threading.Event(), threading.Event()
-    execute = TrainerWorker._execute
+    run_forward_backward = TrainerWorker._forward_backward
     calls: list[int] = []
 
-    def instrumented_execute(
-        self: TrainerWorker, engine: Any, kind: Any, request: Any, extra: Any
+    def instrumented_forward_backward(
+        self: TrainerWorker, engine: Any, request: Any, **options: Any
     ) -> Any:
         calls.append(1)
         if len(calls) == 1:
             entered.set()
             assert release.wait(_OVERLAP_TIMEOUT), "the test never released the job"
-        return execute(self, engine, kind, request, extra)
+        return run_forward_backward(self, engine, request, **options)
 
-    monkeypatch.setattr(TrainerWorker, "_execute", instrumented_execute)
+    monkeypatch.setattr(TrainerWorker, "_forward_backward", instrumented_forward_backward)
     stack.start_worker()
     first = await _submit_fb(stack, client.id, corpus_sequences(base_models_dir / BASE_MODEL, 4))
     assert await asyncio.to_thread(entered.wait, _OVERLAP_TIMEOUT)

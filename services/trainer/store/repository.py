@@ -283,6 +283,24 @@ async def get_job(session: AsyncSession, future_id: str) -> JobRow | None:
     return await session.get(JobRow, future_id)
 
 
+async def queued_job_at(session: AsyncSession, client_id: str, seq: int) -> JobRow | None:
+    """The client's job ``seq`` if it is admitted, not committed yet and its future not
+    finished (not cancelled): one read by the unique ``(client_id, seq)`` key."""
+    unfinished = [FutureStatus.PENDING.value, FutureStatus.RUNNING.value]
+    return (
+        await session.execute(
+            sa.select(JobRow)
+            .join(FUTURES, FUTURES.c.id == JobRow.future_id)
+            .where(
+                JobRow.client_id == client_id,
+                JobRow.seq == seq,
+                JobRow.status == JOB_QUEUED,
+                FUTURES.c.status.in_(unfinished),
+            )
+        )
+    ).scalar_one_or_none()
+
+
 async def queued_jobs(session: AsyncSession, *, older_than: datetime, limit: int) -> list[JobRow]:
     """Jobs accepted before ``older_than`` and not yet committed by a worker."""
     return list(
@@ -423,6 +441,13 @@ async def finish_job(session: AsyncSession, future_id: str) -> None:
     """Mark a job committed (it leaves the outbox)."""
     await session.execute(
         sa.update(JobRow).where(JobRow.future_id == future_id).values(status=JOB_DONE)
+    )
+
+
+async def finish_jobs(session: AsyncSession, future_ids: Sequence[str]) -> None:
+    """Mark several jobs committed in one statement."""
+    await session.execute(
+        sa.update(JobRow).where(JobRow.future_id.in_(future_ids)).values(status=JOB_DONE)
     )
 
 

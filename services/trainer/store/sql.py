@@ -21,6 +21,7 @@ from datetime import datetime
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm.util import identity_key
 
 from tensafe.common.db import Database
 from tensafe.common.errors import InvalidArgument, NotFound
@@ -240,7 +241,12 @@ class TrainerTransaction:
         return client_record(row) if row is not None else None
 
     async def _client_row(self, client_id: str) -> TrainingClientRow:
-        # Already in the identity map when the transaction locked or fenced it.
+        # Already in the identity map when the transaction locked or fenced it: taken
+        # from there directly (AsyncSession.get costs a hop through its greenlet, about
+        # half a millisecond per call on the admission's and the step commit's path).
+        cached = self._session.identity_map.get(identity_key(TrainingClientRow, client_id))
+        if isinstance(cached, TrainingClientRow) and not sa.inspect(cached).expired_attributes:
+            return cached
         row = await self._session.get(TrainingClientRow, client_id)
         if row is None:
             raise NotFound(f"training client {client_id!r} not found")
