@@ -134,6 +134,63 @@ def test_only_the_active_adapter_is_trainable(tiny_model_dir: Path) -> None:
         second.close()
 
 
+def test_switching_adapters_leaves_the_model_as_peft_set_adapter_does(
+    tiny_model_dir: Path, corpus_sequences: list[list[int]]
+) -> None:
+    """The incremental switch (only the previous and the next adapter's factors change)
+    ends, after every kind of change, where peft's own full ``set_adapter`` ends: the
+    same trainable set (exactly the active factors, by a full scan), the same active
+    adapter in every LoRA layer, and every module in the mode of the last call."""
+    base = SharedBase(tiny_model_dir)
+    engines = [
+        # OTHER_LORA has no dropout: engines 0 and 2 can share a joint pass.
+        LoraTrainingEngine(base, lora=OTHER_LORA if i % 2 == 0 else LORA, dp=DP, seed=i)
+        for i in range(3)
+    ]
+    batch, inputs = cross_entropy_batch(corpus_sequences[:4])
+
+    def check(engine: LoraTrainingEngine, *, training: bool) -> None:
+        model = engine._model
+        name = engine._adapter
+        assert base.trainable_parameter_ids() == base.factor_ids(name)
+        layers = [m for m in model.modules() if hasattr(m, "_active_adapter")]
+        active = [list(m.active_adapters) for m in layers]
+        assert active == [[name]] * len(layers) and model.active_adapter == name
+        assert all(m.training is training for m in model.modules())
+        model.set_adapter(name)  # peft's full switch changes nothing
+        assert base.trainable_parameter_ids() == base.factor_ids(name)
+        assert [list(m.active_adapters) for m in layers] == active
+
+    try:
+        for engine in [*engines, engines[0], engines[2], engines[1]]:
+            engine.forward_backward(batch, "cross_entropy", inputs)
+            check(engine, training=True)
+            engine.optim_step(ADAM)  # (a datum may appear once per step)
+        engines[1].forward(batch, "cross_entropy", inputs)
+        check(engines[1], training=False)
+        # Two clients' rows in one pass, then back to one adapter.
+        forward_backward_jointly(
+            [
+                (engine, ForwardBackwardCall(batch, "cross_entropy", inputs))
+                for engine in (engines[0], engines[2])
+            ]
+        )
+        engines[1].forward_backward(batch, "cross_entropy", inputs)
+        check(engines[1], training=True)
+        for engine in engines:
+            engine.optim_step(ADAM)
+        # An adapter added (its modules new) and one removed: normalised again.
+        engines.append(LoraTrainingEngine(base, lora=OTHER_LORA, dp=DP, seed=7))
+        engines.pop(0).close()
+        for engine in [engines[-1], *engines]:
+            engine.forward_backward(batch, "cross_entropy", inputs)
+            check(engine, training=True)
+            engine.optim_step(ADAM)
+    finally:
+        for engine in engines:
+            engine.close()
+
+
 def test_a_closed_engine_frees_its_adapter_and_a_new_one_starts_fresh(
     tiny_model_dir: Path, corpus_sequences: list[list[int]]
 ) -> None:

@@ -317,7 +317,7 @@ class LoraTrainingEngine:
         )
         loss_kind, loss_config, padded = call.loss_kind, call.loss_config, call.padded
         self._base.activate(self._adapter)
-        self._model.train()
+        self._base.set_training(True)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self._dropout_seed())
             if self._dp is None:
@@ -424,7 +424,7 @@ class LoraTrainingEngine:
             )
         )
         self._base.activate(self._adapter)
-        self._model.eval()
+        self._base.set_training(False)
         return call
 
     def per_example_gradients(
@@ -571,7 +571,7 @@ class LoraTrainingEngine:
             sequences, field="sequences", vocab_size=self._vocab_size, max_length=self._max_length
         )
         self._base.activate(self._adapter)
-        self._model.eval()
+        self._base.set_training(False)
         results: list[list[float]] = []
         chunk = self._options.logprob_batch_size
         with torch.no_grad():
@@ -822,7 +822,7 @@ def forward_backward_jointly(
         for _ in call.padded.lengths
     ]
     model = base.train_together([engine._adapter for engine in engines])
-    model.eval()
+    base.set_training(False)
     with contextlib.ExitStack() as stack:
         records = [
             stack.enter_context(engine._tap.capture(engine._options.norm_method))
