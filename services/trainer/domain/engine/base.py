@@ -237,17 +237,7 @@ class SharedBase:
         if self._active == name:
             return
         model = self._require_model()
-        factors = self._factors[name]
-        if self._trainable is None:
-            wanted = {id(p) for p in factors}
-            for parameter in self._parameters:
-                parameter.requires_grad_(id(parameter) in wanted)
-        else:
-            for parameter in self._trainable:
-                parameter.requires_grad_(False)
-            for parameter in factors:
-                parameter.requires_grad_(True)
-        self._trainable = factors
+        self._make_trainable(self._factors[name])
         # Where peft 0.21's set_adapter keeps the active adapter (peft is pinned): the
         # model, its tuner and each LoRA layer (``BaseTunerLayer.set_adapter`` sets
         # ``_active_adapter`` after flipping requires_grad on all of the layer's adapters,
@@ -279,19 +269,23 @@ class SharedBase:
             The shared peft model.
         """
         model = self._require_model()
-        union = [parameter for name in names for parameter in self._factors[name]]
+        self._make_trainable([p for name in names for p in self._factors[name]])
+        self._active = None
+        return model
+
+    def _make_trainable(self, parameters: list[torch.Tensor]) -> None:
+        """Exactly ``parameters`` require gradients: every parameter set explicitly when
+        the trainable set is unknown, else only the previous set and the new one."""
         if self._trainable is None:
-            wanted = {id(p) for p in union}
+            wanted = {id(p) for p in parameters}
             for parameter in self._parameters:
                 parameter.requires_grad_(id(parameter) in wanted)
         else:
             for parameter in self._trainable:
                 parameter.requires_grad_(False)
-            for parameter in union:
+            for parameter in parameters:
                 parameter.requires_grad_(True)
-        self._trainable = union
-        self._active = None
-        return model
+        self._trainable = parameters
 
     def trainable_parameter_ids(self) -> set[int]:
         """Ids of the parameters that require gradients, by a full scan (for checks)."""
