@@ -226,12 +226,20 @@ class LocalStack:
             if name == "trainer":
                 extra.update(publisher_env)
             self._children.append(self._spawn(name, data, nats_url, extra))
-        # The worker publishes adapters with the trainer's service account.
+        # The worker publishes adapters with the trainer's service account. Its engine
+        # runs one torch thread unless the caller says otherwise: on the local stack the
+        # services share the machine's cores with it, and a second intra-op thread on
+        # small per-client batches spent more in OpenMP's waits than it computed (4 x 4
+        # on 2 cores: 13.2-13.7 against 11.5-12.4 train steps/s, docs/trainer.md).
         worker = self._spawn(
             "trainer",
             data,
             nats_url,
-            {**service_env("trainer"), **publisher_env},
+            {
+                **service_env("trainer"),
+                **publisher_env,
+                "TENSAFE_TORCH_THREADS": os.environ.get("TENSAFE_TORCH_THREADS", "1"),
+            },
             module=WORKER_MODULE,
             label="trainer-worker",
         )
