@@ -55,6 +55,7 @@ import hashlib
 import importlib.resources
 import re
 import sqlite3
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -381,9 +382,9 @@ def _install_sqlite_settings(engine: AsyncEngine, *, busy_timeout: float, synchr
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         try:
-            cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute("PRAGMA foreign_keys=ON")
             cursor.execute(f"PRAGMA busy_timeout={busy_ms}")
+            _enable_wal(cursor, deadline=time.monotonic() + busy_timeout)
+            cursor.execute("PRAGMA foreign_keys=ON")
             cursor.execute(f"PRAGMA synchronous={synchronous}")
         finally:
             cursor.close()
@@ -394,6 +395,25 @@ def _install_sqlite_settings(engine: AsyncEngine, *, busy_timeout: float, synchr
             connection.exec_driver_sql("BEGIN")
         else:
             connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def _enable_wal(cursor: Any, *, deadline: float) -> None:
+    """``PRAGMA journal_mode=WAL``, retried while another connection holds a lock.
+
+    SQLite answers the switch with "database is locked" at once, without its busy
+    handler, while another connection writes to a file still in rollback-journal mode
+    or switches it itself: two services (the trainer API and its worker) opening a new
+    database file at the same start-up raced there (``tensafe up`` failed with it once
+    in a load sweep). The switch is retried until ``deadline`` (the busy timeout).
+    """
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.02)  # (a connection thread of aiosqlite, not the event loop)
 
 
 def resolve_script_location(script_location: str) -> Path:

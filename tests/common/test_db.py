@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -179,6 +180,27 @@ async def test_sqlite_lock_timeout_is_unavailable_but_reads_proceed(sqlite_url: 
     finally:
         await writer.dispose()
         await other.dispose()
+
+
+async def test_sqlite_new_file_opens_while_another_process_writes_it(tmp_path: Path) -> None:
+    """A new database file written by another connection (still in rollback-journal
+    mode) opens once that writer commits: SQLite refuses the WAL switch at once there,
+    without its busy handler, so the settings retry it within the busy timeout."""
+    path = tmp_path / "new.db"
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("CREATE TABLE elsewhere (x INTEGER)")
+    loop = asyncio.get_running_loop()
+    loop.call_later(0.5, other.execute, "COMMIT")
+    db = Database.from_url(f"sqlite+aiosqlite:///{path}", busy_timeout=5.0)
+    try:
+        async with db.connection() as connection:
+            mode = (await connection.exec_driver_sql("PRAGMA journal_mode")).scalar()
+            tables = await connection.exec_driver_sql("SELECT name FROM sqlite_master")
+            assert mode == "wal" and [row[0] for row in tables] == ["elsewhere"]
+    finally:
+        await db.dispose()
+        other.close()
 
 
 def _closed_port() -> int:
