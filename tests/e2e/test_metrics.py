@@ -82,7 +82,14 @@ def test_every_service_serves_metrics_that_move(
             with pytest.raises(grpc.RpcError):  # no token: UNAUTHENTICATED, counted too
                 stub.ListAdapters(registry_pb.ListAdaptersRequest())
         channel.close()
+        # A call's count can reach the page after its client saw the status (the
+        # server records it as the handler unwinds; CI once scraped 2 of 3): wait.
+        deadline = time.monotonic() + 10
         after = scrape(registry_address)
+        while value(after, histogram, rpc_method="ListAdapters") < before + 3:
+            assert time.monotonic() < deadline, "three ListAdapters calls never counted"
+            time.sleep(0.1)
+            after = scrape(registry_address)
         assert value(after, histogram, rpc_method="ListAdapters") == before + 3
         assert (
             value(after, histogram, rpc_method="ListAdapters", rpc_grpc_status="UNAUTHENTICATED")
