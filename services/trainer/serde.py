@@ -439,44 +439,32 @@ def compute_logprobs(request: pb.ComputeLogprobsRequest) -> commands.ComputeLogp
     )
 
 
+def _named_job(request: Message, kind: JobKind, client_id: str, name: str) -> commands.NamedJob:
+    return commands.NamedJob(request=job(request), kind=kind, client_id=client_id, name=name)
+
+
 def save_state(request: pb.SaveStateRequest) -> commands.NamedJob:
     """The command of a SaveState request."""
-    return commands.NamedJob(
-        request=job(request),
-        kind=JobKind.SAVE_STATE,
-        client_id=request.training_client_id,
-        name=request.name,
-    )
+    return _named_job(request, JobKind.SAVE_STATE, request.training_client_id, request.name)
 
 
 def save_weights_for_sampler(request: pb.SaveWeightsForSamplerRequest) -> commands.NamedJob:
     """The command of a SaveWeightsForSampler request."""
-    return commands.NamedJob(
-        request=job(request),
-        kind=JobKind.SAVE_WEIGHTS_FOR_SAMPLER,
-        client_id=request.training_client_id,
-        name=request.name,
+    return _named_job(
+        request, JobKind.SAVE_WEIGHTS_FOR_SAMPLER, request.training_client_id, request.name
     )
 
 
 def save_adapter(request: pb.SaveAdapterRequest) -> commands.NamedJob:
     """The command of a SaveAdapter request."""
-    return commands.NamedJob(
-        request=job(request),
-        kind=JobKind.SAVE_ADAPTER,
-        client_id=request.training_client_id,
-        name=request.adapter_name,
+    return _named_job(
+        request, JobKind.SAVE_ADAPTER, request.training_client_id, request.adapter_name
     )
 
 
 def load_state(request: pb.LoadStateRequest) -> commands.NamedJob:
     """The command of a LoadState request (its name is the checkpoint's path)."""
-    return commands.NamedJob(
-        request=job(request),
-        kind=JobKind.LOAD_STATE,
-        client_id=request.training_client_id,
-        name=request.path,
-    )
+    return _named_job(request, JobKind.LOAD_STATE, request.training_client_id, request.path)
 
 
 _CANARY_KINDS = {

@@ -205,6 +205,10 @@ class _NextRead:
     read: asyncio.Task[tuple[JobRow, Any] | None] | None = None
 
 
+class _ChainedStepFailed(Exception):
+    """A chained OptimStep failed unexpectedly (its engine was evicted)."""
+
+
 class _PairRefused(Exception):
     """A chained ForwardBackward + OptimStep cannot commit together (a future was
     cancelled or the client deleted meanwhile): roll back; the ForwardBackward commits
@@ -1200,19 +1204,37 @@ class TrainerWorker:
             ):
                 return False
             try:
-                step = await asyncio.to_thread(
-                    self._execute, resident.engine, JobKind.OPTIM_STEP, request, None
-                )
-            except TenSafeError:
-                # The engine is unchanged (its contract): the step fails on its own.
+                step = await self._step_chained(resident.engine, client.id, following_job, request)
+            except _ChainedStepFailed:
                 return False
-            except Exception:
-                # Possibly half stepped: rebuilt from the ForwardBackward's state.
-                log.warning("chained OptimStep %s failed", following_job.future_id, exc_info=True)
-                self._evict(client.id)
-                self._unchainable(following_job.future_id)
+            if step is None:
                 return False
         return await self._commit_chained(job, client, outcome, following_job, step)
+
+    async def _step_chained(
+        self, engine: LoraTrainingEngine, client_id: str, following_job: JobRow, request: Any
+    ) -> _Outcome | None:
+        """Run a chained OptimStep on ``engine`` (the caller holds the engine lock).
+
+        Returns:
+            Its outcome; None when it failed with a typed error (the engine is unchanged,
+            by its contract: the step then fails on its own delivery).
+
+        Raises:
+            _ChainedStepFailed: It failed unexpectedly; the engine, possibly half
+                stepped, is evicted and the step is never chained again here.
+        """
+        try:
+            return await asyncio.to_thread(
+                self._execute, engine, JobKind.OPTIM_STEP, request, None
+            )
+        except TenSafeError:
+            return None
+        except Exception as error:
+            log.warning("chained OptimStep %s failed", following_job.future_id, exc_info=True)
+            self._evict(client_id)
+            self._unchainable(following_job.future_id)
+            raise _ChainedStepFailed from error
 
     def _runs_solo(self) -> bool:
         """Whether a ForwardBackward may run with the OptimStep after it in one hold of
@@ -1260,19 +1282,10 @@ class TrainerWorker:
             if following is not None:
                 following_job, step_request = following
                 try:
-                    step = await asyncio.to_thread(
-                        self._execute, engine, JobKind.OPTIM_STEP, step_request, None
-                    )
-                except TenSafeError:
-                    pass  # the engine is unchanged: the step fails on its own
-                except Exception:
-                    log.warning(
-                        "chained OptimStep %s failed", following_job.future_id, exc_info=True
-                    )
-                    self._evict(client_id)
-                    self._unchainable(following_job.future_id)
+                    step = await self._step_chained(engine, client_id, following_job, step_request)
+                except _ChainedStepFailed:
                     return outcome, _Chained(following_job, None)
-                else:
+                if step is not None:
                     return outcome, _Chained(following_job, step)
             outcome.state = await asyncio.to_thread(engine.state_dict)
             return outcome, None
