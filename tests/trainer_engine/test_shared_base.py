@@ -3,10 +3,13 @@ exactly as if it had the base to itself."""
 
 from __future__ import annotations
 
+import gc
+import weakref
 from pathlib import Path
 
 import pytest
 import torch
+from peft.tuners.lora import LoraLayer
 
 from tensafe.trainer.domain.engine.base import BaseDtype, BaseModelPool, BasePlacement, SharedBase
 from tensafe.trainer.domain.engine.config import AdamConfig, DpConfig, LoraConfig
@@ -179,8 +182,26 @@ def test_switching_adapters_leaves_the_model_as_peft_set_adapter_does(
         check(engines[1], training=True)
         for engine in engines:
             engine.optim_step(ADAM)
-        # An adapter added (its modules new) and one removed: normalised again.
-        engines.append(LoraTrainingEngine(base, lora=OTHER_LORA, dp=DP, seed=7))
+        # An adapter added after a forward (evaluation mode): its new modules are in
+        # evaluation mode too.
+        engines[1].forward(batch, "cross_entropy", inputs)
+        engines.append(LoraTrainingEngine(base, lora=LORA, dp=DP, seed=7))
+        engines[-1].forward(batch, "cross_entropy", inputs)
+        check(engines[-1], training=False)
+        # An adapter added after a joint pass (peft's per-layer step turns on the factors
+        # of each layer's active adapter, the last single one's, not in the joint set):
+        # normalised.
+        forward_backward_jointly(
+            [
+                (engine, ForwardBackwardCall(batch, "cross_entropy", inputs))
+                for engine in (engines[0], engines[2])
+            ]
+        )
+        engines.append(LoraTrainingEngine(base, lora=LORA, dp=DP, seed=8))
+        check(engines[-1], training=False)  # (a joint pass runs in evaluation mode)
+        engines[0].optim_step(ADAM)
+        engines[2].optim_step(ADAM)
+        # One removed: normalised again.
         engines.pop(0).close()
         for engine in [engines[-1], *engines]:
             engine.forward_backward(batch, "cross_entropy", inputs)
@@ -191,6 +212,89 @@ def test_switching_adapters_leaves_the_model_as_peft_set_adapter_does(
             engine.close()
 
 
+def _peft_state(base: SharedBase) -> tuple[dict[str, torch.Tensor], dict[str, object], list[str]]:
+    """What peft holds for the adapters on a base: every tensor by name, every adapter's
+    config, and each LoRA layer's per-adapter settings and module types."""
+    model = base._require_model()
+    configs = {name: config.to_dict() for name, config in model.peft_config.items()}
+    layers = []
+    for key, layer in model.named_modules():
+        if isinstance(layer, LoraLayer):
+            settings = {
+                attribute: getattr(layer, attribute) for attribute in ("r", "lora_alpha", "scaling")
+            }
+            dropout = {name: repr(module) for name, module in layer.lora_dropout.items()}
+            layers.append(f"{key} {type(layer).__name__} {settings} {dropout}")
+    return model.state_dict(), configs, layers
+
+
+@pytest.mark.parametrize("dtype", [BaseDtype.FLOAT32, BaseDtype.BFLOAT16])
+def test_adapters_added_and_removed_in_place_are_peft_add_and_delete_adapter(
+    tiny_model_dir: Path,
+    corpus_sequences: list[list[int]],
+    monkeypatch: pytest.MonkeyPatch,
+    dtype: BaseDtype,
+) -> None:
+    """An adapter added to the LoRA layers already in place (and one removed from them)
+    leaves the model exactly where peft's own ``add_adapter`` (``delete_adapter``)
+    leaves it: the same factors drawn, the same modules and settings, the same configs,
+    and the same logits for every adapter."""
+    placement = BasePlacement(dtype=dtype)
+    ours = SharedBase(tiny_model_dir, placement)
+    peft_own = SharedBase(tiny_model_dir, placement)
+    wider = LoraConfig(
+        rank=8, alpha=4.0, dropout=0.0, target_modules=("q_proj", "k_proj", "v_proj", "o_proj")
+    )
+    # A first adapter on q/v, then: the same targets (in place), new targets (peft wraps
+    # k/o), another rank on the wrapped modules (in place), all four (in place).
+    configs = [
+        (LORA, 1),
+        (LORA, 2),
+        (OTHER_LORA, 3),
+        (LoraConfig(rank=6, alpha=3.0), 4),
+        (wider, 5),
+    ]
+    in_place = []
+    real_add = SharedBase._add_to_lora_layers
+
+    def add_and_record(self: SharedBase, name: str, config: object) -> bool:
+        added = real_add(self, name, config)  # type: ignore[arg-type]
+        in_place.append(added)
+        return added
+
+    monkeypatch.setattr(SharedBase, "_add_to_lora_layers", add_and_record)
+    names = [ours.add_adapter(lora, seed)[0] for lora, seed in configs]
+    assert in_place == [True, False, True, True]
+    ours.remove_adapter(names[1])
+    names.append(ours.add_adapter(LORA, 6)[0])
+    assert in_place[-1] is True
+    ours.remove_adapter(names[0])
+
+    monkeypatch.setattr(SharedBase, "_add_to_lora_layers", lambda *_: False)
+    reference = [peft_own.add_adapter(lora, seed)[0] for lora, seed in configs]
+    peft_own._require_model().delete_adapter(reference[1])
+    reference.append(peft_own.add_adapter(LORA, 6)[0])
+    peft_own._require_model().delete_adapter(reference[0])
+    assert reference == names
+
+    state, peft_configs, layers = _peft_state(ours)
+    expected_state, expected_configs, expected_layers = _peft_state(peft_own)
+    assert peft_configs == expected_configs and layers == expected_layers
+    assert state.keys() == expected_state.keys()
+    assert all(torch.equal(state[key], expected_state[key]) for key in state)
+    assert len(layers) == 8 and len(peft_configs) == 4  # 2 blocks x q/k/v/o; 4 adapters
+
+    batch = torch.tensor([corpus_sequences[0][:12]])
+    for name in names[2:]:
+        ours.activate(name)
+        peft_own._require_model().set_adapter(name)
+        with torch.no_grad():
+            logits = ours._require_model()(batch).logits
+            assert torch.equal(logits, peft_own._require_model()(batch).logits)
+    ours.activate(names[2])
+    assert ours.trainable_parameter_ids() == ours.factor_ids(names[2])
+
+
 def test_a_closed_engine_frees_its_adapter_and_a_new_one_starts_fresh(
     tiny_model_dir: Path, corpus_sequences: list[list[int]]
 ) -> None:
@@ -199,8 +303,12 @@ def test_a_closed_engine_frees_its_adapter_and_a_new_one_starts_fresh(
     initial = engine.state_dict()
     _train(engine, corpus_sequences, steps=1)
     trained = engine.state_dict()
+    factor = weakref.ref(next(iter(engine._parameters.values())))
     engine.close()
+    del engine
+    gc.collect()
     assert base.adapters == 0
+    assert factor() is None  # nothing on the base keeps the closed adapter's weights
 
     again = LoraTrainingEngine(base, lora=LORA, dp=DP, seed=3)
     try:

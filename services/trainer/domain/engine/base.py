@@ -19,7 +19,13 @@ bench model, plus ~14 ms to re-check the trainable set and ~18 ms for ``train()`
 over every adapter's modules, against a 37 ms step), so after a change of the adapter
 set the whole model is normalised once, over cached lists, and later switches only
 turn off the previous adapter's factors and turn on the next one's, and set the
-active adapter where peft keeps it (see :meth:`SharedBase.activate`).
+active adapter where peft keeps it (see :meth:`SharedBase.activate`). Adding and
+removing an adapter do not grow with the adapters either (:meth:`SharedBase.add_adapter`,
+:meth:`SharedBase.remove_adapter`): peft's ``add_adapter``/``delete_adapter`` walk every
+module and parameter of every adapter on the base (~400 ms to add the 130th adapter on
+the bench model), so once the modules an adapter targets are LoRA layers, a new adapter
+goes into them by peft's own per-layer step and an old one leaves them by peft's own
+per-layer ``delete_adapter``, over the cached layers.
 
 Adapter factors stay float32 whatever the base dtype (peft computes the LoRA branch in
 the factors' dtype and casts back), so clipping, noise and AdamW run in float32 and a
@@ -39,13 +45,14 @@ from typing import Any
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from tensafe.common.errors import FailedPrecondition, InvalidArgument, NotFound
 
-from .clipping import lora_linear_layers
+from .clipping import factor_linear_layers
 from .config import LoraConfig
 
 
@@ -127,6 +134,8 @@ class SharedBase:
         self._placement = placement if placement is not None else BasePlacement()
         base = _load_base_model(self._dir, self._placement)
         self._base: PreTrainedModel = base
+        self._module_keys = [key for key, _ in base.named_modules() if key]
+        """The base's modules, in the order peft's ``inject_adapter`` visits them."""
         self._linear_names = {
             name.rsplit(".", 1)[-1]
             for name, module in base.named_modules()
@@ -148,7 +157,8 @@ class SharedBase:
         self._next_index = 0
         # Cached walks of the peft model, taken again after an adapter is added or removed.
         self._parameters: list[torch.Tensor] = []
-        self._tuner_layers: list[BaseTunerLayer] = []
+        self._tuner_layers: list[tuple[str, BaseTunerLayer]] = []
+        """The LoRA layers with their names in the peft model."""
         self._trainable: list[torch.Tensor] | None = None
         """Exactly the parameters with requires_grad set; None: unknown (normalise)."""
         self._training: bool | None = None
@@ -207,21 +217,75 @@ class SharedBase:
         if name in self._factors:
             name = f"client{self._next_index}"
             self._next_index += 1
+        in_place = False
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             if self._model is None:
                 self._model = get_peft_model(self._base, peft_config, adapter_name=name)
             else:
-                self._model.add_adapter(name, peft_config)
+                in_place = self._add_to_lora_layers(name, peft_config)
+                if not in_place:
+                    self._model.add_adapter(name, peft_config)
         model = self._model
-        layers = lora_linear_layers(model, name)
+        if not in_place:
+            self._changed()
+        layers = self.factor_layers(name)
         for linear in layers:
             # Float32 factors on the base's device whatever the base dtype: the clipped
-            # sums, the noise and AdamW stay exact (see the module docstring).
+            # sums, the noise and AdamW stay exact (see the module docstring). (``to``
+            # converts in place: the parameter objects stay the same.)
             linear.to(device=self.device, dtype=torch.float32)
         self._factors[name] = [linear.weight for linear in layers]
-        self._changed()
+        if in_place:
+            self._added(name)
         return name, model
+
+    def _add_to_lora_layers(self, name: str, config: PeftLoraConfig) -> bool:
+        """Add adapter ``name`` to the LoRA layers already in place, as peft's
+        ``inject_adapter`` does, without its walks.
+
+        When every module ``config`` targets is a LoRA layer already, what
+        ``inject_adapter`` changes in the model is one ``_create_and_replace`` per
+        targeted module, in the order of ``named_modules``, with these arguments (each
+        calls the layer's ``update_layer``, which draws the new factors); the rest of it
+        (a snapshot and restore of every parameter's ``requires_grad``, a ``set_adapter``
+        and a trainable-set pass over every adapter on the base) is what
+        :meth:`activate` does exactly, later. So the weights drawn, the modules made and
+        the peft config recorded are those of ``add_adapter``
+        (tests/trainer_engine/test_shared_base.py compares the two).
+
+        Returns:
+            Whether the adapter was added; False, with nothing changed, when a module
+            ``config`` targets is not a LoRA layer yet (peft's ``add_adapter`` wraps it).
+        """
+        model = self._require_model()
+        tuner: Any = model.base_model  # peft's LoraModel (typed as a module)
+        targets = [
+            key for key in self._module_keys if tuner._check_target_module_exists(config, key)
+        ]
+        modules = [self._base.get_submodule(key) for key in targets]
+        layers = [module for module in modules if isinstance(module, LoraLayer)]
+        if not targets or len(layers) < len(modules):
+            return False
+        model.peft_config[name] = config
+        try:
+            tuner._check_new_adapter_config(config)
+            for key, layer in zip(targets, layers, strict=True):
+                parent, _, target_name = key.rpartition(".")
+                tuner._create_and_replace(
+                    config,
+                    name,
+                    layer,
+                    target_name,
+                    self._base.get_submodule(parent),
+                    current_key=key,
+                )
+        except BaseException:
+            del model.peft_config[name]
+            for layer in layers:
+                layer.delete_adapter(name)  # (a no-op where it was not added yet)
+            raise
+        return True
 
     def activate(self, name: str) -> None:
         """Make ``name`` the adapter the shared model runs and trains: its factors, and
@@ -245,7 +309,7 @@ class SharedBase:
         tuner: Any = model.base_model  # peft's LoraModel (typed as a module)
         model.active_adapter = name
         tuner.active_adapter = name
-        for layer in self._tuner_layers:
+        for _, layer in self._tuner_layers:
             layer._active_adapter = [name]
         self._active = name
 
@@ -295,27 +359,77 @@ class SharedBase:
         """Ids of an adapter's factor weights."""
         return {id(p) for p in self._factors[name]}
 
+    def factor_layers(self, name: str, *, label: str | None = None) -> dict[nn.Linear, str]:
+        """An adapter's ``lora_A``/``lora_B`` layers and their weights' names (see
+        :func:`.clipping.lora_linear_layers`, here over the cached LoRA layers)."""
+        return factor_linear_layers(self._tuner_layers, name, label=label)
+
     def _changed(self) -> None:
-        """The adapter set changed: walk the model again; the next switch normalises."""
+        """New modules were wrapped: walk the model again; the next switch normalises."""
         model = self._require_model()
         self._parameters = list(model.parameters())
-        self._tuner_layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+        self._tuner_layers = [
+            (key, module)
+            for key, module in model.named_modules()
+            if isinstance(module, BaseTunerLayer)
+        ]
         self._trainable = None
         self._training = None
         self._active = None
 
+    def _adapter_modules(self, name: str) -> list[nn.Module]:
+        """An adapter's own modules in every LoRA layer (its factors, its dropout)."""
+        modules = []
+        for _, layer in self._tuner_layers:
+            for attribute in (*layer.adapter_layer_names, *layer.other_param_names):
+                container = getattr(layer, attribute, None)
+                if isinstance(container, nn.ModuleDict) and name in container:
+                    modules.append(container[name])
+        return modules
+
+    def _added(self, name: str) -> None:
+        """``name`` went into existing LoRA layers: its parameters join the cached list,
+        its modules take the model's mode, and the next switch normalises (peft's
+        per-layer step re-applies each layer's active adapter's ``requires_grad``)."""
+        modules = self._adapter_modules(name)
+        self._parameters += [p for module in modules for p in module.parameters()]
+        if self._training is not None:
+            for module in modules:
+                module.train(self._training)
+        self._trainable = None
+        self._active = None
+
     def remove_adapter(self, name: str) -> None:
-        """Delete an adapter and free its weights; the base stays loaded."""
+        """Delete an adapter and free its weights; the base stays loaded.
+
+        What peft's ``delete_adapter`` does for a LoRA model without auxiliary modules
+        (TenSafe's adapters save no other module), over the cached LoRA layers: the
+        config goes, every layer deletes the adapter (peft's ``BaseTunerLayer``
+        ``delete_adapter``), and the active adapter moves as peft moves it.
+        """
         if name not in self._factors:
             return
         del self._factors[name]
         model = self._require_model()
+        tuner: Any = model.base_model  # peft's LoraModel (typed as a module)
+        gone = {id(p) for module in self._adapter_modules(name) for p in module.parameters()}
+        del model.peft_config[name]
+        remaining: list[str] | None = None
         with warnings.catch_warnings():
             # peft warns when the deleted adapter was the active one; the next
             # activate() sets the active adapter explicitly.
             warnings.simplefilter("ignore", UserWarning)
-            model.delete_adapter(name)
-        self._changed()
+            for _, layer in self._tuner_layers:
+                layer.delete_adapter(name)
+                if remaining is None:
+                    remaining = list(layer.active_adapters)
+        if name in tuner.active_adapters:
+            tuner.active_adapter = remaining or []
+            if remaining is not None and len(remaining) == 1:
+                model.active_adapter = remaining[0]
+        self._parameters = [p for p in self._parameters if id(p) not in gone]
+        self._trainable = None
+        self._active = None
 
     def _require_model(self) -> PeftModel:
         if self._model is None:

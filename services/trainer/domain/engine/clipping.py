@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -417,8 +417,16 @@ def lora_linear_layers(
         RuntimeError: A factor is not a plain linear layer (e.g. an embedding or
             convolution LoRA), for which this module's clipping does not apply.
     """
+    return factor_linear_layers(model.named_modules(), adapter_name, label=label)
+
+
+def factor_linear_layers(
+    modules: Iterable[tuple[str, object]], adapter_name: str, *, label: str | None = None
+) -> dict[nn.Linear, str]:
+    """:func:`lora_linear_layers` over named modules already found (e.g. a cached list
+    of a model's LoRA layers, which does not grow with the adapters on it)."""
     layers: dict[nn.Linear, str] = {}
-    for module_name, module in model.named_modules():
+    for module_name, module in modules:
         if not isinstance(module, LoraLayer) or adapter_name not in module.lora_A:
             continue
         for factor in ("lora_A", "lora_B"):

@@ -59,7 +59,6 @@ from .clipping import (
     LoraActivationTap,
     clip_per_example,
     clip_per_example_jointly,
-    lora_linear_layers,
     per_example_gradients,
 )
 from .config import AdamConfig, DpConfig, EngineOptions, LoraConfig, LossConfig, NormMethod
@@ -185,7 +184,7 @@ class LoraTrainingEngine:
         self._adapter, self._model = self._base.add_adapter(lora, seed)
         try:
             self._base.activate(self._adapter)
-            layers = lora_linear_layers(self._model, self._adapter, label=ADAPTER_NAME)
+            layers = self._base.factor_layers(self._adapter, label=ADAPTER_NAME)
             self._parameters: dict[str, torch.Tensor] = {
                 name: linear.weight for linear, name in layers.items()
             }
