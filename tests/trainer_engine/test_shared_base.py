@@ -143,7 +143,8 @@ def test_switching_adapters_leaves_the_model_as_peft_set_adapter_does(
     """The incremental switch (only the previous and the next adapter's factors change)
     ends, after every kind of change, where peft's own full ``set_adapter`` ends: the
     same trainable set (exactly the active factors, by a full scan), the same active
-    adapter in every LoRA layer, and every module in the mode of the last call."""
+    adapter in every LoRA layer, and every module the model runs in the mode of the
+    last call (the other adapters' modules take it when they are next used)."""
     base = SharedBase(tiny_model_dir)
     engines = [
         # OTHER_LORA has no dropout: engines 0 and 2 can share a joint pass.
@@ -152,6 +153,21 @@ def test_switching_adapters_leaves_the_model_as_peft_set_adapter_does(
     ]
     batch, inputs = cross_entropy_batch(corpus_sequences[:4])
 
+    def running(*names: str) -> list[torch.nn.Module]:
+        """The modules a pass of adapters ``names`` runs: all but the others' own."""
+        model = base._require_model()
+        idle = {
+            id(module)
+            for container in model.modules()
+            if isinstance(container, torch.nn.ModuleDict)
+            for adapter, entry in container.items()
+            if adapter not in names
+            for module in entry.modules()
+        }
+        modules = [m for m in model.modules() if id(m) not in idle]
+        assert len(modules) < len(list(model.modules()))
+        return modules
+
     def check(engine: LoraTrainingEngine, *, training: bool) -> None:
         model = engine._model
         name = engine._adapter
@@ -159,7 +175,7 @@ def test_switching_adapters_leaves_the_model_as_peft_set_adapter_does(
         layers = [m for m in model.modules() if hasattr(m, "_active_adapter")]
         active = [list(m.active_adapters) for m in layers]
         assert active == [[name]] * len(layers) and model.active_adapter == name
-        assert all(m.training is training for m in model.modules())
+        assert all(m.training is training for m in running(name))
         model.set_adapter(name)  # peft's full switch changes nothing
         assert base.trainable_parameter_ids() == base.factor_ids(name)
         assert [list(m.active_adapters) for m in layers] == active
@@ -171,13 +187,15 @@ def test_switching_adapters_leaves_the_model_as_peft_set_adapter_does(
             engine.optim_step(ADAM)  # (a datum may appear once per step)
         engines[1].forward(batch, "cross_entropy", inputs)
         check(engines[1], training=False)
-        # Two clients' rows in one pass, then back to one adapter.
+        # Two clients' rows in one pass (in evaluation mode), then back to one adapter.
         forward_backward_jointly(
             [
                 (engine, ForwardBackwardCall(batch, "cross_entropy", inputs))
                 for engine in (engines[0], engines[2])
             ]
         )
+        joint = running(engines[0]._adapter, engines[2]._adapter)
+        assert not any(m.training for m in joint)
         engines[1].forward_backward(batch, "cross_entropy", inputs)
         check(engines[1], training=True)
         for engine in engines:
