@@ -6,7 +6,9 @@ tiny bench model (hidden 256, 4 layers, LoRA r=8 on q/k/v/o) and times ForwardBa
 OptimStep (DP-SGD, 4 sequences x 32 tokens, one torch thread) rotating over the last
 four clients, so that every step switches the adapter, for N = 1, 8, 32, 64 in one
 process; the table reports medians and each N's ratio to N = 1 measured in the same run,
-plus the time to add one more client's engine at that N.
+plus, at that N, the time to add one more client's engine and to close it (its adapter
+removed), and one switch of the model between training and evaluation mode (a joint
+pass of several clients runs in evaluation mode between training passes).
 
 Run: ``python bench/adapter_switch.py [--adapters 1,8,32,64] [--rounds 5]``.
 """
@@ -52,27 +54,50 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="tensafe-switch-") as root:
         base = SharedBase(build_tiny_model(Path(root) / "model", seed=0))
         engines: list[LoraTrainingEngine] = []
-        rows: list[tuple[int, float, float]] = []
+        rows: list[tuple[int, float, float, float, float]] = []
         try:
             for count in counts:
                 while len(engines) < count:
                     engines.append(LoraTrainingEngine(base, lora=LORA, dp=DP, seed=len(engines)))
-                started = time.perf_counter()
-                extra = LoraTrainingEngine(base, lora=LORA, dp=DP, seed=10_000)
-                build = time.perf_counter() - started
-                extra.close()
+                builds, closes = [], []
+                for _ in range(3):
+                    started = time.perf_counter()
+                    extra = LoraTrainingEngine(base, lora=LORA, dp=DP, seed=10_000)
+                    builds.append(time.perf_counter() - started)
+                    started = time.perf_counter()
+                    extra.close()
+                    closes.append(time.perf_counter() - started)
                 steps = [
                     _step(engine, generator) for _ in range(args.rounds) for engine in engines[-4:]
                 ]
-                rows.append((count, statistics.median(steps), build))
+                flips = []
+                for training in (False, True) * 5:
+                    started = time.perf_counter()
+                    base.set_training(training)
+                    flips.append(time.perf_counter() - started)
+                rows.append(
+                    (
+                        count,
+                        statistics.median(steps),
+                        statistics.median(builds),
+                        statistics.median(closes),
+                        statistics.median(flips),
+                    )
+                )
         finally:
             for engine in engines:
                 engine.close()
     baseline = rows[0][1]
     print("DP step (ForwardBackward + OptimStep) on one shared base, switching adapters")
-    print(f"{'adapters':>9} {'step ms':>9} {'ratio to first':>15} {'add a client ms':>16}")
-    for count, step, build in rows:
-        print(f"{count:>9} {step * 1e3:>9.1f} {step / baseline:>15.2f} {build * 1e3:>16.1f}")
+    print(
+        f"{'adapters':>9} {'step ms':>9} {'ratio to first':>15} {'add a client ms':>16}"
+        f" {'close it ms':>12} {'mode switch ms':>15}"
+    )
+    for count, step, build, close, flip in rows:
+        print(
+            f"{count:>9} {step * 1e3:>9.1f} {step / baseline:>15.2f} {build * 1e3:>16.1f}"
+            f" {close * 1e3:>12.1f} {flip * 1e3:>15.2f}"
+        )
 
 
 if __name__ == "__main__":
