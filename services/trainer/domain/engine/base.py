@@ -341,12 +341,15 @@ class SharedBase:
         ``train`` does more than set ``training``, every call walks the whole model.
         """
         if self._training is None or not self._plain_modes:
-            self._require_model().train(training)
-            self._modes = dict.fromkeys(self._owned, training)
-        elif self._training is not training:
+            if self._training is not training:
+                self._require_model().train(training)
+                self._modes = dict.fromkeys(self._owned, training)
+                self._training = training
+            return
+        if self._training is not training:
             for module in self._shared_modules:
                 module.training = training
-        self._training = training
+            self._training = training
         for name in self._in_use:
             self._sync_mode(name)
 
@@ -357,9 +360,13 @@ class SharedBase:
             self._sync_mode(name)
 
     def _sync_mode(self, name: str) -> None:
+        """Put adapter ``name``'s own modules in the model's mode if they are not."""
         if self._training is not None and self._modes.get(name) is not self._training:
             for module in self._owned[name]:
-                module.training = self._training
+                if self._plain_modes:
+                    module.training = self._training
+                else:
+                    module.train(self._training)
             self._modes[name] = self._training
 
     def train_together(self, names: Sequence[str]) -> PeftModel:
