@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 
 import pytest
 import torch
+from safetensors.torch import save as save_safetensors
 
 from tensafe.common.errors import InvalidArgument
 from tensafe.trainer.domain.engine.config import AdamConfig, DpConfig
+from tensafe.trainer.domain.engine.state import STATE_FORMAT, decode_state, encode_state
 
 from .conftest import EngineFactory, cross_entropy_batch
 
@@ -50,6 +53,48 @@ def test_state_round_trip_mid_step_resumes_exactly(
     for name, value in after_original.items():
         assert torch.equal(after_restored[name], value)
     assert restored.state_dict() == original.state_dict()
+
+
+_STATE_DTYPES = [
+    torch.float32,
+    torch.float64,
+    torch.float16,
+    torch.bfloat16,  # no numpy dtype: the safetensors.torch path
+    torch.int64,
+    torch.int32,
+    torch.int16,
+    torch.int8,
+    torch.uint8,
+    torch.bool,
+]
+
+
+@pytest.mark.parametrize("extra", _STATE_DTYPES)
+def test_encoded_state_is_the_bytes_safetensors_torch_writes(extra: torch.dtype) -> None:
+    # fp32 tensors of every shape the engine writes (and an empty and a 0-d one), names
+    # out of order, a non-contiguous one, one sharing another's memory, plus one tensor
+    # of ``extra``: the bytes must be exactly safetensors.torch's (of clones), whichever
+    # path encode_state takes, and decode back.
+    generator = torch.Generator().manual_seed(3)
+    tensors = {
+        "z.lora_A": torch.randn(8, 32, generator=generator),
+        "a.lora_B": torch.randn(32, 8, generator=generator).t(),
+        "m.empty": torch.zeros(0),
+        "m.scalar": torch.tensor(2.5),
+        "x.extra": (torch.randn(5, 3, generator=generator) * 50).to(extra),
+    }
+    tensors["s.row"] = tensors["z.lora_A"][1]
+    metadata = {"step": "7", "lora": '{"rank": 8}'}
+    encoded = encode_state(tensors, metadata)
+    decoded, read = decode_state(encoded)
+    header = {"tensafe": json.dumps({**metadata, "format": STATE_FORMAT}, sort_keys=True)}
+    clones = {name: tensor.contiguous().clone() for name, tensor in tensors.items()}
+    assert encoded == save_safetensors(clones, metadata=header)
+    assert read == {**metadata, "format": STATE_FORMAT}
+    assert decoded.keys() == tensors.keys()
+    for name, tensor in tensors.items():
+        assert decoded[name].dtype == tensor.dtype
+        assert torch.equal(decoded[name], tensor)
 
 
 def test_fresh_engine_with_another_seed_differs_until_loaded(
