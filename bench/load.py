@@ -19,6 +19,13 @@ over a weighted mix of
                      ApplyLora, decrypt, compared with the plaintext delta of the
                      opened adapter (tensafe.client.he).
 
+The load runs ``--warmup`` seconds (default 10) before the measured ``--duration``:
+at its start every client submits its first step at once, and the worker builds each
+client's engine (its adapter on the shared base) at that client's first job, so the
+first round is a burst of N engine builds and N queued steps, not the sustained load.
+Operations started in the warm-up are summarised on one line and left out of the
+table (``--warmup 0`` measures from the first call).
+
 Set-up (not timed as load) connects each worker's SDK clients, creates its training
 client and HE session and makes one registry call, so that every client's API-key
 exchanges are done before the load starts. Every call's latency and status code (typed
@@ -55,7 +62,8 @@ own encryption and bookkeeping is part of the load. Figures on a shared machine 
 noisy; the load average before and after each run is printed.
 
 Run: ``python bench/load.py [--tenants 2] [--clients-per-tenant 2] [--duration 30]
-[--mix train=4,registry=4,he=1] [--sweep 1x1,2x2,4x2,4x4] [--connection-file F]``.
+[--warmup 10] [--mix train=4,registry=4,he=1] [--sweep 1x1,2x2,4x2,4x4]
+[--connection-file F]``.
 """
 
 from __future__ import annotations
@@ -127,6 +135,10 @@ class Recorder:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.latencies: dict[str, list[float]] = collections.defaultdict(list)
+        self.warmup: dict[str, list[float]] = collections.defaultdict(list)
+        """Latencies of operations that started before :attr:`measure_from`."""
+        self.measure_from = 0.0
+        """``time.perf_counter()`` from which a started operation is measured."""
         self.retried: dict[str, collections.Counter[str]] = collections.defaultdict(
             collections.Counter
         )
@@ -136,8 +148,9 @@ class Recorder:
         self.messages: list[str] = []
 
     def ok(self, op: str, seconds: float) -> None:
+        warming = time.perf_counter() - seconds < self.measure_from
         with self._lock:
-            self.latencies[op].append(seconds)
+            (self.warmup if warming else self.latencies)[op].append(seconds)
 
     def retry(self, op: str, code: str) -> None:
         with self._lock:
@@ -182,6 +195,7 @@ class Settings:
     connection_file: Path
     trainer_database_url: str
     duration: float
+    warmup: float
     mix: dict[str, float]
     batch: int
     tokens: int
@@ -622,15 +636,18 @@ def run_load(settings: Settings, tenants: int, clients: int) -> LoadResult:
             + ", ".join(f"{p} median {np.median(s):.2f} s" for p, s in phases.items())
             + ")"
         )
-        begin, cpu = time.monotonic(), time.process_time()
-        deadline = begin + settings.duration
+        recorder.measure_from = time.perf_counter() + settings.warmup
+        deadline = time.monotonic() + settings.warmup + settings.duration
         threads = [threading.Thread(target=w.run, args=(deadline,)) for w in workers]
         for thread in threads:
             thread.start()
+        time.sleep(settings.warmup)
+        begin, cpu = time.monotonic(), time.process_time()
         for thread in threads:
             thread.join()
         elapsed = time.monotonic() - begin
         client_cpu = (time.process_time() - cpu) / elapsed
+    _print_warmup(recorder, settings.warmup)
     _print_table(recorder, elapsed)
     print(
         f"client side (this process: encryption, checks, gRPC) used {client_cpu:.2f} cores; "
@@ -653,6 +670,22 @@ def run_load(settings: Settings, tenants: int, clients: int) -> LoadResult:
     verdict = "PASS" if not problems and result.errors == 0 else "FAIL"
     print(f"consistency check: {verdict}")
     return result
+
+
+def _print_warmup(recorder: Recorder, seconds: float) -> None:
+    if seconds <= 0:
+        return
+    steps = recorder.warmup.get("train_step", [])
+    shown = (
+        f"train_step p50 {_percentile(steps, 0.5) * 1e3:.0f} ms, max {max(steps) * 1e3:.0f} ms"
+        if steps
+        else "no train_step"
+    )
+    print(
+        f"warm-up: operations started in the first {seconds:g} s (every client's first "
+        f"step, its engine built in the worker): {sum(map(len, recorder.warmup.values()))} "
+        f"ok, {shown}; not in the table"
+    )
 
 
 def _print_table(recorder: Recorder, elapsed: float) -> None:
@@ -800,6 +833,7 @@ def _run(args: argparse.Namespace, connection_file: Path) -> int:
         or args.database_url
         or f"sqlite+aiosqlite:///{data_dir / 'db' / 'trainer.db'}",
         duration=args.duration,
+        warmup=args.warmup,
         mix=args.mix,
         batch=args.batch,
         tokens=args.tokens,
@@ -867,6 +901,12 @@ def main() -> int:
     parser.add_argument("--tenants", type=int, default=2)
     parser.add_argument("--clients-per-tenant", type=int, default=2)
     parser.add_argument("--duration", type=float, default=30.0, help="seconds per load")
+    parser.add_argument(
+        "--warmup",
+        type=float,
+        default=10.0,
+        help="seconds of load before the measured --duration (reported apart)",
+    )
     parser.add_argument(
         "--mix",
         type=_parse_mix,
