@@ -84,16 +84,19 @@ class TrainerConfig(KekSettings, ServiceConfig):
         "later one waits in the worker for the earlier one), and engine steps on the "
         "shared base run one at a time; what overlaps is one job's database "
         "transactions, state write and acks with another job's engine step. 1: one job "
-        "after another.",
-        default=4,
+        "after another. Waiting jobs cost no engine time, and keep the engine busy while "
+        "others are in the database (docs/trainer.md: 8 x 8 on 2 cores, 16 against 4).",
+        default=16,
     )
     joint_forward_backward_rows: int = setting(
         "Most rows (datums) of one forward/backward pass that runs several DP clients' "
         "ForwardBackward jobs together on one shared base, each row through its own "
         "client's adapter and clipped into its own client's sum (jobs waiting for the "
         "engine at the same time; each still commits on its own). 0: every "
-        "ForwardBackward runs alone.",
-        default=256,
+        "ForwardBackward runs alone. On CPU a shared pass costs what separate ones do "
+        "(bench/joint_step.py) and its activations grow with it; on a GPU, where a "
+        "bigger batch is cheaper per row, raise it.",
+        default=16,
     )
     retry_delay_seconds: float = setting(
         "Delay before a job that waits for an earlier job of its client is redelivered.",
