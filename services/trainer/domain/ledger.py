@@ -32,10 +32,11 @@ overspend a dataset.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TypeVar
 
 from tensafe.common.errors import BudgetExhausted, FailedPrecondition
 from tensafe.trainer.domain.engine.accounting import (
@@ -241,14 +242,18 @@ class PrivacyLedger:
             accountant.record(reservation.mechanism, steps=reservation.steps)
         budget, delta = self.budget(client, dp)
         if budget is not None:
-            epsilon_after = accountant.epsilon_if(mechanism, additional_steps=steps, delta=delta)
+            epsilon_after = await _query(
+                accountant,
+                lambda: accountant.epsilon_if(mechanism, additional_steps=steps, delta=delta),
+            )
             if epsilon_after > budget:
                 admitted = accountant.steps
+                epsilon_now = await _query(accountant, lambda: accountant.epsilon(delta))
                 raise BudgetExhausted(
                     f"{steps} more DP step(s) would take epsilon to {epsilon_after:.6g}, over "
                     f"the privacy budget epsilon={budget:g} at delta={delta:g} ({admitted} "
                     f"step(s) of these weights already admitted, epsilon after them "
-                    f"{accountant.epsilon(delta):.6g})",
+                    f"{epsilon_now:.6g})",
                     metadata={
                         "epsilon_budget": repr(budget),
                         "epsilon_after": repr(epsilon_after),
@@ -301,8 +306,10 @@ class PrivacyLedger:
         if dataset.epsilon_budget is None or dataset.delta is None:
             return
         accountant = await self.dataset_accountant(tx, dataset.id)
-        epsilon_after = accountant.epsilon_if(
-            mechanism, additional_steps=steps, delta=dataset.delta
+        delta = dataset.delta
+        epsilon_after = await _query(
+            accountant,
+            lambda: accountant.epsilon_if(mechanism, additional_steps=steps, delta=delta),
         )
         if epsilon_after > dataset.epsilon_budget:
             raise BudgetExhausted(
@@ -339,7 +346,8 @@ class PrivacyLedger:
         if dataset.delta is None:
             return None
         committed = await self.dataset_accountant(tx, dataset.id, reserved=False)
-        return committed.epsilon(dataset.delta)
+        delta = dataset.delta
+        return await _query(committed, lambda: committed.epsilon(delta))
 
     # ------------------------------------------------------------------ commit
 
@@ -384,7 +392,7 @@ class PrivacyLedger:
                 accountant = committed
         accountant.record(mechanism)
         _, delta = self.budget(client, dp)
-        epsilon = accountant.epsilon(delta)
+        epsilon = await _query(accountant, lambda: accountant.epsilon(delta))
         state_json = json_state(accountant.to_state())
         dp_steps = int(client.dp_steps) + 1
         await tx.set_client_privacy(
@@ -463,7 +471,8 @@ class PrivacyLedger:
         if accountant is not None and dp is not None:
             # The budget's delta is the merged lineage's: the sources just taken in count.
             _, delta = _budget(merged, dp)
-            epsilon_after = accountant.epsilon(delta)
+            composed = accountant
+            epsilon_after = await _query(composed, lambda: composed.epsilon(delta))
             await tx.set_client_privacy(
                 client.id,
                 accountant_state=json_state(accountant.to_state()),
@@ -509,6 +518,19 @@ class PrivacyLedger:
                 HistoryGroup(client_id=client_id, mechanism=m, steps=n) for m, n in counts.items()
             )
         return groups
+
+
+_T = TypeVar("_T")
+
+
+async def _query(accountant: PrivacyAccountant, compute: Callable[[], _T]) -> _T:
+    """An accountant query from async code: in place when the method is fast (RDP), in a
+    thread otherwise (a PLD composition takes 0.07-8 s), so that one client's accounting
+    never stalls the event loop that serves every other request of the process. The
+    caller's transaction and locks are held meanwhile, as they would be in place."""
+    if accountant.fast:
+        return compute()
+    return await asyncio.to_thread(compute)
 
 
 def _budget(lineage: Lineage, dp: DpSettings) -> tuple[float | None, float]:
