@@ -102,6 +102,7 @@ from tensafe.trainer.base_models import BaseModelRegistry
 from tensafe.trainer.config import TrainerConfig
 from tensafe.trainer.domain.datasets.crypto import keyring_from_settings
 from tensafe.trainer.domain.datasets.service import DatasetVault
+from tensafe.trainer.domain.engine.accounting import PrivacyAccountant
 from tensafe.trainer.domain.engine.base import (
     BaseDtype,
     BaseModelPool,
@@ -1084,6 +1085,9 @@ class TrainerWorker:
     ) -> None:
         """Commit a job that charges the ledger, saves a checkpoint or loads one, under
         the client's row lock (appends the objects it replaces to ``old_paths``)."""
+        prepared = (
+            await self._prepare_charge(client, outcome) if kind is JobKind.OPTIM_STEP else None
+        )
         async with self._db.transaction() as session:
             row = await repo.fence_client(session, client.id, seq=job.seq, owner=self._owner)
             row.applied_seq = job.seq
@@ -1094,7 +1098,7 @@ class TrainerWorker:
                 row.step = outcome.step
             result = outcome.result
             if kind is JobKind.OPTIM_STEP:
-                await self._record_optim_step(session, row, job, outcome)
+                await self._record_optim_step(session, row, job, outcome, prepared)
             elif kind is JobKind.LOAD_STATE:
                 # The loaded state replaces whatever gradients were accumulated.
                 row.pending_loss_sum, row.pending_tokens = 0.0, 0.0
@@ -1128,12 +1132,28 @@ class TrainerWorker:
             await self._succeed(session, job, result)
             await repo.finish_job(session, job.future_id)
 
+    async def _prepare_charge(
+        self, client: TrainingClientRow, outcome: _Outcome
+    ) -> PrivacyAccountant | None:
+        """Before an OptimStep's commit: its charge composed ahead, when the accountant
+        is slow (``PrivacyLedger.prepare_step``), so the transaction composes nothing."""
+        dp = client_dp(client)
+        if dp is None or not outcome.dp_step:
+            return None
+        return await self._ledger.prepare_step(client, client_batches_mechanism(dp))
+
     async def _record_optim_step(
-        self, session: repo.Session, row: TrainingClientRow, job: JobRow, outcome: _Outcome
+        self,
+        session: repo.Session,
+        row: TrainingClientRow,
+        job: JobRow,
+        outcome: _Outcome,
+        prepared: PrivacyAccountant | None,
     ) -> None:
         """An OptimStep's effects on the locked client row (its state reference set
         already), in the commit's transaction: for a private client the accountant's new
-        state and the ledger row, the reservation consumed, the step's history row with
+        state and the ledger row (from ``prepared``, :meth:`_prepare_charge`'s, when it
+        is still the client's), the reservation consumed, the step's history row with
         the loss accumulated since the last step; sets the result's privacy report."""
         result = outcome.result
         assert isinstance(result, pb.OptimStepResult)
@@ -1145,6 +1165,7 @@ class TrainerWorker:
                 mechanism=client_batches_mechanism(dp),
                 seq=job.seq,
                 future_id=job.future_id,
+                accountant=prepared,
             )
         result.privacy_spent.CopyFrom(serde.privacy_spent(dp, self._ledger.report(row)))
         await self._ledger.settle(TrainerTransaction(session), job.future_id)
@@ -1369,6 +1390,7 @@ class TrainerWorker:
             LostClient: The client moved on or the lease was lost (rolled back).
         """
         assert step.state is not None
+        prepared = await self._prepare_charge(client, step)
         relative = f"states/{client.id}/{following.seq:012d}.safetensors"
         # The object is written (and fsynced) while the transaction's statements run;
         # the transaction awaits it before it references it and commits.
@@ -1389,7 +1411,7 @@ class TrainerWorker:
                 # The OptimStep, as _commit_locked commits it.
                 row.applied_seq = following.seq
                 row.step = step.step
-                await self._record_optim_step(session, row, following, step)
+                await self._record_optim_step(session, row, following, step, prepared)
                 if not await self._futures.try_succeed(
                     session,
                     following.tenant,

@@ -14,6 +14,7 @@ from dp_accounting.rdp import rdp_privacy_accountant
 
 from tensafe.proto.trainer.v1 import trainer_service_pb2 as pb
 from tensafe.trainer.domain.engine.accounting import PldAccountant, PrivacyAccountant
+from tensafe.trainer.domain.ledger import PrivacyLedger
 
 from .conftest import BASE_MODEL
 from .helpers import (
@@ -113,38 +114,55 @@ async def test_privacy_spent_equals_dp_accounting(
     assert spent.epsilon == pytest.approx(reference_epsilon(accountant, 1.3, 3, 1e-6), rel=1e-6)
 
 
-async def test_pld_accounting_runs_off_the_event_loop(
+async def test_pld_accounting_runs_off_the_event_loop_and_out_of_the_commit(
     make_stack: Any, base_models_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A PLD query takes 0.07-8 s: the admission's budget check (API) and the step's
-    # charge (worker) must not run it on the loop that serves every other request.
+    # charge (worker) must not run it on the loop that serves every other request, and
+    # the worker composes the step before its commit's transaction, not inside it.
     loop_thread = threading.get_ident()
-    calls: list[tuple[str, str, bool]] = []
+    calls: list[tuple[str, bool]] = []
+    charging: list[bool] = []
+    composed_while_charging: list[bool] = []
 
     def recording(name: str) -> Any:
         original = getattr(PldAccountant, name)
 
         def method(self: PrivacyAccountant, *args: Any, **kwargs: Any) -> Any:
-            calls.append((type(self).name, name, threading.get_ident() == loop_thread))
+            calls.append((name, threading.get_ident() == loop_thread))
+            if name == "_compute_epsilon":
+                composed_while_charging.append(bool(charging))
             return original(self, *args, **kwargs)
 
         return method
 
-    for name in ("epsilon", "epsilon_if"):
+    for name in ("epsilon", "epsilon_if", "_compute_epsilon"):
         monkeypatch.setattr(PldAccountant, name, recording(name))
+    commit_step = PrivacyLedger.commit_step
+
+    async def charge(self: PrivacyLedger, *args: Any, **kwargs: Any) -> float:
+        charging.append(True)
+        try:
+            return await commit_step(self, *args, **kwargs)
+        finally:
+            charging.pop()
+
+    monkeypatch.setattr(PrivacyLedger, "commit_step", charge)
     stack = await make_stack()
     client = await create_client(
         stack,
         dp=dp_config(noise_multiplier=1.3, accountant=pb.ACCOUNTANT_PLD, epsilon_budget=100.0),
     )
     batch = corpus_sequences(base_models_dir / BASE_MODEL, 4)
-    await forward_backward(stack, client.id, batch)
-    step = await optim_step(stack, client.id, learning_rate=1e-3)
-    assert step.privacy_spent.epsilon == pytest.approx(
-        reference_epsilon("pld", 1.3, 1, 1e-5), rel=1e-6
-    )
-    assert {name for _, name, _ in calls} == {"epsilon", "epsilon_if"}
-    assert [call for call in calls if call[2]] == []
+    for steps in (1, 2):
+        await forward_backward(stack, client.id, batch)
+        step = await optim_step(stack, client.id, learning_rate=1e-3)
+        assert step.privacy_spent.epsilon == pytest.approx(
+            reference_epsilon("pld", 1.3, steps, 1e-5), rel=1e-6
+        )
+    assert {name for name, _ in calls} == {"epsilon", "epsilon_if", "_compute_epsilon"}
+    assert [call for call in calls if call[1]] == []
+    assert composed_while_charging and not any(composed_while_charging)
 
 
 async def test_non_private_client_says_so(make_stack: Any, base_models_dir: Path) -> None:

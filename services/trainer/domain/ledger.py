@@ -351,6 +351,31 @@ class PrivacyLedger:
 
     # ------------------------------------------------------------------ commit
 
+    async def prepare_step(
+        self, client: ClientState, mechanism: StepMechanism
+    ) -> PrivacyAccountant | None:
+        """The client's accountant with one more step of ``mechanism`` composed and its
+        epsilon kept, to pass to :meth:`commit_step` (``accountant=``) when the method is
+        slow: the charge then composes nothing inside the commit's transaction, which
+        holds the client's row (and, on SQLite, the database's write lock) while a PLD
+        composition would take seconds.
+
+        Returns:
+            The prepared accountant; None for a non-private client or a fast method
+            (RDP: composing in the transaction costs well under a millisecond).
+        """
+        dp = client_dp(client)
+        if dp is None:
+            return None
+        accountant = self.accountant(client, dp)
+        if accountant.fast:
+            return None
+        _, delta = self.budget(client, dp)
+        await _query(
+            accountant, lambda: accountant.epsilon_if(mechanism, additional_steps=1, delta=delta)
+        )
+        return accountant
+
     async def commit_step(
         self,
         tx: TrainerTransaction,
@@ -373,8 +398,9 @@ class PrivacyLedger:
             future_id: The job's future (its reservation).
             dataset_id: The server-held dataset the step sampled, if any.
             accountant: The caller's up-to-date accountant of this client (the dataset
-                runner keeps one across its steps so PLD compositions are reused);
-                it is updated in place. None: rebuilt from the client.
+                runner keeps one across its steps so PLD compositions are reused;
+                the worker passes :meth:`prepare_step`'s); it is updated in place.
+                None: rebuilt from the client.
 
         Returns:
             Epsilon after the step.
