@@ -36,12 +36,14 @@ import asyncio
 import dataclasses
 import json
 from collections.abc import Callable, Iterable, Mapping
+from functools import partial
 from typing import Any, TypeVar
 
 from tensafe.common.errors import BudgetExhausted, FailedPrecondition
 from tensafe.trainer.domain.engine.accounting import (
     PrivacyAccountant,
     StepMechanism,
+    accountant_type,
     create_accountant,
 )
 from tensafe.trainer.domain.model import (
@@ -244,11 +246,11 @@ class PrivacyLedger:
         if budget is not None:
             epsilon_after = await _query(
                 accountant,
-                lambda: accountant.epsilon_if(mechanism, additional_steps=steps, delta=delta),
+                partial(accountant.epsilon_if, mechanism, additional_steps=steps, delta=delta),
             )
             if epsilon_after > budget:
                 admitted = accountant.steps
-                epsilon_now = await _query(accountant, lambda: accountant.epsilon(delta))
+                epsilon_now = await _query(accountant, partial(accountant.epsilon, delta))
                 raise BudgetExhausted(
                     f"{steps} more DP step(s) would take epsilon to {epsilon_after:.6g}, over "
                     f"the privacy budget epsilon={budget:g} at delta={delta:g} ({admitted} "
@@ -306,10 +308,9 @@ class PrivacyLedger:
         if dataset.epsilon_budget is None or dataset.delta is None:
             return
         accountant = await self.dataset_accountant(tx, dataset.id)
-        delta = dataset.delta
         epsilon_after = await _query(
             accountant,
-            lambda: accountant.epsilon_if(mechanism, additional_steps=steps, delta=delta),
+            partial(accountant.epsilon_if, mechanism, additional_steps=steps, delta=dataset.delta),
         )
         if epsilon_after > dataset.epsilon_budget:
             raise BudgetExhausted(
@@ -346,8 +347,7 @@ class PrivacyLedger:
         if dataset.delta is None:
             return None
         committed = await self.dataset_accountant(tx, dataset.id, reserved=False)
-        delta = dataset.delta
-        return await _query(committed, lambda: committed.epsilon(delta))
+        return await _query(committed, partial(committed.epsilon, dataset.delta))
 
     # ------------------------------------------------------------------ commit
 
@@ -365,14 +365,12 @@ class PrivacyLedger:
             (RDP: composing in the transaction costs well under a millisecond).
         """
         dp = client_dp(client)
-        if dp is None:
+        if dp is None or accountant_type(dp.accountant).fast:
             return None
         accountant = self.accountant(client, dp)
-        if accountant.fast:
-            return None
         _, delta = self.budget(client, dp)
         await _query(
-            accountant, lambda: accountant.epsilon_if(mechanism, additional_steps=1, delta=delta)
+            accountant, partial(accountant.epsilon_if, mechanism, additional_steps=1, delta=delta)
         )
         return accountant
 
@@ -418,7 +416,7 @@ class PrivacyLedger:
                 accountant = committed
         accountant.record(mechanism)
         _, delta = self.budget(client, dp)
-        epsilon = await _query(accountant, lambda: accountant.epsilon(delta))
+        epsilon = await _query(accountant, partial(accountant.epsilon, delta))
         state_json = json_state(accountant.to_state())
         dp_steps = int(client.dp_steps) + 1
         await tx.set_client_privacy(
@@ -497,8 +495,7 @@ class PrivacyLedger:
         if accountant is not None and dp is not None:
             # The budget's delta is the merged lineage's: the sources just taken in count.
             _, delta = _budget(merged, dp)
-            composed = accountant
-            epsilon_after = await _query(composed, lambda: composed.epsilon(delta))
+            epsilon_after = await _query(accountant, partial(accountant.epsilon, delta))
             await tx.set_client_privacy(
                 client.id,
                 accountant_state=json_state(accountant.to_state()),

@@ -744,6 +744,18 @@ def accountant_names() -> tuple[str, ...]:
     return tuple(_ACCOUNTANTS)
 
 
+def accountant_type(name: str) -> type[PrivacyAccountant]:
+    """The accountant class registered as ``name`` (``"rdp"`` or ``"pld"``).
+
+    Raises:
+        InvalidArgument: Unknown name (field ``accountant``).
+    """
+    accountant_class = _ACCOUNTANTS.get(name)
+    if accountant_class is None:
+        raise InvalidArgument("accountant", f"must be one of {accountant_names()}, got {name!r}")
+    return accountant_class
+
+
 def create_accountant(name: str, **options: Any) -> PrivacyAccountant:
     """Create an empty accountant by registry name.
 
@@ -758,9 +770,7 @@ def create_accountant(name: str, **options: Any) -> PrivacyAccountant:
     Raises:
         InvalidArgument: Unknown name (field ``accountant``) or bad option.
     """
-    accountant_class = _ACCOUNTANTS.get(name)
-    if accountant_class is None:
-        raise InvalidArgument("accountant", f"must be one of {accountant_names()}, got {name!r}")
+    accountant_class = accountant_type(name)
     try:
         return accountant_class(**options)
     except TypeError as error:
