@@ -109,7 +109,10 @@ def test_sampling_checks_a_fraction_of_calls() -> None:
     good = 2.0 * x @ lora_a.T @ lora_b.T
     outcomes = [verifier.check("l", x, good) for _ in range(400)]
     assert 60 < sum(outcomes) < 140 and verifier.stats.checked == sum(outcomes)
-    always = DeltaVerifier({"l": (lora_a, lora_b)}, scaling=2.0)
+    # Seeded: an OS-seeded verifier's probes let this small error pass in ~0.4 % of
+    # runs (the escape probability the module docstring states); seeded, the test is
+    # the same every run.
+    always = DeltaVerifier({"l": (lora_a, lora_b)}, scaling=2.0, rng=np.random.default_rng(2))
     bad = good.copy()
     bad[1, 3] += 0.05  # one element of one token, small next to the delta
     with pytest.raises(IntegrityError, match="token 1"):
