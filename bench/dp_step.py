@@ -98,8 +98,8 @@ def opacus_step(model_dir: Path, sequences: list[list[int]]) -> Callable[[], Non
     from opacus.optimizers import DPOptimizer
 
     # The same peft model the engine builds, then Opacus's hooks around it.
+    # (The engine stays open: closing it removes its adapter from the shared base.)
     engine = LoraTrainingEngine(model_dir, lora=LORA, dp=None, seed=0)
-    engine.close()
     model = engine.model
     model.train()
     wrapped = GradSampleModule(model, batch_first=True, loss_reduction="sum")
