@@ -32,7 +32,10 @@ leaves the engine is chained with it: the step runs at once on the same engine a
 both commit in ONE transaction fenced on the ForwardBackward's ``seq - 1`` and the
 lease (one state object, the step's; see ``_chain_optim_step`` and docs/trainer.md,
 "A ForwardBackward and the OptimStep after it commit together"). A crash before that
-commit loses both; after it, both deliveries are only acked.
+commit loses both; after it, both deliveries are only acked. In a joint pass the steps
+of a group's clients run as soon as the group leaves the engine, before the next group
+runs, so their commits overlap the next group's compute instead of waiting for the end
+of the pass (``_finish_calls``).
 
 A job that fails with a typed error (bad input found by the engine, no data to step
 on) fails its future, releases its reservation and advances ``applied_seq`` in the same
@@ -61,7 +64,7 @@ import socket
 import sys
 import uuid
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -220,9 +223,11 @@ class _PairRefused(Exception):
 class _JointCall:
     """A queued ForwardBackward (see ``TrainerWorker._forward_backward_joint``)."""
 
+    job: JobRow
     client: TrainingClientRow
     request: Any
-    outcome: asyncio.Future[_Outcome]
+    outcome: asyncio.Future[tuple[_Outcome, _Chained | None]]
+    """Its outcome and, when its client's OptimStep was admitted, that step chained."""
     engine: LoraTrainingEngine | None = None
 
 
@@ -246,6 +251,11 @@ def _chunks(calls: list[_JointCall], max_rows: int) -> Iterator[list[_JointCall]
         rows += size
     if group:
         yield group
+
+
+def _cancel(tasks: Iterable[asyncio.Task[Any]]) -> None:
+    for task in tasks:
+        task.cancel()
 
 
 def _forward_backward_outcome(
@@ -529,7 +539,7 @@ class TrainerWorker:
             if kind is JobKind.FORWARD_BACKWARD and self._runs_solo():
                 outcome, chained = await self._forward_backward_solo(job, client, request)
             elif kind is JobKind.FORWARD_BACKWARD and self._joint_rows > 0:
-                outcome = await self._forward_backward_joint(client, request)
+                outcome, chained = await self._forward_backward_joint(job, client, request)
             else:
                 async with self._engine_lock:
                     resident = await self._engine_for(client)
@@ -759,28 +769,36 @@ class TrainerWorker:
 
     # ---------------------------------------------------------- joint steps
 
-    async def _forward_backward_joint(self, client: TrainingClientRow, request: Any) -> _Outcome:
+    async def _forward_backward_joint(
+        self, job: JobRow, client: TrainingClientRow, request: Any
+    ) -> tuple[_Outcome, _Chained | None]:
         """A ForwardBackward that may share one forward/backward pass with other clients'.
 
         The job queues its call, then takes the engine lock. Whichever job holds the
-        lock runs every call queued by then (at most one per client: a client's jobs
+        lock runs the calls queued by then (at most one per client: a client's jobs
         never overlap in this worker) — the DP calls on one shared base together through
-        :func:`forward_backward_jointly`, each row through its own client's adapter and
-        clipped into its own client's sum, the others one by one. A job whose call ran
-        in another job's pass finds its outcome ready when it gets the lock. Each job
+        :func:`forward_backward_jointly` in groups of at most ``joint_rows`` rows, each
+        row through its own client's adapter and clipped into its own client's sum, the
+        others one by one — until its own call is settled, and leaves the later groups
+        to the next job to get the lock. A job whose call ran in another job's pass finds
+        its outcome ready when it gets the lock. Each job
         still commits on its own, fenced on its own client's sequence and lease, so a
         worker killed mid-pass loses only uncommitted jobs (every one is redelivered and
         rebuilt from its client's last committed state), and one job's failed commit
         invalidates only its own client's engine.
+
+        Returns:
+            The outcome and, when the client's next job was an admitted OptimStep, that
+            step, run right after the call's group left the engine (``_finish_calls``).
         """
-        call = _JointCall(client, request, asyncio.get_running_loop().create_future())
+        call = _JointCall(job, client, request, asyncio.get_running_loop().create_future())
         self._joint_queue.append(call)
         async with self._engine_lock:
             if not call.outcome.done():
                 queued, self._joint_queue = self._joint_queue, []
                 try:
-                    await self._run_queued(queued)
-                finally:
+                    left = await self._run_queued(queued, call)
+                except BaseException:
                     # Interrupted (cancelled at shutdown): an engine whose call may have
                     # run in a thread is never reused, and its job fails this delivery
                     # (redelivered, rebuilt from the committed state), never waits.
@@ -791,11 +809,21 @@ class TrainerWorker:
                                 other.outcome.set_exception(
                                     RuntimeError("a joint ForwardBackward was interrupted")
                                 )
+                    raise
+                # Each call left waits for the engine lock in its own job: the first of
+                # them to get it runs them (and whatever queued meanwhile).
+                self._joint_queue[:0] = left
         return await call.outcome
 
-    async def _run_queued(self, queued: list[_JointCall]) -> None:
-        """Run queued ForwardBackward calls (the caller holds the engine lock); every
-        call's outcome is set, to a result or to the error its job would have raised."""
+    async def _run_queued(self, queued: list[_JointCall], mine: _JointCall) -> list[_JointCall]:
+        """Run queued ForwardBackward calls group by group (the caller holds the engine
+        lock) until the caller's own call ``mine`` is settled; every call run has its
+        outcome set, to a result or to the error its job would have raised.
+
+        Returns:
+            The calls not run: the caller's job goes on to commit while the next of
+            their jobs to get the engine lock runs them.
+        """
         while queued:
             ready: list[_JointCall] = []
             for call in queued:
@@ -808,6 +836,7 @@ class TrainerWorker:
             # bytes): those are left for the next round.
             live = [c for c in ready if self._resident_engine(c.client.id) is c.engine]
             queued = [c for c in ready if c not in live]
+            groups: list[list[_JointCall]] = []
             joint: dict[int, list[_JointCall]] = {}
             for call in live:
                 engine = call.engine
@@ -815,42 +844,129 @@ class TrainerWorker:
                 if _joinable(engine):
                     joint.setdefault(id(engine.base), []).append(call)
                 else:
-                    await self._run_alone(call)
-            for group in joint.values():
-                for chunk in _chunks(group, self._joint_rows):
-                    await self._run_together(chunk)
+                    groups.append([call])
+            for calls in joint.values():
+                groups.extend(_chunks(calls, self._joint_rows))
+            for index, group in enumerate(groups):
+                if mine.outcome.done():
+                    return [c for later in groups[index:] for c in later] + queued
+                await self._run_together(group)
+        return []
 
     async def _run_together(self, calls: list[_JointCall]) -> None:
         if len(calls) == 1:
             await self._run_alone(calls[0])
             return
+        reads = self._read_following_steps(calls)
         try:
             outcomes = await asyncio.to_thread(self._execute_jointly, calls)
         except TenSafeError:
+            _cancel(reads)
             # A call is invalid; no engine changed (forward_backward_jointly's contract).
             # One by one, each job gets its own answer, the invalid one its error.
             for call in calls:
                 await self._run_alone(call)
             return
-        except Exception as error:
+        except BaseException as error:
+            _cancel(reads)
             for call in calls:
                 call.outcome.set_exception(error)
+            if not isinstance(error, Exception):
+                raise
             return
         self._joint_passes.add(1, {"clients": str(len(calls))})
         log.debug("one forward/backward pass ran %d clients' ForwardBackward jobs", len(calls))
-        for call, outcome in zip(calls, outcomes, strict=True):
-            call.outcome.set_result(outcome)
+        await self._finish_calls(calls, outcomes, reads)
 
     async def _run_alone(self, call: _JointCall) -> None:
         assert call.engine is not None
+        reads = self._read_following_steps([call])
         try:
             outcome = await asyncio.to_thread(
-                self._execute, call.engine, JobKind.FORWARD_BACKWARD, call.request, None
+                self._forward_backward, call.engine, call.request, keep=True, export=False
             )
-        except Exception as error:
+        except BaseException as error:
+            _cancel(reads)
             call.outcome.set_exception(error)
+            if not isinstance(error, Exception):
+                raise
             return
-        call.outcome.set_result(outcome)
+        await self._finish_calls([call], [outcome], reads)
+
+    def _read_following_steps(
+        self, calls: list[_JointCall]
+    ) -> list[asyncio.Task[tuple[JobRow, Any] | None]]:
+        """Start reading each call's client's next job, which the engine's pass then
+        need not wait for (read-only transactions: no writer lock)."""
+        reads: list[asyncio.Task[tuple[JobRow, Any] | None]] = []
+        for call in calls:
+            read = asyncio.create_task(self._following_step(call))
+            read.add_done_callback(lambda done: done.cancelled() or done.exception())
+            reads.append(read)
+        return reads
+
+    async def _following_step(self, call: _JointCall) -> tuple[JobRow, Any] | None:
+        if not self._chain_optim_steps:
+            return None
+        return await self._following_optim_step(call.job, call.client.id)
+
+    async def _finish_calls(
+        self,
+        calls: list[_JointCall],
+        outcomes: list[_Outcome],
+        reads: list[asyncio.Task[tuple[JobRow, Any] | None]],
+    ) -> None:
+        """Settle calls whose ForwardBackward ran and was not exported (the caller holds
+        the engine lock): each client's admitted OptimStep runs now, on the engine as the
+        call left it (``_chain_or_export``), and the job, woken, commits the pair while
+        the engine goes on with the next group; a call with no step to chain exports its
+        state. Until this ran, a pair's commit waited for the engine lock behind every
+        group of the pass (the steps ran one by one after it), so the pass's commits
+        never overlapped its compute."""
+        for call, outcome, read in zip(calls, outcomes, reads, strict=True):
+            assert call.engine is not None
+            try:
+                following = await read
+            except Exception:
+                log.warning("reading the job after %s failed", call.job.future_id, exc_info=True)
+                following = None  # the step is not chained: it runs on its own
+            try:
+                settled = await self._chain_or_export(
+                    call.engine, call.client.id, outcome, following
+                )
+            except BaseException as error:
+                call.outcome.set_exception(error)
+                if not isinstance(error, Exception):
+                    raise
+                continue
+            call.outcome.set_result(settled)
+
+    async def _chain_or_export(
+        self,
+        engine: LoraTrainingEngine,
+        client_id: str,
+        outcome: _Outcome,
+        following: tuple[JobRow, Any] | None,
+    ) -> tuple[_Outcome, _Chained | None]:
+        """Run the admitted OptimStep ``following`` a ForwardBackward's ``outcome`` on
+        ``engine`` (the caller holds the engine lock, the engine is exactly at that
+        ForwardBackward, whose state was not exported); without one, or when it fails
+        with a typed error, export the ForwardBackward's state instead.
+
+        Returns:
+            The outcome and the chained step; its ``step`` is None when it failed
+            unexpectedly (the engine was evicted: the ForwardBackward runs again).
+        """
+        if following is not None:
+            following_job, request = following
+            try:
+                step = await self._step_chained(engine, client_id, following_job, request)
+            except _ChainedStepFailed:
+                return outcome, _Chained(following_job, None)
+            if step is not None:
+                return outcome, _Chained(following_job, step)
+        outcome.state = await asyncio.to_thread(engine.state_dict)
+        return outcome, None
 
     def _execute_jointly(self, calls: list[_JointCall]) -> list[_Outcome]:
         pairs: list[tuple[LoraTrainingEngine, ForwardBackwardCall]] = []
@@ -869,8 +985,9 @@ class TrainerWorker:
                 )
             )
         results = forward_backward_jointly(pairs)
+        # Not exported: _finish_calls steps or exports each engine.
         return [
-            _forward_backward_outcome(engine, result, keep=True)
+            _forward_backward_outcome(engine, result, keep=True, export=False)
             for (engine, _), result in zip(pairs, results, strict=True)
         ]
 
@@ -1300,16 +1417,7 @@ class TrainerWorker:
                     del self._next_reads[client_id]
                 if entry.read is not None and not entry.read.done():
                     entry.read.cancel()
-            if following is not None:
-                following_job, step_request = following
-                try:
-                    step = await self._step_chained(engine, client_id, following_job, step_request)
-                except _ChainedStepFailed:
-                    return outcome, _Chained(following_job, None)
-                if step is not None:
-                    return outcome, _Chained(following_job, step)
-            outcome.state = await asyncio.to_thread(engine.state_dict)
-            return outcome, None
+            return await self._chain_or_export(engine, client_id, outcome, following)
 
     async def _following_optim_step(self, job: JobRow, client_id: str) -> tuple[JobRow, Any] | None:
         """The client's job after ``job`` and its request, if it is an OptimStep admitted

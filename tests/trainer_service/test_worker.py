@@ -457,6 +457,7 @@ def _in_process_worker(
     worker_class: type[TrainerWorker] = TrainerWorker,
     lease_seconds: float = 30.0,
     chain_optim_steps: bool = True,
+    joint_rows: int = 0,
 ) -> tuple[TrainerWorker, _RecordingObjects]:
     objects = _RecordingObjects(stack.config.data_dir / "trainer")
     worker = worker_class(
@@ -471,6 +472,7 @@ def _in_process_worker(
         resident_bytes=1 << 30,
         ledger=PrivacyLedger(),
         chain_optim_steps=chain_optim_steps,
+        joint_rows=joint_rows,
     )
     return worker, objects
 
@@ -1031,6 +1033,95 @@ async def test_dp_clients_forward_backward_together_as_each_would_alone(
     # The clipped sums are real and each client's own.
     assert all(s.abs().sum() > 0 for s in sums)
     assert not torch.allclose(sums[0], sums[1]) and not torch.allclose(sums[1], sums[2])
+
+
+async def test_a_joint_pass_steps_each_group_before_running_the_next(
+    make_stack: Any, base_models_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Four DP clients' ForwardBackward + OptimStep pairs; the ForwardBackwards wait for
+    the engine together and run as one pass in two groups of two clients. Each group's
+    clients are stepped as soon as the group leaves the engine, so their pairs commit
+    while the next group computes: here the second group's compute waits until a pair of
+    the first group has committed (had the steps waited for the whole pass, it would
+    wait in vain). Every pair commits once, as a pair: one state object, the step's,
+    one step and one ledger row; the OptimSteps' own deliveries are only acked."""
+    stack = await make_stack(worker=False)
+    url = stack.config.database_url
+    clients = [
+        await create_client(stack, dp=dp_config(noise_multiplier=1.0), seed=seed)
+        for seed in (1, 2, 3, 4)
+    ]
+    fb_futures: list[str] = []
+    step_futures: list[str] = []
+    for index, client in enumerate(clients):
+        batch = corpus_sequences(base_models_dir / BASE_MODEL, 2, offset=2 * index)
+        fb_futures.append((await _submit_fb(stack, client.id, batch)).id)
+        step_futures.append((await _submit_step(stack, client.id)).id)
+
+    groups: list[list[str]] = []
+    passes_done: list[int] = []
+    commits: list[tuple[str, int]] = []  # (client, groups done when its pair committed)
+    first_group_committed = threading.Event()
+    execute_jointly = TrainerWorker._execute_jointly
+    commit_pair = TrainerWorker._commit_pair
+
+    def gated(self: TrainerWorker, calls: list[Any]) -> Any:
+        groups.append([call.client.id for call in calls])
+        if len(groups) == 2:
+            first_group_committed.wait(timeout=10)
+        outcomes = execute_jointly(self, calls)
+        passes_done.append(len(groups))
+        return outcomes
+
+    async def recorded(
+        self: TrainerWorker, job: Any, following: Any, client: Any, *rest: Any
+    ) -> None:
+        await commit_pair(self, job, following, client, *rest)
+        commits.append((client.id, len(passes_done)))
+        if client.id in groups[0]:
+            first_group_committed.set()
+
+    monkeypatch.setattr(TrainerWorker, "_execute_jointly", gated)
+    monkeypatch.setattr(TrainerWorker, "_commit_pair", recorded)
+    database = Database.from_url(url)
+    worker, objects = _in_process_worker(
+        stack, database, base_models_dir, "joint-chaining", joint_rows=4
+    )
+    try:
+        jobs = {
+            job.future_id: job for client in clients for job in await _rows(url, JobRow, client.id)
+        }
+        async with worker._engine_lock:
+            tasks = [
+                asyncio.create_task(_deliver(worker, jobs[future_id], num_delivered=1))
+                for future_id in fb_futures
+            ]
+            async with asyncio.timeout(30):
+                while len(worker._joint_queue) < 4:
+                    await asyncio.sleep(0.01)
+        await asyncio.gather(*tasks)
+        for future_id in step_futures:
+            await _deliver(worker, jobs[future_id], num_delivered=1)
+    finally:
+        worker.close()
+        await database.dispose()
+
+    assert [len(group) for group in groups] == [2, 2]
+    assert sorted(commits) == sorted(
+        [(client_id, 1) for client_id in groups[0]] + [(client_id, 2) for client_id in groups[1]]
+    )
+    assert sorted(objects.written) == sorted(
+        f"states/{client.id}/{2:012d}.safetensors" for client in clients
+    )
+    for client, future_id in zip(clients, step_futures, strict=True):
+        assert (
+            _unpack(await wait(stack, common_pb2.Future(id=future_id)), pb.OptimStepResult()).step
+            == 1
+        )
+        row = await _client_row(url, client.id)
+        assert (row.step, row.dp_steps, row.applied_seq) == (1, 1, 2)
+        assert [s.seq for s in await _rows(url, StepRow, client.id)] == [2]
+        assert [r.dp_step for r in await _rows(url, LedgerRow, client.id)] == [1]
 
 
 @pytest.mark.slow
