@@ -36,12 +36,14 @@ import abc
 import asyncio
 import base64
 import binascii
+import collections
 import contextlib
 import enum
 import hashlib
 import json
+import logging
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -69,6 +71,9 @@ _MAX_FINGERPRINT = 128
 _MAX_RESOURCE = 256
 _MAX_ERROR_REASON = 128
 _ID_LENGTH = 32  # uuid4 hex
+_SWEEP_CHUNK = 500  # ids per query of the re-read sweep (SQLite's old limit is 999)
+
+_log = logging.getLogger(__name__)
 
 
 class FutureStatus(enum.Enum):
@@ -176,8 +181,8 @@ class FutureStore(abc.ABC):
     Args:
         poll_initial: First pause of :meth:`wait` between reads, in seconds.
         poll_max: Longest pause of :meth:`wait` between reads, in seconds. With
-            ``wakeups`` it is only the re-read interval that bounds the cost of a lost
-            wake-up.
+            ``wakeups`` it is the interval of the re-read sweep that bounds the cost of
+            a lost wake-up (one :meth:`done_among` for all of the process's waiters).
         wakeups: Wake-ups from the processes that finish futures; ``None``: waiters
             poll.
     """
@@ -194,6 +199,10 @@ class FutureStore(abc.ABC):
         self._poll_initial = poll_initial
         self._poll_max = poll_max
         self._wakeups = wakeups
+        # Futures this process's waiters watch (with wake-ups), and the task that
+        # re-reads them for every waiter at once (_sweep).
+        self._watched: collections.Counter[str] = collections.Counter()
+        self._sweeper: asyncio.Task[None] | None = None
 
     @property
     def wakeups(self) -> FutureWakeups | None:
@@ -353,8 +362,9 @@ class FutureStore(abc.ABC):
         """Wait until the future is done or ``timeout`` seconds pass (AIP-151 Wait).
 
         With wake-ups the future is read again when the process that finished it says
-        so (and every ``poll_max`` seconds in case a wake-up was lost); without, reads
-        back off exponentially from ``poll_initial`` to ``poll_max``.
+        so, or when the sweep that re-reads every waited future of this process each
+        ``poll_max`` seconds, in one query, finds it done (a wake-up was lost); without,
+        reads back off exponentially from ``poll_initial`` to ``poll_max``.
 
         Args:
             tenant: The caller's tenant.
@@ -373,14 +383,14 @@ class FutureStore(abc.ABC):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         if self._wakeups is not None:
-            with self._wakeups.watch(future_id) as woken:
+            with self._wakeups.watch(future_id) as woken, self._swept(future_id):
                 while True:
                     future = await self.get(tenant, future_id)
                     remaining = deadline - loop.time()
                     if future.done or remaining <= 0:
                         return future
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(woken.wait(), min(self._poll_max, remaining))
+                        await asyncio.wait_for(woken.wait(), remaining)
                     woken.clear()
         pause = self._poll_initial
         while True:
@@ -390,6 +400,52 @@ class FutureStore(abc.ABC):
                 return future
             await asyncio.sleep(min(pause, remaining))
             pause = min(pause * 2, self._poll_max)
+
+    @abc.abstractmethod
+    async def done_among(self, future_ids: Sequence[str]) -> set[str]:
+        """Which of ``future_ids`` are done, whatever their tenants (the re-read sweep
+        of :meth:`wait`: it only wakes this process's waiters, who read their own).
+
+        Args:
+            future_ids: Future ids (unknown ones are simply not done).
+
+        Returns:
+            The ids of those that are SUCCEEDED, FAILED or CANCELLED.
+        """
+
+    @contextlib.contextmanager
+    def _swept(self, future_id: str) -> Iterator[None]:
+        """Keep ``future_id`` in the re-read sweep while inside (a waiter's)."""
+        self._watched[future_id] += 1
+        sweeper = self._sweeper
+        loop = asyncio.get_running_loop()
+        if sweeper is None or sweeper.done() or sweeper.get_loop() is not loop:
+            self._sweeper = loop.create_task(self._sweep())
+        try:
+            yield
+        finally:
+            self._watched[future_id] -= 1
+            if self._watched[future_id] <= 0:
+                del self._watched[future_id]
+
+    async def _sweep(self) -> None:
+        """Every ``poll_max`` seconds, wake the waiters of the watched futures that are
+        done (their wake-up was lost, in a NATS outage say), with one read for all of
+        them instead of one per waiter; ends when nobody waits."""
+        wakeups = self._wakeups
+        assert wakeups is not None
+        while self._watched:
+            await asyncio.sleep(self._poll_max)
+            watched = list(self._watched)
+            if not watched:
+                break
+            try:
+                done = await self.done_among(watched)
+            except Exception as error:  # the next sweep tries again
+                _log.warning("re-reading %d waited futures failed: %s", len(watched), error)
+                continue
+            for future_id in done:
+                wakeups.wake_local(future_id)
 
 
 def _futures_v1_schema(table_name: str) -> list[sa.schema.SchemaItem]:
@@ -659,6 +715,21 @@ class SqlFutureStore(FutureStore):
         _check_id(future_id)
         async with self._scope(session, read_only=True) as active:
             return await self._load(active, tenant, future_id)
+
+    async def done_among(self, future_ids: Sequence[str]) -> set[str]:
+        """See :meth:`FutureStore.done_among`: one read-only transaction, one query per
+        500 ids."""
+        table = self._table
+        terminal = [status.value for status in _TERMINAL]
+        done: set[str] = set()
+        async with self._db.transaction(read_only=True) as session:
+            for start in range(0, len(future_ids), _SWEEP_CHUNK):
+                chunk = list(future_ids[start : start + _SWEEP_CHUNK])
+                query = sa.select(table.c.id).where(
+                    table.c.id.in_(chunk), table.c.status.in_(terminal)
+                )
+                done.update((await session.execute(query)).scalars())
+        return done
 
     async def _transition(
         self,

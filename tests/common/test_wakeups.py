@@ -23,13 +23,19 @@ PREFIX = "test.jobs-done"
 
 
 class CountingStore(SqlFutureStore):
-    """Counts the reads of :meth:`get` (the waiter's database round trips)."""
+    """Counts the reads of :meth:`get` (the waiters' database round trips) and of
+    :meth:`done_among` (the re-read sweep's)."""
 
     reads = 0
+    sweeps = 0
 
     async def get(self, *args: Any, **kwargs: Any) -> Any:
         self.reads += 1
         return await super().get(*args, **kwargs)
+
+    async def done_among(self, *args: Any, **kwargs: Any) -> Any:
+        self.sweeps += 1
+        return await super().done_among(*args, **kwargs)
 
 
 @pytest.fixture
@@ -91,6 +97,50 @@ async def test_a_wake_up_for_another_future_only_costs_a_read(
     future = await asyncio.wait_for(waiting, timeout=30.0)
     assert future.status is FutureStatus.FAILED
     assert api.reads == 2  # the other future's wake-up woke nobody here
+
+
+async def test_lost_wake_ups_cost_one_read_per_sweep_not_one_per_waiter(
+    sqlite_url: str, nats_server: NatsServer
+) -> None:
+    """Five waiters whose futures finish without a wake-up (as in a NATS outage): the
+    store's sweep, one query for all of them every ``poll_max``, finds them done and
+    wakes them; a waiter reads its future only when it starts and once when woken (it
+    used to read it again every ``poll_max`` itself, five reads where one query does)."""
+    metadata = sa.MetaData()
+    table = futures_table(metadata, prefix=f"t{uuid.uuid4().hex[:10]}")
+    database = Database.from_url(sqlite_url)
+    async with database.connection() as connection:
+        await connection.run_sync(metadata.create_all)
+    connection_ = await nats.connect(nats_server.url)
+    wakeups = await FutureWakeups.start(connection_, PREFIX)
+    try:
+        api = CountingStore(database, table, poll_initial=0.05, poll_max=0.05, wakeups=wakeups)
+        worker = SqlFutureStore(database, table)
+        futures = [
+            (await api.create(TENANT, kind="k", request_id=f"r{index}")).future
+            for index in range(5)
+        ]
+        waiting = [
+            asyncio.create_task(api.wait(TENANT, future.id, timeout=50.0)) for future in futures
+        ]
+        async with asyncio.timeout(30):
+            while api.reads < 5:  # every waiter registered and read once
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(0.3)  # six sweep intervals
+        assert api.reads == 5 and api.sweeps >= 2
+        for future in futures:
+            await worker.succeed(TENANT, future.id, result=b"done")  # and no notify
+        done = await asyncio.wait_for(asyncio.gather(*waiting), timeout=30.0)
+        assert [f.status for f in done] == [FutureStatus.SUCCEEDED] * 5
+        assert api.reads == 10
+        # Nobody waits any more: the sweep ends.
+        sweeps = api.sweeps
+        await asyncio.sleep(0.2)
+        assert api.sweeps <= sweeps + 1
+    finally:
+        await wakeups.close()
+        await connection_.close()
+        await database.dispose()
 
 
 def test_future_ids_must_be_subject_tokens() -> None:
