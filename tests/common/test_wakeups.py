@@ -4,6 +4,7 @@ read the database once more instead of polling it (issue 15 item 5)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -38,11 +39,12 @@ class CountingStore(SqlFutureStore):
         return await super().done_among(*args, **kwargs)
 
 
-@pytest.fixture
-async def stores(
-    sqlite_url: str, nats_server: NatsServer
+@contextlib.asynccontextmanager
+async def _stores(
+    sqlite_url: str, nats_server: NatsServer, *, reread: float
 ) -> AsyncIterator[tuple[CountingStore, SqlFutureStore, FutureWakeups]]:
-    """The API's store (re-reads only every 60 s without a wake-up) and a worker's."""
+    """The API's store (re-reading waited futures every ``reread`` seconds in case a
+    wake-up was lost), a worker's, and the worker's wake-ups."""
     metadata = sa.MetaData()
     table = futures_table(metadata, prefix=f"t{uuid.uuid4().hex[:10]}")
     database = Database.from_url(sqlite_url)
@@ -54,7 +56,9 @@ async def stores(
     worker_wakeups = FutureWakeups(worker_nats, PREFIX)
     try:
         yield (
-            CountingStore(database, table, poll_initial=60.0, poll_max=60.0, wakeups=api_wakeups),
+            CountingStore(
+                database, table, poll_initial=reread, poll_max=reread, wakeups=api_wakeups
+            ),
             SqlFutureStore(database, table),
             worker_wakeups,
         )
@@ -63,6 +67,15 @@ async def stores(
         await api_nats.close()
         await worker_nats.close()
         await database.dispose()
+
+
+@pytest.fixture
+async def stores(
+    sqlite_url: str, nats_server: NatsServer
+) -> AsyncIterator[tuple[CountingStore, SqlFutureStore, FutureWakeups]]:
+    """The stores of :func:`_stores`, the API's re-reading only every 60 s."""
+    async with _stores(sqlite_url, nats_server, reread=60.0) as made:
+        yield made
 
 
 async def test_a_wait_returns_on_the_wake_up_not_on_a_poll(
@@ -106,16 +119,7 @@ async def test_lost_wake_ups_cost_one_read_per_sweep_not_one_per_waiter(
     store's sweep, one query for all of them every ``poll_max``, finds them done and
     wakes them; a waiter reads its future only when it starts and once when woken (it
     used to read it again every ``poll_max`` itself, five reads where one query does)."""
-    metadata = sa.MetaData()
-    table = futures_table(metadata, prefix=f"t{uuid.uuid4().hex[:10]}")
-    database = Database.from_url(sqlite_url)
-    async with database.connection() as connection:
-        await connection.run_sync(metadata.create_all)
-    connection_ = await nats.connect(nats_server.url)
-    wakeups = await FutureWakeups.start(connection_, PREFIX)
-    try:
-        api = CountingStore(database, table, poll_initial=0.05, poll_max=0.05, wakeups=wakeups)
-        worker = SqlFutureStore(database, table)
+    async with _stores(sqlite_url, nats_server, reread=0.05) as (api, worker, _):
         futures = [
             (await api.create(TENANT, kind="k", request_id=f"r{index}")).future
             for index in range(5)
@@ -137,10 +141,6 @@ async def test_lost_wake_ups_cost_one_read_per_sweep_not_one_per_waiter(
         sweeps = api.sweeps
         await asyncio.sleep(0.2)
         assert api.sweeps <= sweeps + 1
-    finally:
-        await wakeups.close()
-        await connection_.close()
-        await database.dispose()
 
 
 def test_future_ids_must_be_subject_tokens() -> None:

@@ -436,6 +436,17 @@ async def _deliver(worker: TrainerWorker, job: JobRow, *, num_delivered: int) ->
     )
 
 
+async def _deliver_queued_together(worker: TrainerWorker, jobs: list[JobRow]) -> None:
+    """Deliver ForwardBackward ``jobs`` while the test holds the engine, so that every
+    one claims and queues its call before any runs (one joint pass)."""
+    async with worker._engine_lock:
+        tasks = [asyncio.create_task(_deliver(worker, job, num_delivered=1)) for job in jobs]
+        async with asyncio.timeout(30):
+            while len(worker._joint_queue) < len(jobs):
+                await asyncio.sleep(0.01)
+    await asyncio.gather(*tasks)
+
+
 class _RecordingObjects(ObjectFolder):
     """The worker's object folder, recording the paths it writes."""
 
@@ -984,16 +995,7 @@ async def test_dp_clients_forward_backward_together_as_each_would_alone(
         for future_id in alone_futures:
             await _deliver(worker, jobs[future_id], num_delivered=1)
         assert passes == []  # one job at a time never shares a pass
-        # Hold the engine while the three jobs claim and queue their calls.
-        async with worker._engine_lock:
-            tasks = [
-                asyncio.create_task(_deliver(worker, jobs[future_id], num_delivered=1))
-                for future_id in together_futures
-            ]
-            async with asyncio.timeout(30):
-                while len(worker._joint_queue) < 3:
-                    await asyncio.sleep(0.01)
-        await asyncio.gather(*tasks)
+        await _deliver_queued_together(worker, [jobs[f] for f in together_futures])
         assert passes == [3]
     finally:
         worker.close()
@@ -1091,15 +1093,7 @@ async def test_a_joint_pass_steps_each_group_before_running_the_next(
         jobs = {
             job.future_id: job for client in clients for job in await _rows(url, JobRow, client.id)
         }
-        async with worker._engine_lock:
-            tasks = [
-                asyncio.create_task(_deliver(worker, jobs[future_id], num_delivered=1))
-                for future_id in fb_futures
-            ]
-            async with asyncio.timeout(30):
-                while len(worker._joint_queue) < 4:
-                    await asyncio.sleep(0.01)
-        await asyncio.gather(*tasks)
+        await _deliver_queued_together(worker, [jobs[f] for f in fb_futures])
         for future_id in step_futures:
             await _deliver(worker, jobs[future_id], num_delivered=1)
     finally:
