@@ -867,13 +867,16 @@ class TrainerWorker:
             for call in calls:
                 await self._run_alone(call)
             return
-        except BaseException as error:
+        except Exception as error:
             _cancel(reads)
             for call in calls:
                 call.outcome.set_exception(error)
-            if not isinstance(error, Exception):
-                raise
             return
+        except BaseException:
+            # Cancelled: the outcomes stay unset, so _forward_backward_joint evicts
+            # the engines the pass's thread may still change.
+            _cancel(reads)
+            raise
         self._joint_passes.add(1, {"clients": str(len(calls))})
         log.debug("one forward/backward pass ran %d clients' ForwardBackward jobs", len(calls))
         await self._finish_calls(calls, outcomes, reads)
@@ -885,12 +888,13 @@ class TrainerWorker:
             outcome = await asyncio.to_thread(
                 self._forward_backward, call.engine, call.request, keep=True, export=False
             )
-        except BaseException as error:
+        except Exception as error:
             _cancel(reads)
             call.outcome.set_exception(error)
-            if not isinstance(error, Exception):
-                raise
             return
+        except BaseException:
+            _cancel(reads)  # (cancelled: as in _run_together)
+            raise
         await self._finish_calls([call], [outcome], reads)
 
     def _read_following_steps(
@@ -923,23 +927,29 @@ class TrainerWorker:
         state. Until this ran, a pair's commit waited for the engine lock behind every
         group of the pass (the steps ran one by one after it), so the pass's commits
         never overlapped its compute."""
-        for call, outcome, read in zip(calls, outcomes, reads, strict=True):
-            assert call.engine is not None
-            try:
-                following = await read
-            except Exception:
-                log.warning("reading the job after %s failed", call.job.future_id, exc_info=True)
-                following = None  # the step is not chained: it runs on its own
-            try:
-                settled = await self._chain_or_export(
-                    call.engine, call.client.id, outcome, following
-                )
-            except BaseException as error:
-                call.outcome.set_exception(error)
-                if not isinstance(error, Exception):
-                    raise
-                continue
-            call.outcome.set_result(settled)
+        try:
+            for call, outcome, read in zip(calls, outcomes, reads, strict=True):
+                assert call.engine is not None
+                try:
+                    following = await read
+                except Exception:
+                    log.warning(
+                        "reading the job after %s failed", call.job.future_id, exc_info=True
+                    )
+                    following = None  # the step is not chained: it runs on its own
+                try:
+                    settled = await self._chain_or_export(
+                        call.engine, call.client.id, outcome, following
+                    )
+                except Exception as error:
+                    call.outcome.set_exception(error)
+                    continue
+                call.outcome.set_result(settled)
+        except BaseException:
+            # Cancelled: the calls not settled keep no outcome, and
+            # _forward_backward_joint evicts their engines.
+            _cancel(reads)
+            raise
 
     async def _chain_or_export(
         self,

@@ -1118,6 +1118,60 @@ async def test_a_joint_pass_steps_each_group_before_running_the_next(
         assert [r.dp_step for r in await _rows(url, LedgerRow, client.id)] == [1]
 
 
+async def test_a_joint_pass_cancelled_in_its_thread_leaves_no_engine_reusable(
+    make_stack: Any, base_models_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two DP clients' ForwardBackward jobs share a pass; their handlers are cancelled
+    (the worker abandons its jobs) while the pass's thread still runs. Neither client's
+    resident engine may be reused: the thread changes them after the cancellation, and
+    their jobs come back to run from the committed state."""
+    stack = await make_stack(worker=False)
+    url = stack.config.database_url
+    clients = [
+        await create_client(stack, dp=dp_config(noise_multiplier=1.0), seed=seed) for seed in (1, 2)
+    ]
+    futures = [
+        (await _submit_fb(stack, c.id, corpus_sequences(base_models_dir / BASE_MODEL, 2))).id
+        for c in clients
+    ]
+    entered, release = threading.Event(), threading.Event()
+    execute_jointly = TrainerWorker._execute_jointly
+
+    def held(self: TrainerWorker, calls: list[Any]) -> Any:
+        entered.set()
+        release.wait(timeout=30)
+        return execute_jointly(self, calls)
+
+    monkeypatch.setattr(TrainerWorker, "_execute_jointly", held)
+    database = Database.from_url(url)
+    worker, _ = _in_process_worker(stack, database, base_models_dir, "cancelled", joint_rows=4)
+    try:
+        jobs = {job.future_id: job for c in clients for job in await _rows(url, JobRow, c.id)}
+        async with worker._engine_lock:
+            tasks = [
+                asyncio.create_task(_deliver(worker, jobs[future_id], num_delivered=1))
+                for future_id in futures
+            ]
+            async with asyncio.timeout(30):
+                while len(worker._joint_queue) < 2:
+                    await asyncio.sleep(0.01)
+        async with asyncio.timeout(30):
+            while not entered.is_set():
+                await asyncio.sleep(0.01)
+        for task in tasks:
+            task.cancel()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        assert all(isinstance(r, asyncio.CancelledError) for r in results)
+        release.set()
+        for client in clients:
+            resident = worker._resident.get(client.id)
+            assert resident is None or resident.applied_seq == -1
+    finally:
+        release.set()
+        worker.close()
+        await database.dispose()
+
+
 @pytest.mark.slow
 async def test_killed_worker_mid_joint_pass_loses_and_repeats_no_clients_step(
     make_stack: Any, base_models_dir: Path, tmp_path: Path
