@@ -9,7 +9,8 @@ the share of the GIL the loop holds. This bench measures it on the bench model
 (``build_tiny_model``, LoRA r=8 on q/k/v/o, DP-SGD) with one torch thread:
 
   alone           the step with nothing else running;
-  loop_thread     the step in a thread while this process's asyncio loop runs Python in
+  loop_thread     the step in a thread (``asyncio.to_thread``, as the worker runs its
+                  engine) while this process's asyncio loop runs Python in
                   bursts of ``--burst-ms`` every ``--burst-ms + --idle-ms`` (as the
                   worker's loop does: short callbacks between waits);
   loop_process    the same loop load in another process (the step's process holds the
@@ -33,7 +34,6 @@ import random
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -76,17 +76,6 @@ def _timed(step: Callable[[], None]) -> tuple[float, float]:
     return time.perf_counter() - wall, time.thread_time() - cpu
 
 
-def _in_thread(step: Callable[[], None]) -> Callable[[], tuple[float, float]]:
-    def run() -> tuple[float, float]:
-        result: list[tuple[float, float]] = []
-        thread = threading.Thread(target=lambda: result.append(_timed(step)))
-        thread.start()
-        thread.join()
-        return result[0]
-
-    return run
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=16, help="sequences per step")
@@ -115,21 +104,12 @@ def main() -> None:
             engine.optim_step(AdamConfig(learning_rate=1e-3))
 
         step()  # warm-up
-        timed = _in_thread(step)
 
         async def with_loop() -> tuple[float, float, float]:
-            done = threading.Event()
-            result: list[tuple[float, float]] = []
-
-            def run() -> None:
-                result.append(_timed(step))
-                done.set()
-
-            thread = threading.Thread(target=run)
-            thread.start()
-            share = await _loop_load(done.is_set, burst, idle)
-            thread.join()
-            return (*result[0], share)
+            # The step in a thread of the loop's process, as the worker runs its engine.
+            running = asyncio.ensure_future(asyncio.to_thread(_timed, step))
+            share = await _loop_load(running.done, burst, idle)
+            return (*await running, share)
 
         def with_process() -> tuple[float, float]:
             # fork: the child only runs the loop load (no torch), and starts at once.
@@ -139,7 +119,7 @@ def main() -> None:
             load.start()
             time.sleep(0.2)  # the load is running
             try:
-                return timed()
+                return _timed(step)
             finally:
                 stop.set()
                 load.join()
@@ -151,7 +131,7 @@ def main() -> None:
             shift = round_index % len(MODES)
             for mode in MODES[shift:] + MODES[:shift]:
                 if mode == "alone":
-                    seconds, thread_cpu = timed()
+                    seconds, thread_cpu = _timed(step)
                 elif mode == "loop_thread":
                     seconds, thread_cpu, share = asyncio.run(with_loop())
                     shares.append(share)

@@ -36,14 +36,13 @@ import abc
 import asyncio
 import base64
 import binascii
-import collections
 import contextlib
 import enum
 import hashlib
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -199,9 +198,8 @@ class FutureStore(abc.ABC):
         self._poll_initial = poll_initial
         self._poll_max = poll_max
         self._wakeups = wakeups
-        # Futures this process's waiters watch (with wake-ups), and the task that
-        # re-reads them for every waiter at once (_sweep).
-        self._watched: collections.Counter[str] = collections.Counter()
+        # The task that re-reads the futures this process's waiters watch (with
+        # wake-ups) for all of them at once (_sweep).
         self._sweeper: asyncio.Task[None] | None = None
 
     @property
@@ -383,7 +381,8 @@ class FutureStore(abc.ABC):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         if self._wakeups is not None:
-            with self._wakeups.watch(future_id) as woken, self._swept(future_id):
+            with self._wakeups.watch(future_id) as woken:
+                self._start_sweep()
                 while True:
                     future = await self.get(tenant, future_id)
                     remaining = deadline - loop.time()
@@ -413,20 +412,12 @@ class FutureStore(abc.ABC):
             The ids of those that are SUCCEEDED, FAILED or CANCELLED.
         """
 
-    @contextlib.contextmanager
-    def _swept(self, future_id: str) -> Iterator[None]:
-        """Keep ``future_id`` in the re-read sweep while inside (a waiter's)."""
-        self._watched[future_id] += 1
+    def _start_sweep(self) -> None:
+        """Run the re-read sweep unless it runs already (a waiter is watching)."""
         sweeper = self._sweeper
         loop = asyncio.get_running_loop()
         if sweeper is None or sweeper.done() or sweeper.get_loop() is not loop:
             self._sweeper = loop.create_task(self._sweep())
-        try:
-            yield
-        finally:
-            self._watched[future_id] -= 1
-            if self._watched[future_id] <= 0:
-                del self._watched[future_id]
 
     async def _sweep(self) -> None:
         """Every ``poll_max`` seconds, wake the waiters of the watched futures that are
@@ -434,11 +425,11 @@ class FutureStore(abc.ABC):
         them instead of one per waiter; ends when nobody waits."""
         wakeups = self._wakeups
         assert wakeups is not None
-        while self._watched:
+        while True:
             await asyncio.sleep(self._poll_max)
-            watched = list(self._watched)
+            watched = wakeups.watched()
             if not watched:
-                break
+                return
             try:
                 done = await self.done_among(watched)
             except Exception as error:  # the next sweep tries again

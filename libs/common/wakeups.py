@@ -87,6 +87,10 @@ class FutureWakeups:
                 if not waiting:
                     del self._waiters[future_id]
 
+    def watched(self) -> list[str]:
+        """The futures this process's waiters watch now."""
+        return list(self._waiters)
+
     def wake_local(self, future_id: str) -> None:
         """Wake this process's waiters of a future (no message sent)."""
         for event in self._waiters.get(future_id, ()):
