@@ -114,6 +114,7 @@ from tensafe.trainer.domain.engine.base import (
 )
 from tensafe.trainer.domain.engine.config import DpConfig
 from tensafe.trainer.domain.engine.sampling import StopReason, sample
+from tensafe.trainer.domain.engine.thread import EngineThread
 from tensafe.trainer.domain.engine.training import (
     ForwardBackwardCall,
     ForwardBackwardResult,
@@ -367,6 +368,8 @@ class TrainerWorker:
         # client's engine (peft's active adapter is global state of the base model).
         # Only the database and object I/O of other jobs proceeds meanwhile.
         self._engine_lock = asyncio.Lock()
+        # ... and always on this one thread (see its module).
+        self._engine_thread = EngineThread()
         self._joint_queue: list[_JointCall] = []
         self._joint_rows = joint_rows
         self._joint_passes = meter.create_counter(
@@ -548,7 +551,7 @@ class TrainerWorker:
                             await self._save_adapter(job, client, resident.engine, request)
                         )
                     else:
-                        outcome = await asyncio.to_thread(
+                        outcome = await self._engine_thread.run(
                             self._execute, resident.engine, kind, request, extra
                         )
                         if kind is JobKind.LOAD_STATE:
@@ -628,7 +631,11 @@ class TrainerWorker:
             async with self._engine_lock:
                 resident = await self._engine_for(client)
                 end = await self._dataset_runner.run(
-                    job=job, client=client, engine=resident.engine, request=request
+                    job=job,
+                    client=client,
+                    engine=resident.engine,
+                    engine_thread=self._engine_thread,
+                    request=request,
                 )
         except TenSafeError as error:
             # Steps committed before the error stay; the engine may hold a partial
@@ -664,7 +671,7 @@ class TrainerWorker:
             state = await asyncio.to_thread(
                 self._objects.read, client.state_path, sha256=client.state_sha256
             )
-        engine = await asyncio.to_thread(self._build_engine, client, state)
+        engine = await self._engine_thread.run(self._build_engine, client, state)
         self._engine_loads.add(
             1,
             {
@@ -733,6 +740,7 @@ class TrainerWorker:
         """Release every resident engine."""
         for client_id in list(self._resident):
             self._evict(client_id)
+        self._engine_thread.close()
 
     async def release_leases(self) -> None:
         """Give back the leases of resident clients (graceful shutdown), so another
@@ -859,7 +867,7 @@ class TrainerWorker:
             return
         reads = self._read_following_steps(calls)
         try:
-            outcomes = await asyncio.to_thread(self._execute_jointly, calls)
+            outcomes = await self._engine_thread.run(self._execute_jointly, calls)
         except TenSafeError:
             _cancel(reads)
             # A call is invalid; no engine changed (forward_backward_jointly's contract).
@@ -885,7 +893,7 @@ class TrainerWorker:
         assert call.engine is not None
         reads = self._read_following_steps([call])
         try:
-            outcome = await asyncio.to_thread(
+            outcome = await self._engine_thread.run(
                 self._forward_backward, call.engine, call.request, keep=True, export=False
             )
         except Exception as error:
@@ -975,7 +983,7 @@ class TrainerWorker:
                 return outcome, _Chained(following_job, None)
             if step is not None:
                 return outcome, _Chained(following_job, step)
-        outcome.state = await asyncio.to_thread(engine.state_dict)
+        outcome.state = await self._engine_thread.run(engine.state_dict)
         return outcome, None
 
     def _execute_jointly(self, calls: list[_JointCall]) -> list[_Outcome]:
@@ -1373,7 +1381,7 @@ class TrainerWorker:
                 stepped, is evicted and the step is never chained again here.
         """
         try:
-            return await asyncio.to_thread(
+            return await self._engine_thread.run(
                 self._execute, engine, JobKind.OPTIM_STEP, request, None
             )
         except TenSafeError:
@@ -1411,7 +1419,7 @@ class TrainerWorker:
             entry = _NextRead(job)
             self._next_reads[client_id] = entry
             try:
-                outcome = await asyncio.to_thread(
+                outcome = await self._engine_thread.run(
                     self._forward_backward, engine, request, keep=True, export=False
                 )
                 following: tuple[JobRow, Any] | None = None

@@ -25,6 +25,7 @@ from tensafe.proto.common.v1 import common_pb2
 from tensafe.proto.trainer.v1 import trainer_service_pb2 as pb
 from tensafe.trainer.base_models import BaseModelRegistry
 from tensafe.trainer.domain.engine.base import BaseModelPool
+from tensafe.trainer.domain.engine.training import LoraTrainingEngine
 from tensafe.trainer.domain.jobs import JobMessage
 from tensafe.trainer.domain.ledger import PrivacyLedger
 from tensafe.trainer.objects import ObjectFolder
@@ -1035,6 +1036,67 @@ async def test_dp_clients_forward_backward_together_as_each_would_alone(
     # The clipped sums are real and each client's own.
     assert all(s.abs().sum() > 0 for s in sums)
     assert not torch.allclose(sums[0], sums[1]) and not torch.allclose(sums[1], sums[2])
+
+
+async def test_every_engine_call_runs_on_the_workers_one_engine_thread(
+    make_stack: Any, base_models_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Building engines, solo and joint passes, chained and separate steps and state
+    exports all run on one thread of the worker's own, never on the event loop's thread
+    and never spread over asyncio's default executor (whose threads would each keep a
+    pass's worth of freed memory). The default executor is given idle threads first, so
+    that work sent there would land on several of them."""
+    stack = await make_stack(worker=False)
+    url = stack.config.database_url
+    dp = dp_config(noise_multiplier=1.0)
+    clients = [await create_client(stack, dp=dp, seed=seed) for seed in (1, 2, 3)]
+    batch = corpus_sequences(base_models_dir / BASE_MODEL, 2)
+    futures = [await _submit(stack, kind, clients[0].id, batch) for kind in ("fb", "optim")]
+    joint = [await _submit(stack, "fb", client.id, batch) for client in clients[1:]]
+    steps = [await _submit(stack, "optim", client.id, batch) for client in clients[1:]]
+
+    threads: list[tuple[str, int]] = []
+
+    def recording(name: str, method: Any) -> Any:
+        def record(*args: Any, **kwargs: Any) -> Any:
+            threads.append((name, threading.get_ident()))
+            return method(*args, **kwargs)
+
+        return record
+
+    for cls, names in (
+        (LoraTrainingEngine, ("__init__", "forward_backward", "optim_step", "state_dict")),
+        (TrainerWorker, ("_execute_jointly",)),
+    ):
+        for name in names:
+            monkeypatch.setattr(cls, name, recording(name, getattr(cls, name)))
+    await asyncio.gather(*(asyncio.to_thread(threading.Event().wait, 0.05) for _ in range(4)))
+    database = Database.from_url(url)
+    worker, _ = _in_process_worker(stack, database, base_models_dir, "one-thread", joint_rows=256)
+    try:
+        jobs = {
+            job.future_id: job for client in clients for job in await _rows(url, JobRow, client.id)
+        }
+        for future_id in futures:  # a solo pass with its chained step
+            await _deliver(worker, jobs[future_id], num_delivered=1)
+        await _deliver_queued_together(worker, [jobs[f] for f in joint])
+        for future_id in steps:  # committed with the joint pass, or run now
+            await _deliver(worker, jobs[future_id], num_delivered=1)
+    finally:
+        worker.close()
+        await database.dispose()
+    for future in await _results(stack, futures + joint + steps):
+        assert future.status == common_pb2.FUTURE_STATUS_SUCCEEDED, future.error
+    called = {name for name, _ in threads}
+    assert called == {
+        "__init__",
+        "forward_backward",
+        "optim_step",
+        "state_dict",
+        "_execute_jointly",
+    }
+    assert len({ident for _, ident in threads}) == 1, threads
+    assert threads[0][1] != threading.get_ident()
 
 
 async def test_a_joint_pass_steps_each_group_before_running_the_next(

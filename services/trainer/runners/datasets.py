@@ -42,6 +42,7 @@ from tensafe.trainer.domain.datasets.sampling import PoissonSampler
 from tensafe.trainer.domain.datasets.service import DatasetVault
 from tensafe.trainer.domain.datasets.steps import StepOutcome, run_step
 from tensafe.trainer.domain.engine.accounting import PrivacyAccountant, StepMechanism
+from tensafe.trainer.domain.engine.thread import EngineThread
 from tensafe.trainer.domain.engine.training import LoraTrainingEngine
 from tensafe.trainer.domain.ledger import PrivacyLedger, client_dp
 from tensafe.trainer.objects import ObjectFolder
@@ -102,6 +103,7 @@ class DatasetRunner:
         job: JobRow,
         client: TrainingClientRow,
         engine: LoraTrainingEngine,
+        engine_thread: EngineThread,
         request: pb.TrainOnDatasetRequest,
     ) -> RunEnd:
         """Run (or resume) a TrainOnDataset job to its end.
@@ -145,7 +147,7 @@ class DatasetRunner:
                 raise RetryLater(0.0, "the worker is stopping; the run resumes after its last step")
             await asyncio.to_thread(self._ledger.check_next, client, dp, accountant, mechanism)
             batch = sampler.draw()
-            outcome = await asyncio.to_thread(
+            outcome = await engine_thread.run(
                 run_step,
                 engine,
                 dataset,
