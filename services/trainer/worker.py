@@ -23,7 +23,8 @@ Several jobs are in flight at once (``TENSAFE_JOBS_IN_FLIGHT``; the consumer's l
 :mod:`tensafe.common.jetstream`): jobs of one client never overlap in a process (a later
 one waits for the earlier one instead of bouncing through RetryLater), and engine work
 on the shared base (building or evicting a client's engine, running a job) holds one
-lock, because the active adapter is global model state. What overlaps is one job's
+lock, because the active adapter is global model state, and runs on one thread
+(:class:`~tensafe.trainer.domain.engine.thread.EngineThread`). What overlaps is one job's
 claim and commit transactions, state write and ack with another job's engine step; on a
 small step those fixed costs are most of a job's time (docs/trainer.md, Performance).
 
@@ -664,7 +665,7 @@ class TrainerWorker:
         if resident is not None and resident.applied_seq == client.applied_seq:
             self._resident.move_to_end(client.id)
             return resident
-        self._evict(client.id)
+        await self._evict(client.id)
         state: bytes | None = None
         if client.state_path is not None:
             assert client.state_sha256 is not None
@@ -686,7 +687,7 @@ class TrainerWorker:
         # (every state-changing job commits it), so it is reloaded when next used.
         while len(self._resident) > 1 and self._resident_state_bytes() > self._resident_bytes:
             _, evicted = self._resident.popitem(last=False)
-            evicted.engine.close()
+            await self._engine_thread.run(evicted.engine.close)
         return resident
 
     def _resident_state_bytes(self) -> int:
@@ -719,12 +720,12 @@ class TrainerWorker:
                 raise
         return engine
 
-    def _evict(self, client_id: str) -> None:
-        # Closing removes the adapter from the shared base: only under the engine lock
-        # (in _engine_for) or when nothing runs (close()).
+    async def _evict(self, client_id: str) -> None:
+        # Closing removes the adapter from the shared base: only under the engine lock,
+        # and on the engine thread, after any call a cancelled job left running there.
         resident = self._resident.pop(client_id, None)
         if resident is not None:
-            resident.engine.close()
+            await self._engine_thread.run(resident.engine.close)
 
     def _invalidate(self, client_id: str) -> None:
         """Never reuse the client's resident engine (it may be ahead of the database).
@@ -737,9 +738,10 @@ class TrainerWorker:
             resident.applied_seq = -1  # matches no committed seq
 
     def close(self) -> None:
-        """Release every resident engine."""
-        for client_id in list(self._resident):
-            self._evict(client_id)
+        """Release every resident engine (when nothing runs any more)."""
+        while self._resident:
+            _, resident = self._resident.popitem()
+            resident.engine.close()
         self._engine_thread.close()
 
     async def release_leases(self) -> None:
@@ -1388,7 +1390,7 @@ class TrainerWorker:
             return None
         except Exception as error:
             log.warning("chained OptimStep %s failed", following_job.future_id, exc_info=True)
-            self._evict(client_id)
+            await self._evict(client_id)
             self._unchainable(following_job.future_id)
             raise _ChainedStepFailed from error
 
@@ -1482,7 +1484,7 @@ class TrainerWorker:
             await self._commit_pair(job, following, client, outcome, step)
         except _PairRefused as error:
             async with self._engine_lock:
-                self._evict(client.id)  # it holds the uncommitted step
+                await self._evict(client.id)  # it holds the uncommitted step
             if outcome.state is None:
                 raise RetryLater(self._retry_delay, str(error)) from error
             return False

@@ -1186,7 +1186,8 @@ async def test_a_joint_pass_cancelled_in_its_thread_leaves_no_engine_reusable(
     """Two DP clients' ForwardBackward jobs share a pass; their handlers are cancelled
     (the worker abandons its jobs) while the pass's thread still runs. Neither client's
     resident engine may be reused: the thread changes them after the cancellation, and
-    their jobs come back to run from the committed state."""
+    their jobs come back to run from the committed state, closing the stale engine only
+    once the pass has ended."""
     stack = await make_stack(worker=False)
     url = stack.config.database_url
     clients = [
@@ -1205,6 +1206,14 @@ async def test_a_joint_pass_cancelled_in_its_thread_leaves_no_engine_reusable(
         return execute_jointly(self, calls)
 
     monkeypatch.setattr(TrainerWorker, "_execute_jointly", held)
+    closed_while_held: list[bool] = []
+    close = LoraTrainingEngine.close
+
+    def recording_close(engine: LoraTrainingEngine) -> None:
+        closed_while_held.append(not release.is_set())
+        close(engine)
+
+    monkeypatch.setattr(LoraTrainingEngine, "close", recording_close)
     database = Database.from_url(url)
     worker, _ = _in_process_worker(stack, database, base_models_dir, "cancelled", joint_rows=4)
     try:
@@ -1224,10 +1233,20 @@ async def test_a_joint_pass_cancelled_in_its_thread_leaves_no_engine_reusable(
             task.cancel()
         results = await asyncio.gather(*tasks, return_exceptions=True)
         assert all(isinstance(r, asyncio.CancelledError) for r in results)
-        release.set()
         for client in clients:
             resident = worker._resident.get(client.id)
             assert resident is None or resident.applied_seq == -1
+        # The job comes back while the pass still runs: its stale engine is closed (its
+        # adapter leaves the shared base) only after the pass, on the engine thread.
+        again = asyncio.create_task(_deliver(worker, jobs[futures[0]], num_delivered=2))
+        await asyncio.sleep(0.3)
+        assert not again.done() and closed_while_held == []
+        release.set()
+        async with asyncio.timeout(60):
+            await again
+        assert closed_while_held == [False]
+        (future,) = await _results(stack, futures[:1])
+        assert future.status == common_pb2.FUTURE_STATUS_SUCCEEDED, future.error
     finally:
         release.set()
         worker.close()
