@@ -44,13 +44,14 @@ dp-accounting for n Gaussian steps of the requested sigma at the requested delta
 non-retryable errors. The exit code is 1 when any of this fails.
 
 After each load the bench prints the trainer worker's resident memory (RSS, from
-``/proc``) against the bound "one base + N x (adapter + optimizer + accountant) x 1.5 +
-300 MB" (N the load's training clients; the base and per-client sizes from the worker's
-``/metrics``: ``tensafe_trainer_base_model_bytes``, ``tensafe_trainer_resident_client_bytes``
-over ``tensafe_trainer_resident_clients``) and the worker's base loads and client
-engine loads so far (``tensafe_trainer_base_loads_total``,
-``tensafe_trainer_engine_loads_total``): one base load per base model, whatever the
-number of clients. A stack given by ``--connection-file`` must serve ``/metrics``.
+``/proc``, with its peak so far, ``VmHWM``) against the bound "one base + N x (adapter +
+optimizer + accountant) x 1.5 + 300 MB" (N the load's training clients; the base and
+per-client sizes from the worker's ``/metrics``: ``tensafe_trainer_base_model_bytes``,
+``tensafe_trainer_resident_client_bytes`` over ``tensafe_trainer_resident_clients``)
+and the worker's base loads and client engine loads so far
+(``tensafe_trainer_base_loads_total``, ``tensafe_trainer_engine_loads_total``): one
+base load per base model, whatever the number of clients. A stack given by
+``--connection-file`` must serve ``/metrics``.
 
 ``--sweep 1x1,2x2,4x2,4x4`` runs several loads on one stack (fresh tenants each) and
 reports the highest that passes with zero non-retryable errors and every operation's
@@ -752,13 +753,14 @@ def _prometheus(text: str, name: str) -> float | None:
     return sum(values) if values else None
 
 
-def _rss_bytes(pid: int) -> int | None:
-    """Resident set size of a process (Linux /proc), or None elsewhere."""
+def _rss_bytes(pid: int, field: str = "VmRSS") -> int | None:
+    """Resident set size of a process (Linux /proc), or None elsewhere; ``VmHWM``: its
+    peak since the process started."""
     try:
         status = Path(f"/proc/{pid}/status").read_text()
     except OSError:
         return None
-    match = re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE)
+    match = re.search(rf"^{field}:\s+(\d+) kB", status, re.MULTILINE)
     return int(match.group(1)) * 1024 if match else None
 
 
@@ -798,9 +800,12 @@ def print_worker_memory(connection_file: Path, training_clients: int) -> None:
     # Clients of earlier loads of a sweep may still be resident: count what is held.
     clients = max(training_clients, int(resident))
     bound = base + clients * per_client * 1.5 + 300 * MIB
-    rss = _rss_bytes(int(json.loads(ready.read_text())["pid"]))
+    pid = int(json.loads(ready.read_text())["pid"])
+    rss, peak = _rss_bytes(pid), _rss_bytes(pid, "VmHWM")
     verdict = "n/a" if rss is None else ("within" if rss <= bound else "OVER")
     shown = "n/a" if rss is None else f"{rss / MIB:.0f} MB"
+    if peak is not None:
+        shown += f" (peak since the stack started {peak / MIB:.0f} MB)"
     print(
         f"worker memory: RSS {shown} vs bound {bound / MIB:.0f} MB = base "
         f"{base / MIB:.1f} MB + {clients} x {per_client / MIB:.2f} MB x 1.5 + "
