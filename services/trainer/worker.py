@@ -686,8 +686,7 @@ class TrainerWorker:
         # when it alone exceeds the budget. An evicted client's state is in the database
         # (every state-changing job commits it), so it is reloaded when next used.
         while len(self._resident) > 1 and self._resident_state_bytes() > self._resident_bytes:
-            _, evicted = self._resident.popitem(last=False)
-            await self._engine_thread.run(evicted.engine.close)
+            await self._evict(next(iter(self._resident)))
         return resident
 
     def _resident_state_bytes(self) -> int:

@@ -30,8 +30,8 @@ _T = TypeVar("_T")
 class EngineThread:
     """A single thread for engine calls, awaited like :func:`asyncio.to_thread`."""
 
-    def __init__(self, name: str = "engine") -> None:
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+    def __init__(self) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
 
     async def run(self, fn: Callable[_P, _T], /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
         """``fn(*args, **kwargs)`` on the engine thread, with the caller's context (as
