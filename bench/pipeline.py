@@ -6,7 +6,8 @@ Both sides train the same LoRA configuration on the same batch of the same model
 one torch thread each; rounds alternate (pipeline, in-process, pipeline, ...) so that
 drifts of the shared machine hit both, and the table reports medians and their ratio.
 The pipeline step is timed from the ForwardBackward call to the OptimStep future
-reported SUCCEEDED (both calls are sent at once, as a Tinker client does).
+reported SUCCEEDED (both calls are sent at once, as a Tinker client does); the phases
+printed after it come from the futures' own timestamps (created, started, finished).
 
 Run: ``python bench/pipeline.py [--rounds 15] [--batch 16] [--tokens 64] [--dp]``.
 """
@@ -24,6 +25,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Sequence
+from datetime import UTC
 from pathlib import Path
 
 import grpc.aio
@@ -180,9 +182,11 @@ async def _run(args: argparse.Namespace, root: Path) -> None:
             engine = LoraTrainingEngine(models / MODEL, lora=lora, dp=dp, seed=1)
             inputs = [{"target_tokens": t[1:], "weights": [1.0] * args.tokens} for t in batch]
 
+            phases: list[list[float]] = []
+
             async def pipeline_step() -> float:
-                start = time.perf_counter()
-                await trainer.ForwardBackward(
+                start, called = time.perf_counter(), time.time()
+                forward_backward = await trainer.ForwardBackward(
                     pb.ForwardBackwardRequest(
                         training_client_id=client.id, data=data, loss_fn="cross_entropy"
                     ),
@@ -206,12 +210,31 @@ async def _run(args: argparse.Namespace, root: Path) -> None:
                         )
                     ).future
                     if done.status == common_pb2.FUTURE_STATUS_SUCCEEDED:
-                        return time.perf_counter() - start
+                        elapsed, arrived = time.perf_counter() - start, time.time()
+                        break
                     if done.status not in (
                         common_pb2.FUTURE_STATUS_PENDING,
                         common_pb2.FUTURE_STATUS_RUNNING,
                     ):
                         raise RuntimeError(f"step failed: {done.error.message}")
+                # Read after the timing: the ForwardBackward's own timestamps.
+                first = (
+                    await futures.GetFuture(
+                        common_pb2.GetFutureRequest(future_id=forward_backward.future.id),
+                        metadata=auth,
+                    )
+                ).future
+                moments = (
+                    first.create_time,
+                    first.start_time,
+                    first.finish_time,
+                    done.finish_time,
+                )
+                phases.append(
+                    [(m.ToDatetime(tzinfo=UTC).timestamp() - called) * 1e3 for m in moments]
+                    + [(arrived - called) * 1e3]
+                )
+                return elapsed
 
             def local_step() -> float:
                 start = time.perf_counter()
@@ -239,6 +262,19 @@ async def _run(args: argparse.Namespace, root: Path) -> None:
             print(f"{'gRPC + JetStream + worker + DB':<36} {remote * 1e3:>17.1f}")
             print(f"{'ratio (target <= 1.10)':<36} {remote / local:>17.3f}")
             print(f"{'overhead per step (ms)':<36} {(remote - local) * 1e3:>17.1f}")
+            # The futures' timestamps are the server's clock, the call's this process's:
+            # one machine here, so one clock.
+            print("pipeline phases, ms after the ForwardBackward call (medians):")
+            names = (
+                "ForwardBackward admitted (future created)",
+                "ForwardBackward started by the worker",
+                "ForwardBackward finished (its commit)",
+                "OptimStep finished (its commit)",
+                "OptimStep's result at the client",
+            )
+            for index, name in enumerate(names):
+                moment = statistics.median(row[index] for row in phases[args.warmup :])
+                print(f"  {name:<44} {moment:>8.1f}")
             engine.close()
         finally:
             await channel.close(None)
